@@ -1,0 +1,65 @@
+"""Audio input/output: load any readable file as float32 mono at a target rate, write WAV.
+
+Every loader error is turned into :class:`AudioError`, which names the file and the
+reason, so that the data stages can skip and list bad files instead of crashing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+SAMPLE_RATE = 16_000
+
+
+class AudioError(ValueError):
+    """An audio file could not be read or holds no usable signal."""
+
+
+def resample(wav: np.ndarray, orig_sr: int, target_sr: int = SAMPLE_RATE) -> np.ndarray:
+    """Resample a mono float waveform (soxr, high quality); a no-op at equal rates."""
+    if orig_sr <= 0 or target_sr <= 0:
+        raise AudioError(f"sample rates must be positive, got {orig_sr} -> {target_sr}")
+    if orig_sr == target_sr:
+        return wav.astype(np.float32, copy=False)
+    import librosa  # imported lazily: librosa's import is slow and most callers never resample
+
+    return librosa.resample(wav.astype(np.float32, copy=False), orig_sr=orig_sr, target_sr=target_sr, res_type="soxr_hq")
+
+
+def load_audio(path: str | Path, target_sr: int = SAMPLE_RATE) -> np.ndarray:
+    """Read an audio file as float32 mono in [-1, 1] at ``target_sr``.
+
+    Args:
+        path: any format libsndfile reads (WAV, FLAC, OGG, ...).
+        target_sr: output sample rate; other rates are resampled.
+
+    Returns:
+        (samples,) float32 array.
+
+    Raises:
+        AudioError: missing, unreadable, empty, or non-finite audio (message names the file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AudioError(f"{path}: no such audio file")
+    try:
+        wav, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as err:  # libsndfile raises several types for corrupt data
+        raise AudioError(f"{path}: unreadable audio ({err})") from err
+    wav = wav.mean(axis=1)  # (samples,) mono downmix
+    if wav.size == 0:
+        raise AudioError(f"{path}: audio holds no samples")
+    if not np.isfinite(wav).all():
+        raise AudioError(f"{path}: audio holds NaN or infinite samples")
+    return resample(wav, sr, target_sr)
+
+
+def write_audio(path: str | Path, wav: np.ndarray, sample_rate: int = SAMPLE_RATE) -> Path:
+    """Write float audio as 16-bit PCM WAV (clipped to [-1, 1]); creates parent folders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(str(path), np.clip(np.asarray(wav, dtype=np.float32), -1.0, 1.0), sample_rate, subtype="PCM_16")
+    return path

@@ -1,0 +1,209 @@
+"""Frozen dataclasses, one per params.yaml section; unknown keys and wrong types are errors.
+
+The library never reads params.yaml: pipeline scripts call :func:`load_section` and pass
+explicit arguments down to builders.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A params section holds an unknown key, a missing key or a value of the wrong type."""
+
+
+def _check_type(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            try:
+                return _check_type(value, arg, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{where}: {value!r} matches none of {tp}")
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{where}: expected null, got {value!r}")
+        return None
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        (arg,) = typing.get_args(tp)[:1] or (Any,)
+        return tuple(_check_type(v, arg, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        kt, vt = typing.get_args(tp) or (Any, Any)
+        return {_check_type(k, kt, where): _check_type(v, vt, f"{where}.{k}") for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp in (str, bool):
+        if not isinstance(value, tp):
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+        return value
+    return value
+
+
+class Section:
+    """Mixin: ``from_dict`` validates keys and types against the dataclass fields."""
+
+    @classmethod
+    def from_dict(cls, data: dict | None, section: str | None = None):
+        section = section or cls.__name__
+        data = dict(data or {})
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            raise ConfigError(f"params section '{section}': unknown key(s) {unknown}; known: {sorted(fields)}")
+        kwargs = {}
+        for name, f in fields.items():
+            if name in data:
+                kwargs[name] = _check_type(data[name], hints[name], f"{section}.{name}")
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"params section '{section}': missing key '{name}'")
+        obj = cls(**kwargs)
+        validate = getattr(obj, "validate", None)
+        if validate:
+            validate()
+        return obj
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def read_params(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no params file")
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return data
+
+
+def load_section(path: str | Path, name: str, cls):
+    """Load one section of a params file into its dataclass."""
+    params = read_params(path)
+    if name not in params:
+        raise ConfigError(f"{path}: no '{name}' section")
+    return cls.from_dict(params[name], name)
+
+
+@dataclass(frozen=True)
+class FeaturesConfig(Section):
+    num_workers: int = 2
+    max_seconds: float = 20.0  # longer clips don't fit the frame budget: rejected
+    min_seconds: float = 0.3
+    max_rejected_fraction: float = 0.05
+
+
+@dataclass(frozen=True)
+class CodebookConfig(Section):
+    size: int = 256  # paper: 8192
+    reduction_factors: tuple[int, ...] = (1, 2)
+    niter: int = 20
+    max_vectors: int = 200_000  # sub-sampling for LibriSpeech scale
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class BPEConfig(Section):
+    vocab_size: int = 256  # paper: 4096
+
+
+@dataclass(frozen=True)
+class ModelConfig(Section):
+    """The shared backbone and the mel layers (tiny by default; paper values in configs/paper.yaml)."""
+
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    d_ff: int = 1024
+    dropout: float = 0.1
+    encoder_hidden: int = 256
+    encoder_dropout: float = 0.5
+    recon_hidden: int = 256
+    postnet_channels: int = 256
+    postnet_kernel: int = 5
+    postnet_layers: int = 5
+    postnet_dropout: float = 0.5
+    q_temperature: float = 1.0
+    reduction_factor: int = 2
+
+    def validate(self) -> None:
+        if self.reduction_factor not in (1, 2, 3, 4, 5):
+            raise ConfigError(f"model.reduction_factor must be in 1..5, got {self.reduction_factor}")
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
+
+
+@dataclass(frozen=True)
+class TrainConfig(Section):
+    num_workers: int = 2
+    use_gpu: bool = False
+    max_steps: int = 1000
+    frames_per_batch: int = 8000  # padded frames per batch and worker (paper: 50k)
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    hold_steps: int = 400
+    decay_steps: int = 500
+    grad_clip: float = 10.0
+    bf16: bool = True  # autocast on GPU only
+    seed: int = 0
+    checkpoint_every: int = 200
+    log_every: int = 10
+    loss_weights: dict[str, float] = field(
+        default_factory=lambda: {"ce": 1.0, "mse_pre": 1.0, "mse_post": 1.0, "slowness": 0.2}
+    )
+    task: str = "tts"
+    stt_warmup_steps: int = 0
+
+    def validate(self) -> None:
+        if self.num_workers < 1:
+            raise ConfigError("train.num_workers must be >= 1")
+        if self.task not in ("tts", "stt", "joint"):
+            raise ConfigError(f"train.task must be tts, stt or joint, got {self.task!r}")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig(Section):
+    splits: tuple[str, ...] = ("test", "test_unseen")
+    utterances_per_split: int = 10
+    generations: int = 3
+    prompt_seconds: float = 3.0
+    min_seconds: float = 4.0  # paper: test-clean utterances of 4-10 s
+    max_seconds: float = 10.0
+    temperature: float = 1.0
+    top_k: int = 10
+    top_p: float = 0.95
+    repetition_penalty: float = 1.2
+    max_length_factor: float = 3.0  # guard: frames <= factor * reference frames
+    vocoder: str = "griffin_lim"
+    vocoder_path: str | None = None
+    asr_judge: str = "pocketsphinx"
+    asr_judge_path: str | None = None
+    speaker_model: str = "resemblyzer"
+    speaker_model_path: str | None = None
+    audio_samples: int = 4
+    batch_size: int = 8
+    seed: int = 0

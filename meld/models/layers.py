@@ -1,0 +1,119 @@
+"""Layers shared by the mel systems: the mel encoder (prenet), the convolutional postnet,
+SpecAugment, and frame grouping for the reduction factor."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MelEncoder(nn.Module):
+    """E: a 3-layer ReLU MLP with dropout, embedding mel frames (and codewords) into the model width.
+
+    Its dropout can be forced on outside training: MELD keeps it on at TTS inference
+    (test-time dropout, which keeps generation from collapsing into repeated frames), and
+    forces it off for STT inputs.
+    """
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int, dropout: float, n_layers: int = 3):
+        super().__init__()
+        dims = [in_dim] + [hidden] * (n_layers - 1) + [out_dim]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, dropout: bool | None = None) -> torch.Tensor:
+        """x: (..., in_dim) -> (..., out_dim); ``dropout`` None means 'only while training'."""
+        active = self.training if dropout is None else dropout
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+            x = F.dropout(x, self.dropout, training=active)
+        return x
+
+
+class Postnet(nn.Module):
+    """Tacotron-2 postnet: conv1d stack (batch norm, tanh except the last) predicting a residual.
+
+    Args:
+        dim: frame dimension (80 * reduction factor).
+        channels: filters per layer (paper: 512).
+        kernel: kernel size (paper: 5).
+        n_layers: conv layers (Tacotron 2: 5).
+        dropout: dropout after each layer (Tacotron 2: 0.5).
+    """
+
+    def __init__(self, dim: int, channels: int, kernel: int, n_layers: int, dropout: float):
+        super().__init__()
+        dims = [dim] + [channels] * (n_layers - 1) + [dim]
+        self.convs = nn.ModuleList(
+            nn.Sequential(nn.Conv1d(a, b, kernel, padding=kernel // 2), nn.BatchNorm1d(b))
+            for a, b in zip(dims[:-1], dims[1:])
+        )
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, T, dim) pre-net prediction -> (B, T, dim) refined prediction (x + residual)."""
+        y = x.transpose(1, 2)  # (B, dim, T)
+        if mask is not None:
+            y = y * mask[:, None, :].to(y.dtype)
+        for i, conv in enumerate(self.convs):
+            y = conv(y)
+            if i < len(self.convs) - 1:
+                y = torch.tanh(y)
+            y = F.dropout(y, self.dropout, training=self.training)
+        return x + y.transpose(1, 2)
+
+
+def group_frames(mel: torch.Tensor, reduction: int) -> torch.Tensor:
+    """(B, T, 80) -> (B, ceil(T/r), 80*r): concatenate r consecutive frames (zero-padded at the end)."""
+    if reduction == 1:
+        return mel
+    B, T, C = mel.shape
+    pad = (-T) % reduction
+    if pad:
+        mel = F.pad(mel, (0, 0, 0, pad))
+    return mel.reshape(B, (T + pad) // reduction, C * reduction)
+
+
+def ungroup_frames(mel: torch.Tensor, reduction: int, n_mels: int = 80) -> torch.Tensor:
+    """(B, T', 80*r) -> (B, T'*r, 80): inverse of :func:`group_frames` (padding kept)."""
+    if reduction == 1:
+        return mel
+    B, T, _ = mel.shape
+    return mel.reshape(B, T * reduction, n_mels)
+
+
+def spec_augment(
+    mel: torch.Tensor,
+    lengths: torch.Tensor,
+    *,
+    freq_masks: int,
+    freq_width: int,
+    time_masks: int,
+    time_width: int,
+    max_time_fraction: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """SpecAugment (zero masks in normalised space) on (B, T, C) frames; returns a new tensor.
+
+    Each utterance gets ``freq_masks`` bands of up to ``freq_width`` channels and
+    ``time_masks`` spans of up to ``min(time_width, max_time_fraction * length)`` frames.
+    """
+    out = mel.clone()
+    B, T, C = mel.shape
+    for b in range(B):
+        n = int(lengths[b])
+        for _ in range(freq_masks):
+            w = int(torch.randint(0, freq_width + 1, (1,), generator=generator))
+            if w:
+                f0 = int(torch.randint(0, max(1, C - w + 1), (1,), generator=generator))
+                out[b, :, f0 : f0 + w] = 0.0
+        cap = min(time_width, int(max_time_fraction * n))
+        for _ in range(time_masks):
+            w = int(torch.randint(0, cap + 1, (1,), generator=generator)) if cap > 0 else 0
+            if w:
+                t0 = int(torch.randint(0, max(1, n - w + 1), (1,), generator=generator))
+                out[b, t0 : t0 + w] = 0.0
+    return out

@@ -1,0 +1,346 @@
+"""MELD: discrete latent variables over log-mel frames, TTS and STT in one decoder-only Transformer.
+
+TTS sequence: ``[BPE text] <TTS> x_1 ... x_T`` -> predicts ``z_1 ... z_T <EOS>``
+STT sequence: ``x_1 ... x_T <STT> [BPE text]`` -> predicts ``[BPE text] <EOS>``
+
+One softmax over the union vocabulary (specials ∪ BPE ∪ codes). Frames are normalised
+log-mel, grouped by the reduction factor r into vectors of 80*r. Padded batches keep each
+segment (text, frames) in its own padded block; ``key_valid`` masks the gaps and every
+token's position is its index among the real tokens of its own sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from meld.models.backbone import Backbone, KVCache
+from meld.models.layers import MelEncoder, Postnet
+from meld.models.vocab import EOS, PAD, STT, TTS, UnionVocab
+from meld.sampling import repetition_penalty, sample, top_k_mask
+
+
+def lengths_to_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+    """(B,) lengths -> (B, max_len) bool, True inside each sequence."""
+    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def slowness_penalty(frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Bounded penalty on slowly changing frames: mean over steps of exp(-mean_d (x_t - x_{t-1})^2).
+
+    1 for a static output, towards 0 as consecutive frames differ; in [0, 1] whatever the scale.
+    frames: (B, T, D), mask: (B, T) valid frames. A step counts when both of its frames are valid.
+    """
+    if frames.shape[1] < 2:
+        return frames.new_zeros(())
+    step = (frames[:, 1:] - frames[:, :-1]).pow(2).mean(-1)  # (B, T-1)
+    valid = (mask[:, 1:] & mask[:, :-1]).to(frames.dtype)
+    return (torch.exp(-step) * valid).sum() / valid.sum().clamp_min(1.0)
+
+
+@dataclass
+class TTSOutput:
+    logits: torch.Tensor  # (B, T+1, V) step t predicts z_{t+1}, step T_b predicts <EOS>
+    targets: torch.Tensor  # (B, T+1) union ids (codes, EOS), PAD beyond
+    mel_pre: torch.Tensor  # (B, T, D) reconstruction before the postnet
+    mel_post: torch.Tensor  # (B, T, D) after the postnet
+    frame_mask: torch.Tensor  # (B, T) real frames
+
+
+@dataclass
+class STTOutput:
+    logits: torch.Tensor  # (B, L+1, V) step i predicts text token i+1, step L_b predicts <EOS>
+    targets: torch.Tensor  # (B, L+1) union ids, PAD beyond
+
+
+@dataclass
+class Generation:
+    frames: list[torch.Tensor]  # per utterance (T_i, D) normalised frames, after the postnet
+    hit_max_length: list[bool]  # per utterance: stopped by the guard, not by <EOS>
+    codes: list[list[int]]  # per utterance: sampled code indices (0..K-1)
+
+
+class MELD(nn.Module):
+    """The MELD system.
+
+    Args:
+        n_text: BPE vocabulary size.
+        codebook_size: number of k-means codes K (paper: 8192).
+        frame_dim: model frame size, 80 * reduction factor.
+        d_model, n_layers, n_heads, d_ff, dropout: backbone (paper: 1024, 12, 16, 4096, 0.2).
+        encoder_hidden: width of the mel encoder E's hidden layers.
+        encoder_dropout: E's dropout (paper: 0.5), kept on at TTS inference.
+        recon_hidden: width of the reconstruction MLP.
+        postnet_channels, postnet_kernel, postnet_layers, postnet_dropout: Tacotron-2 postnet.
+        q_temperature: tau of q(z|x) = softmax(-||x - c_k||^2 / tau).
+    """
+
+    system = "meld"
+
+    def __init__(
+        self,
+        *,
+        n_text: int,
+        codebook_size: int,
+        frame_dim: int,
+        d_model: int,
+        n_layers: int,
+        n_heads: int,
+        d_ff: int,
+        dropout: float,
+        encoder_hidden: int,
+        encoder_dropout: float,
+        recon_hidden: int,
+        postnet_channels: int,
+        postnet_kernel: int,
+        postnet_layers: int,
+        postnet_dropout: float,
+        q_temperature: float,
+    ):
+        super().__init__()
+        self.vocab = UnionVocab(n_text=n_text, n_codes=codebook_size)
+        self.frame_dim = frame_dim
+        self.q_temperature = q_temperature
+        self.register_buffer("codebook", torch.zeros(codebook_size, frame_dim))  # frozen k-means centroids
+        self.token_emb = nn.Embedding(self.vocab.size, d_model)
+        self.encoder = MelEncoder(frame_dim, encoder_hidden, d_model, encoder_dropout)
+        self.backbone = Backbone(d_model, n_layers, n_heads, d_ff, dropout)
+        self.head = nn.Linear(d_model, self.vocab.size)
+        self.recon_linear = nn.Linear(d_model, frame_dim)
+        self.recon_mlp = nn.Sequential(
+            nn.Linear(2 * d_model, recon_hidden), nn.ReLU(), nn.Linear(recon_hidden, frame_dim)
+        )
+        self.postnet = Postnet(frame_dim, postnet_channels, postnet_kernel, postnet_layers, postnet_dropout)
+
+    # ------------------------------------------------------------------ pieces
+    def set_codebook(self, centroids: torch.Tensor) -> None:
+        if centroids.shape != self.codebook.shape:
+            raise ValueError(f"codebook shape {tuple(centroids.shape)} != model's {tuple(self.codebook.shape)}")
+        self.codebook.copy_(centroids)
+
+    def quantise(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample z ~ q(z|x) = softmax(-||x - c||^2 / tau); x (..., D) -> (...,) code indices."""
+        d2 = torch.cdist(x.reshape(-1, x.shape[-1]).float(), self.codebook.float()).pow(2)  # (N, K)
+        probs = torch.softmax(-d2 / self.q_temperature, dim=-1)
+        z = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        return z.reshape(x.shape[:-1])
+
+    def reconstruct(self, h: torch.Tensor, codes: torch.Tensor, encoder_dropout: bool | None = None) -> torch.Tensor:
+        """x_hat = Linear(h) + MLP([h ; E(c_z)]); h (..., d_model), codes (...,) -> (..., D)."""
+        cz = self.encoder(self.codebook[codes], dropout=encoder_dropout)  # (..., d_model)
+        return self.recon_linear(h) + self.recon_mlp(torch.cat([h, cz], dim=-1))
+
+    def _text_block(self, text: torch.Tensor, text_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = lengths_to_mask(text_len, text.shape[1])
+        ids = torch.where(mask, text + self.vocab.text_offset, torch.full_like(text, PAD))
+        return self.token_emb(ids), mask
+
+    def _special(self, token: int, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.full((batch, 1), token, dtype=torch.long, device=device)
+        return self.token_emb(ids), torch.ones(batch, 1, dtype=torch.bool, device=device)
+
+    @staticmethod
+    def _positions(valid: torch.Tensor) -> torch.Tensor:
+        return (valid.long().cumsum(-1) - 1).clamp_min(0)
+
+    # ------------------------------------------------------------------ training
+    def forward_tts(
+        self,
+        text: torch.Tensor,
+        text_len: torch.Tensor,
+        mel: torch.Tensor,
+        mel_len: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> TTSOutput:
+        """Teacher-forced TTS pass.
+
+        Args:
+            text: (B, L) BPE ids (0-based, not offset), padded anyhow; text_len: (B,).
+            mel: (B, T, D) normalised grouped frames; mel_len: (B,) real frames.
+        """
+        B, T, _ = mel.shape
+        L = text.shape[1]
+        text_emb, text_valid = self._text_block(text, text_len)  # (B, L, d)
+        tts_emb, tts_valid = self._special(TTS, B, mel.device)  # (B, 1, d)
+        frame_valid = lengths_to_mask(mel_len, T)  # (B, T)
+        frame_emb = self.encoder(mel)  # (B, T, d)
+        x = torch.cat([text_emb, tts_emb, frame_emb], dim=1)  # (B, L+1+T, d)
+        valid = torch.cat([text_valid, tts_valid, frame_valid], dim=1)
+        h = self.backbone(x, self._positions(valid), valid)  # (B, L+1+T, d)
+        h_pred = h[:, L:]  # (B, T+1, d): <TTS> and every frame predict the next frame / <EOS>
+        logits = self.head(h_pred)  # (B, T+1, V)
+
+        with torch.no_grad():
+            z = self.quantise(mel, generator)  # (B, T)
+        targets = torch.full((B, T + 1), PAD, dtype=torch.long, device=mel.device)
+        targets[:, :T] = torch.where(frame_valid, z + self.vocab.code_offset, targets[:, :T])
+        targets[torch.arange(B, device=mel.device), mel_len] = EOS
+
+        mel_pre = self.reconstruct(h_pred[:, :T], z)  # (B, T, D)
+        mel_post = self.postnet(mel_pre, frame_valid)
+        return TTSOutput(logits, targets, mel_pre, mel_post, frame_valid)
+
+    def forward_stt(self, mel: torch.Tensor, mel_len: torch.Tensor, text: torch.Tensor, text_len: torch.Tensor) -> STTOutput:
+        """Teacher-forced STT pass: frames (no encoder dropout), <STT>, text -> text <EOS>."""
+        B, T, _ = mel.shape
+        L = text.shape[1]
+        frame_valid = lengths_to_mask(mel_len, T)
+        frame_emb = self.encoder(mel, dropout=False)  # STT: no prenet dropout
+        stt_emb, stt_valid = self._special(STT, B, mel.device)
+        text_emb, text_valid = self._text_block(text, text_len)
+        x = torch.cat([frame_emb, stt_emb, text_emb], dim=1)  # (B, T+1+L, d)
+        valid = torch.cat([frame_valid, stt_valid, text_valid], dim=1)
+        h = self.backbone(x, self._positions(valid), valid)
+        logits = self.head(h[:, T:])  # (B, L+1, V)
+        targets = torch.full((B, L + 1), PAD, dtype=torch.long, device=mel.device)
+        targets[:, :L] = torch.where(text_valid, text + self.vocab.text_offset, targets[:, :L])
+        targets[torch.arange(B, device=mel.device), text_len] = EOS
+        return STTOutput(logits, targets)
+
+    def compute_losses(self, batch: dict, task: str = "tts", generator: torch.Generator | None = None) -> dict:
+        """Namespaced losses for one batch (unweighted; train_step applies the weights)."""
+        if task == "tts":
+            out = self.forward_tts(batch["text"], batch["text_len"], batch["mel"], batch["mel_len"], generator)
+            ce = F.cross_entropy(out.logits.flatten(0, 1).float(), out.targets.flatten(), ignore_index=PAD)
+            m = out.frame_mask[..., None].to(out.mel_pre.dtype)
+            denom = m.sum().clamp_min(1.0) * out.mel_pre.shape[-1]
+            target = batch["mel"]
+            return {
+                "loss/ce": ce,
+                "loss/mse_pre": ((out.mel_pre - target).pow(2) * m).sum() / denom,
+                "loss/mse_post": ((out.mel_post - target).pow(2) * m).sum() / denom,
+                "loss/slowness": slowness_penalty(out.mel_post, out.frame_mask),
+            }
+        if task == "stt":
+            out = self.forward_stt(batch["mel"], batch["mel_len"], batch["text"], batch["text_len"])
+            ce = F.cross_entropy(out.logits.flatten(0, 1).float(), out.targets.flatten(), ignore_index=PAD)
+            return {"loss/stt_ce": ce}
+        raise ValueError(f"unknown task {task!r} (expected 'tts' or 'stt')")
+
+    # ------------------------------------------------------------------ inference
+    def _code_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits restricted to codes and <EOS>: (B, d) -> (B, 1 + K), column 0 is <EOS>."""
+        logits = self.head(h)
+        return torch.cat([logits[:, EOS : EOS + 1], logits[:, self.vocab.code_offset :]], dim=-1)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        text: torch.Tensor,
+        text_len: torch.Tensor,
+        prompt: torch.Tensor,
+        prompt_len: torch.Tensor,
+        *,
+        max_frames: int,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        repetition_penalty_value: float = 1.0,
+        test_time_dropout: bool = True,
+        zero_latent: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> Generation:
+        """Zero-shot TTS continuation, batched and KV-cached; finished utterances leave the batch.
+
+        Args:
+            text: (B, L) BPE ids of the full transcript; text_len: (B,).
+            prompt: (B, P, D) normalised grouped prompt frames; prompt_len: (B,) (0 allowed).
+            max_frames: guard on generated (grouped) frames per utterance.
+            temperature, top_k, top_p: sampling over codes (the top-k also defines the
+                repetition penalty's candidate set).
+            repetition_penalty_value: >= 1; penalises last step's top-k candidates.
+            test_time_dropout: keep the mel encoder's dropout on (paper: yes).
+            zero_latent: ablation: reconstruct with a zero codeword embedding.
+        """
+        self.eval()
+        B, P, _ = prompt.shape
+        L = text.shape[1]
+        device = prompt.device
+        text_emb, text_valid = self._text_block(text, text_len)
+        tts_emb, tts_valid = self._special(TTS, B, device)
+        prompt_valid = lengths_to_mask(prompt_len, P)
+        prompt_emb = self.encoder(prompt, dropout=test_time_dropout) if P else prompt.new_zeros(B, 0, text_emb.shape[-1])
+        x = torch.cat([text_emb, tts_emb, prompt_emb], dim=1)
+        valid = torch.cat([text_valid, tts_valid, prompt_valid], dim=1)
+        positions = self._positions(valid)
+        cache: KVCache = self.backbone.new_cache(B, x.shape[1] + max_frames)
+        h = self.backbone(x, positions, valid, cache)  # (B, S, d)
+        last = L + prompt_len  # index of each sequence's last real token (<TTS> when P_b == 0)
+        h_last = h[torch.arange(B, device=device), last]  # (B, d)
+        next_pos = positions[torch.arange(B, device=device), last] + 1  # (B,)
+
+        active = torch.arange(B, device=device)  # original index of each row still generating
+        frames: list[list[torch.Tensor]] = [[] for _ in range(B)]
+        codes: list[list[int]] = [[] for _ in range(B)]
+        hit_max = [False] * B
+        prev_cand: torch.Tensor | None = None
+        for step in range(max_frames + 1):
+            logits = self._code_logits(h_last)  # (b, 1+K)
+            logits = repetition_penalty(logits, prev_cand, repetition_penalty_value)
+            prev_cand = top_k_mask(logits, top_k) if top_k > 0 else None
+            choice = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            if step == max_frames:  # guard: whoever is still going stops here
+                for i in active.tolist():
+                    hit_max[i] = True
+                break
+            stop = choice == 0  # column 0 is <EOS>
+            z = (choice - 1).clamp_min(0)
+            x_hat = self.reconstruct(h_last, z, encoder_dropout=test_time_dropout)  # (b, D)
+            if zero_latent:
+                x_hat = self.recon_linear(h_last) + self.recon_mlp(torch.cat([h_last, torch.zeros_like(h_last)], -1))
+            keep = ~stop
+            # one host sync per step: the stop check
+            for row, i in enumerate(active.tolist()):
+                if keep[row]:
+                    frames[i].append(x_hat[row])
+                    codes[i].append(int(z[row]))
+            if not bool(keep.any()):
+                break
+            if not bool(keep.all()):
+                idx = keep.nonzero().squeeze(-1)
+                active, x_hat, next_pos = active[idx], x_hat[idx], next_pos[idx]
+                prev_cand = prev_cand[idx] if prev_cand is not None else None
+                cache.select(idx)
+            emb = self.encoder(x_hat, dropout=test_time_dropout)[:, None]  # (b, 1, d)
+            h_last = self.backbone(emb, next_pos[:, None], None, cache)[:, 0]
+            next_pos = next_pos + 1
+
+        out = []
+        for i in range(B):
+            if frames[i]:
+                pre = torch.stack(frames[i])[None]  # (1, T_i, D)
+                out.append(self.postnet(pre)[0])
+            else:
+                out.append(prompt.new_zeros(0, self.frame_dim))
+        return Generation(out, hit_max, codes)
+
+    # ------------------------------------------------------------------ STT inference
+    @torch.no_grad()
+    def stt_prefix(self, mel: torch.Tensor, mel_len: torch.Tensor, max_new: int) -> tuple[torch.Tensor, KVCache, torch.Tensor]:
+        """Encode ``x_1..x_T <STT>`` into a fresh cache; returns (h at <STT>, cache, next positions)."""
+        self.eval()
+        B, T, _ = mel.shape
+        frame_valid = lengths_to_mask(mel_len, T)
+        frame_emb = self.encoder(mel, dropout=False)
+        stt_emb, stt_valid = self._special(STT, B, mel.device)
+        x = torch.cat([frame_emb, stt_emb], dim=1)
+        valid = torch.cat([frame_valid, stt_valid], dim=1)
+        positions = self._positions(valid)
+        cache = self.backbone.new_cache(B, T + 1 + max_new)
+        h = self.backbone(x, positions, valid, cache)
+        return h[:, -1], cache, positions[:, -1] + 1
+
+    def stt_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Feed (b,) union-vocabulary tokens at (b,) positions; returns (b, d) hidden states."""
+        return self.backbone(self.token_emb(tokens)[:, None], positions[:, None], None, cache)[:, 0]
+
+    def text_logprobs(self, h: torch.Tensor) -> torch.Tensor:
+        """(b, d) -> (b, V) log-probabilities restricted to BPE tokens and <EOS> (others -inf)."""
+        logits = self.head(h).float()
+        allowed = torch.zeros(logits.shape[-1], dtype=torch.bool, device=h.device)
+        allowed[EOS] = True
+        allowed[self.vocab.text_offset : self.vocab.code_offset] = True
+        return logits.masked_fill(~allowed, float("-inf")).log_softmax(-1)

@@ -1,0 +1,75 @@
+"""Sampling from a categorical distribution: temperature, top-k, top-p, repetition penalty.
+
+All functions work on (B, V) logits and return new tensors; -inf marks excluded tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return logits / temperature
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits per row (k <= 0 keeps all)."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filtering: keep the smallest set of tokens whose probability mass reaches p (p >= 1 keeps all)."""
+    if p >= 1.0:
+        return logits
+    if p <= 0:
+        raise ValueError(f"top_p must be in (0, 1], got {p}")
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    mass_before = probs.cumsum(-1) - probs  # mass of strictly better tokens
+    drop_sorted = mass_before >= p  # the best token always stays
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def repetition_penalty(logits: torch.Tensor, previous_candidates: torch.Tensor | None, penalty: float) -> torch.Tensor:
+    """Divide the probability of last step's top-k candidates by ``penalty`` (MELD's repetition penalty).
+
+    Args:
+        logits: (B, V).
+        previous_candidates: (B, V) bool, the tokens that were top-k candidates at the previous step.
+        penalty: >= 1; 1 disables. Applied as ``logit - log(penalty)``, which scales the
+            probability by 1/penalty whatever the logit's sign.
+    """
+    if previous_candidates is None or penalty == 1.0:
+        return logits
+    if penalty < 1.0:
+        raise ValueError(f"repetition penalty must be >= 1, got {penalty}")
+    return logits - previous_candidates.to(logits.dtype) * math.log(penalty)
+
+
+def sample(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Draw one token per row from filtered logits; returns (B,) int64."""
+    logits = top_p_filter(top_k_filter(apply_temperature(logits, temperature), top_k), top_p)
+    probs = logits.float().softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def top_k_mask(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, V) bool mask of each row's k best tokens (what the repetition penalty remembers)."""
+    k = min(max(k, 1), logits.shape[-1])
+    idx = torch.topk(logits, k, dim=-1).indices
+    return torch.zeros_like(logits, dtype=torch.bool).scatter(-1, idx, True)

@@ -1,0 +1,93 @@
+"""Transcript normalisation and the SentencePiece BPE tokenizer shared by every system.
+
+The normaliser is also what WER is computed on: lower case, ASCII letters, digits and
+apostrophes kept, every other character a word break, runs of spaces collapsed.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Iterable
+from pathlib import Path
+
+_NOT_WORD = re.compile(r"[^a-z0-9' ]+")
+_SPACES = re.compile(r"\s+")
+
+
+def normalise_transcript(text: str) -> str:
+    """Canonical form of a transcript: 'Hello,  World!' -> 'hello world'.
+
+    Accents are folded to ASCII (NFKD), quotes that wrap words are dropped, and
+    apostrophes inside words are kept ("don't").
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"transcript must be a string, got {type(text).__name__}")
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii").lower()
+    text = _NOT_WORD.sub(" ", text)
+    words = [w.strip("'") for w in text.split()]
+    return _SPACES.sub(" ", " ".join(w for w in words if w)).strip()
+
+
+class BPETokenizer:
+    """A thin wrapper over a trained SentencePiece model: ids are 0..vocab_size-1, no specials.
+
+    The union vocabulary of the models puts these ids after their own special tokens,
+    so SentencePiece's own <unk>/<s>/</s> are disabled except <unk> (id 0).
+    """
+
+    def __init__(self, model_path: str | Path):
+        import sentencepiece as spm
+
+        self.model_path = Path(model_path)
+        if not self.model_path.is_file():
+            raise FileNotFoundError(f"{self.model_path}: no SentencePiece model (did the bpe stage run?)")
+        self._sp = spm.SentencePieceProcessor(model_file=str(self.model_path))
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    def encode(self, text: str) -> list[int]:
+        norm = normalise_transcript(text)
+        if not norm:
+            raise ValueError(f"transcript {text!r} is empty after normalisation")
+        return list(self._sp.encode(norm, out_type=int))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+
+def train_bpe(texts: Iterable[str], model_prefix: str | Path, vocab_size: int, seed: int = 0) -> Path:
+    """Train a SentencePiece BPE model on normalised transcripts; returns the ``.model`` path.
+
+    Args:
+        texts: training transcripts (normalised here).
+        model_prefix: output path without extension (``.model`` and ``.vocab`` are written).
+        vocab_size: BPE vocabulary size (paper: 4096).
+        seed: kept for a uniform signature; SentencePiece BPE training is deterministic.
+    """
+    import sentencepiece as spm
+
+    del seed
+    sentences = [normalise_transcript(t) for t in texts]
+    sentences = [s for s in sentences if s]
+    if not sentences:
+        raise ValueError("no non-empty transcripts to train BPE on")
+    model_prefix = Path(model_prefix)
+    model_prefix.parent.mkdir(parents=True, exist_ok=True)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences),
+        model_prefix=str(model_prefix),
+        vocab_size=vocab_size,
+        model_type="bpe",
+        character_coverage=1.0,
+        bos_id=-1,
+        eos_id=-1,
+        pad_id=-1,
+        unk_id=0,
+        hard_vocab_limit=False,
+        num_threads=1,
+        minloglevel=2,
+    )
+    return model_prefix.with_suffix(".model")

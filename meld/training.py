@@ -1,0 +1,216 @@
+"""Framework-free training: optimiser, LR schedule, train_step, atomic checkpoints.
+
+Nothing here knows about Ray; ``ray_jobs/train.py`` wraps these functions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DDP (``.module``) and torch.compile (``._orig_mod``)."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif isinstance(model, LossModule):
+            model = model.model
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, fused: bool = False) -> torch.optim.Optimizer:
+    """AdamW; biases, norms and embeddings are not decayed."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "emb" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-8, fused=fused or None)
+
+
+def lr_factor(step: int, warmup: int, hold: int, decay: int) -> float:
+    """Warm-up (linear from 0) -> hold at 1 -> linear decay to 0 (paper: 1k / 100k / 100k)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if step < warmup + hold:
+        return 1.0
+    if decay <= 0:
+        return 1.0
+    return max(0.0, 1.0 - (step - warmup - hold) / decay)
+
+
+def build_scheduler(optimizer, warmup: int, hold: int, decay: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, hold, decay))
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite: training stops and keeps the last good checkpoint."""
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    batch: dict[str, torch.Tensor],
+    *,
+    task: str,
+    loss_weights: dict[str, float],
+    grad_clip: float,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, float]:
+    """One optimisation step.
+
+    Args:
+        model: a system (with ``compute_losses(batch, task)``), or a :class:`LossModule` around one,
+            possibly DDP-wrapped.
+        loss_weights: weight per loss name without its namespace (``{"ce": 1, "slowness": 0.2}``);
+            a loss without a weight counts with weight 1.
+        autocast_dtype: e.g. torch.bfloat16 on GPU; None for full precision.
+
+    Returns:
+        metrics: ``loss/<name>`` per component, ``loss/total``, ``grad/norm``, ``lr``.
+    """
+    model.train()
+    device_type = batch["mel"].device.type
+    ctx = torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+    with ctx:
+        # through forward, so that DDP's gradient sync hooks fire
+        losses = model(batch, task) if isinstance(model, LossModule) or hasattr(model, "module") else model.compute_losses(batch, task)
+    total = sum(loss_weights.get(k.split("/", 1)[1], 1.0) * v for k, v in losses.items())
+    if not torch.isfinite(total):
+        raise NonFiniteLoss(f"non-finite loss {float(total)} ({ {k: float(v) for k, v in losses.items()} })")
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
+    metrics = {k: float(v.detach()) for k, v in losses.items()}
+    metrics["loss/total"] = float(total.detach())
+    metrics["grad/norm"] = float(grad_norm)
+    metrics["lr"] = scheduler.get_last_lr()[0]
+    return metrics
+
+
+class LossModule(nn.Module):
+    """Makes ``compute_losses`` the forward, so DDP wraps the call that produces the losses."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch, task):
+        return self.model.compute_losses(batch, task)
+
+
+def fingerprint(obj: Any) -> str:
+    """Stable short hash of a JSON-able object (which config a checkpoint belongs to)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def save_checkpoint(
+    path: str | Path,
+    *,
+    system: str,
+    model: nn.Module,
+    model_kwargs: dict,
+    optimizer=None,
+    scheduler=None,
+    step: int = 0,
+    sampler_state: dict | None = None,
+    extra: dict | None = None,
+) -> Path:
+    """Write a checkpoint atomically (temp file + rename): a crash never leaves a half file under ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "format": 1,
+        "system": system,
+        "model_kwargs": model_kwargs,
+        "model": unwrap(model).state_dict(),
+        "step": step,
+        "rng": {"torch": torch.get_rng_state()},
+        "sampler": sampler_state or {},
+        "extra": extra or {},
+    }
+    if torch.cuda.is_available():
+        state["rng"]["cuda"] = torch.cuda.get_rng_state()
+    if optimizer is not None:
+        state["optimizer"] = optimizer.state_dict()
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(state, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    return path
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, truncated or not a MELD checkpoint."""
+
+
+def load_checkpoint(path: str | Path, map_location: str = "cpu") -> dict:
+    """Load a checkpoint without executing code (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"{path}: unreadable or partial checkpoint ({err})") from err
+    if not isinstance(state, dict) or "model" not in state or "system" not in state:
+        raise CheckpointError(f"{path}: not a MELD toolkit checkpoint")
+    return state
+
+
+def load_model(path: str | Path, map_location: str = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild a model from a checkpoint's stored kwargs and load its weights; returns (model, state)."""
+    from meld.models.builders import build_model
+
+    state = load_checkpoint(path, map_location)
+    model = build_model(state["system"], state["model_kwargs"])
+    model.load_state_dict(state["model"])
+    model.eval()
+    return model, state
+
+
+def restore_training_state(state: dict, model: nn.Module, optimizer, scheduler) -> int:
+    """Load weights, optimiser, scheduler and RNG from a checkpoint; returns the step to continue at."""
+    unwrap(model).load_state_dict(state["model"])
+    if optimizer is not None and "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and "scheduler" in state:
+        scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if torch.cuda.is_available() and "cuda" in state["rng"]:
+        torch.cuda.set_rng_state(state["rng"]["cuda"])
+    return int(state["step"])
+
+
+def latest_good_checkpoint(folder: str | Path) -> dict | None:
+    """Newest loadable ``step-*.pt`` in a folder; corrupt or partial ones are skipped (with a warning)."""
+    import logging
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    candidates = sorted(folder.glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]), reverse=True)
+    for p in candidates:
+        try:
+            return load_checkpoint(p)
+        except CheckpointError as err:
+            logging.getLogger(__name__).warning("skipping bad checkpoint: %s", err)
+    return None

@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny models and batches on CPU."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:///:memory:")  # tests that need MLflow set their own
+
+
+TINY = dict(
+    d_model=32, n_layers=2, n_heads=4, d_ff=64, dropout=0.0, encoder_hidden=32, encoder_dropout=0.5,
+    recon_hidden=32, postnet_channels=16, postnet_kernel=5, postnet_layers=3, postnet_dropout=0.0, q_temperature=1.0,
+)
+
+
+def tiny_meld(reduction: int = 1, n_text: int = 20, codebook_size: int = 16, seed: int = 0, **over):
+    from meld.models.meld import MELD
+
+    torch.manual_seed(seed)
+    kwargs = {**TINY, **over, "n_text": n_text, "codebook_size": codebook_size, "frame_dim": 80 * reduction}
+    model = MELD(**kwargs)
+    model.set_codebook(torch.randn(codebook_size, 80 * reduction))
+    return model, kwargs
+
+
+def tiny_batch(reduction: int = 1, B: int = 3, T: int = 12, L: int = 5, n_text: int = 20, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    mel = torch.randn(B, T, 80 * reduction, generator=g)
+    mel_len = torch.tensor([T] + [max(2, T - 3 * i) for i in range(1, B)])[:B]
+    text = torch.randint(0, n_text, (B, L), generator=g)
+    text_len = torch.tensor([L] + [max(1, L - i) for i in range(1, B)])[:B]
+    return {"mel": mel, "mel_len": mel_len, "text": text, "text_len": text_len}
+
+
+@pytest.fixture
+def meld_model():
+    return tiny_meld()

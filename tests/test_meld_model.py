@@ -1,0 +1,148 @@
+"""Properties of the MELD model: causality, KV cache, overfitting, checkpoint resume, losses."""
+
+from __future__ import annotations
+
+import torch
+from conftest import tiny_batch, tiny_meld
+
+from meld.models.backbone import Backbone
+from meld.models.meld import slowness_penalty
+from meld.training import (
+    build_optimizer,
+    build_scheduler,
+    load_checkpoint,
+    restore_training_state,
+    save_checkpoint,
+    train_step,
+)
+
+WEIGHTS = {"ce": 1.0, "mse_pre": 1.0, "mse_post": 1.0, "slowness": 0.2}
+
+
+def test_tts_logits_are_causal_by_gradient():
+    model, _ = tiny_meld()
+    model.eval()
+    batch = tiny_batch(B=1, T=10)
+    mel = batch["mel"].clone().requires_grad_(True)
+    out = model.forward_tts(batch["text"], batch["text_len"], mel, batch["mel_len"])
+    for k in (1, 4, 8):
+        (grad,) = torch.autograd.grad(out.logits[:, k].sum(), mel, retain_graph=True)
+        assert grad[:, k:].abs().max() == 0, f"step {k} sees frames at or after {k}"
+        assert grad[:, :k].abs().sum() > 0, f"step {k} ignores its past"
+
+
+def test_stt_logits_are_causal_by_gradient():
+    model, _ = tiny_meld()
+    model.eval()
+    batch = tiny_batch(B=1, T=6, L=5)
+    emb = model.token_emb.weight
+    out = model.forward_stt(batch["mel"], batch["mel_len"], batch["text"], batch["text_len"])
+    (grad,) = torch.autograd.grad(out.logits[:, 2].sum(), emb)
+    later = batch["text"][0, 2:] + model.vocab.text_offset
+    earlier = batch["text"][0, :2] + model.vocab.text_offset
+    only_later = [int(t) for t in later if int(t) not in {int(e) for e in earlier}]
+    for t in only_later:
+        assert grad[t].abs().max() == 0
+    assert grad[earlier].abs().sum() > 0
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+def test_kv_cached_decoding_equals_full_pass_with_padding_gaps():
+    torch.manual_seed(0)
+    bb = Backbone(d_model=32, n_layers=3, n_heads=4, d_ff=64, dropout=0.0).eval()
+    B, P, N = 3, 7, 6
+    x = torch.randn(B, P + N, 32)
+    valid = torch.ones(B, P + N, dtype=torch.bool)
+    valid[1, 3:5] = False  # a gap in the middle (padded text block)
+    valid[2, 5:P] = False  # a right-padded prompt
+    positions = (valid.long().cumsum(-1) - 1).clamp_min(0)
+    full = bb(x, positions, valid)
+    cache = bb.new_cache(B, P + N)
+    prefix = bb(x[:, :P], positions[:, :P], valid[:, :P], cache)
+    steps = [bb(x[:, t : t + 1], positions[:, t : t + 1], None, cache) for t in range(P, P + N)]
+    inc = torch.cat([prefix] + steps, dim=1)
+    rows = valid.nonzero(as_tuple=True)
+    assert _rel(inc[rows], full[rows]) <= 1e-5
+
+
+def test_kv_cache_select_keeps_rows_consistent():
+    torch.manual_seed(0)
+    bb = Backbone(d_model=16, n_layers=2, n_heads=2, d_ff=32, dropout=0.0).eval()
+    x = torch.randn(3, 6, 16)
+    full = bb(x)
+    cache = bb.new_cache(3, 6)
+    bb(x[:, :4], cache=cache)
+    cache.select(torch.tensor([0, 2]))
+    out = torch.cat([bb(x[[0, 2], t : t + 1], torch.full((2, 1), t), None, cache) for t in (4, 5)], 1)
+    assert _rel(out, full[[0, 2], 4:]) <= 1e-5
+
+
+def test_tiny_meld_overfits_a_fixed_batch():
+    model, _ = tiny_meld(codebook_size=8)
+    batch = tiny_batch(B=2, T=8)
+    opt = build_optimizer(model, lr=3e-3, weight_decay=0.0)
+    sched = build_scheduler(opt, warmup=1, hold=10_000, decay=0)
+    first = last = None
+    for _ in range(300):
+        m = train_step(model, opt, sched, batch, task="tts", loss_weights=WEIGHTS, grad_clip=10.0)
+        first = first or m
+        last = m
+    assert last["loss/ce"] < first["loss/ce"] / 10
+    assert last["loss/mse_post"] < first["loss/mse_post"] / 5
+
+
+def test_checkpoint_resume_continues_identically(tmp_path):
+    batches = [tiny_batch(B=2, T=8, seed=s) for s in range(6)]
+
+    def run(model, opt, sched, steps):
+        for b in steps:
+            train_step(model, opt, sched, b, task="tts", loss_weights=WEIGHTS, grad_clip=10.0)
+
+    def fresh():
+        model, kwargs = tiny_meld(dropout=0.1)
+        opt = build_optimizer(model, lr=1e-3, weight_decay=0.01)
+        return model, kwargs, opt, build_scheduler(opt, 2, 2, 4)
+
+    torch.manual_seed(123)
+    ref, _, opt, sched = fresh()
+    torch.manual_seed(123)
+    run(ref, opt, sched, batches)
+
+    torch.manual_seed(123)
+    model, kwargs, opt, sched = fresh()
+    torch.manual_seed(123)
+    run(model, opt, sched, batches[:3])
+    save_checkpoint(tmp_path / "step-3.pt", system="meld", model=model, model_kwargs=kwargs,
+                    optimizer=opt, scheduler=sched, step=3)
+    torch.manual_seed(999)  # whatever happens in between must not matter
+    model2, _, opt2, sched2 = fresh()
+    step = restore_training_state(load_checkpoint(tmp_path / "step-3.pt"), model2, opt2, sched2)
+    assert step == 3
+    run(model2, opt2, sched2, batches[3:])
+    for (name, a), b in zip(ref.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_slowness_penalty_is_lower_for_changing_frames():
+    mask = torch.ones(1, 10, dtype=torch.bool)
+    static = torch.ones(1, 10, 80)
+    changing = torch.randn(1, 10, 80)
+    assert float(slowness_penalty(static, mask)) == 1.0
+    assert float(slowness_penalty(changing, mask)) < 0.5
+    assert 0.0 <= float(slowness_penalty(changing * 100, mask)) <= 1.0
+
+
+def test_generate_respects_guard_and_drops_finished(tmp_path):
+    model, _ = tiny_meld(reduction=2)
+    batch = tiny_batch(reduction=2, B=3, T=6)
+    g = torch.Generator().manual_seed(0)
+    gen = model.generate(batch["text"], batch["text_len"], batch["mel"], batch["mel_len"], max_frames=5,
+                         top_k=4, top_p=0.9, temperature=1.0, repetition_penalty_value=1.3, generator=g)
+    assert len(gen.frames) == 3
+    for frames, hit, codes in zip(gen.frames, gen.hit_max_length, gen.codes):
+        assert frames.shape[1] == 160 and frames.shape[0] <= 5
+        assert hit == (frames.shape[0] == 5)
+        assert all(0 <= c < 16 for c in codes)
