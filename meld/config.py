@@ -66,7 +66,7 @@ class Section:
 
     @classmethod
     def from_dict(cls, data: dict | None, section: str | None = None):
-        section = section or cls.__name__
+        section = section or cls.__name__.removesuffix("Config").lower()
         data = dict(data or {})
         hints = typing.get_type_hints(cls)
         fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -106,6 +106,75 @@ def load_section(path: str | Path, name: str, cls):
     if name not in params:
         raise ConfigError(f"{path}: no '{name}' section")
     return cls.from_dict(params[name], name)
+
+
+CORPUS_NAMES = ("mini", "librispeech")
+CORPUS_SPLITS = ("train", "dev", "test", "test_unseen")
+
+
+@dataclass(frozen=True)
+class CorpusConfig(Section):
+    """Where the speech comes from.
+
+    ``name: mini`` synthesises the embedded corpus (:mod:`meld.corpus.mini`);
+    ``name: librispeech`` prepares LibriSpeech (:mod:`meld.corpus.librispeech`).
+    """
+
+    name: str = "mini"
+    seed: int = 0
+    # mini corpus
+    train_voices: list[str] = field(
+        default_factory=lambda: [
+            "flite-kal",
+            "flite-kal16",
+            "flite-rms",
+            "flite-slt",
+            "festival-kal",
+            "espeak-f2",
+            "espeak-f3",
+            "espeak-m3",
+            "espeak-m7",
+            "espeak-klatt",
+            "espeak-croak",
+        ]
+    )
+    held_out_voices: list[str] = field(default_factory=lambda: ["flite-awb", "festival-ked", "espeak-f4"])
+    utterances_per_voice: dict[str, int] = field(
+        default_factory=lambda: {"train": 100, "dev": 5, "test": 5, "test_unseen": 10}
+    )
+    min_words: int = 10
+    max_words: int = 20
+    num_workers: int = 2
+    # librispeech
+    librispeech_root: str = "data/librispeech"
+    librispeech_download: bool = False
+    librispeech_subsets: list[str] = field(
+        default_factory=lambda: ["train-clean-100", "dev-clean", "test-clean"]
+    )
+
+    def validate(self) -> None:
+        """Check values beyond their types."""
+        if self.name not in CORPUS_NAMES:
+            raise ConfigError(f"corpus.name: expected one of {list(CORPUS_NAMES)}, got {self.name!r}")
+        bad_splits = sorted(set(self.utterances_per_voice) - set(CORPUS_SPLITS))
+        if bad_splits:
+            raise ConfigError(
+                f"corpus.utterances_per_voice: unknown split(s) {bad_splits}; known: {list(CORPUS_SPLITS)}"
+            )
+        for split, n in self.utterances_per_voice.items():
+            if n < 0:
+                raise ConfigError(f"corpus.utterances_per_voice.{split}: must be >= 0, got {n}")
+        if not 1 <= self.min_words <= self.max_words:
+            raise ConfigError(
+                f"corpus.min_words/max_words: need 1 <= min_words <= max_words, got {self.min_words}, {self.max_words}"
+            )
+        if self.num_workers < 1:
+            raise ConfigError(f"corpus.num_workers: must be >= 1, got {self.num_workers}")
+        both = sorted(set(self.train_voices) & set(self.held_out_voices))
+        if both:
+            raise ConfigError(f"corpus.held_out_voices: {both} also listed in corpus.train_voices")
+        if self.name == "mini" and not self.train_voices:
+            raise ConfigError("corpus.train_voices: the mini corpus needs at least one training voice")
 
 
 @dataclass(frozen=True)

@@ -91,3 +91,13 @@ def train_bpe(texts: Iterable[str], model_prefix: str | Path, vocab_size: int, s
         minloglevel=2,
     )
     return model_prefix.with_suffix(".model")
+
+
+def tokenizer_from_bytes(model_proto: bytes) -> BPETokenizer:
+    """A tokenizer from a serialised SentencePiece model (as embedded in checkpoints)."""
+    import sentencepiece as spm
+
+    tok = BPETokenizer.__new__(BPETokenizer)
+    tok.model_path = Path("<embedded>")
+    tok._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    return tok

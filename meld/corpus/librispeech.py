@@ -1,0 +1,658 @@
+"""LibriSpeech (openslr resource 12): download, verify, extract safely, and write manifests.
+
+Usage (from a pipeline script; paths and flags come from its command line)::
+
+    from meld.corpus.librispeech import prepare_librispeech
+    counts = prepare_librispeech(Path("data/raw"), Path("data/corpus"),
+                                 ["train-clean-100", "dev-clean", "test-clean"], download=True)
+    # -> {"train": 28539, "dev": 2703, "test": 2620}
+
+Each archive is fetched with a resumable HTTP download (``<name>.tar.gz.part`` grows until it is
+complete), checked against the MD5 sum openslr publishes, and extracted so that no member can land
+outside the target folder. A subset that is already extracted under ``root`` is used as it is, without
+touching the network. Manifests point at the FLAC files where they lie (paths relative to the manifest).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import re
+import shutil
+import tarfile
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import soundfile as sf
+from tqdm import tqdm
+
+from meld.corpus import write_manifest
+
+LIBRISPEECH_BASE_URL = "https://www.openslr.org/resources/12"
+
+# MD5 sums of the archives as published in https://www.openslr.org/resources/12/md5sum.txt
+# (cross-checked against several independent public LibriSpeech download scripts).
+LIBRISPEECH_MD5 = {
+    "train-clean-100": "2a93770f6d5c6c964bc36631d331a522",
+    "train-clean-360": "c0e676e450a7ff2f54aeade5171606fa",
+    "train-other-500": "d1a0fd59409feb2c614ce4d30c387708",
+    "dev-clean": "42e2234ba48799c1f50f24a7926300a1",
+    "dev-other": "c8d0bcc9cca99d4f8b62fcc847357931",
+    "test-clean": "32fa31d27d2e1cad72775fee3f4849a9",
+    "test-other": "fb5a50374b501bb3bac4815ee91d3135",
+}
+
+# Manifest split each subset feeds; the training subsets are concatenated (in this order).
+SUBSET_SPLITS = {
+    "train-clean-100": "train",
+    "train-clean-360": "train",
+    "train-other-500": "train",
+    "dev-clean": "dev",
+    "test-clean": "test",
+    "dev-other": "dev_other",
+    "test-other": "test_other",
+}
+
+_UTTERANCE_ID = re.compile(r"^(\d+)-(\d+)-(\d+)$")
+_MD5_HEX = re.compile(r"^[0-9a-f]{32}$")
+
+
+class LibriSpeechError(RuntimeError):
+    """Base class of the errors raised while preparing LibriSpeech."""
+
+
+class DownloadError(LibriSpeechError):
+    """A download failed (network, HTTP status, or a truncated answer)."""
+
+
+class ChecksumError(DownloadError):
+    """A file's MD5 sum differs from the published one."""
+
+
+class UnsafeArchiveError(LibriSpeechError):
+    """An archive member would be written outside the extraction folder, or is of a forbidden type."""
+
+
+# --------------------------------------------------------------------------- download
+
+
+def md5sum(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    """Hex MD5 digest of a file, read in chunks."""
+    digest = hashlib.md5()  # publisher's integrity checksum, not a security measure
+    with open(path, "rb") as f:
+        while block := f.read(chunk_size):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class _Truncated(Exception):
+    """The server closed the connection before sending everything it announced."""
+
+
+def _parse_content_range(value: str | None) -> tuple[int, int | None]:
+    """``bytes START-END/TOTAL`` -> (START, TOTAL or None)."""
+    match = re.match(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", value or "")
+    if not match:
+        raise DownloadError(f"server answered 206 with an unreadable Content-Range: {value!r}")
+    total = None if match.group(3) == "*" else int(match.group(3))
+    return int(match.group(1)), total
+
+
+class _Partial:
+    """A ``.part`` file and the MD5 state of what it holds so far (so resuming never re-reads it)."""
+
+    def __init__(self, path: Path, chunk_size: int) -> None:
+        self.path = path
+        self.digest = hashlib.md5()
+        if path.exists():
+            with open(path, "rb") as f:
+                while block := f.read(chunk_size):
+                    self.digest.update(block)
+
+    def size(self) -> int:
+        return self.path.stat().st_size if self.path.exists() else 0
+
+
+def _fetch_once(
+    url: str,
+    partial: _Partial,
+    opener: urllib.request.OpenerDirector,
+    chunk_size: int,
+    timeout: float,
+    progress: bool,
+) -> None:
+    """Append the rest of ``url`` to the partial file, starting at its current size.
+
+    A server that ignores the Range request (or a file:// URL) makes the partial file start over.
+    """
+    part = partial.path
+    offset = partial.size()
+    request = urllib.request.Request(url, headers={"User-Agent": "meld-toolkit"})
+    if offset:
+        request.add_header("Range", f"bytes={offset}-")
+    try:
+        response = opener.open(request, timeout=timeout)
+    except urllib.error.HTTPError as err:
+        if err.code == 416 and offset:
+            # Range not satisfiable: the partial file already holds the whole archive (or more);
+            # the checksum decides.
+            err.close()
+            return
+        raise
+    with response:
+        status = getattr(response, "status", None) or response.getcode()
+        length = response.headers.get("Content-Length")
+        length = int(length) if length is not None and length.isdigit() else None
+        if offset and status == 206:
+            start, total = _parse_content_range(response.headers.get("Content-Range"))
+            if start != offset:
+                raise DownloadError(f"{url}: asked for bytes from {offset}, the server sent from {start}")
+            mode = "ab"
+        else:
+            # A full answer (status 200, or file:// which knows no Range): start from scratch.
+            offset, total, mode = 0, length, "wb"
+            partial.digest = hashlib.md5()
+        received = 0
+        with (
+            open(part, mode) as out,
+            tqdm(
+                total=total,
+                initial=offset,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=part.name.removesuffix(".part"),
+                disable=not progress,
+            ) as bar,
+        ):
+            while block := response.read(chunk_size):
+                out.write(block)
+                partial.digest.update(block)
+                received += len(block)
+                bar.update(len(block))
+        # http.client returns b"" (no error) when the connection drops early: compare with what
+        # the server announced.
+        if length is not None and received < length:
+            raise _Truncated(f"received {received} of {length} bytes")
+
+
+def download_archive(
+    url: str,
+    dest: str | Path,
+    md5: str,
+    *,
+    chunk_size: int = 1 << 20,
+    progress: bool = True,
+    retries: int = 2,
+    timeout: float = 60.0,
+    opener: urllib.request.OpenerDirector | None = None,
+) -> Path:
+    """Download ``url`` to ``dest`` resumably and verify its MD5 sum.
+
+    Bytes go to ``<dest>.part``; a ``.part`` left by an interrupted run is continued with an HTTP
+    ``Range`` request (a server that ignores Range makes the download start over). Only a file
+    whose checksum matches is renamed to ``dest``. An existing ``dest`` with the right checksum is
+    returned without touching the network.
+
+    Args:
+        url: ``http://``, ``https://`` or ``file://`` address.
+        dest: where the verified file ends up.
+        md5: expected hex MD5 digest.
+        chunk_size: bytes read per network read.
+        progress: show a tqdm progress bar.
+        retries: how many times an interrupted transfer is resumed before giving up.
+        timeout: socket timeout in seconds.
+        opener: urllib opener to use (default: ``urllib.request.build_opener()``).
+
+    Returns:
+        ``dest`` as a Path.
+
+    Raises:
+        ChecksumError: the downloaded (or existing) file has another MD5 sum. A downloaded one is
+            deleted, since resuming it could never give the right file; an existing ``dest`` is
+            left alone.
+        DownloadError: HTTP error or a connection that kept failing; the ``.part`` file is kept so
+            that the next call resumes it.
+    """
+    dest = Path(dest)
+    md5 = md5.strip().lower()
+    if not _MD5_HEX.match(md5):
+        raise ValueError(f"not an MD5 hex digest: {md5!r}")
+    scheme = url.split(":", 1)[0].lower()
+    if scheme not in ("http", "https", "file"):
+        raise ValueError(f"{url}: only http, https and file URLs are supported")
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+
+    if dest.exists():
+        actual = md5sum(dest)
+        if actual == md5:
+            return dest
+        raise ChecksumError(
+            f"{dest} exists but its MD5 is {actual}, expected {md5} (from {url}); delete it to download it again"
+        )
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    opener = opener or urllib.request.build_opener()
+    partial = _Partial(part, chunk_size)
+
+    for attempt in range(retries + 1):
+        try:
+            _fetch_once(url, partial, opener, chunk_size, timeout, progress)
+            break
+        except urllib.error.HTTPError as err:
+            raise DownloadError(
+                f"{url}: HTTP {err.code} {err.reason}"
+                + (f"; the partial download {part} is kept for a later resume" if part.exists() else "")
+            ) from err
+        except (urllib.error.URLError, http.client.HTTPException, OSError, _Truncated) as err:
+            if attempt == retries:
+                size = partial.size()
+                raise DownloadError(
+                    f"{url}: download interrupted after {size} bytes ({err}) and {retries} retries; "
+                    f"{part} is kept: run again to resume"
+                ) from err
+            # Re-read what reached the disk rather than trust the in-memory state after an error.
+            partial = _Partial(part, chunk_size)
+
+    actual = partial.digest.hexdigest()
+    if actual != md5:
+        part.unlink(missing_ok=True)
+        raise ChecksumError(
+            f"{url}: MD5 of the downloaded file is {actual}, expected {md5}; the corrupt partial file "
+            f"{part} was deleted, run again to download from scratch (or check the mirror)"
+        )
+    part.replace(dest)
+    return dest
+
+
+# --------------------------------------------------------------------------- extraction
+
+
+def _within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+class _ProgressReader:
+    """File wrapper that advances a tqdm bar by the compressed bytes read."""
+
+    def __init__(self, f, bar: tqdm) -> None:
+        self._f, self._bar = f, bar
+
+    def read(self, size: int = -1) -> bytes:
+        block = self._f.read(size)
+        self._bar.update(len(block))
+        return block
+
+
+def _checked_location(dest_real: str, name: str) -> str:
+    """Where member ``name`` lands, after checking that it cannot escape ``dest_real``.
+
+    The final component is not resolved (a member never writes *through* an existing link: the
+    link is replaced), every parent folder is resolved on disk, so links extracted earlier count.
+    """
+    if not name or name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
+        raise UnsafeArchiveError(f"archive member {name!r} has an absolute path")
+    if ".." in re.split(r"[/\\]", name):
+        raise UnsafeArchiveError(f"archive member {name!r} contains '..'")
+    norm = os.path.normpath(name)
+    if norm in (".", ""):
+        return dest_real
+    parent = os.path.realpath(os.path.join(dest_real, os.path.dirname(norm)))
+    if not _within(parent, dest_real):
+        raise UnsafeArchiveError(
+            f"archive member {name!r} would be written outside the target folder (via a link)"
+        )
+    return os.path.join(parent, os.path.basename(norm))
+
+
+def _remove_existing(location: str) -> None:
+    if os.path.islink(location) or os.path.isfile(location):
+        os.unlink(location)
+
+
+def safe_extract(tar_path: str | Path, dest: str | Path, *, progress: bool = False) -> int:
+    """Extract a (gzipped) tar archive into ``dest`` so that nothing lands outside it.
+
+    Rejected, with an :class:`UnsafeArchiveError` naming the member: absolute paths, ``..``
+    components, paths that go through an already-extracted link to outside ``dest``, symbolic or
+    hard links whose target lies outside ``dest``, and device files, FIFOs or other special members.
+    Hard links are materialised as copies; set-uid bits and group/other write bits are dropped.
+
+    The archive is read in one streaming pass (LibriSpeech archives reach 30 GB), so members before
+    a rejected one are already extracted: extract into a fresh folder and delete it on failure, as
+    :func:`prepare_librispeech` does.
+
+    Args:
+        tar_path: the archive (.tar, .tar.gz, .tar.bz2, .tar.xz).
+        dest: target folder, created if missing.
+        progress: show a tqdm bar over the archive's bytes.
+
+    Returns:
+        Number of members extracted.
+    """
+    tar_path = Path(tar_path)
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    dest_real = os.path.realpath(dest)
+    count = 0
+    with (
+        open(tar_path, "rb") as raw,
+        tqdm(
+            total=tar_path.stat().st_size,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=f"extract {tar_path.name}",
+            disable=not progress,
+        ) as bar,
+        tarfile.open(fileobj=_ProgressReader(raw, bar), mode="r|*") as tar,
+    ):
+        for member in tar:
+            location = _checked_location(dest_real, member.name)
+            if member.isdir():
+                if os.path.islink(location):
+                    os.unlink(location)
+                os.makedirs(location, exist_ok=True)
+            elif member.isfile():
+                os.makedirs(os.path.dirname(location), exist_ok=True)
+                _remove_existing(location)
+                source = tar.extractfile(member)
+                assert source is not None  # regular members always have data
+                with source, open(location, "wb") as out:
+                    shutil.copyfileobj(source, out, 1 << 20)
+                os.chmod(location, (member.mode & 0o755) | 0o600)
+                os.utime(location, (member.mtime, member.mtime))
+            elif member.issym():
+                link = member.linkname
+                if not link or os.path.isabs(link) or re.match(r"^[A-Za-z]:", link):
+                    raise UnsafeArchiveError(
+                        f"archive member {member.name!r} is a link to an absolute path {link!r}"
+                    )
+                target = os.path.realpath(os.path.join(os.path.dirname(location), link))
+                if not _within(target, dest_real):
+                    raise UnsafeArchiveError(
+                        f"archive member {member.name!r} is a link to {link!r}, outside the target folder"
+                    )
+                os.makedirs(os.path.dirname(location), exist_ok=True)
+                if os.path.isdir(location) and not os.path.islink(location):
+                    raise UnsafeArchiveError(f"archive member {member.name!r} is a link replacing a folder")
+                _remove_existing(location)
+                os.symlink(link, location)
+            elif member.islnk():
+                # Hard link names are relative to the archive root and refer to a member already extracted.
+                try:
+                    source_location = _checked_location(dest_real, member.linkname)
+                except UnsafeArchiveError as err:
+                    raise UnsafeArchiveError(f"archive member {member.name!r} is a hard link: {err}") from err
+                source_real = os.path.realpath(source_location)
+                if not _within(source_real, dest_real) or not os.path.isfile(source_real):
+                    raise UnsafeArchiveError(
+                        f"archive member {member.name!r} is a hard link to {member.linkname!r}, "
+                        "which is not a file extracted inside the target folder"
+                    )
+                os.makedirs(os.path.dirname(location), exist_ok=True)
+                _remove_existing(location)
+                shutil.copyfile(source_real, location)
+            else:
+                kind = (
+                    "device file"
+                    if (member.ischr() or member.isblk())
+                    else "FIFO"
+                    if member.isfifo()
+                    else "special member"
+                )
+                raise UnsafeArchiveError(
+                    f"archive member {member.name!r} is a {kind}; refusing to extract it"
+                )
+            count += 1
+    return count
+
+
+# --------------------------------------------------------------------------- reading the corpus
+
+
+def find_subset_dir(root: str | Path, subset: str) -> Path:
+    """The folder of ``subset``: ``<root>/LibriSpeech/<subset>`` or ``<root>/<subset>``.
+
+    Raises:
+        FileNotFoundError: neither exists (the message names both places).
+    """
+    root = Path(root)
+    candidates = [root / "LibriSpeech" / subset, root / subset]
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(
+        f"LibriSpeech subset {subset!r} not found: looked for {candidates[0]} and {candidates[1]}"
+    )
+
+
+def read_librispeech_folder(
+    root: str | Path,
+    subset: str,
+    *,
+    manifest_dir: str | Path | None = None,
+    rejected: list[dict] | None = None,
+) -> Iterator[dict]:
+    """Yield manifest rows for one extracted subset, in sorted speaker/chapter/utterance order.
+
+    Layout: ``<root>/LibriSpeech/<subset>/<speaker>/<chapter>/<speaker>-<chapter>.trans.txt`` with one
+    ``<speaker>-<chapter>-<n> TEXT`` line per ``<speaker>-<chapter>-<n>.flac`` beside it; ``root`` may
+    also be the folder that holds the subset folders directly.
+
+    Args:
+        root: corpus root (see above).
+        subset: e.g. ``"dev-clean"``.
+        manifest_dir: rows' ``audio`` is made relative to this folder; absolute when None.
+        rejected: when a list is given, utterances with missing or unreadable audio, empty text or a
+            malformed id are appended to it as ``{id, audio, reason}`` and skipped; when None they
+            raise :class:`LibriSpeechError`.
+
+    Yields:
+        ``{id, speaker, text, audio, duration}`` rows (duration in seconds, from the FLAC header).
+
+    Raises:
+        FileNotFoundError: the subset folder does not exist.
+        LibriSpeechError: the folder holds no transcripts, or a bad utterance when ``rejected`` is None.
+    """
+    subset_dir = find_subset_dir(root, subset)
+    base = os.path.abspath(manifest_dir) if manifest_dir is not None else None
+
+    def reject(utt_id: str, audio: Path, reason: str) -> None:
+        if rejected is None:
+            raise LibriSpeechError(f"{subset} utterance {utt_id} ({audio}): {reason}")
+        rejected.append({"id": utt_id, "audio": str(audio), "reason": reason})
+
+    n_transcripts = 0
+    for speaker_dir in sorted(p for p in subset_dir.iterdir() if p.is_dir()):
+        for chapter_dir in sorted(p for p in speaker_dir.iterdir() if p.is_dir()):
+            trans = chapter_dir / f"{speaker_dir.name}-{chapter_dir.name}.trans.txt"
+            if not trans.is_file():
+                for flac in sorted(chapter_dir.glob("*.flac")):
+                    reject(flac.stem, flac, f"no transcript file {trans.name}")
+                continue
+            n_transcripts += 1
+            lines = trans.read_text(encoding="utf-8").splitlines()
+            for line in lines:
+                if not line.strip():
+                    continue
+                utt_id, _, text = line.strip().partition(" ")
+                text = text.strip()
+                audio = chapter_dir / f"{utt_id}.flac"
+                match = _UTTERANCE_ID.match(utt_id)
+                if not match or match.group(1) != speaker_dir.name or match.group(2) != chapter_dir.name:
+                    reject(
+                        utt_id,
+                        audio,
+                        f"utterance id does not match its folder {speaker_dir.name}/{chapter_dir.name}",
+                    )
+                    continue
+                if not text:
+                    reject(utt_id, audio, "empty transcript")
+                    continue
+                if not audio.is_file():
+                    reject(utt_id, audio, "audio file missing")
+                    continue
+                try:
+                    info = sf.info(str(audio))
+                except Exception as err:  # libsndfile raises several types for corrupt data
+                    reject(utt_id, audio, f"unreadable audio ({err})")
+                    continue
+                if info.frames <= 0:
+                    reject(utt_id, audio, "audio holds no samples")
+                    continue
+                path = os.path.abspath(audio)
+                yield {
+                    "id": utt_id,
+                    "speaker": speaker_dir.name,
+                    "text": text,
+                    "audio": os.path.relpath(path, base) if base is not None else path,
+                    "duration": round(info.frames / info.samplerate, 4),
+                }
+    if n_transcripts == 0:
+        raise LibriSpeechError(
+            f"{subset_dir} holds no <speaker>/<chapter>/<speaker>-<chapter>.trans.txt files: not a LibriSpeech subset folder"
+        )
+
+
+# --------------------------------------------------------------------------- preparation
+
+
+def _install_subset(archive: Path, root: Path, subset: str, progress: bool) -> Path:
+    """Extract ``archive`` into a staging folder, then move ``LibriSpeech/<subset>`` into place.
+
+    The subset folder only appears once it is complete, so an interrupted extraction is redone
+    rather than mistaken for a finished one.
+    """
+    staging = root / f".extract-{subset}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    try:
+        safe_extract(archive, staging, progress=progress)
+        extracted = staging / "LibriSpeech" / subset
+        if not extracted.is_dir():
+            raise LibriSpeechError(f"{archive} does not hold LibriSpeech/{subset}/ (wrong archive?)")
+        target = root / "LibriSpeech" / subset
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # The corpus-wide files (SPEAKERS.TXT, CHAPTERS.TXT, LICENSE.TXT, ...) come with every archive.
+        for item in (staging / "LibriSpeech").iterdir():
+            if item.is_file() and not (target.parent / item.name).exists():
+                shutil.move(str(item), str(target.parent / item.name))
+        os.replace(extracted, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def prepare_librispeech(
+    root: Path,
+    out_dir: Path,
+    subsets: list[str],
+    download: bool,
+    base_url: str = LIBRISPEECH_BASE_URL,
+    *,
+    keep_archives: bool = True,
+    max_rejected_fraction: float = 0.01,
+    chunk_size: int = 1 << 20,
+    progress: bool = True,
+    opener: urllib.request.OpenerDirector | None = None,
+) -> dict[str, int]:
+    """Make LibriSpeech subsets available under ``root`` and write their manifests.
+
+    For each subset: an extracted folder under ``root`` (``LibriSpeech/<subset>`` or ``<subset>``)
+    is used as it is; otherwise ``<root>/<subset>.tar.gz`` is verified and extracted if present, or,
+    with ``download``, fetched from ``base_url`` first. Then ``<out_dir>/<split>/manifest.jsonl`` is
+    written per split (train-* -> ``train``, concatenated; dev-clean -> ``dev``; test-clean -> ``test``;
+    dev-other -> ``dev_other``; test-other -> ``test_other``), with the FLAC files left where they
+    are, and ``<out_dir>/<split>/rejected.jsonl`` lists skipped utterances with the reason.
+
+    Args:
+        root: folder holding (or receiving) the archives and the extracted corpus.
+        out_dir: folder receiving one sub-folder per split.
+        subsets: LibriSpeech subset names, e.g. ``["train-clean-100", "dev-clean", "test-clean"]``.
+        download: fetch missing archives from ``base_url``.
+        base_url: mirror of openslr resource 12 (``<base_url>/<subset>.tar.gz``).
+        keep_archives: keep the .tar.gz after extraction (else it is deleted).
+        max_rejected_fraction: fail when a split rejects more than this fraction of its utterances.
+        chunk_size: download read size in bytes.
+        progress: show tqdm progress bars.
+        opener: urllib opener for the downloads.
+
+    Returns:
+        Number of manifest rows per split written.
+
+    Raises:
+        ValueError: unknown or no subsets.
+        FileNotFoundError: a subset is neither extracted nor archived under ``root`` and ``download`` is off.
+        DownloadError / ChecksumError / UnsafeArchiveError: from fetching and extracting.
+        LibriSpeechError: too many rejected utterances, duplicate ids, or an empty split.
+    """
+    root, out_dir = Path(root), Path(out_dir)
+    if not subsets:
+        raise ValueError("no LibriSpeech subsets requested")
+    unknown = [s for s in subsets if s not in LIBRISPEECH_MD5]
+    if unknown:
+        raise ValueError(f"unknown LibriSpeech subsets {unknown}; known: {sorted(LIBRISPEECH_MD5)}")
+    # Canonical order, so that the concatenated training manifest does not depend on the list order.
+    wanted = [s for s in LIBRISPEECH_MD5 if s in set(subsets)]
+
+    for subset in wanted:
+        try:
+            find_subset_dir(root, subset)
+            continue
+        except FileNotFoundError:
+            pass
+        archive = root / f"{subset}.tar.gz"
+        if not archive.exists():
+            if not download:
+                raise FileNotFoundError(
+                    f"LibriSpeech subset {subset!r} is not under {root} (neither {root / 'LibriSpeech' / subset} "
+                    f"nor {root / subset} nor {archive}); enable downloading or extract the official archive there"
+                )
+            url = f"{base_url.rstrip('/')}/{subset}.tar.gz"
+            download_archive(
+                url, archive, LIBRISPEECH_MD5[subset], chunk_size=chunk_size, progress=progress, opener=opener
+            )
+        else:
+            actual = md5sum(archive)
+            if actual != LIBRISPEECH_MD5[subset]:
+                raise ChecksumError(
+                    f"{archive}: MD5 is {actual}, expected {LIBRISPEECH_MD5[subset]}; delete it to download it again"
+                )
+        _install_subset(archive, root, subset, progress)
+        if not keep_archives:
+            archive.unlink()
+
+    counts: dict[str, int] = {}
+    for split in dict.fromkeys(SUBSET_SPLITS[s] for s in wanted):
+        split_dir = out_dir / split
+        rejected: list[dict] = []
+        rows: list[dict] = []
+        seen: set[str] = set()
+        for subset in (s for s in wanted if SUBSET_SPLITS[s] == split):
+            utterances = read_librispeech_folder(root, subset, manifest_dir=split_dir, rejected=rejected)
+            for row in tqdm(utterances, desc=f"{subset} -> {split}", unit="utt", disable=not progress):
+                if row["id"] in seen:
+                    raise LibriSpeechError(f"utterance id {row['id']} occurs twice in split {split!r}")
+                seen.add(row["id"])
+                rows.append(row)
+        total = len(rows) + len(rejected)
+        if not rows:
+            raise LibriSpeechError(f"split {split!r} has no usable utterances ({len(rejected)} rejected)")
+        if len(rejected) > max_rejected_fraction * total:
+            examples = "; ".join(f"{r['id']}: {r['reason']}" for r in rejected[:5])
+            raise LibriSpeechError(
+                f"split {split!r}: {len(rejected)} of {total} utterances rejected, more than "
+                f"{max_rejected_fraction:.1%} (e.g. {examples})"
+            )
+        counts[split] = write_manifest(rows, split_dir / "manifest.jsonl")
+        with open(split_dir / "rejected.jsonl", "w", encoding="utf-8") as f:
+            for item in rejected:
+                f.write(json.dumps(item, ensure_ascii=False) + "\n")
+    return counts

@@ -1,0 +1,61 @@
+"""MLflow helpers: one tracking URI rule, stable run names, flat params."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEFAULT_DB = "mlflow.db"
+DEFAULT_ARTIFACTS = "mlartifacts"
+
+
+def tracking_uri(project_root: str | Path | None = None) -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else an embedded SQLite store in the project root."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    root = Path(project_root or os.getcwd()).resolve()
+    return f"sqlite:///{root / DEFAULT_DB}"
+
+
+def setup(experiment: str, project_root: str | Path | None = None):
+    """Point MLflow at the tracking store and make sure the experiment exists; returns the mlflow module."""
+    import logging
+
+    import mlflow
+
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    uri = tracking_uri(project_root)
+    mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(experiment) is None:
+        artifact_location = None
+        if uri.startswith("sqlite:///") and "MLFLOW_TRACKING_URI" not in os.environ:
+            artifact_location = (Path(project_root or os.getcwd()).resolve() / DEFAULT_ARTIFACTS).as_uri()
+        try:
+            mlflow.create_experiment(experiment, artifact_location=artifact_location)
+        except Exception:  # created concurrently by another process
+            pass
+    mlflow.set_experiment(experiment)
+    return mlflow
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    """{'a': {'b': 1}} -> {'a.b': '1'}; lists become strings (MLflow params are strings)."""
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = str(v)[:500]
+    return out
+
+
+def find_run(mlflow, experiment: str, run_name: str) -> str | None:
+    """Id of the newest run with this name in the experiment, if any (so restarts resume one run)."""
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = mlflow.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.runName = '{run_name}'",
+                              order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
+    return runs[0].info.run_id if runs else None

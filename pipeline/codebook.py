@@ -1,0 +1,53 @@
+"""codebook stage: faiss k-means on normalised training frames, one codebook per reduction factor.
+
+    python -m pipeline.codebook --params params.yaml --features data/features --out data/codebook
+
+Writes ``<out>/r{r}.npy`` (K, 80r) centroids and ``<out>/summary.json`` (distortion, usage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from meld.codebook import assign, fit_kmeans, grouped_vectors
+from meld.config import CodebookConfig, load_section
+from meld.store import FeatureStore, load_stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--features", default="data/features")
+    p.add_argument("--out", default="data/codebook")
+    args = p.parse_args(argv)
+    cfg = load_section(args.params, "codebook", CodebookConfig)
+    features, out = Path(args.features), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stats = load_stats(features / "stats.json")
+    store = FeatureStore(features / "train")
+    mels = [stats.normalise(store[i]) for i in range(len(store))]
+    summary = {}
+    for r in cfg.reduction_factors:
+        vectors = grouped_vectors(mels, r)
+        t0 = time.perf_counter()
+        centroids, distortion = fit_kmeans(vectors, cfg.size, niter=cfg.niter, seed=cfg.seed, max_vectors=cfg.max_vectors)
+        usage = np.bincount(assign(vectors[: cfg.max_vectors], centroids), minlength=cfg.size)
+        np.save(out / f"r{r}.npy", centroids)
+        summary[f"r{r}"] = {
+            "codes": cfg.size, "dim": int(vectors.shape[1]), "vectors": int(len(vectors)),
+            "mean_sq_error_per_dim": distortion, "codes_used": int((usage > 0).sum()),
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+        print(f"r={r}: {summary[f'r{r}']}")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""features stage: log-mel for every split into a feature store; normalisation stats from train only.
+
+    python -m pipeline.features --params params.yaml --corpus data/corpus --out data/features
+
+Bad inputs (unreadable audio, empty transcripts, NaN/inf, clips too long or too short) are
+skipped and listed with their reason in ``<out>/<split>/rejected.jsonl``; the stage fails
+only when a split rejects more than ``features.max_rejected_fraction``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from meld.audio import AudioError, load_audio
+from meld.config import FeaturesConfig, load_section
+from meld.corpus import read_manifest
+from meld.features import FRAME_RATE, RunningStats, log_mel
+from meld.store import write_store
+from meld.text import normalise_transcript
+
+
+def extract_one(job: tuple[dict, float, float]) -> tuple[dict, np.ndarray | None, str | None]:
+    """(manifest row, min s, max s) -> (meta, mel or None, reason or None). Runs in a worker process."""
+    row, min_s, max_s = job
+    meta = {k: row.get(k) for k in ("id", "speaker", "text", "duration")}
+    text = row.get("text")
+    if not isinstance(text, str) or not normalise_transcript(text):
+        return meta, None, "empty or non-text transcript"
+    try:
+        wav = load_audio(row["audio_path"])
+    except AudioError as err:
+        return meta, None, str(err)
+    seconds = wav.size / 16_000
+    if seconds > max_s:
+        return meta, None, f"too long: {seconds:.1f} s > features.max_seconds={max_s}"
+    if seconds < min_s:
+        return meta, None, f"too short: {seconds:.2f} s < features.min_seconds={min_s}"
+    mel = log_mel(wav, 16_000)
+    if not np.isfinite(mel).all():
+        return meta, None, "features hold NaN or inf"
+    meta["duration"] = round(seconds, 4)
+    return meta, mel, None
+
+
+def process_split(rows: list[dict], out: Path, cfg: FeaturesConfig, split: str, stats: RunningStats | None) -> dict:
+    rejected: list[dict] = []
+    jobs = [(r, cfg.min_seconds, cfg.max_seconds) for r in rows]
+
+    def items():
+        with get_context("spawn").Pool(cfg.num_workers) if cfg.num_workers > 1 else _Serial() as pool:
+            for meta, mel, reason in tqdm(pool.imap(extract_one, jobs, chunksize=8), total=len(jobs),
+                                          desc=f"features {split}", unit="utt", mininterval=2.0):
+                if reason:
+                    rejected.append({"id": meta["id"], "split": split, "reason": reason})
+                    continue
+                if stats is not None:
+                    stats.update(mel)
+                yield meta, mel
+
+    summary = write_store(out / split, items(), rejected)
+    frac = len(rejected) / max(1, len(rows))
+    summary["rejected_fraction"] = frac
+    summary["hours"] = summary["frames"] / FRAME_RATE / 3600
+    if frac > cfg.max_rejected_fraction:
+        reasons = "; ".join(f"{r['id']}: {r['reason']}" for r in rejected[:5])
+        raise SystemExit(
+            f"features: split '{split}' rejected {len(rejected)}/{len(rows)} utterances ({frac:.1%} > "
+            f"features.max_rejected_fraction={cfg.max_rejected_fraction:.1%}); first: {reasons}; "
+            f"all listed in {out / split / 'rejected.jsonl'}"
+        )
+    return summary
+
+
+class _Serial:
+    """Stands in for a process pool when num_workers == 1."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    @staticmethod
+    def imap(fn, jobs, chunksize=1):
+        return map(fn, jobs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--corpus", default="data/corpus")
+    p.add_argument("--out", default="data/features")
+    args = p.parse_args(argv)
+    cfg = load_section(args.params, "features", FeaturesConfig)
+    corpus, out = Path(args.corpus), Path(args.out)
+    splits = sorted(d.name for d in corpus.iterdir() if (d / "manifest.jsonl").is_file()) if corpus.is_dir() else []
+    if "train" not in splits:
+        raise SystemExit(f"features: {corpus} has no train/manifest.jsonl (did the corpus stage run?)")
+    summaries = {}
+    stats = RunningStats()
+    for split in ["train"] + [s for s in splits if s != "train"]:
+        summaries[split] = process_split(read_manifest(corpus / split / "manifest.jsonl"), out, cfg, split,
+                                         stats if split == "train" else None)
+        s = summaries[split]
+        print(f"{split}: kept {s['kept']}, rejected {s['rejected']}, {s['hours'] * 60:.1f} min of audio")
+    norm = stats.finalise()
+    (out / "stats.json").write_text(json.dumps(norm.to_dict()))
+    (out / "summary.json").write_text(json.dumps(summaries, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""The embedded mini corpus: determinism, split hygiene, audio format, config checking, the stage script."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+
+from meld.audio import SAMPLE_RATE
+from meld.config import ConfigError, CorpusConfig
+from meld.corpus import read_manifest
+from meld.corpus.mini import (
+    VoiceUnavailableError,
+    build_mini_corpus,
+    plan_mini_corpus,
+    vocabulary,
+    voice_problem,
+)
+
+# One voice per engine, the festival one held out (as in the default corpus).
+TRAIN_VOICES = ["flite-rms", "espeak-f3"]
+HELD_OUT_VOICES = ["festival-kal", "espeak-m7"]
+UTTERANCES = {"train": 3, "dev": 1, "test": 1, "test_unseen": 2}
+TINY = dict(
+    seed=3,
+    train_voices=TRAIN_VOICES,
+    held_out_voices=HELD_OUT_VOICES,
+    utterances=UTTERANCES,
+    min_words=6,
+    max_words=10,
+)
+
+_missing = [p for v in TRAIN_VOICES + HELD_OUT_VOICES if (p := voice_problem(v))]
+needs_voices = pytest.mark.skipif(bool(_missing), reason="; ".join(_missing))
+
+
+def _manifests(root: Path) -> dict[str, list[dict]]:
+    out = {}
+    for split in ("train", "dev", "test", "test_unseen"):
+        rows = read_manifest(root / split / "manifest.jsonl")
+        for r in rows:
+            r.pop("audio_path")  # absolute, so it differs between folders
+        out[split] = rows
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_corpus(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("mini")
+    counts = build_mini_corpus(root, **TINY, num_workers=2, progress=False)
+    assert counts == {"train": 6, "dev": 2, "test": 2, "test_unseen": 4}
+    return root
+
+
+@needs_voices
+def test_same_seed_same_corpus(tiny_corpus, tmp_path):
+    # a different worker count must not change anything either
+    build_mini_corpus(tmp_path, **TINY, num_workers=1, progress=False)
+    assert _manifests(tmp_path) == _manifests(tiny_corpus)
+    for wav in sorted(tiny_corpus.glob("*/audio/*.wav")):
+        assert wav.read_bytes() == (tmp_path / wav.relative_to(tiny_corpus)).read_bytes(), wav.name
+
+
+def test_plan_is_seeded():
+    a = plan_mini_corpus(**TINY)
+    assert a == plan_mini_corpus(**TINY)
+    b = plan_mini_corpus(**{**TINY, "seed": 4})
+    assert [r["text"] for r in a["train"]] != [r["text"] for r in b["train"]]
+    assert [r["id"] for r in a["train"]] == [r["id"] for r in b["train"]]
+    assert a["train"][0]["id"] == "flite-rms-train-00000"
+
+
+def test_sentences_in_range_and_vocabulary():
+    plan = plan_mini_corpus(**{**TINY, "utterances": {"train": 200, "dev": 20}})
+    vocab = set(vocabulary())
+    for rows in plan.values():
+        for r in rows:
+            words = r["text"].split()
+            assert 6 <= len(words) <= 10
+            assert set(words) <= vocab
+
+
+@needs_voices
+def test_splits_share_no_sentence(tiny_corpus):
+    texts = {split: {r["text"] for r in rows} for split, rows in _manifests(tiny_corpus).items()}
+    splits = list(texts)
+    for i, a in enumerate(splits):
+        for b in splits[i + 1 :]:
+            assert not texts[a] & texts[b], (a, b)
+
+
+@needs_voices
+def test_unseen_speakers_never_in_training(tiny_corpus):
+    m = _manifests(tiny_corpus)
+    seen = {r["speaker"] for split in ("train", "dev", "test") for r in m[split]}
+    unseen = {r["speaker"] for r in m["test_unseen"]}
+    assert seen == set(TRAIN_VOICES)
+    assert unseen == set(HELD_OUT_VOICES)
+    assert all(r["id"].startswith(f"{r['speaker']}-{split}-") for split, rows in m.items() for r in rows)
+
+
+@needs_voices
+def test_audio_is_16k_mono_and_durations_match(tiny_corpus):
+    for split in ("train", "test_unseen"):  # includes a flite, an espeak-ng and a festival voice
+        for row in read_manifest(tiny_corpus / split / "manifest.jsonl"):
+            info = sf.info(row["audio_path"])
+            assert (info.samplerate, info.channels, info.subtype) == (SAMPLE_RATE, 1, "PCM_16")
+            assert row["duration"] == pytest.approx(info.frames / info.samplerate, abs=1e-3)
+            assert 1.0 < row["duration"] < 10.0
+            assert row["audio"] == f"audio/{row['id']}.wav"
+
+
+def test_voice_checks():
+    with pytest.raises(VoiceUnavailableError, match="unknown voice 'flite-nobody'"):
+        build_mini_corpus("/nonexistent", **{**TINY, "train_voices": ["flite-nobody"]}, progress=False)
+    if voice_problem("flite-kal") is None and voice_problem("festival-kal") is None:
+        # the same recorded speaker (kal) cannot be both trained on and "unseen"
+        with pytest.raises(ValueError, match="same recorded speaker"):
+            build_mini_corpus(
+                "/nonexistent",
+                **{**TINY, "train_voices": ["flite-kal"], "held_out_voices": ["festival-kal"]},
+                progress=False,
+            )
+
+
+def test_config_rejects_unknown_keys_and_wrong_types():
+    assert CorpusConfig.from_dict({}) == CorpusConfig()
+    with pytest.raises(ConfigError, match="num_utts"):
+        CorpusConfig.from_dict({"name": "mini", "num_utts": 3})
+    with pytest.raises(ConfigError, match="corpus.seed"):
+        CorpusConfig.from_dict({"seed": "0"})
+    with pytest.raises(ConfigError, match="corpus.num_workers"):
+        CorpusConfig.from_dict({"num_workers": True})
+    with pytest.raises(ConfigError, match=r"corpus.train_voices\[1\]"):
+        CorpusConfig.from_dict({"train_voices": ["flite-rms", 3]})
+    with pytest.raises(ConfigError, match="corpus.utterances_per_voice.dev"):
+        CorpusConfig.from_dict({"utterances_per_voice": {"dev": 1.5}})
+    with pytest.raises(ConfigError, match="corpus.name"):
+        CorpusConfig.from_dict({"name": "timit"})
+    with pytest.raises(ConfigError, match="also listed"):
+        CorpusConfig.from_dict({"train_voices": ["flite-rms"], "held_out_voices": ["flite-rms"]})
+
+
+@needs_voices
+def test_stage_script_end_to_end(tmp_path, tiny_corpus):
+    from pipeline.corpus import main
+
+    params = {
+        "corpus": {
+            "name": "mini",
+            "seed": TINY["seed"],
+            "train_voices": TRAIN_VOICES,
+            "held_out_voices": HELD_OUT_VOICES,
+            "utterances_per_voice": UTTERANCES,
+            "min_words": TINY["min_words"],
+            "max_words": TINY["max_words"],
+            "num_workers": 2,
+        },
+        "unrelated_section": {"x": 1},
+    }
+    (tmp_path / "params.yaml").write_text(json.dumps(params))  # JSON is YAML
+    out = tmp_path / "data" / "corpus"
+    assert main(["--params", str(tmp_path / "params.yaml"), "--out", str(out)]) == 0
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["corpus"] == "mini"
+    assert {s: v["utterances"] for s, v in summary["splits"].items()} == {
+        "dev": 2,
+        "test": 2,
+        "test_unseen": 4,
+        "train": 6,
+    }
+    assert summary["splits"]["test_unseen"]["speakers"] == {v: 2 for v in HELD_OUT_VOICES}
+    assert summary["total_hours"] > 0
+    assert _manifests(out) == _manifests(tiny_corpus)  # the stage is the library, nothing more
+
+
+def test_stage_script_librispeech_branch(tmp_path, monkeypatch):
+    """name: librispeech hands its four settings to prepare_librispeech (stubbed: no network here)."""
+    import meld.corpus.librispeech as librispeech
+    from meld.corpus import write_manifest
+    from pipeline.corpus import main
+
+    calls = []
+
+    def fake_prepare(root, out_dir, subsets, download):
+        calls.append((root, out_dir, subsets, download))
+        row = {"id": "19-198-0001", "speaker": "19", "text": "HELLO", "audio": "a.flac", "duration": 3600.0}
+        return {"dev": write_manifest([row], out_dir / "dev" / "manifest.jsonl")}
+
+    monkeypatch.setattr(librispeech, "prepare_librispeech", fake_prepare)
+    params = {
+        "corpus": {
+            "name": "librispeech",
+            "librispeech_root": str(tmp_path / "ls"),
+            "librispeech_subsets": ["dev-clean"],
+        }
+    }
+    (tmp_path / "params.yaml").write_text(json.dumps(params))
+    out = tmp_path / "corpus"
+    assert main(["--params", str(tmp_path / "params.yaml"), "--out", str(out)]) == 0
+    assert calls == [(tmp_path / "ls", out, ["dev-clean"], False)]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["corpus"] == "librispeech" and summary["total_hours"] == 1.0

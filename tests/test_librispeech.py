@@ -1,0 +1,480 @@
+"""LibriSpeech source: download (resume, checksum), safe extraction and manifests, all offline.
+
+Fake LibriSpeech trees and archives are built here (a few short FLAC files); downloads are served
+from ``file://`` URLs or a local HTTP server on 127.0.0.1 that honours ``Range``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from meld.corpus import librispeech as ls
+from meld.corpus import read_manifest
+
+SR = 16_000
+
+
+def _make_subset(base: Path, subset: str, seed: int = 0) -> dict[str, dict]:
+    """Write ``<base>/<subset>/<spk>/<ch>/`` with FLAC files and transcripts; returns rows by id.
+
+    Two speakers (ids ``19``/``26`` plus 100 * seed, so subsets do not share ids), three chapters,
+    two utterances per chapter.
+    """
+    rng = np.random.default_rng(seed)
+    speakers = {str(19 + 100 * seed): ["198"], str(26 + 100 * seed): ["495", "496"]}
+    expected = {}
+    for speaker, chapters in speakers.items():
+        for chapter in chapters:
+            folder = base / subset / speaker / chapter
+            folder.mkdir(parents=True)
+            lines = []
+            for n in range(2):
+                utt = f"{speaker}-{chapter}-{n:04d}"
+                samples = int(SR * rng.uniform(0.1, 0.3))
+                t = np.arange(samples) / SR
+                wav = 0.3 * np.sin(2 * np.pi * rng.uniform(100, 400) * t) + 0.01 * rng.standard_normal(
+                    samples
+                )
+                sf.write(folder / f"{utt}.flac", wav.astype(np.float32), SR, format="FLAC")
+                text = f"WORD{n} FROM SPEAKER {speaker} IN {subset.upper()}"
+                lines.append(f"{utt} {text}")
+                expected[utt] = {
+                    "speaker": speaker,
+                    "text": text,
+                    "duration": samples / SR,
+                    "path": folder / f"{utt}.flac",
+                }
+            (folder / f"{speaker}-{chapter}.trans.txt").write_text("\n".join(lines) + "\n")
+    return expected
+
+
+def _make_archive(tmp: Path, subset: str, seed: int = 0) -> tuple[Path, str]:
+    """An official-looking ``<subset>.tar.gz`` (``LibriSpeech/<subset>/...`` + SPEAKERS.TXT); (path, md5)."""
+    build = tmp / f"build-{subset}"
+    _make_subset(build / "LibriSpeech", subset, seed)
+    (build / "LibriSpeech" / "SPEAKERS.TXT").write_text("; fake speakers\n")
+    archive = tmp / "mirror" / f"{subset}.tar.gz"
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(build / "LibriSpeech", arcname="LibriSpeech")
+    return archive, hashlib.md5(archive.read_bytes()).hexdigest()
+
+
+class _NoNetwork:
+    """Opener that fails the test if anything tries to download."""
+
+    def open(self, *args, **kwargs):
+        raise AssertionError("network access attempted")
+
+
+# --------------------------------------------------------------------------- local HTTP server
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def log_message(self, *args):  # keep test output quiet
+        pass
+
+    def do_GET(self):
+        srv = self.server
+        data = srv.files.get(self.path)
+        srv.ranges.append(self.headers.get("Range"))
+        if data is None:
+            self.send_error(404)
+            return
+        start, status = 0, 200
+        match = re.match(r"bytes=(\d+)-$", self.headers.get("Range") or "")
+        if match and srv.honour_range:
+            start, status = int(match.group(1)), 206
+            if start >= len(data):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+        body = data[start:]
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.end_headers()
+        if srv.truncate_next:
+            # Announce the whole body, send a third, drop the connection (HTTP/1.0 closes it).
+            srv.truncate_next = False
+            self.wfile.write(body[: len(body) // 3])
+            return
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def http_server():
+    """A 127.0.0.1 server for ``server.files`` (path -> bytes); shut down after the test."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    server.daemon_threads = True
+    server.files, server.ranges = {}, []
+    server.honour_range, server.truncate_next = True, False
+    server.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+PAYLOAD = np.random.default_rng(1).integers(0, 256, 300_000, dtype=np.uint8).tobytes()
+PAYLOAD_MD5 = hashlib.md5(PAYLOAD).hexdigest()
+
+
+# --------------------------------------------------------------------------- download
+
+
+def test_md5_table_is_complete():
+    assert set(ls.LIBRISPEECH_MD5) == set(ls.SUBSET_SPLITS)
+    assert all(re.fullmatch(r"[0-9a-f]{32}", v) for v in ls.LIBRISPEECH_MD5.values())
+    assert len(set(ls.LIBRISPEECH_MD5.values())) == 7
+
+
+def test_resume_partial_download_with_range(http_server, tmp_path):
+    http_server.files["/a.tar.gz"] = PAYLOAD
+    dest = tmp_path / "a.tar.gz"
+    (tmp_path / "a.tar.gz.part").write_bytes(PAYLOAD[:100_000])
+    out = ls.download_archive(
+        f"{http_server.url}/a.tar.gz", dest, PAYLOAD_MD5, chunk_size=16_384, progress=False
+    )
+    assert out == dest and dest.read_bytes() == PAYLOAD
+    assert http_server.ranges == ["bytes=100000-"]
+    assert not (tmp_path / "a.tar.gz.part").exists()
+    # A second call finds the verified file and does not download again.
+    ls.download_archive(f"{http_server.url}/a.tar.gz", dest, PAYLOAD_MD5, progress=False)
+    assert len(http_server.ranges) == 1
+
+
+def test_interrupted_transfer_is_resumed(http_server, tmp_path):
+    http_server.files["/a.tar.gz"] = PAYLOAD
+    http_server.truncate_next = True
+    dest = tmp_path / "a.tar.gz"
+    ls.download_archive(f"{http_server.url}/a.tar.gz", dest, PAYLOAD_MD5, chunk_size=8192, progress=False)
+    assert dest.read_bytes() == PAYLOAD
+    assert http_server.ranges[0] is None and http_server.ranges[1] == f"bytes={len(PAYLOAD) // 3}-"
+
+
+def test_interrupted_without_retries_keeps_partial(http_server, tmp_path):
+    http_server.files["/a.tar.gz"] = PAYLOAD
+    http_server.truncate_next = True
+    dest = tmp_path / "a.tar.gz"
+    with pytest.raises(ls.DownloadError, match="resume"):
+        ls.download_archive(f"{http_server.url}/a.tar.gz", dest, PAYLOAD_MD5, retries=0, progress=False)
+    assert (tmp_path / "a.tar.gz.part").stat().st_size == len(PAYLOAD) // 3
+    ls.download_archive(f"{http_server.url}/a.tar.gz", dest, PAYLOAD_MD5, retries=0, progress=False)
+    assert dest.read_bytes() == PAYLOAD
+
+
+def test_server_ignoring_range_restarts(http_server, tmp_path):
+    http_server.files["/a.tar.gz"] = PAYLOAD
+    http_server.honour_range = False
+    dest = tmp_path / "a.tar.gz"
+    (tmp_path / "a.tar.gz.part").write_bytes(b"x" * 5000)  # would corrupt the file if appended to
+    ls.download_archive(f"{http_server.url}/a.tar.gz", dest, PAYLOAD_MD5, progress=False)
+    assert dest.read_bytes() == PAYLOAD
+
+
+def test_complete_partial_file_416(http_server, tmp_path):
+    http_server.files["/a.tar.gz"] = PAYLOAD
+    dest = tmp_path / "a.tar.gz"
+    (tmp_path / "a.tar.gz.part").write_bytes(PAYLOAD)
+    ls.download_archive(f"{http_server.url}/a.tar.gz", dest, PAYLOAD_MD5, progress=False)
+    assert dest.read_bytes() == PAYLOAD
+
+
+def test_corrupt_partial_fails_checksum_and_is_removed(http_server, tmp_path):
+    http_server.files["/a.tar.gz"] = PAYLOAD
+    dest = tmp_path / "a.tar.gz"
+    part = tmp_path / "a.tar.gz.part"
+    part.write_bytes(b"\0" * 1000)
+    with pytest.raises(ls.ChecksumError, match=f"expected {PAYLOAD_MD5}"):
+        ls.download_archive(f"{http_server.url}/a.tar.gz", dest, PAYLOAD_MD5, progress=False)
+    assert not dest.exists() and not part.exists()
+
+
+def test_http_error_is_clear(http_server, tmp_path):
+    with pytest.raises(ls.DownloadError, match="HTTP 404"):
+        ls.download_archive(
+            f"{http_server.url}/missing.tar.gz", tmp_path / "m.tar.gz", PAYLOAD_MD5, progress=False
+        )
+
+
+def test_bad_checksum_rejected_file_url(tmp_path):
+    src = tmp_path / "src.bin"
+    src.write_bytes(PAYLOAD)
+    dest = tmp_path / "dl" / "a.tar.gz"
+    wrong = "0" * 32
+    with pytest.raises(
+        ls.ChecksumError, match=f"MD5 of the downloaded file is {PAYLOAD_MD5}, expected {wrong}"
+    ):
+        ls.download_archive(src.as_uri(), dest, wrong, progress=False)
+    assert not dest.exists() and not dest.with_name("a.tar.gz.part").exists()
+    # The right sum works over file:// as well.
+    ls.download_archive(src.as_uri(), dest, PAYLOAD_MD5, progress=False)
+    assert dest.read_bytes() == PAYLOAD
+
+
+def test_existing_file_with_wrong_checksum_is_left_alone(tmp_path):
+    dest = tmp_path / "a.tar.gz"
+    dest.write_bytes(b"not the archive")
+    with pytest.raises(ls.ChecksumError, match="delete it"):
+        ls.download_archive(
+            "http://127.0.0.1:9/a.tar.gz", dest, PAYLOAD_MD5, opener=_NoNetwork(), progress=False
+        )
+    assert dest.read_bytes() == b"not the archive"
+
+
+# --------------------------------------------------------------------------- safe extraction
+
+
+def _tar_with(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for info, data in members:
+            if data is not None:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            else:
+                tar.addfile(info)
+    return path
+
+
+def _file(name: str, data: bytes = b"payload") -> tuple[tarfile.TarInfo, bytes]:
+    return tarfile.TarInfo(name), data
+
+
+def _link(name: str, target: str, kind: bytes = tarfile.SYMTYPE) -> tuple[tarfile.TarInfo, None]:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, target
+    return info, None
+
+
+def _device(name: str) -> tuple[tarfile.TarInfo, None]:
+    info = tarfile.TarInfo(name)
+    info.type, info.devmajor, info.devminor = tarfile.CHRTYPE, 1, 3
+    return info, None
+
+
+def _evil_members(outside: Path) -> dict[str, tuple[str, list]]:
+    """case -> (offending member name, members)."""
+    absolute = str(outside / "abs.txt")
+    return {
+        "dotdot": ("../evil.txt", [_file("ok.txt"), _file("../evil.txt")]),
+        "nested_dotdot": ("a/../../evil.txt", [_file("a/../../evil.txt")]),
+        "absolute": (absolute, [_file(absolute)]),
+        "symlink_escape": ("esc", [_link("esc", "../outside"), _file("esc/evil.txt")]),
+        "symlink_absolute": ("esc", [_link("esc", str(outside)), _file("esc/evil.txt")]),
+        "hardlink_escape": ("hard", [_link("hard", "../outside/secret.txt", tarfile.LNKTYPE)]),
+        "device": ("dev/null", [_device("dev/null")]),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "dotdot",
+        "nested_dotdot",
+        "absolute",
+        "symlink_escape",
+        "symlink_absolute",
+        "hardlink_escape",
+        "device",
+    ],
+)
+def test_malicious_member_is_rejected(tmp_path, case):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("secret")
+    dest = tmp_path / "dest"
+    name, members = _evil_members(outside)[case]
+    archive = _tar_with(tmp_path / "evil.tar.gz", members)
+    with pytest.raises(ls.UnsafeArchiveError, match=re.escape(repr(name))):
+        ls.safe_extract(archive, dest)
+    assert sorted(p.name for p in outside.iterdir()) == ["secret.txt"]
+    assert not (tmp_path / "evil.txt").exists()
+    assert not any(p.is_symlink() for p in dest.rglob("*"))
+
+
+def test_member_through_existing_outside_link_is_rejected(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "sub").symlink_to(outside)  # planted before extraction
+    archive = _tar_with(tmp_path / "a.tar.gz", [_file("sub/evil.txt")])
+    with pytest.raises(ls.UnsafeArchiveError, match="'sub/evil.txt'"):
+        ls.safe_extract(archive, dest)
+    assert list(outside.iterdir()) == []
+
+
+def test_internal_links_are_allowed(tmp_path):
+    archive = _tar_with(
+        tmp_path / "a.tar.gz",
+        [
+            _file("b/file.txt", b"hello"),
+            _link("a/link.txt", "../b/file.txt"),
+            _link("a/hard.txt", "b/file.txt", tarfile.LNKTYPE),
+        ],
+    )
+    dest = tmp_path / "dest"
+    assert ls.safe_extract(archive, dest) == 3
+    assert (dest / "a" / "link.txt").is_symlink() and (dest / "a" / "link.txt").read_text() == "hello"
+    assert not (dest / "a" / "hard.txt").is_symlink() and (dest / "a" / "hard.txt").read_text() == "hello"
+
+
+# --------------------------------------------------------------------------- reading and preparing
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_read_librispeech_folder(tmp_path, direct):
+    expected = _make_subset(tmp_path / "LibriSpeech", "dev-clean")
+    root = tmp_path / "LibriSpeech" if direct else tmp_path
+    rows = list(ls.read_librispeech_folder(root, "dev-clean"))
+    assert [r["id"] for r in rows] == sorted(expected)
+    for row in rows:
+        want = expected[row["id"]]
+        assert set(row) == {"id", "speaker", "text", "audio", "duration"}
+        assert row["speaker"] == want["speaker"] and row["text"] == want["text"]
+        assert Path(row["audio"]) == want["path"].absolute()
+        assert row["duration"] == pytest.approx(want["duration"], abs=1e-3)
+
+
+def test_prepare_from_extracted_folder(tmp_path):
+    root = tmp_path / "raw"
+    expected = {}
+    for i, subset in enumerate(["train-clean-360", "train-clean-100", "dev-clean", "test-other"]):
+        expected[subset] = _make_subset(root / "LibriSpeech", subset, seed=i)
+    out = tmp_path / "corpus"
+    counts = ls.prepare_librispeech(
+        root,
+        out,
+        ["train-clean-360", "train-clean-100", "dev-clean", "test-other"],
+        download=True,  # present folders are used as they are: no download happens
+        opener=_NoNetwork(),
+        progress=False,
+    )
+    assert counts == {"train": 12, "dev": 6, "test_other": 6}
+    assert sorted(p.name for p in out.iterdir()) == ["dev", "test_other", "train"]
+    train = read_manifest(out / "train" / "manifest.jsonl")
+    # train-clean-100 comes first whatever the order asked for
+    assert [r["audio"].split("/")[-4] for r in train] == ["train-clean-100"] * 6 + ["train-clean-360"] * 6
+    for split, subsets in {
+        "train": ["train-clean-100", "train-clean-360"],
+        "test_other": ["test-other"],
+    }.items():
+        for row in read_manifest(out / split / "manifest.jsonl"):
+            want = next(e[row["id"]] for s, e in expected.items() if s in subsets and row["id"] in e)
+            assert not os.path.isabs(row["audio"])
+            assert Path(row["audio_path"]) == want["path"].resolve()
+            assert row["text"] == want["text"] and row["speaker"] == want["speaker"]
+            assert row["duration"] == pytest.approx(want["duration"], abs=1e-3)
+    assert (out / "dev" / "rejected.jsonl").read_text() == ""
+
+    # root pointing straight at the folder that holds the subsets
+    counts = ls.prepare_librispeech(
+        root / "LibriSpeech", tmp_path / "c2", ["dev-clean"], download=False, progress=False
+    )
+    assert counts == {"dev": 6}
+
+
+def test_prepare_downloads_verifies_and_extracts(tmp_path, monkeypatch):
+    for i, subset in enumerate(["dev-clean", "test-clean"]):
+        archive, md5 = _make_archive(tmp_path, subset, seed=i)
+        monkeypatch.setitem(ls.LIBRISPEECH_MD5, subset, md5)
+    root, out = tmp_path / "raw", tmp_path / "corpus"
+    mirror = (tmp_path / "mirror").as_uri()
+    counts = ls.prepare_librispeech(
+        root, out, ["dev-clean", "test-clean"], download=True, base_url=mirror, progress=False
+    )
+    assert counts == {"dev": 6, "test": 6}
+    assert (root / "LibriSpeech" / "dev-clean" / "19" / "198" / "19-198.trans.txt").is_file()
+    assert (root / "LibriSpeech" / "SPEAKERS.TXT").is_file()
+    assert (root / "dev-clean.tar.gz").is_file()
+    assert not list(root.glob(".extract-*")) and not list(root.glob("*.part"))
+    rows = read_manifest(out / "test" / "manifest.jsonl")
+    assert all(Path(r["audio_path"]).is_file() for r in rows)
+    assert {r["speaker"] for r in rows} == {"119", "126"}  # test-clean was built with seed 1
+
+    # Once extracted, the mirror is no longer needed.
+    for f in (tmp_path / "mirror").iterdir():
+        f.unlink()
+    assert ls.prepare_librispeech(
+        root, out, ["dev-clean"], download=True, base_url=mirror, progress=False
+    ) == {"dev": 6}
+
+
+def test_prepare_rejects_bad_checksum(tmp_path, monkeypatch):
+    _make_archive(tmp_path, "dev-clean")
+    monkeypatch.setitem(ls.LIBRISPEECH_MD5, "dev-clean", "f" * 32)
+    root = tmp_path / "raw"
+    with pytest.raises(ls.ChecksumError, match="expected f{32}"):
+        ls.prepare_librispeech(
+            root,
+            tmp_path / "corpus",
+            ["dev-clean"],
+            download=True,
+            base_url=(tmp_path / "mirror").as_uri(),
+            progress=False,
+        )
+    assert not (root / "LibriSpeech").exists() and not (tmp_path / "corpus").exists()
+    assert not (root / "dev-clean.tar.gz").exists() and not (root / "dev-clean.tar.gz.part").exists()
+
+
+def test_prepare_malicious_archive_leaves_nothing(tmp_path, monkeypatch):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    root = tmp_path / "raw"
+    root.mkdir()
+    archive = _tar_with(
+        root / "dev-clean.tar.gz", [_file("LibriSpeech/dev-clean/x.txt"), _file("../../outside/evil.txt")]
+    )
+    monkeypatch.setitem(ls.LIBRISPEECH_MD5, "dev-clean", hashlib.md5(archive.read_bytes()).hexdigest())
+    with pytest.raises(ls.UnsafeArchiveError, match="../../outside/evil.txt"):
+        ls.prepare_librispeech(root, tmp_path / "corpus", ["dev-clean"], download=False, progress=False)
+    assert list(outside.iterdir()) == []
+    assert sorted(p.name for p in root.iterdir()) == ["dev-clean.tar.gz"]
+
+
+def test_prepare_missing_subset_is_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="'dev-other'.*enable downloading"):
+        ls.prepare_librispeech(tmp_path, tmp_path / "corpus", ["dev-other"], download=False, progress=False)
+    with pytest.raises(ValueError, match="unknown LibriSpeech subsets"):
+        ls.prepare_librispeech(tmp_path, tmp_path / "corpus", ["dev-cleam"], download=False, progress=False)
+    with pytest.raises(FileNotFoundError, match="dev-clean"):
+        list(ls.read_librispeech_folder(tmp_path, "dev-clean"))
+
+
+def test_bad_utterances_are_listed_and_bounded(tmp_path):
+    expected = _make_subset(tmp_path / "LibriSpeech", "dev-clean")
+    broken = sorted(expected)[1]
+    expected[broken]["path"].write_bytes(b"not a flac file")
+    counts = ls.prepare_librispeech(
+        tmp_path,
+        tmp_path / "corpus",
+        ["dev-clean"],
+        download=False,
+        max_rejected_fraction=0.5,
+        progress=False,
+    )
+    assert counts == {"dev": 5}
+    rejected = [
+        json.loads(line) for line in (tmp_path / "corpus" / "dev" / "rejected.jsonl").read_text().splitlines()
+    ]
+    assert [r["id"] for r in rejected] == [broken] and "unreadable audio" in rejected[0]["reason"]
+    with pytest.raises(ls.LibriSpeechError, match="1 of 6 utterances rejected"):
+        ls.prepare_librispeech(tmp_path, tmp_path / "c2", ["dev-clean"], download=False, progress=False)
