@@ -273,6 +273,8 @@ class EvaluateConfig(Section):
     asr_judge_path: str | None = None
     speaker_model: str = "resemblyzer"
     speaker_model_path: str | None = None
+    judge_exclude_prefixes: tuple[str, ...] = ("espeak-",)  # voices the judge cannot recognise
+    ablations: bool = True  # MELD rows without repetition penalty / with the latent zeroed (paper Table 5)
     audio_samples: int = 4
     batch_size: int = 8
     seed: int = 0

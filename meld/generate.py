@@ -112,7 +112,7 @@ def _beam_batch(model, mel, mel_len, K: int, max_tokens: int, alpha: float) -> l
     seqs: list[list[list[int]]] = [[[] for _ in range(K)] for _ in range(B)]
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
     done = [False] * B
-    for step in range(max_tokens):
+    for _step in range(max_tokens):
         logp = model.text_logprobs(h).view(B, K, -1)  # (B, K, V)
         V = logp.shape[-1]
         total = (scores[..., None] + logp).view(B, K * V)

@@ -119,7 +119,13 @@ class GriffinLimVocoder(Vocoder):
 
         log_mel = _check_log_mel(log_mel)
         spec = mel_to_linear(log_mel, self.nnls_iter)  # (T, 513)
-        stft = {"n_fft": N_FFT, "hop_length": HOP_LENGTH, "win_length": WIN_LENGTH, "window": "hann", "center": True}
+        stft = {
+            "n_fft": N_FFT,
+            "hop_length": HOP_LENGTH,
+            "win_length": WIN_LENGTH,
+            "window": "hann",
+            "center": True,
+        }
         # (513, T): librosa's layout; float32 halves the cost, and the phase needs no more precision
         magnitude = spec.T.astype(np.float32)
         rng = np.random.default_rng(self.seed)
@@ -133,7 +139,9 @@ class GriffinLimVocoder(Vocoder):
             rebuilt = librosa.stft(inverse, pad_mode="reflect", **stft)  # (513, T)
             angles = rebuilt - (self.momentum / (1.0 + self.momentum)) * previous
             angles /= np.abs(angles) + 1e-16
-        wav = librosa.istft(magnitude * angles, length=log_mel.shape[0] * HOP_LENGTH, **stft)  # T * hop samples
+        wav = librosa.istft(
+            magnitude * angles, length=log_mel.shape[0] * HOP_LENGTH, **stft
+        )  # T * hop samples
         return wav.astype(np.float32)
 
 
@@ -204,7 +212,13 @@ class HiFiGANGenerator(nn.Module):
         for i, (rate, kernel) in enumerate(zip(upsample_rates, upsample_kernel_sizes)):
             channels = upsample_initial_channel // (2 ** (i + 1))
             self.upsampler.append(
-                nn.ConvTranspose1d(upsample_initial_channel // (2**i), channels, kernel, stride=rate, padding=(kernel - rate) // 2)
+                nn.ConvTranspose1d(
+                    upsample_initial_channel // (2**i),
+                    channels,
+                    kernel,
+                    stride=rate,
+                    padding=(kernel - rate) // 2,
+                )
             )
             for k, dilations in zip(resblock_kernel_sizes, resblock_dilation_sizes):
                 self.resblocks.append(HiFiGANResBlock(channels, k, dilations, leaky_relu_slope))
@@ -246,19 +260,16 @@ def _fold_weight_norm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     and ``X.parametrizations.weight.original0`` / ``original1`` (``nn.utils.parametrizations``).
     Norms are taken over every dimension but 0, torch's default ``dim=0``.
     """
-    pairs = {
-        ".weight_g": (".weight_g", ".weight_v"),
-        ".parametrizations.weight.original0": (
-            ".parametrizations.weight.original0",
-            ".parametrizations.weight.original1",
-        ),
+    pairs = {  # g key suffix -> v key suffix
+        ".weight_g": ".weight_v",
+        ".parametrizations.weight.original0": ".parametrizations.weight.original1",
     }
     out = dict(state)
-    for key in list(state):
-        for marker, (g_suffix, v_suffix) in pairs.items():
-            if not key.endswith(marker):
+    for key in state:
+        for g_suffix, v_suffix in pairs.items():
+            if not key.endswith(g_suffix):
                 continue
-            prefix = key[: -len(marker)]
+            prefix = key[: -len(g_suffix)]
             v_key = prefix + v_suffix
             if v_key not in state:
                 raise ValueError(f"HiFi-GAN weights hold {key} but not its pair {v_key}")
@@ -315,15 +326,21 @@ class HiFiGANVocoder(Vocoder):
             raise ValueError(f"{config_path}: model_type is {model_type!r}, expected 'speecht5_hifigan'")
         sample_rate = int(config.get("sampling_rate", SAMPLE_RATE))
         if sample_rate != SAMPLE_RATE:
-            raise ValueError(f"{config_path}: vocoder runs at {sample_rate} Hz, the toolkit at {SAMPLE_RATE} Hz")
+            raise ValueError(
+                f"{config_path}: vocoder runs at {sample_rate} Hz, the toolkit at {SAMPLE_RATE} Hz"
+            )
         generator = HiFiGANGenerator(**{k: config[k] for k in _GENERATOR_KEYS if k in config})
         if generator.hop_length != HOP_LENGTH:
-            raise ValueError(f"{config_path}: upsampling by {generator.hop_length}, the front end's hop is {HOP_LENGTH}")
+            raise ValueError(
+                f"{config_path}: upsampling by {generator.hop_length}, the front end's hop is {HOP_LENGTH}"
+            )
         state = _fold_weight_norm(_load_state_dict(folder))
         try:
             generator.load_state_dict(state, strict=True)
         except RuntimeError as err:
-            raise ValueError(f"{folder}: weights do not match the SpeechT5 HiFi-GAN in config.json: {err}") from err
+            raise ValueError(
+                f"{folder}: weights do not match the SpeechT5 HiFi-GAN in config.json: {err}"
+            ) from err
         logger.info("loaded HiFi-GAN vocoder from %s", folder)
         return cls(generator, device=device)
 

@@ -16,7 +16,6 @@ Layering: ``train_worker`` (one per Ray worker, a thin wrapper around meld.train
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -75,8 +74,11 @@ def train_worker(config: dict) -> None:
     ckpt_dir = Path(config["checkpoint_dir"])
     state = latest_good_checkpoint(ckpt_dir)
     if state is not None and state["extra"].get("fingerprint") != config["fingerprint"]:
-        log.warning("ignoring checkpoints in %s: they belong to another configuration", ckpt_dir)
+        log.warning("discarding checkpoints in %s: they belong to another configuration", ckpt_dir)
         state = None
+        if rank == 0:
+            for old in ckpt_dir.glob("step-*.pt"):
+                old.unlink(missing_ok=True)
     use_gpu = device.type == "cuda"
     optimizer = build_optimizer(model, tc["lr"], tc["weight_decay"], fused=use_gpu)
     scheduler = build_scheduler(optimizer, tc["warmup_steps"], tc["hold_steps"], tc["decay_steps"])
@@ -229,6 +231,8 @@ def export_model(config: dict, out: Path) -> Path:
     state = latest_good_checkpoint(config["checkpoint_dir"])
     if state is None:
         raise RuntimeError(f"training left no checkpoint in {config['checkpoint_dir']}")
+    if state["extra"].get("fingerprint") != config["fingerprint"]:
+        raise RuntimeError(f"the newest checkpoint in {config['checkpoint_dir']} belongs to another configuration")
     model = build_model(config["system"], config["model_kwargs"])
     model.load_state_dict(state["model"])
     stats = load_stats(config["stats"])

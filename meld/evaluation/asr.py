@@ -82,7 +82,9 @@ class PocketSphinxJudge(ASRJudge):
         if model_dir is not None:
             model_dir = Path(model_dir)
             options.update(
-                hmm=str(model_dir / "en-us"), lm=str(model_dir / "en-us.lm.bin"), dict=str(model_dir / "cmudict-en-us.dict")
+                hmm=str(model_dir / "en-us"),
+                lm=str(model_dir / "en-us.lm.bin"),
+                dict=str(model_dir / "cmudict-en-us.dict"),
             )
         self._decoder = Decoder(**options)
 
@@ -126,13 +128,17 @@ class WhisperJudge(ASRJudge):
             self.backend = "faster_whisper"
             from faster_whisper import WhisperModel
 
-            self._model = WhisperModel(str(self.path), device=device, compute_type="int8" if device == "cpu" else "float16")
+            self._model = WhisperModel(
+                str(self.path), device=device, compute_type="int8" if device == "cpu" else "float16"
+            )
         elif (self.path / "config.json").is_file():
             self.backend = "transformers"
             from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
             self._processor = WhisperProcessor.from_pretrained(str(self.path), local_files_only=True)
-            self._model = WhisperForConditionalGeneration.from_pretrained(str(self.path), local_files_only=True)
+            self._model = WhisperForConditionalGeneration.from_pretrained(
+                str(self.path), local_files_only=True
+            )
             self._model.to(device).eval()
         else:
             raise FileNotFoundError(

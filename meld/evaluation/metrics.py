@@ -109,7 +109,9 @@ def longest_silence_seconds(
     return _longest_run(silent, interior_only) * frame / sample_rate
 
 
-def longest_silence_frames(log_mel: np.ndarray, threshold_db: float = -40.0, interior_only: bool = False) -> int:
+def longest_silence_frames(
+    log_mel: np.ndarray, threshold_db: float = -40.0, interior_only: bool = False
+) -> int:
     """Longest silence of a log10 mel spectrogram, in frames (62.5 per second for the front end).
 
     A frame's level is ``20 * log10(sum of its mel magnitudes)``; it is silent when more than

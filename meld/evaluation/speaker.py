@@ -30,7 +30,9 @@ SPEAKER_NAMES = ("resemblyzer", "wavlm")
 def _as_mono_16k(wav: np.ndarray, sample_rate: int) -> np.ndarray:
     wav = np.asarray(wav, dtype=np.float32)
     if wav.ndim != 1 or wav.size == 0:
-        raise ValueError(f"a speaker embedder expects a non-empty mono (samples,) waveform, got shape {wav.shape}")
+        raise ValueError(
+            f"a speaker embedder expects a non-empty mono (samples,) waveform, got shape {wav.shape}"
+        )
     if not np.isfinite(wav).all():
         raise ValueError("a speaker embedder got a waveform holding NaN or infinite samples")
     return resample(wav, sample_rate, SAMPLE_RATE)
@@ -138,7 +140,9 @@ class WavLMEmbedder(SpeakerEmbedder):
         return _unit(embedding.float().cpu().numpy())
 
 
-def build_speaker_embedder(name: str, path: str | Path | None = None, device: str = "cpu") -> SpeakerEmbedder | None:
+def build_speaker_embedder(
+    name: str, path: str | Path | None = None, device: str = "cpu"
+) -> SpeakerEmbedder | None:
     """Build a speaker embedder, or log why it can't be had and return ``None``.
 
     Args:
@@ -158,7 +162,9 @@ def build_speaker_embedder(name: str, path: str | Path | None = None, device: st
         if name == "resemblyzer":
             return ResemblyzerEmbedder(device=device)
         if path is None:
-            logger.warning("speaker embedder 'wavlm' needs a local model folder (no hub access): SIM disabled")
+            logger.warning(
+                "speaker embedder 'wavlm' needs a local model folder (no hub access): SIM disabled"
+            )
             return None
         return WavLMEmbedder(path, device=device)
     except ImportError as err:

@@ -11,7 +11,6 @@ Batches may be left- or right-padded: ``key_valid`` (B, T) marks real positions,
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F

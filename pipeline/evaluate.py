@@ -1,0 +1,266 @@
+"""evaluate stage: zero-shot TTS continuation on held-out splits, scored like the paper (§9).
+
+    python -m pipeline.evaluate --params params.yaml --system meld --model models/meld/model.pt \
+        --features data/features --corpus data/corpus --out eval/meld --metrics metrics/meld.json
+
+For each chosen utterance (min_seconds..max_seconds long): prompt = its first prompt_seconds
+plus its full transcript; ``generations`` continuations each. Scores:
+
+- judge WER (S/D/I) of [true prompt + continuation] through the vocoder against the full text,
+  beside the judge WER of the whole ground truth through the same vocoder;
+- SIM: speaker-embedding cosine between the real 3 s prompt and the continuation, beside the
+  prompt against a different speaker's real utterance;
+- duration ratio (generated / true continuation), longest silence, max-length guard hits, RTF.
+
+Speakers the judge cannot recognise (evaluate.judge_exclude_prefixes: espeak-ng voices for
+pocketsphinx) are left out of the WER only. Results go to metrics/<system>.json, the MLflow
+training run (metrics, audio samples, mel plots) and <out>/ (per-utterance rows, audio, plots).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from meld.audio import load_audio, write_audio
+from meld.config import EvaluateConfig, read_params
+from meld.corpus import read_manifest
+from meld.evaluation.asr import build_asr_judge
+from meld.evaluation.metrics import duration_ratio, longest_silence_seconds, wer_details
+from meld.evaluation.speaker import build_speaker_embedder, cosine_similarity
+from meld.features import FRAME_RATE, HOP_LENGTH, NormStats
+from meld.generate import prompt_frames, tts_continue
+from meld.store import FeatureStore
+from meld.text import tokenizer_from_bytes
+from meld.training import load_model
+from meld.vocoder import build_vocoder
+
+log = logging.getLogger("meld.evaluate")
+SR = 16_000
+
+
+def choose_utterances(store: FeatureStore, cfg: EvaluateConfig, split: str) -> list[int]:
+    """Indices of up to N utterances of the allowed length, spread over speakers, deterministic.
+
+    Speakers the ASR judge can recognise come first, so that WER rests on as many rows as possible.
+    """
+    ok = [i for i, r in enumerate(store.index) if cfg.min_seconds <= r["duration"] <= cfg.max_seconds]
+    if not ok:
+        log.warning("%s: no utterance between %.1f and %.1f s", split, cfg.min_seconds, cfg.max_seconds)
+        return []
+    by_speaker: dict[str, list[int]] = {}
+    for i in sorted(ok, key=lambda i: store.index[i]["id"]):
+        by_speaker.setdefault(store.index[i]["speaker"], []).append(i)
+    chosen: list[int] = []
+    while len(chosen) < cfg.utterances_per_split and any(by_speaker.values()):
+        for spk in sorted(by_speaker, key=lambda s: (s.startswith(tuple(cfg.judge_exclude_prefixes)), s)):
+            if by_speaker[spk] and len(chosen) < cfg.utterances_per_split:
+                chosen.append(by_speaker[spk].pop(0))
+    return chosen
+
+
+def plot_mels(path: Path, panels: list[tuple[str, np.ndarray]], prompt_frames_n: int) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 2.2 * len(panels)), squeeze=False)
+    for ax, (title, mel) in zip(axes[:, 0], panels):
+        ax.imshow(mel.T, origin="lower", aspect="auto", cmap="magma", vmin=-5, vmax=1.5)
+        ax.axvline(prompt_frames_n, color="cyan", lw=1)
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel("mel bin")
+    axes[-1, 0].set_xlabel("frame (16 ms); cyan line = end of the 3 s prompt")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def evaluate_split(model, state, stats: NormStats, tok, store: FeatureStore, audio_paths: dict, cfg: EvaluateConfig,
+                   split: str, vocoder, judge, embedder, judge_exclude: tuple[str, ...], out: Path,
+                   variant: dict) -> tuple[dict, list[dict]]:
+    r = int(state["extra"]["reduction_factor"])
+    chosen = choose_utterances(store, cfg, split)
+    rows = []
+    if not chosen:
+        return {}, rows
+    texts, prompts, guards, refs = [], [], [], []
+    for i in chosen:
+        mel = store[i]
+        p = prompt_frames(mel, cfg.prompt_seconds)
+        p = (p // r) * r
+        for _ in range(cfg.generations):
+            texts.append(tok.encode(store.index[i]["text"]))
+            prompts.append(stats.normalise(mel[:p]))
+            guards.append(int(math.ceil(cfg.max_length_factor * (mel.shape[0] - p))))
+            refs.append((i, p))
+    t0 = time.perf_counter()
+    conts = tts_continue(model, texts, prompts, reduction=r, max_frames=guards, temperature=cfg.temperature,
+                         top_k=cfg.top_k, top_p=cfg.top_p,
+                         repetition_penalty=variant.get("repetition_penalty", cfg.repetition_penalty),
+                         zero_latent=variant.get("zero_latent", False), batch_size=cfg.batch_size, seed=cfg.seed)
+    compute_s = time.perf_counter() - t0
+
+    # a different speaker's real utterance for each prompt: the SIM floor
+    speakers = [store.index[i]["speaker"] for i in chosen]
+    gt_cache: dict[int, dict] = {}
+    for n, (cont, (i, p)) in enumerate(tqdm(list(zip(conts, refs)), desc=f"score {split}", unit="gen", mininterval=2)):
+        meta = store.index[i]
+        mel = store[i]
+        if i not in gt_cache:
+            wav = load_audio(audio_paths[meta["id"]])
+            gt_voc = vocoder(mel)
+            other = next((j for j, s in zip(chosen, speakers) if s != meta["speaker"]), None)
+            gt = {"prompt_wav": wav[: p * HOP_LENGTH], "gt_vocoded": gt_voc,
+                  "gt_cont_vocoded": gt_voc[p * HOP_LENGTH :]}
+            if judge is not None and not meta["speaker"].startswith(judge_exclude):
+                gt["gt_hyp"] = judge.transcribe(gt_voc, SR)
+            if embedder is not None:
+                gt["prompt_emb"] = embedder.embed(gt["prompt_wav"], SR)
+                gt["sim_gt_cont"] = cosine_similarity(gt["prompt_emb"], embedder.embed(gt["gt_cont_vocoded"], SR))
+                if other is not None:
+                    other_wav = load_audio(audio_paths[store.index[other]["id"]])
+                    gt["sim_other"] = cosine_similarity(gt["prompt_emb"], embedder.embed(other_wav, SR))
+            gt_cache[i] = gt
+        gt = gt_cache[i]
+        gen_mel = stats.denormalise(cont.frames)
+        full_mel = np.concatenate([mel[:p], gen_mel])
+        wav = vocoder(full_mel)
+        cont_wav = wav[p * HOP_LENGTH :]
+        true_cont_s = (mel.shape[0] - p) / FRAME_RATE
+        gen_s = gen_mel.shape[0] / FRAME_RATE
+        row = {"split": split, "id": meta["id"], "speaker": meta["speaker"], "generation": n % cfg.generations,
+               "text": meta["text"], "generated_seconds": gen_s, "true_continuation_seconds": true_cont_s,
+               "duration_ratio": duration_ratio(gen_s, true_cont_s), "hit_max_length": cont.hit_max_length,
+               "longest_silence_s": longest_silence_seconds(cont_wav, SR) if cont_wav.size else 0.0,
+               "gt_longest_silence_s": longest_silence_seconds(gt["gt_cont_vocoded"], SR)}
+        if "gt_hyp" in gt:
+            row["hyp"] = judge.transcribe(wav, SR)
+            row["gt_hyp"] = gt["gt_hyp"]
+        if embedder is not None and cont_wav.size >= SR // 2:
+            row["sim"] = cosine_similarity(gt["prompt_emb"], embedder.embed(cont_wav, SR))
+            row["sim_gt_continuation"] = gt["sim_gt_cont"]
+            if "sim_other" in gt:
+                row["sim_other_speaker"] = gt["sim_other"]
+        rows.append(row)
+        if n // cfg.generations < cfg.audio_samples and n % cfg.generations == 0:
+            sample_dir = out / "samples" / split
+            write_audio(sample_dir / f"{meta['id']}{variant.get('suffix', '')}.wav", wav)
+            write_audio(sample_dir / f"{meta['id']}.ground_truth_vocoded.wav", gt["gt_vocoded"])
+            plot_mels(out / "plots" / split / f"{meta['id']}{variant.get('suffix', '')}.png",
+                      [(f"ground truth ({meta['speaker']})", mel), (f"prompt + {model.system} continuation", full_mel)], p)
+    gen_audio_s = sum(r["generated_seconds"] for r in rows)
+    return summarise(rows, compute_s, gen_audio_s), rows
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return float(np.mean(xs)) if xs else None
+
+
+def summarise(rows: list[dict], compute_s: float, gen_audio_s: float) -> dict:
+    judged = [r for r in rows if "hyp" in r]
+    m: dict = {"utterances": len({r["id"] for r in rows}), "generations": len(rows)}
+    if judged:
+        w = wer_details([r["text"] for r in judged], [r["hyp"] for r in judged])
+        gt_rows = {r["id"]: r for r in judged}.values()
+        g = wer_details([r["text"] for r in gt_rows], [r["gt_hyp"] for r in gt_rows])
+        m.update({"wer": w["wer"], "substitutions": w["substitutions"], "deletions": w["deletions"],
+                  "insertions": w["insertions"], "wer_ground_truth_vocoded": g["wer"], "judged_generations": len(judged)})
+    m.update({
+        "sim": _mean([r.get("sim") for r in rows]),
+        "sim_ground_truth_continuation": _mean([r.get("sim_gt_continuation") for r in rows]),
+        "sim_other_speaker": _mean([r.get("sim_other_speaker") for r in rows]),
+        "duration_ratio": _mean([r["duration_ratio"] for r in rows]),
+        "generated_minutes": sum(r["generated_seconds"] for r in rows) / 60,
+        "ground_truth_minutes": sum(r["true_continuation_seconds"] for r in rows) / 60,
+        "longest_silence_s": _mean([r["longest_silence_s"] for r in rows]),
+        "ground_truth_longest_silence_s": _mean([r["gt_longest_silence_s"] for r in rows]),
+        "max_length_hits": sum(bool(r["hit_max_length"]) for r in rows),
+        "rtf": compute_s / gen_audio_s if gen_audio_s else None,
+    })
+    return m
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--system", default="meld")
+    p.add_argument("--model", required=True)
+    p.add_argument("--features", default="data/features")
+    p.add_argument("--corpus", default="data/corpus")
+    p.add_argument("--run-id-file", default=None, help="file holding the MLflow run id of the training run")
+    p.add_argument("--out", required=True)
+    p.add_argument("--metrics", required=True)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    params = read_params(args.params)
+    cfg = EvaluateConfig.from_dict(params.get("evaluate", {}), "evaluate")
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(2)
+    model, state = load_model(args.model)
+    extra = state["extra"]
+    stats = NormStats(extra["norm_mean"].numpy(), extra["norm_std"].numpy())
+    tok = tokenizer_from_bytes(bytes(extra["bpe_model"].numpy().tobytes()))
+    vocoder = build_vocoder(cfg.vocoder, cfg.vocoder_path)
+    judge = build_asr_judge(cfg.asr_judge, cfg.asr_judge_path)
+    embedder = build_speaker_embedder(cfg.speaker_model, cfg.speaker_model_path)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    variants = [{"name": args.system}]
+    if model.system == "meld" and extra.get("task", "tts") in ("tts", "joint"):
+        variants += [{"name": f"{args.system} (no repetition penalty)", "repetition_penalty": 1.0, "suffix": ".no_rep"},
+                     {"name": f"{args.system} (latent zeroed)", "zero_latent": True, "suffix": ".zero_latent"}]
+        variants = variants if cfg.ablations else variants[:1]
+    metrics: dict = {"system": args.system, "step": int(state["step"]), "vocoder": vocoder.name,
+                     "asr_judge": cfg.asr_judge if judge else None, "splits": {}, "ablations": {}}
+    all_rows = []
+    for variant in variants:
+        for split in cfg.splits:
+            store = FeatureStore(Path(args.features) / split)
+            audio = {r["id"]: r["audio_path"] for r in read_manifest(Path(args.corpus) / split / "manifest.jsonl")}
+            summary, rows = evaluate_split(model, state, stats, tok, store, audio, cfg, split, vocoder, judge, embedder,
+                                           tuple(cfg.judge_exclude_prefixes), out, variant)
+            for r in rows:
+                r["variant"] = variant["name"]
+            all_rows += rows
+            if variant["name"] == args.system:
+                metrics["splits"][split] = summary
+            else:
+                metrics["ablations"].setdefault(variant["name"], {})[split] = summary
+            print(f"{variant['name']} / {split}: " + ", ".join(
+                f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+    with open(out / "generations.jsonl", "w") as f:
+        for r in all_rows:
+            f.write(json.dumps(r) + "\n")
+    Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.metrics).write_text(json.dumps(metrics, indent=2))
+
+    from meld import tracking
+
+    mlflow = tracking.setup(params.get("mlflow", {}).get("experiment", "meld"))
+    run_id = Path(args.run_id_file).read_text().strip() if args.run_id_file and Path(args.run_id_file).is_file() else None
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else f"evaluate-{args.system}"):
+        for split, s in metrics["splits"].items():
+            mlflow.log_metrics({f"eval/{split}/{k}": float(v) for k, v in s.items() if isinstance(v, (int, float))})
+        mlflow.log_artifacts(str(out / "samples"), "eval/samples") if (out / "samples").is_dir() else None
+        mlflow.log_artifacts(str(out / "plots"), "eval/plots") if (out / "plots").is_dir() else None
+        mlflow.log_artifact(args.metrics, "eval")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
