@@ -66,8 +66,6 @@ def log_mel(wav: np.ndarray, sample_rate: int) -> np.ndarray:
         wav = resample(wav, sample_rate, SAMPLE_RATE)
     x = wav.astype(np.float64)
     pad = N_FFT // 2
-    if x.size <= pad:  # reflect padding needs more samples than the pad width
-        x = np.pad(x, (0, pad + 1 - x.size))
     x = np.pad(x, (pad, pad), mode="reflect")
     n_frames = 1 + (x.size - N_FFT) // HOP_LENGTH
     frames = np.lib.stride_tricks.sliding_window_view(x, N_FFT)[::HOP_LENGTH][:n_frames]  # (T, n_fft)

@@ -50,6 +50,7 @@ def tts_continue(
     """
     device = next(model.parameters()).device
     g = torch.Generator(device=device).manual_seed(seed)
+    torch.manual_seed(seed)  # test-time dropout draws from the global generator: seed it too
     if isinstance(max_frames, int):
         max_frames = [max_frames] * len(texts)
     out: list[Continuation] = []

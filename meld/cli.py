@@ -1,0 +1,481 @@
+"""The ``meld`` command: synthesise speech, transcribe audio, inspect checkpoints.
+
+    meld synthesize --checkpoint models/meld/model.pt --prompt speaker.wav \\
+        --text "the prompt's own words followed by the new words" --out out.wav
+    meld transcribe --checkpoint models/meld_stt/model.pt a.wav b.flac --beam 5
+    meld info models/meld/model.pt
+
+``synthesize`` follows the paper's continuation protocol: the first ``--prompt-seconds`` of
+the prompt are the acoustic prompt, ``--text`` is the *full* transcript (the prompt's words
+and then the new ones), and the output is the vocoded prompt followed by the continuation.
+Inference checkpoints (``model.pt`` written by the train stage) carry everything needed:
+weights, model kwargs, normalisation statistics, the BPE model and the reduction factor.
+
+User errors (missing or corrupt checkpoint, unreadable audio, empty text) end with a one-line
+message on stderr and exit code 2; runtime failures exit with 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from meld.config import EvaluateConfig
+
+PROG = "meld"
+EXIT_USER_ERROR = 2
+EXIT_FAILURE = 1
+
+# Sampling defaults are the evaluation's (paper) settings, so the CLI and the evaluation agree.
+_EVAL_DEFAULTS = EvaluateConfig()
+
+
+class CLIError(Exception):
+    """A user error: reported as one line, exit code 2."""
+
+
+class CLIFailure(Exception):
+    """The command ran but could not produce a result: reported as one line, exit code 1."""
+
+
+# --------------------------------------------------------------------------- checkpoint loading
+
+
+@dataclass
+class LoadedCheckpoint:
+    """An inference checkpoint, unpacked: model, tokenizer, normalisation and the raw state."""
+
+    path: Path
+    model: Any  # nn.Module
+    state: dict
+    reduction: int
+    stats: Any  # NormStats
+    tokenizer: Any  # BPETokenizer
+
+
+def _to_numpy(value, name: str, path: Path) -> np.ndarray:
+    try:
+        arr = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+        return np.asarray(arr, dtype=np.float32)
+    except Exception as err:  # a wrong type in a hand-edited checkpoint
+        raise CLIError(f"{path}: checkpoint field extra.{name} is not an array ({err})") from err
+
+
+def _bpe_bytes(value) -> bytes:
+    if hasattr(value, "detach"):
+        return value.detach().cpu().numpy().astype(np.uint8).tobytes()
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    return np.asarray(value, dtype=np.uint8).tobytes()
+
+
+def _tokenizer(state: dict, path: Path):
+    from meld.text import tokenizer_from_bytes
+
+    extra = state.get("extra") or {}
+    if "bpe_model" not in extra:
+        raise CLIError(f"{path}: checkpoint holds no BPE model (extra.bpe_model); use an exported model.pt")
+    try:
+        return tokenizer_from_bytes(_bpe_bytes(extra["bpe_model"]))
+    except Exception as err:  # sentencepiece raises RuntimeError/OSError on corrupt protos
+        raise CLIError(f"{path}: the embedded BPE model is corrupt ({err})") from err
+
+
+def _checkpoint_error(path: Path, err: Exception) -> str:
+    """One line for a checkpoint that won't load (torch.load's own messages run to many lines)."""
+    if err.__cause__ is not None:  # torch.load itself failed: corrupt, truncated, or not a torch file
+        return f"{path}: unreadable or partial checkpoint ({type(err.__cause__).__name__}; corrupt, truncated or not a checkpoint)"
+    return _first_line(err)
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    if "loading state_dict" in text:  # torch lists every mismatched tensor, one per line
+        return "its weights do not match its model_kwargs"
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def load_inference_checkpoint(path: str | Path, device: str = "cpu") -> LoadedCheckpoint:
+    """Load an exported inference checkpoint, turning every failure into a :class:`CLIError`.
+
+    Args:
+        path: ``model.pt`` as written by the train stage's export.
+        device: torch device for the model.
+
+    Returns:
+        The model (eval mode, on ``device``), its state, reduction factor, stats and tokenizer.
+    """
+    from meld.features import N_MELS, NormStats
+    from meld.training import CheckpointError, load_model
+
+    path = Path(path)
+    try:
+        model, state = load_model(path, map_location="cpu")
+    except CheckpointError as err:
+        raise CLIError(_checkpoint_error(path, err)) from err
+    except Exception as err:  # unknown system, wrong kwargs, weights that don't fit the model
+        raise CLIError(
+            f"{path}: checkpoint does not rebuild into a model ({type(err).__name__}: {_first_line(err)})"
+        ) from err
+    extra = state.get("extra") or {}
+    missing = [k for k in ("reduction_factor", "norm_mean", "norm_std", "bpe_model") if k not in extra]
+    if missing:
+        raise CLIError(
+            f"{path}: not an inference checkpoint (extra lacks {', '.join(missing)}); use the train stage's model.pt"
+        )
+    reduction = int(extra["reduction_factor"])
+    mean = _to_numpy(extra["norm_mean"], "norm_mean", path)
+    std = _to_numpy(extra["norm_std"], "norm_std", path)
+    if mean.shape != (N_MELS,) or std.shape != (N_MELS,) or not (std > 0).all():
+        raise CLIError(f"{path}: normalisation statistics must be two ({N_MELS},) arrays with std > 0")
+    frame_dim = getattr(model, "frame_dim", N_MELS * reduction)
+    if reduction < 1 or frame_dim != N_MELS * reduction:
+        raise CLIError(
+            f"{path}: reduction factor {reduction} does not match the model's frame size {frame_dim}"
+        )
+    tokenizer = _tokenizer(state, path)
+    n_text = (state.get("model_kwargs") or {}).get("n_text")
+    if n_text is not None and tokenizer.vocab_size > int(n_text):
+        raise CLIError(f"{path}: the BPE model has {tokenizer.vocab_size} pieces, the model only {n_text}")
+    model = model.to(device)
+    return LoadedCheckpoint(path, model, state, reduction, NormStats(mean, std), tokenizer)
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CLIError(f"--device {name}: CUDA is not available on this machine")
+    return name
+
+
+def _load_audio(path: str | Path) -> np.ndarray:
+    from meld.audio import AudioError, load_audio
+
+    try:
+        return load_audio(path)
+    except AudioError as err:
+        raise CLIError(str(err)) from err
+
+
+def _task(state: dict) -> str:
+    return str((state.get("extra") or {}).get("task", "unknown"))
+
+
+# --------------------------------------------------------------------------- synthesize
+
+
+def prompt_log_mel(wav: np.ndarray, prompt_seconds: float) -> np.ndarray:
+    """Log-mel frames of the first ``prompt_seconds`` of a 16 kHz waveform.
+
+    Only the samples those frames see are analysed (a frame spans +-n_fft/2 around its
+    centre), so the frames equal those of the whole file while a long file costs nothing extra.
+
+    Returns:
+        (P, 80) float32 raw log-mel, P = round(prompt_seconds * 62.5) at most.
+    """
+    from meld.audio import SAMPLE_RATE
+    from meld.features import FRAME_RATE, HOP_LENGTH, N_FFT, N_MELS, log_mel
+
+    want = int(round(prompt_seconds * FRAME_RATE))
+    if want <= 0:
+        return np.zeros((0, N_MELS), np.float32)
+    mel = log_mel(wav[: want * HOP_LENGTH + N_FFT // 2], SAMPLE_RATE)
+    return mel[:want]
+
+
+def cmd_synthesize(args: argparse.Namespace) -> int:
+    import torch
+
+    from meld.audio import write_audio
+    from meld.features import FRAME_RATE, N_MELS
+    from meld.generate import tts_continue
+    from meld.vocoder import build_vocoder
+
+    if not args.text or not args.text.strip():
+        raise CLIError("--text is empty: give the full transcript (prompt words + new words)")
+    if args.prompt_seconds < 0 or args.max_seconds <= 0:
+        raise CLIError("--prompt-seconds must be >= 0 and --max-seconds > 0")
+    if args.temperature <= 0:
+        raise CLIError(f"--temperature must be > 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise CLIError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.repetition_penalty < 1:
+        raise CLIError(f"--repetition-penalty must be >= 1, got {args.repetition_penalty}")
+    prompt_wav = _load_audio(args.prompt) if args.prompt else None  # fail on bad audio before loading a model
+    device = _device(args.device)
+    ckpt = load_inference_checkpoint(args.checkpoint, device)
+    if not hasattr(ckpt.model, "generate"):
+        raise CLIError(f"{ckpt.path}: system {ckpt.state['system']!r} cannot synthesise speech")
+    if _task(ckpt.state) == "stt":
+        logging.getLogger(PROG).warning("%s was trained for STT only: its speech will be noise", ckpt.path)
+    try:
+        text_ids = ckpt.tokenizer.encode(args.text)
+    except ValueError as err:
+        raise CLIError(f"--text: {err}") from err
+
+    r = ckpt.reduction
+    prompt_raw = np.zeros((0, N_MELS), np.float32)
+    if prompt_wav is not None:
+        prompt_raw = prompt_log_mel(prompt_wav, args.prompt_seconds)
+        prompt_raw = prompt_raw[: (prompt_raw.shape[0] // r) * r]  # whole groups of r frames
+        if prompt_raw.shape[0] == 0 and args.prompt_seconds > 0:
+            logging.getLogger(PROG).warning(
+                "%s: prompt shorter than one frame group; generating without it", args.prompt
+            )
+    max_frames = max(1, int(round(args.max_seconds * FRAME_RATE)))
+
+    torch.manual_seed(args.seed)  # the mel encoder's test-time dropout draws from the global generator
+    t0 = time.perf_counter()
+    (cont,) = tts_continue(
+        ckpt.model,
+        [text_ids],
+        [ckpt.stats.normalise(prompt_raw)],
+        reduction=r,
+        max_frames=max_frames,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        test_time_dropout=not args.no_test_time_dropout,
+        batch_size=1,
+        seed=args.seed,
+    )
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    gen_s = time.perf_counter() - t0
+    if not np.isfinite(cont.frames).all():
+        raise CLIFailure("the model produced non-finite frames")
+    full_mel = np.concatenate([prompt_raw, ckpt.stats.denormalise(cont.frames)])  # (P + T, 80) raw log-mel
+    if full_mel.shape[0] == 0:
+        raise CLIFailure(
+            "the model stopped before producing any frame and there is no prompt: nothing to write"
+        )
+
+    vocoder = build_vocoder(args.vocoder, args.vocoder_path, n_iter=args.griffin_lim_iters, device=device)
+    t1 = time.perf_counter()
+    wav = vocoder(full_mel)
+    voc_s = time.perf_counter() - t1
+    out = write_audio(args.out, wav, vocoder.sample_rate)
+
+    prompt_seconds = prompt_raw.shape[0] / FRAME_RATE
+    generated_seconds = cont.frames.shape[0] / FRAME_RATE
+    total_seconds = wav.shape[0] / vocoder.sample_rate
+    print(
+        f"wrote {out}: {total_seconds:.2f} s at {vocoder.sample_rate} Hz "
+        f"(prompt {prompt_seconds:.2f} s + generated {generated_seconds:.2f} s)"
+    )
+    stop = f"max-length guard hit ({args.max_seconds:g} s)" if cont.hit_max_length else "<EOS>"
+    print(f"stopped by: {stop}")
+    if generated_seconds > 0:
+        rtf = (gen_s + voc_s) / generated_seconds
+        print(
+            f"real-time factor: {rtf:.3f} (model {gen_s:.2f} s + {vocoder.name} {voc_s:.2f} s "
+            f"for {generated_seconds:.2f} s generated, on {device})"
+        )
+    else:
+        print("real-time factor: n/a (nothing generated after the prompt)")
+    return 0
+
+
+# --------------------------------------------------------------------------- transcribe
+
+
+def cmd_transcribe(args: argparse.Namespace) -> int:
+    from meld.audio import SAMPLE_RATE, AudioError, load_audio
+    from meld.features import log_mel
+    from meld.generate import stt_beam_search
+
+    if args.beam < 1:
+        raise CLIError(f"--beam must be >= 1, got {args.beam}")
+    if args.max_tokens < 1:
+        raise CLIError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    device = _device(args.device)
+    ckpt = load_inference_checkpoint(args.checkpoint, device)
+    if not all(hasattr(ckpt.model, m) for m in ("stt_prefix", "stt_step", "text_logprobs")):
+        raise CLIError(f"{ckpt.path}: system {ckpt.state['system']!r} cannot transcribe (no STT decoder)")
+    log = logging.getLogger(PROG)
+    if _task(ckpt.state) == "tts":
+        log.warning("%s was trained for TTS only: its transcripts are not meaningful", ckpt.path)
+
+    paths, mels, failed = [], [], 0
+    for p in args.audio:
+        try:
+            wav = load_audio(p)
+        except AudioError as err:
+            print(f"{PROG}: error: {err}", file=sys.stderr)
+            failed += 1
+            continue
+        paths.append(p)
+        mels.append(ckpt.stats.normalise(log_mel(wav, SAMPLE_RATE)))
+    if mels:
+        ids = stt_beam_search(
+            ckpt.model,
+            mels,
+            reduction=ckpt.reduction,
+            beam_size=args.beam,
+            max_tokens=args.max_tokens,
+            batch_size=args.batch_size,
+        )
+        for p, hyp in zip(paths, ids):
+            print(f"{p}\t{ckpt.tokenizer.decode(hyp)}", flush=True)
+    return EXIT_USER_ERROR if failed else 0
+
+
+# --------------------------------------------------------------------------- info
+
+
+def _human_size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{n} B"
+        size /= 1024
+    return f"{n} B"
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from meld.models.builders import build_model, count_parameters
+    from meld.training import CheckpointError, load_checkpoint
+
+    path = Path(args.checkpoint)
+    try:
+        state = load_checkpoint(path)
+    except CheckpointError as err:
+        raise CLIError(_checkpoint_error(path, err)) from err
+    kwargs = state.get("model_kwargs") or {}
+    try:
+        model = build_model(state["system"], kwargs)
+        model.load_state_dict(state["model"])
+    except Exception as err:
+        raise CLIError(
+            f"{path}: checkpoint does not rebuild into a model ({type(err).__name__}: {_first_line(err)})"
+        ) from err
+    extra = state.get("extra") or {}
+    n_text = kwargs.get("n_text")
+    n_codes = kwargs.get("codebook_size", 0)
+    vocab = getattr(model, "vocab", None)
+    rows: list[tuple[str, Any]] = [
+        ("file", f"{path} ({_human_size(path.stat().st_size)})"),
+        ("system", state["system"]),
+        ("task", extra.get("task", "n/a")),
+        ("step", state.get("step", "n/a")),
+        ("parameters", f"{count_parameters(model):,}"),
+        ("reduction factor", extra.get("reduction_factor", "n/a")),
+        ("vocab: BPE (model)", n_text if n_text is not None else "n/a"),
+    ]
+    if "bpe_model" in extra:
+        try:
+            rows.append(("vocab: BPE (tokenizer)", _tokenizer(state, path).vocab_size))
+        except CLIError as err:
+            rows.append(("vocab: BPE (tokenizer)", f"unreadable ({err})"))
+    else:
+        rows.append(("vocab: BPE (tokenizer)", "n/a (no embedded BPE model: not an inference checkpoint)"))
+    rows.append(("vocab: codebook", n_codes))
+    if vocab is not None:
+        rows.append(("vocab: union", vocab.size))
+    rows.append(("normalisation stats", "yes" if "norm_mean" in extra and "norm_std" in extra else "no"))
+    rows.append(("fingerprint", extra.get("fingerprint", "n/a")))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    print("model kwargs:")
+    for k in sorted(kwargs):
+        print(f"  {k} = {kwargs[k]}")
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="{synthesize,transcribe,info}")
+
+    s = sub.add_parser("synthesize", help="zero-shot TTS: continue an acoustic prompt speaking a text")
+    s.add_argument("--checkpoint", required=True, help="inference checkpoint (model.pt)")
+    s.add_argument("--text", required=True, help="full transcript: the prompt's words, then the new words")
+    s.add_argument("--prompt", default=None, help="audio file whose start is the acoustic prompt (any rate)")
+    s.add_argument("--out", required=True, help="output WAV (16 kHz)")
+    s.add_argument(
+        "--prompt-seconds",
+        type=float,
+        default=_EVAL_DEFAULTS.prompt_seconds,
+        help="seconds of the prompt file to use (default %(default)s)",
+    )
+    s.add_argument("--temperature", type=float, default=_EVAL_DEFAULTS.temperature)
+    s.add_argument("--top-k", type=int, default=_EVAL_DEFAULTS.top_k, help="0 disables (default %(default)s)")
+    s.add_argument("--top-p", type=float, default=_EVAL_DEFAULTS.top_p)
+    s.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=_EVAL_DEFAULTS.repetition_penalty,
+        help=">= 1; 1 disables (default %(default)s)",
+    )
+    s.add_argument(
+        "--max-seconds",
+        type=float,
+        default=20.0,
+        help="guard on the generated speech after the prompt (default %(default)s)",
+    )
+    s.add_argument("--seed", type=int, default=_EVAL_DEFAULTS.seed)
+    s.add_argument(
+        "--no-test-time-dropout",
+        action="store_true",
+        help="turn off the mel encoder's dropout at inference (the paper keeps it on)",
+    )
+    s.add_argument("--vocoder", choices=("griffin_lim", "hifigan"), default=_EVAL_DEFAULTS.vocoder)
+    s.add_argument(
+        "--vocoder-path",
+        default=_EVAL_DEFAULTS.vocoder_path,
+        help="SpeechT5 HiFi-GAN folder (without it, hifigan falls back to Griffin-Lim)",
+    )
+    s.add_argument("--griffin-lim-iters", type=int, default=32)
+    s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default %(default)s)")
+    s.set_defaults(func=cmd_synthesize)
+
+    t = sub.add_parser("transcribe", help="STT: transcribe audio files with beam search")
+    t.add_argument("--checkpoint", required=True, help="inference checkpoint (model.pt)")
+    t.add_argument("audio", nargs="+", help="audio files (any format libsndfile reads, any rate)")
+    t.add_argument("--beam", type=int, default=5, help="beam size; 1 is greedy (default %(default)s)")
+    t.add_argument("--max-tokens", type=int, default=200, help="BPE tokens per transcript at most")
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--device", default="auto")
+    t.set_defaults(func=cmd_transcribe)
+
+    i = sub.add_parser("info", help="describe a checkpoint")
+    i.add_argument("checkpoint")
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``meld`` command; returns the exit code (0 ok, 1 failure, 2 user error)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(levelname)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except CLIError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except CLIFailure as err:
+        print(f"{PROG}: failed: {err}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

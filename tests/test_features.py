@@ -1,0 +1,163 @@
+"""The mel front end agrees with transformers' SpeechT5 feature extractor; normalisation statistics are exact."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from meld.audio import SAMPLE_RATE, resample
+from meld.features import HOP_LENGTH, N_MELS, NormStats, RunningStats, log_mel, num_frames
+
+TOLERANCE = 1e-4  # max abs difference in log10 units
+SENTENCE = "The quick brown fox jumps over the lazy dog, while five wizards box quietly."
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """SpeechT5's extractor, configured as the front end (its audio_target path returns log10 mel)."""
+    transformers = pytest.importorskip("transformers")
+    return transformers.SpeechT5FeatureExtractor(
+        feature_size=80,
+        sampling_rate=SAMPLE_RATE,
+        hop_length=16,
+        win_length=64,
+        num_mel_bins=80,
+        fmin=80,
+        fmax=7600,
+        mel_floor=1e-10,
+        do_normalize=False,
+    )
+
+
+def reference_mel(extractor, wav: np.ndarray) -> np.ndarray:
+    return extractor(audio_target=wav, sampling_rate=SAMPLE_RATE, return_tensors="np")["input_values"][0]
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory) -> np.ndarray:
+    """A few seconds of real (synthetic-voice) speech at 16 kHz, from flite."""
+    if shutil.which("flite") is None:
+        pytest.skip("flite is not installed")
+    path = tmp_path_factory.mktemp("flite") / "speech.wav"
+    subprocess.run(
+        ["flite", "-voice", "slt", "-t", SENTENCE, "-o", str(path)], check=True, capture_output=True
+    )
+    wav, sr = sf.read(str(path), dtype="float32")
+    if sr != SAMPLE_RATE:
+        wav = resample(wav, sr, SAMPLE_RATE)
+    assert wav.ndim == 1 and wav.size > SAMPLE_RATE
+    return wav
+
+
+def test_matches_speecht5_on_speech(reference, speech):
+    ours = log_mel(speech, SAMPLE_RATE)
+    ref = reference_mel(reference, speech)
+    assert ours.shape == ref.shape == (1 + speech.size // HOP_LENGTH, N_MELS)
+    assert np.abs(ours - ref).max() <= TOLERANCE
+
+
+def test_matches_speecht5_on_upsampled_8khz_speech(reference, speech):
+    """Telephone-band audio leaves the bands above 4 kHz near-empty: the log floor is where precision shows."""
+    wav8 = resample(speech, SAMPLE_RATE, 8000)
+    ours = log_mel(wav8, 8000)  # resampled inside
+    ref = reference_mel(reference, resample(wav8, 8000, SAMPLE_RATE))
+    assert ours.shape == ref.shape
+    assert ref.min() < -6, "expected near-empty high bands in upsampled 8 kHz audio"
+    assert np.abs(ours - ref).max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("n", [513, 1000, 1024, 4096 + 17, 16_000])
+def test_shape_and_dtype(n):
+    wav = np.random.default_rng(n).standard_normal(n).astype(np.float32) * 0.1
+    mel = log_mel(wav, SAMPLE_RATE)
+    assert mel.shape == (1 + n // HOP_LENGTH, N_MELS) == (num_frames(n), N_MELS)
+    assert mel.dtype == np.float32
+    assert np.isfinite(mel).all()
+
+
+@pytest.mark.parametrize("n", [1, 300, 512])
+def test_very_short_clips_match_speecht5(reference, n):
+    wav = np.random.default_rng(n).standard_normal(n).astype(np.float32) * 0.1
+    ours = log_mel(wav, SAMPLE_RATE)
+    assert ours.shape == (num_frames(n), N_MELS)
+    assert np.abs(ours - reference_mel(reference, wav)).max() <= TOLERANCE
+
+
+def test_other_rates_give_the_frames_of_their_16khz_resample(speech):
+    wav22 = resample(speech, SAMPLE_RATE, 22_050)
+    ours = log_mel(wav22, 22_050)
+    np.testing.assert_array_equal(ours, log_mel(resample(wav22, 22_050, SAMPLE_RATE), SAMPLE_RATE))
+    # and the round trip through 22.05 kHz barely changes the spectrum of the speech
+    original = log_mel(speech, SAMPLE_RATE)
+    n = min(len(ours), len(original))
+    assert abs(len(ours) - len(original)) <= 1
+    loud = original[:n] > original.max() - 3  # bands within 30 dB of the peak
+    assert np.abs(ours[:n] - original[:n])[loud].mean() < 0.05
+
+
+def test_rejects_empty_and_stereo():
+    with pytest.raises(ValueError, match="empty"):
+        log_mel(np.zeros(0, np.float32), SAMPLE_RATE)
+    with pytest.raises(ValueError, match="mono"):
+        log_mel(np.zeros((1000, 2), np.float32), SAMPLE_RATE)
+
+
+# --------------------------------------------------------------------------- normalisation statistics
+
+
+def _chunks(seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    scale = rng.uniform(0.5, 3.0, N_MELS)
+    offset = rng.uniform(-8.0, 0.0, N_MELS)
+    return [
+        (rng.standard_normal((n, N_MELS)) * scale + offset).astype(np.float32)
+        for n in (1, 37, 0, 250, 3, 120)
+    ]
+
+
+def test_running_stats_equal_numpy_over_concatenated_frames():
+    chunks = _chunks()
+    stats = RunningStats()
+    for c in chunks:
+        stats.update(c)
+    result = stats.finalise()
+    everything = np.concatenate(chunks).astype(np.float64)
+    assert stats.count == everything.shape[0]
+    np.testing.assert_allclose(result.mean, everything.mean(axis=0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(result.std, everything.std(axis=0, ddof=1), rtol=1e-6, atol=1e-6)
+    assert result.mean.dtype == result.std.dtype == np.float32
+
+
+def test_running_stats_floor_and_minimum_count():
+    frames = np.zeros((10, N_MELS), np.float32)
+    frames[:, 1] = np.arange(10)
+    running = RunningStats()
+    running.update(frames)
+    stats = running.finalise(min_std=1e-3)
+    assert stats.std[0] == pytest.approx(1e-3)  # a constant channel is floored, never divided by zero
+    assert stats.std[1] == pytest.approx(np.std(np.arange(10), ddof=1), rel=1e-6)
+    one = RunningStats()
+    one.update(frames[:1])
+    with pytest.raises(ValueError, match="two frames"):
+        one.finalise()
+
+
+def test_norm_stats_round_trip():
+    chunks = _chunks(1)
+    stats = RunningStats()
+    for c in chunks:
+        stats.update(c)
+    norm = stats.finalise()
+    frames = np.concatenate(chunks)
+    z = norm.normalise(frames)
+    assert z.dtype == np.float32
+    np.testing.assert_allclose(z.mean(axis=0), 0.0, atol=1e-4)
+    np.testing.assert_allclose(z.std(axis=0, ddof=1), 1.0, atol=1e-4)
+    np.testing.assert_allclose(norm.denormalise(z), frames, atol=1e-4)
+    again = NormStats.from_dict(norm.to_dict())
+    np.testing.assert_array_equal(again.mean, norm.mean)
+    np.testing.assert_array_equal(again.std, norm.std)

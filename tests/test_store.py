@@ -1,0 +1,133 @@
+"""Feature store round trip, the frame-budget sampler (budget, sharding, resume) and collate."""
+
+from __future__ import annotations
+
+import json
+import math
+from itertools import islice
+
+import numpy as np
+import pytest
+import torch
+
+from meld.features import N_MELS
+from meld.store import FeatureStore, FrameBudgetSampler, collate, write_store
+
+
+def _items(n: int = 7, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        frames = int(rng.integers(1, 60))
+        meta = {
+            "id": f"utt-{i}",
+            "speaker": f"spk-{i % 3}",
+            "text": f"sentence number {i}",
+            "duration": frames / 62.5,
+        }
+        out.append((meta, rng.standard_normal((frames, N_MELS)).astype(np.float32)))
+    return out
+
+
+def test_write_store_round_trip(tmp_path):
+    items = _items()
+    rejected = [{"id": "bad-1", "reason": "unreadable audio"}]
+    summary = write_store(tmp_path / "split", iter(items), rejected)
+    assert summary == {"kept": len(items), "rejected": 1, "frames": sum(m.shape[0] for _, m in items)}
+    assert not list((tmp_path / "split").glob("*.tmp"))
+
+    store = FeatureStore(tmp_path / "split")
+    assert len(store) == len(items)
+    assert store.lengths == [m.shape[0] for _, m in items]
+    for i, (meta, mel) in enumerate(items):
+        np.testing.assert_array_equal(store[i], mel)
+        assert store[i].dtype == np.float32
+        row = store.index[i]
+        assert {k: row[k] for k in meta} == meta
+    np.testing.assert_array_equal(store.all_frames(), np.concatenate([m for _, m in items]))
+    lines = (tmp_path / "split" / "rejected.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == rejected
+
+
+def test_empty_store_and_missing_store(tmp_path):
+    write_store(tmp_path / "empty", [], [])
+    store = FeatureStore(tmp_path / "empty")
+    assert len(store) == 0 and store.lengths == []
+    with pytest.raises(FileNotFoundError, match="not a feature store"):
+        FeatureStore(tmp_path / "nowhere")
+
+
+def _lengths(n: int = 200, seed: int = 0) -> list[int]:
+    return np.random.default_rng(seed).integers(1, 80, n).tolist()
+
+
+def test_batches_fit_the_budget_and_cover_every_utterance_once():
+    lengths, budget = _lengths(), 300
+    sampler = FrameBudgetSampler(lengths, budget, seed=3)
+    served = sorted(i for b in sampler.batches for i in b)
+    assert served == list(range(len(lengths)))
+    for epoch in range(3):
+        for batch in sampler.epoch_batches(epoch):
+            assert batch and max(lengths[i] for i in batch) * len(batch) <= budget
+    for batch in islice(iter(sampler), 2 * len(sampler.batches) + 5):  # across epoch boundaries
+        assert max(lengths[i] for i in batch) * len(batch) <= budget
+    assert 0.0 <= sampler.padding_fraction() < 0.5
+    assert sampler.epoch_batches(0) != sampler.epoch_batches(1)  # reshuffled every epoch
+
+
+def test_ranks_get_disjoint_shards_of_equal_size():
+    lengths, budget = _lengths(n=101, seed=1), 250
+    shards = [FrameBudgetSampler(lengths, budget, rank=r, world_size=2, seed=5) for r in range(2)]
+    for epoch in range(3):
+        mine = [s.epoch_batches(epoch) for s in shards]
+        assert len(mine[0]) == len(mine[1]) == shards[0].per_rank > 0
+        sets = [{i for b in batches for i in b} for batches in mine]
+        assert not sets[0] & sets[1]
+    # the iterators agree on the count too, so DDP never waits on a missing batch
+    counts = []
+    for s in shards:
+        n = 0
+        for _ in iter(s):
+            n += 1
+            if s.state.epoch > 0:
+                break
+        counts.append(n)
+    assert counts[0] == counts[1]
+
+
+def test_state_dict_resumes_with_the_same_batches():
+    lengths, budget = _lengths(n=60, seed=2), 200
+    a = FrameBudgetSampler(lengths, budget, seed=11)
+    it = iter(a)
+    per_epoch = len(a.epoch_batches(0))
+    consumed = list(islice(it, per_epoch + 3))  # into the second epoch
+    assert len(consumed) == per_epoch + 3
+    state = a.state_dict()
+    expected = list(islice(it, per_epoch))  # the rest of epoch 1 and some of epoch 2
+
+    b = FrameBudgetSampler(lengths, budget, seed=11)
+    b.load_state_dict(json.loads(json.dumps(state)))  # survives a JSON round trip (checkpoints)
+    assert b.state_dict() == state
+    assert list(islice(iter(b), per_epoch)) == expected
+
+
+def test_an_utterance_longer_than_the_budget_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"longer than the frame budget \(100\)"):
+        FrameBudgetSampler([10, 20, 101, 5], 100)
+
+
+def test_collate_groups_frames_by_the_reduction_factor():
+    rng = np.random.default_rng(0)
+    mels = [rng.standard_normal((n, N_MELS)).astype(np.float32) for n in (5, 8, 3)]
+    texts = [[3, 1, 4], [1], [5, 9, 2, 6]]
+    batch = collate(mels, texts, reduction=2)
+    assert batch["mel"].shape == (3, 4, 2 * N_MELS)  # ceil(8 / 2) groups of 160
+    assert batch["mel_len"].tolist() == [math.ceil(n / 2) for n in (5, 8, 3)]
+    assert batch["text"].shape == (3, 4) and batch["text"].dtype == torch.long
+    assert batch["text_len"].tolist() == [3, 1, 4]
+    for b, (m, t) in enumerate(zip(mels, texts)):
+        frames = batch["mel"][b].reshape(-1, N_MELS)  # (8, 80): ungrouped
+        np.testing.assert_array_equal(frames[: m.shape[0]].numpy(), m)
+        assert frames[m.shape[0] :].abs().sum() == 0  # zero padding, inside the last group too
+        assert batch["text"][b, : len(t)].tolist() == t
+        assert batch["text"][b, len(t) :].abs().sum() == 0
