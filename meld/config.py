@@ -217,6 +217,11 @@ class ModelConfig(Section):
     postnet_dropout: float = 0.5
     q_temperature: float = 1.0
     reduction_factor: int = 2
+    specaug_freq_masks: int = 2
+    specaug_freq_width: int = 30
+    specaug_time_masks: int = 2
+    specaug_time_width: int = 50
+    specaug_max_time_fraction: float = 0.2
 
     def validate(self) -> None:
         if self.reduction_factor not in (1, 2, 3, 4, 5):

@@ -113,7 +113,7 @@ def _beam_batch(model, mel, mel_len, K: int, max_tokens: int, alpha: float) -> l
     seqs: list[list[list[int]]] = [[[] for _ in range(K)] for _ in range(B)]
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
     done = [False] * B
-    for _step in range(max_tokens):
+    for step in range(max_tokens):
         logp = model.text_logprobs(h).view(B, K, -1)  # (B, K, V)
         V = logp.shape[-1]
         total = (scores[..., None] + logp).view(B, K * V)
@@ -132,8 +132,14 @@ def _beam_batch(model, mel, mel_len, K: int, max_tokens: int, alpha: float) -> l
                         finished[b].append((sc / (len(hyp) + 1) ** alpha, hyp))
                 elif len(alive) < K:
                     alive.append((beam, tok, sc))
-            if len(finished[b]) >= K:
-                done[b] = True
+            if len(finished[b]) >= K and not done[b]:
+                # stop once no alive beam can beat the K-th best finished one (log-probs only fall,
+                # so a beam's best normalised score is its current sum over the next length).
+                # With K == 1 the first finished hypothesis ends the search: beam 1 is greedy.
+                kth = sorted((f[0] for f in finished[b]), reverse=True)[K - 1]
+                best_alive = max((sc for _, _, sc in alive), default=-math.inf)
+                if K == 1 or best_alive / (step + 2) ** alpha <= kth:
+                    done[b] = True
             while len(alive) < K:  # keep the shape: pad with dead beams
                 alive.append((0, EOS, float("-inf")))
             new_seqs.append([seqs[b][beam] + [tok] for beam, tok, _ in alive])

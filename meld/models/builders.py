@@ -28,6 +28,11 @@ def meld_kwargs(model_cfg, *, n_text: int, codebook_size: int) -> dict[str, Any]
         postnet_layers=model_cfg.postnet_layers,
         postnet_dropout=model_cfg.postnet_dropout,
         q_temperature=model_cfg.q_temperature,
+        specaug_freq_masks=model_cfg.specaug_freq_masks,
+        specaug_freq_width=model_cfg.specaug_freq_width,
+        specaug_time_masks=model_cfg.specaug_time_masks,
+        specaug_time_width=model_cfg.specaug_time_width,
+        specaug_max_time_fraction=model_cfg.specaug_max_time_fraction,
     )
 
 

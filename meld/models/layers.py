@@ -109,7 +109,7 @@ def spec_augment(
             w = int(torch.randint(0, freq_width + 1, (1,), generator=generator))
             if w:
                 f0 = int(torch.randint(0, max(1, C - w + 1), (1,), generator=generator))
-                out[b, :, f0 : f0 + w] = 0.0
+                out[b, :n, f0 : f0 + w] = 0.0
         cap = min(time_width, int(max_time_fraction * n))
         for _ in range(time_masks):
             w = int(torch.randint(0, cap + 1, (1,), generator=generator)) if cap > 0 else 0

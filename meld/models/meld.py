@@ -18,9 +18,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from meld.models.backbone import Backbone, KVCache
-from meld.models.layers import MelEncoder, Postnet
+from meld.models.layers import MelEncoder, Postnet, group_frames, spec_augment, ungroup_frames
 from meld.models.vocab import EOS, PAD, STT, TTS, UnionVocab
 from meld.sampling import repetition_penalty, sample, top_k_mask
+
+
+def _rows(batch: dict, rows) -> dict:
+    """Sub-batch of the given rows, trimmed to its own longest text and frame sequence."""
+    sub = {k: v[rows] for k, v in batch.items()}
+    sub["mel"] = sub["mel"][:, : int(sub["mel_len"].max())]
+    sub["text"] = sub["text"][:, : int(sub["text_len"].max())]
+    return sub
 
 
 def lengths_to_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
@@ -76,6 +84,9 @@ class MELD(nn.Module):
         recon_hidden: width of the reconstruction MLP.
         postnet_channels, postnet_kernel, postnet_layers, postnet_dropout: Tacotron-2 postnet.
         q_temperature: tau of q(z|x) = softmax(-||x - c_k||^2 / tau).
+        specaug_*: SpecAugment on STT inputs while training (masks in 80-channel frames, before grouping):
+            freq_masks bands of up to freq_width channels, time_masks spans of up to
+            min(time_width, max_time_fraction * length) frames.
     """
 
     system = "meld"
@@ -99,8 +110,15 @@ class MELD(nn.Module):
         postnet_layers: int,
         postnet_dropout: float,
         q_temperature: float,
+        specaug_freq_masks: int = 2,
+        specaug_freq_width: int = 30,
+        specaug_time_masks: int = 2,
+        specaug_time_width: int = 50,
+        specaug_max_time_fraction: float = 0.2,
     ):
         super().__init__()
+        self.specaug = dict(freq_masks=specaug_freq_masks, freq_width=specaug_freq_width, time_masks=specaug_time_masks,
+                            time_width=specaug_time_width, max_time_fraction=specaug_max_time_fraction)
         self.vocab = UnionVocab(n_text=n_text, n_codes=codebook_size)
         self.frame_dim = frame_dim
         self.q_temperature = q_temperature
@@ -215,10 +233,24 @@ class MELD(nn.Module):
                 "loss/slowness": slowness_penalty(out.mel_post, out.frame_mask),
             }
         if task == "stt":
-            out = self.forward_stt(batch["mel"], batch["mel_len"], batch["text"], batch["text_len"])
+            mel = self.augment(batch["mel"], batch["mel_len"], generator) if self.training else batch["mel"]
+            out = self.forward_stt(mel, batch["mel_len"], batch["text"], batch["text_len"])
             ce = F.cross_entropy(out.logits.flatten(0, 1).float(), out.targets.flatten(), ignore_index=PAD)
             return {"loss/stt_ce": ce}
-        raise ValueError(f"unknown task {task!r} (expected 'tts' or 'stt')")
+        if task == "joint":  # half the batch speaks (TTS), the other half is transcribed (STT)
+            B = batch["mel"].shape[0]
+            tts_rows, stt_rows = (torch.arange(0, B, 2), torch.arange(1, B, 2)) if B > 1 else ([0], [0])
+            losses = self.compute_losses(_rows(batch, tts_rows), "tts", generator)
+            losses.update(self.compute_losses(_rows(batch, stt_rows), "stt", generator))
+            return losses
+        raise ValueError(f"unknown task {task!r} (expected 'tts', 'stt' or 'joint')")
+
+    def augment(self, mel: torch.Tensor, mel_len: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """SpecAugment on grouped frames, applied in the 80-channel, 62.5 Hz view."""
+        r = self.frame_dim // 80
+        flat = ungroup_frames(mel, r)  # (B, T*r, 80)
+        flat = spec_augment(flat, mel_len * r, generator=generator, **self.specaug)
+        return group_frames(flat, r)
 
     # ------------------------------------------------------------------ inference
     def _code_logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,78 @@
+"""MELD speech-to-text: SpecAugment bounds, beam search properties, overfitting to 0 WER, joint task."""
+
+from __future__ import annotations
+
+import torch
+from conftest import tiny_batch, tiny_meld
+
+from meld.generate import stt_beam_search
+from meld.models.layers import spec_augment
+from meld.models.vocab import EOS
+from meld.training import build_optimizer, build_scheduler, train_step
+
+
+def test_spec_augment_masks_stay_within_bounds():
+    g = torch.Generator().manual_seed(0)
+    mel = torch.randn(4, 200, 80) + 10.0  # no real value is 0, so zeros are masks
+    lengths = torch.tensor([200, 150, 60, 20])
+    for _ in range(20):
+        out = spec_augment(mel, lengths, freq_masks=2, freq_width=30, time_masks=2, time_width=50,
+                           max_time_fraction=0.2, generator=g)
+        for b, n in enumerate(lengths.tolist()):
+            masked_channels = (out[b, :n] == 0).all(0).sum().item()  # channels zero over the whole utterance
+            assert masked_channels <= 2 * 30
+            masked_frames = (out[b, :n] == 0).all(1).sum().item()
+            assert masked_frames <= 2 * min(50, int(0.2 * n))
+            assert torch.equal(out[b, n:], mel[b, n:])  # padding untouched
+    assert torch.equal(mel[0, 0], mel[0, 0])  # input not modified in place
+    assert (mel != 0).all()
+
+
+def _greedy(model, mel, mel_len, max_tokens=30):
+    h, cache, pos = model.stt_prefix(mel, mel_len, max_tokens + 1)
+    out = []
+    for _ in range(max_tokens):
+        tok = int(model.text_logprobs(h).argmax(-1))
+        if tok == EOS:
+            break
+        out.append(tok)
+        h = model.stt_step(torch.tensor([tok]), pos, cache)
+        pos = pos + 1
+    return model.vocab.union_to_text(out)
+
+
+def test_beam_one_equals_greedy_and_batched_equals_one_by_one():
+    model, _ = tiny_meld(reduction=2)
+    model.eval()
+    batch = tiny_batch(reduction=2, B=4, T=9)
+    mels = [batch["mel"][b, : int(batch["mel_len"][b])].reshape(-1, 80).numpy() for b in range(4)]
+    greedy = [_greedy(model, batch["mel"][b : b + 1, : int(batch["mel_len"][b])], batch["mel_len"][b : b + 1])
+              for b in range(4)]
+    assert stt_beam_search(model, mels, reduction=2, beam_size=1, max_tokens=30) == greedy
+    one_by_one = [stt_beam_search(model, [m], reduction=2, beam_size=3, max_tokens=30)[0] for m in mels]
+    assert stt_beam_search(model, mels, reduction=2, beam_size=3, max_tokens=30, batch_size=4) == one_by_one
+
+
+def test_tiny_stt_model_overfits_a_fixed_batch_to_zero_wer():
+    model, _ = tiny_meld(reduction=2, dropout=0.0, specaug_time_masks=0, specaug_freq_masks=0)
+    batch = tiny_batch(reduction=2, B=2, T=8, L=5)
+    opt = build_optimizer(model, lr=3e-3, weight_decay=0.0)
+    sched = build_scheduler(opt, 1, 10_000, 0)
+    for _ in range(150):
+        train_step(model, opt, sched, batch, task="stt", loss_weights={}, grad_clip=10.0)
+    mels = [batch["mel"][b, : int(batch["mel_len"][b])].reshape(-1, 80).numpy() for b in range(2)]
+    hyps = stt_beam_search(model, mels, reduction=2, beam_size=2, max_tokens=20)
+    refs = [batch["text"][b, : int(batch["text_len"][b])].tolist() for b in range(2)]
+    assert hyps == refs
+
+
+def test_joint_task_trains_both_heads_and_stt_has_no_prenet_dropout():
+    model, _ = tiny_meld(reduction=2)
+    batch = tiny_batch(reduction=2, B=4, T=8)
+    losses = model.compute_losses(batch, "joint")
+    assert {"loss/ce", "loss/mse_post", "loss/stt_ce"} <= set(losses)
+    model.train()
+    a = model.forward_stt(batch["mel"], batch["mel_len"], batch["text"], batch["text_len"]).logits
+    torch.manual_seed(1)
+    b = model.forward_stt(batch["mel"], batch["mel_len"], batch["text"], batch["text_len"]).logits
+    assert torch.allclose(a, b)  # backbone dropout is 0 in the tiny config; E has none in STT
