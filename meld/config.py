@@ -278,7 +278,11 @@ class EvaluateConfig(Section):
     asr_judge_path: str | None = None
     speaker_model: str = "resemblyzer"
     speaker_model_path: str | None = None
-    judge_exclude_prefixes: tuple[str, ...] = ("espeak-",)  # voices the judge cannot recognise
+    judge_exclude_prefixes: tuple[str, ...] = ("espeak-",)
+    stt_splits: tuple[str, ...] = ("dev", "test", "test_unseen")
+    stt_beam_size: int = 5
+    stt_max_utterances: int = 100  # per split
+    stt_judge_model: str | None = None  # a MELD STT checkpoint that also scores TTS output on its mel frames  # voices the judge cannot recognise
     ablations: bool = True  # MELD rows without repetition penalty / with the latent zeroed (paper Table 5)
     audio_samples: int = 4
     batch_size: int = 8

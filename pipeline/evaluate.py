@@ -38,7 +38,7 @@ from meld.evaluation.asr import build_asr_judge
 from meld.evaluation.metrics import duration_ratio, longest_silence_seconds, wer_details
 from meld.evaluation.speaker import build_speaker_embedder, cosine_similarity
 from meld.features import FRAME_RATE, HOP_LENGTH, NormStats
-from meld.generate import prompt_frames, tts_continue
+from meld.generate import prompt_frames, stt_beam_search, tts_continue
 from meld.store import FeatureStore
 from meld.text import tokenizer_from_bytes
 from meld.training import load_model
@@ -90,7 +90,7 @@ def plot_mels(path: Path, panels: list[tuple[str, np.ndarray]], prompt_frames_n:
 
 def evaluate_split(model, state, stats: NormStats, tok, store: FeatureStore, audio_paths: dict, cfg: EvaluateConfig,
                    split: str, vocoder, judge, embedder, judge_exclude: tuple[str, ...], out: Path,
-                   variant: dict) -> tuple[dict, list[dict]]:
+                   variant: dict, stt_judge=None) -> tuple[dict, list[dict]]:
     r = int(state["extra"]["reduction_factor"])
     chosen = choose_utterances(store, cfg, split)
     rows = []
@@ -154,6 +154,8 @@ def evaluate_split(model, state, stats: NormStats, tok, store: FeatureStore, aud
             row["sim_gt_continuation"] = gt["sim_gt_cont"]
             if "sim_other" in gt:
                 row["sim_other_speaker"] = gt["sim_other"]
+        if stt_judge is not None:
+            row["_mel"] = full_mel
         rows.append(row)
         if n // cfg.generations < cfg.audio_samples and n % cfg.generations == 0:
             sample_dir = out / "samples" / split
@@ -162,7 +164,58 @@ def evaluate_split(model, state, stats: NormStats, tok, store: FeatureStore, aud
             plot_mels(out / "plots" / split / f"{meta['id']}{variant.get('suffix', '')}.png",
                       [(f"ground truth ({meta['speaker']})", mel), (f"prompt + {model.system} continuation", full_mel)], p)
     gen_audio_s = sum(r["generated_seconds"] for r in rows)
-    return summarise(rows, compute_s, gen_audio_s), rows
+    summary = summarise(rows, compute_s, gen_audio_s)
+    if stt_judge is not None:
+        summary.update(score_with_stt_judge(stt_judge, rows, store, chosen))
+    for r in rows:
+        r.pop("_mel", None)
+    return summary, rows
+
+
+def load_stt_model(path: str | Path):
+    """(model, normalisation, tokenizer, reduction) of an STT-capable checkpoint."""
+    model, state = load_model(path)
+    if not hasattr(model, "stt_prefix"):
+        raise SystemExit(f"evaluate: {path} is a {model.system} model, which cannot transcribe")
+    extra = state["extra"]
+    stats = NormStats(extra["norm_mean"].numpy(), extra["norm_std"].numpy())
+    tok = tokenizer_from_bytes(bytes(extra["bpe_model"].numpy().tobytes()))
+    return model, stats, tok, int(extra["reduction_factor"])
+
+
+def transcribe_mels(stt, mels: list[np.ndarray], beam: int, batch_size: int) -> list[str]:
+    """Raw (denormalised) log-mel arrays -> text, through a MELD STT model (no vocoder)."""
+    model, stats, tok, r = stt
+    ids = stt_beam_search(model, [stats.normalise(m) for m in mels], reduction=r, beam_size=beam,
+                          max_tokens=400, batch_size=batch_size)
+    return [tok.decode(i) for i in ids]
+
+
+def score_with_stt_judge(stt, rows: list[dict], store: FeatureStore, chosen: list[int]) -> dict:
+    """WER of the generated mel frames (and of the ground truth) read by MELD's own STT model."""
+    hyps = transcribe_mels(stt, [r["_mel"] for r in rows], beam=5, batch_size=8)
+    gt_hyps = transcribe_mels(stt, [store[i] for i in chosen], beam=5, batch_size=8)
+    w = wer_details([r["text"] for r in rows], hyps)
+    g = wer_details([store.index[i]["text"] for i in chosen], gt_hyps)
+    for r, h in zip(rows, hyps):
+        r["stt_judge_hyp"] = h
+    return {"wer_meld_stt_judge": w["wer"], "wer_ground_truth_meld_stt_judge": g["wer"]}
+
+
+def evaluate_stt(stt, features: Path, cfg: EvaluateConfig) -> dict:
+    """STT WER (beam search) per split, on up to stt_max_utterances utterances each."""
+    out = {}
+    for split in cfg.stt_splits:
+        if not (features / split / "index.jsonl").is_file():
+            log.warning("STT: no feature store for split %s", split)
+            continue
+        store = FeatureStore(features / split)
+        idx = list(range(min(len(store), cfg.stt_max_utterances)))
+        hyps = transcribe_mels(stt, [store[i] for i in idx], beam=cfg.stt_beam_size, batch_size=cfg.batch_size)
+        refs = [store.index[i]["text"] for i in idx]
+        out[split] = wer_details(refs, hyps) | {"examples": [{"ref": r, "hyp": h} for r, h in list(zip(refs, hyps))[:5]]}
+        print(f"STT {split}: WER {out[split]['wer']:.1%} over {len(idx)} utterances")
+    return out
 
 
 def _mean(xs):
@@ -220,20 +273,31 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    variants = [{"name": args.system}]
-    if model.system == "meld" and extra.get("task", "tts") in ("tts", "joint"):
+    task = extra.get("task", "tts")
+    variants = [{"name": args.system}] if task in ("tts", "joint") else []
+    if model.system == "meld" and task in ("tts", "joint"):
         variants += [{"name": f"{args.system} (no repetition penalty)", "repetition_penalty": 1.0, "suffix": ".no_rep"},
                      {"name": f"{args.system} (latent zeroed)", "zero_latent": True, "suffix": ".zero_latent"}]
         variants = variants if cfg.ablations else variants[:1]
-    metrics: dict = {"system": args.system, "step": int(state["step"]), "vocoder": vocoder.name,
+    metrics: dict = {"system": args.system, "task": task, "step": int(state["step"]), "vocoder": vocoder.name,
                      "asr_judge": cfg.asr_judge if judge else None, "splits": {}, "ablations": {}}
+    if task in ("stt", "joint"):
+        metrics["stt"] = evaluate_stt(load_stt_model(args.model), Path(args.features), cfg)
+    stt_judge = None
+    if variants and cfg.stt_judge_model:
+        if Path(cfg.stt_judge_model).is_file():
+            stt_judge = load_stt_model(cfg.stt_judge_model)
+            metrics["stt_judge_model"] = cfg.stt_judge_model
+        else:
+            log.warning("evaluate.stt_judge_model %s does not exist: MELD-STT judge skipped", cfg.stt_judge_model)
     all_rows = []
     for variant in variants:
         for split in cfg.splits:
             store = FeatureStore(Path(args.features) / split)
             audio = {r["id"]: r["audio_path"] for r in read_manifest(Path(args.corpus) / split / "manifest.jsonl")}
             summary, rows = evaluate_split(model, state, stats, tok, store, audio, cfg, split, vocoder, judge, embedder,
-                                           tuple(cfg.judge_exclude_prefixes), out, variant)
+                                           tuple(cfg.judge_exclude_prefixes), out, variant,
+                                           stt_judge if variant["name"] == args.system else None)
             for r in rows:
                 r["variant"] = variant["name"]
             all_rows += rows
@@ -256,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else f"evaluate-{args.system}"):
         for split, s in metrics["splits"].items():
             mlflow.log_metrics({f"eval/{split}/{k}": float(v) for k, v in s.items() if isinstance(v, (int, float))})
+        for split, s in metrics.get("stt", {}).items():
+            mlflow.log_metrics({f"eval/stt/{split}/{k}": float(v) for k, v in s.items() if isinstance(v, (int, float))})
         mlflow.log_artifacts(str(out / "samples"), "eval/samples") if (out / "samples").is_dir() else None
         mlflow.log_artifacts(str(out / "plots"), "eval/plots") if (out / "plots").is_dir() else None
         mlflow.log_artifact(args.metrics, "eval")

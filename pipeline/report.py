@@ -17,6 +17,7 @@ from meld.config import read_params
 
 TTS_COLUMNS = [
     ("WER", "wer", "{:.1%}"), ("GT-WER (vocoded)", "wer_ground_truth_vocoded", "{:.1%}"),
+    ("WER MELD-STT judge", "wer_meld_stt_judge", "{:.1%}"), ("GT-WER MELD-STT", "wer_ground_truth_meld_stt_judge", "{:.1%}"),
     ("S/D/I", None, None), ("SIM", "sim", "{:.3f}"), ("SIM GT cont.", "sim_ground_truth_continuation", "{:.3f}"),
     ("SIM other spk.", "sim_other_speaker", "{:.3f}"), ("dur. ratio", "duration_ratio", "{:.2f}"),
     ("gen. min / GT min", None, None), ("longest sil. (s)", "longest_silence_s", "{:.2f}"),
@@ -41,6 +42,8 @@ def tts_table(all_metrics: list[dict]) -> list[str]:
         if m.get("unavailable"):
             lines.append(f"| {m['system']} | – | " + f"{m['unavailable']} |" + " |" * (len(head) - 3))
             continue
+        if not m.get("splits"):
+            continue  # an STT-only system: its rows are in the STT table
         rows = [(m["system"], m.get("splits", {}))] + list(m.get("ablations", {}).items())
         for name, splits in rows:
             for split, s in splits.items():

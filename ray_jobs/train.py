@@ -5,18 +5,25 @@ Locally (what ``dvc repro`` runs through pipeline/train.py)::
     python -m ray_jobs.train --params params.yaml --system meld --features data/features \
         --bpe data/bpe/bpe.model --codebook data/codebook --out models/meld
 
-On a cluster (paths on shared storage; MLFLOW_TRACKING_URI from the environment)::
+On a cluster (docs/scaling.md): data on shared storage, paths and the MLflow server from the
+environment (``MELD_FEATURES``, ``MELD_BPE``, ``MELD_CODEBOOK``, ``MELD_OUT``, ``MELD_RAY_STORAGE``,
+``MLFLOW_TRACKING_URI``); ``ray job submit`` sets ``RAY_ADDRESS``, so the driver joins the cluster::
 
-    ray job submit --working-dir . -- python -m ray_jobs.train --params params.yaml --system meld ...
+    ray job submit --working-dir . -- python -m ray_jobs.train --params configs/paper.yaml --system meld
 
 Layering: ``train_worker`` (one per Ray worker, a thin wrapper around meld.training.train_step)
 -> ``run_training`` (builds the TorchTrainer) -> the Tune driver (ray_jobs/tune.py) over run_training.
+
+Faults: ``FailureConfig(max_failures)`` restarts a failed worker group, and every worker resumes
+from the newest loadable checkpoint (its own folder or the one Ray persisted); a non-finite loss
+stops every rank at the same step (no retry: it would only repeat) and keeps the last good checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import shutil
 import sys
@@ -27,6 +34,13 @@ log = logging.getLogger("meld.train")
 
 KEEP_CHECKPOINTS = 2
 
+# Keys of config["test_hooks"], used by tests/test_faults.py only (never set from params.yaml):
+#   crash_after_step: N  -> rank `crash_rank` (default 1, or 0 with one worker) calls os._exit(1) once right after
+#                           step N (and its checkpoint, if N is a checkpoint step); `crash_marker` (a file path)
+#                           makes it happen once: the file is written just before the exit.
+#   nan_at_step: N       -> rank `nan_rank` (default 0) puts a NaN into its batch for step N.
+TEST_HOOK_KEYS = {"crash_after_step", "crash_rank", "crash_marker", "nan_at_step", "nan_rank"}
+
 
 def _prune(folder: Path, keep: int) -> None:
     ckpts = sorted(folder.glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
@@ -34,8 +48,125 @@ def _prune(folder: Path, keep: int) -> None:
         p.unlink(missing_ok=True)
 
 
+def dev_metrics(model, data, batches: list[list[int]], frames: list[int], device, seed: int = 0) -> dict[str, float]:
+    """Teacher-forced reconstruction error on held-out utterances, comparable across frame rates.
+
+    Predictions are ungrouped to 80-dim frames at 62.5 Hz and compared with the real frames only
+    (the zero padding that grouping adds to an odd-length utterance is not counted), so r=1 and
+    r=2 models are scored on the same frames, in the same units (normalised log-mel, squared).
+
+    Args:
+        model: the unwrapped MELD model.
+        data: a :class:`meld.store.TrainingData` over the dev split.
+        batches: lists of utterance indices.
+        frames: real (ungrouped) frame count of every utterance.
+
+    Returns:
+        ``dev/mse_post``: post-net MSE per 80-dim frame element, with the latent z sampled from q(z|x_t)
+        as in training (the target frame's own code: an upper bound on what generation can reach);
+        ``dev/mse_post_greedy``: the same with the model's own most likely code for each step (only
+        past frames and text are seen, as when generating) — the Tune objective;
+        ``dev/frames``: the number of 80-dim frames scored.
+    """
+    import torch
+
+    from meld.models.layers import ungroup_frames
+
+    r = model.frame_dim // 80
+    g = torch.Generator(device=device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    sums = {"post": 0.0, "greedy": 0.0}
+    n_elems = 0
+    captured: dict = {}
+    handle = model.head.register_forward_hook(lambda _m, inputs, _o: captured.__setitem__("h", inputs[0]))
+    try:
+        with torch.no_grad():
+            for idx in batches:
+                batch = {k: v.to(device) for k, v in data.batch(idx).items()}
+                out = model.forward_tts(batch["text"], batch["text_len"], batch["mel"], batch["mel_len"], g)
+                T = batch["mel"].shape[1]
+                code_logits = out.logits[:, :T, model.vocab.code_offset : model.vocab.code_offset + model.vocab.n_codes]
+                z_hat = code_logits.argmax(-1)  # (B, T) the model's own code per step
+                pre = model.reconstruct(captured["h"][:, :T], z_hat, encoder_dropout=False)  # (B, T, 80r)
+                greedy = model.postnet(pre, out.frame_mask)
+                target = ungroup_frames(batch["mel"].float(), r)  # (B, T*r, 80)
+                real = torch.tensor([frames[i] for i in idx], device=device)
+                mask = (torch.arange(target.shape[1], device=device)[None, :] < real[:, None])[..., None]  # (B, T*r, 1)
+                for key, pred in (("post", out.mel_post), ("greedy", greedy)):
+                    err = (ungroup_frames(pred.float(), r) - target).pow(2) * mask
+                    sums[key] += float(err.sum())
+                n_elems += int(real.sum()) * target.shape[-1]
+    finally:
+        handle.remove()
+        model.train(was_training)
+    n_elems = max(1, n_elems)
+    return {"dev/mse_post": sums["post"] / n_elems, "dev/mse_post_greedy": sums["greedy"] / n_elems,
+            "dev/frames": float(n_elems // 80)}
+
+
+def _resume_state(ckpt_dir: Path, fingerprint: str, rank: int) -> tuple[dict | None, str]:
+    """Newest loadable checkpoint of this configuration: the run's own folder or the one Ray persisted.
+
+    Ray's copy (``ray.train.get_checkpoint()``, in the run's storage path) is what a restarted worker on
+    another node sees; the folder is what the train stage exports from. Checkpoints of another
+    configuration (fingerprint) are discarded.
+    """
+    import ray.train
+
+    from meld.training import latest_good_checkpoint
+
+    candidates = []
+    local = latest_good_checkpoint(ckpt_dir)
+    if local is not None:
+        candidates.append((local, str(ckpt_dir)))
+    ray_ckpt = ray.train.get_checkpoint()
+    if ray_ckpt is not None:
+        with ray_ckpt.as_directory() as d:
+            remote = latest_good_checkpoint(d)
+        if remote is not None:
+            candidates.append((remote, f"Ray checkpoint {ray_ckpt.path}"))
+    good = [(s, where) for s, where in candidates if s["extra"].get("fingerprint") == fingerprint]
+    if len(good) < len(candidates):
+        log.warning("discarding checkpoints in %s: they belong to another configuration", ckpt_dir)
+        if rank == 0 and local is not None and local["extra"].get("fingerprint") != fingerprint:
+            for old in ckpt_dir.glob("step-*.pt"):
+                old.unlink(missing_ok=True)
+    if not good:
+        return None, ""
+    return max(good, key=lambda c: int(c[0]["step"]))
+
+
+def _finite_checked(module_cls):
+    """A LossModule whose forward makes every rank agree on finiteness before any backward.
+
+    A NaN in one rank's batch would otherwise leave the other ranks waiting in DDP's gradient
+    all-reduce; with one all-reduced flag every rank raises NonFiniteLoss at the same step.
+    """
+    import torch
+    import torch.distributed as dist
+
+    from meld.training import NonFiniteLoss
+
+    class FiniteCheckedLoss(module_cls):
+        def forward(self, batch, task):
+            losses = self.model.compute_losses(batch, task)
+            local_ok = all(bool(torch.isfinite(v.detach()).all()) for v in losses.values())
+            ok = local_ok
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                flag = torch.tensor([0.0 if local_ok else 1.0], device=batch["mel"].device)
+                dist.all_reduce(flag)
+                ok = float(flag) == 0.0
+            if not ok:
+                detail = {k: float(v.detach()) for k, v in losses.items()} if not local_ok else "another rank"
+                raise NonFiniteLoss(f"non-finite loss ({detail})")
+            return losses
+
+    return FiniteCheckedLoss
+
+
 def train_worker(config: dict) -> None:
-    """One Ray Train worker: data shard, DDP model, train_step loop, checkpoints, MLflow (rank 0)."""
+    """One Ray Train worker: data shard, DDP model, train_step loop, checkpoints, dev metrics, MLflow (rank 0)."""
     import numpy as np
     import ray.train
     import ray.train.torch
@@ -49,7 +180,6 @@ def train_worker(config: dict) -> None:
         NonFiniteLoss,
         build_optimizer,
         build_scheduler,
-        latest_good_checkpoint,
         restore_training_state,
         save_checkpoint,
         train_step,
@@ -61,24 +191,36 @@ def train_worker(config: dict) -> None:
     tc = config["train"]
     system, r = config["system"], config["reduction_factor"]
     device = ray.train.torch.get_device()
+    hooks = dict(config.get("test_hooks") or {})
+    unknown_hooks = set(hooks) - TEST_HOOK_KEYS
+    if unknown_hooks:
+        raise ValueError(f"unknown test hook(s) {sorted(unknown_hooks)}; known: {sorted(TEST_HOOK_KEYS)}")
 
     tokenizer = BPETokenizer(config["bpe_model"])
     stats = load_stats(config["stats"])
     data = TrainingData(FeatureStore(config["train_store"]), stats, tokenizer, r)
     sampler = FrameBudgetSampler(data.lengths(), tc["frames_per_batch"], rank, world, tc["seed"])
+    dev = None
+    if rank == 0 and config.get("eval_store"):
+        dev_store = FeatureStore(config["eval_store"])
+        dev_data = TrainingData(dev_store, stats, tokenizer, r)
+        keep = [i for i, n in enumerate(dev_data.lengths()) if n <= tc["frames_per_batch"]]
+        order = sorted(keep, key=lambda i: dev_data.lengths()[i])
+        dev_batches, current = [], []
+        for i in order:  # length-sorted, each batch within the frame budget
+            if current and dev_data.lengths()[i] * (len(current) + 1) > tc["frames_per_batch"]:
+                dev_batches.append(current)
+                current = []
+            current.append(i)
+        dev_batches += [current] if current else []
+        dev = (dev_data, dev_batches, dev_store.lengths)
 
     model = build_model(system, config["model_kwargs"])
     if "codebook" in config:
         model.set_codebook(torch.from_numpy(np.load(config["codebook"])))
-    module = LossModule(model)
+    module = _finite_checked(LossModule)(model)
     ckpt_dir = Path(config["checkpoint_dir"])
-    state = latest_good_checkpoint(ckpt_dir)
-    if state is not None and state["extra"].get("fingerprint") != config["fingerprint"]:
-        log.warning("discarding checkpoints in %s: they belong to another configuration", ckpt_dir)
-        state = None
-        if rank == 0:
-            for old in ckpt_dir.glob("step-*.pt"):
-                old.unlink(missing_ok=True)
+    state, source = _resume_state(ckpt_dir, config["fingerprint"], rank)
     use_gpu = device.type == "cuda"
     optimizer = build_optimizer(model, tc["lr"], tc["weight_decay"], fused=use_gpu)
     scheduler = build_scheduler(optimizer, tc["warmup_steps"], tc["hold_steps"], tc["decay_steps"])
@@ -86,29 +228,24 @@ def train_worker(config: dict) -> None:
     if state is not None:
         step = restore_training_state(state, model, optimizer, scheduler)
         sampler.load_state_dict(state["sampler"])
-        print(f"[rank {rank}] resuming {system} from step {step} ({ckpt_dir})", flush=True)
+        print(f"[rank {rank}] resuming {system} from step {step} ({source})", flush=True)
+    last_ckpt_step = step if state is not None else None
     torch.manual_seed(tc["seed"] * 100_003 + rank * 7919 + step)  # distinct dropout per rank, reproducible
     parallel = {"find_unused_parameters": True} if tc["task"] != "tts" else {}
     module = ray.train.torch.prepare_model(module, parallel_strategy_kwargs=parallel)
     autocast = torch.bfloat16 if (use_gpu and tc["bf16"]) else None
 
-    mlflow = None
-    if rank == 0:
-        from meld import tracking
-
-        mlflow = tracking.setup(config["experiment"], config["project_root"])
-        run_id = (ckpt_dir / "mlflow_run_id").read_text().strip() if (ckpt_dir / "mlflow_run_id").is_file() and state else None
-        run = mlflow.start_run(run_id=run_id, run_name=config["run_name"])
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        (ckpt_dir / "mlflow_run_id").write_text(run.info.run_id)
-        if run_id is None:
-            mlflow.log_params(tracking.flatten({"system": system, "train": tc, "model": config["model_kwargs"]}))
-            mlflow.log_metric("data/padding_fraction", sampler.padding_fraction())
+    mlflow = _open_mlflow_run(config, ckpt_dir, resumed=state is not None, sampler=sampler) if rank == 0 else None
 
     def checkpoint(step: int, metrics: dict) -> None:
         extra = {"fingerprint": config["fingerprint"]}
         ray_ckpt = None
         if rank == 0:
+            if dev is not None and tc["task"] != "stt":
+                dev_m = dev_metrics(model, dev[0], dev[1], dev[2], device, seed=tc["seed"])
+                mlflow.log_metrics(dev_m, step=step)
+                print(f"[{system}] step {step} " + " ".join(f"{k}={v:.4g}" for k, v in dev_m.items()), flush=True)
+                metrics = {**metrics, **dev_m}
             path = save_checkpoint(ckpt_dir / f"step-{step}.pt", system=system, model=model,
                                    model_kwargs=config["model_kwargs"], optimizer=optimizer, scheduler=scheduler,
                                    step=step, sampler_state=sampler.state_dict(), extra=extra)
@@ -126,37 +263,112 @@ def train_worker(config: dict) -> None:
             task = "tts" if step < tc["stt_warmup_steps"] else "joint"
         idx = next(batches)
         batch = {k: v.to(device) for k, v in data.batch(idx).items()}
+        if hooks.get("nan_at_step") == step + 1 and rank == hooks.get("nan_rank", 0):
+            batch["mel"][0, 0, 0] = float("nan")  # test hook: a corrupt frame in this rank's batch
         try:
             metrics = train_step(module, optimizer, scheduler, batch, task=task,
                                  loss_weights=tc["loss_weights"], grad_clip=tc["grad_clip"], autocast_dtype=autocast)
         except NonFiniteLoss as err:
-            raise NonFiniteLoss(f"{system} step {step + 1}: {err}; the last good checkpoint stays in {ckpt_dir}") from err
+            kept = f"step {last_ckpt_step}" if last_ckpt_step is not None else "none yet"
+            msg = (f"{system}: {err} at step {step + 1}; training stopped. The last good checkpoint ({kept}) "
+                   f"stays in {ckpt_dir}")
+            print(f"[rank {rank}] {msg}", flush=True)
+            if rank == 0:
+                mlflow.set_tag("failure", msg[:5000])
+                mlflow.end_run(status="FAILED")
+            # every rank gets here at the same step (FiniteCheckedLoss), so this collective report completes;
+            # returning instead of raising keeps FailureConfig from retrying a run that would only fail again
+            ray.train.report({"step": step, "nonfinite_step": step + 1})
+            return
         step += 1
         if rank == 0 and (step % tc["log_every"] == 0 or step == 1):
             mlflow.log_metrics(metrics, step=step)
             print(f"[{system}] step {step}/{tc['max_steps']} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
         if step % tc["checkpoint_every"] == 0 or step == tc["max_steps"]:
             checkpoint(step, metrics)
+            last_ckpt_step = step
+        if hooks.get("crash_after_step") == step and rank == hooks.get("crash_rank", min(1, world - 1)):
+            marker = Path(hooks["crash_marker"])
+            if not marker.exists():  # test hook: this worker process dies once, as a killed node would
+                marker.write_text(str(step))
+                print(f"[rank {rank}] test hook: worker process exits after step {step}", flush=True)
+                os._exit(1)
     if rank == 0:
         mlflow.end_run()
 
 
-def run_training(config: dict, *, num_workers: int, use_gpu: bool, storage_path: str, max_failures: int = 2):
-    """Build and fit the TorchTrainer for one system; returns the Ray Result."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+def _open_mlflow_run(config: dict, ckpt_dir: Path, *, resumed: bool, sampler):
+    """Rank 0's MLflow run: resumed when the checkpoint folder names one, else a new one (nested under a parent)."""
+    from meld import tracking
+
+    mlflow = tracking.setup(config["experiment"], config["project_root"])
+    id_file = ckpt_dir / "mlflow_run_id"
+    run_id = id_file.read_text().strip() if id_file.is_file() and resumed else None
+    tags = dict(config.get("mlflow_tags") or {})
+    if config.get("parent_run_id"):
+        tags["mlflow.parentRunId"] = config["parent_run_id"]
+    run = mlflow.start_run(run_id=run_id, run_name=config["run_name"], tags=tags or None)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    id_file.write_text(run.info.run_id)
+    if run_id is None:
+        mlflow.log_params(tracking.flatten({"system": config["system"], "train": config["train"],
+                                            "model": config["model_kwargs"], **(config.get("mlflow_params") or {})}))
+        mlflow.log_metric("data/padding_fraction", sampler.padding_fraction())
+    return mlflow
+
+
+def run_training(
+    config: dict,
+    *,
+    num_workers: int,
+    use_gpu: bool,
+    storage_path: str,
+    max_failures: int = 2,
+    cpus_per_worker: float | None = None,
+    gpus_per_worker: float | None = None,
+    callbacks: list | None = None,
+):
+    """Build and fit the TorchTrainer for one system; returns the Ray Result.
+
+    Args:
+        config: the worker config (:func:`build_config`).
+        num_workers, use_gpu: the DDP world (one process per GPU on a cluster).
+        storage_path: where Ray persists checkpoints and run state (shared storage on a cluster).
+        max_failures: worker-group restarts before giving up; each resumes from the last checkpoint.
+        cpus_per_worker, gpus_per_worker: resources per worker (default: Ray's, 1 CPU / 1 GPU).
+        callbacks: Ray Train callbacks, e.g. Tune's TuneReportCallback.
+
+    Raises:
+        NonFiniteLoss: the loss became NaN/inf (the last good checkpoint stays in config["checkpoint_dir"]).
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from meld.training import NonFiniteLoss
+
+    resources = {}
+    if cpus_per_worker is not None:
+        resources["CPU"] = cpus_per_worker
+    if use_gpu and gpus_per_worker is not None:
+        resources["GPU"] = gpus_per_worker
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources or None),
         run_config=RunConfig(
             name=config["run_name"],  # stable: a restarted run finds its own checkpoints
             storage_path=storage_path,
             failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
+            callbacks=callbacks,
         ),
     )
-    return trainer.fit()
+    result = trainer.fit()
+    bad_step = (result.metrics or {}).get("nonfinite_step")
+    if bad_step is not None:
+        raise NonFiniteLoss(f"{config['system']}: non-finite loss at step {bad_step}; training stopped and the last "
+                            f"good checkpoint stays in {config['checkpoint_dir']} (see the worker log for the losses)")
+    return result
 
 
 def init_ray(num_cpus: int | None = None) -> None:
@@ -172,8 +384,33 @@ def init_ray(num_cpus: int | None = None) -> None:
                  _node_ip_address="127.0.0.1", configure_logging=False)
 
 
-def prepare_config(args, params: dict) -> dict:
-    """Resolve paths and sizes into the plain dict every worker receives."""
+def _merge(base: dict, over: dict) -> dict:
+    """Recursive dict update (``loss_weights`` overrides keep the weights they don't name)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def build_config(
+    params: dict,
+    *,
+    system: str,
+    features: str | Path,
+    bpe: str | Path,
+    codebook: str | Path,
+    out: str | Path,
+    project_root: str | Path = ".",
+    overrides: dict | None = None,
+    threads_per_worker: int | None = None,
+) -> dict:
+    """Resolve params, paths and sizes into the plain dict every worker receives.
+
+    Args:
+        params: the whole params file; ``model`` and ``train`` updated by the ``<system>`` section.
+        overrides: ``{"model": {...}, "train": {...}}`` on top of those (a Tune trial's knobs).
+        threads_per_worker: torch threads per worker (default: this machine's cores / workers).
+    """
     import numpy as np
 
     from meld.config import ModelConfig, TrainConfig
@@ -181,42 +418,54 @@ def prepare_config(args, params: dict) -> dict:
     from meld.text import BPETokenizer
     from meld.training import fingerprint
 
-    system = args.system
-    overrides = params.get(system) or {}
-    unknown = sorted(set(overrides) - {"model", "train"})
+    section = params.get(system) or {}
+    unknown = sorted(set(section) - {"model", "train"})
     if unknown:
         raise ValueError(f"params section '{system}': unknown key(s) {unknown}; known: ['model', 'train']")
-    model_cfg = ModelConfig.from_dict({**params.get("model", {}), **(overrides.get("model") or {})}, "model")
-    train_cfg = TrainConfig.from_dict({**params.get("train", {}), **(overrides.get("train") or {})}, "train")
-    features = Path(args.features).resolve()
-    codebook = Path(args.codebook).resolve() / f"r{model_cfg.reduction_factor}.npy"
-    if not codebook.is_file():
-        raise FileNotFoundError(f"{codebook}: no codebook for reduction factor {model_cfg.reduction_factor} "
+    model_d = _merge(params.get("model", {}), section.get("model") or {})
+    train_d = _merge(params.get("train", {}), section.get("train") or {})
+    if overrides:
+        model_d = _merge(model_d, overrides.get("model") or {})
+        train_d = _merge(train_d, overrides.get("train") or {})
+    model_cfg = ModelConfig.from_dict(model_d, "model")
+    train_cfg = TrainConfig.from_dict(train_d, "train")
+    features = Path(features).resolve()
+    codebook_file = Path(codebook).resolve() / f"r{model_cfg.reduction_factor}.npy"
+    if not codebook_file.is_file():
+        raise FileNotFoundError(f"{codebook_file}: no codebook for reduction factor {model_cfg.reduction_factor} "
                                 "(add it to codebook.reduction_factors)")
-    n_text = BPETokenizer(args.bpe).vocab_size
-    n_codes = int(np.load(codebook, mmap_mode="r").shape[0])
+    n_text = BPETokenizer(str(bpe)).vocab_size
+    n_codes = int(np.load(codebook_file, mmap_mode="r").shape[0])
     kwargs = meld_kwargs(model_cfg, n_text=n_text, codebook_size=n_codes)
-    out = Path(args.out).resolve()
+    out = Path(out).resolve()
     train = train_cfg.to_dict()
     train["loss_weights"] = dict(train["loss_weights"])
+    dev = features / "dev"
     config = {
         "system": system,
         "model_kwargs": kwargs,
         "reduction_factor": model_cfg.reduction_factor,
         "train": train,
-        "bpe_model": str(Path(args.bpe).resolve()),
+        "bpe_model": str(Path(bpe).resolve()),
         "stats": str(features / "stats.json"),
         "train_store": str(features / "train"),
-        "codebook": str(codebook),
+        "eval_store": str(dev) if (dev / "index.jsonl").is_file() else None,
+        "codebook": str(codebook_file),
         "checkpoint_dir": str(out / "checkpoints"),
         "experiment": params.get("mlflow", {}).get("experiment", "meld"),
         "run_name": f"train-{system}",
-        "project_root": str(Path(args.project_root).resolve()),
-        "threads_per_worker": max(1, (os.cpu_count() or 2) // train_cfg.num_workers),
+        "project_root": str(Path(project_root).resolve()),
+        "threads_per_worker": threads_per_worker or max(1, (os.cpu_count() or 2) // train_cfg.num_workers),
     }
     data_id = (features / "train" / "index.jsonl").stat().st_size
     config["fingerprint"] = fingerprint({k: config[k] for k in ("system", "model_kwargs", "train")} | {"data": data_id})
     return config
+
+
+def prepare_config(args, params: dict) -> dict:
+    """:func:`build_config` from the command line's arguments."""
+    return build_config(params, system=args.system, features=args.features, bpe=args.bpe, codebook=args.codebook,
+                        out=args.out, project_root=args.project_root)
 
 
 def export_model(config: dict, out: Path) -> Path:
@@ -250,14 +499,18 @@ def export_model(config: dict, out: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--params", default="params.yaml")
-    p.add_argument("--system", default="meld")
-    p.add_argument("--features", default=os.environ.get("MELD_FEATURES", "data/features"))
-    p.add_argument("--bpe", default=os.environ.get("MELD_BPE", "data/bpe/bpe.model"))
-    p.add_argument("--codebook", default=os.environ.get("MELD_CODEBOOK", "data/codebook"))
-    p.add_argument("--out", default=None, help="default: models/<system>")
-    p.add_argument("--project-root", default=".")
-    p.add_argument("--ray-storage", default=os.environ.get("MELD_RAY_STORAGE", "ray_results"))
+    env = os.environ.get
+    p.add_argument("--params", default=env("MELD_PARAMS", "params.yaml"))
+    p.add_argument("--system", default=env("MELD_SYSTEM", "meld"))
+    p.add_argument("--features", default=env("MELD_FEATURES", "data/features"))
+    p.add_argument("--bpe", default=env("MELD_BPE", "data/bpe/bpe.model"))
+    p.add_argument("--codebook", default=env("MELD_CODEBOOK", "data/codebook"))
+    p.add_argument("--out", default=env("MELD_OUT"), help="default: models/<system>")
+    p.add_argument("--project-root", default=env("MELD_PROJECT_ROOT", "."))
+    p.add_argument("--ray-storage", default=env("MELD_RAY_STORAGE", "ray_results"),
+                   help="Ray's run storage (a shared path or s3://... on a multi-node cluster)")
+    p.add_argument("--max-failures", type=int, default=int(env("MELD_MAX_FAILURES", "2")),
+                   help="worker-group restarts (each from the last checkpoint) before the run fails")
     args = p.parse_args(argv)
     args.out = args.out or f"models/{args.system}"
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -267,8 +520,9 @@ def main(argv: list[str] | None = None) -> int:
     config = prepare_config(args, params)
     tc = config["train"]
     init_ray(num_cpus=max(tc["num_workers"], os.cpu_count() or 1) if not tc["use_gpu"] else None)
-    result = run_training(config, num_workers=tc["num_workers"], use_gpu=tc["use_gpu"],
-                          storage_path=str(Path(args.ray_storage).resolve()))
+    storage = args.ray_storage if "://" in args.ray_storage else str(Path(args.ray_storage).resolve())
+    result = run_training(config, num_workers=tc["num_workers"], use_gpu=tc["use_gpu"], storage_path=storage,
+                          max_failures=args.max_failures)
     if result.error:
         raise result.error
     path = export_model(config, Path(args.out).resolve())

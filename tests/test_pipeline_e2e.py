@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 DEBUG_PARAMS = {
-    "systems": ["meld"],
+    "systems": ["meld", "meld_stt"],
     "corpus": {
         "name": "mini", "seed": 1, "train_voices": ["flite-rms", "flite-slt", "espeak-m3"],
         "held_out_voices": ["flite-awb"], "utterances_per_voice": {"train": 8, "dev": 1, "test": 2, "test_unseen": 2},
@@ -40,9 +40,11 @@ DEBUG_PARAMS = {
               "loss_weights": {"ce": 1.0, "mse_pre": 1.0, "mse_post": 1.0, "slowness": 0.2}, "task": "tts",
               "stt_warmup_steps": 0},
     "meld": {"model": {}, "train": {"task": "tts"}},
+    "meld_stt": {"model": {}, "train": {"task": "stt"}},
     "evaluate": {"splits": ["test_unseen"], "utterances_per_split": 1, "generations": 1, "prompt_seconds": 1.0,
                  "min_seconds": 1.5, "max_seconds": 12.0, "max_length_factor": 1.5, "audio_samples": 1,
-                 "ablations": False, "batch_size": 2},
+                 "ablations": False, "batch_size": 2, "stt_splits": ["test"], "stt_beam_size": 2,
+                 "stt_judge_model": "models/meld_stt/model.pt"},
     "mlflow": {"experiment": "e2e"},
 }
 
@@ -72,11 +74,15 @@ def test_whole_dag_runs_and_reruns_only_what_changed(tmp_path):
     subprocess.run([str(BIN / "dvc"), "init", "--no-scm", "-q"], cwd=work, env=env, check=True)
 
     first = _repro(work, env)
-    assert _stages_run(first) == {"corpus", "features", "codebook", "bpe", "train@meld", "evaluate@meld", "report"}
+    assert _stages_run(first) == {"corpus", "features", "codebook", "bpe", "train@meld", "evaluate@meld",
+                                  "train@meld_stt", "evaluate@meld_stt", "report"}
     metrics = json.loads((work / "metrics" / "meld.json").read_text())
     split = metrics["splits"]["test_unseen"]
     assert split["generations"] == 1 and split["duration_ratio"] > 0
     assert "wer" in split and 0.0 <= split["wer_ground_truth_vocoded"] <= 1.5
+    assert 0.0 <= split["wer_meld_stt_judge"] and 0.0 <= split["wer_ground_truth_meld_stt_judge"]
+    stt = json.loads((work / "metrics" / "meld_stt.json").read_text())
+    assert stt["task"] == "stt" and stt["stt"]["test"]["ref_words"] > 0 and not stt["splits"]
     assert (work / "models" / "meld" / "model.pt").is_file()
     assert "| meld | test_unseen |" in (work / "reports" / "summary.md").read_text()
 
@@ -84,7 +90,7 @@ def test_whole_dag_runs_and_reruns_only_what_changed(tmp_path):
     assert _stages_run(second) == set(), second[-2000:]
 
     params = yaml.safe_load((work / "params.yaml").read_text())
-    params["train"]["lr"] = 0.002
+    params["meld"]["train"]["lr"] = 0.002  # a training parameter of one system only
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     third = _repro(work, env)
     assert _stages_run(third) == {"train@meld", "evaluate@meld", "report"}

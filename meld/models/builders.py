@@ -8,6 +8,9 @@ from torch import nn
 
 from meld.features import N_MELS
 
+SYSTEMS = ("meld", "meld_stt", "meld_joint", "melle", "mel_lm", "dmel", "codec_lm")
+NEEDS_CODEBOOK = ("meld", "meld_stt", "meld_joint")
+
 
 def meld_kwargs(model_cfg, *, n_text: int, codebook_size: int) -> dict[str, Any]:
     """Constructor kwargs of :class:`MELD` from a ModelConfig section and the data sizes."""
@@ -36,13 +39,64 @@ def meld_kwargs(model_cfg, *, n_text: int, codebook_size: int) -> dict[str, Any]
     )
 
 
+def system_kwargs(system: str, model_cfg, *, n_text: int, codebook_size: int | None = None,
+                  args: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Constructor kwargs for any system: the shared ModelConfig plus system-specific ``args``.
+
+    Args:
+        system: one of :data:`SYSTEMS`.
+        model_cfg: the merged ``model`` section.
+        n_text: BPE vocabulary size.
+        codebook_size: k-means codes (MELD systems only).
+        args: the system's own constructor arguments from params (``<system>.args``).
+    """
+    args = dict(args or {})
+    if system in NEEDS_CODEBOOK:
+        if codebook_size is None:
+            raise ValueError(f"{system} needs a codebook size")
+        return meld_kwargs(model_cfg, n_text=n_text, codebook_size=codebook_size) | args
+    if system == "melle":
+        from meld.models.melle import melle_kwargs
+
+        return melle_kwargs(model_cfg, n_text=n_text, **args)
+    if system == "mel_lm":
+        from meld.models.mel_lm import mel_lm_kwargs
+
+        return mel_lm_kwargs(model_cfg, n_text=n_text, **args)
+    if system == "dmel":
+        from meld.models.dmel import dmel_kwargs
+
+        return dmel_kwargs(model_cfg, n_text=n_text, **args)
+    if system == "codec_lm":
+        from meld.models.codec_lm import codec_lm_kwargs
+
+        return codec_lm_kwargs(model_cfg, n_text=n_text, **args)
+    raise ValueError(f"unknown system {system!r}; known: {', '.join(SYSTEMS)}")
+
+
 def model_class(system: str):
     """The class that implements a system (``meld``, ``meld_stt`` and ``meld_joint`` share MELD)."""
-    if system in ("meld", "meld_stt", "meld_joint"):
+    if system in NEEDS_CODEBOOK:
         from meld.models.meld import MELD
 
         return MELD
-    raise ValueError(f"unknown system {system!r}")
+    if system == "melle":
+        from meld.models.melle import MELLE
+
+        return MELLE
+    if system == "mel_lm":
+        from meld.models.mel_lm import MelLM
+
+        return MelLM
+    if system == "dmel":
+        from meld.models.dmel import DMel
+
+        return DMel
+    if system == "codec_lm":
+        from meld.models.codec_lm import CodecLM
+
+        return CodecLM
+    raise ValueError(f"unknown system {system!r}; known: {', '.join(SYSTEMS)}")
 
 
 def build_model(system: str, kwargs: dict[str, Any]) -> nn.Module:

@@ -48,7 +48,11 @@ def delay_codes(codes: torch.Tensor, codes_len: torch.Tensor, *, eos: int, empty
     B, T, K = codes.shape
     s = torch.arange(T + K, device=codes.device)[:, None]
     frame = s - torch.arange(K, device=codes.device)[None, :]  # (T+K, K) frame each entry belongs to
-    src = codes.gather(1, frame.clamp(0, max(T - 1, 0)).expand(B, -1, -1)) if T else codes.new_zeros(B, T + K, K)
+    src = (
+        codes.gather(1, frame.clamp(0, max(T - 1, 0)).expand(B, -1, -1))
+        if T
+        else codes.new_zeros(B, T + K, K)
+    )
     out = torch.where(frame[None] >= codes_len[:, None, None], torch.full_like(src, eos), src)
     return torch.where(frame[None] < 0, torch.full_like(out, empty), out)
 
@@ -56,7 +60,10 @@ def delay_codes(codes: torch.Tensor, codes_len: torch.Tensor, *, eos: int, empty
 def undelay_codes(delayed: torch.Tensor, n_frames: int) -> torch.Tensor:
     """(B, S, K) delayed grid -> (B, n_frames, K): ``codes[b, t, k] = D[b, t+k, k]`` (needs S >= n_frames + K - 1)."""
     B, S, K = delayed.shape
-    idx = torch.arange(n_frames, device=delayed.device)[:, None] + torch.arange(K, device=delayed.device)[None, :]
+    idx = (
+        torch.arange(n_frames, device=delayed.device)[:, None]
+        + torch.arange(K, device=delayed.device)[None, :]
+    )
     return delayed.gather(1, idx.expand(B, -1, -1))
 
 
@@ -148,11 +155,15 @@ class CodecLM(nn.Module):
         x = torch.cat([text_emb, tts_emb, self.level_emb(delayed[:, : T + K - 1])], dim=1)  # (B, L+T+K, d)
         valid = torch.cat([text_valid, tts_valid, step_valid], dim=1)
         h = self.backbone(x, self._positions(valid), valid)[:, L:]  # (B, T+K, d)
-        frame = torch.arange(T + K, device=codes.device)[:, None] - torch.arange(K, device=codes.device)[None, :]
+        frame = (
+            torch.arange(T + K, device=codes.device)[:, None] - torch.arange(K, device=codes.device)[None, :]
+        )
         trained = (frame[None] >= 0) & (frame[None] <= codes_len[:, None, None])  # codes and the first <EOS>
         return CodecTTSOutput(self._logits(h), delayed.masked_fill(~trained, -100))
 
-    def compute_losses(self, batch: dict, task: str = "tts", generator: torch.Generator | None = None) -> dict:
+    def compute_losses(
+        self, batch: dict, task: str = "tts", generator: torch.Generator | None = None
+    ) -> dict:
         """``loss/ce_codes``: mean cross-entropy over every level's codes and <EOS> (unweighted).
 
         Batch: codes (B, T, K) int64, codes_len (B,), text (B, L), text_len (B,). TTS only.
@@ -222,22 +233,33 @@ class CodecLM(nn.Module):
             frame = plen[:, None] + g - levels[None, :]  # (b, K) frame index each head speaks for
             logits = self._logits(h_last)  # (b, K, N+1)
             b = logits.shape[0]
-            sampled = sample(logits.reshape(b * K, -1), temperature=temperature, top_k=top_k, top_p=top_p,
-                             generator=generator).view(b, K)
+            sampled = sample(
+                logits.reshape(b * K, -1),
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                generator=generator,
+            ).view(b, K)
             known = frame < plen[:, None]  # prompt frames (and the <EMPTY> corner) are not sampled
             free_eos = (sampled == self.eos) & ~known & (frame < end[:, None])
-            new_end = torch.where(free_eos, frame, torch.full_like(frame, torch.iinfo(frame.dtype).max)).amin(-1)
+            never = torch.full_like(frame, torch.iinfo(frame.dtype).max)
+            new_end = torch.where(free_eos, frame, never).amin(-1)  # earliest frame a head ended
             stopped = stopped | (new_end < end)
             end = torch.minimum(end, new_end)
-            prompt_tok = prompt_codes[active[:, None], frame.clamp(0, max(P - 1, 0)), levels[None, :]] if P else sampled
+            prompt_tok = (
+                prompt_codes[active[:, None], frame.clamp(0, max(P - 1, 0)), levels[None, :]]
+                if P
+                else sampled
+            )
             chosen = torch.where(frame >= end[:, None], torch.full_like(sampled, self.eos), sampled)
             chosen = torch.where(known, prompt_tok, chosen)
             chosen = torch.where(frame < 0, torch.full_like(sampled, self.empty), chosen)
             # done once the last level has passed the last real frame that still needed generating
             done = torch.maximum(plen + g - K + 2, plen) >= end
-            for row, i in enumerate(active.tolist()):  # one host sync per step
+            done_rows = done.tolist()  # one host sync per step
+            for row, i in enumerate(active.tolist()):
                 steps[i].append(chosen[row])
-                if done[row]:
+                if done_rows[row]:
                     ends[i], hit_max[i] = int(end[row]), not bool(stopped[row])
             if bool(done.all()):
                 break
@@ -263,7 +285,9 @@ class CodecLM(nn.Module):
         return Generation(frames, hit_max, level0)
 
 
-def codec_lm_kwargs(model_cfg, *, n_text: int, n_levels: int = 12, codebook_size: int = 1024) -> dict[str, Any]:
+def codec_lm_kwargs(
+    model_cfg, *, n_text: int, n_levels: int = 12, codebook_size: int = 1024
+) -> dict[str, Any]:
     """Constructor kwargs of :class:`CodecLM` from a ModelConfig section (DAC 16 kHz: 12 levels of 1024)."""
     return dict(
         n_text=n_text,
@@ -285,8 +309,17 @@ class _WeightNormConv(nn.Module):
     parameter layout of ``torch.nn.utils.weight_norm`` that DAC's released weights use.
     """
 
-    def __init__(self, c_in: int, c_out: int, kernel: int, *, stride: int = 1, padding: int = 0,
-                 dilation: int = 1, transpose: bool = False):
+    def __init__(
+        self,
+        c_in: int,
+        c_out: int,
+        kernel: int,
+        *,
+        stride: int = 1,
+        padding: int = 0,
+        dilation: int = 1,
+        transpose: bool = False,
+    ):
         super().__init__()
         self.transpose, self.stride, self.padding, self.dilation = transpose, stride, padding, dilation
         shape = (c_in, c_out, kernel) if transpose else (c_out, c_in, kernel)
@@ -319,8 +352,10 @@ class _ResidualUnit(nn.Module):
     def __init__(self, dim: int, dilation: int):
         super().__init__()
         self.block = nn.Sequential(
-            _Snake(dim), _WeightNormConv(dim, dim, 7, dilation=dilation, padding=3 * dilation),
-            _Snake(dim), _WeightNormConv(dim, dim, 1),
+            _Snake(dim),
+            _WeightNormConv(dim, dim, 7, dilation=dilation, padding=3 * dilation),
+            _Snake(dim),
+            _WeightNormConv(dim, dim, 1),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -350,7 +385,10 @@ class _EncoderBlock(nn.Module):
         super().__init__()
         half = dim // 2
         self.block = nn.Sequential(
-            _ResidualUnit(half, 1), _ResidualUnit(half, 3), _ResidualUnit(half, 9), _Snake(half),
+            _ResidualUnit(half, 1),
+            _ResidualUnit(half, 3),
+            _ResidualUnit(half, 9),
+            _Snake(half),
             _WeightNormConv(half, dim, 2 * stride, stride=stride, padding=math.ceil(stride / 2)),
         )
 
@@ -363,8 +401,12 @@ class _DecoderBlock(nn.Module):
         super().__init__()
         self.block = nn.Sequential(
             _Snake(c_in),
-            _WeightNormConv(c_in, c_out, 2 * stride, stride=stride, padding=math.ceil(stride / 2), transpose=True),
-            _ResidualUnit(c_out, 1), _ResidualUnit(c_out, 3), _ResidualUnit(c_out, 9),
+            _WeightNormConv(
+                c_in, c_out, 2 * stride, stride=stride, padding=math.ceil(stride / 2), transpose=True
+            ),
+            _ResidualUnit(c_out, 1),
+            _ResidualUnit(c_out, 3),
+            _ResidualUnit(c_out, 9),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -393,7 +435,9 @@ class _ResidualVQ(nn.Module):
 
     def __init__(self, dim: int, n_codebooks: int, codebook_size: int, codebook_dim: int):
         super().__init__()
-        self.quantizers = nn.ModuleList(_Quantizer(dim, codebook_size, codebook_dim) for _ in range(n_codebooks))
+        self.quantizers = nn.ModuleList(
+            _Quantizer(dim, codebook_size, codebook_dim) for _ in range(n_codebooks)
+        )
 
     def encode(self, z: torch.Tensor) -> torch.Tensor:
         """(B, D, T) latents -> (B, T, K) codes."""
@@ -486,8 +530,17 @@ class DACCodec(nn.Module):
         kwargs: dict[str, Any] = {}
         if isinstance(state, dict) and "state_dict" in state:
             meta = (state.get("metadata") or {}).get("kwargs") or {}
-            known = {"encoder_dim", "encoder_rates", "latent_dim", "decoder_dim", "decoder_rates",
-                     "n_codebooks", "codebook_size", "codebook_dim", "sample_rate"}
+            known = {
+                "encoder_dim",
+                "encoder_rates",
+                "latent_dim",
+                "decoder_dim",
+                "decoder_rates",
+                "n_codebooks",
+                "codebook_size",
+                "codebook_dim",
+                "sample_rate",
+            }
             kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in meta.items() if k in known}
             state = state["state_dict"]
         codec = cls(**{**kwargs, **overrides})

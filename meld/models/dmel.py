@@ -34,7 +34,8 @@ from torch import nn
 
 from meld.features import N_MELS
 from meld.models.backbone import Backbone, KVCache
-from meld.models.meld import Generation, STTOutput, lengths_to_mask
+from meld.models.layers import group_frames, spec_augment, ungroup_frames
+from meld.models.meld import Generation, STTOutput, _rows, lengths_to_mask
 from meld.models.vocab import EOS, PAD, STT, TTS, UnionVocab
 from meld.sampling import sample
 
@@ -88,6 +89,8 @@ class DMel(nn.Module):
         n_bins: uniform bins per channel (dMel: 16).
         lo, hi: range of the bins in normalised log-mel units; values outside are clipped.
         d_model, n_layers, n_heads, d_ff, dropout: backbone.
+        specaug_*: SpecAugment on STT inputs while training, as MELD (masks in 80-channel frames,
+            applied to the continuous frames before they are discretised).
     """
 
     system = "dmel"
@@ -105,8 +108,20 @@ class DMel(nn.Module):
         n_heads: int,
         d_ff: int,
         dropout: float,
+        specaug_freq_masks: int = 2,
+        specaug_freq_width: int = 30,
+        specaug_time_masks: int = 2,
+        specaug_time_width: int = 50,
+        specaug_max_time_fraction: float = 0.2,
     ):
         super().__init__()
+        self.specaug = dict(
+            freq_masks=specaug_freq_masks,
+            freq_width=specaug_freq_width,
+            time_masks=specaug_time_masks,
+            time_width=specaug_time_width,
+            max_time_fraction=specaug_max_time_fraction,
+        )
         if n_bins < 2 or not hi > lo:
             raise ValueError(f"need n_bins >= 2 and hi > lo, got n_bins={n_bins}, lo={lo}, hi={hi}")
         self.vocab = UnionVocab(n_text=n_text, n_codes=0)
@@ -164,7 +179,9 @@ class DMel(nn.Module):
             step_mask=step_mask,
         )
 
-    def forward_stt(self, mel: torch.Tensor, mel_len: torch.Tensor, text: torch.Tensor, text_len: torch.Tensor) -> STTOutput:
+    def forward_stt(
+        self, mel: torch.Tensor, mel_len: torch.Tensor, text: torch.Tensor, text_len: torch.Tensor
+    ) -> STTOutput:
         """Teacher-forced STT pass: discretised frames, <STT>, text -> text <EOS>."""
         B, T, _ = mel.shape
         L = text.shape[1]
@@ -180,27 +197,46 @@ class DMel(nn.Module):
         targets[torch.arange(B, device=mel.device), text_len] = EOS
         return STTOutput(logits, targets)
 
-    def compute_losses(self, batch: dict, task: str = "tts", generator: torch.Generator | None = None) -> dict:
+    def compute_losses(
+        self, batch: dict, task: str = "tts", generator: torch.Generator | None = None
+    ) -> dict:
         """Namespaced, unweighted losses.
 
         tts: ``loss/ce_channels`` (mean over real frames and channels) and ``loss/eos``
-        (binary cross-entropy of the <EOS> head over steps 0..T_b). stt: ``loss/stt_ce``.
-        ``generator`` is accepted for interface parity (dMel draws nothing at training).
+        (binary cross-entropy of the <EOS> head over steps 0..T_b). stt: ``loss/stt_ce``
+        (SpecAugment while training, drawn from ``generator``). joint: half the rows each, as MELD.
         """
         if task == "tts":
             out = self.forward_tts(batch["text"], batch["text_len"], batch["mel"], batch["mel_len"])
             targets = out.bin_targets.masked_fill(~out.frame_mask[..., None], -100)
             ce = F.cross_entropy(out.bin_logits.flatten(0, 2).float(), targets.flatten(), ignore_index=-100)
             T = out.bin_targets.shape[1]
-            eos_target = (torch.arange(T + 1, device=targets.device)[None] == batch["mel_len"][:, None]).float()
+            eos_target = (
+                torch.arange(T + 1, device=targets.device)[None] == batch["mel_len"][:, None]
+            ).float()
             eos = F.binary_cross_entropy_with_logits(out.eos_logits.float(), eos_target, reduction="none")
             m = out.step_mask.float()
             return {"loss/ce_channels": ce, "loss/eos": (eos * m).sum() / m.sum().clamp_min(1.0)}
         if task == "stt":
-            out = self.forward_stt(batch["mel"], batch["mel_len"], batch["text"], batch["text_len"])
+            mel = self.augment(batch["mel"], batch["mel_len"], generator) if self.training else batch["mel"]
+            out = self.forward_stt(mel, batch["mel_len"], batch["text"], batch["text_len"])
             ce = F.cross_entropy(out.logits.flatten(0, 1).float(), out.targets.flatten(), ignore_index=PAD)
             return {"loss/stt_ce": ce}
-        raise ValueError(f"unknown task {task!r} (expected 'tts' or 'stt')")
+        if task == "joint":  # half the batch speaks (TTS), the other half is transcribed (STT)
+            B = batch["mel"].shape[0]
+            tts_rows, stt_rows = (torch.arange(0, B, 2), torch.arange(1, B, 2)) if B > 1 else ([0], [0])
+            losses = self.compute_losses(_rows(batch, tts_rows), "tts", generator)
+            losses.update(self.compute_losses(_rows(batch, stt_rows), "stt", generator))
+            return losses
+        raise ValueError(f"unknown task {task!r} (expected 'tts', 'stt' or 'joint')")
+
+    def augment(
+        self, mel: torch.Tensor, mel_len: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """SpecAugment on grouped frames, applied in the 80-channel view (as MELD)."""
+        r = self.frame_dim // N_MELS
+        flat = spec_augment(ungroup_frames(mel, r), mel_len * r, generator=generator, **self.specaug)
+        return group_frames(flat, r)
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
@@ -259,7 +295,9 @@ class DMel(nn.Module):
             b = h_last.shape[0]
             eos_logit = self.eos_head(h_last)  # (b, 1)
             two_way = torch.cat([torch.zeros_like(eos_logit), eos_logit], dim=-1)  # (b, 2): frame, <EOS>
-            stop = sample(two_way, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator) == 1
+            stop = (
+                sample(two_way, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator) == 1
+            )
             logits = self._bin_logits(h_last).reshape(b * self.frame_dim, self.n_bins)
             bins = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
             bins = bins.view(b, self.frame_dim)  # (b, C)
@@ -284,7 +322,9 @@ class DMel(nn.Module):
 
     # ------------------------------------------------------------------ STT inference
     @torch.no_grad()
-    def stt_prefix(self, mel: torch.Tensor, mel_len: torch.Tensor, max_new: int) -> tuple[torch.Tensor, KVCache, torch.Tensor]:
+    def stt_prefix(
+        self, mel: torch.Tensor, mel_len: torch.Tensor, max_new: int
+    ) -> tuple[torch.Tensor, KVCache, torch.Tensor]:
         """Encode ``x_1..x_T <STT>`` into a fresh cache; returns (h at <STT>, cache, next positions)."""
         self.eval()
         B, T, _ = mel.shape
@@ -330,4 +370,9 @@ def dmel_kwargs(
         n_heads=model_cfg.n_heads,
         d_ff=model_cfg.d_ff,
         dropout=model_cfg.dropout,
+        specaug_freq_masks=model_cfg.specaug_freq_masks,
+        specaug_freq_width=model_cfg.specaug_freq_width,
+        specaug_time_masks=model_cfg.specaug_time_masks,
+        specaug_time_width=model_cfg.specaug_time_width,
+        specaug_max_time_fraction=model_cfg.specaug_max_time_fraction,
     )

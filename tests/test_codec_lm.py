@@ -1,0 +1,189 @@
+"""Properties of the Codec-LM system and the DAC codec: delay pattern, causality, KV cache, EOS, checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from meld.config import ModelConfig
+from meld.models.codec_lm import (
+    DAC_FRAME_RATE,
+    CodecLM,
+    DACCodec,
+    codec_lm_kwargs,
+    delay_codes,
+    undelay_codes,
+)
+from meld.training import build_optimizer, load_checkpoint, save_checkpoint
+
+K, N = 4, 16  # tiny: 4 levels of 16 codes (the real system: 12 of 1024)
+TINY = dict(n_levels=K, codebook_size=N, d_model=32, n_layers=2, n_heads=4, d_ff=64, dropout=0.0)
+
+
+def tiny_codec_lm(n_text: int = 20, seed: int = 0, **over):
+    torch.manual_seed(seed)
+    kwargs = {**TINY, **over, "n_text": n_text}
+    return CodecLM(**kwargs), kwargs
+
+
+def code_batch(B: int = 3, T: int = 7, L: int = 5, seed: int = 1, n_text: int = 20):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "codes": torch.randint(0, N, (B, T, K), generator=g),
+        "codes_len": torch.tensor([T, T - 2, 2])[:B],
+        "text": torch.randint(0, n_text, (B, L), generator=g),
+        "text_len": torch.tensor([L, L - 1, 2])[:B],
+    }
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+def test_delay_then_undelay_is_identity():
+    batch = code_batch()
+    codes, lens = batch["codes"], batch["codes_len"]
+    delayed = delay_codes(codes, lens, eos=N, empty=N + 1)  # (B, T+K, K)
+    T = codes.shape[1]
+    assert delayed.shape == (3, T + K, K)
+    back = undelay_codes(delayed, T)
+    for b in range(3):
+        n = int(lens[b])
+        assert torch.equal(back[b, :n], codes[b, :n])
+        assert (back[b, n:] == N).all()  # past the end: <EOS>
+    for k in range(K):  # level k starts k steps late and ends with <EOS> at step len + k
+        assert (delayed[:, :k, k] == N + 1).all()
+        assert torch.equal(delayed[0, k : k + T, k], codes[0, :, k])
+        assert int(delayed[1, int(lens[1]) + k, k]) == N
+
+
+def test_logits_are_causal_by_gradient():
+    model, _ = tiny_codec_lm()
+    model.eval()
+    batch = code_batch(B=1)
+    captured = {}
+    model.level_emb.register_forward_hook(lambda mod, inp, out: captured.setdefault("emb", out))
+    out = model.forward_tts(batch["text"], batch["text_len"], batch["codes"], batch["codes_len"])
+    emb = captured["emb"]  # (1, T+K-1, d) delayed inputs D_0 .. D_{T+K-2}
+    for s in (1, 3, 8):
+        (grad,) = torch.autograd.grad(out.logits[:, s].sum(), emb, retain_graph=True)
+        assert grad[:, s:].abs().max() == 0, f"step {s} sees delayed steps at or after {s}"
+        assert grad[:, :s].abs().sum() > 0
+
+
+def test_kv_cached_generation_equals_full_pass():
+    model, _ = tiny_codec_lm()
+    with torch.no_grad():  # no <EOS> anywhere: every row runs to the guard
+        model.head.bias.view(K, N + 1)[:, N] = -1e4
+    batch = code_batch()
+    prompt_len = torch.tensor([7, 3, 0])
+    steps = []
+    hook = model.head.register_forward_hook(lambda mod, inp, out: steps.append(out))
+    M = 3
+    gen = model.generate(batch["text"], batch["text_len"], batch["codes"], prompt_len, max_frames=M, top_k=1)
+    hook.remove()
+    assert gen.hit_max_length == [True] * 3
+    assert all(f.shape == (M, K) and f.dtype == torch.long for f in gen.frames)
+    assert len(steps) == M + K - 1  # the delay pattern's tail: K - 1 steps after the last level-0 code
+    full = torch.zeros(3, 7 + M, K, dtype=torch.long)
+    for b in range(3):
+        p = int(prompt_len[b])
+        full[b, :p] = batch["codes"][b, :p]
+        full[b, p : p + M] = gen.frames[b]
+    with torch.no_grad():
+        out = model.forward_tts(batch["text"], batch["text_len"], full, prompt_len + M)
+    for g, step in enumerate(steps):
+        ref = out.logits[torch.arange(3), prompt_len + g].flatten(1)  # (3, K * (N+1))
+        assert _rel(step, ref) <= 1e-5, f"step {g}"
+
+
+def test_eos_in_any_head_stops_and_the_tail_is_finished(monkeypatch):
+    model, _ = tiny_codec_lm()
+    batch = code_batch(B=2)
+    calls = {"n": 0}
+
+    def fake_logits(h):  # always code 3, except level 2 says <EOS> at generation step 5
+        out = torch.full((h.shape[0], K, N + 1), -10.0)
+        out[..., 3] = 10.0
+        if calls["n"] == 5:
+            out[:, 2, N] = 100.0
+        calls["n"] += 1
+        return out
+
+    monkeypatch.setattr(model, "_logits", fake_logits)
+    prompt_len = torch.tensor([4, 0])
+    gen = model.generate(batch["text"], batch["text_len"], batch["codes"], prompt_len, max_frames=20, top_k=1)
+    # at step 5 level 2 speaks for frame P + 5 - 2: the utterance ends there, 3 frames generated
+    assert gen.hit_max_length == [False, False]
+    for frames in gen.frames:
+        assert frames.shape == (3, K) and (frames == 3).all()
+    assert calls["n"] == 3 + K - 1  # the higher levels finished frames 0..2, then it stopped
+
+
+def test_tiny_codec_lm_overfits_a_fixed_batch():
+    model, _ = tiny_codec_lm()
+    batch = code_batch(B=2)
+    opt = build_optimizer(model, lr=3e-3, weight_decay=0.0)
+    first = None
+    for _ in range(150):
+        loss = model.compute_losses(batch)["loss/ce_codes"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = first or float(loss.detach())
+    assert float(loss.detach()) < first / 10
+    with pytest.raises(ValueError):
+        model.compute_losses(batch, "stt")
+
+
+def test_checkpoint_round_trip_rebuilds_from_kwargs(tmp_path):
+    cfg = ModelConfig(d_model=32, n_layers=1, n_heads=4, d_ff=64, dropout=0.0)
+    kwargs = codec_lm_kwargs(cfg, n_text=20, n_levels=K, codebook_size=N)
+    json.dumps(kwargs)
+    torch.manual_seed(0)
+    model = CodecLM(**kwargs).eval()
+    save_checkpoint(tmp_path / "step-1.pt", system=CodecLM.system, model=model, model_kwargs=kwargs, step=1)
+    state = load_checkpoint(tmp_path / "step-1.pt")
+    assert state["system"] == "codec_lm"
+    rebuilt = CodecLM(**state["model_kwargs"])
+    rebuilt.load_state_dict(state["model"])
+    rebuilt.eval()
+    batch = code_batch()
+    assert torch.equal(
+        model.compute_losses(batch)["loss/ce_codes"], rebuilt.compute_losses(batch)["loss/ce_codes"]
+    )
+
+
+TINY_DAC = dict(encoder_dim=4, decoder_dim=32, n_codebooks=12, codebook_size=1024, codebook_dim=8)
+
+
+def test_random_dac_encode_decode_shapes_and_weight_loading(tmp_path):
+    torch.manual_seed(0)
+    codec = DACCodec(**TINY_DAC).eval()  # DAC's 16 kHz strides, narrow channels
+    assert codec.hop_length == 320 and codec.frame_rate == DAC_FRAME_RATE == 50.0
+    wav = 0.1 * torch.randn(8000)  # 0.5 s at 16 kHz
+    codes = codec.encode(wav)
+    assert codes.shape == (25, 12) and codes.dtype == torch.long
+    assert 0 <= int(codes.min()) and int(codes.max()) < 1024
+    audio = codec.decode(codes)
+    assert audio.ndim == 1 and abs(audio.shape[0] - 25 * 320) < 320 and audio.abs().max() <= 1.0
+    # parameter layout of descript-audio-codec, so its released weights load
+    names = set(codec.state_dict())
+    for name in (
+        "encoder.block.0.weight_g",
+        "encoder.block.1.block.0.block.1.weight_v",
+        "quantizer.quantizers.11.codebook.weight",
+        "quantizer.quantizers.0.in_proj.weight_g",
+        "decoder.model.1.block.1.weight_v",
+        "decoder.model.5.alpha",
+    ):
+        assert name in names, name
+    # DAC's file format: {"state_dict", "metadata": {"kwargs"}}; the architecture comes from the metadata
+    torch.save(
+        {"state_dict": codec.state_dict(), "metadata": {"kwargs": {**TINY_DAC, "sample_rate": 16000}}},
+        tmp_path / "weights.pth",
+    )
+    loaded = DACCodec.load(tmp_path / "weights.pth")
+    assert torch.equal(loaded.encode(wav), codes)

@@ -1,0 +1,192 @@
+"""Properties of Mel-LM (decoder-only Tacotron 2): causality, KV cache, overfitting, checkpoints, stop."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_batch
+from torch import nn
+
+from meld.config import ModelConfig
+from meld.models.mel_lm import MelLM, mel_lm_kwargs, stop_bce
+from meld.training import build_optimizer, build_scheduler, load_checkpoint, save_checkpoint, train_step
+
+TINY_MEL_LM = dict(
+    d_model=32,
+    n_layers=2,
+    n_heads=4,
+    d_ff=64,
+    dropout=0.0,
+    encoder_hidden=32,
+    encoder_dropout=0.5,
+    postnet_channels=16,
+    postnet_kernel=5,
+    postnet_layers=3,
+    postnet_dropout=0.0,
+)
+WEIGHTS = {"mse_pre": 1.0, "mse_post": 1.0, "slowness": 0.2, "stop": 1.0}
+
+
+def tiny_mel_lm(reduction: int = 1, n_text: int = 20, seed: int = 0, **over) -> tuple[MelLM, dict]:
+    torch.manual_seed(seed)
+    kwargs = {**TINY_MEL_LM, **over, "n_text": n_text, "frame_dim": 80 * reduction}
+    return MelLM(**kwargs), kwargs
+
+
+class ScheduledStop(nn.Module):
+    """A stop head for tests: at the k-th call, the batch's first row stops when k is in ``stop_at``."""
+
+    def __init__(self, stop_at: set[int]):
+        super().__init__()
+        self.stop_at, self.calls = stop_at, 0
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        out = torch.full((h.shape[0], 1), -30.0)
+        if self.calls in self.stop_at:
+            out[0] = 30.0
+        self.calls += 1
+        return out
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread, and the CI machine's cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+def test_predictions_are_causal_by_gradient():
+    model, _ = tiny_mel_lm()
+    model.eval()
+    batch = tiny_batch(B=1, T=10)
+    mel = batch["mel"].clone().requires_grad_(True)
+    out = model.forward_tts(batch["text"], batch["text_len"], mel, batch["mel_len"])
+    for k in (1, 4, 8):
+        for name, pred in (("frame", out.mel_pre[:, k]), ("stop", out.stop_logits[:, k])):
+            (grad,) = torch.autograd.grad(pred.sum(), mel, retain_graph=True)
+            assert grad[:, k:].abs().max() == 0, f"{name} prediction {k} sees frames at or after {k}"
+            assert grad[:, :k].abs().sum() > 0, f"{name} prediction {k} ignores its past"
+
+
+def test_kv_cached_generation_equals_full_teacher_forced_pass():
+    model, _ = tiny_mel_lm(reduction=2)
+    batch = tiny_batch(reduction=2, B=3, T=5)
+    prompt_len = torch.tensor([5, 2, 0])  # a full, a right-padded and an empty prompt
+    model.stop_head = ScheduledStop({2, 4})  # rows leave the batch after 2 and 4 frames
+    gen = model.generate(
+        batch["text"], batch["text_len"], batch["mel"], prompt_len, max_frames=6, test_time_dropout=False
+    )
+    assert [f.shape[0] for f in gen.frames_pre] == [2, 4, 6]
+    assert gen.hit_max_length == [False, False, True]
+    seqs = [torch.cat([batch["mel"][b, : prompt_len[b]], gen.frames_pre[b]]) for b in range(3)]
+    mel_len = torch.tensor([s.shape[0] for s in seqs])
+    mel = torch.zeros(3, int(mel_len.max()), 160)
+    for b, s in enumerate(seqs):
+        mel[b, : s.shape[0]] = s
+    with torch.no_grad():
+        out = model.forward_tts(batch["text"], batch["text_len"], mel, mel_len)
+    for b in range(3):
+        p, n = int(prompt_len[b]), gen.frames_pre[b].shape[0]
+        assert _rel(gen.frames_pre[b], out.mel_pre[b, p : p + n]) <= 1e-5, f"row {b}"
+        assert torch.allclose(gen.frames[b], model.postnet(gen.frames_pre[b][None])[0])
+
+
+def test_stop_predictor_ends_generation():
+    model, _ = tiny_mel_lm(reduction=3)
+    batch = tiny_batch(reduction=3, B=2, T=4)
+    with torch.no_grad():
+        model.stop_head.weight.zero_()
+        model.stop_head.bias.fill_(20.0)
+    gen = model.generate(batch["text"], batch["text_len"], batch["mel"], batch["mel_len"], max_frames=5)
+    assert [f.shape for f in gen.frames] == [torch.Size([0, 240])] * 2
+    assert gen.hit_max_length == [False, False] and gen.codes == [[], []]
+    with torch.no_grad():
+        model.stop_head.bias.fill_(-20.0)
+    empty_prompt = batch["mel"][:, :0]
+    gen = model.generate(
+        batch["text"], batch["text_len"], empty_prompt, torch.zeros(2, dtype=torch.long), max_frames=5
+    )
+    assert [f.shape for f in gen.frames] == [torch.Size([5, 240])] * 2
+    assert gen.hit_max_length == [True, True]
+
+
+def test_stop_bce_matches_hand_computation():
+    logits = torch.tensor([[0.5, -1.0, 2.0, 0.3], [1.5, -0.2, 9.0, 9.0]])
+    mel_len = torch.tensor([3, 1])  # steps 0..3 and 0..1 are real; the stop is at step 3 and step 1
+    pw = 7.0
+
+    def bce(x, y):
+        s = torch.sigmoid(torch.tensor(x))
+        return float(-(pw * y * torch.log(s) + (1 - y) * torch.log(1 - s)))
+
+    terms = [bce(0.5, 0), bce(-1.0, 0), bce(2.0, 0), bce(0.3, 1), bce(1.5, 0), bce(-0.2, 1)]
+    assert float(stop_bce(logits, mel_len, pw)) == pytest.approx(sum(terms) / len(terms), rel=1e-6)
+
+
+def test_tiny_mel_lm_overfits_a_fixed_batch():
+    model, _ = tiny_mel_lm(encoder_dropout=0.1)
+    batch = tiny_batch(B=2, T=8)
+    opt = build_optimizer(model, lr=3e-3, weight_decay=0.0)
+    sched = build_scheduler(opt, warmup=1, hold=10_000, decay=0)
+    first = last = None
+    for _ in range(80):
+        last = train_step(model, opt, sched, batch, task="tts", loss_weights=WEIGHTS, grad_clip=10.0)
+        first = first or last
+    assert last["loss/mse_post"] < first["loss/mse_post"] / 10
+    assert last["loss/stop"] < first["loss/stop"] / 10
+
+
+def test_checkpoint_round_trip_rebuilds_an_identical_model(tmp_path):
+    kwargs = mel_lm_kwargs(
+        ModelConfig(
+            d_model=32,
+            n_heads=4,
+            n_layers=2,
+            d_ff=64,
+            encoder_hidden=32,
+            postnet_channels=16,
+            postnet_layers=3,
+            reduction_factor=2,
+        ),
+        n_text=20,
+    )
+    kwargs = json.loads(json.dumps(kwargs))  # stored as JSON-able model_kwargs
+    torch.manual_seed(0)
+    model = MelLM(**kwargs)
+    batch = tiny_batch(reduction=2, B=2, T=6)
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.0)
+    train_step(
+        model, opt, build_scheduler(opt, 1, 10, 0), batch, task="tts", loss_weights=WEIGHTS, grad_clip=10.0
+    )
+    save_checkpoint(tmp_path / "model.pt", system=model.system, model=model, model_kwargs=kwargs, step=1)
+
+    state = load_checkpoint(tmp_path / "model.pt")
+    assert state["system"] == "mel_lm"
+    clone = MelLM(**state["model_kwargs"])
+    clone.load_state_dict(state["model"])
+    outs = []
+    for m in (model, clone):
+        m.eval()
+        torch.manual_seed(3)  # test-time dropout draws from the global RNG
+        gen = m.generate(batch["text"], batch["text_len"], batch["mel"], batch["mel_len"], max_frames=4)
+        with torch.no_grad():
+            losses = m.compute_losses(batch)
+        outs.append((gen, losses))
+    (g1, l1), (g2, l2) = outs
+    for a, b in zip(g1.frames, g2.frames):
+        assert torch.equal(a, b)
+    assert all(torch.equal(l1[k], l2[k]) for k in l1)
+
+
+def test_only_tts_is_supported():
+    model, _ = tiny_mel_lm()
+    with pytest.raises(ValueError, match="TTS-only"):
+        model.compute_losses(tiny_batch(), task="stt")
