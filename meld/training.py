@@ -83,7 +83,7 @@ def train_step(
         metrics: ``loss/<name>`` per component, ``loss/total``, ``grad/norm``, ``lr``.
     """
     model.train()
-    device_type = batch["mel"].device.type
+    device_type = next(iter(batch.values())).device.type
     ctx = torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     with ctx:
         # through forward, so that DDP's gradient sync hooks fire
