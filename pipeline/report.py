@@ -65,6 +65,26 @@ def stt_table(all_metrics: list[dict]) -> list[str]:
     return lines
 
 
+def silence_statement(all_metrics: list[dict]) -> list[str]:
+    """Does MELD generate less prolonged silence than Mel-LM and MELLE? Said with the numbers, either way."""
+    by = {m["system"]: m.get("splits", {}) for m in all_metrics if m.get("splits")}
+    if "meld" not in by:
+        return []
+    out = ["## Prolonged silence (longest silence per generation, mean seconds)", ""]
+    for other in ("mel_lm", "melle"):
+        if other not in by:
+            continue
+        for split, s in by["meld"].items():
+            o = by[other].get(split)
+            if not o or s.get("longest_silence_s") is None or o.get("longest_silence_s") is None:
+                continue
+            a, b = s["longest_silence_s"], o["longest_silence_s"]
+            verdict = "less" if a < b else "more" if a > b else "the same"
+            out.append(f"- {split}: MELD {a:.2f} s vs {other} {b:.2f} s: MELD generates {verdict} prolonged silence "
+                       f"(ground truth {s.get('ground_truth_longest_silence_s', float('nan')):.2f} s).")
+    return out if len(out) > 2 else []
+
+
 def plot(all_metrics: list[dict], out: Path) -> list[dict]:
     import matplotlib
 
@@ -73,6 +93,8 @@ def plot(all_metrics: list[dict], out: Path) -> list[dict]:
 
     points = []
     for m in all_metrics:
+        if m.get("unavailable"):
+            continue
         for name, splits in [(m["system"], m.get("splits", {}))] + list(m.get("ablations", {}).items()):
             for split, s in splits.items():
                 if s:
@@ -99,13 +121,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tune", default=None, help="reports/tune.json of the sweep, if any")
     p.add_argument("--out", default="reports")
     args = p.parse_args(argv)
-    systems = read_params(args.params).get("systems", [])
+    params = read_params(args.params)
+    systems = params.get("systems", [])
     metrics = []
     for system in systems:
         path = Path(args.metrics) / f"{system}.json"
         if not path.is_file():
             raise SystemExit(f"report: {path} is missing (did evaluate@{system} run?)")
         metrics.append(json.loads(path.read_text()))
+    if "codec_lm" not in systems and not (params.get("codec_lm") or {}).get("codec_weights"):
+        metrics.append({"system": "codec_lm", "unavailable": "codec weights unavailable: not trained "
+                        "(set codec_lm.codec_weights to local DAC 16 kHz weights and add codec_lm to systems)"})
     out = Path(args.out)
     points = plot(metrics, out / "plots")
     (out / "report_plots.json").write_text(json.dumps(points, indent=2))
@@ -114,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
              "[true prompt + continuation] through the vocoder; GT-WER = the ground truth through the same vocoder.",
              "SIM = speaker-embedding cosine between the real prompt and the continuation.", "",
              "## TTS", ""] + tts_table(metrics)
+    lines += ["", *silence_statement(metrics)]
     stt = stt_table(metrics)
     if stt:
         lines += ["", "## STT (beam search)", ""] + stt

@@ -8,6 +8,9 @@ import pytest
 import torch
 
 os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:///:memory:")  # tests that need MLflow set their own
+# tests never reach a model hub: transformers and huggingface_hub fail fast instead of trying
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 TINY = dict(
