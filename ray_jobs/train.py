@@ -240,7 +240,7 @@ def train_worker(config: dict) -> None:
         extra = {"fingerprint": config["fingerprint"]}
         ray_ckpt = None
         if rank == 0:
-            if dev is not None and tc["task"] != "stt":
+            if dev is not None and tc["task"] != "stt" and hasattr(model, "codebook"):  # MELD only
                 dev_m = dev_metrics(model, dev[0], dev[1], dev[2], device, seed=tc["seed"])
                 mlflow.log_metrics(dev_m, step=step)
                 print(f"[{system}] step {step} " + " ".join(f"{k}={v:.4g}" for k, v in dev_m.items()), flush=True)
@@ -379,8 +379,18 @@ def init_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
-                 _node_ip_address="127.0.0.1", configure_logging=False)
+        # The dashboard (bound to localhost) serves the State API, which Train V2's placement-group cleaner
+        # uses to notice a killed controller (e.g. a trial ASHA stopped); without it that run's worker CPUs
+        # never return. Its URL goes to every worker through the environment, since auto-detection fails
+        # when another Ray instance runs on the machine. Started when ray[default] is installed.
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        ray.init(num_cpus=num_cpus, include_dashboard=None, dashboard_host="127.0.0.1", dashboard_port=port,
+                 log_to_driver=True, _node_ip_address="127.0.0.1", configure_logging=False)
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -413,14 +423,14 @@ def build_config(
     import numpy as np
 
     from meld.config import ModelConfig, TrainConfig
-    from meld.models.builders import meld_kwargs
+    from meld.models.builders import NEEDS_CODEBOOK, system_kwargs
     from meld.text import BPETokenizer
     from meld.training import fingerprint
 
     section = params.get(system) or {}
-    unknown = sorted(set(section) - {"model", "train"})
+    unknown = sorted(set(section) - {"model", "train", "args"})
     if unknown:
-        raise ValueError(f"params section '{system}': unknown key(s) {unknown}; known: ['model', 'train']")
+        raise ValueError(f"params section '{system}': unknown key(s) {unknown}; known: ['args', 'model', 'train']")
     model_d = _merge(params.get("model", {}), section.get("model") or {})
     train_d = _merge(params.get("train", {}), section.get("train") or {})
     if overrides:
@@ -429,13 +439,15 @@ def build_config(
     model_cfg = ModelConfig.from_dict(model_d, "model")
     train_cfg = TrainConfig.from_dict(train_d, "train")
     features = Path(features).resolve()
-    codebook_file = Path(codebook).resolve() / f"r{model_cfg.reduction_factor}.npy"
-    if not codebook_file.is_file():
-        raise FileNotFoundError(f"{codebook_file}: no codebook for reduction factor {model_cfg.reduction_factor} "
-                                "(add it to codebook.reduction_factors)")
+    codebook_file = n_codes = None
+    if system in NEEDS_CODEBOOK:  # only MELD systems have a k-means codebook
+        codebook_file = Path(codebook).resolve() / f"r{model_cfg.reduction_factor}.npy"
+        if not codebook_file.is_file():
+            raise FileNotFoundError(f"{codebook_file}: no codebook for reduction factor {model_cfg.reduction_factor} "
+                                    "(add it to codebook.reduction_factors)")
+        n_codes = int(np.load(codebook_file, mmap_mode="r").shape[0])
     n_text = BPETokenizer(str(bpe)).vocab_size
-    n_codes = int(np.load(codebook_file, mmap_mode="r").shape[0])
-    kwargs = meld_kwargs(model_cfg, n_text=n_text, codebook_size=n_codes)
+    kwargs = system_kwargs(system, model_cfg, n_text=n_text, codebook_size=n_codes, args=section.get("args"))
     out = Path(out).resolve()
     train = train_cfg.to_dict()
     train["loss_weights"] = dict(train["loss_weights"])
@@ -449,7 +461,7 @@ def build_config(
         "stats": str(features / "stats.json"),
         "train_store": str(features / "train"),
         "eval_store": str(dev) if (dev / "index.jsonl").is_file() else None,
-        "codebook": str(codebook_file),
+        **({"codebook": str(codebook_file)} if codebook_file else {}),
         "checkpoint_dir": str(out / "checkpoints"),
         "experiment": params.get("mlflow", {}).get("experiment", "meld"),
         "run_name": f"train-{system}",

@@ -35,7 +35,7 @@ from torch import nn
 from meld.features import N_MELS
 from meld.models.backbone import Backbone, KVCache
 from meld.models.layers import group_frames, spec_augment, ungroup_frames
-from meld.models.meld import Generation, STTOutput, _rows, lengths_to_mask
+from meld.models.meld import Generation, STTOutput, lengths_to_mask, select_rows
 from meld.models.vocab import EOS, PAD, STT, TTS, UnionVocab
 from meld.sampling import sample
 
@@ -225,8 +225,8 @@ class DMel(nn.Module):
         if task == "joint":  # half the batch speaks (TTS), the other half is transcribed (STT)
             B = batch["mel"].shape[0]
             tts_rows, stt_rows = (torch.arange(0, B, 2), torch.arange(1, B, 2)) if B > 1 else ([0], [0])
-            losses = self.compute_losses(_rows(batch, tts_rows), "tts", generator)
-            losses.update(self.compute_losses(_rows(batch, stt_rows), "stt", generator))
+            losses = self.compute_losses(select_rows(batch, tts_rows), "tts", generator)
+            losses.update(self.compute_losses(select_rows(batch, stt_rows), "stt", generator))
             return losses
         raise ValueError(f"unknown task {task!r} (expected 'tts', 'stt' or 'joint')")
 

@@ -23,7 +23,7 @@ from meld.models.vocab import EOS, PAD, STT, TTS, UnionVocab
 from meld.sampling import repetition_penalty, sample, top_k_mask
 
 
-def _rows(batch: dict, rows) -> dict:
+def select_rows(batch: dict, rows) -> dict:
     """Sub-batch of the given rows, trimmed to its own longest text and frame sequence."""
     sub = {k: v[rows] for k, v in batch.items()}
     sub["mel"] = sub["mel"][:, : int(sub["mel_len"].max())]
@@ -240,8 +240,8 @@ class MELD(nn.Module):
         if task == "joint":  # half the batch speaks (TTS), the other half is transcribed (STT)
             B = batch["mel"].shape[0]
             tts_rows, stt_rows = (torch.arange(0, B, 2), torch.arange(1, B, 2)) if B > 1 else ([0], [0])
-            losses = self.compute_losses(_rows(batch, tts_rows), "tts", generator)
-            losses.update(self.compute_losses(_rows(batch, stt_rows), "stt", generator))
+            losses = self.compute_losses(select_rows(batch, tts_rows), "tts", generator)
+            losses.update(self.compute_losses(select_rows(batch, stt_rows), "stt", generator))
             return losses
         raise ValueError(f"unknown task {task!r} (expected 'tts', 'stt' or 'joint')")
 
