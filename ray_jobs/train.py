@@ -22,6 +22,7 @@ stops every rank at the same step (no retry: it would only repeat) and keeps the
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -37,7 +38,9 @@ KEEP_CHECKPOINTS = 2
 #   crash_after_step: N  -> rank `crash_rank` (default 1, or 0 with one worker) calls os._exit(1) once right after
 #                           step N (and its checkpoint, if N is a checkpoint step); `crash_marker` (a file path)
 #                           makes it happen once: the file is written just before the exit.
-#   nan_at_step: N       -> rank `nan_rank` (default 0) puts a NaN into its batch for step N.
+#   nan_at_step: N       -> rank `nan_rank` (default 0) fills its weights with NaN before step N (a loss that blew up).
+NONFINITE_MARKER = "NONFINITE.json"  # written by rank 0 when the loss became NaN/inf; read by run_training
+
 TEST_HOOK_KEYS = {"crash_after_step", "crash_rank", "crash_marker", "nan_at_step", "nan_rank"}
 
 
@@ -149,15 +152,20 @@ def _finite_checked(module_cls):
 
     class FiniteCheckedLoss(module_cls):
         def forward(self, batch, task):
-            losses = self.model.compute_losses(batch, task)
-            local_ok = all(bool(torch.isfinite(v.detach()).all()) for v in losses.values())
+            # NaN input frames (which the features stage should have rejected) would fail inside the model with
+            # an unrelated error on one rank; they stop the run like a NaN loss instead
+            inputs_ok = bool(torch.isfinite(batch["mel"]).all())
+            losses = self.model.compute_losses(batch, task) if inputs_ok else {}
+            local_ok = inputs_ok and all(bool(torch.isfinite(v.detach()).all()) for v in losses.values())
             ok = local_ok
             if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
                 flag = torch.tensor([0.0 if local_ok else 1.0], device=batch["mel"].device)
                 dist.all_reduce(flag)
                 ok = float(flag) == 0.0
             if not ok:
-                detail = {k: float(v.detach()) for k, v in losses.items()} if not local_ok else "another rank"
+                if not inputs_ok:
+                    raise NonFiniteLoss("non-finite values in this rank's input frames")
+                detail = {k: float(v.detach()) for k, v in losses.items()} if not local_ok else "on another rank"
                 raise NonFiniteLoss(f"non-finite loss ({detail})")
             return losses
 
@@ -230,11 +238,15 @@ def train_worker(config: dict) -> None:
         print(f"[rank {rank}] resuming {system} from step {step} ({source})", flush=True)
     last_ckpt_step = step if state is not None else None
     torch.manual_seed(tc["seed"] * 100_003 + rank * 7919 + step)  # distinct dropout per rank, reproducible
-    parallel = {"find_unused_parameters": True} if tc["task"] != "tts" else {}
+    # parameters a task leaves unused (MELD's recon/postnet under STT, dMel's text head under TTS)
+    # must be declared to DDP; only MELD doing TTS touches every parameter
+    every_param_used = tc["task"] == "tts" and hasattr(model, "codebook")
+    parallel = {} if every_param_used else {"find_unused_parameters": True}
     module = ray.train.torch.prepare_model(module, parallel_strategy_kwargs=parallel)
     autocast = torch.bfloat16 if (use_gpu and tc["bf16"]) else None
 
-    mlflow = _open_mlflow_run(config, ckpt_dir, resumed=state is not None, sampler=sampler) if rank == 0 else None
+    mlflow = _open_mlflow_run(config, ckpt_dir, resumed_at=step if state is not None else None,
+                              sampler=sampler) if rank == 0 else None
 
     def checkpoint(step: int, metrics: dict) -> None:
         extra = {"fingerprint": config["fingerprint"]}
@@ -263,7 +275,9 @@ def train_worker(config: dict) -> None:
         idx = next(batches)
         batch = {k: v.to(device) for k, v in data.batch(idx).items()}
         if hooks.get("nan_at_step") == step + 1 and rank == hooks.get("nan_rank", 0):
-            batch["mel"][0, 0, 0] = float("nan")  # test hook: a corrupt frame in this rank's batch
+            with torch.no_grad():  # test hook: this rank's weights blow up
+                for p in model.parameters():
+                    p.fill_(float("nan"))
         try:
             metrics = train_step(module, optimizer, scheduler, batch, task=task,
                                  loss_weights=tc["loss_weights"], grad_clip=tc["grad_clip"], autocast_dtype=autocast)
@@ -275,6 +289,7 @@ def train_worker(config: dict) -> None:
             if rank == 0:
                 mlflow.set_tag("failure", msg[:5000])
                 mlflow.end_run(status="FAILED")
+                (ckpt_dir / NONFINITE_MARKER).write_text(json.dumps({"step": step + 1, "message": msg}))
             # every rank gets here at the same step (FiniteCheckedLoss), so this collective report completes;
             # returning instead of raising keeps FailureConfig from retrying a run that would only fail again
             ray.train.report({"step": step, "nonfinite_step": step + 1})
@@ -296,13 +311,18 @@ def train_worker(config: dict) -> None:
         mlflow.end_run()
 
 
-def _open_mlflow_run(config: dict, ckpt_dir: Path, *, resumed: bool, sampler):
-    """Rank 0's MLflow run: resumed when the checkpoint folder names one, else a new one (nested under a parent)."""
+def _open_mlflow_run(config: dict, ckpt_dir: Path, *, resumed_at: int | None, sampler):
+    """Rank 0's MLflow run: resumed when the checkpoint folder names one, else a new one (nested under a parent).
+
+    A resumed run logs ``train/resume_step`` (the checkpoint's step) at that step, so restarts show in its history.
+    """
     from meld import tracking
 
+    if config.get("mlflow_tracking_uri"):  # the driver's store, wherever this worker runs
+        os.environ["MLFLOW_TRACKING_URI"] = config["mlflow_tracking_uri"]
     mlflow = tracking.setup(config["experiment"], config["project_root"])
     id_file = ckpt_dir / "mlflow_run_id"
-    run_id = id_file.read_text().strip() if id_file.is_file() and resumed else None
+    run_id = id_file.read_text().strip() if id_file.is_file() and resumed_at is not None else None
     tags = dict(config.get("mlflow_tags") or {})
     if config.get("parent_run_id"):
         tags["mlflow.parentRunId"] = config["parent_run_id"]
@@ -313,6 +333,8 @@ def _open_mlflow_run(config: dict, ckpt_dir: Path, *, resumed: bool, sampler):
         mlflow.log_params(tracking.flatten({"system": config["system"], "train": config["train"],
                                             "model": config["model_kwargs"], **(config.get("mlflow_params") or {})}))
         mlflow.log_metric("data/padding_fraction", sampler.padding_fraction())
+    if resumed_at is not None:
+        mlflow.log_metric("train/resume_step", resumed_at, step=resumed_at)
     return mlflow
 
 
@@ -345,6 +367,8 @@ def run_training(
 
     from meld.training import NonFiniteLoss
 
+    marker = Path(config["checkpoint_dir"]) / NONFINITE_MARKER
+    marker.unlink(missing_ok=True)  # from an earlier attempt
     resources = {}
     if cpus_per_worker is not None:
         resources["CPU"] = cpus_per_worker
@@ -363,10 +387,8 @@ def run_training(
         ),
     )
     result = trainer.fit()
-    bad_step = (result.metrics or {}).get("nonfinite_step")
-    if bad_step is not None:
-        raise NonFiniteLoss(f"{config['system']}: non-finite loss at step {bad_step}; training stopped and the last "
-                            f"good checkpoint stays in {config['checkpoint_dir']} (see the worker log for the losses)")
+    if marker.is_file():
+        raise NonFiniteLoss(json.loads(marker.read_text())["message"])
     return result
 
 
@@ -388,9 +410,16 @@ def init_ray(num_cpus: int | None = None) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-        ray.init(num_cpus=num_cpus, include_dashboard=None, dashboard_host="127.0.0.1", dashboard_port=port,
-                 log_to_driver=True, _node_ip_address="127.0.0.1", configure_logging=False)
+        before = os.environ.get("RAY_API_SERVER_ADDRESS")
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # inherited by the raylet's workers
+        try:
+            ray.init(num_cpus=num_cpus, include_dashboard=None, dashboard_host="127.0.0.1", dashboard_port=port,
+                     log_to_driver=True, _node_ip_address="127.0.0.1", configure_logging=False)
+        finally:  # not by this process's own subprocesses, which may talk to another cluster
+            if before is None:
+                os.environ.pop("RAY_API_SERVER_ADDRESS")
+            else:
+                os.environ["RAY_API_SERVER_ADDRESS"] = before
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -466,6 +495,7 @@ def build_config(
         "experiment": params.get("mlflow", {}).get("experiment", "meld"),
         "run_name": f"train-{system}",
         "project_root": str(Path(project_root).resolve()),
+        "mlflow_tracking_uri": os.environ.get("MLFLOW_TRACKING_URI"),  # None: the project's embedded store
         "threads_per_worker": threads_per_worker or max(1, (os.cpu_count() or 2) // train_cfg.num_workers),
     }
     data_id = (features / "train" / "index.jsonl").stat().st_size
