@@ -1,0 +1,164 @@
+"""Helpers shared by the benchmarks: machine description, memory probes, tables, result files.
+
+Not a benchmark itself. Every benchmark writes ``bench/results/<name>.json`` holding
+``machine`` (from :func:`machine_info`), its settings and its rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def load_average() -> list[float]:
+    """1/5/15-minute load averages: other processes on a shared machine slow every timing."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def machine_info(threads: int | None = None) -> dict:
+    """CPU model, cores, library versions and the thread count the timings ran with."""
+    import numpy as np
+    import torch
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {
+        "cpu_model": cpu_model(),
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "torch": torch.__version__,
+        "torch_threads": threads if threads is not None else torch.get_num_threads(),
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "git_commit": commit,
+        "clock": clock_name(),
+        "load_average_at_start": load_average(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+CLOCKS = ("wall", "cpu")
+
+
+def use_clock(name: str) -> None:
+    """Pick the timer for this process and the cells it starts: ``wall`` (``perf_counter``) or
+    ``cpu`` (``process_time``: CPU seconds of this process, all threads). On a shared, loaded
+    machine a one-thread run timed in CPU seconds is immune to time-slicing, which inflates wall time
+    by the load factor; with several threads ``cpu`` counts every thread's time."""
+    if name not in CLOCKS:
+        raise ValueError(f"clock must be one of {CLOCKS}, got {name!r}")
+    os.environ["BENCH_CLOCK"] = name
+
+
+def now() -> float:
+    """The chosen clock (see :func:`use_clock`), in seconds."""
+    return time.process_time() if os.environ.get("BENCH_CLOCK", "wall") == "cpu" else time.perf_counter()
+
+
+def clock_name() -> str:
+    return os.environ.get("BENCH_CLOCK", "wall")
+
+
+def current_rss() -> int:
+    """Resident set size of this process now, in bytes (/proc/self/statm)."""
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss() -> int:
+    """High-water RSS of this process so far, in bytes (``ru_maxrss`` is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def fmt(v, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int) and abs(v) >= 10_000:
+        return f"{v:,}"
+    if isinstance(v, float):
+        if v != v:
+            return "nan"
+        if abs(v) >= 1000:
+            return f"{v:,.0f}"
+        return f"{v:.{digits}g}" if abs(v) < 1 else f"{v:.{max(1, digits - 1)}f}".rstrip("0").rstrip(".")
+    return str(v)
+
+
+def table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """A markdown table: ``columns`` = [(key, header)]."""
+    head = "| " + " | ".join(h for _, h in columns) + " |"
+    rule = "|" + "|".join("---" for _ in columns) + "|"
+    body = ["| " + " | ".join(fmt(r.get(k)) for k, _ in columns) + " |" for r in rows]
+    return "\n".join([head, rule, *body])
+
+
+def write_result(name: str, payload: dict) -> Path:
+    """Write ``bench/results/<name>.json`` atomically; returns its path."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=float) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def run_cell(module: str, cell: dict, threads: int, timeout: float = 900) -> dict:
+    """Run one measurement in a fresh interpreter (so ``ru_maxrss`` peaks don't leak between cells).
+
+    The child is ``python -m <module> --cell '<json>' --threads N`` and must print one line
+    ``RESULT <json>`` on stdout.
+    """
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):  # numpy/faiss BLAS too
+        env[var] = str(threads)
+    cmd = [sys.executable, "-m", module, "--cell", json.dumps(cell), "--threads", str(threads)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT ") :])
+    raise RuntimeError(
+        f"cell {cell} failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    )
+
+
+def emit(result: dict) -> None:
+    """What a cell prints for :func:`run_cell`."""
+    print("RESULT " + json.dumps(result, default=float), flush=True)
+
+
+def set_threads(n: int) -> None:
+    """Thread count for torch (intra-op) and, through the environment, for BLAS/OpenMP in children."""
+    import torch
+
+    torch.set_num_threads(n)
