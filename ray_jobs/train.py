@@ -64,11 +64,11 @@ def dev_metrics(model, data, batches: list[list[int]], frames: list[int], device
         frames: real (ungrouped) frame count of every utterance.
 
     Returns:
-        ``dev/mse_post``: post-net MSE per 80-dim frame element, with the latent z sampled from q(z|x_t)
-        as in training (the target frame's own code: an upper bound on what generation can reach);
-        ``dev/mse_post_greedy``: the same with the model's own most likely code for each step (only
-        past frames and text are seen, as when generating) — the Tune objective;
-        ``dev/frames``: the number of 80-dim frames scored.
+        MSE per element of the 80-dim frames (``dev/frames`` of them):
+        ``dev/mse_{pre,post}_greedy``: before / after the post-net, with the model's own most likely code
+        at every step (it sees only past frames and the text, as when generating) — the Tune objective;
+        ``dev/mse_{pre,post}``: the same with z sampled from q(z|x_t) as in training (the target frame's
+        own code leaks into the prediction: a bound, not a generation proxy).
     """
     import torch
 
@@ -78,33 +78,34 @@ def dev_metrics(model, data, batches: list[list[int]], frames: list[int], device
     g = torch.Generator(device=device).manual_seed(seed)
     was_training = model.training
     model.eval()
-    sums = {"post": 0.0, "greedy": 0.0}
+    sums = dict.fromkeys(("pre", "post", "pre_greedy", "post_greedy"), 0.0)
     n_elems = 0
     captured: dict = {}
     handle = model.head.register_forward_hook(lambda _m, inputs, _o: captured.__setitem__("h", inputs[0]))
+    codes = slice(model.vocab.code_offset, model.vocab.code_offset + model.vocab.n_codes)
     try:
         with torch.no_grad():
             for idx in batches:
                 batch = {k: v.to(device) for k, v in data.batch(idx).items()}
                 out = model.forward_tts(batch["text"], batch["text_len"], batch["mel"], batch["mel_len"], g)
                 T = batch["mel"].shape[1]
-                code_logits = out.logits[:, :T, model.vocab.code_offset : model.vocab.code_offset + model.vocab.n_codes]
-                z_hat = code_logits.argmax(-1)  # (B, T) the model's own code per step
+                z_hat = out.logits[:, :T, codes].argmax(-1)  # (B, T) the model's own code per step
                 pre = model.reconstruct(captured["h"][:, :T], z_hat, encoder_dropout=False)  # (B, T, 80r)
-                greedy = model.postnet(pre, out.frame_mask)
+                preds = {"pre": out.mel_pre, "post": out.mel_post,
+                         "pre_greedy": pre, "post_greedy": model.postnet(pre, out.frame_mask)}
                 target = ungroup_frames(batch["mel"].float(), r)  # (B, T*r, 80)
                 real = torch.tensor([frames[i] for i in idx], device=device)
-                mask = (torch.arange(target.shape[1], device=device)[None, :] < real[:, None])[..., None]  # (B, T*r, 1)
-                for key, pred in (("post", out.mel_post), ("greedy", greedy)):
-                    err = (ungroup_frames(pred.float(), r) - target).pow(2) * mask
+                mask = torch.arange(target.shape[1], device=device)[None, :] < real[:, None]  # (B, T*r)
+                for key, pred in preds.items():
+                    err = (ungroup_frames(pred.float(), r) - target).pow(2) * mask[..., None]
                     sums[key] += float(err.sum())
                 n_elems += int(real.sum()) * target.shape[-1]
     finally:
         handle.remove()
         model.train(was_training)
-    n_elems = max(1, n_elems)
-    return {"dev/mse_post": sums["post"] / n_elems, "dev/mse_post_greedy": sums["greedy"] / n_elems,
-            "dev/frames": float(n_elems // 80)}
+    out_metrics = {f"dev/mse_{k}": v / max(1, n_elems) for k, v in sums.items()}
+    out_metrics["dev/frames"] = float(n_elems // 80)
+    return out_metrics
 
 
 def _resume_state(ckpt_dir: Path, fingerprint: str, rank: int) -> tuple[dict | None, str]:
@@ -207,8 +208,8 @@ def train_worker(config: dict) -> None:
     stats = load_stats(config["stats"])
     data = TrainingData(FeatureStore(config["train_store"]), stats, tokenizer, r)
     sampler = FrameBudgetSampler(data.lengths(), tc["frames_per_batch"], rank, world, tc["seed"])
-    dev = None
-    if rank == 0 and config.get("eval_store"):
+    dev = None  # dev reconstruction metrics: MELD systems (they have a codebook) doing TTS
+    if rank == 0 and config.get("eval_store") and "codebook" in config and tc["task"] != "stt":
         dev_store = FeatureStore(config["eval_store"])
         dev_data = TrainingData(dev_store, stats, tokenizer, r)
         keep = [i for i, n in enumerate(dev_data.lengths()) if n <= tc["frames_per_batch"]]

@@ -1,0 +1,435 @@
+"""Ray Tune sweep over MELD's two knobs, the slowness-penalty weight and the frame rate.
+
+Locally (what ``dvc repro tune`` runs through pipeline/tune.py)::
+
+    python -m ray_jobs.tune --params params.yaml --features data/features --bpe data/bpe/bpe.model \
+        --codebook data/codebook --out reports/tune.json --plot reports/tune.png
+
+On a cluster (paths on shared storage, ``MLFLOW_TRACKING_URI`` from the environment)::
+
+    ray job submit --working-dir . -- python -m ray_jobs.tune --params params.yaml ...
+
+Layering (Ray Train V2): ``Tuner`` -> :func:`trial_driver` (a function trainable; builds the trial's
+config and runs the TorchTrainer through :func:`ray_jobs.train.run_training`) -> ``train_worker``.
+Train's reports reach Tune through ``TuneReportCallback``; ASHA stops the trials that fall behind.
+
+The objective (``tune.metric``) is a teacher-forced squared error per element of the **ungrouped**
+80-dim, 62.5 Hz frames of the dev split (:func:`ray_jobs.train.dev_metrics`). It is comparable across
+frame rates because every trial is scored on the same frames in the same units, whatever r it predicts
+them with; per second of audio it is the same number times 62.5 x 80, so the ranking is identical.
+Cross-entropy is not comparable: r=1 and r=2 have different codebooks (80- vs 160-dim codes) and make
+different numbers of predictions per second. The ``_greedy`` variants reconstruct from the model's own
+most likely code at each step (it sees only past frames and the text, as when generating); the plain
+ones use z sampled from q(z|x_t), which lets the target frame's own code into the prediction and so
+favours r=1, whose codes describe one frame instead of two. ``dev/mse_post_greedy`` (after the post-net,
+what the vocoder gets) is the objective for real sweeps; at smoke scale (tens of steps) the post-net's
+batch-norm statistics have not settled and its eval-mode error swings by 10x between evaluations, so
+the smoke params use ``dev/mse_pre_greedy``.
+
+MLflow: one parent run ``tune-<system>``; every trial's training run is its child
+(``mlflow.parentRunId``), with per-step losses and the dev metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from meld.config import ConfigError, Section
+
+log = logging.getLogger("meld.tune")
+
+# dev metrics of ray_jobs.train.dev_metrics that can be the objective (all comparable across frame rates)
+OBJECTIVES = ("dev/mse_post_greedy", "dev/mse_pre_greedy", "dev/mse_post", "dev/mse_pre")
+
+
+@dataclass(frozen=True)
+class TuneConfig(Section):
+    """The ``tune:`` params section.
+
+    Trials: every (slowness weight, reduction factor) pair, starting from the ``system``'s own
+    ``model``/``train`` settings; each trains ``max_steps`` steps and is scored on the dev split
+    every ``eval_every`` steps (ASHA's rungs: ``grace_period``, x ``asha_reduction``, ...).
+    """
+
+    system: str = "meld"
+    slowness_weights: tuple[float, ...] = (0.0, 0.1, 0.2, 0.5)
+    reduction_factors: tuple[int, ...] = (1, 2)
+    max_steps: int = 16
+    eval_every: int = 8
+    frames_per_batch: int = (
+        1500  # 62.5 Hz frames per batch and worker: a trial at r gets frames_per_batch / r
+    )
+    num_workers_per_trial: int = 1
+    cpus_per_worker: int = 1
+    gpus_per_worker: float = 0.0
+    max_concurrent_trials: int = 1
+    scheduler: str = "asha"  # asha | fifo
+    grace_period: int = 8
+    asha_reduction: int = 2
+    metric: str = "dev/mse_post_greedy"
+    max_failures: int = 1
+    # `model` keys set for every trial (e.g. a smaller model than the system's)
+    model_overrides: dict[str, object] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        from meld.models.builders import NEEDS_CODEBOOK
+
+        if self.system not in NEEDS_CODEBOOK:
+            raise ConfigError(
+                f"tune.system must be a MELD system {list(NEEDS_CODEBOOK)} (its two knobs are swept), "
+                f"got {self.system!r}"
+            )
+        if self.scheduler not in ("asha", "fifo"):
+            raise ConfigError(f"tune.scheduler must be asha or fifo, got {self.scheduler!r}")
+        if not self.slowness_weights or not self.reduction_factors:
+            raise ConfigError("tune.slowness_weights and tune.reduction_factors must not be empty")
+        if self.eval_every < 1 or self.max_steps < self.eval_every:
+            raise ConfigError("tune: need 1 <= eval_every <= max_steps")
+        if self.metric not in OBJECTIVES:
+            raise ConfigError(f"tune.metric must be one of {list(OBJECTIVES)}, got {self.metric!r}")
+        if self.frames_per_batch < 1:
+            raise ConfigError("tune.frames_per_batch must be >= 1")
+        if self.num_workers_per_trial < 1 or self.cpus_per_worker < 1:
+            raise ConfigError("tune.num_workers_per_trial and tune.cpus_per_worker must be >= 1")
+
+
+def trial_name(system: str, reduction_factor: int, slowness_weight: float) -> str:
+    """Stable, readable trial name (no timestamps): the trial's MLflow run and checkpoint folder."""
+    return f"tune-{system}-r{reduction_factor}-sw{slowness_weight:g}"
+
+
+def trial_overrides(tc: TuneConfig, reduction_factor: int, slowness_weight: float) -> dict:
+    """The ``model``/``train`` overrides that make one trial."""
+    train = {
+        "loss_weights": {"slowness": float(slowness_weight)},
+        "max_steps": tc.max_steps,
+        "checkpoint_every": tc.eval_every,
+        "num_workers": tc.num_workers_per_trial,
+        "use_gpu": tc.gpus_per_worker > 0,
+    }
+    # the budget counts 62.5 Hz frames, so every frame rate sees the same audio per step (r=2 groups two frames)
+    train["frames_per_batch"] = math.ceil(tc.frames_per_batch / reduction_factor)
+    return {"model": {**tc.model_overrides, "reduction_factor": int(reduction_factor)}, "train": train}
+
+
+def trial_driver(trial: dict, setup: dict) -> None:
+    """One Tune trial: this trial's training config -> the TorchTrainer driver, reports forwarded to Tune."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from ray_jobs.train import build_config, run_training
+
+    tc = TuneConfig.from_dict(setup["tune"], "tune")
+    r, w = int(trial["reduction_factor"]), float(trial["slowness_weight"])
+    name = trial_name(tc.system, r, w)
+    config = build_config(
+        setup["params"],
+        system=tc.system,
+        features=setup["features"],
+        bpe=setup["bpe"],
+        codebook=setup["codebook"],
+        out=Path(setup["work_dir"]) / "trials" / name,
+        project_root=setup["project_root"],
+        overrides=trial_overrides(tc, r, w),
+        threads_per_worker=tc.cpus_per_worker,
+    )
+    if config["eval_store"] is None:
+        raise FileNotFoundError(f"{setup['features']}/dev: the sweep needs a dev split to score trials on")
+    config["run_name"] = name
+    config["parent_run_id"] = setup["parent_run_id"]
+    config["mlflow_tracking_uri"] = setup["mlflow_tracking_uri"]  # the parent's store, not this actor's env
+    config["mlflow_tags"] = {"tune.trial": name}
+    config["mlflow_params"] = {"tune": {"slowness_weight": w, "reduction_factor": r}}
+    run_training(
+        config,
+        num_workers=tc.num_workers_per_trial,
+        use_gpu=tc.gpus_per_worker > 0,
+        storage_path=str(Path(setup["work_dir"]) / "ray_train"),
+        max_failures=tc.max_failures,
+        cpus_per_worker=tc.cpus_per_worker,
+        gpus_per_worker=tc.gpus_per_worker or None,
+        callbacks=[TuneReportCallback()],
+    )
+
+
+def _history(result, metric: str) -> list[list[float]]:
+    df = result.metrics_dataframe
+    if df is None or metric not in df or "step" not in df:
+        return []
+    rows = df[["step", metric]].dropna()
+    return [[int(s), float(v)] for s, v in zip(rows["step"], rows[metric])]
+
+
+def collect_trials(grid, tc: TuneConfig, work_dir: Path) -> list[dict]:
+    """One row per trial: its knobs, objective (last reported value), steps, status and MLflow run."""
+    rows = []
+    for result in grid:
+        cfg = result.config or {}
+        r, w = int(cfg["reduction_factor"]), float(cfg["slowness_weight"])
+        name = trial_name(tc.system, r, w)
+        history = _history(result, tc.metric)
+        steps = history[-1][0] if history else 0
+        if result.error is not None:
+            status = "error"
+        elif steps >= tc.max_steps:
+            status = "completed"
+        else:
+            status = "early_stopped"
+        id_file = work_dir / "trials" / name / "checkpoints" / "mlflow_run_id"
+        rows.append(
+            {
+                "trial": name,
+                "config": {"slowness_weight": w, "reduction_factor": r},
+                "objective": history[-1][1] if history else None,
+                "steps": steps,
+                "status": status,
+                "error": str(result.error).strip().splitlines()[-1][:500]
+                if result.error is not None
+                else None,
+                "history": history,
+                "mlflow_run_id": id_file.read_text().strip() if id_file.is_file() else None,
+            }
+        )
+    return sorted(rows, key=lambda t: (t["config"]["reduction_factor"], t["config"]["slowness_weight"]))
+
+
+def best_trial(trials: list[dict]) -> dict | None:
+    """Lowest objective among the trials that trained the full budget (ASHA compares equal budgets);
+    among all scored trials when none did."""
+    scored = [t for t in trials if t["objective"] is not None]
+    full = [t for t in scored if t["status"] == "completed"]
+    pool = full or scored
+    return min(pool, key=lambda t: t["objective"]) if pool else None
+
+
+def plot_trials(trials: list[dict], metric: str, path: Path) -> None:
+    """Objective vs slowness weight, one line per frame rate; hollow markers: stopped early by ASHA."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in sorted({t["config"]["reduction_factor"] for t in trials}):
+        pts = sorted(
+            (t["config"]["slowness_weight"], t["objective"], t["status"], t["steps"])
+            for t in trials
+            if t["config"]["reduction_factor"] == r and t["objective"] is not None
+        )
+        if not pts:
+            continue
+        (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", label=f"r={r} ({62.5 / r:.1f} Hz)")
+        for w, v, status, steps in pts:
+            full = status == "completed"
+            ax.plot(
+                [w], [v], "o", color=line.get_color(), markerfacecolor=line.get_color() if full else "none"
+            )
+            if not full:
+                ax.annotate(f"{steps}", (w, v), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("slowness penalty weight")
+    ax.set_ylabel(f"{metric} (per 80-dim frame element)")
+    ax.set_title("MELD sweep (hollow: stopped early by ASHA, at the step shown)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_sweep(
+    params: dict,
+    *,
+    features: str,
+    bpe: str,
+    codebook: str,
+    out: Path,
+    plot: Path,
+    work_dir: Path,
+    project_root: str = ".",
+) -> dict:
+    """Run the whole sweep; writes ``out`` (JSON) and ``plot``; returns the report."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from meld import tracking
+    from ray_jobs.train import init_ray
+
+    tc = TuneConfig.from_dict(params.get("tune"), "tune")
+    if tc.system not in (params.get("systems") or [tc.system]):
+        log.warning("tune.system %s is not among the trained systems", tc.system)
+    work_dir = work_dir.resolve()
+    if work_dir.exists():  # a sweep starts from scratch: DVC reruns it only when its inputs changed
+        shutil.rmtree(work_dir)
+    work_dir.mkdir(parents=True)
+    experiment = params.get("mlflow", {}).get("experiment", "meld")
+    mlflow = tracking.setup(experiment, project_root)
+    # locally, one logical CPU per concurrent trial for its (idle) driver on top of the workers' CPUs
+    per_trial = tc.num_workers_per_trial * tc.cpus_per_worker + 1
+    init_ray(
+        num_cpus=None
+        if tc.gpus_per_worker
+        else max(os.cpu_count() or 1, tc.max_concurrent_trials * per_trial)
+    )
+    t0 = time.time()
+    with mlflow.start_run(run_name=f"tune-{tc.system}") as parent:
+        mlflow.log_params(tracking.flatten({"tune": tc.to_dict()}))
+        setup = {
+            "params": params,
+            "tune": tc.to_dict(),
+            "features": str(Path(features).resolve()),
+            "bpe": str(Path(bpe).resolve()),
+            "codebook": str(Path(codebook).resolve()),
+            "work_dir": str(work_dir),
+            "project_root": str(Path(project_root).resolve()),
+            "parent_run_id": parent.info.run_id,
+            "mlflow_tracking_uri": mlflow.get_tracking_uri(),
+        }
+        if tc.scheduler == "asha":
+            scheduler = ASHAScheduler(
+                time_attr="step",
+                max_t=tc.max_steps,
+                grace_period=tc.grace_period,
+                reduction_factor=tc.asha_reduction,
+                stop_last_trials=False,
+            )
+        else:
+            scheduler = FIFOScheduler()
+        # A trial (Tune's default: 1 CPU) only runs the driver; the Train workers request their own CPUs/GPUs,
+        # and max_concurrent_trials keeps Tune from starting more worker groups than the cluster holds.
+        trainable = tune.with_parameters(trial_driver, setup=setup)
+        tuner = tune.Tuner(
+            trainable,
+            param_space={
+                "slowness_weight": tune.grid_search(list(tc.slowness_weights)),
+                "reduction_factor": tune.grid_search(list(tc.reduction_factors)),
+            },
+            tune_config=tune.TuneConfig(
+                metric=tc.metric,
+                mode="min",
+                scheduler=scheduler,
+                max_concurrent_trials=tc.max_concurrent_trials,
+            ),
+            run_config=tune.RunConfig(
+                name=f"tune-{tc.system}", storage_path=str(work_dir / "ray_tune"), verbose=1
+            ),
+        )
+        grid = tuner.fit()
+        trials = collect_trials(grid, tc, work_dir)
+        best = best_trial(trials)
+        _close_children(mlflow, trials)
+        report = {
+            "system": tc.system,
+            "objective": {
+                "metric": tc.metric,
+                "mode": "min",
+                "definition": f"{tc.metric}: dev-split MSE per element of ungrouped 80-dim 62.5 Hz frames "
+                "(normalised log-mel), teacher-forced; "
+                + ("before" if "_pre" in tc.metric else "after")
+                + " the post-net; "
+                + (
+                    "the model's own most likely code at each step"
+                    if tc.metric.endswith("greedy")
+                    else "code sampled from q(z|x) of the target frame"
+                ),
+            },
+            "search_space": {
+                "slowness_weight": list(tc.slowness_weights),
+                "reduction_factor": list(tc.reduction_factors),
+            },
+            "scheduler": {
+                "name": tc.scheduler,
+                "time_attr": "step",
+                "max_t": tc.max_steps,
+                "grace_period": tc.grace_period,
+                "reduction_factor": tc.asha_reduction,
+            },
+            "budget": {
+                "max_steps": tc.max_steps,
+                "frames_per_batch_62_5hz": tc.frames_per_batch,
+                "workers_per_trial": tc.num_workers_per_trial,
+            },
+            "best": best,
+            "best_config": best["config"] if best else None,
+            "best_objective": best["objective"] if best else None,
+            "trials": trials,
+            "mlflow_parent_run_id": parent.info.run_id,
+            "wall_seconds": round(time.time() - t0, 1),
+        }
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        plot_trials(trials, tc.metric, plot)
+        mlflow.log_metric("tune/trials", len(trials))
+        mlflow.log_metric("tune/early_stopped", sum(t["status"] == "early_stopped" for t in trials))
+        if best is not None:
+            mlflow.log_metric("best/objective", best["objective"])
+            mlflow.log_params({f"best.{k}": v for k, v in best["config"].items()})
+        mlflow.log_artifact(str(out))
+        mlflow.log_artifact(str(plot))
+    return report
+
+
+def _close_children(mlflow, trials: list[dict]) -> None:
+    """A trial ASHA stopped was killed mid-run: end its MLflow run as KILLED (not left RUNNING)."""
+    client = mlflow.tracking.MlflowClient()
+    for t in trials:
+        if not t["mlflow_run_id"]:
+            continue
+        run = client.get_run(t["mlflow_run_id"])
+        client.set_tag(t["mlflow_run_id"], "tune.status", t["status"])
+        if run.info.status == "RUNNING":
+            client.set_terminated(
+                t["mlflow_run_id"], "KILLED" if t["status"] == "early_stopped" else "FAILED"
+            )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    env = os.environ.get
+    p.add_argument("--params", default=env("MELD_PARAMS", "params.yaml"))
+    p.add_argument("--features", default=env("MELD_FEATURES", "data/features"))
+    p.add_argument("--bpe", default=env("MELD_BPE", "data/bpe/bpe.model"))
+    p.add_argument("--codebook", default=env("MELD_CODEBOOK", "data/codebook"))
+    p.add_argument("--out", default=env("MELD_TUNE_OUT", "reports/tune.json"))
+    p.add_argument("--plot", default=env("MELD_TUNE_PLOT", "reports/tune.png"))
+    p.add_argument(
+        "--work-dir",
+        default=env("MELD_TUNE_WORK", "ray_results/tune"),
+        help="trial checkpoints and Ray state (scratch; wiped when a sweep starts)",
+    )
+    p.add_argument("--project-root", default=env("MELD_PROJECT_ROOT", "."))
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from meld.config import read_params
+
+    report = run_sweep(
+        read_params(args.params),
+        features=args.features,
+        bpe=args.bpe,
+        codebook=args.codebook,
+        out=Path(args.out),
+        plot=Path(args.plot),
+        work_dir=Path(args.work_dir),
+        project_root=args.project_root,
+    )
+    best = report["best"]
+    if best is None:
+        print("no trial produced an objective; see", args.out)
+        return 1
+    print(
+        f"best: {best['config']} {report['objective']['metric']}={best['objective']:.4f} "
+        f"({best['steps']} steps); wrote {args.out} and {args.plot}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

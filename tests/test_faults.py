@@ -1,0 +1,327 @@
+"""Fault tolerance of the training driver, for real: a local Ray cluster, DDP workers, MLflow.
+
+(a) a training worker process dies mid-run -> FailureConfig restarts the worker group, which resumes
+    from the last checkpoint (not from step 0) and finishes at max_steps;
+(b) the train stage is killed after a checkpoint -> rerunning it resumes from that checkpoint;
+(c) a truncated newest checkpoint is detected and the previous one is used;
+(d) a NaN loss stops every rank with a clear message and keeps the last good checkpoint.
+
+The worker-death and NaN cases use the worker's test hooks (``config["test_hooks"]``, see
+ray_jobs/train.py); nothing else here reaches inside the code under test.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A debug-sized project (like tests/test_pipeline_e2e.py's DEBUG_PARAMS), built once per test session
+# by the data stages' own main() functions; shared by test_faults, test_tune and test_ray_submit.
+TINY_PARAMS = {
+    "systems": ["meld"],
+    "corpus": {
+        "name": "mini",
+        "seed": 3,
+        "train_voices": ["flite-rms", "flite-slt", "espeak-m3"],
+        "held_out_voices": ["flite-awb"],
+        "utterances_per_voice": {"train": 6, "dev": 1, "test": 0, "test_unseen": 0},
+        "min_words": 6,
+        "max_words": 10,
+        "num_workers": 2,
+    },
+    "features": {"num_workers": 1, "max_seconds": 20.0, "min_seconds": 0.3, "max_rejected_fraction": 0.05},
+    "codebook": {"size": 16, "reduction_factors": [1, 2], "niter": 5, "max_vectors": 20000, "seed": 0},
+    "bpe": {"vocab_size": 50},
+    "model": {
+        "d_model": 32,
+        "n_layers": 2,
+        "n_heads": 2,
+        "d_ff": 64,
+        "dropout": 0.0,
+        "encoder_hidden": 32,
+        "encoder_dropout": 0.5,
+        "recon_hidden": 32,
+        "postnet_channels": 16,
+        "postnet_kernel": 5,
+        "postnet_layers": 3,
+        "postnet_dropout": 0.0,
+        "q_temperature": 1.0,
+        "reduction_factor": 2,
+    },
+    "train": {
+        "num_workers": 2,
+        "use_gpu": False,
+        "max_steps": 4,
+        "frames_per_batch": 700,
+        "lr": 0.001,
+        "weight_decay": 0.0,
+        "warmup_steps": 1,
+        "hold_steps": 2,
+        "decay_steps": 2,
+        "grad_clip": 10.0,
+        "bf16": False,
+        "seed": 0,
+        "checkpoint_every": 2,
+        "log_every": 1,
+        "loss_weights": {"ce": 1.0, "mse_pre": 1.0, "mse_post": 1.0, "slowness": 0.2},
+        "task": "tts",
+        "stt_warmup_steps": 0,
+    },
+    "meld": {"model": {}, "train": {"task": "tts"}},
+    "tune": {
+        "system": "meld",
+        "slowness_weights": [0.2],
+        "reduction_factors": [1, 2],
+        "max_steps": 2,
+        "eval_every": 1,
+        "grace_period": 1,
+        "num_workers_per_trial": 1,
+        "cpus_per_worker": 1,
+        "max_concurrent_trials": 1,
+    },
+    "mlflow": {"experiment": "faults"},
+}
+
+
+def make_tiny_data(tmp_path_factory) -> Path:
+    """Corpus, features (train + dev), codebooks for r=1 and r=2, and BPE, under one folder (cached)."""
+    root = tmp_path_factory.getbasetemp() / "meld-tiny-data"
+    if (root / "DONE").is_file():
+        return root
+    from pipeline import bpe, codebook, corpus, features
+
+    root.mkdir(parents=True, exist_ok=True)
+    params = str(root / "params.yaml")
+    (root / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS))
+    corpus.main(["--params", params, "--out", str(root / "corpus")])
+    features.main(["--params", params, "--corpus", str(root / "corpus"), "--out", str(root / "features")])
+    codebook.main(["--params", params, "--features", str(root / "features"), "--out", str(root / "codebook")])
+    bpe.main(["--params", params, "--corpus", str(root / "corpus"), "--out", str(root / "bpe")])
+    (root / "DONE").write_text("ok")
+    return root
+
+
+def ensure_ray() -> None:
+    """One local 2-CPU Ray cluster for the whole test session (a start costs ~15 s on 2 cores);
+    it shuts down when the test process exits."""
+    from ray_jobs.train import init_ray
+
+    init_ray(num_cpus=2)
+
+
+def tiny_config(data: Path, out: Path, params: dict | None = None, **train) -> dict:
+    from ray_jobs.train import build_config
+
+    return build_config(
+        params or TINY_PARAMS,
+        system="meld",
+        features=data / "features",
+        bpe=data / "bpe" / "bpe.model",
+        codebook=data / "codebook",
+        out=out,
+        project_root=out,
+        overrides={"train": train},
+        threads_per_worker=1,
+    )
+
+
+def metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    from mlflow.tracking import MlflowClient
+
+    return [
+        (m.step, m.value)
+        for m in sorted(
+            MlflowClient(tracking_uri).get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp)
+        )
+    ]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_tiny_data(tmp_path_factory)
+
+
+@pytest.fixture
+def tracking(tmp_path, monkeypatch) -> str:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # build_config passes it on to the workers
+    return uri
+
+
+@pytest.fixture(scope="module")
+def crashed_run(data, tmp_path_factory):
+    """(a)'s run: 2 DDP workers; rank 1's process exits right after step 2 was checkpointed."""
+    ensure_ray()
+    from ray_jobs.train import run_training
+
+    out = tmp_path_factory.mktemp("crash")
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    config = tiny_config(data, out / "model")
+    config["mlflow_tracking_uri"] = uri
+    marker = out / "crashed"
+    config["test_hooks"] = {"crash_after_step": 2, "crash_rank": 1, "crash_marker": str(marker)}
+    t0 = time.time()
+    result = run_training(config, num_workers=2, use_gpu=False, storage_path=str(out / "ray"), max_failures=1)
+    print(f"(a) run with one worker kill: {time.time() - t0:.1f} s")
+    return {"config": config, "result": result, "marker": marker, "uri": uri, "out": out}
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_from_checkpoint(crashed_run):
+    from meld.training import latest_good_checkpoint
+
+    config, uri = crashed_run["config"], crashed_run["uri"]
+    assert crashed_run["marker"].read_text() == "2"  # the worker process really died after step 2
+    assert crashed_run["result"].metrics["step"] == config["train"]["max_steps"] == 4
+    ckpt_dir = Path(config["checkpoint_dir"])
+    assert latest_good_checkpoint(ckpt_dir)["step"] == 4
+    run_id = (ckpt_dir / "mlflow_run_id").read_text().strip()
+    # the restarted worker group resumed the same MLflow run from the step-2 checkpoint ...
+    assert metric_history(uri, run_id, "train/resume_step") == [(2, 2.0)]
+    # ... and went on from there: every step logged once (a restart from 0 would log steps 1-2 twice)
+    steps = [s for s, _ in metric_history(uri, run_id, "loss/total")]
+    print(f"(a) steps logged: {steps}; killed after step 2, resumed at step 2, finished at step {steps[-1]}")
+    assert steps == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_truncated_checkpoint_is_skipped(crashed_run, tmp_path):
+    from meld.training import latest_good_checkpoint, load_checkpoint
+    from ray_jobs.train import run_training
+
+    config = dict(crashed_run["config"])
+    ckpt_dir = tmp_path / "checkpoints"
+    shutil.copytree(config["checkpoint_dir"], ckpt_dir)
+    (ckpt_dir / "mlflow_run_id").unlink()  # a run of its own, not (a)'s
+    config["checkpoint_dir"] = str(ckpt_dir)
+    config.pop("test_hooks")
+    newest = ckpt_dir / "step-4.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a partial write
+    assert latest_good_checkpoint(ckpt_dir)["step"] == 2
+
+    # a fresh Ray storage, so only the folder's checkpoints are there to resume from
+    run_training(config, num_workers=2, use_gpu=False, storage_path=str(tmp_path / "ray"), max_failures=0)
+    assert load_checkpoint(newest)["step"] == 4  # rewritten whole
+    run_id = (ckpt_dir / "mlflow_run_id").read_text().strip()
+    assert metric_history(crashed_run["uri"], run_id, "train/resume_step") == [(2, 2.0)]
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_with_clear_message_and_keeps_checkpoint(data, tmp_path, tracking):
+    ensure_ray()
+    from meld.training import NonFiniteLoss, latest_good_checkpoint
+    from ray_jobs.train import run_training
+
+    config = tiny_config(data, tmp_path / "model")
+    config["test_hooks"] = {"nan_at_step": 3, "nan_rank": 1}  # one rank's weights become NaN before step 3
+    with pytest.raises(NonFiniteLoss) as err:
+        run_training(config, num_workers=2, use_gpu=False, storage_path=str(tmp_path / "ray"), max_failures=2)
+    msg = str(err.value)
+    print(f"(d) {msg}")
+    assert (
+        re.search(r"non-finite loss .* at step 3; training stopped", msg) and config["checkpoint_dir"] in msg
+    )
+    assert "last good checkpoint (step 2)" in msg
+    ckpt_dir = Path(config["checkpoint_dir"])
+    assert sorted(p.name for p in ckpt_dir.glob("step-*.pt")) == ["step-2.pt"]
+    assert latest_good_checkpoint(ckpt_dir)["step"] == 2
+
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(tracking).get_run((ckpt_dir / "mlflow_run_id").read_text().strip())
+    assert run.info.status == "FAILED" and "non-finite loss" in run.data.tags["failure"]
+    assert "train/resume_step" not in run.data.metrics  # stopped, not retried from the checkpoint
+
+
+def _wait_for(predicate, proc: subprocess.Popen, deadline_s: float) -> None:
+    end = time.time() + deadline_s
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"the train stage ended (rc={proc.returncode}) before it was interrupted")
+        if time.time() > end:
+            raise AssertionError("timed out waiting for the train stage's checkpoint")
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_interrupted_train_stage_resumes(data, tmp_path):
+    """The stage script in a subprocess (joining the test's Ray cluster, as under ``ray job submit``)."""
+    ensure_ray()
+    import ray
+
+    params = {
+        **TINY_PARAMS,
+        "train": {
+            **TINY_PARAMS["train"],
+            "num_workers": 1,
+            "max_steps": 10,
+            "checkpoint_every": 2,
+            "log_every": 1,
+        },
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = tmp_path / "models" / "meld"
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.train",
+        "--params",
+        str(tmp_path / "params.yaml"),
+        "--system",
+        "meld",
+        "--features",
+        str(data / "features"),
+        "--bpe",
+        str(data / "bpe" / "bpe.model"),
+        "--codebook",
+        str(data / "codebook"),
+        "--out",
+        str(out),
+        "--project-root",
+        str(tmp_path),
+        "--ray-storage",
+        str(tmp_path / "ray_results"),
+    ]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "PYTHONUNBUFFERED": "1",
+        "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+    }
+    ckpts = out / "checkpoints"
+    log1 = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=log1, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        _wait_for(lambda: any(ckpts.glob("step-*.pt")), first, deadline_s=240)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the process group this test started: driver and its children
+        first.wait()
+        log1.close()
+    assert first.returncode != 0
+    kept = sorted(int(p.stem.split("-")[1]) for p in ckpts.glob("step-*.pt"))
+    assert kept and kept[-1] < params["train"]["max_steps"], kept
+
+    second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    log = second.stdout + second.stderr
+    assert second.returncode == 0, log[-4000:]
+    resumed = [int(s) for s in re.findall(r"resuming meld from step (\d+)", log)]
+    print(f"(b) interrupted with checkpoints at steps {kept}; the rerun resumed from step {resumed}")
+    assert resumed and resumed[0] == kept[-1] > 0
+    assert not re.search(r"\[meld\] step 1/", log)  # no step was trained twice from scratch
+    from meld.training import load_checkpoint
+
+    assert load_checkpoint(out / "model.pt")["step"] == params["train"]["max_steps"]
