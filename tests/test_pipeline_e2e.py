@@ -45,6 +45,7 @@ DEBUG_PARAMS = {
                  "min_seconds": 1.5, "max_seconds": 12.0, "max_length_factor": 1.5, "audio_samples": 1,
                  "ablations": False, "batch_size": 2, "stt_splits": ["test"], "stt_beam_size": 2,
                  "stt_judge_model": "models/meld_stt/model.pt"},
+    "codec_lm": {"codec_weights": None},
     "mlflow": {"experiment": "e2e"},
 }
 
