@@ -282,8 +282,63 @@ class EvaluateConfig(Section):
     stt_splits: tuple[str, ...] = ("dev", "test", "test_unseen")
     stt_beam_size: int = 5
     stt_max_utterances: int = 100  # per split
-    stt_judge_model: str | None = None  # a MELD STT checkpoint that also scores TTS output on its mel frames  # voices the judge cannot recognise
+    stt_judge_model: str | None = None  # a MELD STT checkpoint that also scores TTS output on its mel frames
     ablations: bool = True  # MELD rows without repetition penalty / with the latent zeroed (paper Table 5)
     audio_samples: int = 4
     batch_size: int = 8
     seed: int = 0
+
+
+# dev metrics of ray_jobs.train.dev_metrics that can be the objective (all comparable across frame rates)
+OBJECTIVES = ("dev/mse_post_greedy", "dev/mse_pre_greedy", "dev/mse_post", "dev/mse_pre")
+
+
+@dataclass(frozen=True)
+class TuneConfig(Section):
+    """The ``tune:`` params section.
+
+    Trials: every (slowness weight, reduction factor) pair, starting from the ``system``'s own
+    ``model``/``train`` settings; each trains ``max_steps`` steps and is scored on the dev split
+    every ``eval_every`` steps (ASHA's rungs: ``grace_period``, x ``asha_reduction``, ...).
+    """
+
+    system: str = "meld"
+    slowness_weights: tuple[float, ...] = (0.0, 0.1, 0.2, 0.5)
+    reduction_factors: tuple[int, ...] = (1, 2)
+    max_steps: int = 16
+    eval_every: int = 8
+    frames_per_batch: int = (
+        1500  # 62.5 Hz frames per batch and worker: a trial at r gets frames_per_batch / r
+    )
+    num_workers_per_trial: int = 1
+    cpus_per_worker: int = 1
+    gpus_per_worker: float = 0.0
+    max_concurrent_trials: int = 1
+    scheduler: str = "asha"  # asha | fifo
+    grace_period: int = 8
+    asha_reduction: int = 2
+    metric: str = "dev/mse_post_greedy"
+    max_failures: int = 1
+    # `model` keys set for every trial (e.g. a smaller model than the system's)
+    model_overrides: dict[str, object] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        from meld.models.builders import NEEDS_CODEBOOK
+
+        if self.system not in NEEDS_CODEBOOK:
+            raise ConfigError(
+                f"tune.system must be a MELD system {list(NEEDS_CODEBOOK)} (its two knobs are swept), "
+                f"got {self.system!r}"
+            )
+        if self.scheduler not in ("asha", "fifo"):
+            raise ConfigError(f"tune.scheduler must be asha or fifo, got {self.scheduler!r}")
+        if not self.slowness_weights or not self.reduction_factors:
+            raise ConfigError("tune.slowness_weights and tune.reduction_factors must not be empty")
+        if self.eval_every < 1 or self.max_steps < self.eval_every:
+            raise ConfigError("tune: need 1 <= eval_every <= max_steps")
+        if self.metric not in OBJECTIVES:
+            raise ConfigError(f"tune.metric must be one of {list(OBJECTIVES)}, got {self.metric!r}")
+        if self.frames_per_batch < 1:
+            raise ConfigError("tune.frames_per_batch must be >= 1")
+        if self.num_workers_per_trial < 1 or self.cpus_per_worker < 1:
+            raise ConfigError("tune.num_workers_per_trial and tune.cpus_per_worker must be >= 1")

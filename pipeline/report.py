@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tune and Path(args.tune).is_file():
         tune = json.loads(Path(args.tune).read_text())
         lines += ["", "## Ray Tune sweep", "", f"best trial: `{tune.get('best_config')}` objective {tune.get('best_objective')}",
-                  "", "![sweep](plots/tune.png)"]
+                  "", "![sweep](tune.png)"]
     lines += ["", "![TTS comparison](plots/tts_comparison.png)", ""]
     (out / "summary.md").write_text("\n".join(lines))
     print("\n".join(lines))

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from test_faults import TINY_PARAMS, ensure_ray, make_tiny_data, tiny_config
 
-from meld.config import ConfigError
-from ray_jobs.tune import TuneConfig, best_trial, plot_trials, trial_overrides
+from meld.config import ConfigError, TuneConfig
+from ray_jobs.tune import best_trial, plot_trials, trial_overrides
 
 
 def _row(r: int, w: float, objective: float | None, status: str = "completed", steps: int = 4) -> dict:
