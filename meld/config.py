@@ -286,6 +286,7 @@ class EvaluateConfig(Section):
     ablations: bool = True  # MELD rows without repetition penalty / with the latent zeroed (paper Table 5)
     audio_samples: int = 4
     batch_size: int = 8
+    score_workers: int = 2  # processes running vocoder + judges (the slow part), capped at the CPU count
     seed: int = 0
 
 

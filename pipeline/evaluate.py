@@ -20,6 +20,7 @@ training run (metrics, audio samples, mel plots) and <out>/ (per-utterance rows,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -31,18 +32,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from meld.audio import load_audio, write_audio
+from meld.audio import write_audio
 from meld.config import EvaluateConfig, read_params
 from meld.corpus import read_manifest
-from meld.evaluation.asr import build_asr_judge
-from meld.evaluation.metrics import duration_ratio, longest_silence_seconds, wer_details
-from meld.evaluation.speaker import build_speaker_embedder, cosine_similarity
-from meld.features import FRAME_RATE, HOP_LENGTH, NormStats
+from meld.evaluation.metrics import duration_ratio, wer_details
+from meld.evaluation.scoring import GenerationItem, ReferenceItem, ScorerSpec, ScoringPool
+from meld.features import FRAME_RATE, NormStats
 from meld.generate import prompt_frames, stt_beam_search, tts_continue
 from meld.store import FeatureStore
 from meld.text import tokenizer_from_bytes
 from meld.training import load_model
-from meld.vocoder import build_vocoder
 
 log = logging.getLogger("meld.evaluate")
 SR = 16_000
@@ -89,7 +88,7 @@ def plot_mels(path: Path, panels: list[tuple[str, np.ndarray]], prompt_frames_n:
 
 
 def evaluate_split(model, state, stats: NormStats, tok, store: FeatureStore, audio_paths: dict, cfg: EvaluateConfig,
-                   split: str, vocoder, judge, embedder, judge_exclude: tuple[str, ...], out: Path,
+                   split: str, scorer: ScoringPool, judge_exclude: tuple[str, ...], out: Path,
                    variant: dict, stt_judge=None) -> tuple[dict, list[dict]]:
     r = int(state["extra"]["reduction_factor"])
     chosen = choose_utterances(store, cfg, split)
@@ -115,42 +114,31 @@ def evaluate_split(model, state, stats: NormStats, tok, store: FeatureStore, aud
 
     # a different speaker's real utterance for each prompt: the SIM floor
     speakers = [store.index[i]["speaker"] for i in chosen]
-    gt_cache: dict[int, dict] = {}
-    for n, (cont, (i, p)) in enumerate(tqdm(list(zip(conts, refs)), desc=f"score {split}", unit="gen", mininterval=2)):
-        meta = store.index[i]
-        mel = store[i]
-        if i not in gt_cache:
-            wav = load_audio(audio_paths[meta["id"]])
-            gt_voc = vocoder(mel)
-            other = next((j for j, s in zip(chosen, speakers) if s != meta["speaker"]), None)
-            gt = {"prompt_wav": wav[: p * HOP_LENGTH], "gt_vocoded": gt_voc,
-                  "gt_cont_vocoded": gt_voc[p * HOP_LENGTH :]}
-            if judge is not None and not meta["speaker"].startswith(judge_exclude):
-                gt["gt_hyp"] = judge.transcribe(gt_voc, SR)
-            if embedder is not None:
-                gt["prompt_emb"] = embedder.embed(gt["prompt_wav"], SR)
-                gt["sim_gt_cont"] = cosine_similarity(gt["prompt_emb"], embedder.embed(gt["gt_cont_vocoded"], SR))
-                if other is not None:
-                    other_wav = load_audio(audio_paths[store.index[other]["id"]])
-                    gt["sim_other"] = cosine_similarity(gt["prompt_emb"], embedder.embed(other_wav, SR))
-            gt_cache[i] = gt
-        gt = gt_cache[i]
-        gen_mel = stats.denormalise(cont.frames)
-        full_mel = np.concatenate([mel[:p], gen_mel])
-        wav = vocoder(full_mel)
-        cont_wav = wav[p * HOP_LENGTH :]
+    judged = {i: not store.index[i]["speaker"].startswith(judge_exclude) for i in chosen}
+    ref_items = []
+    for i in chosen:
+        other = next((j for j, s in zip(chosen, speakers) if s != store.index[i]["speaker"]), None)
+        p = next(p for j, p in refs if j == i)
+        ref_items.append(ReferenceItem(audio_paths[store.index[i]["id"]], store[i], p,
+                                       audio_paths[store.index[other]["id"]] if other is not None else None, judged[i]))
+    gt_of = dict(zip(chosen, tqdm(scorer.map_references(ref_items), total=len(ref_items),
+                                  desc=f"ground truth {split}", unit="utt", mininterval=2)))
+    full_mels = [np.concatenate([store[i][:p], stats.denormalise(c.frames)]) for c, (i, p) in zip(conts, refs)]
+    gen_items = [GenerationItem(m, p, judged[i], gt_of[i].get("prompt_emb")) for m, (i, p) in zip(full_mels, refs)]
+    scored = tqdm(scorer.map_generations(gen_items), total=len(gen_items), desc=f"score {split}", unit="gen",
+                  mininterval=2)
+    for n, (cont, (i, p), full_mel, sc) in enumerate(zip(conts, refs, full_mels, scored)):
+        meta, mel, gt = store.index[i], store[i], gt_of[i]
         true_cont_s = (mel.shape[0] - p) / FRAME_RATE
-        gen_s = gen_mel.shape[0] / FRAME_RATE
+        gen_s = cont.frames.shape[0] / FRAME_RATE
         row = {"split": split, "id": meta["id"], "speaker": meta["speaker"], "generation": n % cfg.generations,
                "text": meta["text"], "generated_seconds": gen_s, "true_continuation_seconds": true_cont_s,
                "duration_ratio": duration_ratio(gen_s, true_cont_s), "hit_max_length": cont.hit_max_length,
-               "longest_silence_s": longest_silence_seconds(cont_wav, SR) if cont_wav.size else 0.0,
-               "gt_longest_silence_s": longest_silence_seconds(gt["gt_cont_vocoded"], SR)}
-        if "gt_hyp" in gt:
-            row["hyp"] = judge.transcribe(wav, SR)
-            row["gt_hyp"] = gt["gt_hyp"]
-        if embedder is not None and cont_wav.size >= SR // 2:
-            row["sim"] = cosine_similarity(gt["prompt_emb"], embedder.embed(cont_wav, SR))
+               "longest_silence_s": sc["longest_silence_s"], "gt_longest_silence_s": gt["gt_longest_silence_s"]}
+        if "hyp" in sc and "gt_hyp" in gt:
+            row["hyp"], row["gt_hyp"] = sc["hyp"], gt["gt_hyp"]
+        if "sim" in sc:
+            row["sim"] = sc["sim"]
             row["sim_gt_continuation"] = gt["sim_gt_cont"]
             if "sim_other" in gt:
                 row["sim_other_speaker"] = gt["sim_other"]
@@ -159,7 +147,7 @@ def evaluate_split(model, state, stats: NormStats, tok, store: FeatureStore, aud
         rows.append(row)
         if n // cfg.generations < cfg.audio_samples and n % cfg.generations == 0:
             sample_dir = out / "samples" / split
-            write_audio(sample_dir / f"{meta['id']}{variant.get('suffix', '')}.wav", wav)
+            write_audio(sample_dir / f"{meta['id']}{variant.get('suffix', '')}.wav", sc["wav"])
             write_audio(sample_dir / f"{meta['id']}.ground_truth_vocoded.wav", gt["gt_vocoded"])
             plot_mels(out / "plots" / split / f"{meta['id']}{variant.get('suffix', '')}.png",
                       [(f"ground truth ({meta['speaker']})", mel), (f"prompt + {model.system} continuation", full_mel)], p)
@@ -267,9 +255,6 @@ def main(argv: list[str] | None = None) -> int:
     extra = state["extra"]
     stats = NormStats(extra["norm_mean"].numpy(), extra["norm_std"].numpy())
     tok = tokenizer_from_bytes(bytes(extra["bpe_model"].numpy().tobytes()))
-    vocoder = build_vocoder(cfg.vocoder, cfg.vocoder_path)
-    judge = build_asr_judge(cfg.asr_judge, cfg.asr_judge_path)
-    embedder = build_speaker_embedder(cfg.speaker_model, cfg.speaker_model_path)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -279,8 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         variants += [{"name": f"{args.system} (no repetition penalty)", "repetition_penalty": 1.0, "suffix": ".no_rep"},
                      {"name": f"{args.system} (latent zeroed)", "zero_latent": True, "suffix": ".zero_latent"}]
         variants = variants if cfg.ablations else variants[:1]
-    metrics: dict = {"system": args.system, "task": task, "step": int(state["step"]), "vocoder": vocoder.name,
-                     "asr_judge": cfg.asr_judge if judge else None, "splits": {}, "ablations": {}}
+    metrics: dict = {"system": args.system, "task": task, "step": int(state["step"]), "vocoder": None,
+                     "asr_judge": None, "splits": {}, "ablations": {}}
     if task in ("stt", "joint"):
         metrics["stt"] = evaluate_stt(load_stt_model(args.model), Path(args.features), cfg)
     stt_judge = None
@@ -291,22 +276,28 @@ def main(argv: list[str] | None = None) -> int:
         else:
             log.warning("evaluate.stt_judge_model %s does not exist: MELD-STT judge skipped", cfg.stt_judge_model)
     all_rows = []
-    for variant in variants:
-        for split in cfg.splits:
-            store = FeatureStore(Path(args.features) / split)
-            audio = {r["id"]: r["audio_path"] for r in read_manifest(Path(args.corpus) / split / "manifest.jsonl")}
-            summary, rows = evaluate_split(model, state, stats, tok, store, audio, cfg, split, vocoder, judge, embedder,
-                                           tuple(cfg.judge_exclude_prefixes), out, variant,
-                                           stt_judge if variant["name"] == args.system else None)
-            for r in rows:
-                r["variant"] = variant["name"]
-            all_rows += rows
-            if variant["name"] == args.system:
-                metrics["splits"][split] = summary
-            else:
-                metrics["ablations"].setdefault(variant["name"], {})[split] = summary
-            print(f"{variant['name']} / {split}: " + ", ".join(
-                f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+    spec = ScorerSpec(cfg.vocoder, cfg.vocoder_path, cfg.asr_judge, cfg.asr_judge_path, cfg.speaker_model,
+                      cfg.speaker_model_path)
+    with ScoringPool(spec, cfg.score_workers) if variants else contextlib.nullcontext() as scorer:
+        if scorer is not None:
+            built = scorer.describe()
+            metrics["vocoder"], metrics["asr_judge"] = built["vocoder"], built["asr_judge"]
+        for variant in variants:
+            for split in cfg.splits:
+                store = FeatureStore(Path(args.features) / split)
+                audio = {r["id"]: r["audio_path"] for r in read_manifest(Path(args.corpus) / split / "manifest.jsonl")}
+                summary, rows = evaluate_split(model, state, stats, tok, store, audio, cfg, split, scorer,
+                                               tuple(cfg.judge_exclude_prefixes), out, variant,
+                                               stt_judge if variant["name"] == args.system else None)
+                for r in rows:
+                    r["variant"] = variant["name"]
+                all_rows += rows
+                if variant["name"] == args.system:
+                    metrics["splits"][split] = summary
+                else:
+                    metrics["ablations"].setdefault(variant["name"], {})[split] = summary
+                print(f"{variant['name']} / {split}: " + ", ".join(
+                    f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     with open(out / "generations.jsonl", "w") as f:
         for r in all_rows:
             f.write(json.dumps(r) + "\n")

@@ -251,7 +251,7 @@ def train_worker(config: dict) -> None:
 
     def checkpoint(step: int, metrics: dict) -> None:
         extra = {"fingerprint": config["fingerprint"]}
-        ray_ckpt = None
+        ray_ckpt, tmp = None, None
         if rank == 0:
             if dev is not None and tc["task"] != "stt" and hasattr(model, "codebook"):  # MELD only
                 dev_m = dev_metrics(model, dev[0], dev[1], dev[2], device, seed=tc["seed"])
@@ -265,7 +265,11 @@ def train_worker(config: dict) -> None:
             tmp = Path(tempfile.mkdtemp(prefix="meld-ckpt-"))
             os.link(path, tmp / path.name) if path.stat().st_dev == tmp.stat().st_dev else shutil.copy(path, tmp)
             ray_ckpt = ray.train.Checkpoint.from_directory(str(tmp))
-        ray.train.report({"step": step, **metrics}, checkpoint=ray_ckpt)
+        try:
+            ray.train.report({"step": step, **metrics}, checkpoint=ray_ckpt)
+        finally:
+            if tmp is not None:  # report() has copied it into the run's storage: the staging folder must not pile up in /tmp
+                shutil.rmtree(tmp, ignore_errors=True)
 
     metrics: dict = {}
     batches = iter(sampler)

@@ -273,3 +273,37 @@ def test_duration_ratio_and_real_time_factor():
         duration_ratio(1.0, 0.0)
     with pytest.raises(ValueError):
         real_time_factor(1.0, -1.0)
+
+
+# --------------------------------------------------------------------------- scoring pool
+
+
+def test_scoring_pool_workers_match_the_calling_process(flite):
+    """Two spawned scoring workers give the same transcripts, SIM and silences as in-process scoring,
+    in input order, and a speaker the judge is told to skip gets no transcript."""
+    from meld.evaluation.scoring import GenerationItem, ReferenceItem, ScorerSpec, ScoringPool
+
+    paths = [str(flite("slt", "a")), str(flite("rms", "b"))]
+    mels = [log_mel(*sf.read(p, dtype="float32")) for p in paths]
+    refs = [ReferenceItem(paths[0], mels[0], 60, paths[1], judged=True),
+            ReferenceItem(paths[1], mels[1], 60, paths[0], judged=False)]
+    spec = ScorerSpec("griffin_lim", None, "pocketsphinx", None, "resemblyzer", None)
+    results = {}
+    for workers in (1, 2):
+        with ScoringPool(spec, workers) as pool:
+            assert pool.describe() == {"vocoder": "griffin_lim", "asr_judge": "pocketsphinx",
+                                       "speaker_model": "resemblyzer"}
+            gt = list(pool.map_references(refs))
+            gens = [GenerationItem(m, 60, judged, g["prompt_emb"])
+                    for m, judged, g in zip(mels, (True, False), gt)]
+            results[workers] = (gt, list(pool.map_generations(gens)))
+    (gt1, gen1), (gt2, gen2) = results[1], results[2]
+    assert "gt_hyp" in gt1[0] and "gt_hyp" not in gt1[1] and "hyp" not in gen1[1]
+    assert gt1[0]["gt_hyp"] == gt2[0]["gt_hyp"] and gen1[0]["hyp"] == gen2[0]["hyp"]
+    assert len(gen1[0]["hyp"].split()) >= 5  # real speech through Griffin-Lim is recognised, not empty
+    for a, b in zip(gt1 + gen1, gt2 + gen2):
+        for key in ("sim_gt_cont", "sim_other", "sim", "longest_silence_s", "gt_longest_silence_s"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], abs=1e-4), key
+    # the prompt's own continuation sounds more like the prompt than the other speaker does
+    assert gt1[0]["sim_gt_cont"] > gt1[0]["sim_other"]

@@ -1,0 +1,191 @@
+"""Scoring TTS continuations: vocoder -> ASR judge, speaker similarity, silence, in worker processes.
+
+The judges are the slow part of evaluation (PocketSphinx reads audio at roughly a third of real
+time on one core, and an undertrained model runs to the max-length guard, so there is a lot of
+audio to read). Every item is independent, so :class:`ScoringPool` spreads them over processes,
+each holding its own vocoder, judge and speaker encoder (none of them is picklable or
+thread-safe). With one worker everything runs in the calling process.
+
+Two kinds of work items:
+
+- :class:`ReferenceItem`: one real utterance: the ground truth through the vocoder (the judge's
+  floor), the 3 s prompt's speaker embedding, and SIM floors (ground-truth continuation, a
+  different speaker's real utterance);
+- :class:`GenerationItem`: one continuation: [true prompt + generated frames] through the vocoder,
+  the judge's transcript, SIM to the prompt and the longest silence of the continuation.
+
+Example::
+
+    with ScoringPool(ScorerSpec("griffin_lim", None, "pocketsphinx", None, "resemblyzer", None), workers=2) as pool:
+        refs = pool.map_references([ReferenceItem(audio, mel, p, other_audio, judged=True)])
+        gens = pool.map_generations([GenerationItem(full_mel, p, judged=True, prompt_emb=refs[0]["prompt_emb"])])
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from meld.audio import SAMPLE_RATE, load_audio
+from meld.evaluation.metrics import longest_silence_seconds
+from meld.features import HOP_LENGTH
+
+MIN_SIM_SAMPLES = SAMPLE_RATE // 2  # a speaker embedding of less than 0.5 s of audio means little
+
+
+@dataclass(frozen=True)
+class ScorerSpec:
+    """What each worker builds: backend names and optional local weight paths (picklable)."""
+
+    vocoder: str
+    vocoder_path: str | None
+    asr_judge: str | None
+    asr_judge_path: str | None
+    speaker_model: str | None
+    speaker_model_path: str | None
+
+
+@dataclass(frozen=True)
+class ReferenceItem:
+    audio_path: str  # the real recording
+    mel: np.ndarray  # (T, 80) its raw log-mel frames
+    prompt_frames: int  # frames of the prompt (62.5 Hz)
+    other_audio_path: str | None  # a different speaker's real utterance (SIM floor), if any
+    judged: bool  # the ASR judge can recognise this speaker
+
+
+@dataclass(frozen=True)
+class GenerationItem:
+    full_mel: np.ndarray  # (P + G, 80) raw log-mel: the true prompt then the generated frames
+    prompt_frames: int
+    judged: bool
+    prompt_emb: np.ndarray | None  # the prompt's speaker embedding, from the reference item
+
+
+class Scorer:
+    """The vocoder and judges of one process."""
+
+    def __init__(self, spec: ScorerSpec):
+        from meld.evaluation.asr import build_asr_judge
+        from meld.evaluation.speaker import build_speaker_embedder
+        from meld.vocoder import build_vocoder
+
+        self.vocoder = build_vocoder(spec.vocoder, spec.vocoder_path)
+        self.judge = build_asr_judge(spec.asr_judge, spec.asr_judge_path) if spec.asr_judge else None
+        self.embedder = (
+            build_speaker_embedder(spec.speaker_model, spec.speaker_model_path) if spec.speaker_model else None
+        )
+
+    def describe(self) -> dict:
+        """What was actually built (a missing backend leaves its judge out, with a logged message)."""
+        return {"vocoder": self.vocoder.name, "asr_judge": self.judge.name if self.judge else None,
+                "speaker_model": self.embedder.name if self.embedder else None}
+
+    def reference(self, item: ReferenceItem) -> dict:
+        """Ground-truth scores of one utterance (keys present only where the backend exists)."""
+        from meld.evaluation.speaker import cosine_similarity
+
+        wav = load_audio(item.audio_path)
+        gt_voc = self.vocoder(item.mel)
+        cut = item.prompt_frames * HOP_LENGTH
+        out = {"prompt_wav": wav[:cut], "gt_vocoded": gt_voc, "gt_cont_vocoded": gt_voc[cut:]}
+        out["gt_longest_silence_s"] = longest_silence_seconds(out["gt_cont_vocoded"], SAMPLE_RATE)
+        if self.judge is not None and item.judged:
+            out["gt_hyp"] = self.judge.transcribe(gt_voc, SAMPLE_RATE)
+        if self.embedder is not None:
+            emb = self.embedder.embed(out["prompt_wav"], SAMPLE_RATE)
+            out["prompt_emb"] = emb
+            out["sim_gt_cont"] = cosine_similarity(emb, self.embedder.embed(out["gt_cont_vocoded"], SAMPLE_RATE))
+            if item.other_audio_path is not None:
+                other = load_audio(item.other_audio_path)
+                out["sim_other"] = cosine_similarity(emb, self.embedder.embed(other, SAMPLE_RATE))
+        return out
+
+    def generation(self, item: GenerationItem) -> dict:
+        """Scores of one continuation; ``wav`` is the vocoded [prompt + continuation]."""
+        from meld.evaluation.speaker import cosine_similarity
+
+        wav = self.vocoder(item.full_mel)
+        cont = wav[item.prompt_frames * HOP_LENGTH :]
+        out = {"wav": wav, "longest_silence_s": longest_silence_seconds(cont, SAMPLE_RATE) if cont.size else 0.0}
+        if self.judge is not None and item.judged:
+            out["hyp"] = self.judge.transcribe(wav, SAMPLE_RATE)
+        if self.embedder is not None and item.prompt_emb is not None and cont.size >= MIN_SIM_SAMPLES:
+            out["sim"] = cosine_similarity(item.prompt_emb, self.embedder.embed(cont, SAMPLE_RATE))
+        return out
+
+
+_WORKER_SCORER: Scorer | None = None
+
+
+def _init_worker(spec: ScorerSpec) -> None:
+    global _WORKER_SCORER
+    import torch
+
+    torch.set_num_threads(1)  # one core per worker: the pool is the parallelism
+    _WORKER_SCORER = Scorer(spec)
+
+
+def _describe() -> dict:
+    return _WORKER_SCORER.describe()
+
+
+def _score_reference(item: ReferenceItem) -> dict:
+    return _WORKER_SCORER.reference(item)
+
+
+def _score_generation(item: GenerationItem) -> dict:
+    return _WORKER_SCORER.generation(item)
+
+
+class ScoringPool:
+    """``workers`` processes (spawned, so no torch/OpenMP state is forked), or the calling process when 1.
+
+    Results come back in input order. Use as a context manager so the workers are shut down.
+    """
+
+    def __init__(self, spec: ScorerSpec, workers: int = 1):
+        if workers < 1:
+            raise ValueError(f"scoring workers must be >= 1, got {workers}")
+        self.spec, self.workers = spec, min(workers, os.cpu_count() or 1)
+        self._local: Scorer | None = None
+        self._pool: ProcessPoolExecutor | None = None
+        if self.workers == 1:
+            self._local = Scorer(spec)
+        else:
+            self._pool = ProcessPoolExecutor(
+                self.workers, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker, initargs=(spec,),
+            )
+
+    def describe(self) -> dict:
+        """The backends a worker built: {vocoder, asr_judge, speaker_model} names (None when missing)."""
+        if self._local is not None:
+            return self._local.describe()
+        return self._pool.submit(_describe).result()
+
+    def map_references(self, items: Sequence[ReferenceItem]) -> Iterator[dict]:
+        if self._local is not None:
+            return map(self._local.reference, items)
+        return self._pool.map(_score_reference, items)
+
+    def map_generations(self, items: Sequence[GenerationItem]) -> Iterator[dict]:
+        if self._local is not None:
+            return map(self._local.generation, items)
+        return self._pool.map(_score_generation, items)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def __enter__(self) -> ScoringPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
