@@ -76,3 +76,29 @@ def test_joint_task_trains_both_heads_and_stt_has_no_prenet_dropout():
     torch.manual_seed(1)
     b = model.forward_stt(batch["mel"], batch["mel_len"], batch["text"], batch["text_len"]).logits
     assert torch.allclose(a, b)  # backbone dropout is 0 in the tiny config; E has none in STT
+
+
+def test_stt_ctc_auxiliary_spells_the_transcript_at_the_frame_positions():
+    """With only the CTC term trained, best-path decoding of the frame states (blank = PAD's row,
+    repeats merged) gives back each transcript: the auxiliary reads the right head rows."""
+    from meld.models.vocab import PAD
+
+    plain, _ = tiny_meld(reduction=2)
+    batch = tiny_batch(reduction=2, B=2, T=12, L=4)
+    assert "loss/stt_ctc" not in plain.compute_losses(batch, "stt")  # off unless asked for
+
+    model, _ = tiny_meld(reduction=2, stt_ctc=True, specaug_time_masks=0, specaug_freq_masks=0)
+    assert torch.isfinite(model.compute_losses(batch, "stt")["loss/stt_ctc"])
+    opt = build_optimizer(model, lr=3e-3, weight_decay=0.0)
+    sched = build_scheduler(opt, 1, 10_000, 0)
+    for _ in range(200):
+        train_step(model, opt, sched, batch, task="stt", loss_weights={"stt_ce": 0.0, "stt_ctc": 1.0}, grad_clip=10.0)
+    model.eval()
+    with torch.no_grad():
+        h = model.forward_stt(batch["mel"], batch["mel_len"], batch["text"], batch["text_len"]).frame_hidden
+        rows = [PAD] + list(range(model.vocab.text_offset, model.vocab.text_offset + model.vocab.n_text))
+        best = model.head(h)[..., rows].argmax(-1)  # (B, T): 0 = blank, i + 1 = BPE id i
+    for b in range(2):
+        path = best[b, : int(batch["mel_len"][b])].tolist()
+        merged = [c for i, c in enumerate(path) if c != 0 and (i == 0 or c != path[i - 1])]
+        assert [c - 1 for c in merged] == batch["text"][b, : int(batch["text_len"][b])].tolist()

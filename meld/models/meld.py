@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meld.models.backbone import Backbone, KVCache
+from meld.models.backbone import Backbone, KVCache, lengths_to_mask, packed_positions
 from meld.models.layers import MelEncoder, Postnet, group_frames, spec_augment, ungroup_frames
-from meld.models.vocab import EOS, PAD, STT, TTS, UnionVocab
+from meld.models.vocab import EOS, PAD, STT, TTS, UnionEmbedding, UnionVocab
 from meld.sampling import repetition_penalty, sample, top_k_mask
 
 
@@ -29,11 +29,6 @@ def select_rows(batch: dict, rows) -> dict:
     sub["mel"] = sub["mel"][:, : int(sub["mel_len"].max())]
     sub["text"] = sub["text"][:, : int(sub["text_len"].max())]
     return sub
-
-
-def lengths_to_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
-    """(B,) lengths -> (B, max_len) bool, True inside each sequence."""
-    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
 
 
 def slowness_penalty(frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -62,6 +57,7 @@ class TTSOutput:
 class STTOutput:
     logits: torch.Tensor  # (B, L+1, V) step i predicts text token i+1, step L_b predicts <EOS>
     targets: torch.Tensor  # (B, L+1) union ids, PAD beyond
+    frame_hidden: torch.Tensor | None = None  # (B, T, d) hidden states at the frame positions
 
 
 @dataclass
@@ -115,15 +111,17 @@ class MELD(nn.Module):
         specaug_time_masks: int = 2,
         specaug_time_width: int = 50,
         specaug_max_time_fraction: float = 0.2,
+        stt_ctc: bool = False,
     ):
         super().__init__()
+        self.stt_ctc = stt_ctc
         self.specaug = dict(freq_masks=specaug_freq_masks, freq_width=specaug_freq_width, time_masks=specaug_time_masks,
                             time_width=specaug_time_width, max_time_fraction=specaug_max_time_fraction)
         self.vocab = UnionVocab(n_text=n_text, n_codes=codebook_size)
         self.frame_dim = frame_dim
         self.q_temperature = q_temperature
         self.register_buffer("codebook", torch.zeros(codebook_size, frame_dim))  # frozen k-means centroids
-        self.token_emb = nn.Embedding(self.vocab.size, d_model)
+        self.token_emb = UnionEmbedding(self.vocab, d_model)
         self.encoder = MelEncoder(frame_dim, encoder_hidden, d_model, encoder_dropout)
         self.backbone = Backbone(d_model, n_layers, n_heads, d_ff, dropout)
         self.head = nn.Linear(d_model, self.vocab.size)
@@ -151,19 +149,6 @@ class MELD(nn.Module):
         cz = self.encoder(self.codebook[codes], dropout=encoder_dropout)  # (..., d_model)
         return self.recon_linear(h) + self.recon_mlp(torch.cat([h, cz], dim=-1))
 
-    def _text_block(self, text: torch.Tensor, text_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mask = lengths_to_mask(text_len, text.shape[1])
-        ids = torch.where(mask, text + self.vocab.text_offset, torch.full_like(text, PAD))
-        return self.token_emb(ids), mask
-
-    def _special(self, token: int, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = torch.full((batch, 1), token, dtype=torch.long, device=device)
-        return self.token_emb(ids), torch.ones(batch, 1, dtype=torch.bool, device=device)
-
-    @staticmethod
-    def _positions(valid: torch.Tensor) -> torch.Tensor:
-        return (valid.long().cumsum(-1) - 1).clamp_min(0)
-
     # ------------------------------------------------------------------ training
     def forward_tts(
         self,
@@ -181,13 +166,13 @@ class MELD(nn.Module):
         """
         B, T, _ = mel.shape
         L = text.shape[1]
-        text_emb, text_valid = self._text_block(text, text_len)  # (B, L, d)
-        tts_emb, tts_valid = self._special(TTS, B, mel.device)  # (B, 1, d)
+        text_emb, text_valid = self.token_emb.text_block(text, text_len)  # (B, L, d)
+        tts_emb, tts_valid = self.token_emb.special(TTS, B, mel.device)  # (B, 1, d)
         frame_valid = lengths_to_mask(mel_len, T)  # (B, T)
         frame_emb = self.encoder(mel)  # (B, T, d)
         x = torch.cat([text_emb, tts_emb, frame_emb], dim=1)  # (B, L+1+T, d)
         valid = torch.cat([text_valid, tts_valid, frame_valid], dim=1)
-        h = self.backbone(x, self._positions(valid), valid)  # (B, L+1+T, d)
+        h = self.backbone(x, packed_positions(valid), valid)  # (B, L+1+T, d)
         h_pred = h[:, L:]  # (B, T+1, d): <TTS> and every frame predict the next frame / <EOS>
         logits = self.head(h_pred)  # (B, T+1, V)
 
@@ -207,16 +192,37 @@ class MELD(nn.Module):
         L = text.shape[1]
         frame_valid = lengths_to_mask(mel_len, T)
         frame_emb = self.encoder(mel, dropout=False)  # STT: no prenet dropout
-        stt_emb, stt_valid = self._special(STT, B, mel.device)
-        text_emb, text_valid = self._text_block(text, text_len)
+        stt_emb, stt_valid = self.token_emb.special(STT, B, mel.device)
+        text_emb, text_valid = self.token_emb.text_block(text, text_len)
         x = torch.cat([frame_emb, stt_emb, text_emb], dim=1)  # (B, T+1+L, d)
         valid = torch.cat([frame_valid, stt_valid, text_valid], dim=1)
-        h = self.backbone(x, self._positions(valid), valid)
+        h = self.backbone(x, packed_positions(valid), valid)
         logits = self.head(h[:, T:])  # (B, L+1, V)
         targets = torch.full((B, L + 1), PAD, dtype=torch.long, device=mel.device)
         targets[:, :L] = torch.where(text_valid, text + self.vocab.text_offset, targets[:, :L])
         targets[torch.arange(B, device=mel.device), text_len] = EOS
-        return STTOutput(logits, targets)
+        return STTOutput(logits, targets, h[:, :T])
+
+    def ctc_loss(self, frame_hidden: torch.Tensor, mel_len: torch.Tensor, text: torch.Tensor,
+                 text_len: torch.Tensor) -> torch.Tensor:
+        """Auxiliary CTC over BPE tokens at the frame positions of STT sequences (not in the paper).
+
+        Decoder-only STT has to discover by itself which frames each token should attend to; on a small
+        corpus the text prefix alone lowers the cross-entropy so well that this takes very long. CTC
+        makes the frame states carry the transcript from the start. It reuses the output head's text rows
+        (PAD's row as the blank), so it adds no parameters and changes nothing at inference. Causal
+        frame states can only emit a token after hearing it, which CTC's free alignment allows.
+
+        Args:
+            frame_hidden: (B, T, d) backbone states at the (grouped) frame positions.
+            mel_len: (B,) real frames; text: (B, L) BPE ids; text_len: (B,).
+        """
+        offset, n_text = self.vocab.text_offset, self.vocab.n_text
+        rows = torch.cat([torch.tensor([PAD], device=text.device),
+                          torch.arange(offset, offset + n_text, device=text.device)])
+        logits = F.linear(frame_hidden, self.head.weight[rows], self.head.bias[rows]).float()  # (B, T, 1+n_text)
+        log_probs = logits.log_softmax(-1).transpose(0, 1)  # (T, B, C): blank = 0, BPE id i = i + 1
+        return F.ctc_loss(log_probs, text + 1, mel_len, text_len, blank=0, zero_infinity=True)
 
     def compute_losses(self, batch: dict, task: str = "tts", generator: torch.Generator | None = None) -> dict:
         """Namespaced losses for one batch (unweighted; train_step applies the weights)."""
@@ -236,7 +242,11 @@ class MELD(nn.Module):
             mel = self.augment(batch["mel"], batch["mel_len"], generator) if self.training else batch["mel"]
             out = self.forward_stt(mel, batch["mel_len"], batch["text"], batch["text_len"])
             ce = F.cross_entropy(out.logits.flatten(0, 1).float(), out.targets.flatten(), ignore_index=PAD)
-            return {"loss/stt_ce": ce}
+            losses = {"loss/stt_ce": ce}
+            if self.stt_ctc:
+                losses["loss/stt_ctc"] = self.ctc_loss(out.frame_hidden, batch["mel_len"], batch["text"],
+                                                       batch["text_len"])
+            return losses
         if task == "joint":  # half the batch speaks (TTS), the other half is transcribed (STT)
             B = batch["mel"].shape[0]
             tts_rows, stt_rows = (torch.arange(0, B, 2), torch.arange(1, B, 2)) if B > 1 else ([0], [0])
@@ -291,18 +301,14 @@ class MELD(nn.Module):
         B, P, _ = prompt.shape
         L = text.shape[1]
         device = prompt.device
-        text_emb, text_valid = self._text_block(text, text_len)
-        tts_emb, tts_valid = self._special(TTS, B, device)
+        text_emb, text_valid = self.token_emb.text_block(text, text_len)
+        tts_emb, tts_valid = self.token_emb.special(TTS, B, device)
         prompt_valid = lengths_to_mask(prompt_len, P)
         prompt_emb = self.encoder(prompt, dropout=test_time_dropout) if P else prompt.new_zeros(B, 0, text_emb.shape[-1])
         x = torch.cat([text_emb, tts_emb, prompt_emb], dim=1)
         valid = torch.cat([text_valid, tts_valid, prompt_valid], dim=1)
-        positions = self._positions(valid)
-        cache: KVCache = self.backbone.new_cache(B, x.shape[1] + max_frames)
-        h = self.backbone(x, positions, valid, cache)  # (B, S, d)
         last = L + prompt_len  # index of each sequence's last real token (<TTS> when P_b == 0)
-        h_last = h[torch.arange(B, device=device), last]  # (B, d)
-        next_pos = positions[torch.arange(B, device=device), last] + 1  # (B,)
+        h_last, cache, next_pos = self.backbone.prefill(x, valid, last, max_frames)  # (B, d), cache, (B,)
 
         active = torch.arange(B, device=device)  # original index of each row still generating
         frames: list[list[torch.Tensor]] = [[] for _ in range(B)]
@@ -336,8 +342,8 @@ class MELD(nn.Module):
                 active, x_hat, next_pos = active[idx], x_hat[idx], next_pos[idx]
                 prev_cand = prev_cand[idx] if prev_cand is not None else None
                 cache.select(idx)
-            emb = self.encoder(x_hat, dropout=test_time_dropout)[:, None]  # (b, 1, d)
-            h_last = self.backbone(emb, next_pos[:, None], None, cache)[:, 0]
+            emb = self.encoder(x_hat, dropout=test_time_dropout)  # (b, d)
+            h_last = self.backbone.step(emb, next_pos, cache)
             next_pos = next_pos + 1
 
         out = []
@@ -357,17 +363,14 @@ class MELD(nn.Module):
         B, T, _ = mel.shape
         frame_valid = lengths_to_mask(mel_len, T)
         frame_emb = self.encoder(mel, dropout=False)
-        stt_emb, stt_valid = self._special(STT, B, mel.device)
+        stt_emb, stt_valid = self.token_emb.special(STT, B, mel.device)
         x = torch.cat([frame_emb, stt_emb], dim=1)
         valid = torch.cat([frame_valid, stt_valid], dim=1)
-        positions = self._positions(valid)
-        cache = self.backbone.new_cache(B, T + 1 + max_new)
-        h = self.backbone(x, positions, valid, cache)
-        return h[:, -1], cache, positions[:, -1] + 1
+        return self.backbone.prefill(x, valid, T, max_new)  # <STT> is every row's last token
 
     def stt_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Feed (b,) union-vocabulary tokens at (b,) positions; returns (b, d) hidden states."""
-        return self.backbone(self.token_emb(tokens)[:, None], positions[:, None], None, cache)[:, 0]
+        return self.backbone.step(self.token_emb(tokens), positions, cache)
 
     def text_logprobs(self, h: torch.Tensor) -> torch.Tensor:
         """(b, d) -> (b, V) log-probabilities restricted to BPE tokens and <EOS> (others -inf)."""
