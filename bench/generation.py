@@ -9,7 +9,7 @@ utterances and their full transcripts, sampling as in params.yaml ``evaluate``):
   the whole prefix. Both paths use the model's own pieces and produce the same codes for the
   same generator (checked first, in float32, with test-time dropout off).
 * ``kv-leanT`` - evidence for proposed ``meld/`` changes, not shipped code: the cached decode step
-  written lean in this file (attention bias built once per generation, not per layer and step;
+  written lean in this file (attention bias built once per generation, not once per step;
   one ``tolist()`` per step) with Linear weights in transposed storage (same values, faster
   few-row GEMMs). Checked code-for-code equal to ``kv``.
 * ``kv-leanTR`` - ``kv-leanT`` plus test-time dropout drawn with ``rand >= p`` instead of
@@ -210,7 +210,8 @@ def generate_full_recompute(
     """
     import torch
 
-    from meld.models.meld import Generation, lengths_to_mask
+    from meld.models.backbone import lengths_to_mask, packed_positions
+    from meld.models.meld import Generation
     from meld.models.vocab import TTS
     from meld.sampling import repetition_penalty, sample, top_k_mask
 
@@ -219,13 +220,13 @@ def generate_full_recompute(
         B, P, _ = prompt.shape
         L = text.shape[1]
         device = prompt.device
-        text_emb, text_valid = model._text_block(text, text_len)
-        tts_emb, tts_valid = model._special(TTS, B, device)
+        text_emb, text_valid = model.token_emb.text_block(text, text_len)
+        tts_emb, tts_valid = model.token_emb.special(TTS, B, device)
         prompt_valid = lengths_to_mask(prompt_len, P)
         prompt_emb = model.encoder(prompt, dropout=test_time_dropout)
         x = torch.cat([text_emb, tts_emb, prompt_emb], dim=1)  # (B, S, d)
         valid = torch.cat([text_valid, tts_valid, prompt_valid], dim=1)  # (B, S)
-        positions = model._positions(valid)  # (B, S)
+        positions = packed_positions(valid)  # (B, S)
         h = model.backbone(x, positions, valid)
         rows = torch.arange(B, device=device)
         last = L + prompt_len
@@ -313,7 +314,8 @@ def generate_kv_lean(
 
     Differences from ``meld/`` (each one a proposal, measured by the ``kv-lean`` rows):
       * the attention bias is built once per generation (additive float, (B, 1, 1, max_len)) instead
-        of a boolean mask rebuilt in every layer of every step;
+        of a boolean mask per step (``meld/`` builds one per backbone call, shared by the layers, and
+        none for a one-token step whose keys are all real);
       * optional transposed-storage weights (:func:`transposed_storage_weights`);
       * one ``tolist()`` per step for the stop flags and codes instead of per-row tensor indexing;
       * optional ``rand_dropout``: test-time dropout as ``x * (rand >= p) / (1 - p)``, 2-3x cheaper than
@@ -323,8 +325,8 @@ def generate_kv_lean(
     import torch
     import torch.nn.functional as F
 
-    from meld.models.backbone import sinusoidal_positions
-    from meld.models.meld import Generation, lengths_to_mask
+    from meld.models.backbone import lengths_to_mask, sinusoidal_positions
+    from meld.models.meld import Generation
     from meld.models.vocab import EOS, TTS
     from meld.sampling import repetition_penalty, sample, top_k_mask
 
@@ -363,18 +365,12 @@ def generate_kv_lean(
         model.eval()
         B, P, _ = prompt.shape
         L = text.shape[1]
-        text_emb, text_valid = model._text_block(text, text_len)
-        tts_emb, tts_valid = model._special(TTS, B, prompt.device)
+        text_emb, text_valid = model.token_emb.text_block(text, text_len)
+        tts_emb, tts_valid = model.token_emb.special(TTS, B, prompt.device)
         prompt_emb = encode(prompt)
         x = torch.cat([text_emb, tts_emb, prompt_emb], dim=1)
         valid = torch.cat([text_valid, tts_valid, lengths_to_mask(prompt_len, P)], dim=1)
-        positions = model._positions(valid)
-        cache = bb.new_cache(B, x.shape[1] + max_frames)
-        h = bb(x, positions, valid, cache)  # prefill through the model's own path
-        rows = torch.arange(B)
-        last = L + prompt_len
-        h_last = h[rows, last]
-        next_pos = positions[rows, last] + 1
+        h_last, cache, next_pos = bb.prefill(x, valid, L + prompt_len, max_frames)  # the model's own prefill
         bias = torch.zeros(B, 1, 1, cache.max_len)  # additive: -inf on padded prefix keys, built once
         bias[:, 0, 0, : x.shape[1]].masked_fill_(~valid, float("-inf"))
         H, Dh, D = bb.n_heads, bb.d_model // bb.n_heads, bb.d_model

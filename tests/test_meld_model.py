@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from conftest import tiny_batch, tiny_meld
 
-from meld.models.backbone import Backbone
+from meld.models.backbone import Backbone, packed_positions
 from meld.models.meld import slowness_penalty
 from meld.training import (
     build_optimizer,
@@ -146,3 +146,21 @@ def test_generate_respects_guard_and_drops_finished(tmp_path):
         assert frames.shape[1] == 160 and frames.shape[0] <= 5
         assert hit == (frames.shape[0] == 5)
         assert all(0 <= c < 16 for c in codes)
+
+
+def test_prefill_and_step_equal_full_pass_and_drop_the_mask_once_padding_leaves():
+    torch.manual_seed(0)
+    bb = Backbone(d_model=32, n_layers=2, n_heads=4, d_ff=64, dropout=0.0).eval()
+    B, P, N = 2, 6, 4
+    x = torch.randn(B, P + N, 32)
+    valid = torch.ones(B, P + N, dtype=torch.bool)
+    valid[1, 2:P] = False  # row 1: a right-padded prompt of 2 tokens
+    full = bb(x, packed_positions(valid), valid)
+    last = torch.tensor([P - 1, 1])
+    h, cache, pos = bb.prefill(x[:, :P], valid[:, :P], last, N)
+    assert not cache.all_valid  # row 1's padding needs a mask
+    assert _rel(h, full[[0, 1], [P - 1, 1]]) <= 1e-5
+    cache.select(torch.tensor([0]))
+    assert cache.all_valid  # the padded row left: steps attend without a mask
+    steps = [bb.step(x[[0], t], pos[[0]] + t - P, cache) for t in range(P, P + N)]
+    assert _rel(torch.stack(steps, 1), full[[0], P:]) <= 1e-5

@@ -5,7 +5,10 @@ attention -> MLP -> block -> Backbone. Pre-LayerNorm, sinusoidal absolute positi
 self-attention through ``F.scaled_dot_product_attention`` (flash kernels on GPU).
 
 Batches may be left- or right-padded: ``key_valid`` (B, T) marks real positions, and
-``positions`` (B, T) gives each real token its index inside its own sequence.
+``positions`` (B, T) gives each real token its index inside its own sequence
+(:func:`packed_positions`). Every system drives a generation the same way:
+:meth:`Backbone.prefill` runs the padded prompt into a fresh cache, then
+:meth:`Backbone.step` feeds one new token per row.
 """
 
 from __future__ import annotations
@@ -15,6 +18,20 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def lengths_to_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+    """(B,) lengths -> (B, max_len) bool, True inside each sequence."""
+    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def packed_positions(valid: torch.Tensor) -> torch.Tensor:
+    """(B, S) key_valid -> (B, S) each token's index among the real tokens of its own sequence.
+
+    Padding gaps don't advance the count, so a sequence reads the same whatever padding its
+    batch needed; padded slots get their neighbour's index (0 before the first real token).
+    """
+    return (valid.long().cumsum(-1) - 1).clamp_min(0)
 
 
 def sinusoidal_positions(positions: torch.Tensor, dim: int) -> torch.Tensor:
@@ -33,7 +50,9 @@ class KVCache:
 
     ``length`` is the number of positions filled so far (shared by the batch: padded
     positions are masked through ``key_valid``). ``select(idx)`` keeps a subset of the
-    batch, so finished sequences can leave a batched generation.
+    batch, so finished sequences can leave a batched generation. ``all_valid`` says that
+    every filled position of every row is real, which lets a one-token step attend without
+    a mask.
     """
 
     def __init__(self, n_layers: int, batch: int, n_heads: int, max_len: int, head_dim: int, device, dtype):
@@ -43,11 +62,14 @@ class KVCache:
         self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.length = 0
         self.max_len = max_len
+        self.all_valid = True
 
     def select(self, idx: torch.Tensor) -> None:
         self.k = self.k[:, idx]
         self.v = self.v[:, idx]
         self.key_valid = self.key_valid[idx]
+        # the rows that stay may be the ones without padding; callers sync on idx anyway
+        self.all_valid = bool(self.key_valid[:, : self.length].all())
 
     @property
     def batch_size(self) -> int:
@@ -66,36 +88,25 @@ class CausalSelfAttention(nn.Module):
         self.dropout = dropout
 
     def forward(
-        self, x: torch.Tensor, key_valid: torch.Tensor | None, cache: KVCache | None, layer: int
+        self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None, layer: int
     ) -> torch.Tensor:
+        """x: (B, T, D) -> (B, T, D); ``mask`` from :meth:`Backbone.attention_mask`, shared by every layer.
+
+        Without a cache, ``mask`` None means plain causal attention; with one, no mask at all
+        (one query at the newest position, every key real).
+        """
         B, T, D = x.shape
-        q, k, v = self.qkv(x).split(D, dim=-1)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
-        k = k.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, Dh) each
         p = self.dropout if self.training else 0.0
         if cache is None:
-            if key_valid is None:
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
-            else:
-                causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-                mask = causal[None, None] & key_valid[:, None, None, :]  # (B, 1, T, T)
-                # a padded query row with no valid key would give NaN: let it see itself
-                mask = mask | torch.eye(T, dtype=torch.bool, device=x.device)[None, None]
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=p)
         else:
             start = cache.length
             end = start + T
-            if end > cache.max_len:
-                raise RuntimeError(f"KV cache overflow: {end} positions > max_len {cache.max_len}")
             cache.k[layer, :, :, start:end] = k
             cache.v[layer, :, :, start:end] = v
             keys, values = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]  # (B, H, end, Dh)
-            valid = cache.key_valid[:, :end]
-            q_pos = torch.arange(start, end, device=x.device)
-            k_pos = torch.arange(end, device=x.device)
-            mask = (k_pos[None, :] <= q_pos[:, None])[None, None] & valid[:, None, None, :]  # (B, 1, T, end)
-            mask = mask | (k_pos[None, :] == q_pos[:, None])[None, None]
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
         return self.proj(y)
@@ -121,8 +132,8 @@ class Block(nn.Module):
         self.mlp = MLP(d_model, d_ff, dropout)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x, key_valid, cache, layer):
-        x = x + self.drop(self.attn(self.ln1(x), key_valid, cache, layer))
+    def forward(self, x, mask, cache, layer):
+        x = x + self.drop(self.attn(self.ln1(x), mask, cache, layer))
         return x + self.mlp(self.ln2(x))
 
 
@@ -151,6 +162,39 @@ class Backbone(nn.Module):
             device or p.device, dtype or p.dtype,
         )
 
+    @staticmethod
+    def attention_mask(T: int, key_valid: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor | None:
+        """The boolean attention mask of one forward call, built once and shared by every layer.
+
+        Args:
+            T: new positions in this call.
+            key_valid: (B, T) real tokens among them, or None (all real).
+            cache: the cache this call extends, its ``key_valid`` already holding the new positions.
+
+        Returns:
+            without a cache: None (plain causal) when ``key_valid`` is None, else (B, 1, T, T);
+            with one: None for a one-token step when every key is real, else (B, 1, T, length + T).
+            True = may attend. A query always sees itself, so a padded query row has a key
+            and gives no NaN.
+        """
+        if cache is None:
+            if key_valid is None:
+                return None
+            device = key_valid.device
+            causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+            mask = causal[None, None] & key_valid[:, None, None, :]  # (B, 1, T, T)
+            return mask | torch.eye(T, dtype=torch.bool, device=device)[None, None]
+        start = cache.length
+        end = start + T
+        if T == 1 and cache.all_valid:
+            return None
+        device = cache.key_valid.device
+        valid = cache.key_valid[:, :end]
+        q_pos = torch.arange(start, end, device=device)
+        k_pos = torch.arange(end, device=device)
+        mask = (k_pos[None, :] <= q_pos[:, None])[None, None] & valid[:, None, None, :]  # (B, 1, T, end)
+        return mask | (k_pos[None, :] == q_pos[:, None])[None, None]
+
     def forward(
         self,
         x: torch.Tensor,
@@ -174,11 +218,45 @@ class Backbone(nn.Module):
         if positions is None:
             positions = torch.arange(offset, offset + T, device=x.device).expand(B, T)
         if cache is not None:
-            valid = key_valid if key_valid is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
-            cache.key_valid[:, offset : offset + T] = valid
+            if offset + T > cache.max_len:
+                raise RuntimeError(f"KV cache overflow: {offset + T} positions > max_len {cache.max_len}")
+            if key_valid is None:
+                cache.key_valid[:, offset : offset + T] = True
+            else:
+                cache.key_valid[:, offset : offset + T] = key_valid
+                # one host sync per call that brings padding (a prefill), none per decoding step
+                cache.all_valid = cache.all_valid and bool(key_valid.all())
+        mask = self.attention_mask(T, key_valid, cache)
         h = self.drop(x + sinusoidal_positions(positions, self.d_model).to(x.dtype))
         for i, block in enumerate(self.blocks):
-            h = block(h, key_valid, cache, i)
+            h = block(h, mask, cache, i)
         if cache is not None:
             cache.length = offset + T
         return self.ln_f(h)
+
+    def prefill(
+        self, x: torch.Tensor, valid: torch.Tensor, last: torch.Tensor | int, extra_len: int
+    ) -> tuple[torch.Tensor, KVCache, torch.Tensor]:
+        """Run a padded prompt into a fresh cache, ready for :meth:`step`.
+
+        Args:
+            x: (B, S, D) embedded prompts; valid: (B, S) their real tokens.
+            last: (B,) index of each row's last real token (or one index for all rows): its
+                hidden state predicts the first new token.
+            extra_len: positions to reserve after the prompt for the tokens to come.
+
+        Returns:
+            h_last: (B, D) hidden states at ``last``;
+            cache: holding the S prompt positions, room for ``extra_len`` more;
+            next_pos: (B,) position of each row's next token.
+        """
+        B, S, _ = x.shape
+        positions = packed_positions(valid)  # (B, S)
+        cache = self.new_cache(B, S + extra_len)
+        h = self(x, positions, valid, cache)  # (B, S, D)
+        rows = torch.arange(B, device=x.device)
+        return h[rows, last], cache, positions[rows, last] + 1
+
+    def step(self, emb: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Feed one real token per row: (b, D) embeddings at (b,) positions -> (b, D) hidden states."""
+        return self(emb[:, None], positions[:, None], None, cache)[:, 0]

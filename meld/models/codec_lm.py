@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meld.models.backbone import Backbone, KVCache
-from meld.models.meld import Generation, lengths_to_mask
-from meld.models.vocab import PAD, TTS, UnionVocab
+from meld.models.backbone import Backbone, lengths_to_mask, packed_positions
+from meld.models.meld import Generation
+from meld.models.vocab import TTS, UnionEmbedding, UnionVocab
 from meld.sampling import sample
 
 DAC_FRAME_RATE = 50.0  # codes per second of DAC's 16 kHz model (hop 2*4*5*8 = 320 samples)
@@ -120,26 +120,13 @@ class CodecLM(nn.Module):
         self.vocab = UnionVocab(n_text=n_text, n_codes=0)
         self.n_levels, self.codebook_size = n_levels, codebook_size
         self.eos, self.empty = codebook_size, codebook_size + 1
-        self.token_emb = nn.Embedding(self.vocab.size, d_model)
+        self.token_emb = UnionEmbedding(self.vocab, d_model)
         self.level_emb = LevelEmbedding(n_levels, codebook_size + 2, d_model)
         self.backbone = Backbone(d_model, n_layers, n_heads, d_ff, dropout)
         self.head = nn.Linear(d_model, n_levels * (codebook_size + 1))
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.head(h).unflatten(-1, (self.n_levels, self.codebook_size + 1))  # (..., K, N+1)
-
-    def _text_block(self, text: torch.Tensor, text_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mask = lengths_to_mask(text_len, text.shape[1])
-        ids = torch.where(mask, text + self.vocab.text_offset, torch.full_like(text, PAD))
-        return self.token_emb(ids), mask
-
-    def _tts_token(self, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = torch.full((batch, 1), TTS, dtype=torch.long, device=device)
-        return self.token_emb(ids), torch.ones(batch, 1, dtype=torch.bool, device=device)
-
-    @staticmethod
-    def _positions(valid: torch.Tensor) -> torch.Tensor:
-        return (valid.long().cumsum(-1) - 1).clamp_min(0)
 
     # ------------------------------------------------------------------ training
     def forward_tts(
@@ -149,12 +136,12 @@ class CodecLM(nn.Module):
         B, T, K = codes.shape
         L = text.shape[1]
         delayed = delay_codes(codes, codes_len, eos=self.eos, empty=self.empty)  # (B, T+K, K)
-        text_emb, text_valid = self._text_block(text, text_len)
-        tts_emb, tts_valid = self._tts_token(B, codes.device)
+        text_emb, text_valid = self.token_emb.text_block(text, text_len)
+        tts_emb, tts_valid = self.token_emb.special(TTS, B, codes.device)
         step_valid = lengths_to_mask(codes_len + K - 1, T + K - 1)  # inputs D_0 .. D_{T_b+K-2}
         x = torch.cat([text_emb, tts_emb, self.level_emb(delayed[:, : T + K - 1])], dim=1)  # (B, L+T+K, d)
         valid = torch.cat([text_valid, tts_valid, step_valid], dim=1)
-        h = self.backbone(x, self._positions(valid), valid)[:, L:]  # (B, T+K, d)
+        h = self.backbone(x, packed_positions(valid), valid)[:, L:]  # (B, T+K, d)
         frame = (
             torch.arange(T + K, device=codes.device)[:, None] - torch.arange(K, device=codes.device)[None, :]
         )
@@ -212,15 +199,13 @@ class CodecLM(nn.Module):
         rows = torch.arange(B, device=device)
         levels = torch.arange(K, device=device)
         delayed_prompt = delay_codes(prompt_codes, prompt_len, eos=self.eos, empty=self.empty)  # (B, P+K, K)
-        text_emb, text_valid = self._text_block(text, text_len)
-        tts_emb, tts_valid = self._tts_token(B, device)
+        text_emb, text_valid = self.token_emb.text_block(text, text_len)
+        tts_emb, tts_valid = self.token_emb.special(TTS, B, device)
         x = torch.cat([text_emb, tts_emb, self.level_emb(delayed_prompt[:, :P])], dim=1)
         valid = torch.cat([text_valid, tts_valid, lengths_to_mask(prompt_len, P)], dim=1)
-        positions = self._positions(valid)
-        cache: KVCache = self.backbone.new_cache(B, x.shape[1] + max_frames + K)
-        h = self.backbone(x, positions, valid, cache)
         last = L + prompt_len  # each sequence's last real token (<TTS> when P_b == 0)
-        h_last, next_pos = h[rows, last], positions[rows, last] + 1
+        # room for the delay pattern's tail: up to K - 1 steps after the last frame
+        h_last, cache, next_pos = self.backbone.prefill(x, valid, last, max_frames + K)  # (B, d), cache, (B,)
 
         # per active row: its delayed step s = P_b + g, the prompt length, the end frame (exclusive)
         active, plen = rows.clone(), prompt_len.clone()
@@ -268,7 +253,7 @@ class CodecLM(nn.Module):
                 active, plen, end, stopped = active[idx], plen[idx], end[idx], stopped[idx]
                 chosen, next_pos = chosen[idx], next_pos[idx]
                 cache.select(idx)
-            h_last = self.backbone(self.level_emb(chosen)[:, None], next_pos[:, None], None, cache)[:, 0]
+            h_last = self.backbone.step(self.level_emb(chosen), next_pos, cache)
             next_pos = next_pos + 1
 
         frames, level0 = [], []

@@ -33,10 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from meld.features import N_MELS
-from meld.models.backbone import Backbone, KVCache
+from meld.models.backbone import Backbone, KVCache, lengths_to_mask, packed_positions
 from meld.models.layers import group_frames, spec_augment, ungroup_frames
-from meld.models.meld import Generation, STTOutput, lengths_to_mask, select_rows
-from meld.models.vocab import EOS, PAD, STT, TTS, UnionVocab
+from meld.models.meld import Generation, STTOutput, select_rows
+from meld.models.vocab import EOS, PAD, STT, TTS, UnionEmbedding, UnionVocab
 from meld.sampling import sample
 
 
@@ -126,7 +126,7 @@ class DMel(nn.Module):
             raise ValueError(f"need n_bins >= 2 and hi > lo, got n_bins={n_bins}, lo={lo}, hi={hi}")
         self.vocab = UnionVocab(n_text=n_text, n_codes=0)
         self.frame_dim, self.n_bins, self.lo, self.hi = frame_dim, n_bins, float(lo), float(hi)
-        self.token_emb = nn.Embedding(self.vocab.size, d_model)
+        self.token_emb = UnionEmbedding(self.vocab, d_model)
         self.frame_emb = ChannelEmbedding(frame_dim, n_bins, d_model)
         self.backbone = Backbone(d_model, n_layers, n_heads, d_ff, dropout)
         self.bin_head = nn.Linear(d_model, frame_dim * n_bins)
@@ -143,19 +143,6 @@ class DMel(nn.Module):
     def _bin_logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.bin_head(h).unflatten(-1, (self.frame_dim, self.n_bins))  # (..., C, n_bins)
 
-    def _text_block(self, text: torch.Tensor, text_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mask = lengths_to_mask(text_len, text.shape[1])
-        ids = torch.where(mask, text + self.vocab.text_offset, torch.full_like(text, PAD))
-        return self.token_emb(ids), mask
-
-    def _special(self, token: int, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = torch.full((batch, 1), token, dtype=torch.long, device=device)
-        return self.token_emb(ids), torch.ones(batch, 1, dtype=torch.bool, device=device)
-
-    @staticmethod
-    def _positions(valid: torch.Tensor) -> torch.Tensor:
-        return (valid.long().cumsum(-1) - 1).clamp_min(0)
-
     # ------------------------------------------------------------------ training
     def forward_tts(
         self, text: torch.Tensor, text_len: torch.Tensor, mel: torch.Tensor, mel_len: torch.Tensor
@@ -164,12 +151,12 @@ class DMel(nn.Module):
         B, T, _ = mel.shape
         L = text.shape[1]
         bins = self.discretise(mel)  # (B, T, C)
-        text_emb, text_valid = self._text_block(text, text_len)
-        tts_emb, tts_valid = self._special(TTS, B, mel.device)
+        text_emb, text_valid = self.token_emb.text_block(text, text_len)
+        tts_emb, tts_valid = self.token_emb.special(TTS, B, mel.device)
         frame_valid = lengths_to_mask(mel_len, T)
         x = torch.cat([text_emb, tts_emb, self.frame_emb(bins)], dim=1)  # (B, L+1+T, d)
         valid = torch.cat([text_valid, tts_valid, frame_valid], dim=1)
-        h = self.backbone(x, self._positions(valid), valid)[:, L:]  # (B, T+1, d) <TTS> and frames
+        h = self.backbone(x, packed_positions(valid), valid)[:, L:]  # (B, T+1, d) <TTS> and frames
         step_mask = lengths_to_mask(mel_len + 1, T + 1)
         return DMelTTSOutput(
             bin_logits=self._bin_logits(h[:, :T]),
@@ -186,11 +173,11 @@ class DMel(nn.Module):
         B, T, _ = mel.shape
         L = text.shape[1]
         frame_valid = lengths_to_mask(mel_len, T)
-        stt_emb, stt_valid = self._special(STT, B, mel.device)
-        text_emb, text_valid = self._text_block(text, text_len)
+        stt_emb, stt_valid = self.token_emb.special(STT, B, mel.device)
+        text_emb, text_valid = self.token_emb.text_block(text, text_len)
         x = torch.cat([self.frame_emb(self.discretise(mel)), stt_emb, text_emb], dim=1)  # (B, T+1+L, d)
         valid = torch.cat([frame_valid, stt_valid, text_valid], dim=1)
-        h = self.backbone(x, self._positions(valid), valid)
+        h = self.backbone(x, packed_positions(valid), valid)
         logits = self.text_head(h[:, T:])  # (B, L+1, V)
         targets = torch.full((B, L + 1), PAD, dtype=torch.long, device=mel.device)
         targets[:, :L] = torch.where(text_valid, text + self.vocab.text_offset, targets[:, :L])
@@ -272,19 +259,15 @@ class DMel(nn.Module):
         B, P, _ = prompt.shape
         L = text.shape[1]
         device = prompt.device
-        text_emb, text_valid = self._text_block(text, text_len)
-        tts_emb, tts_valid = self._special(TTS, B, device)
+        text_emb, text_valid = self.token_emb.text_block(text, text_len)
+        tts_emb, tts_valid = self.token_emb.special(TTS, B, device)
         prompt_emb = self.frame_emb(self.discretise(prompt))  # (B, P, d)
         x = torch.cat([text_emb, tts_emb, prompt_emb], dim=1)
         valid = torch.cat([text_valid, tts_valid, lengths_to_mask(prompt_len, P)], dim=1)
-        positions = self._positions(valid)
-        cache: KVCache = self.backbone.new_cache(B, x.shape[1] + max_frames)
-        h = self.backbone(x, positions, valid, cache)
-        rows = torch.arange(B, device=device)
         last = L + prompt_len  # each sequence's last real token (<TTS> when P_b == 0)
-        h_last, next_pos = h[rows, last], positions[rows, last] + 1  # (B, d), (B,)
+        h_last, cache, next_pos = self.backbone.prefill(x, valid, last, max_frames)  # (B, d), cache, (B,)
 
-        active = rows.clone()  # original index of each row still generating
+        active = torch.arange(B, device=device)  # original index of each row still generating
         frames: list[list[torch.Tensor]] = [[] for _ in range(B)]
         hit_max = [False] * B
         for step in range(max_frames + 1):
@@ -311,7 +294,7 @@ class DMel(nn.Module):
                 idx = keep.nonzero().squeeze(-1)
                 active, bins, next_pos = active[idx], bins[idx], next_pos[idx]
                 cache.select(idx)
-            h_last = self.backbone(self.frame_emb(bins)[:, None], next_pos[:, None], None, cache)[:, 0]
+            h_last = self.backbone.step(self.frame_emb(bins), next_pos, cache)
             next_pos = next_pos + 1
 
         out = [
@@ -328,17 +311,14 @@ class DMel(nn.Module):
         """Encode ``x_1..x_T <STT>`` into a fresh cache; returns (h at <STT>, cache, next positions)."""
         self.eval()
         B, T, _ = mel.shape
-        stt_emb, stt_valid = self._special(STT, B, mel.device)
+        stt_emb, stt_valid = self.token_emb.special(STT, B, mel.device)
         x = torch.cat([self.frame_emb(self.discretise(mel)), stt_emb], dim=1)
         valid = torch.cat([lengths_to_mask(mel_len, T), stt_valid], dim=1)
-        positions = self._positions(valid)
-        cache = self.backbone.new_cache(B, T + 1 + max_new)
-        h = self.backbone(x, positions, valid, cache)
-        return h[:, -1], cache, positions[:, -1] + 1
+        return self.backbone.prefill(x, valid, T, max_new)  # <STT> is every row's last token
 
     def stt_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Feed (b,) union-vocabulary tokens at (b,) positions; returns (b, d) hidden states."""
-        return self.backbone(self.token_emb(tokens)[:, None], positions[:, None], None, cache)[:, 0]
+        return self.backbone.step(self.token_emb(tokens), positions, cache)
 
     def text_logprobs(self, h: torch.Tensor) -> torch.Tensor:
         """(b, d) -> (b, V) log-probabilities restricted to BPE tokens and <EOS> (others -inf)."""

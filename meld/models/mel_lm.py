@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meld.models.backbone import Backbone, KVCache
+from meld.models.backbone import Backbone, lengths_to_mask, packed_positions
 from meld.models.layers import MelEncoder, Postnet
-from meld.models.meld import Generation, lengths_to_mask, slowness_penalty
-from meld.models.vocab import PAD, TTS, UnionVocab
+from meld.models.meld import Generation, slowness_penalty
+from meld.models.vocab import TTS, UnionEmbedding, UnionVocab
 
 
 def masked_frame_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -118,18 +118,13 @@ class ContinuousFrameLM(nn.Module):
         self.frame_dim = frame_dim
         self.stop_pos_weight = stop_pos_weight
         self.stop_threshold = stop_threshold  # an inference setting: may be changed on a loaded model
-        self.token_emb = nn.Embedding(self.vocab.size, d_model)
+        self.token_emb = UnionEmbedding(self.vocab, d_model)
         self.encoder = MelEncoder(frame_dim, encoder_hidden, d_model, encoder_dropout)
         self.backbone = Backbone(d_model, n_layers, n_heads, d_ff, dropout)
         self.stop_head = nn.Linear(d_model, 1)
         self.postnet = Postnet(frame_dim, postnet_channels, postnet_kernel, postnet_layers, postnet_dropout)
 
     # ------------------------------------------------------------------ pieces
-    def _text_block(self, text: torch.Tensor, text_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mask = lengths_to_mask(text_len, text.shape[1])
-        ids = torch.where(mask, text + self.vocab.text_offset, torch.full_like(text, PAD))
-        return self.token_emb(ids), mask
-
     def _prefix(
         self,
         text: torch.Tensor,
@@ -140,18 +135,12 @@ class ContinuousFrameLM(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Embed ``[text block] <TTS> [frame block]``: (B, L+1+T, d) inputs and (B, L+1+T) key_valid."""
         B, T, _ = frames.shape
-        text_emb, text_valid = self._text_block(text, text_len)  # (B, L, d)
-        tts = torch.full((B, 1), TTS, dtype=torch.long, device=frames.device)
-        tts_valid = torch.ones(B, 1, dtype=torch.bool, device=frames.device)
+        text_emb, text_valid = self.token_emb.text_block(text, text_len)  # (B, L, d)
+        tts_emb, tts_valid = self.token_emb.special(TTS, B, frames.device)  # (B, 1, d)
         frame_emb = self.encoder(frames, dropout=encoder_dropout)  # (B, T, d)
-        x = torch.cat([text_emb, self.token_emb(tts), frame_emb], dim=1)
+        x = torch.cat([text_emb, tts_emb, frame_emb], dim=1)
         valid = torch.cat([text_valid, tts_valid, lengths_to_mask(frame_len, T)], dim=1)
         return x, valid
-
-    @staticmethod
-    def _positions(valid: torch.Tensor) -> torch.Tensor:
-        """Each token's index among the real tokens of its own sequence."""
-        return (valid.long().cumsum(-1) - 1).clamp_min(0)
 
     def tts_hidden(
         self, text: torch.Tensor, text_len: torch.Tensor, mel: torch.Tensor, mel_len: torch.Tensor
@@ -164,7 +153,7 @@ class ContinuousFrameLM(nn.Module):
         """
         L = text.shape[1]
         x, valid = self._prefix(text, text_len, mel, mel_len, encoder_dropout=None)
-        h = self.backbone(x, self._positions(valid), valid)  # (B, L+1+T, d)
+        h = self.backbone(x, packed_positions(valid), valid)  # (B, L+1+T, d)
         return h[:, L:], valid[:, L + 1 :]
 
     def predict_frame(
@@ -215,13 +204,8 @@ class ContinuousFrameLM(nn.Module):
         L = text.shape[1]
         device = prompt.device
         x, valid = self._prefix(text, text_len, prompt, prompt_len, encoder_dropout=test_time_dropout)
-        positions = self._positions(valid)
-        cache: KVCache = self.backbone.new_cache(B, x.shape[1] + max_frames)
-        h = self.backbone(x, positions, valid, cache)  # (B, L+1+P, d)
-        rows = torch.arange(B, device=device)
         last = L + prompt_len  # each sequence's last real token (<TTS> when P_b == 0)
-        h_last = h[rows, last]  # (B, d)
-        next_pos = positions[rows, last] + 1  # (B,)
+        h_last, cache, next_pos = self.backbone.prefill(x, valid, last, max_frames)  # (B, d), cache, (B,)
 
         active = list(range(B))  # original index of each row still generating
         pre: list[list[torch.Tensor]] = [[] for _ in range(B)]
@@ -244,8 +228,8 @@ class ContinuousFrameLM(nn.Module):
                 for i in active:
                     hit_max[i] = True
                 break
-            emb = self.encoder(frame, dropout=test_time_dropout)[:, None]  # (b, 1, d)
-            h_last = self.backbone(emb, next_pos[:, None], None, cache)[:, 0]
+            emb = self.encoder(frame, dropout=test_time_dropout)  # (b, d)
+            h_last = self.backbone.step(emb, next_pos, cache)
             next_pos = next_pos + 1
 
         frames, frames_pre = [], []

@@ -1,8 +1,14 @@
-"""The union vocabulary: specials, then BPE text tokens, then codebook codes (MELD) or nothing."""
+"""The union vocabulary: specials, then BPE text tokens, then codebook codes (MELD) or nothing,
+and :class:`UnionEmbedding`, the token table every system embeds text and specials with."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from meld.models.backbone import lengths_to_mask
 
 PAD, EOS, TTS, STT = 0, 1, 2, 3
 N_SPECIALS = 4
@@ -39,3 +45,37 @@ class UnionVocab:
             if self.text_offset <= i < self.code_offset:
                 out.append(i - self.text_offset)
         return out
+
+
+class UnionEmbedding(nn.Embedding):
+    """The ``vocab.size``-row token table, with the two ways the systems embed tokens.
+
+    A plain ``nn.Embedding`` (its parameter is still ``weight``, so checkpoints and
+    initialisation are unchanged); calling it embeds union-vocabulary ids as before.
+    """
+
+    def __init__(self, vocab: UnionVocab, d_model: int):
+        super().__init__(vocab.size, d_model)
+        self.vocab = vocab
+
+    def text_block(self, text: torch.Tensor, text_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A padded block of BPE text.
+
+        Args:
+            text: (B, L) 0-based BPE ids (not offset), anything beyond each length.
+            text_len: (B,) real tokens per row.
+
+        Returns:
+            (B, L, d) embeddings of the union ids (``PAD`` beyond each length), (B, L) real-token mask.
+        """
+        mask = lengths_to_mask(text_len, text.shape[1])
+        ids = torch.where(mask, text + self.vocab.text_offset, torch.full_like(text, PAD))
+        return self(ids), mask
+
+    def special(
+        self, token: int, batch: int, device: torch.device | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One special ``token`` (TTS, STT, ...) for every row: (batch, 1, d) embeddings, (batch, 1) all-True mask."""
+        device = device if device is not None else self.weight.device
+        ids = torch.full((batch, 1), token, dtype=torch.long, device=device)
+        return self(ids), torch.ones(batch, 1, dtype=torch.bool, device=device)
