@@ -282,6 +282,7 @@ class EvaluateConfig(Section):
     stt_splits: tuple[str, ...] = ("dev", "test", "test_unseen")
     stt_beam_size: int = 5
     stt_max_utterances: int = 100  # per split
+    stt_max_tokens_per_second: float = 10.0  # decoding guard: 10 + this x seconds BPE tokens per utterance
     stt_judge_model: str | None = None  # a MELD STT checkpoint that also scores TTS output on its mel frames
     ablations: bool = True  # MELD rows without repetition penalty / with the latent zeroed (paper Table 5)
     audio_samples: int = 4

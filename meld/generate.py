@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from meld.features import FRAME_RATE
 from meld.models.layers import group_frames, ungroup_frames
 from meld.models.vocab import EOS
 from meld.store import collate
@@ -82,12 +83,17 @@ def stt_beam_search(
     reduction: int,
     beam_size: int = 5,
     max_tokens: int = 200,
+    max_tokens_per_second: float | None = None,
     length_penalty: float = 1.0,
     batch_size: int = 8,
 ) -> list[list[int]]:
     """Batched, KV-cached beam search over BPE tokens; beam 1 is greedy decoding.
 
     Hypotheses are ranked by log-probability / length**length_penalty (EOS included in the length).
+    The max-length guard is ``max_tokens``, tightened per utterance to ``10 + max_tokens_per_second``
+    x its duration when given: speech carries a bounded number of tokens per second, and a model
+    that never says <EOS> (an undertrained one) would otherwise decode ``max_tokens`` x beam steps
+    for every short clip. An utterance that hits its guard returns its best unfinished hypothesis.
 
     Returns:
         BPE ids (0-based) of the best hypothesis per utterance.
@@ -96,14 +102,17 @@ def stt_beam_search(
     results: list[list[int]] = []
     for s in range(0, len(mels), batch_size):
         chunk = mels[s : s + batch_size]
+        limits = [max_tokens if max_tokens_per_second is None else
+                  min(max_tokens, 10 + math.ceil(max_tokens_per_second * len(m) / FRAME_RATE)) for m in chunk]
         batch = collate(chunk, [[0]] * len(chunk), reduction)
         results.extend(_beam_batch(model, batch["mel"].to(device), batch["mel_len"].to(device),
-                                   beam_size, max_tokens, length_penalty))
+                                   beam_size, limits, length_penalty))
     return results
 
 
-def _beam_batch(model, mel, mel_len, K: int, max_tokens: int, alpha: float) -> list[list[int]]:
+def _beam_batch(model, mel, mel_len, K: int, limits: list[int], alpha: float) -> list[list[int]]:
     B = mel.shape[0]
+    max_tokens = max(limits)
     h, cache, pos = model.stt_prefix(mel, mel_len, max_tokens + 1)
     rows = torch.arange(B, device=mel.device).repeat_interleave(K)  # (B*K,) beam rows per utterance
     cache.select(rows)
@@ -113,6 +122,7 @@ def _beam_batch(model, mel, mel_len, K: int, max_tokens: int, alpha: float) -> l
     seqs: list[list[list[int]]] = [[[] for _ in range(K)] for _ in range(B)]
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
     done = [False] * B
+    guarded: list[list[int] | None] = [None] * B  # best unfinished hypothesis of an utterance stopped by its guard
     for step in range(max_tokens):
         logp = model.text_logprobs(h).view(B, K, -1)  # (B, K, V)
         V = logp.shape[-1]
@@ -140,6 +150,10 @@ def _beam_batch(model, mel, mel_len, K: int, max_tokens: int, alpha: float) -> l
                 best_alive = max((sc for _, _, sc in alive), default=-math.inf)
                 if K == 1 or best_alive / (step + 2) ** alpha <= kth:
                     done[b] = True
+            if not done[b] and step + 1 >= limits[b]:
+                done[b] = True
+                if not finished[b]:
+                    guarded[b] = seqs[b][alive[0][0]] + [alive[0][1]] if alive else seqs[b][0]
             while len(alive) < K:  # keep the shape: pad with dead beams
                 alive.append((0, EOS, float("-inf")))
             new_seqs.append([seqs[b][beam] + [tok] for beam, tok, _ in alive])
@@ -160,6 +174,8 @@ def _beam_batch(model, mel, mel_len, K: int, max_tokens: int, alpha: float) -> l
     for b in range(B):
         if finished[b]:
             best = max(finished[b], key=lambda t: t[0])[1]
+        elif guarded[b] is not None:
+            best = guarded[b]
         else:  # guard hit: best alive hypothesis
             best = seqs[b][int(scores[b].argmax())] if torch.isfinite(scores[b]).any() else seqs[b][0]
         out.append(model.vocab.union_to_text(best) if hasattr(model, "vocab") else best)

@@ -154,7 +154,7 @@ def evaluate_split(model, state, stats: NormStats, tok, store: FeatureStore, aud
     gen_audio_s = sum(r["generated_seconds"] for r in rows)
     summary = summarise(rows, compute_s, gen_audio_s)
     if stt_judge is not None:
-        summary.update(score_with_stt_judge(stt_judge, rows, store, chosen))
+        summary.update(score_with_stt_judge(stt_judge, rows, store, chosen, cfg.stt_max_tokens_per_second))
     for r in rows:
         r.pop("_mel", None)
     return summary, rows
@@ -171,18 +171,19 @@ def load_stt_model(path: str | Path):
     return model, stats, tok, int(extra["reduction_factor"])
 
 
-def transcribe_mels(stt, mels: list[np.ndarray], beam: int, batch_size: int) -> list[str]:
+def transcribe_mels(stt, mels: list[np.ndarray], beam: int, batch_size: int, tokens_per_second: float) -> list[str]:
     """Raw (denormalised) log-mel arrays -> text, through a MELD STT model (no vocoder)."""
     model, stats, tok, r = stt
     ids = stt_beam_search(model, [stats.normalise(m) for m in mels], reduction=r, beam_size=beam,
-                          max_tokens=400, batch_size=batch_size)
+                          max_tokens=400, max_tokens_per_second=tokens_per_second, batch_size=batch_size)
     return [tok.decode(i) for i in ids]
 
 
-def score_with_stt_judge(stt, rows: list[dict], store: FeatureStore, chosen: list[int]) -> dict:
+def score_with_stt_judge(stt, rows: list[dict], store: FeatureStore, chosen: list[int],
+                         tokens_per_second: float) -> dict:
     """WER of the generated mel frames (and of the ground truth) read by MELD's own STT model."""
-    hyps = transcribe_mels(stt, [r["_mel"] for r in rows], beam=5, batch_size=8)
-    gt_hyps = transcribe_mels(stt, [store[i] for i in chosen], beam=5, batch_size=8)
+    hyps = transcribe_mels(stt, [r["_mel"] for r in rows], beam=5, batch_size=8, tokens_per_second=tokens_per_second)
+    gt_hyps = transcribe_mels(stt, [store[i] for i in chosen], beam=5, batch_size=8, tokens_per_second=tokens_per_second)
     w = wer_details([r["text"] for r in rows], hyps)
     g = wer_details([store.index[i]["text"] for i in chosen], gt_hyps)
     for r, h in zip(rows, hyps):
@@ -199,7 +200,8 @@ def evaluate_stt(stt, features: Path, cfg: EvaluateConfig) -> dict:
             continue
         store = FeatureStore(features / split)
         idx = list(range(min(len(store), cfg.stt_max_utterances)))
-        hyps = transcribe_mels(stt, [store[i] for i in idx], beam=cfg.stt_beam_size, batch_size=cfg.batch_size)
+        hyps = transcribe_mels(stt, [store[i] for i in idx], beam=cfg.stt_beam_size, batch_size=cfg.batch_size,
+                               tokens_per_second=cfg.stt_max_tokens_per_second)
         refs = [store.index[i]["text"] for i in idx]
         out[split] = wer_details(refs, hyps) | {"examples": [{"ref": r, "hyp": h} for r, h in list(zip(refs, hyps))[:5]]}
         print(f"STT {split}: WER {out[split]['wer']:.1%} over {len(idx)} utterances")

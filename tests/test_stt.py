@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from conftest import tiny_batch, tiny_meld
 
@@ -102,3 +104,24 @@ def test_stt_ctc_auxiliary_spells_the_transcript_at_the_frame_positions():
         path = best[b, : int(batch["mel_len"][b])].tolist()
         merged = [c for i, c in enumerate(path) if c != 0 and (i == 0 or c != path[i - 1])]
         assert [c - 1 for c in merged] == batch["text"][b, : int(batch["text_len"][b])].tolist()
+
+
+def test_duration_guard_bounds_each_hypothesis_and_keeps_its_prefix():
+    """A model that never says <EOS> stops at 10 + rate x seconds tokens per utterance, with the same
+    tokens the unguarded search had chosen up to there (greedy: the guard only cuts)."""
+    model, _ = tiny_meld(reduction=2)
+    with torch.no_grad():  # <EOS> can never win
+        model.head.bias[EOS] = -1e4
+    model.eval()
+    g = torch.Generator().manual_seed(3)
+    mels = [torch.randn(n, 80, generator=g).numpy() for n in (16, 40, 70)]  # 0.26 s, 0.64 s, 1.12 s
+    rate = 20.0
+    free = stt_beam_search(model, mels, reduction=2, beam_size=1, max_tokens=60)
+    guarded = stt_beam_search(model, mels, reduction=2, beam_size=1, max_tokens=60, max_tokens_per_second=rate)
+    for m, f, h in zip(mels, free, guarded):
+        limit = 10 + math.ceil(rate * len(m) / 62.5)
+        assert len(f) == 60 and len(h) == limit
+        assert h == f[:limit]
+    # beam search under the guard also returns a bounded, non-empty hypothesis
+    beams = stt_beam_search(model, mels, reduction=2, beam_size=3, max_tokens=60, max_tokens_per_second=rate)
+    assert all(0 < len(h) <= 10 + math.ceil(rate * len(m) / 62.5) for m, h in zip(mels, beams))
