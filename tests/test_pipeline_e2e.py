@@ -1,8 +1,8 @@
 """The whole DAG on a debug-sized params file, for real: DVC, a local Ray cluster, MLflow.
 
 Runs in a copy of the project's code in a temporary folder, so the repository's own
-outputs are never touched. Checks: every stage's outputs, a second `dvc repro` reruns
-nothing, and a training parameter change reruns only train -> evaluate -> report.
+outputs are never touched. Checks: every stage's outputs (the sweep included), a second `dvc repro`
+reruns nothing, and a training parameter change reruns only train -> evaluate -> report.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 DEBUG_PARAMS = {
-    "systems": ["meld", "meld_stt"],
+    "systems": ["meld", "meld_stt", "mel_lm"],
     "corpus": {
         "name": "mini", "seed": 1, "train_voices": ["flite-rms", "flite-slt", "espeak-m3"],
         "held_out_voices": ["flite-awb"], "utterances_per_voice": {"train": 8, "dev": 1, "test": 2, "test_unseen": 2},
@@ -41,6 +41,12 @@ DEBUG_PARAMS = {
               "stt_warmup_steps": 0},
     "meld": {"model": {}, "train": {"task": "tts"}},
     "meld_stt": {"model": {}, "train": {"task": "stt"}},
+    "mel_lm": {"args": {"stop_pos_weight": 1.0, "stop_threshold": 0.5}, "model": {},
+               "train": {"task": "tts", "loss_weights": {"mse_pre": 1.0, "mse_post": 1.0, "slowness": 0.2, "stop": 1.0}}},
+    "tune": {"system": "meld", "slowness_weights": [0.0, 0.5], "reduction_factors": [2], "max_steps": 2,
+             "eval_every": 1, "frames_per_batch": 800, "num_workers_per_trial": 1, "cpus_per_worker": 1,
+             "max_concurrent_trials": 1, "scheduler": "asha", "grace_period": 1, "asha_reduction": 2,
+             "metric": "dev/mse_pre_greedy", "max_failures": 0},
     "evaluate": {"splits": ["test_unseen"], "utterances_per_split": 1, "generations": 1, "prompt_seconds": 1.0,
                  "min_seconds": 1.5, "max_seconds": 12.0, "max_length_factor": 1.5, "audio_samples": 1,
                  "ablations": False, "batch_size": 2, "stt_splits": ["test"], "stt_beam_size": 2,
@@ -76,7 +82,8 @@ def test_whole_dag_runs_and_reruns_only_what_changed(tmp_path):
 
     first = _repro(work, env)
     assert _stages_run(first) == {"corpus", "features", "codebook", "bpe", "train@meld", "evaluate@meld",
-                                  "train@meld_stt", "evaluate@meld_stt", "report"}
+                                  "train@meld_stt", "evaluate@meld_stt", "train@mel_lm", "evaluate@mel_lm",
+                                  "tune", "report"}
     metrics = json.loads((work / "metrics" / "meld.json").read_text())
     split = metrics["splits"]["test_unseen"]
     assert split["generations"] == 1 and split["duration_ratio"] > 0
@@ -85,22 +92,32 @@ def test_whole_dag_runs_and_reruns_only_what_changed(tmp_path):
     stt = json.loads((work / "metrics" / "meld_stt.json").read_text())
     assert stt["task"] == "stt" and stt["stt"]["test"]["ref_words"] > 0 and not stt["splits"]
     assert (work / "models" / "meld" / "model.pt").is_file()
-    assert "| meld | test_unseen |" in (work / "reports" / "summary.md").read_text()
+    summary = (work / "reports" / "summary.md").read_text()
+    assert "| meld | test_unseen |" in summary and "| mel_lm | test_unseen |" in summary
+    sweep = json.loads((work / "reports" / "tune.json").read_text())
+    assert len(sweep["trials"]) == 2 and sweep["best_config"]["reduction_factor"] == 2
+    assert "## Ray Tune sweep" in summary and (work / "reports" / "tune.png").is_file()
 
     second = _repro(work, env)
     assert _stages_run(second) == set(), second[-2000:]
 
     params = yaml.safe_load((work / "params.yaml").read_text())
-    params["meld"]["train"]["lr"] = 0.002  # a training parameter of one system only
+    params["mel_lm"]["train"]["lr"] = 0.002  # a training parameter of one system only
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     third = _repro(work, env)
-    assert _stages_run(third) == {"train@meld", "evaluate@meld", "report"}
+    assert _stages_run(third) == {"train@mel_lm", "evaluate@mel_lm", "report"}
+    # MELD's own training settings are also the sweep's starting point, so they make the sweep stale too
+    params["meld"]["train"]["lr"] = 0.002
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    status = subprocess.run([str(BIN / "dvc"), "status"], cwd=work, env=env, capture_output=True, text=True).stdout
+    assert "train@meld:" in status and "tune:" in status and "train@mel_lm:" not in status, status
 
     import mlflow
 
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     runs = mlflow.search_runs(experiment_names=["e2e"], output_format="list")
     train_runs = [r for r in runs if r.info.run_name == "train-meld"]
+    assert any(r.info.run_name == "tune-meld" for r in runs)  # the sweep's parent run
     assert train_runs, [r.info.run_name for r in runs]
     run = train_runs[0]
     assert "loss/total" in run.data.metrics and "eval/test_unseen/duration_ratio" in run.data.metrics
