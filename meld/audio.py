@@ -46,10 +46,16 @@ def load_audio(path: str | Path, target_sr: int = SAMPLE_RATE) -> np.ndarray:
     if not path.is_file():
         raise AudioError(f"{path}: no such audio file")
     try:
-        wav, sr = sf.read(str(path), dtype="float32", always_2d=True)
+        with sf.SoundFile(str(path)) as f:
+            sr = f.samplerate
+            if f.subtype == "PCM_16":  # 16-bit PCM (our corpus, LibriSpeech FLAC): read as int16 and scale,
+                # the same samples as libsndfile's float conversion (x / 32768) at a quarter of the decode time
+                wav = f.read(dtype="int16", always_2d=True).astype(np.float32) * np.float32(1.0 / 32768.0)
+            else:
+                wav = f.read(dtype="float32", always_2d=True)
     except Exception as err:  # libsndfile raises several types for corrupt data
         raise AudioError(f"{path}: unreadable audio ({err})") from err
-    wav = wav.mean(axis=1)  # (samples,) mono downmix
+    wav = wav[:, 0] if wav.shape[1] == 1 else wav.mean(axis=1)  # (samples,) mono downmix
     if wav.size == 0:
         raise AudioError(f"{path}: audio holds no samples")
     if not np.isfinite(wav).all():

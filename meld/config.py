@@ -191,6 +191,7 @@ class CodebookConfig(Section):
     reduction_factors: tuple[int, ...] = (1, 2)
     niter: int = 20
     max_vectors: int = 200_000  # sub-sampling for LibriSpeech scale
+    max_points_per_centroid: int = 256  # Lloyd iterations on at most this many vectors per code (faiss default)
     seed: int = 0
 
 

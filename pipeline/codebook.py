@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in cfg.reduction_factors:
         vectors = grouped_vectors(mels, r)
         t0 = time.perf_counter()
-        centroids, distortion = fit_kmeans(vectors, cfg.size, niter=cfg.niter, seed=cfg.seed, max_vectors=cfg.max_vectors)
+        centroids, distortion = fit_kmeans(vectors, cfg.size, niter=cfg.niter, seed=cfg.seed, max_vectors=cfg.max_vectors,
+                                            max_points_per_centroid=cfg.max_points_per_centroid)
         usage = np.bincount(assign(vectors[: cfg.max_vectors], centroids), minlength=cfg.size)
         np.save(out / f"r{r}.npy", centroids)
         summary[f"r{r}"] = {

@@ -70,6 +70,35 @@ def test_matches_speecht5_on_upsampled_8khz_speech(reference, speech):
     assert np.abs(ours - ref).max() <= TOLERANCE
 
 
+@pytest.mark.parametrize("gain", [1e-3, 1e-5, 1e-7])
+def test_matches_speecht5_on_quiet_speech(reference, speech, gain):
+    """Quiet input puts most bands at or near the 1e-10 floor, where an FFT's rounding shows first."""
+    quiet = speech * np.float32(gain)
+    ref = reference_mel(reference, quiet)
+    assert np.abs(log_mel(quiet, SAMPLE_RATE) - ref).max() <= TOLERANCE
+
+
+def test_matches_speecht5_on_a_pure_tone(reference):
+    """One loud partial: the other bands hold only the window's sidelobes, 7-8 decades below it."""
+    n = np.arange(2 * SAMPLE_RATE)
+    tone = (0.9 * np.sin(2 * np.pi * 440.0 * n / SAMPLE_RATE)).astype(np.float32)
+    ref = reference_mel(reference, tone)
+    assert ref.max() - ref.min() > 7
+    assert np.abs(log_mel(tone, SAMPLE_RATE) - ref).max() <= TOLERANCE
+
+
+def test_silence_sits_exactly_on_the_floor():
+    mel = log_mel(np.zeros(4000, np.float32), SAMPLE_RATE)
+    assert (mel == np.float32(-10.0)).all()
+
+
+def test_input_layout_and_dtype_do_not_matter(speech):
+    strided = np.repeat(speech[:8000], 2)[::2]  # a non-contiguous view of the same samples
+    expected = log_mel(np.ascontiguousarray(strided), SAMPLE_RATE)
+    np.testing.assert_array_equal(log_mel(strided, SAMPLE_RATE), expected)
+    np.testing.assert_array_equal(log_mel(strided.astype(np.float64), SAMPLE_RATE), expected)
+
+
 @pytest.mark.parametrize("n", [513, 1000, 1024, 4096 + 17, 16_000])
 def test_shape_and_dtype(n):
     wav = np.random.default_rng(n).standard_normal(n).astype(np.float32) * 0.1
@@ -161,3 +190,22 @@ def test_norm_stats_round_trip():
     again = NormStats.from_dict(norm.to_dict())
     np.testing.assert_array_equal(again.mean, norm.mean)
     np.testing.assert_array_equal(again.std, norm.std)
+
+
+@pytest.mark.parametrize("subtype", ["PCM_16", "PCM_24", "FLOAT"])
+@pytest.mark.parametrize("channels", [1, 2])
+def test_load_audio_gives_libsndfiles_float_samples_for_every_subtype(tmp_path, subtype, channels):
+    """16-bit files are read as int16 and scaled (the fast path); the samples must be exactly what
+    libsndfile's own float conversion gives, downmixed to mono."""
+    import soundfile as sf
+
+    from meld.audio import load_audio
+
+    rng = np.random.default_rng(0)
+    wav = (rng.uniform(-1, 1, size=(4000, channels)) * 0.9).astype(np.float32)
+    path = tmp_path / f"x_{subtype}_{channels}.wav"
+    sf.write(str(path), wav, 16_000, subtype=subtype)
+    expected = sf.read(str(path), dtype="float32", always_2d=True)[0].mean(axis=1)
+    got = load_audio(path)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, expected)
