@@ -277,7 +277,7 @@ def main(argv=None) -> int:
         "librosa loop": librosa_loop,
         "librosa, filterbank built once": librosa_hoisted,
         "previous log_mel (float64 numpy) + load_audio": previous,
-        "log_mel + int16 decode (proposed load_audio, not the stage)": ours_int16,
+        "log_mel + int16 decode by hand (what load_audio now does for PCM_16)": ours_int16,
     }
     for fn in methods.values():  # warm-up: imports, numba kernel, filterbank caches, FFT plans
         for p in paths[:3]:

@@ -45,9 +45,11 @@ def load_audio(path: str | Path, target_sr: int = SAMPLE_RATE) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise AudioError(f"{path}: no such audio file")
+    integer_pcm = False
     try:
         with sf.SoundFile(str(path)) as f:
             sr = f.samplerate
+            integer_pcm = f.subtype.startswith("PCM_")
             if f.subtype == "PCM_16":  # 16-bit PCM (our corpus, LibriSpeech FLAC): read as int16 and scale,
                 # the same samples as libsndfile's float conversion (x / 32768) at a quarter of the decode time
                 wav = f.read(dtype="int16", always_2d=True).astype(np.float32) * np.float32(1.0 / 32768.0)
@@ -58,7 +60,7 @@ def load_audio(path: str | Path, target_sr: int = SAMPLE_RATE) -> np.ndarray:
     wav = wav[:, 0] if wav.shape[1] == 1 else wav.mean(axis=1)  # (samples,) mono downmix
     if wav.size == 0:
         raise AudioError(f"{path}: audio holds no samples")
-    if not np.isfinite(wav).all():
+    if not integer_pcm and not np.isfinite(wav).all():  # integer samples cannot be NaN or infinite
         raise AudioError(f"{path}: audio holds NaN or infinite samples")
     return resample(wav, sr, target_sr)
 
