@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from torch import nn
 
 os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:///:memory:")  # tests that need MLflow set their own
 # tests never reach a model hub: transformers and huggingface_hub fail fast instead of trying
@@ -41,3 +42,32 @@ def tiny_batch(reduction: int = 1, B: int = 3, T: int = 12, L: int = 5, n_text: 
 @pytest.fixture
 def meld_model():
     return tiny_meld()
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| relative to max |b| (the KV-cache equivalence tests' measure)."""
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+class ScheduledStop(nn.Module):
+    """A stop head for tests: at the k-th call, the batch's first row stops when k is in ``stop_at``."""
+
+    def __init__(self, stop_at: set[int]):
+        super().__init__()
+        self.stop_at, self.calls = stop_at, 0
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        out = torch.full((h.shape[0], 1), -30.0)
+        if self.calls in self.stop_at:
+            out[0] = 30.0
+        self.calls += 1
+        return out
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run faster on one thread, and the CI machine's cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

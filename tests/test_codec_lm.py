@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import rel_error
 
 from meld.config import ModelConfig
 from meld.models.codec_lm import (
@@ -36,10 +37,6 @@ def code_batch(B: int = 3, T: int = 7, L: int = 5, seed: int = 1, n_text: int = 
         "text": torch.randint(0, n_text, (B, L), generator=g),
         "text_len": torch.tensor([L, L - 1, 2])[:B],
     }
-
-
-def _rel(a, b):
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
 def test_delay_then_undelay_is_identity():
@@ -96,7 +93,7 @@ def test_kv_cached_generation_equals_full_pass():
         out = model.forward_tts(batch["text"], batch["text_len"], full, prompt_len + M)
     for g, step in enumerate(steps):
         ref = out.logits[torch.arange(3), prompt_len + g].flatten(1)  # (3, K * (N+1))
-        assert _rel(step, ref) <= 1e-5, f"step {g}"
+        assert rel_error(step, ref) <= 1e-5, f"step {g}"
 
 
 def test_eos_in_any_head_stops_and_the_tail_is_finished(monkeypatch):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import torch
-from conftest import tiny_batch
+from conftest import rel_error, tiny_batch
 
 from meld.config import ModelConfig
 from meld.generate import stt_beam_search
@@ -19,10 +19,6 @@ def tiny_dmel(reduction: int = 1, n_text: int = 20, seed: int = 0, **over):
     torch.manual_seed(seed)
     kwargs = {**TINY, **over, "n_text": n_text, "frame_dim": 80 * reduction}
     return DMel(**kwargs), kwargs
-
-
-def _rel(a, b):
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
 def test_discretise_then_decode_is_within_half_a_bin():
@@ -70,7 +66,7 @@ def test_kv_cached_generation_equals_full_pass():
         out = model.forward_tts(batch["text"], batch["text_len"], full_mel, prompt_len + N)
     for j in range(N):
         full = out.bin_logits[torch.arange(3), prompt_len + j].flatten(1)  # (3, C * n_bins)
-        assert _rel(steps[j], full) <= 1e-5, f"step {j}"
+        assert rel_error(steps[j], full) <= 1e-5, f"step {j}"
         # greedy choice = argmax of the full pass
         bins = model.discretise(gen.frames[0][j])
         assert torch.equal(bins, out.bin_logits[0, 6 + j].argmax(-1))
@@ -86,7 +82,7 @@ def test_stt_cache_equals_full_pass():
         for i in range(3):  # both rows have >= 3 real text tokens
             h = model.stt_step(batch["text"][:, i] + model.vocab.text_offset, pos + i, cache)
             inc.append(model.text_head(h))
-    assert _rel(torch.stack(inc, 1), full[:, :4]) <= 1e-5
+    assert rel_error(torch.stack(inc, 1), full[:, :4]) <= 1e-5
 
 
 def test_stt_beam_search_returns_text_ids():

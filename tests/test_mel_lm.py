@@ -6,8 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_batch
-from torch import nn
+from conftest import ScheduledStop, rel_error, tiny_batch
 
 from meld.config import ModelConfig
 from meld.models.mel_lm import MelLM, mel_lm_kwargs, stop_bce
@@ -35,32 +34,7 @@ def tiny_mel_lm(reduction: int = 1, n_text: int = 20, seed: int = 0, **over) -> 
     return MelLM(**kwargs), kwargs
 
 
-class ScheduledStop(nn.Module):
-    """A stop head for tests: at the k-th call, the batch's first row stops when k is in ``stop_at``."""
-
-    def __init__(self, stop_at: set[int]):
-        super().__init__()
-        self.stop_at, self.calls = stop_at, 0
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        out = torch.full((h.shape[0], 1), -30.0)
-        if self.calls in self.stop_at:
-            out[0] = 30.0
-        self.calls += 1
-        return out
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and the CI machine's cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_predictions_are_causal_by_gradient():
@@ -95,7 +69,7 @@ def test_kv_cached_generation_equals_full_teacher_forced_pass():
         out = model.forward_tts(batch["text"], batch["text_len"], mel, mel_len)
     for b in range(3):
         p, n = int(prompt_len[b]), gen.frames_pre[b].shape[0]
-        assert _rel(gen.frames_pre[b], out.mel_pre[b, p : p + n]) <= 1e-5, f"row {b}"
+        assert rel_error(gen.frames_pre[b], out.mel_pre[b, p : p + n]) <= 1e-5, f"row {b}"
         assert torch.allclose(gen.frames[b], model.postnet(gen.frames_pre[b][None])[0])
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import tiny_batch, tiny_meld
+from conftest import rel_error, tiny_batch, tiny_meld
 
 from meld.models.backbone import Backbone, packed_positions
 from meld.models.meld import slowness_penalty
@@ -46,10 +46,6 @@ def test_stt_logits_are_causal_by_gradient():
     assert grad[earlier].abs().sum() > 0
 
 
-def _rel(a, b):
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
-
-
 def test_kv_cached_decoding_equals_full_pass_with_padding_gaps():
     torch.manual_seed(0)
     bb = Backbone(d_model=32, n_layers=3, n_heads=4, d_ff=64, dropout=0.0).eval()
@@ -65,7 +61,7 @@ def test_kv_cached_decoding_equals_full_pass_with_padding_gaps():
     steps = [bb(x[:, t : t + 1], positions[:, t : t + 1], None, cache) for t in range(P, P + N)]
     inc = torch.cat([prefix] + steps, dim=1)
     rows = valid.nonzero(as_tuple=True)
-    assert _rel(inc[rows], full[rows]) <= 1e-5
+    assert rel_error(inc[rows], full[rows]) <= 1e-5
 
 
 def test_kv_cache_select_keeps_rows_consistent():
@@ -77,7 +73,7 @@ def test_kv_cache_select_keeps_rows_consistent():
     bb(x[:, :4], cache=cache)
     cache.select(torch.tensor([0, 2]))
     out = torch.cat([bb(x[[0, 2], t : t + 1], torch.full((2, 1), t), None, cache) for t in (4, 5)], 1)
-    assert _rel(out, full[[0, 2], 4:]) <= 1e-5
+    assert rel_error(out, full[[0, 2], 4:]) <= 1e-5
 
 
 def test_tiny_meld_overfits_a_fixed_batch():
@@ -159,8 +155,8 @@ def test_prefill_and_step_equal_full_pass_and_drop_the_mask_once_padding_leaves(
     last = torch.tensor([P - 1, 1])
     h, cache, pos = bb.prefill(x[:, :P], valid[:, :P], last, N)
     assert not cache.all_valid  # row 1's padding needs a mask
-    assert _rel(h, full[[0, 1], [P - 1, 1]]) <= 1e-5
+    assert rel_error(h, full[[0, 1], [P - 1, 1]]) <= 1e-5
     cache.select(torch.tensor([0]))
     assert cache.all_valid  # the padded row left: steps attend without a mask
     steps = [bb.step(x[[0], t], pos[[0]] + t - P, cache) for t in range(P, P + N)]
-    assert _rel(torch.stack(steps, 1), full[[0], P:]) <= 1e-5
+    assert rel_error(torch.stack(steps, 1), full[[0], P:]) <= 1e-5
