@@ -89,17 +89,20 @@ def plot_mels(path: Path, panels: list[tuple[str, np.ndarray]], prompt_frames_n:
 
 def evaluate_split(model, state, stats: NormStats, tok, store: FeatureStore, audio_paths: dict, cfg: EvaluateConfig,
                    split: str, scorer: ScoringPool, judge_exclude: tuple[str, ...], out: Path,
-                   variant: dict, stt_judge=None) -> tuple[dict, list[dict]]:
+                   variant: dict, references: dict[int, dict], stt_judge=None) -> tuple[dict, list[dict]]:
+    """One split under one decoding variant. ``references`` caches the ground-truth scores per utterance
+    index across variants (they do not depend on the variant); missing ones are scored and added."""
     r = int(state["extra"]["reduction_factor"])
     chosen = choose_utterances(store, cfg, split)
     rows = []
     if not chosen:
         return {}, rows
     texts, prompts, guards, refs = [], [], [], []
+    prompt_of: dict[int, int] = {}
     for i in chosen:
         mel = store[i]
         p = prompt_frames(mel, cfg.prompt_seconds)
-        p = (p // r) * r
+        p = prompt_of[i] = (p // r) * r
         for _ in range(cfg.generations):
             texts.append(tok.encode(store.index[i]["text"]))
             prompts.append(stats.normalise(mel[:p]))
@@ -115,14 +118,15 @@ def evaluate_split(model, state, stats: NormStats, tok, store: FeatureStore, aud
     # a different speaker's real utterance for each prompt: the SIM floor
     speakers = [store.index[i]["speaker"] for i in chosen]
     judged = {i: not store.index[i]["speaker"].startswith(judge_exclude) for i in chosen}
+    missing = [i for i in chosen if i not in references]
     ref_items = []
-    for i in chosen:
+    for i in missing:
         other = next((j for j, s in zip(chosen, speakers) if s != store.index[i]["speaker"]), None)
-        p = next(p for j, p in refs if j == i)
-        ref_items.append(ReferenceItem(audio_paths[store.index[i]["id"]], store[i], p,
+        ref_items.append(ReferenceItem(audio_paths[store.index[i]["id"]], store[i], prompt_of[i],
                                        audio_paths[store.index[other]["id"]] if other is not None else None, judged[i]))
-    gt_of = dict(zip(chosen, tqdm(scorer.map_references(ref_items), total=len(ref_items),
-                                  desc=f"ground truth {split}", unit="utt", mininterval=2)))
+    references.update(zip(missing, tqdm(scorer.map_references(ref_items), total=len(ref_items),
+                                        desc=f"ground truth {split}", unit="utt", mininterval=2)))
+    gt_of = references
     full_mels = [np.concatenate([store[i][:p], stats.denormalise(c.frames)]) for c, (i, p) in zip(conts, refs)]
     gen_items = [GenerationItem(m, p, judged[i], gt_of[i].get("prompt_emb")) for m, (i, p) in zip(full_mels, refs)]
     scored = tqdm(scorer.map_generations(gen_items), total=len(gen_items), desc=f"score {split}", unit="gen",
@@ -284,12 +288,13 @@ def main(argv: list[str] | None = None) -> int:
         if scorer is not None:
             built = scorer.describe()
             metrics["vocoder"], metrics["asr_judge"] = built["vocoder"], built["asr_judge"]
+        references: dict[str, dict[int, dict]] = {split: {} for split in cfg.splits}  # shared by the variants
         for variant in variants:
             for split in cfg.splits:
                 store = FeatureStore(Path(args.features) / split)
                 audio = {r["id"]: r["audio_path"] for r in read_manifest(Path(args.corpus) / split / "manifest.jsonl")}
                 summary, rows = evaluate_split(model, state, stats, tok, store, audio, cfg, split, scorer,
-                                               tuple(cfg.judge_exclude_prefixes), out, variant,
+                                               tuple(cfg.judge_exclude_prefixes), out, variant, references[split],
                                                stt_judge if variant["name"] == args.system else None)
                 for r in rows:
                     r["variant"] = variant["name"]

@@ -547,14 +547,20 @@ def export_model(config: dict, out: Path) -> Path:
                            model_kwargs=config["model_kwargs"], step=state["step"], extra=extra)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    """--params/--features/--bpe/--codebook, each defaulting to its MELD_* variable (cluster jobs set those)."""
     env = os.environ.get
     p.add_argument("--params", default=env("MELD_PARAMS", "params.yaml"))
-    p.add_argument("--system", default=env("MELD_SYSTEM", "meld"))
     p.add_argument("--features", default=env("MELD_FEATURES", "data/features"))
     p.add_argument("--bpe", default=env("MELD_BPE", "data/bpe/bpe.model"))
     p.add_argument("--codebook", default=env("MELD_CODEBOOK", "data/codebook"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    env = os.environ.get
+    add_data_args(p)
+    p.add_argument("--system", default=env("MELD_SYSTEM", "meld"))
     p.add_argument("--out", default=env("MELD_OUT"), help="default: models/<system>")
     p.add_argument("--project-root", default=env("MELD_PROJECT_ROOT", "."))
     p.add_argument("--ray-storage", default=env("MELD_RAY_STORAGE", "ray_results"),

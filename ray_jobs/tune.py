@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 from meld.config import TuneConfig
+from ray_jobs.train import add_data_args
 
 log = logging.getLogger("meld.tune")
 
@@ -338,10 +339,7 @@ def _close_children(mlflow, trials: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     env = os.environ.get
-    p.add_argument("--params", default=env("MELD_PARAMS", "params.yaml"))
-    p.add_argument("--features", default=env("MELD_FEATURES", "data/features"))
-    p.add_argument("--bpe", default=env("MELD_BPE", "data/bpe/bpe.model"))
-    p.add_argument("--codebook", default=env("MELD_CODEBOOK", "data/codebook"))
+    add_data_args(p)
     p.add_argument("--out", default=env("MELD_TUNE_OUT", "reports/tune.json"))
     p.add_argument("--plot", default=env("MELD_TUNE_PLOT", "reports/tune.png"))
     p.add_argument(
