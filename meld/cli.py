@@ -125,6 +125,12 @@ def load_inference_checkpoint(path: str | Path, device: str = "cpu") -> LoadedCh
             f"{path}: checkpoint does not rebuild into a model ({type(err).__name__}: {_first_line(err)})"
         ) from err
     extra = state.get("extra") or {}
+    if state["system"] == "codec_lm":  # speaks DAC codes: no mel normalisation, the codec is described instead
+        missing = [k for k in ("codec", "bpe_model") if k not in extra]
+        if missing:
+            raise CLIError(f"{path}: not an inference checkpoint (extra lacks {', '.join(missing)}); "
+                           "use the train stage's model.pt")
+        return LoadedCheckpoint(path, model.to(device), state, 1, None, _tokenizer(state, path))
     missing = [k for k in ("reduction_factor", "norm_mean", "norm_std", "bpe_model") if k not in extra]
     if missing:
         raise CLIError(
@@ -223,6 +229,8 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise CLIError(f"--text: {err}") from err
 
+    if ckpt.state["system"] == "codec_lm":
+        return _synthesize_codec(args, ckpt, prompt_wav, text_ids, device)
     r = ckpt.reduction
     prompt_raw = np.zeros((0, N_MELS), np.float32)
     if prompt_wav is not None:
@@ -282,6 +290,59 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
             f"real-time factor: {rtf:.3f} (model {gen_s:.2f} s + {vocoder.name} {voc_s:.2f} s "
             f"for {generated_seconds:.2f} s generated, on {device})"
         )
+    else:
+        print("real-time factor: n/a (nothing generated after the prompt)")
+    return 0
+
+
+def _synthesize_codec(args: argparse.Namespace, ckpt: LoadedCheckpoint, prompt_wav: np.ndarray | None,
+                      text_ids: list[int], device: str) -> int:
+    """Codec-LM: the prompt is encoded, and the generated codes decoded, by the codec its training codes came from."""
+    from meld.audio import SAMPLE_RATE, resample, write_audio
+    from meld.codes import (
+        CodecMismatch,
+        codec_from_description,
+        continue_codes,
+        decode_codes,
+        encode_waveform,
+    )
+
+    desc = ckpt.state["extra"]["codec"]
+    try:
+        codec = codec_from_description(desc, args.codec_weights).to(device)
+    except FileNotFoundError as err:
+        raise CLIError(f"{ckpt.path} speaks codes of DAC weights that are not here ({err}); "
+                       "give their local path with --codec-weights") from err
+    except CodecMismatch as err:
+        raise CLIError(f"{ckpt.path}: {err}") from err
+    if desc.get("random"):
+        logging.getLogger(PROG).warning(
+            "%s was trained on codes of a random DAC (codec_lm.codec_weights was null): its speech is noise", ckpt.path
+        )
+    prompt_codes = np.zeros((0, codec.n_codebooks), np.int16)
+    if prompt_wav is not None and args.prompt_seconds > 0:
+        wav = resample(prompt_wav, SAMPLE_RATE, codec.sample_rate)
+        prompt_codes = encode_waveform(codec, wav[: int(round(args.prompt_seconds * codec.sample_rate))])
+    max_frames = max(1, int(round(args.max_seconds * codec.frame_rate)))
+    t0 = time.perf_counter()
+    (cont,) = continue_codes(ckpt.model, [text_ids], [prompt_codes], max_frames=max_frames,
+                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, batch_size=1,
+                             seed=args.seed)
+    gen_s = time.perf_counter() - t0
+    codes = np.concatenate([prompt_codes.astype(np.int64), cont.codes])
+    if len(codes) == 0:
+        raise CLIFailure("the model stopped before producing any frame and there is no prompt: nothing to write")
+    t1 = time.perf_counter()
+    wav = decode_codes(codec, codes)
+    dec_s = time.perf_counter() - t1
+    out = write_audio(args.out, wav, codec.sample_rate)
+    prompt_seconds, generated_seconds = len(prompt_codes) / codec.frame_rate, len(cont.codes) / codec.frame_rate
+    print(f"wrote {out}: {wav.shape[0] / codec.sample_rate:.2f} s at {codec.sample_rate} Hz "
+          f"(prompt {prompt_seconds:.2f} s + generated {generated_seconds:.2f} s)")
+    print(f"stopped by: {f'max-length guard hit ({args.max_seconds:g} s)' if cont.hit_max_length else '<EOS>'}")
+    if generated_seconds > 0:
+        print(f"real-time factor: {(gen_s + dec_s) / generated_seconds:.3f} (model {gen_s:.2f} s + DAC decoder "
+              f"{dec_s:.2f} s for {generated_seconds:.2f} s generated, on {device})")
     else:
         print("real-time factor: n/a (nothing generated after the prompt)")
     return 0
@@ -384,6 +445,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     if vocab is not None:
         rows.append(("vocab: union", vocab.size))
     rows.append(("normalisation stats", "yes" if "norm_mean" in extra and "norm_std" in extra else "no"))
+    if "codec" in extra:  # codec_lm: which codec its codes came from
+        codec = extra["codec"]
+        rows.append(("codec", f"random DAC (seed {codec.get('seed')}): codes carry no speech" if codec.get("random")
+                     else f"DAC weights {codec.get('weights')}"))
     rows.append(("fingerprint", extra.get("fingerprint", "n/a")))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
@@ -442,6 +507,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="SpeechT5 HiFi-GAN folder (without it, hifigan falls back to Griffin-Lim)",
     )
     s.add_argument("--griffin-lim-iters", type=int, default=32)
+    s.add_argument(
+        "--codec-weights",
+        default=None,
+        help="codec_lm checkpoints: DAC weights file, when not at the path recorded in the checkpoint",
+    )
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default %(default)s)")
     s.set_defaults(func=cmd_synthesize)
 

@@ -261,6 +261,38 @@ class TrainConfig(Section):
 
 
 @dataclass(frozen=True)
+class CodecLMConfig(Section):
+    """The ``codec_lm:`` params section: the system's overrides and the DAC codec behind its code store.
+
+    ``codec_weights`` is a local path to DAC's ``weights_16khz.pth`` (nothing is downloaded); null
+    means a randomly initialised DAC (seeded), whose codes carry no speech: the codes stage marks
+    them so and evaluation reports "codec weights unavailable" instead of numbers. The random DAC is
+    narrowed to ``random_codec_width`` encoder channels (DAC: 64; decoder 24x that, as in DAC) with
+    DAC's strides and levels, so its codes have the real shapes at a fraction of the cost.
+    """
+
+    args: dict[str, Any] = field(default_factory=dict)  # CodecLM constructor arguments: n_levels, codebook_size
+    model: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+    codec_weights: str | None = None
+    random_codec_width: int = 4
+    random_codec_seed: int = 0
+    encode_workers: int = 2  # processes encoding the corpus (one torch thread each)
+
+    def validate(self) -> None:
+        if self.random_codec_width < 1:
+            raise ConfigError(f"codec_lm.random_codec_width must be >= 1, got {self.random_codec_width}")
+        if self.encode_workers < 1:
+            raise ConfigError(f"codec_lm.encode_workers must be >= 1, got {self.encode_workers}")
+        for key in ("n_levels", "codebook_size"):
+            value = self.args.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"codec_lm.args.{key} must be a positive integer, got {value!r}")
+        if self.args.get("codebook_size", 0) > 32767:  # the code store keeps codes as int16
+            raise ConfigError(f"codec_lm.args.codebook_size must be <= 32767, got {self.args['codebook_size']}")
+
+
+@dataclass(frozen=True)
 class EvaluateConfig(Section):
     splits: tuple[str, ...] = ("test", "test_unseen")
     utterances_per_split: int = 10

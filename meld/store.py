@@ -1,12 +1,14 @@
-"""Feature store: one split's log-mel frames in a memory-mapped float32 file, plus an index.
+"""Memory-mapped stores of per-utterance arrays, plus an index: log-mel frames and DAC codes.
 
-Layout of a split folder::
+Layout of a split folder (feature store; a code store holds ``codes.i16`` instead)::
 
-    frames.f32      all utterances' (frames, 80) log-mel, back to back
+    frames.f32      all utterances' (frames, 80) log-mel, back to back (float32)
+    codes.i16       all utterances' (frames, K) DAC codes, back to back (int16; code stores only)
     index.jsonl     {id, speaker, text, offset, frames, duration} per utterance
     rejected.jsonl  {id, reason} for every input that was skipped
 
-Also: the frame-budget bucketing batch sampler, sharded per worker and resumable.
+``frames`` counts rows of the data file: 62.5 Hz mel frames in a feature store, 50 Hz code
+frames in a code store. Also: the frame-budget bucketing batch sampler, sharded per worker and resumable.
 """
 
 from __future__ import annotations
@@ -21,25 +23,35 @@ import torch
 
 from meld.features import N_MELS, NormStats
 
+FEATURES_FILE = "frames.f32"
+CODES_FILE = "codes.i16"
 
-def write_store(folder: str | Path, items, rejected: list[dict]) -> dict:
-    """Write (meta, mel) items into a split folder; returns {kept, rejected, frames}.
+
+def write_store(folder: str | Path, items, rejected: list[dict], *, data_file: str = FEATURES_FILE,
+                dtype: type = np.float32) -> dict:
+    """Write (meta, array) items into a split folder; returns {kept, rejected, frames}.
 
     Args:
-        items: iterable of (meta dict with id/speaker/text/duration, (T, 80) float32 mel).
+        items: iterable of (meta dict with id/speaker/text/duration, (T, W) array); every item has the same W.
         rejected: rows {id, reason} to list in rejected.jsonl.
+        data_file, dtype: the data file's name and element type (log-mel: frames.f32 / float32,
+            DAC codes: codes.i16 / int16).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     offset = 0
+    width = None
     index = []
-    with open(folder / "frames.f32.tmp", "wb") as f:
-        for meta, mel in items:
-            mel = np.ascontiguousarray(mel, dtype=np.float32)
-            f.write(mel.tobytes())
-            index.append({**meta, "offset": offset, "frames": int(mel.shape[0])})
-            offset += mel.shape[0]
-    (folder / "frames.f32.tmp").replace(folder / "frames.f32")
+    with open(folder / f"{data_file}.tmp", "wb") as f:
+        for meta, arr in items:
+            arr = np.ascontiguousarray(arr, dtype=dtype)
+            if arr.ndim != 2 or (width is not None and arr.shape[1] != width):
+                raise ValueError(f"{meta.get('id')}: array of shape {arr.shape}, expected (T, {width or 'W'})")
+            width = arr.shape[1]
+            f.write(arr.tobytes())
+            index.append({**meta, "offset": offset, "frames": int(arr.shape[0])})
+            offset += arr.shape[0]
+    (folder / f"{data_file}.tmp").replace(folder / data_file)
     with open(folder / "index.jsonl", "w", encoding="utf-8") as f:
         for row in index:
             f.write(json.dumps(row) + "\n")
@@ -49,21 +61,37 @@ def write_store(folder: str | Path, items, rejected: list[dict]) -> dict:
     return {"kept": len(index), "rejected": len(rejected), "frames": offset}
 
 
-class FeatureStore:
-    """Read-only view of one split: ``store[i]`` -> (T, 80) float32 raw log-mel (memory-mapped)."""
+def write_code_store(folder: str | Path, items, rejected: list[dict]) -> dict:
+    """:func:`write_store` for (T, K) integer DAC codes (int16 on disk: codebooks have at most 32767 codes)."""
+    return write_store(folder, items, rejected, data_file=CODES_FILE, dtype=np.int16)
 
-    def __init__(self, folder: str | Path):
+
+class _ArrayStore:
+    """Read-only view of one split's data file: ``store[i]`` -> (T, width) array (memory-mapped)."""
+
+    data_file: str
+    dtype: type
+    kind: str  # for messages: "feature store" / "code store"
+    stage: str  # the stage that writes it
+
+    def __init__(self, folder: str | Path, width: int):
         self.folder = Path(folder)
         index_path = self.folder / "index.jsonl"
         if not index_path.is_file():
-            raise FileNotFoundError(f"{self.folder}: not a feature store (no index.jsonl; did the features stage run?)")
+            raise FileNotFoundError(f"{self.folder}: not a {self.kind} (no index.jsonl; did the {self.stage} stage run?)")
         with open(index_path, encoding="utf-8") as f:
             self.index = [json.loads(line) for line in f if line.strip()]
         total = sum(r["frames"] for r in self.index)
+        data_path = self.folder / self.data_file
+        expected = total * width * np.dtype(self.dtype).itemsize
+        if total and (not data_path.is_file() or data_path.stat().st_size != expected):
+            found = data_path.stat().st_size if data_path.is_file() else "no file"
+            raise ValueError(f"{data_path}: expected {expected} bytes ({total} rows of {width} {np.dtype(self.dtype).name}), "
+                             f"found {found}: truncated, or written with another width")
         self._frames = (
-            np.memmap(self.folder / "frames.f32", dtype=np.float32, mode="r", shape=(total, N_MELS))
+            np.memmap(data_path, dtype=self.dtype, mode="r", shape=(total, width))
             if total
-            else np.zeros((0, N_MELS), np.float32)
+            else np.zeros((0, width), self.dtype)
         )
 
     def __len__(self) -> int:
@@ -79,6 +107,29 @@ class FeatureStore:
 
     def all_frames(self) -> np.ndarray:
         return self._frames
+
+
+class FeatureStore(_ArrayStore):
+    """Read-only view of one split: ``store[i]`` -> (T, 80) float32 raw log-mel (memory-mapped)."""
+
+    data_file, dtype, kind, stage = FEATURES_FILE, np.float32, "feature store", "features"
+
+    def __init__(self, folder: str | Path):
+        super().__init__(folder, N_MELS)
+
+
+class CodeStore(_ArrayStore):
+    """Read-only view of one split's DAC codes: ``store[i]`` -> (T, n_levels) int16 codes (memory-mapped).
+
+    Args:
+        n_levels: codec levels K the codes were written with (a mismatch is an error, not a misread).
+    """
+
+    data_file, dtype, kind, stage = CODES_FILE, np.int16, "code store", "codes"
+
+    def __init__(self, folder: str | Path, n_levels: int):
+        super().__init__(folder, n_levels)
+        self.n_levels = n_levels
 
 
 def load_stats(path: str | Path) -> NormStats:
@@ -200,3 +251,42 @@ class TrainingData:
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         mels = [self.stats.normalise(self.store[i]) for i in indices]
         return collate(mels, [self.texts[i] for i in indices], self.reduction)
+
+
+def collate_codes(codes: list[np.ndarray], texts: list[list[int]]) -> dict[str, torch.Tensor]:
+    """Pad (T, K) integer code arrays and BPE id lists into a Codec-LM batch.
+
+    Padding is code 0: the model masks steps past each utterance's length, so the value is never read.
+
+    Returns: codes (B, T, K) int64, codes_len (B,), text (B, L), text_len (B,).
+    """
+    B, K = len(codes), codes[0].shape[1]
+    T = max(c.shape[0] for c in codes)
+    out = torch.zeros(B, T, K, dtype=torch.long)
+    for b, c in enumerate(codes):
+        out[b, : c.shape[0]] = torch.from_numpy(np.asarray(c, dtype=np.int64))
+    L = max(len(t) for t in texts)
+    text = torch.zeros(B, L, dtype=torch.long)
+    for b, t in enumerate(texts):
+        text[b, : len(t)] = torch.tensor(t, dtype=torch.long)
+    return {
+        "codes": out,
+        "codes_len": torch.tensor([c.shape[0] for c in codes], dtype=torch.long),
+        "text": text,
+        "text_len": torch.tensor([len(t) for t in texts], dtype=torch.long),
+    }
+
+
+class CodeTrainingData:
+    """A split's DAC codes and BPE ids, ready for :func:`collate_codes` (the Codec-LM counterpart of TrainingData)."""
+
+    def __init__(self, store: CodeStore, tokenizer):
+        self.store = store
+        self.texts = [tokenizer.encode(r["text"]) for r in store.index]
+
+    def lengths(self) -> list[int]:
+        """Transformer steps per utterance for the frame budget: T code frames + the delay pattern's K - 1."""
+        return [n + self.store.n_levels - 1 for n in self.store.lengths]
+
+    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        return collate_codes([self.store[i] for i in indices], [self.texts[i] for i in indices])

@@ -33,13 +33,14 @@ import torch
 from tqdm import tqdm
 
 from meld.audio import write_audio
+from meld.codes import CODEC_FILE, codec_from_description, continue_codes, decode_codes, prompt_code_frames
 from meld.config import EvaluateConfig, read_params
 from meld.corpus import read_manifest
 from meld.evaluation.metrics import duration_ratio, wer_details
 from meld.evaluation.scoring import GenerationItem, ReferenceItem, ScorerSpec, ScoringPool
-from meld.features import FRAME_RATE, NormStats
+from meld.features import FRAME_RATE, HOP_LENGTH, NormStats, log_mel
 from meld.generate import prompt_frames, stt_beam_search, tts_continue
-from meld.store import FeatureStore
+from meld.store import CodeStore, FeatureStore
 from meld.text import tokenizer_from_bytes
 from meld.training import load_model
 
@@ -85,6 +86,23 @@ def plot_mels(path: Path, panels: list[tuple[str, np.ndarray]], prompt_frames_n:
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
+
+
+def generation_row(split: str, meta: dict, generation: int, *, gen_s: float, true_cont_s: float,
+                   hit_max_length: bool, scores: dict, gt: dict) -> dict:
+    """One continuation's row of generations.jsonl from its scores and its utterance's ground-truth scores."""
+    row = {"split": split, "id": meta["id"], "speaker": meta["speaker"], "generation": generation,
+           "text": meta["text"], "generated_seconds": gen_s, "true_continuation_seconds": true_cont_s,
+           "duration_ratio": duration_ratio(gen_s, true_cont_s), "hit_max_length": hit_max_length,
+           "longest_silence_s": scores["longest_silence_s"], "gt_longest_silence_s": gt["gt_longest_silence_s"]}
+    if "hyp" in scores and "gt_hyp" in gt:
+        row["hyp"], row["gt_hyp"] = scores["hyp"], gt["gt_hyp"]
+    if "sim" in scores:
+        row["sim"] = scores["sim"]
+        row["sim_gt_continuation"] = gt["sim_gt_cont"]
+        if "sim_other" in gt:
+            row["sim_other_speaker"] = gt["sim_other"]
+    return row
 
 
 def evaluate_split(model, state, stats: NormStats, tok, store: FeatureStore, audio_paths: dict, cfg: EvaluateConfig,
@@ -133,19 +151,9 @@ def evaluate_split(model, state, stats: NormStats, tok, store: FeatureStore, aud
                   mininterval=2)
     for n, (cont, (i, p), full_mel, sc) in enumerate(zip(conts, refs, full_mels, scored)):
         meta, mel, gt = store.index[i], store[i], gt_of[i]
-        true_cont_s = (mel.shape[0] - p) / FRAME_RATE
-        gen_s = cont.frames.shape[0] / FRAME_RATE
-        row = {"split": split, "id": meta["id"], "speaker": meta["speaker"], "generation": n % cfg.generations,
-               "text": meta["text"], "generated_seconds": gen_s, "true_continuation_seconds": true_cont_s,
-               "duration_ratio": duration_ratio(gen_s, true_cont_s), "hit_max_length": cont.hit_max_length,
-               "longest_silence_s": sc["longest_silence_s"], "gt_longest_silence_s": gt["gt_longest_silence_s"]}
-        if "hyp" in sc and "gt_hyp" in gt:
-            row["hyp"], row["gt_hyp"] = sc["hyp"], gt["gt_hyp"]
-        if "sim" in sc:
-            row["sim"] = sc["sim"]
-            row["sim_gt_continuation"] = gt["sim_gt_cont"]
-            if "sim_other" in gt:
-                row["sim_other_speaker"] = gt["sim_other"]
+        row = generation_row(split, meta, n % cfg.generations, gen_s=cont.frames.shape[0] / FRAME_RATE,
+                             true_cont_s=(mel.shape[0] - p) / FRAME_RATE, hit_max_length=cont.hit_max_length,
+                             scores=sc, gt=gt)
         if stt_judge is not None:
             row["_mel"] = full_mel
         rows.append(row)
@@ -162,6 +170,121 @@ def evaluate_split(model, state, stats: NormStats, tok, store: FeatureStore, aud
     for r in rows:
         r.pop("_mel", None)
     return summary, rows
+
+
+RANDOM_CODEC_NOTE = ("codec weights unavailable: the codes come from a randomly initialised DAC and carry no "
+                     "speech, so no quality numbers are reported (set codec_lm.codec_weights to DAC's weights_16khz.pth)")
+
+
+def evaluate_codec_system(model, state: dict, cfg: EvaluateConfig, system: str, codes_dir: Path, corpus: Path,
+                          out: Path) -> tuple[dict, list[dict]]:
+    """Codec-LM: TTS continuation of code prompts, decoded by the codec that made the codes, scored like the rest.
+
+    Prompt = the first ``prompt_seconds`` of an utterance's codes + its full transcript; the codec decodes
+    [true prompt codes + generated codes] and the same judges score the audio (the ground truth goes
+    through the codec too: the "vocoded" reference). With a random codec (``codec.json`` says
+    ``"random": true``) the continuations are still generated and decoded, as a check that the path runs
+    (audio in ``<out>/samples``), but nothing is scored: the metrics say ``"codec_weights": "unavailable"``.
+
+    Returns:
+        (metrics, per-generation rows).
+    """
+    desc = json.loads((codes_dir / CODEC_FILE).read_text())
+    trained_on = (state["extra"].get("codec") or {}).get("state_sha256")
+    if trained_on != desc["state_sha256"]:
+        raise SystemExit(f"evaluate: {system} was trained on codes of another codec than the one in {codes_dir} "
+                         "(codec weights hash differs): retrain, or point --codes at its code store")
+    codec = codec_from_description(desc)
+    tok = tokenizer_from_bytes(bytes(state["extra"]["bpe_model"].numpy().tobytes()))
+    random_codec = bool(desc["random"])
+    metrics: dict = {"system": system, "task": "tts", "step": int(state["step"]),
+                     "vocoder": f"DAC codec ({'random, seed ' + str(desc['seed']) if random_codec else desc['weights']})",
+                     "asr_judge": None, "codec_weights": "unavailable" if random_codec else desc["weights"],
+                     "splits": {}, "ablations": {}}
+    if random_codec:
+        metrics["unavailable"] = RANDOM_CODEC_NOTE
+        metrics["pipeline_check"] = {}  # what ran, not how good it is
+        log.warning("%s: %s", system, RANDOM_CODEC_NOTE)
+    spec = ScorerSpec(cfg.vocoder, cfg.vocoder_path, cfg.asr_judge, cfg.asr_judge_path, cfg.speaker_model,
+                      cfg.speaker_model_path)
+    all_rows: list[dict] = []
+    hop, rate = codec.hop_length, float(desc["frame_rate"])
+    judge_exclude = tuple(cfg.judge_exclude_prefixes)
+    with contextlib.nullcontext() if random_codec else ScoringPool(spec, cfg.score_workers) as scorer:
+        if scorer is not None:
+            metrics["asr_judge"] = scorer.describe()["asr_judge"]
+        for split in cfg.splits:
+            store = CodeStore(codes_dir / split, desc["n_levels"])
+            audio = {r["id"]: r["audio_path"] for r in read_manifest(corpus / split / "manifest.jsonl")}
+            chosen = choose_utterances(store, cfg, split)
+            if not chosen:
+                continue
+            texts, prompts, guards, refs = [], [], [], []
+            prompt_of: dict[int, int] = {}
+            for i in chosen:
+                codes = store[i]
+                p = prompt_of[i] = prompt_code_frames(len(codes), cfg.prompt_seconds, rate)
+                for _ in range(cfg.generations):
+                    texts.append(tok.encode(store.index[i]["text"]))
+                    prompts.append(codes[:p])
+                    guards.append(int(math.ceil(cfg.max_length_factor * (len(codes) - p))))
+                    refs.append((i, p))
+            t0 = time.perf_counter()
+            conts = continue_codes(model, texts, prompts, max_frames=guards, temperature=cfg.temperature,
+                                   top_k=cfg.top_k, top_p=cfg.top_p, batch_size=cfg.batch_size, seed=cfg.seed)
+            compute_s = time.perf_counter() - t0
+            wavs = [decode_codes(codec, np.concatenate([store[i][:p], c.codes])) for c, (i, p) in zip(conts, refs)]
+            if random_codec:
+                gt_of = {i: {"gt_vocoded": decode_codes(codec, store[i])} for i in chosen}
+                scored = [{"wav": w} for w in wavs]
+            else:
+                speakers = {i: store.index[i]["speaker"] for i in chosen}
+                ref_items = []
+                for i in chosen:
+                    other = next((j for j in chosen if speakers[j] != speakers[i]), None)
+                    ref_items.append(ReferenceItem(audio[store.index[i]["id"]], None, prompt_of[i],
+                                                   audio[store.index[other]["id"]] if other is not None else None,
+                                                   not speakers[i].startswith(judge_exclude),
+                                                   resynthesised=decode_codes(codec, store[i]), hop_length=hop))
+                gt_of = dict(zip(chosen, tqdm(scorer.map_references(ref_items), total=len(ref_items),
+                                              desc=f"ground truth {split}", unit="utt", mininterval=2)))
+                gen_items = [GenerationItem(None, p, not speakers[i].startswith(judge_exclude),
+                                            gt_of[i].get("prompt_emb"), wav=w, hop_length=hop)
+                             for w, (i, p) in zip(wavs, refs)]
+                scored = list(tqdm(scorer.map_generations(gen_items), total=len(gen_items), desc=f"score {split}",
+                                   unit="gen", mininterval=2))
+            rows = []
+            for n, (cont, (i, p), sc) in enumerate(zip(conts, refs, scored)):
+                meta = store.index[i]
+                gen_s, true_cont_s = len(cont.codes) / rate, (store.lengths[i] - p) / rate
+                if random_codec:  # no judge ran: only what was generated
+                    row = {"split": split, "id": meta["id"], "speaker": meta["speaker"],
+                           "generation": n % cfg.generations, "generated_seconds": gen_s,
+                           "hit_max_length": cont.hit_max_length}
+                else:
+                    row = generation_row(split, meta, n % cfg.generations, gen_s=gen_s, true_cont_s=true_cont_s,
+                                         hit_max_length=cont.hit_max_length, scores=sc, gt=gt_of[i])
+                rows.append(row)
+                if n // cfg.generations < cfg.audio_samples and n % cfg.generations == 0:
+                    sample_dir = out / "samples" / split
+                    write_audio(sample_dir / f"{meta['id']}.wav", sc["wav"])
+                    write_audio(sample_dir / f"{meta['id']}.ground_truth_codec.wav", gt_of[i]["gt_vocoded"])
+                    plot_mels(out / "plots" / split / f"{meta['id']}.png",
+                              [(f"ground truth through the codec ({meta['speaker']})",
+                                log_mel(gt_of[i]["gt_vocoded"], SR)),
+                               (f"prompt + {system} continuation, decoded", log_mel(sc["wav"], SR))],
+                              int(round(p * hop / HOP_LENGTH)))
+            for r in rows:
+                r["variant"] = system
+            all_rows += rows
+            if random_codec:
+                metrics["pipeline_check"][split] = {"generations": len(rows),
+                                                    "decoded_minutes": sum(len(w) for w in wavs) / SR / 60}
+            else:
+                metrics["splits"][split] = summary = summarise(rows, compute_s, sum(r["generated_seconds"] for r in rows))
+                print(f"{system} / {split}: " + ", ".join(
+                    f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+    return metrics, all_rows
 
 
 def load_stt_model(path: str | Path):
@@ -248,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True)
     p.add_argument("--features", default="data/features")
     p.add_argument("--corpus", default="data/corpus")
+    p.add_argument("--codes", default=None, help="DAC code store of the codes stage (codec_lm only)")
     p.add_argument("--run-id-file", default=None, help="file holding the MLflow run id of the training run")
     p.add_argument("--out", required=True)
     p.add_argument("--metrics", required=True)
@@ -258,11 +382,17 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(2)
     model, state = load_model(args.model)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if model.system == "codec_lm":  # scored on DAC codes through its own codec, not on mel frames
+        if not args.codes:
+            raise SystemExit("evaluate: codec_lm is scored on DAC codes: give --codes (the codes stage's output)")
+        metrics, all_rows = evaluate_codec_system(model, state, cfg, args.system, Path(args.codes),
+                                                  Path(args.corpus), out)
+        return write_results(args, params, metrics, all_rows, out)
     extra = state["extra"]
     stats = NormStats(extra["norm_mean"].numpy(), extra["norm_std"].numpy())
     tok = tokenizer_from_bytes(bytes(extra["bpe_model"].numpy().tobytes()))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
 
     task = extra.get("task", "tts")
     variants = [{"name": args.system}] if task in ("tts", "joint") else []
@@ -305,6 +435,11 @@ def main(argv: list[str] | None = None) -> int:
                     metrics["ablations"].setdefault(variant["name"], {})[split] = summary
                 print(f"{variant['name']} / {split}: " + ", ".join(
                     f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+    return write_results(args, params, metrics, all_rows, out)
+
+
+def write_results(args, params: dict, metrics: dict, all_rows: list[dict], out: Path) -> int:
+    """generations.jsonl, the metrics file, and the metrics, samples and plots in the training run's MLflow run."""
     with open(out / "generations.jsonl", "w") as f:
         for r in all_rows:
             f.write(json.dumps(r) + "\n")

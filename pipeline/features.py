@@ -18,34 +18,21 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from meld.audio import AudioError, load_audio
 from meld.config import FeaturesConfig, load_section
-from meld.corpus import read_manifest
+from meld.corpus import load_utterance, read_manifest
 from meld.features import FRAME_RATE, RunningStats, log_mel
 from meld.store import write_store
-from meld.text import normalise_transcript
 
 
 def extract_one(job: tuple[dict, float, float]) -> tuple[dict, np.ndarray | None, str | None]:
     """(manifest row, min s, max s) -> (meta, mel or None, reason or None). Runs in a worker process."""
     row, min_s, max_s = job
-    meta = {k: row.get(k) for k in ("id", "speaker", "text", "duration")}
-    text = row.get("text")
-    if not isinstance(text, str) or not normalise_transcript(text):
-        return meta, None, "empty or non-text transcript"
-    try:
-        wav = load_audio(row["audio_path"])
-    except AudioError as err:
-        return meta, None, str(err)
-    seconds = wav.size / 16_000
-    if seconds > max_s:
-        return meta, None, f"too long: {seconds:.1f} s > features.max_seconds={max_s}"
-    if seconds < min_s:
-        return meta, None, f"too short: {seconds:.2f} s < features.min_seconds={min_s}"
+    meta, wav, reason = load_utterance(row, min_s, max_s)
+    if reason:
+        return meta, None, reason
     mel = log_mel(wav, 16_000)
     if not np.isfinite(mel).all():
         return meta, None, "features hold NaN or inf"
-    meta["duration"] = round(seconds, 4)
     return meta, mel, None
 
 

@@ -123,16 +123,17 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     params = read_params(args.params)
     systems = params.get("systems", [])
+    codec_systems = params.get("codec_systems") or []  # trained on DAC codes: train_codec@ / evaluate_codec@
     metrics = []
-    for system in systems:
+    for system in [*systems, *codec_systems]:
         path = Path(args.metrics) / f"{system}.json"
         if not path.is_file():
-            raise SystemExit(f"report: {path} is missing (did evaluate@{system} run?)")
+            stage = "evaluate_codec" if system in codec_systems else "evaluate"
+            raise SystemExit(f"report: {path} is missing (did {stage}@{system} run?)")
         metrics.append(json.loads(path.read_text()))
-    if "codec_lm" not in systems:
-        metrics.append({"system": "codec_lm", "unavailable": "codec weights unavailable: not trained "
-                        "(the model and DAC codec are tested with random weights; the DAC-code data stage "
-                        "that training on real codes needs is not built yet)"})
+    if "codec_lm" not in [*systems, *codec_systems]:
+        metrics.append({"system": "codec_lm", "unavailable": "not trained in this run (codec_systems: [codec_lm] "
+                        "enables the codes -> train_codec -> evaluate_codec stages)"})
     out = Path(args.out)
     points = plot(metrics, out / "plots")
     (out / "report_plots.json").write_text(json.dumps(points, indent=2))

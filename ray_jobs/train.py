@@ -154,13 +154,13 @@ def _finite_checked(module_cls):
     class FiniteCheckedLoss(module_cls):
         def forward(self, batch, task):
             # NaN input frames (which the features stage should have rejected) would fail inside the model with
-            # an unrelated error on one rank; they stop the run like a NaN loss instead
-            inputs_ok = bool(torch.isfinite(batch["mel"]).all())
+            # an unrelated error on one rank; they stop the run like a NaN loss instead (integer codes can't be NaN)
+            inputs_ok = all(bool(torch.isfinite(v).all()) for v in batch.values() if v.is_floating_point())
             losses = self.model.compute_losses(batch, task) if inputs_ok else {}
             local_ok = inputs_ok and all(bool(torch.isfinite(v.detach()).all()) for v in losses.values())
             ok = local_ok
             if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                flag = torch.tensor([0.0 if local_ok else 1.0], device=batch["mel"].device)
+                flag = torch.tensor([0.0 if local_ok else 1.0], device=batch["text"].device)
                 dist.all_reduce(flag)
                 ok = float(flag) == 0.0
             if not ok:
@@ -181,7 +181,14 @@ def train_worker(config: dict) -> None:
     import torch
 
     from meld.models.builders import build_model
-    from meld.store import FeatureStore, FrameBudgetSampler, TrainingData, load_stats
+    from meld.store import (
+        CodeStore,
+        CodeTrainingData,
+        FeatureStore,
+        FrameBudgetSampler,
+        TrainingData,
+        load_stats,
+    )
     from meld.text import BPETokenizer
     from meld.training import (
         LossModule,
@@ -205,8 +212,11 @@ def train_worker(config: dict) -> None:
         raise ValueError(f"unknown test hook(s) {sorted(unknown_hooks)}; known: {sorted(TEST_HOOK_KEYS)}")
 
     tokenizer = BPETokenizer(config["bpe_model"])
-    stats = load_stats(config["stats"])
-    data = TrainingData(FeatureStore(config["train_store"]), stats, tokenizer, r)
+    if config.get("data_kind") == "codes":  # Codec-LM: DAC codes; the budget counts its delayed steps
+        data = CodeTrainingData(CodeStore(config["train_store"], config["model_kwargs"]["n_levels"]), tokenizer)
+    else:
+        stats = load_stats(config["stats"])
+        data = TrainingData(FeatureStore(config["train_store"]), stats, tokenizer, r)
     sampler = FrameBudgetSampler(data.lengths(), tc["frames_per_batch"], rank, world, tc["seed"])
     dev = None  # dev reconstruction metrics: MELD systems (they have a codebook) doing TTS
     if rank == 0 and config.get("eval_store") and "codebook" in config and tc["task"] != "stt":
@@ -240,8 +250,8 @@ def train_worker(config: dict) -> None:
     last_ckpt_step = step if state is not None else None
     torch.manual_seed(tc["seed"] * 100_003 + rank * 7919 + step)  # distinct dropout per rank, reproducible
     # parameters a task leaves unused (MELD's recon/postnet under STT, dMel's text head under TTS)
-    # must be declared to DDP; only MELD doing TTS touches every parameter
-    every_param_used = tc["task"] == "tts" and hasattr(model, "codebook")
+    # must be declared to DDP; only MELD doing TTS and Codec-LM (TTS only) touch every parameter
+    every_param_used = tc["task"] == "tts" and (hasattr(model, "codebook") or system == "codec_lm")
     parallel = {} if every_param_used else {"find_unused_parameters": True}
     module = ray.train.torch.prepare_model(module, parallel_strategy_kwargs=parallel)
     autocast = torch.bfloat16 if (use_gpu and tc["bf16"]) else None
@@ -446,29 +456,32 @@ def build_config(
     project_root: str | Path = ".",
     overrides: dict | None = None,
     threads_per_worker: int | None = None,
+    codes: str | Path | None = None,
 ) -> dict:
     """Resolve params, paths and sizes into the plain dict every worker receives.
 
     Args:
         params: the whole params file; ``model`` and ``train`` updated by the ``<system>`` section.
+        features, codebook: the feature store and k-means codebooks (mel systems).
+        codes: the DAC code store written by the codes stage (codec_lm only, which trains on codes
+            instead of mel features).
         overrides: ``{"model": {...}, "train": {...}}`` on top of those (a Tune trial's knobs).
         threads_per_worker: torch threads per worker (default: this machine's cores / workers).
     """
     import numpy as np
 
-    from meld.config import ModelConfig, TrainConfig
+    from meld.config import CodecLMConfig, ModelConfig, TrainConfig
     from meld.models.builders import NEEDS_CODEBOOK, system_kwargs
     from meld.text import BPETokenizer
     from meld.training import fingerprint
 
-    if system == "codec_lm":  # its batches are DAC codes, which no stage produces yet
-        raise ValueError("codec_lm cannot be trained through the pipeline yet: it needs a stage that encodes "
-                         "the corpus with DAC (codec_lm.codec_weights), which is not built; remove it from "
-                         "`systems` (the report lists it as unavailable)")
     section = params.get(system) or {}
-    unknown = sorted(set(section) - {"model", "train", "args"})
-    if unknown:
-        raise ValueError(f"params section '{system}': unknown key(s) {unknown}; known: ['args', 'model', 'train']")
+    if system == "codec_lm":  # its section also names the codec behind the code store
+        CodecLMConfig.from_dict(section, system)
+    else:
+        unknown = sorted(set(section) - {"model", "train", "args"})
+        if unknown:
+            raise ValueError(f"params section '{system}': unknown key(s) {unknown}; known: ['args', 'model', 'train']")
     model_d = _merge(params.get("model", {}), section.get("model") or {})
     train_d = _merge(params.get("train", {}), section.get("train") or {})
     if overrides:
@@ -489,16 +502,24 @@ def build_config(
     out = Path(out).resolve()
     train = train_cfg.to_dict()
     train["loss_weights"] = dict(train["loss_weights"])
-    dev = features / "dev"
+    if system == "codec_lm":
+        data = _code_data(codes, kwargs)
+        data_id = [(Path(data["train_store"]) / "index.jsonl").stat().st_size, data["codec"]["state_sha256"]]
+    else:
+        dev = features / "dev"
+        data = {
+            "stats": str(features / "stats.json"),
+            "train_store": str(features / "train"),
+            "eval_store": str(dev) if (dev / "index.jsonl").is_file() else None,
+        }
+        data_id = (features / "train" / "index.jsonl").stat().st_size
     config = {
         "system": system,
         "model_kwargs": kwargs,
         "reduction_factor": model_cfg.reduction_factor,
         "train": train,
         "bpe_model": str(Path(bpe).resolve()),
-        "stats": str(features / "stats.json"),
-        "train_store": str(features / "train"),
-        "eval_store": str(dev) if (dev / "index.jsonl").is_file() else None,
+        **data,
         **({"codebook": str(codebook_file)} if codebook_file else {}),
         "checkpoint_dir": str(out / "checkpoints"),
         "experiment": params.get("mlflow", {}).get("experiment", "meld"),
@@ -507,19 +528,44 @@ def build_config(
         "mlflow_tracking_uri": os.environ.get("MLFLOW_TRACKING_URI"),  # None: the project's embedded store
         "threads_per_worker": threads_per_worker or max(1, (os.cpu_count() or 2) // train_cfg.num_workers),
     }
-    data_id = (features / "train" / "index.jsonl").stat().st_size
     config["fingerprint"] = fingerprint({k: config[k] for k in ("system", "model_kwargs", "train")} | {"data": data_id})
     return config
+
+
+def _code_data(codes: str | Path | None, model_kwargs: dict) -> dict:
+    """The worker-config entries of a Codec-LM run: its code store and the codec that made it.
+
+    Raises:
+        ValueError: no code store given, or its codec's levels / codebook size differ from the model's.
+        FileNotFoundError: the folder is not the codes stage's output.
+    """
+    from meld.codes import CODEC_FILE
+
+    if codes is None:
+        raise ValueError("codec_lm trains on DAC codes, not mel features: give --codes (the codes stage's output, "
+                         "e.g. data/codes); in the DVC pipeline list it under `codec_systems`, not `systems`")
+    codes = Path(codes).resolve()
+    if not (codes / CODEC_FILE).is_file() or not (codes / "train" / "index.jsonl").is_file():
+        raise FileNotFoundError(f"{codes}: not a code store (no {CODEC_FILE} or train/index.jsonl; did the codes "
+                                "stage run?)")
+    codec = json.loads((codes / CODEC_FILE).read_text())
+    made = (codec["n_levels"], codec["codebook_size"])
+    wanted = (model_kwargs["n_levels"], model_kwargs["codebook_size"])
+    if made != wanted:
+        raise ValueError(f"{codes}: codes of {made[0]} levels x {made[1]} codes, but codec_lm.args asks for "
+                         f"{wanted[0]} x {wanted[1]}; rerun the codes stage")
+    return {"data_kind": "codes", "codec": codec, "train_store": str(codes / "train"), "eval_store": None}
 
 
 def prepare_config(args, params: dict) -> dict:
     """:func:`build_config` from the command line's arguments."""
     return build_config(params, system=args.system, features=args.features, bpe=args.bpe, codebook=args.codebook,
-                        out=args.out, project_root=args.project_root)
+                        out=args.out, project_root=args.project_root, codes=args.codes)
 
 
 def export_model(config: dict, out: Path) -> Path:
-    """Write the inference checkpoint (weights + config + normalisation + tokenizer) from the last checkpoint."""
+    """Write the inference checkpoint from the last checkpoint: weights + config + tokenizer, and the
+    normalisation (mel systems) or the codec description (codec_lm)."""
     import numpy as np
     import torch
 
@@ -534,26 +580,34 @@ def export_model(config: dict, out: Path) -> Path:
         raise RuntimeError(f"the newest checkpoint in {config['checkpoint_dir']} belongs to another configuration")
     model = build_model(config["system"], config["model_kwargs"])
     model.load_state_dict(state["model"])
-    stats = load_stats(config["stats"])
     extra = {
-        "reduction_factor": config["reduction_factor"],
-        "norm_mean": torch.from_numpy(stats.mean.copy()),
-        "norm_std": torch.from_numpy(stats.std.copy()),
         "bpe_model": torch.from_numpy(np.frombuffer(Path(config["bpe_model"]).read_bytes(), dtype=np.uint8).copy()),
         "fingerprint": config["fingerprint"],
         "task": config["train"]["task"],
     }
+    if config.get("data_kind") == "codes":  # decoding its output needs the very codec that made the codes
+        extra["codec"] = config["codec"]
+    else:
+        stats = load_stats(config["stats"])
+        extra |= {"reduction_factor": config["reduction_factor"], "norm_mean": torch.from_numpy(stats.mean.copy()),
+                  "norm_std": torch.from_numpy(stats.std.copy())}
     return save_checkpoint(out / "model.pt", system=config["system"], model=model,
                            model_kwargs=config["model_kwargs"], step=state["step"], extra=extra)
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
-    """--params/--features/--bpe/--codebook, each defaulting to its MELD_* variable (cluster jobs set those)."""
+    """--params/--features/--bpe/--codebook/--codes, each defaulting to its MELD_* variable (cluster jobs set those).
+
+    ``--codes`` has no default: codec_lm must be pointed at a code store on purpose (the DVC ``train``
+    stage over mel ``systems`` does not depend on one).
+    """
     env = os.environ.get
     p.add_argument("--params", default=env("MELD_PARAMS", "params.yaml"))
     p.add_argument("--features", default=env("MELD_FEATURES", "data/features"))
     p.add_argument("--bpe", default=env("MELD_BPE", "data/bpe/bpe.model"))
     p.add_argument("--codebook", default=env("MELD_CODEBOOK", "data/codebook"))
+    p.add_argument("--codes", default=env("MELD_CODES"),
+                   help="DAC code store from the codes stage (codec_lm only, e.g. data/codes)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,7 @@ BIN = Path(sys.executable).parent
 
 DEBUG_PARAMS = {
     "systems": ["meld", "meld_stt", "mel_lm"],
+    "codec_systems": [],  # the codec stages are tested in test_codes.py
     "corpus": {
         "name": "mini", "seed": 1, "train_voices": ["flite-rms", "flite-slt", "espeak-m3"],
         "held_out_voices": ["flite-awb"], "utterances_per_voice": {"train": 8, "dev": 1, "test": 2, "test_unseen": 2},

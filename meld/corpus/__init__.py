@@ -46,3 +46,36 @@ def read_manifest(path: str | Path) -> list[dict]:
             row["audio_path"] = str((path.parent / row["audio"]).resolve())
             rows.append(row)
     return rows
+
+
+def load_utterance(row: dict, min_seconds: float, max_seconds: float):
+    """The checks every data stage applies to a manifest row, then its 16 kHz audio.
+
+    One definition, so the feature store and the code store keep and reject the same utterances.
+
+    Args:
+        row: a manifest row as :func:`read_manifest` returns it (with ``audio_path``).
+        min_seconds, max_seconds: clips outside this range are rejected.
+
+    Returns:
+        (meta {id, speaker, text, duration}, (samples,) float32 waveform or None, rejection reason or None);
+        ``duration`` is the measured length of the audio.
+    """
+    from meld.audio import SAMPLE_RATE, AudioError, load_audio  # soundfile only where audio is read
+    from meld.text import normalise_transcript
+
+    meta = {k: row.get(k) for k in ("id", "speaker", "text", "duration")}
+    text = row.get("text")
+    if not isinstance(text, str) or not normalise_transcript(text):
+        return meta, None, "empty or non-text transcript"
+    try:
+        wav = load_audio(row["audio_path"])
+    except AudioError as err:
+        return meta, None, str(err)
+    seconds = wav.size / SAMPLE_RATE
+    if seconds > max_seconds:
+        return meta, None, f"too long: {seconds:.1f} s > features.max_seconds={max_seconds}"
+    if seconds < min_seconds:
+        return meta, None, f"too short: {seconds:.2f} s < features.min_seconds={min_seconds}"
+    meta["duration"] = round(seconds, 4)
+    return meta, wav, None

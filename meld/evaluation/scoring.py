@@ -14,6 +14,9 @@ Two kinds of work items:
 - :class:`GenerationItem`: one continuation: [true prompt + generated frames] through the vocoder,
   the judge's transcript, SIM to the prompt and the longest silence of the continuation.
 
+Codec systems (Codec-LM) bring their own decoder: their items carry waveforms already decoded by the
+codec (``resynthesised`` / ``wav``) and the codec's hop, and the vocoder is not used for them.
+
 Example::
 
     with ScoringPool(ScorerSpec("griffin_lim", None, "pocketsphinx", None, "resemblyzer", None), workers=2) as pool:
@@ -53,18 +56,22 @@ class ScorerSpec:
 @dataclass(frozen=True)
 class ReferenceItem:
     audio_path: str  # the real recording
-    mel: np.ndarray  # (T, 80) its raw log-mel frames
-    prompt_frames: int  # frames of the prompt (62.5 Hz)
+    mel: np.ndarray | None  # (T, 80) its raw log-mel frames (what the vocoder resynthesises)
+    prompt_frames: int  # frames of the prompt (62.5 Hz mel frames, or code frames: see hop_length)
     other_audio_path: str | None  # a different speaker's real utterance (SIM floor), if any
     judged: bool  # the ASR judge can recognise this speaker
+    resynthesised: np.ndarray | None = None  # codec systems: the ground truth through their codec (replaces the vocoder)
+    hop_length: int = HOP_LENGTH  # samples per prompt frame
 
 
 @dataclass(frozen=True)
 class GenerationItem:
-    full_mel: np.ndarray  # (P + G, 80) raw log-mel: the true prompt then the generated frames
+    full_mel: np.ndarray | None  # (P + G, 80) raw log-mel: the true prompt then the generated frames
     prompt_frames: int
     judged: bool
     prompt_emb: np.ndarray | None  # the prompt's speaker embedding, from the reference item
+    wav: np.ndarray | None = None  # codec systems: [prompt + continuation] already decoded (replaces the vocoder)
+    hop_length: int = HOP_LENGTH  # samples per prompt frame
 
 
 class Scorer:
@@ -91,8 +98,8 @@ class Scorer:
         from meld.evaluation.speaker import cosine_similarity
 
         wav = load_audio(item.audio_path)
-        gt_voc = self.vocoder(item.mel)
-        cut = item.prompt_frames * HOP_LENGTH
+        gt_voc = item.resynthesised if item.resynthesised is not None else self.vocoder(item.mel)
+        cut = item.prompt_frames * item.hop_length
         out = {"prompt_wav": wav[:cut], "gt_vocoded": gt_voc, "gt_cont_vocoded": gt_voc[cut:]}
         out["gt_longest_silence_s"] = longest_silence_seconds(out["gt_cont_vocoded"], SAMPLE_RATE)
         if self.judge is not None and item.judged:
@@ -110,8 +117,8 @@ class Scorer:
         """Scores of one continuation; ``wav`` is the vocoded [prompt + continuation]."""
         from meld.evaluation.speaker import cosine_similarity
 
-        wav = self.vocoder(item.full_mel)
-        cont = wav[item.prompt_frames * HOP_LENGTH :]
+        wav = item.wav if item.wav is not None else self.vocoder(item.full_mel)
+        cont = wav[item.prompt_frames * item.hop_length :]
         out = {"wav": wav, "longest_silence_s": longest_silence_seconds(cont, SAMPLE_RATE) if cont.size else 0.0}
         if self.judge is not None and item.judged:
             out["hyp"] = self.judge.transcribe(wav, SAMPLE_RATE)

@@ -1,0 +1,203 @@
+"""DAC codes for Codec-LM: which codec made them, encoding audio, and TTS continuation of code prompts.
+
+A codec **description** (a JSON-able dict) travels with the codes: the codes stage writes it to
+``codec.json`` beside the code store, training copies it into the codec_lm checkpoint, and
+evaluation and ``meld synthesize`` rebuild the same codec from it to decode what the model says::
+
+    {"weights": "/abs/weights_16khz.pth" | null,   # DAC's released weights, or null: random
+     "random": false | true,                       # true: a seeded random DAC, its codes carry no speech
+     "seed": 0, "random_kwargs": {...},            # how to rebuild the random one (random only)
+     "n_levels": 12, "codebook_size": 1024, "sample_rate": 16000, "hop_length": 320, "frame_rate": 50.0,
+     "state_sha256": "..."}                        # hash of the codec's weights: a rebuilt codec must match
+
+Example::
+
+    codec, desc = build_codec(None, n_levels=12, codebook_size=1024, random_width=4, seed=0)
+    codes = encode_waveform(codec, wav)               # (T, 12) int16 at 50 Hz
+    same = codec_from_description(desc)               # the same codec again (checked by hash)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from meld.models.codec_lm import DACCodec
+
+CODEC_FILE = "codec.json"  # the description, beside the code store's split folders
+DAC_DECODER_WIDTH_RATIO = 24  # DAC 16 kHz: encoder_dim 64, decoder_dim 1536
+
+
+class CodecMismatch(ValueError):
+    """A rebuilt codec is not the one that made the codes (other weights, or another initialisation)."""
+
+
+def random_codec_kwargs(width: int, n_levels: int, codebook_size: int) -> dict:
+    """DACCodec kwargs of a narrow random DAC: DAC 16 kHz's strides and levels, ``width`` encoder channels.
+
+    Codes of a random codec mean nothing whatever its width, so only the shapes (50 Hz, K levels of N)
+    need to be DAC's; a narrow one encodes the mini corpus in well under a minute on two CPU cores.
+    """
+    return dict(encoder_dim=width, decoder_dim=DAC_DECODER_WIDTH_RATIO * width, n_codebooks=n_levels,
+                codebook_size=codebook_size)
+
+
+def state_fingerprint(codec: DACCodec) -> str:
+    """sha256 over the codec's parameter names, shapes and values (identifies the weights, not the file)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(codec.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _random_codec(kwargs: dict, seed: int) -> DACCodec:
+    with torch.random.fork_rng(devices=[]):  # seeded without disturbing the caller's random stream
+        torch.manual_seed(seed)
+        return DACCodec(**kwargs).eval()
+
+
+def _load_weights(path: str | Path) -> DACCodec:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"DAC weights {path} not found: put DAC's weights_16khz.pth there "
+                                "(nothing is downloaded), or set codec_lm.codec_weights to null for a random codec")
+    return DACCodec.load(path)
+
+
+def build_codec(weights: str | Path | None, *, n_levels: int, codebook_size: int, random_width: int,
+                seed: int) -> tuple[DACCodec, dict]:
+    """The codec that makes the code store, and its description.
+
+    Args:
+        weights: local path of DAC's ``weights_16khz.pth``; None: a seeded random DAC.
+        n_levels, codebook_size: what the Codec-LM expects (the weights must have exactly these).
+        random_width, seed: the random DAC's encoder width and initialisation seed.
+
+    Returns:
+        (codec in eval mode, description dict).
+
+    Raises:
+        FileNotFoundError: ``weights`` does not exist.
+        ValueError: the weights have other levels / codebook sizes than the Codec-LM's.
+    """
+    if weights:
+        codec = _load_weights(weights)
+        if (codec.n_codebooks, codec.codebook_size) != (n_levels, codebook_size):
+            raise ValueError(f"{weights}: the codec has {codec.n_codebooks} levels of {codec.codebook_size} codes, "
+                             f"codec_lm.args asks for {n_levels} of {codebook_size}")
+        desc = {"weights": str(Path(weights).resolve()), "random": False, "seed": None, "random_kwargs": None}
+    else:
+        kwargs = random_codec_kwargs(random_width, n_levels, codebook_size)
+        codec = _random_codec(kwargs, seed)
+        desc = {"weights": None, "random": True, "seed": seed, "random_kwargs": kwargs}
+    desc.update(n_levels=codec.n_codebooks, codebook_size=codec.codebook_size, sample_rate=codec.sample_rate,
+                hop_length=codec.hop_length, frame_rate=codec.frame_rate, state_sha256=state_fingerprint(codec))
+    return codec, desc
+
+
+def codec_from_description(desc: dict, weights: str | Path | None = None) -> DACCodec:
+    """Rebuild the codec a description names, and check it is the very one (same weights hash).
+
+    Args:
+        desc: a description from :func:`build_codec` (``codec.json``, or a checkpoint's ``extra.codec``).
+        weights: where DAC's weights file is on this machine, if not at the recorded path.
+
+    Raises:
+        FileNotFoundError: real weights, and no file at ``weights`` or the recorded path.
+        CodecMismatch: the rebuilt codec's weights differ from the recorded hash.
+    """
+    if desc.get("random"):
+        codec = _random_codec(desc["random_kwargs"], int(desc["seed"]))
+        source = f"the random DAC (seed {desc['seed']})"
+    else:
+        path = weights or desc.get("weights")
+        if not path:
+            raise FileNotFoundError("the codec description names no weights file; give the DAC weights path")
+        codec = _load_weights(path)
+        source = f"the DAC weights in {path}"
+    found = state_fingerprint(codec)
+    if found != desc.get("state_sha256"):
+        raise CodecMismatch(f"{source} hash to {found[:12]}, but the codes were made by a codec hashing to "
+                            f"{str(desc.get('state_sha256'))[:12]}: other weights (or another torch initialisation); "
+                            "use the weights that made the codes, or rerun the codes stage")
+    return codec
+
+
+def encode_waveform(codec: DACCodec, wav: np.ndarray) -> np.ndarray:
+    """(samples,) float waveform at the codec's rate -> (ceil(samples / hop), K) int16 codes."""
+    return codec.encode(torch.from_numpy(np.asarray(wav, dtype=np.float32))).cpu().numpy().astype(np.int16)
+
+
+def decode_codes(codec: DACCodec, codes: np.ndarray) -> np.ndarray:
+    """(T, K) integer codes -> (about T * hop,) float32 waveform in [-1, 1]; no codes, no samples."""
+    if len(codes) == 0:
+        return np.zeros(0, np.float32)
+    return codec.decode(torch.from_numpy(np.asarray(codes, dtype=np.int64))).cpu().numpy().astype(np.float32)
+
+
+def prompt_code_frames(n_frames: int, prompt_seconds: float, frame_rate: float) -> int:
+    """Code frames in the first ``prompt_seconds`` of an utterance of ``n_frames`` frames."""
+    return min(n_frames, int(round(prompt_seconds * frame_rate)))
+
+
+@dataclass
+class CodeContinuation:
+    codes: np.ndarray  # (T, K) int64 codes generated after the prompt
+    hit_max_length: bool
+
+
+@torch.no_grad()
+def continue_codes(
+    model,
+    texts: list[list[int]],
+    prompts: list[np.ndarray],
+    *,
+    max_frames: list[int] | int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    batch_size: int = 8,
+    seed: int = 0,
+) -> list[CodeContinuation]:
+    """Continue each code prompt ((P, K) integer codes, P may be 0) speaking its full transcript.
+
+    The code counterpart of :func:`meld.generate.tts_continue`: batched, KV-cached, seeded.
+
+    Args:
+        model: a :class:`meld.models.codec_lm.CodecLM`.
+        texts: BPE ids of each full transcript.
+        max_frames: guard in code frames (per utterance or one for all; a batch runs to its largest).
+        batch_size: utterances generated together (finished ones leave the batch).
+    """
+    device = next(model.parameters()).device
+    g = torch.Generator(device=device).manual_seed(seed)
+    if isinstance(max_frames, int):
+        max_frames = [max_frames] * len(texts)
+    K = model.n_levels
+    out: list[CodeContinuation] = []
+    for s in range(0, len(texts), batch_size):
+        chunk_prompts, chunk_texts = prompts[s : s + batch_size], texts[s : s + batch_size]
+        B = len(chunk_prompts)
+        P = max(p.shape[0] for p in chunk_prompts)
+        prompt = torch.zeros(B, P, K, dtype=torch.long)  # (B, P, K), padding masked by prompt_len
+        for b, p in enumerate(chunk_prompts):
+            prompt[b, : p.shape[0]] = torch.from_numpy(np.asarray(p, dtype=np.int64))
+        L = max(1, max(len(t) for t in chunk_texts))
+        text = torch.zeros(B, L, dtype=torch.long)
+        for b, t in enumerate(chunk_texts):
+            text[b, : len(t)] = torch.tensor(t, dtype=torch.long)
+        gen = model.generate(
+            text.to(device), torch.tensor([len(t) for t in chunk_texts], device=device), prompt.to(device),
+            torch.tensor([p.shape[0] for p in chunk_prompts], device=device),
+            max_frames=max(1, math.ceil(max(max_frames[s : s + batch_size]))), temperature=temperature,
+            top_k=top_k, top_p=top_p, generator=g,
+        )
+        out += [CodeContinuation(codes.cpu().numpy(), hit) for codes, hit in zip(gen.frames, gen.hit_max_length)]
+    return out

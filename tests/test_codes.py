@@ -1,0 +1,300 @@
+"""Codec-LM through the DAG, for real: the codes stage, the code store, training, evaluation, the CLI.
+
+One tiny project (the shared debug corpus of test_faults, plus a corrupt file and an empty transcript)
+is encoded by a narrow random DAC of 4 levels x 64 codes; a Codec-LM trains 3 steps on it through the
+real training entry point (local Ray, 2 DDP workers, MLflow), and is evaluated and synthesised from.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import yaml
+from test_faults import TINY_PARAMS, ensure_ray, make_tiny_data
+
+from meld.audio import load_audio
+from meld.codes import CODEC_FILE, codec_from_description, encode_waveform
+from meld.store import CodeStore, CodeTrainingData, FeatureStore, collate_codes, write_code_store
+
+K, N = 4, 64  # tiny codec: 4 levels of 64 codes (DAC 16 kHz: 12 of 1024)
+
+CODEC_PARAMS = {
+    **TINY_PARAMS,
+    "codec_systems": ["codec_lm"],
+    "features": {**TINY_PARAMS["features"], "max_rejected_fraction": 0.2},
+    "codec_lm": {
+        "args": {"n_levels": K, "codebook_size": N},
+        "codec_weights": None,
+        "random_codec_width": 2,
+        "random_codec_seed": 0,
+        "encode_workers": 1,
+        "model": {},
+        "train": {"task": "tts", "max_steps": 3, "checkpoint_every": 3, "frames_per_batch": 800,
+                  "loss_weights": {"ce_codes": 1.0}},
+    },
+    "evaluate": {"splits": ["dev"], "utterances_per_split": 1, "generations": 1, "prompt_seconds": 1.0,
+                 "min_seconds": 1.5, "max_seconds": 12.0, "max_length_factor": 1.0, "audio_samples": 1,
+                 "ablations": False, "batch_size": 2, "score_workers": 1, "stt_judge_model": None},
+    "mlflow": {"experiment": "codes"},
+}
+
+
+def _params(folder: Path, **codec_lm) -> Path:
+    params = {**CODEC_PARAMS, "codec_lm": {**CODEC_PARAMS["codec_lm"], **codec_lm}}
+    path = folder / f"params-{len(list(folder.glob('params-*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def _copy_corpus(src: Path, dst: Path, extra_train_rows: list[dict]) -> Path:
+    """The corpus's manifests with absolute audio paths (the WAVs stay where they are), plus extra rows."""
+    from meld.corpus import read_manifest
+
+    for manifest in sorted(src.glob("*/manifest.jsonl")):
+        rows = [{**{k: v for k, v in r.items() if k != "audio_path"}, "audio": r["audio_path"]}
+                for r in read_manifest(manifest)]
+        if manifest.parent.name == "train":
+            rows += extra_train_rows
+        (dst / manifest.parent.name).mkdir(parents=True, exist_ok=True)
+        (dst / manifest.parent.name / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """The debug corpus with two bad rows, its BPE model, and the codes stage's output for a random codec."""
+    from pipeline import codes
+
+    data = make_tiny_data(tmp_path_factory)
+    root = tmp_path_factory.mktemp("codec-project")
+    (root / "bad.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVE not really audio")
+    first = json.loads((data / "corpus" / "train" / "manifest.jsonl").read_text().splitlines()[0])
+    corpus = _copy_corpus(data / "corpus", root / "corpus", [
+        {"id": "corrupt-audio", "speaker": "flite-rms", "text": "this file is broken", "audio": str(root / "bad.wav"),
+         "duration": 1.0},
+        {"id": "empty-transcript", "speaker": "flite-rms", "text": "  ", "audio": str(data / "corpus" / "train" /
+                                                                               first["audio"]), "duration": 1.0},
+    ])
+    params = _params(root)
+    assert codes.main(["--params", str(params), "--corpus", str(corpus), "--out", str(root / "codes")]) == 0
+    return {"data": data, "root": root, "corpus": corpus, "params": params, "codes": root / "codes"}
+
+
+# ----------------------------------------------------------------------------- the code store
+
+
+def test_code_store_round_trip_and_clear_errors(tmp_path):
+    rng = np.random.default_rng(0)
+    items = [({"id": f"u{i}", "speaker": "s", "text": f"words {i}", "duration": n / 50},
+              rng.integers(0, 1024, (n, 12))) for i, n in enumerate((7, 1, 30))]
+    summary = write_code_store(tmp_path / "split", iter(items), [{"id": "bad", "reason": "unreadable audio"}])
+    assert summary == {"kept": 3, "rejected": 1, "frames": 38}
+    store = CodeStore(tmp_path / "split", 12)
+    assert store.lengths == [7, 1, 30] and store[0].dtype == np.int16
+    for i, (meta, codes) in enumerate(items):
+        np.testing.assert_array_equal(store[i], codes)
+        assert {k: store.index[i][k] for k in meta} == meta
+    with pytest.raises(ValueError, match="written with another width"):
+        CodeStore(tmp_path / "split", 8)  # 12-level codes read as 8 levels would be garbage
+    with pytest.raises(FileNotFoundError, match="not a code store.*codes stage"):
+        CodeStore(tmp_path / "nowhere", 12)
+
+    class Words:  # a tokenizer stand-in: one id per word
+        def encode(self, text):
+            return [len(w) for w in text.split()]
+
+    data = CodeTrainingData(store, Words())
+    assert data.lengths() == [7 + 11, 1 + 11, 30 + 11]  # code frames + the delay pattern's tail
+    batch = data.batch([0, 2])
+    assert batch["codes"].shape == (2, 30, 12) and batch["codes"].dtype == torch.long
+    assert batch["codes_len"].tolist() == [7, 30] and batch["text_len"].tolist() == [2, 2]
+    assert torch.equal(batch["codes"][0, :7], torch.from_numpy(items[0][1]))
+    assert collate_codes([items[1][1]], [[5]])["codes"].shape == (1, 1, 12)
+
+
+# ----------------------------------------------------------------------------- the codes stage
+
+
+def test_codes_stage_encodes_every_split_and_rejects_bad_input(project):
+    codes = project["codes"]
+    desc = json.loads((codes / CODEC_FILE).read_text())
+    assert desc["weights"] is None and desc["random"] is True and (desc["n_levels"], desc["codebook_size"]) == (K, N)
+    rejected = {r["id"]: r["reason"] for r in map(json.loads, (codes / "train" / "rejected.jsonl").read_text().splitlines())}
+    assert set(rejected) == {"corrupt-audio", "empty-transcript"}
+    assert "unreadable audio" in rejected["corrupt-audio"] and "empty" in rejected["empty-transcript"]
+    for split in ("train", "dev"):
+        store = CodeStore(codes / split, K)
+        # the same utterances as the feature store (one set of checks for both stages)
+        assert [r["id"] for r in store.index] == [r["id"] for r in FeatureStore(project["data"] / "features" / split).index]
+        for i in range(len(store)):
+            assert store.lengths[i] == math.ceil(store.index[i]["duration"] * 16_000 / 320)  # 50 Hz
+            assert 0 <= store[i].min() and store[i].max() < N
+    # the codes are what the described codec gives for the audio
+    codec = codec_from_description(desc)
+    row = json.loads((project["corpus"] / "dev" / "manifest.jsonl").read_text().splitlines()[0])
+    np.testing.assert_array_equal(CodeStore(codes / "dev", K)[0], encode_waveform(codec, load_audio(row["audio"])))
+
+
+@pytest.fixture(scope="module")
+def weights_codes(project, tmp_path_factory) -> Path:
+    """The codes stage with ``codec_weights`` = the random codec saved in DAC's release format."""
+    from pipeline import codes
+
+    root = tmp_path_factory.mktemp("weights")
+    desc = json.loads((project["codes"] / CODEC_FILE).read_text())
+    codec = codec_from_description(desc)
+    weights = root / "weights_16khz.pth"
+    torch.save({"state_dict": codec.state_dict(), "metadata": {"kwargs": desc["random_kwargs"]}}, weights)
+    params = _params(root, codec_weights=str(weights))
+    assert codes.main(["--params", str(params), "--corpus", str(project["corpus"]), "--out", str(root / "codes")]) == 0
+    return root / "codes"
+
+
+def test_weights_file_makes_the_same_codes_and_wrong_shapes_fail(project, weights_codes, tmp_path):
+    """A weights file goes through DACCodec.load; the codes stage records it, and checks its shape."""
+    from pipeline import codes
+
+    random_desc = json.loads((project["codes"] / CODEC_FILE).read_text())
+    real = json.loads((weights_codes / CODEC_FILE).read_text())
+    assert real["random"] is False and real["weights"].endswith("weights_16khz.pth")
+    assert real["state_sha256"] == random_desc["state_sha256"]
+    for split in ("train", "dev"):
+        assert (weights_codes / split / "codes.i16").read_bytes() == (project["codes"] / split / "codes.i16").read_bytes()
+
+    wrong = _params(tmp_path, codec_weights=real["weights"], args={"n_levels": K + 1, "codebook_size": N})
+    with pytest.raises(SystemExit, match=f"codec has {K} levels of {N} codes.*asks for {K + 1}"):
+        codes.main(["--params", str(wrong), "--corpus", str(project["corpus"]), "--out", str(tmp_path / "x")])
+    missing = _params(tmp_path, codec_weights=str(tmp_path / "nowhere.pth"))
+    with pytest.raises(SystemExit, match="nowhere.pth not found.*nothing is downloaded"):
+        codes.main(["--params", str(missing), "--corpus", str(project["corpus"]), "--out", str(tmp_path / "x")])
+
+
+def test_a_split_of_mostly_bad_audio_fails_the_stage(project, tmp_path):
+    from pipeline import codes
+
+    corpus = tmp_path / "corpus"
+    (corpus / "train").mkdir(parents=True)
+    (corpus / "train" / "manifest.jsonl").write_text(json.dumps(
+        {"id": "only-bad", "speaker": "s", "text": "broken", "audio": str(project["root"] / "bad.wav"), "duration": 1}) + "\n")
+    with pytest.raises(SystemExit, match="rejected 1/1 utterances.*only-bad: .*unreadable audio"):
+        codes.main(["--params", str(project["params"]), "--corpus", str(corpus), "--out", str(tmp_path / "codes")])
+
+
+# ----------------------------------------------------------------------------- training, evaluation, CLI
+
+
+@pytest.fixture(scope="module")
+def trained(project):
+    """codec_lm trained 3 steps on the code store through the train stage's entry point (2 DDP workers)."""
+    import mlflow
+
+    from ray_jobs.train import main as train_main
+
+    ensure_ray()
+    root = project["root"]
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)  # build_config passes it on to the workers
+        mlflow.set_tracking_uri(uri)
+        mlflow.create_experiment("codes", artifact_location=(root / "mlartifacts").as_uri())
+        assert train_main(["--params", str(project["params"]), "--system", "codec_lm", "--codes", str(project["codes"]),
+                           "--bpe", str(project["data"] / "bpe" / "bpe.model"), "--out", str(root / "model"),
+                           "--project-root", str(root), "--ray-storage", str(root / "ray"), "--max-failures", "0"]) == 0
+    return {**project, "model": root / "model" / "model.pt", "uri": uri}
+
+
+def test_codec_lm_trains_from_the_code_store(trained):
+    from mlflow.tracking import MlflowClient
+
+    from meld.training import load_model
+
+    model, state = load_model(trained["model"])
+    assert state["system"] == "codec_lm" and state["step"] == 3
+    assert (model.n_levels, model.codebook_size) == (K, N)
+    assert state["extra"]["codec"] == json.loads((trained["codes"] / CODEC_FILE).read_text())
+    run_id = (trained["root"] / "model" / "checkpoints" / "mlflow_run_id").read_text().strip()
+    losses = MlflowClient(trained["uri"]).get_metric_history(run_id, "loss/ce_codes")
+    assert [m.step for m in losses] == [1, 2, 3] and all(0 < m.value < 10 for m in losses)
+
+
+def test_training_driver_needs_a_code_store_for_codec_lm(trained):
+    from ray_jobs.train import build_config
+
+    params = yaml.safe_load(trained["params"].read_text())
+    kwargs = dict(system="codec_lm", features=trained["data"] / "features", bpe=trained["data"] / "bpe" / "bpe.model",
+                  codebook=trained["data"] / "codebook", out=trained["root"] / "x")
+    with pytest.raises(ValueError, match="give --codes.*codec_systems"):
+        build_config(params, **kwargs)
+    params["codec_lm"]["args"]["n_levels"] = K + 2
+    with pytest.raises(ValueError, match=f"codes of {K} levels.*asks for {K + 2}"):
+        build_config(params, codes=trained["codes"], **kwargs)
+
+
+def _evaluate(trained, codes: Path, out: Path) -> dict:
+    from pipeline import evaluate
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", trained["uri"])
+        assert evaluate.main(["--params", str(trained["params"]), "--system", "codec_lm", "--model",
+                              str(trained["model"]), "--codes", str(codes), "--corpus", str(trained["corpus"]),
+                              "--run-id-file", str(trained["root"] / "model" / "checkpoints" / "mlflow_run_id"),
+                              "--out", str(out / "eval"), "--metrics", str(out / "metrics" / "codec_lm.json")]) == 0
+    return json.loads((out / "metrics" / "codec_lm.json").read_text())
+
+
+def test_evaluate_with_a_random_codec_reports_no_numbers(trained, tmp_path):
+    from pipeline import report
+
+    metrics = _evaluate(trained, trained["codes"], tmp_path)
+    assert metrics["codec_weights"] == "unavailable" and metrics["unavailable"].startswith("codec weights unavailable")
+    assert metrics["splits"] == {} and "wer" not in json.dumps(metrics)  # no numbers to mistake for results
+    assert metrics["pipeline_check"]["dev"]["generations"] == 1  # but the path ran: generated and decoded
+    (sample,) = [p for p in (tmp_path / "eval" / "samples" / "dev").glob("*.wav") if "ground_truth" not in p.name]
+    wav, sr = sf.read(str(sample))
+    assert sr == 16_000 and wav.size > 16_000  # at least the 1 s prompt, decoded
+    report_params = tmp_path / "report.yaml"
+    report_params.write_text(yaml.safe_dump({"systems": [], "codec_systems": ["codec_lm"]}))
+    assert report.main(["--params", str(report_params), "--metrics", str(tmp_path / "metrics"),
+                        "--out", str(tmp_path / "reports")]) == 0
+    summary = (tmp_path / "reports" / "summary.md").read_text()
+    assert "| codec_lm | – | codec weights unavailable" in summary
+
+
+def test_evaluate_with_codec_weights_scores_like_the_other_systems(trained, weights_codes, tmp_path):
+    """The same codec loaded from a weights file (identical codes, so the trained model fits it) is scored."""
+    metrics = _evaluate(trained, weights_codes, tmp_path)
+    assert metrics["codec_weights"].endswith("weights_16khz.pth") and "unavailable" not in metrics
+    dev = metrics["splits"]["dev"]
+    assert dev["generations"] == 1 and dev["duration_ratio"] > 0 and dev["max_length_hits"] in (0, 1)
+    assert dev["longest_silence_s"] is not None and dev["ground_truth_minutes"] > 0
+    assert "wer" in dev and "wer_ground_truth_vocoded" in dev  # flite voices: the judge reads them
+    # SIM needs 0.5 s of continuation; an untrained model may say <EOS> sooner
+    assert dev["sim"] is not None or dev["generated_minutes"] * 60 < 0.5
+
+
+def test_cli_synthesizes_with_the_recorded_codec_and_asks_for_missing_weights(trained, tmp_path, capsys):
+    from meld.cli import main
+
+    prompt = trained["corpus"] / "dev" / "manifest.jsonl"
+    audio = json.loads(prompt.read_text().splitlines()[0])["audio"]
+    out = tmp_path / "out.wav"
+    argv = ["synthesize", "--checkpoint", str(trained["model"]), "--prompt", audio, "--prompt-seconds", "1",
+            "--text", "the words of the prompt and more", "--out", str(out), "--max-seconds", "0.5", "--device", "cpu"]
+    assert main(argv) == 0
+    wav, sr = sf.read(str(out))
+    assert sr == 16_000 and 0.9 * 16_000 < wav.size <= 1.6 * 16_000  # 1 s prompt + at most 0.5 s generated
+    assert "prompt 1.00 s" in capsys.readouterr().out
+
+    # a checkpoint whose codes came from weights that are not on this machine: say what to give
+    state = torch.load(trained["model"], weights_only=True)
+    state["extra"]["codec"] = {**state["extra"]["codec"], "random": False, "weights": str(tmp_path / "gone.pth")}
+    moved = tmp_path / "moved.pt"
+    torch.save(state, moved)
+    assert main([*argv[:2], str(moved), *argv[3:]]) == 2
+    assert "--codec-weights" in capsys.readouterr().err
