@@ -64,6 +64,39 @@ def test_kv_cached_decoding_equals_full_pass_with_padding_gaps():
     assert rel_error(inc[rows], full[rows]) <= 1e-5
 
 
+def test_bidirectional_prefix_sees_ahead_inside_the_prefix_only_and_caches_the_same():
+    torch.manual_seed(0)
+    bb = Backbone(d_model=32, n_layers=2, n_heads=4, d_ff=64, dropout=0.0).eval()
+    B, P, N = 2, 6, 4
+    x = torch.randn(B, P + N, 32, requires_grad=True)
+    valid = torch.ones(B, P + N, dtype=torch.bool)
+    valid[1, 4:P] = False  # a right-padded frame block
+    positions = packed_positions(valid)
+    full = bb(x, positions, valid, bidirectional_prefix=P)
+    w = torch.randn(32)  # a random read-out: the plain sum of a LayerNorm output has no gradient
+
+    def grad_of(row, slot):
+        return torch.autograd.grad((full[row, slot] * w).sum(), x, retain_graph=True)[0][row].abs().sum(-1)
+
+    g = grad_of(0, 1)
+    assert g[2:P].min() > 0, "a prefix slot must see every later prefix slot"
+    assert g[P:].max() == 0, "a prefix slot must not see the continuation"
+    g = grad_of(0, P + 1)
+    assert g[: P + 2].min() > 0 and g[P + 2 :].max() == 0, "after the prefix, attention stays causal"
+    g = grad_of(1, 1)
+    assert g[4:P].max() == 0 and g[2:4].min() > 0, "padding inside the prefix stays invisible"
+    causal = bb(x, positions, valid)
+    assert rel_error(causal[:, P:], full[:, P:]) > 1e-3  # the prefix really changes what follows
+
+    cache = bb.new_cache(B, P + N)
+    prefix = bb(x[:, :P], positions[:, :P], valid[:, :P], cache, bidirectional_prefix=P)
+    steps = [bb(x[:, t : t + 1], positions[:, t : t + 1], None, cache, bidirectional_prefix=P)
+             for t in range(P, P + N)]
+    inc = torch.cat([prefix] + steps, dim=1)
+    rows = valid.nonzero(as_tuple=True)
+    assert rel_error(inc[rows], full[rows]) <= 1e-5
+
+
 def test_kv_cache_select_keeps_rows_consistent():
     torch.manual_seed(0)
     bb = Backbone(d_model=16, n_layers=2, n_heads=2, d_ff=32, dropout=0.0).eval()

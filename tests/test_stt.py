@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from conftest import tiny_batch, tiny_meld
 
@@ -43,8 +44,9 @@ def _greedy(model, mel, mel_len, max_tokens=30):
     return model.vocab.union_to_text(out)
 
 
-def test_beam_one_equals_greedy_and_batched_equals_one_by_one():
-    model, _ = tiny_meld(reduction=2)
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["causal", "bidirectional-frames"])
+def test_beam_one_equals_greedy_and_batched_equals_one_by_one(bidirectional):
+    model, _ = tiny_meld(reduction=2, stt_bidirectional_frames=bidirectional)
     model.eval()
     batch = tiny_batch(reduction=2, B=4, T=9)
     mels = [batch["mel"][b, : int(batch["mel_len"][b])].reshape(-1, 80).numpy() for b in range(4)]
@@ -53,6 +55,50 @@ def test_beam_one_equals_greedy_and_batched_equals_one_by_one():
     assert stt_beam_search(model, mels, reduction=2, beam_size=1, max_tokens=30) == greedy
     one_by_one = [stt_beam_search(model, [m], reduction=2, beam_size=3, max_tokens=30)[0] for m in mels]
     assert stt_beam_search(model, mels, reduction=2, beam_size=3, max_tokens=30, batch_size=4) == one_by_one
+
+
+@pytest.mark.parametrize("frontend_layers", [0, 2], ids=["no-frontend", "conv-frontend"])
+def test_stt_prefix_and_steps_equal_the_teacher_forced_pass_with_bidirectional_frames(frontend_layers):
+    model, _ = tiny_meld(reduction=2, stt_bidirectional_frames=True, stt_frontend_layers=frontend_layers)
+    model.eval()
+    batch = tiny_batch(reduction=2, B=3, T=9, L=5)
+    full = model.forward_stt(batch["mel"], batch["mel_len"], batch["text"], batch["text_len"]).logits
+    L = batch["text"].shape[1]
+    h, cache, pos = model.stt_prefix(batch["mel"], batch["mel_len"], L + 1)
+    inc = [model.head(h)]
+    for i in range(L):
+        h = model.stt_step(batch["text"][:, i] + model.vocab.text_offset, pos, cache)
+        inc.append(model.head(h))
+        pos = pos + 1
+    inc = torch.stack(inc, dim=1)  # (B, L+1, V)
+    for b in range(3):
+        n = int(batch["text_len"][b]) + 1  # <STT> and each real text token
+        assert torch.allclose(inc[b, :n], full[b, :n], atol=1e-5, rtol=1e-5)
+    causal, _ = tiny_meld(reduction=2, stt_frontend_layers=frontend_layers)
+    causal.load_state_dict(model.state_dict())
+    causal.eval()
+    other = causal.forward_stt(batch["mel"], batch["mel_len"], batch["text"], batch["text_len"]).logits
+    assert not torch.allclose(other, full, atol=1e-3)  # the option changes what the text reads
+
+
+def test_conv_front_end_mixes_neighbours_and_ignores_padding():
+    from meld.models.layers import ConvFrontEnd
+
+    torch.manual_seed(0)
+    fe = ConvFrontEnd(dim=16, n_layers=2, kernel=5)
+    x = torch.randn(2, 12, 16, requires_grad=True)
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[1, 7:] = False
+    y = fe(x, mask)
+    w = torch.randn(16)
+    (g,) = torch.autograd.grad((y[0, 5] * w).sum(), x, retain_graph=True)
+    reach = g[0].abs().sum(-1) > 0
+    assert reach[1:10].all() and not reach[:1].any() and not reach[10:].any()  # 2 layers x 2 frames each way
+    (g,) = torch.autograd.grad((y[1, :7] * w).sum(), x, retain_graph=True)
+    assert g[1, 7:].abs().max() == 0, "padding leaked into real frames"
+    assert y[1, 7:].abs().max() == 0
+    with pytest.raises(ValueError, match="odd"):
+        ConvFrontEnd(dim=16, n_layers=1, kernel=4)
 
 
 def test_tiny_stt_model_overfits_a_fixed_batch_to_zero_wer():

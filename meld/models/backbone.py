@@ -163,36 +163,47 @@ class Backbone(nn.Module):
         )
 
     @staticmethod
-    def attention_mask(T: int, key_valid: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor | None:
+    def attention_mask(
+        T: int, key_valid: torch.Tensor | None, cache: KVCache | None, bidirectional_prefix: int = 0,
+        device: torch.device | None = None,
+    ) -> torch.Tensor | None:
         """The boolean attention mask of one forward call, built once and shared by every layer.
 
         Args:
             T: new positions in this call.
             key_valid: (B, T) real tokens among them, or None (all real).
             cache: the cache this call extends, its ``key_valid`` already holding the new positions.
+            bidirectional_prefix: the first this many slots (of the whole sequence, cache included)
+                also see each other ahead of themselves (a prefix LM: STT's frame block, which is
+                given whole before any text is decoded). 0: plain causal.
+            device: where to build the mask (the inputs' device).
 
         Returns:
-            without a cache: None (plain causal) when ``key_valid`` is None, else (B, 1, T, T);
+            without a cache: None (plain causal) when ``key_valid`` is None and there is no
+            prefix, else (B or 1, 1, T, T);
             with one: None for a one-token step when every key is real, else (B, 1, T, length + T).
             True = may attend. A query always sees itself, so a padded query row has a key
             and gives no NaN.
         """
-        if cache is None:
-            if key_valid is None:
-                return None
-            device = key_valid.device
-            causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-            mask = causal[None, None] & key_valid[:, None, None, :]  # (B, 1, T, T)
-            return mask | torch.eye(T, dtype=torch.bool, device=device)[None, None]
-        start = cache.length
+        start = cache.length if cache is not None else 0
         end = start + T
-        if T == 1 and cache.all_valid:
+        prefix = min(bidirectional_prefix, end)
+        if cache is None and key_valid is None and prefix == 0:
             return None
-        device = cache.key_valid.device
-        valid = cache.key_valid[:, :end]
+        if cache is not None and T == 1 and cache.all_valid and start >= prefix:
+            return None
         q_pos = torch.arange(start, end, device=device)
         k_pos = torch.arange(end, device=device)
-        mask = (k_pos[None, :] <= q_pos[:, None])[None, None] & valid[:, None, None, :]  # (B, 1, T, end)
+        allowed = k_pos[None, :] <= q_pos[:, None]  # (T, end) causal
+        if prefix:
+            allowed = allowed | ((q_pos[:, None] < prefix) & (k_pos[None, :] < prefix))
+        if cache is not None:
+            valid = cache.key_valid[:, :end]
+        elif key_valid is not None:
+            valid = key_valid
+        else:
+            valid = torch.ones(1, end, dtype=torch.bool, device=device)
+        mask = allowed[None, None] & valid[:, None, None, :]  # (B, 1, T, end)
         return mask | (k_pos[None, :] == q_pos[:, None])[None, None]
 
     def forward(
@@ -201,6 +212,7 @@ class Backbone(nn.Module):
         positions: torch.Tensor | None = None,
         key_valid: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        bidirectional_prefix: int = 0,
     ) -> torch.Tensor:
         """Run the stack.
 
@@ -209,6 +221,7 @@ class Backbone(nn.Module):
             positions: (B, T) position of each token in its own sequence; default 0..T-1 (+ cache length).
             key_valid: (B, T) True for real tokens; default all real.
             cache: when given, ``x`` continues the cached prefix and the cache is extended in place.
+            bidirectional_prefix: see :meth:`attention_mask`.
 
         Returns:
             (B, T, D) final hidden states (after the last LayerNorm).
@@ -226,7 +239,7 @@ class Backbone(nn.Module):
                 cache.key_valid[:, offset : offset + T] = key_valid
                 # one host sync per call that brings padding (a prefill), none per decoding step
                 cache.all_valid = cache.all_valid and bool(key_valid.all())
-        mask = self.attention_mask(T, key_valid, cache)
+        mask = self.attention_mask(T, key_valid, cache, bidirectional_prefix, x.device)
         h = self.drop(x + sinusoidal_positions(positions, self.d_model).to(x.dtype))
         for i, block in enumerate(self.blocks):
             h = block(h, mask, cache, i)
@@ -235,7 +248,8 @@ class Backbone(nn.Module):
         return self.ln_f(h)
 
     def prefill(
-        self, x: torch.Tensor, valid: torch.Tensor, last: torch.Tensor | int, extra_len: int
+        self, x: torch.Tensor, valid: torch.Tensor, last: torch.Tensor | int, extra_len: int,
+        bidirectional_prefix: int = 0,
     ) -> tuple[torch.Tensor, KVCache, torch.Tensor]:
         """Run a padded prompt into a fresh cache, ready for :meth:`step`.
 
@@ -244,6 +258,7 @@ class Backbone(nn.Module):
             last: (B,) index of each row's last real token (or one index for all rows): its
                 hidden state predicts the first new token.
             extra_len: positions to reserve after the prompt for the tokens to come.
+            bidirectional_prefix: see :meth:`attention_mask`.
 
         Returns:
             h_last: (B, D) hidden states at ``last``;
@@ -253,7 +268,7 @@ class Backbone(nn.Module):
         B, S, _ = x.shape
         positions = packed_positions(valid)  # (B, S)
         cache = self.new_cache(B, S + extra_len)
-        h = self(x, positions, valid, cache)  # (B, S, D)
+        h = self(x, positions, valid, cache, bidirectional_prefix)  # (B, S, D)
         rows = torch.arange(B, device=x.device)
         return h[rows, last], cache, positions[rows, last] + 1
 

@@ -1,5 +1,5 @@
 """Layers shared by the mel systems: the mel encoder (prenet), the convolutional postnet,
-SpecAugment, and frame grouping for the reduction factor."""
+the STT convolutional front end, SpecAugment, and frame grouping for the reduction factor."""
 
 from __future__ import annotations
 
@@ -64,6 +64,34 @@ class Postnet(nn.Module):
                 y = torch.tanh(y)
             y = F.dropout(y, self.dropout, training=self.training)
         return x + y.transpose(1, 2)
+
+
+class ConvFrontEnd(nn.Module):
+    """Residual 1-D convolutions over time on embedded frames (pre-LayerNorm, GELU).
+
+    Each frame state mixes its ``kernel // 2`` neighbours on both sides before the Transformer, the
+    locality a Transformer over raw frames otherwise has to discover by itself. Non-causal, so only for
+    input that is given whole (STT's audio). Padded frames are zeroed before every layer so they never
+    leak into real ones.
+
+    Args:
+        dim: model width; n_layers: residual conv layers; kernel: odd kernel size.
+    """
+
+    def __init__(self, dim: int, n_layers: int, kernel: int = 5):
+        super().__init__()
+        if kernel % 2 == 0:
+            raise ValueError(f"the front end's kernel must be odd (got {kernel}): it is centred on each frame")
+        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(n_layers))
+        self.convs = nn.ModuleList(nn.Conv1d(dim, dim, kernel, padding=kernel // 2) for _ in range(n_layers))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, dim) frame embeddings, mask: (B, T) real frames -> (B, T, dim)."""
+        keep = mask[..., None].to(x.dtype)
+        for norm, conv in zip(self.norms, self.convs):
+            y = (norm(x) * keep).transpose(1, 2)  # (B, dim, T)
+            x = x + F.gelu(conv(y)).transpose(1, 2)
+        return x * keep
 
 
 def group_frames(mel: torch.Tensor, reduction: int) -> torch.Tensor:

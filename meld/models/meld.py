@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from meld.models.backbone import Backbone, KVCache, lengths_to_mask, packed_positions
-from meld.models.layers import MelEncoder, Postnet, group_frames, spec_augment, ungroup_frames
+from meld.models.layers import ConvFrontEnd, MelEncoder, Postnet, group_frames, spec_augment, ungroup_frames
 from meld.models.vocab import EOS, PAD, STT, TTS, UnionEmbedding, UnionVocab
 from meld.sampling import repetition_penalty, sample, top_k_mask
 
@@ -83,6 +83,11 @@ class MELD(nn.Module):
         specaug_*: SpecAugment on STT inputs while training (masks in 80-channel frames, before grouping):
             freq_masks bands of up to freq_width channels, time_masks spans of up to
             min(time_width, max_time_fraction * length) frames.
+        stt_ctc: auxiliary CTC on the frame states of STT sequences (not in the paper; training only).
+        stt_bidirectional_frames: in STT sequences the frames also attend to later frames (a prefix
+            LM over the given audio; not in the paper, docs/decisions.md). TTS stays causal.
+        stt_frontend_layers, stt_frontend_kernel: residual convolutions over STT's embedded frames
+            (0 layers: none, as in the paper; docs/decisions.md).
     """
 
     system = "meld"
@@ -112,9 +117,13 @@ class MELD(nn.Module):
         specaug_time_width: int = 50,
         specaug_max_time_fraction: float = 0.2,
         stt_ctc: bool = False,
+        stt_bidirectional_frames: bool = False,
+        stt_frontend_layers: int = 0,
+        stt_frontend_kernel: int = 5,
     ):
         super().__init__()
         self.stt_ctc = stt_ctc
+        self.stt_bidirectional_frames = stt_bidirectional_frames
         self.specaug = dict(freq_masks=specaug_freq_masks, freq_width=specaug_freq_width, time_masks=specaug_time_masks,
                             time_width=specaug_time_width, max_time_fraction=specaug_max_time_fraction)
         self.vocab = UnionVocab(n_text=n_text, n_codes=codebook_size)
@@ -130,6 +139,8 @@ class MELD(nn.Module):
             nn.Linear(2 * d_model, recon_hidden), nn.ReLU(), nn.Linear(recon_hidden, frame_dim)
         )
         self.postnet = Postnet(frame_dim, postnet_channels, postnet_kernel, postnet_layers, postnet_dropout)
+        self.stt_frontend = (ConvFrontEnd(d_model, stt_frontend_layers, stt_frontend_kernel)
+                             if stt_frontend_layers else None)
 
     # ------------------------------------------------------------------ pieces
     def set_codebook(self, centroids: torch.Tensor) -> None:
@@ -191,12 +202,12 @@ class MELD(nn.Module):
         B, T, _ = mel.shape
         L = text.shape[1]
         frame_valid = lengths_to_mask(mel_len, T)
-        frame_emb = self.encoder(mel, dropout=False)  # STT: no prenet dropout
+        frame_emb = self.embed_stt_frames(mel, frame_valid)
         stt_emb, stt_valid = self.token_emb.special(STT, B, mel.device)
         text_emb, text_valid = self.token_emb.text_block(text, text_len)
         x = torch.cat([frame_emb, stt_emb, text_emb], dim=1)  # (B, T+1+L, d)
         valid = torch.cat([frame_valid, stt_valid, text_valid], dim=1)
-        h = self.backbone(x, packed_positions(valid), valid)
+        h = self.backbone(x, packed_positions(valid), valid, bidirectional_prefix=self._stt_prefix(T))
         logits = self.head(h[:, T:])  # (B, L+1, V)
         targets = torch.full((B, L + 1), PAD, dtype=torch.long, device=mel.device)
         targets[:, :L] = torch.where(text_valid, text + self.vocab.text_offset, targets[:, :L])
@@ -362,11 +373,21 @@ class MELD(nn.Module):
         self.eval()
         B, T, _ = mel.shape
         frame_valid = lengths_to_mask(mel_len, T)
-        frame_emb = self.encoder(mel, dropout=False)
+        frame_emb = self.embed_stt_frames(mel, frame_valid)
         stt_emb, stt_valid = self.token_emb.special(STT, B, mel.device)
         x = torch.cat([frame_emb, stt_emb], dim=1)
         valid = torch.cat([frame_valid, stt_valid], dim=1)
-        return self.backbone.prefill(x, valid, T, max_new)  # <STT> is every row's last token
+        # <STT> is every row's last token
+        return self.backbone.prefill(x, valid, T, max_new, bidirectional_prefix=self._stt_prefix(T))
+
+    def embed_stt_frames(self, mel: torch.Tensor, frame_valid: torch.Tensor) -> torch.Tensor:
+        """STT's frame embeddings: E without dropout (no prenet dropout in STT), then the front end if any."""
+        emb = self.encoder(mel, dropout=False)
+        return self.stt_frontend(emb, frame_valid) if self.stt_frontend is not None else emb
+
+    def _stt_prefix(self, T: int) -> int:
+        """Slots of an STT sequence that attend both ways: the (padded) frame block, when enabled."""
+        return T if self.stt_bidirectional_frames else 0
 
     def stt_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Feed (b,) union-vocabulary tokens at (b,) positions; returns (b, d) hidden states."""
