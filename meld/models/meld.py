@@ -321,8 +321,12 @@ class MELD(nn.Module):
         last = L + prompt_len  # index of each sequence's last real token (<TTS> when P_b == 0)
         h_last, cache, next_pos = self.backbone.prefill(x, valid, last, max_frames)  # (B, d), cache, (B,)
 
-        active = torch.arange(B, device=device)  # original index of each row still generating
-        frames: list[list[torch.Tensor]] = [[] for _ in range(B)]
+        rows_of = list(range(B))  # original index of each row still generating
+        # each row's frames and codes so far, in the rows' current order: one slice write per step
+        # for the whole batch instead of one indexing op per row
+        frame_buf = prompt.new_empty(B, max_frames, self.frame_dim)
+        code_buf = torch.empty(B, max_frames, dtype=torch.long, device=device)
+        frames: list[torch.Tensor] = [prompt.new_zeros(0, self.frame_dim)] * B
         codes: list[list[int]] = [[] for _ in range(B)]
         hit_max = [False] * B
         prev_cand: torch.Tensor | None = None
@@ -332,25 +336,27 @@ class MELD(nn.Module):
             prev_cand = top_k_mask(logits, top_k) if top_k > 0 else None
             choice = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
             if step == max_frames:  # guard: whoever is still going stops here
-                for i in active.tolist():
-                    hit_max[i] = True
+                for row, i in enumerate(rows_of):
+                    frames[i], codes[i], hit_max[i] = frame_buf[row], code_buf[row].tolist(), True
                 break
             stop = choice == 0  # column 0 is <EOS>
             z = (choice - 1).clamp_min(0)
             x_hat = self.reconstruct(h_last, z, encoder_dropout=test_time_dropout)  # (b, D)
             if zero_latent:
                 x_hat = self.recon_linear(h_last) + self.recon_mlp(torch.cat([h_last, torch.zeros_like(h_last)], -1))
-            keep = ~stop
-            # one host sync per step: the stop check
-            for row, i in enumerate(active.tolist()):
-                if keep[row]:
-                    frames[i].append(x_hat[row])
-                    codes[i].append(int(z[row]))
-            if not bool(keep.any()):
-                break
-            if not bool(keep.all()):
-                idx = keep.nonzero().squeeze(-1)
-                active, x_hat, next_pos = active[idx], x_hat[idx], next_pos[idx]
+            frame_buf[:, step] = x_hat  # a row stopping now writes a frame that is never read
+            code_buf[:, step] = z
+            stopped = stop.tolist()  # the one host sync per step: the stop check
+            if any(stopped):
+                for row, i in enumerate(rows_of):
+                    if stopped[row]:
+                        frames[i], codes[i] = frame_buf[row, :step], code_buf[row, :step].tolist()
+                keep = [row for row, done in enumerate(stopped) if not done]
+                if not keep:
+                    break
+                idx = torch.tensor(keep, device=device)
+                rows_of = [rows_of[row] for row in keep]
+                x_hat, next_pos, frame_buf, code_buf = x_hat[idx], next_pos[idx], frame_buf[idx], code_buf[idx]
                 prev_cand = prev_cand[idx] if prev_cand is not None else None
                 cache.select(idx)
             emb = self.encoder(x_hat, dropout=test_time_dropout)  # (b, d)
@@ -359,9 +365,8 @@ class MELD(nn.Module):
 
         out = []
         for i in range(B):
-            if frames[i]:
-                pre = torch.stack(frames[i])[None]  # (1, T_i, D)
-                out.append(self.postnet(pre)[0])
+            if frames[i].shape[0]:
+                out.append(self.postnet(frames[i][None])[0])  # (T_i, D)
             else:
                 out.append(prompt.new_zeros(0, self.frame_dim))
         return Generation(out, hit_max, codes)
