@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from meld.audio import SAMPLE_RATE
 from meld.models.codec_lm import DACCodec
 
 CODEC_FILE = "codec.json"  # the description, beside the code store's split folders
@@ -85,10 +86,13 @@ def build_codec(weights: str | Path | None, *, n_levels: int, codebook_size: int
 
     Raises:
         FileNotFoundError: ``weights`` does not exist.
-        ValueError: the weights have other levels / codebook sizes than the Codec-LM's.
+        ValueError: the weights are not a 16 kHz codec, or have other levels / codebook sizes than the Codec-LM's.
     """
     if weights:
         codec = _load_weights(weights)
+        if codec.sample_rate != SAMPLE_RATE:  # the corpus, the judges and the CLI all work at 16 kHz
+            raise ValueError(f"{weights}: a {codec.sample_rate} Hz codec; Codec-LM uses DAC's 16 kHz model "
+                             "(weights_16khz.pth)")
         if (codec.n_codebooks, codec.codebook_size) != (n_levels, codebook_size):
             raise ValueError(f"{weights}: the codec has {codec.n_codebooks} levels of {codec.codebook_size} codes, "
                              f"codec_lm.args asks for {n_levels} of {codebook_size}")

@@ -175,6 +175,20 @@ def test_weights_file_makes_the_same_codes_and_wrong_shapes_fail(project, weight
         codes.main(["--params", str(missing), "--corpus", str(project["corpus"]), "--out", str(tmp_path / "x")])
 
 
+def test_a_rebuilt_codec_must_be_the_one_that_made_the_codes(tmp_path):
+    from meld.codes import CodecMismatch, build_codec
+    from meld.models.codec_lm import DACCodec
+
+    codec, desc = build_codec(None, n_levels=K, codebook_size=N, random_width=2, seed=3)
+    assert codec_from_description(desc).state_dict().keys() == codec.state_dict().keys()
+    with pytest.raises(CodecMismatch, match="hash"):  # the same architecture, another seed
+        codec_from_description({**desc, "seed": 4})
+    kwargs = {**desc["random_kwargs"], "sample_rate": 24_000}
+    torch.save({"state_dict": DACCodec(**kwargs).state_dict(), "metadata": {"kwargs": kwargs}}, tmp_path / "w.pth")
+    with pytest.raises(ValueError, match="24000 Hz codec.*16 kHz"):
+        build_codec(tmp_path / "w.pth", n_levels=K, codebook_size=N, random_width=2, seed=0)
+
+
 def test_a_split_of_mostly_bad_audio_fails_the_stage(project, tmp_path):
     from pipeline import codes
 
