@@ -102,6 +102,8 @@ def generation_row(split: str, meta: dict, generation: int, *, gen_s: float, tru
         row["sim_gt_continuation"] = gt["sim_gt_cont"]
         if "sim_other" in gt:
             row["sim_other_speaker"] = gt["sim_other"]
+        if "sim_other_vocoded" in gt:
+            row["sim_other_speaker_vocoded"] = gt["sim_other_vocoded"]
     return row
 
 
@@ -141,7 +143,8 @@ def evaluate_split(model, state, stats: NormStats, tok, store: FeatureStore, aud
     for i in missing:
         other = next((j for j, s in zip(chosen, speakers) if s != store.index[i]["speaker"]), None)
         ref_items.append(ReferenceItem(audio_paths[store.index[i]["id"]], store[i], prompt_of[i],
-                                       audio_paths[store.index[other]["id"]] if other is not None else None, judged[i]))
+                                       audio_paths[store.index[other]["id"]] if other is not None else None, judged[i],
+                                       other_mel=store[other] if other is not None else None))
     references.update(zip(missing, tqdm(scorer.map_references(ref_items), total=len(ref_items),
                                         desc=f"ground truth {split}", unit="utt", mininterval=2)))
     gt_of = references
@@ -353,6 +356,7 @@ def summarise(rows: list[dict], compute_s: float, gen_audio_s: float) -> dict:
         "sim": _mean([r.get("sim") for r in rows]),
         "sim_ground_truth_continuation": _mean([r.get("sim_gt_continuation") for r in rows]),
         "sim_other_speaker": _mean([r.get("sim_other_speaker") for r in rows]),
+        "sim_other_speaker_vocoded": _mean([r.get("sim_other_speaker_vocoded") for r in rows]),
         "duration_ratio": _mean([r["duration_ratio"] for r in rows]),
         "generated_minutes": sum(r["generated_seconds"] for r in rows) / 60,
         "ground_truth_minutes": sum(r["true_continuation_seconds"] for r in rows) / 60,

@@ -285,8 +285,8 @@ def test_scoring_pool_workers_match_the_calling_process(flite):
 
     paths = [str(flite("slt", "a")), str(flite("rms", "b"))]
     mels = [log_mel(*sf.read(p, dtype="float32")) for p in paths]
-    refs = [ReferenceItem(paths[0], mels[0], 60, paths[1], judged=True),
-            ReferenceItem(paths[1], mels[1], 60, paths[0], judged=False)]
+    refs = [ReferenceItem(paths[0], mels[0], 60, paths[1], judged=True, other_mel=mels[1]),
+            ReferenceItem(paths[1], mels[1], 60, paths[0], judged=False, other_mel=mels[0])]
     spec = ScorerSpec("griffin_lim", None, "pocketsphinx", None, "resemblyzer", None)
     results = {}
     for workers in (1, 2):
@@ -302,8 +302,11 @@ def test_scoring_pool_workers_match_the_calling_process(flite):
     assert gt1[0]["gt_hyp"] == gt2[0]["gt_hyp"] and gen1[0]["hyp"] == gen2[0]["hyp"]
     assert len(gen1[0]["hyp"].split()) >= 5  # real speech through Griffin-Lim is recognised, not empty
     for a, b in zip(gt1 + gen1, gt2 + gen2):
-        for key in ("sim_gt_cont", "sim_other", "sim", "longest_silence_s", "gt_longest_silence_s"):
+        for key in ("sim_gt_cont", "sim_other", "sim_other_vocoded", "sim", "longest_silence_s",
+                    "gt_longest_silence_s"):
             if key in a:
                 assert a[key] == pytest.approx(b[key], abs=1e-4), key
     # the prompt's own continuation sounds more like the prompt than the other speaker does
     assert gt1[0]["sim_gt_cont"] > gt1[0]["sim_other"]
+    # like for like: the vocoded true continuation beats the vocoded other speaker too
+    assert gt1[0]["sim_gt_cont"] > gt1[0]["sim_other_vocoded"] and "sim_other_vocoded" in gt1[1]

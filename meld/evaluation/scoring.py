@@ -10,7 +10,8 @@ Two kinds of work items:
 
 - :class:`ReferenceItem`: one real utterance: the ground truth through the vocoder (the judge's
   floor), the 3 s prompt's speaker embedding, and SIM floors (ground-truth continuation, a
-  different speaker's real utterance);
+  different speaker's real utterance as recorded and through the same vocoder as the continuations:
+  the vocoder moves every embedding, so the like-for-like floor is the vocoded one);
 - :class:`GenerationItem`: one continuation: [true prompt + generated frames] through the vocoder,
   the judge's transcript, SIM to the prompt and the longest silence of the continuation.
 
@@ -62,6 +63,7 @@ class ReferenceItem:
     judged: bool  # the ASR judge can recognise this speaker
     resynthesised: np.ndarray | None = None  # codec systems: the ground truth through their codec (replaces the vocoder)
     hop_length: int = HOP_LENGTH  # samples per prompt frame
+    other_mel: np.ndarray | None = None  # the other speaker's raw log-mel: the same floor through the vocoder
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,9 @@ class Scorer:
             if item.other_audio_path is not None:
                 other = load_audio(item.other_audio_path)
                 out["sim_other"] = cosine_similarity(emb, self.embedder.embed(other, SAMPLE_RATE))
+            if item.other_mel is not None:
+                other_voc = self.vocoder(item.other_mel)
+                out["sim_other_vocoded"] = cosine_similarity(emb, self.embedder.embed(other_voc, SAMPLE_RATE))
         return out
 
     def generation(self, item: GenerationItem) -> dict:
