@@ -212,6 +212,28 @@ class FrameBudgetSampler:
         self.state = SamplerState(int(d["epoch"]), int(d["position"]))
 
 
+def pad_texts(texts: list[list[int]]) -> dict[str, torch.Tensor]:
+    """BPE id lists -> {"text": (B, L) zero-padded, "text_len": (B,)}: the text half of every batch."""
+    text = torch.zeros(len(texts), max(len(t) for t in texts), dtype=torch.long)
+    for b, t in enumerate(texts):
+        text[b, : len(t)] = torch.tensor(t, dtype=torch.long)
+    return {"text": text, "text_len": torch.tensor([len(t) for t in texts], dtype=torch.long)}
+
+
+def enforce_rejected_fraction(stage: str, split: str, rejected: list[dict], total: int, limit: float,
+                              listing: Path) -> float:
+    """The fraction of a split's rows a data stage rejected; stops the stage, naming the first few, above ``limit``
+    (``features.max_rejected_fraction``, shared by the features and codes stages)."""
+    frac = len(rejected) / max(1, total)
+    if frac > limit:
+        reasons = "; ".join(f"{r['id']}: {r['reason']}" for r in rejected[:5])
+        raise SystemExit(
+            f"{stage}: split '{split}' rejected {len(rejected)}/{total} utterances ({frac:.1%} > "
+            f"features.max_rejected_fraction={limit:.1%}); first: {reasons}; all listed in {listing}"
+        )
+    return frac
+
+
 def collate(
     mels: list[np.ndarray], texts: list[list[int]], reduction: int
 ) -> dict[str, torch.Tensor]:
@@ -226,16 +248,7 @@ def collate(
     for b, m in enumerate(mels):
         mel[b, : m.shape[0]] = torch.from_numpy(np.asarray(m, dtype=np.float32))
     mel = mel.reshape(B, T, N_MELS * reduction)  # (B, T', 80r)
-    L = max(len(t) for t in texts)
-    text = torch.zeros(B, L, dtype=torch.long)
-    for b, t in enumerate(texts):
-        text[b, : len(t)] = torch.tensor(t, dtype=torch.long)
-    return {
-        "mel": mel,
-        "mel_len": torch.tensor(grouped, dtype=torch.long),
-        "text": text,
-        "text_len": torch.tensor([len(t) for t in texts], dtype=torch.long),
-    }
+    return {"mel": mel, "mel_len": torch.tensor(grouped, dtype=torch.long), **pad_texts(texts)}
 
 
 class TrainingData:
@@ -265,16 +278,7 @@ def collate_codes(codes: list[np.ndarray], texts: list[list[int]]) -> dict[str, 
     out = torch.zeros(B, T, K, dtype=torch.long)
     for b, c in enumerate(codes):
         out[b, : c.shape[0]] = torch.from_numpy(np.asarray(c, dtype=np.int64))
-    L = max(len(t) for t in texts)
-    text = torch.zeros(B, L, dtype=torch.long)
-    for b, t in enumerate(texts):
-        text[b, : len(t)] = torch.tensor(t, dtype=torch.long)
-    return {
-        "codes": out,
-        "codes_len": torch.tensor([c.shape[0] for c in codes], dtype=torch.long),
-        "text": text,
-        "text_len": torch.tensor([len(t) for t in texts], dtype=torch.long),
-    }
+    return {"codes": out, "codes_len": torch.tensor([c.shape[0] for c in codes], dtype=torch.long), **pad_texts(texts)}
 
 
 class CodeTrainingData:

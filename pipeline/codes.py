@@ -26,7 +26,7 @@ from meld.codes import CODEC_FILE, build_codec, codec_from_description, encode_w
 from meld.config import CodecLMConfig, FeaturesConfig, ModelConfig, read_params
 from meld.corpus import load_utterance, read_manifest
 from meld.models.codec_lm import codec_lm_kwargs
-from meld.store import write_code_store
+from meld.store import enforce_rejected_fraction, write_code_store
 
 _WORKER_CODEC = None  # each encoding process's own codec (not picklable cheaply, not thread-safe)
 
@@ -79,16 +79,9 @@ def encode_split(rows: list[dict], out: Path, desc: dict, features: FeaturesConf
             yield meta, codes
 
     summary = write_code_store(out / split, kept(), rejected)
-    frac = len(rejected) / max(1, len(rows))
-    summary["rejected_fraction"] = frac
     summary["minutes"] = summary["frames"] / desc["frame_rate"] / 60
-    if frac > features.max_rejected_fraction:
-        reasons = "; ".join(f"{r['id']}: {r['reason']}" for r in rejected[:5])
-        raise SystemExit(
-            f"codes: split '{split}' rejected {len(rejected)}/{len(rows)} utterances ({frac:.1%} > "
-            f"features.max_rejected_fraction={features.max_rejected_fraction:.1%}); first: {reasons}; "
-            f"all listed in {out / split / 'rejected.jsonl'}"
-        )
+    summary["rejected_fraction"] = enforce_rejected_fraction("codes", split, rejected, len(rows),
+                                                             features.max_rejected_fraction, out / split / "rejected.jsonl")
     return summary
 
 

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from meld.config import FeaturesConfig, load_section
 from meld.corpus import load_utterance, read_manifest
 from meld.features import FRAME_RATE, RunningStats, log_mel
-from meld.store import write_store
+from meld.store import enforce_rejected_fraction, write_store
 
 
 def extract_one(job: tuple[dict, float, float]) -> tuple[dict, np.ndarray | None, str | None]:
@@ -52,16 +52,9 @@ def process_split(rows: list[dict], out: Path, cfg: FeaturesConfig, split: str, 
                 yield meta, mel
 
     summary = write_store(out / split, items(), rejected)
-    frac = len(rejected) / max(1, len(rows))
-    summary["rejected_fraction"] = frac
     summary["hours"] = summary["frames"] / FRAME_RATE / 3600
-    if frac > cfg.max_rejected_fraction:
-        reasons = "; ".join(f"{r['id']}: {r['reason']}" for r in rejected[:5])
-        raise SystemExit(
-            f"features: split '{split}' rejected {len(rejected)}/{len(rows)} utterances ({frac:.1%} > "
-            f"features.max_rejected_fraction={cfg.max_rejected_fraction:.1%}); first: {reasons}; "
-            f"all listed in {out / split / 'rejected.jsonl'}"
-        )
+    summary["rejected_fraction"] = enforce_rejected_fraction("features", split, rejected, len(rows),
+                                                             cfg.max_rejected_fraction, out / split / "rejected.jsonl")
     return summary
 
 
