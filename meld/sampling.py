@@ -38,6 +38,17 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def top_p_filter_sorted(sorted_logits: torch.Tensor, p: float) -> torch.Tensor:
+    """:func:`top_p_filter` for rows already sorted best first (no sort, no scatter back)."""
+    if p >= 1.0:
+        return sorted_logits
+    if p <= 0:
+        raise ValueError(f"top_p must be in (0, 1], got {p}")
+    probs = sorted_logits.softmax(-1)
+    mass_before = probs.cumsum(-1) - probs
+    return sorted_logits.masked_fill(mass_before >= p, float("-inf"))
+
+
 def repetition_penalty(logits: torch.Tensor, previous_candidates: torch.Tensor | None, penalty: float) -> torch.Tensor:
     """Divide the probability of last step's top-k candidates by ``penalty`` (MELD's repetition penalty).
 
@@ -62,8 +73,19 @@ def sample(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Draw one token per row from filtered logits; returns (B,) int64."""
-    logits = top_p_filter(top_k_filter(apply_temperature(logits, temperature), top_k), top_p)
+    """Draw one token per row from filtered logits; returns (B,) int64.
+
+    With 0 < top_k < V the draw happens among the k best logits only (``topk`` returns them
+    sorted, so top-p needs no sort over the whole vocabulary): the same distribution as
+    filtering the full row, at a fraction of the cost of a decoding step's sampling. Ties at
+    the k-th logit are broken by ``topk`` instead of all being kept.
+    """
+    if 0 < top_k < logits.shape[-1]:
+        values, index = torch.topk(apply_temperature(logits, temperature), top_k, dim=-1)  # sorted, best first
+        values = top_p_filter_sorted(values, top_p)
+        pick = torch.multinomial(values.float().softmax(-1), 1, generator=generator)  # (B, 1) in 0..k-1
+        return index.gather(-1, pick).squeeze(-1)
+    logits = top_p_filter(apply_temperature(logits, temperature), top_p)
     probs = logits.float().softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 

@@ -193,3 +193,49 @@ def test_prefill_and_step_equal_full_pass_and_drop_the_mask_once_padding_leaves(
     assert cache.all_valid  # the padded row left: steps attend without a mask
     steps = [bb.step(x[[0], t], pos[[0]] + t - P, cache) for t in range(P, P + N)]
     assert rel_error(torch.stack(steps, 1), full[[0], P:]) <= 1e-5
+
+
+def test_decoding_layout_keeps_values_and_outputs_and_training_still_works():
+    from meld.models.backbone import prepare_for_decoding
+
+    model, _ = tiny_meld(reduction=2)
+    batch = tiny_batch(reduction=2, B=3, T=6)
+    model.eval()
+    params_before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = torch.randn(2, 5, model.backbone.d_model, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = model.backbone(x)
+        head_before = model.head(before)
+    prepare_for_decoding(model)
+    assert not model.training
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(m.weight.stride() == (1, m.weight.shape[0]) for m in linears)  # (in, out)-contiguous
+    for n, p in model.named_parameters():
+        assert torch.equal(p, params_before[n]), n  # same values, same shapes
+    with torch.no_grad():
+        after = model.backbone(x)
+        head_after = model.head(after)
+    assert rel_error(after, before) <= 1e-5 and rel_error(head_after, head_before) <= 1e-5
+    prepare_for_decoding(model)  # idempotent
+    assert all(m.weight.stride() == (1, m.weight.shape[0]) for m in linears)
+    # a model that has decoded can still be trained: its loss falls on a fixed batch
+    opt = build_optimizer(model, lr=3e-3, weight_decay=0.0)
+    sched = build_scheduler(opt, warmup=1, hold=10_000, decay=0)
+    first = train_step(model, opt, sched, batch, task="tts", loss_weights=WEIGHTS, grad_clip=10.0)
+    for _ in range(30):
+        last = train_step(model, opt, sched, batch, task="tts", loss_weights=WEIGHTS, grad_clip=10.0)
+    assert last["loss/ce"] < first["loss/ce"]
+
+
+def test_keep_mask_dropout_matches_inverted_dropout_statistics():
+    from meld.models.layers import keep_mask_dropout
+
+    torch.manual_seed(0)
+    x = torch.ones(200_000)
+    y = keep_mask_dropout(x, 0.5)
+    kept = y != 0
+    assert abs(float(kept.float().mean()) - 0.5) < 0.01  # Bernoulli(1 - p) keep mask
+    assert torch.all(y[kept] == 2.0)  # kept entries scaled by 1 / (1 - p)
+    assert abs(float(y.mean()) - 1.0) < 0.02  # unbiased, as F.dropout
+    assert torch.equal(keep_mask_dropout(x, 1.0), torch.zeros_like(x))
+    assert abs(float((keep_mask_dropout(x, 0.1) != 0).float().mean()) - 0.9) < 0.01

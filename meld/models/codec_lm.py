@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meld.models.backbone import Backbone, lengths_to_mask, packed_positions
+from meld.models.backbone import Backbone, prepare_for_decoding, lengths_to_mask, packed_positions
 from meld.models.meld import Generation
 from meld.models.vocab import TTS, UnionEmbedding, UnionVocab
 from meld.sampling import sample
@@ -192,7 +192,7 @@ class CodecLM(nn.Module):
             Generation with frames = (T_i, K) int64 undelayed codes after the prompt, and codes =
             the level-0 codes of each utterance.
         """
-        self.eval()
+        prepare_for_decoding(self)
         B, P, K = prompt_codes.shape
         L = text.shape[1]
         device = prompt_codes.device

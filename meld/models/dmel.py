@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from meld.features import N_MELS
-from meld.models.backbone import Backbone, KVCache, lengths_to_mask, packed_positions
+from meld.models.backbone import Backbone, KVCache, prepare_for_decoding, lengths_to_mask, packed_positions
 from meld.models.layers import group_frames, spec_augment, ungroup_frames
 from meld.models.meld import Generation, STTOutput, select_rows
 from meld.models.vocab import EOS, PAD, STT, TTS, UnionEmbedding, UnionVocab
@@ -255,7 +255,7 @@ class DMel(nn.Module):
         Returns:
             Generation with frames = bin centres (T_i, C) and empty ``codes`` (dMel has no latent codes).
         """
-        self.eval()
+        prepare_for_decoding(self)
         B, P, _ = prompt.shape
         L = text.shape[1]
         device = prompt.device
@@ -309,7 +309,7 @@ class DMel(nn.Module):
         self, mel: torch.Tensor, mel_len: torch.Tensor, max_new: int
     ) -> tuple[torch.Tensor, KVCache, torch.Tensor]:
         """Encode ``x_1..x_T <STT>`` into a fresh cache; returns (h at <STT>, cache, next positions)."""
-        self.eval()
+        prepare_for_decoding(self)
         B, T, _ = mel.shape
         stt_emb, stt_valid = self.token_emb.special(STT, B, mel.device)
         x = torch.cat([self.frame_emb(self.discretise(mel)), stt_emb], dim=1)

@@ -29,8 +29,21 @@ class MelEncoder(nn.Module):
             x = layer(x)
             if i < len(self.layers) - 1:
                 x = F.relu(x)
-            x = F.dropout(x, self.dropout, training=active)
+            if active and self.dropout > 0:
+                x = keep_mask_dropout(x, self.dropout)
         return x
+
+
+def keep_mask_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Inverted dropout, as ``F.dropout(x, p, training=True)``, with the keep mask drawn as ``rand >= p``.
+
+    The same Bernoulli(1 - p) keep mask and 1/(1 - p) scaling, from the same global generator,
+    but 2-3x faster on CPU than ``F.dropout``'s ``bernoulli_``: MELD keeps this dropout on at
+    inference, so it runs at every decoding step (a tenth of a batch-16 step; bench/generation.py).
+    """
+    if p >= 1.0:
+        return torch.zeros_like(x)
+    return x * (torch.rand_like(x) >= p) * (1.0 / (1.0 - p))
 
 
 class Postnet(nn.Module):

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meld.models.backbone import Backbone, lengths_to_mask, packed_positions
+from meld.models.backbone import Backbone, prepare_for_decoding, lengths_to_mask, packed_positions
 from meld.models.layers import MelEncoder, Postnet
 from meld.models.meld import Generation, slowness_penalty
 from meld.models.vocab import TTS, UnionEmbedding, UnionVocab
@@ -199,7 +199,7 @@ class ContinuousFrameLM(nn.Module):
             frames after the postnet, ``hit_max_length`` (ran into the guard), empty ``codes``,
             and ``frames_pre`` (what was fed back).
         """
-        self.eval()
+        prepare_for_decoding(self)
         B, P, _ = prompt.shape
         L = text.shape[1]
         device = prompt.device

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meld.models.backbone import Backbone, KVCache, lengths_to_mask, packed_positions
+from meld.models.backbone import Backbone, KVCache, prepare_for_decoding, lengths_to_mask, packed_positions
 from meld.models.layers import ConvFrontEnd, MelEncoder, Postnet, group_frames, spec_augment, ungroup_frames
 from meld.models.vocab import EOS, PAD, STT, TTS, UnionEmbedding, UnionVocab
 from meld.sampling import repetition_penalty, sample, top_k_mask
@@ -308,7 +308,7 @@ class MELD(nn.Module):
             test_time_dropout: keep the mel encoder's dropout on (paper: yes).
             zero_latent: ablation: reconstruct with a zero codeword embedding.
         """
-        self.eval()
+        prepare_for_decoding(self)
         B, P, _ = prompt.shape
         L = text.shape[1]
         device = prompt.device
@@ -375,7 +375,7 @@ class MELD(nn.Module):
     @torch.no_grad()
     def stt_prefix(self, mel: torch.Tensor, mel_len: torch.Tensor, max_new: int) -> tuple[torch.Tensor, KVCache, torch.Tensor]:
         """Encode ``x_1..x_T <STT>`` into a fresh cache; returns (h at <STT>, cache, next positions)."""
-        self.eval()
+        prepare_for_decoding(self)
         B, T, _ = mel.shape
         frame_valid = lengths_to_mask(mel_len, T)
         frame_emb = self.embed_stt_frames(mel, frame_valid)

@@ -1,0 +1,52 @@
+"""Sampling: the top-k fast path draws from the same distribution as filtering the whole row."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from meld.sampling import repetition_penalty, sample, top_k_filter, top_k_mask, top_p_filter
+
+
+def _expected(logits: torch.Tensor, temperature: float, k: int, p: float) -> torch.Tensor:
+    """The reference distribution: filter the full row (top-k, then top-p), then softmax."""
+    return top_p_filter(top_k_filter(logits / temperature, k), p).softmax(-1)
+
+
+@pytest.mark.parametrize("k,p", [(5, 1.0), (5, 0.7), (12, 0.9), (40, 1.0)])
+def test_top_k_fast_path_matches_the_full_row_distribution(k, p):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 40, generator=g) * 2
+    n = 40_000
+    draws = sample(logits.expand(n, -1), temperature=0.8, top_k=k, top_p=p, generator=g)
+    freq = torch.bincount(draws, minlength=40).double() / n
+    want = _expected(logits, 0.8, k, p)[0].double()
+    assert torch.all(freq[want == 0] == 0)  # excluded tokens are never drawn
+    # every allowed token within 5 standard errors of its probability
+    se = torch.sqrt(want * (1 - want) / n).clamp_min(1e-4)
+    assert torch.all((freq - want).abs() <= 5 * se), (freq, want)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = torch.isfinite(top_p_filter(logits, 0.8))[0].tolist()
+    assert kept == [True, True, False, False]  # 0.5 + 0.3 reaches 0.8
+    g = torch.Generator().manual_seed(1)
+    draws = sample(logits.expand(2000, -1), top_k=3, top_p=0.8, generator=g)
+    assert set(draws.tolist()) == {0, 1}
+
+
+def test_repetition_penalty_scales_candidate_probabilities():
+    logits = torch.tensor([[1.0, 2.0, 3.0]])
+    cand = top_k_mask(logits, 1)
+    assert cand.tolist() == [[False, False, True]]
+    out = repetition_penalty(logits, cand, 2.0)
+    assert out[0, 2] == pytest.approx(3.0 - math.log(2.0)) and out[0, :2].tolist() == [1.0, 2.0]
+
+
+@pytest.mark.parametrize("kwargs", [{"temperature": 0.0}, {"top_p": 0.0, "top_k": 2}, {"top_p": -1.0}])
+def test_bad_sampling_parameters_are_refused(kwargs):
+    with pytest.raises(ValueError):
+        sample(torch.randn(2, 8), **kwargs)
