@@ -5,11 +5,13 @@ training statistics and grouped by the reduction factor of params.yaml (r=2: 166
 vectors of 160 dims on the mini corpus; ``--reduction 1`` gives 333,857 x 80, subsampled to
 ``--max-vectors``). For 256 codes (params.yaml) and 1024 codes, a time-vs-inertia grid:
 
-* faiss through ``fit_kmeans`` (random initialisation, Lloyd iterations, then one exact search
-  over all vectors for the distortion it returns): the stage's call (``codebook.niter``, faiss's
-  default sub-sampling of 256 vectors per code), and every combination of ``--faiss-niter``
-  (default 5, 10, 20) with ``--faiss-points`` per code (default all, 256, 128, 64; "all" is what
-  ``fit_kmeans`` did before: every vector in every iteration);
+* faiss through ``fit_kmeans``, everything it does timed (PCA, seeding, Lloyd iterations, the
+  final assignment of every vector): the stage's call with params.yaml's ``codebook`` settings
+  (k-means++ start, Lloyd on 16 principal axes over <= 64 vectors per code, codes = full-space
+  means), the same call without PCA and with faiss's random start (what each ingredient buys),
+  and plain faiss (random start, full space, then one exact search over all vectors) for every
+  combination of ``--faiss-niter`` (default 5, 10, 20) with ``--faiss-points`` per code (default
+  all, 256, 64);
 * scikit-learn ``MiniBatchKMeans(n_clusters=K, n_init=1)``: its defaults (batch 1024, k-means++
   initialisation on 3,072 vectors, early stopping after 10 batches without improvement, then
   labels for all vectors, like faiss's final search), a larger batch (4096), and more work
@@ -30,7 +32,7 @@ Run (from the repository root):
     .venv/bin/python -m bench.kmeans --threads 1 --clock cpu   # on a loaded machine
     .venv/bin/python -m bench.kmeans --quick              # 256 codes, 50k vectors, one seed
 Options: --threads N, --clock wall|cpu, --reduction R, --max-vectors N, --seeds 0,1,2,
---faiss-niter 5,10,20, --faiss-points all,256,128,64, --data DIR, --out NAME.
+--faiss-niter 5,10,20, --faiss-points all,256,64, --data DIR, --out NAME.
 Needs scikit-learn (in the project's ``test`` extra).
 """
 
@@ -73,7 +75,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--faiss-points",
         type=lambda v: [0 if x == "all" else int(x) for x in v.split(",") if x],
-        default=[0, 256, 128, 64],
+        default=[0, 256, 64],
         help="faiss vectors per code used by the Lloyd iterations ('all' or a number, comma-separated)",
     )
     parser.add_argument("--data", default=None, help="pipeline outputs: features/ (default: ./data)")
@@ -139,7 +141,8 @@ def main(argv=None) -> int:
         def fit(k: int, seed: int) -> np.ndarray:
             per_code = points or n // k + 1  # 0: all vectors in every iteration
             return fit_kmeans(
-                vectors, k, niter=niter, seed=seed, max_vectors=n, max_points_per_centroid=per_code
+                vectors, k, niter=niter, seed=seed, max_vectors=n, max_points_per_centroid=per_code,
+                pca_dims=0, init="random",
             )[0]
 
         return fit
@@ -158,14 +161,27 @@ def main(argv=None) -> int:
         for k in sizes:
             methods = {
                 MB_DEFAULT: ("sklearn", minibatch()),
-                f"fit_kmeans as the stage calls it (niter={stage_niter}, faiss default: <= 256 per code)": (
-                    "faiss",
-                    lambda kk, seed: fit_kmeans(
-                        vectors, kk, niter=stage_niter, seed=seed, max_vectors=int(cb["max_vectors"])
-                    )[0],
-                ),
             }
-            seen = {(stage_niter, min(256, n // k + 1))}  # vectors per code the stage's call ends up using
+            stage = {
+                "niter": stage_niter,
+                "max_points_per_centroid": int(cb.get("max_points_per_centroid", 256)),
+                "pca_dims": int(cb.get("pca_dims", 0)),
+                "init": str(cb.get("init", "random")),
+            }
+
+            def stage_fit(**change):
+                kw = {**stage, **change}
+                return lambda kk, seed: fit_kmeans(vectors, kk, seed=seed, max_vectors=n, **kw)[0]
+
+            desc = (f"niter {stage['niter']}, <= {stage['max_points_per_centroid']} per code, "
+                    f"PCA {stage['pca_dims'] or 'off'}, {stage['init']}")
+            methods[f"fit_kmeans as the stage calls it ({desc})"] = ("faiss", stage_fit())
+            # each ingredient of the stage's call taken away in turn: what it buys
+            if stage["pca_dims"]:
+                methods["  the stage's call without PCA (full-space Lloyd)"] = ("faiss", stage_fit(pca_dims=0))
+            if stage["init"] != "random":
+                methods["  the stage's call with faiss's random start"] = ("faiss", stage_fit(init="random"))
+            seen: set = set()
             for points in args.faiss_points:
                 used = min(points or n, n // k + 1)
                 for niter in args.faiss_niter:

@@ -192,7 +192,15 @@ class CodebookConfig(Section):
     niter: int = 20
     max_vectors: int = 200_000  # sub-sampling for LibriSpeech scale
     max_points_per_centroid: int = 256  # Lloyd iterations on at most this many vectors per code (faiss default)
+    pca_dims: int = 0  # > 0: Lloyd in a PCA space of this many dimensions, codes = full-space means
+    init: str = "random"  # or "k-means++"
     seed: int = 0
+
+    def validate(self) -> None:
+        if self.init not in ("random", "k-means++"):
+            raise ConfigError(f"codebook.init: expected 'random' or 'k-means++', got {self.init!r}")
+        if self.pca_dims < 0:
+            raise ConfigError(f"codebook.pca_dims: expected >= 0 (0 = no PCA), got {self.pca_dims}")
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         vectors = grouped_vectors(mels, r)
         t0 = time.perf_counter()
         centroids, distortion = fit_kmeans(vectors, cfg.size, niter=cfg.niter, seed=cfg.seed, max_vectors=cfg.max_vectors,
-                                            max_points_per_centroid=cfg.max_points_per_centroid)
+                                            max_points_per_centroid=cfg.max_points_per_centroid,
+                                            pca_dims=cfg.pca_dims, init=cfg.init)
         usage = np.bincount(assign(vectors[: cfg.max_vectors], centroids), minlength=cfg.size)
         np.save(out / f"r{r}.npy", centroids)
         summary[f"r{r}"] = {

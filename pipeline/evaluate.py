@@ -400,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
 
     task = extra.get("task", "tts")
     variants = [{"name": args.system}] if task in ("tts", "joint") else []
-    if model.system == "meld" and task in ("tts", "joint"):
+    if model.system == "meld" and task == "tts":  # the paper's Table-5 ablations are of the TTS model
         variants += [{"name": f"{args.system} (no repetition penalty)", "repetition_penalty": 1.0, "suffix": ".no_rep"},
                      {"name": f"{args.system} (latent zeroed)", "zero_latent": True, "suffix": ".zero_latent"}]
         variants = variants if cfg.ablations else variants[:1]

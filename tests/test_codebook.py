@@ -31,3 +31,55 @@ def test_fit_kmeans_is_seeded_and_subsamples_to_max_vectors():
     c, _ = fit_kmeans(vectors, 8, niter=5, seed=4, max_vectors=1000)
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
+
+
+def _correlated_frames(n: int, dim: int = 40, rank: int = 4, clusters: int = 32, seed: int = 0) -> np.ndarray:
+    """Vectors like log-mel frames: a few latent factors spread over many correlated dimensions,
+    clustered, plus a little isotropic noise."""
+    rng = np.random.default_rng(seed)
+    mix = rng.normal(size=(rank, dim))
+    centres = rng.normal(size=(clusters, rank)) * 3
+    latent = centres[rng.integers(clusters, size=n)] + rng.normal(size=(n, rank)) * 0.3
+    return (latent @ mix + rng.normal(size=(n, dim)) * 0.05).astype(np.float32)
+
+
+def test_pca_kmeans_matches_full_space_kmeans_and_reports_its_own_assignment_error():
+    vectors = _correlated_frames(20_000)
+    full, full_err = fit_kmeans(vectors, 32, niter=20, seed=0, max_vectors=100_000, init="k-means++")
+    pca, pca_err = fit_kmeans(vectors, 32, niter=20, seed=0, max_vectors=100_000, pca_dims=6, init="k-means++")
+    assert pca.shape == full.shape == (32, 40) and pca.dtype == np.float32
+    assert np.isfinite(pca).all()
+    # the codes are full-space means: the PCA fit loses (almost) nothing against a full-space fit
+    nearest = ((vectors - pca[assign(vectors, pca)]) ** 2).mean()
+    assert nearest <= full_err * 1.05
+    # the reported error is that of the fit's own (PCA-space) assignment: an upper bound, and tight
+    assert nearest <= pca_err * (1 + 1e-4) and pca_err <= nearest * 1.05
+
+
+def test_kmeans_plus_plus_spreads_the_start_over_the_clusters():
+    from meld.codebook import kmeans_plus_plus
+
+    vectors = _correlated_frames(5_000, clusters=16, seed=2)
+    rng = np.random.default_rng(0)
+    start = kmeans_plus_plus(vectors, 16, rng)
+    assert start.shape == (16, 40)
+    assert all(any(np.array_equal(s, v) for v in vectors[:5000]) for s in start[:3])  # rows of the input
+    random_start = vectors[np.random.default_rng(0).choice(5_000, 16, replace=False)]
+
+    def err(c):
+        return ((vectors - c[assign(vectors, c)]) ** 2).mean()
+
+    assert err(start) < err(random_start)  # a better start than 16 random vectors
+    # a seeded start: the same generator state gives the same centres
+    again = kmeans_plus_plus(vectors, 16, np.random.default_rng(0))
+    np.testing.assert_array_equal(start, again)
+    with pytest.raises(ValueError, match="too few"):
+        kmeans_plus_plus(vectors[:10], 16, rng)
+
+
+def test_fit_kmeans_refuses_bad_options():
+    vectors = np.random.default_rng(1).random((500, 4)).astype(np.float32)
+    with pytest.raises(ValueError, match="init"):
+        fit_kmeans(vectors, 8, niter=2, seed=0, max_vectors=1000, init="kmeans++")
+    with pytest.raises(ValueError, match="pca_dims"):
+        fit_kmeans(vectors, 8, niter=2, seed=0, max_vectors=1000, pca_dims=-1)
