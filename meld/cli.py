@@ -2,7 +2,7 @@
 
     meld synthesize --checkpoint models/meld/model.pt --prompt speaker.wav \\
         --text "the prompt's own words followed by the new words" --out out.wav
-    meld transcribe --checkpoint models/meld_stt/model.pt a.wav b.flac --beam 5
+    meld transcribe --checkpoint models/meld_stt/model.pt a.wav b.flac --beam 5 [--ctc-weight 0.3]
     meld info models/meld/model.pt
 
 ``synthesize`` follows the paper's continuation protocol: the first ``--prompt-seconds`` of
@@ -360,10 +360,17 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
         raise CLIError(f"--beam must be >= 1, got {args.beam}")
     if args.max_tokens < 1:
         raise CLIError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if args.ctc_weight is not None and not 0.0 <= args.ctc_weight <= 1.0:
+        raise CLIError(f"--ctc-weight must be in [0, 1], got {args.ctc_weight}")
     device = _device(args.device)
     ckpt = load_inference_checkpoint(args.checkpoint, device)
     if not all(hasattr(ckpt.model, m) for m in ("stt_prefix", "stt_step", "text_logprobs")):
         raise CLIError(f"{ckpt.path}: system {ckpt.state['system']!r} cannot transcribe (no STT decoder)")
+    has_ctc = bool(getattr(ckpt.model, "stt_ctc", False))
+    ctc_weight = args.ctc_weight if args.ctc_weight is not None else (_EVAL_DEFAULTS.stt_ctc_weight if has_ctc else 0.0)
+    if ctc_weight > 0 and not has_ctc:
+        raise CLIError(f"--ctc-weight {ctc_weight:g}: {ckpt.path} was trained without a CTC head (args.stt_ctc); "
+                       "use --ctc-weight 0")
     log = logging.getLogger(PROG)
     if _task(ckpt.state) == "tts":
         log.warning("%s was trained for TTS only: its transcripts are not meaningful", ckpt.path)
@@ -386,6 +393,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
             beam_size=args.beam,
             max_tokens=args.max_tokens,
             batch_size=args.batch_size,
+            ctc_weight=ctc_weight,
         )
         for p, hyp in zip(paths, ids):
             print(f"{p}\t{ckpt.tokenizer.decode(hyp)}", flush=True)
@@ -520,6 +528,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("audio", nargs="+", help="audio files (any format libsndfile reads, any rate)")
     t.add_argument("--beam", type=int, default=5, help="beam size; 1 is greedy (default %(default)s)")
     t.add_argument("--max-tokens", type=int, default=200, help="BPE tokens per transcript at most")
+    t.add_argument(
+        "--ctc-weight",
+        type=float,
+        default=None,
+        help="weight of the CTC prefix score in a hybrid CTC/attention beam search, in [0, 1]; 0: the decoder "
+        f"alone (default {_EVAL_DEFAULTS.stt_ctc_weight:g} for a checkpoint trained with a CTC head, else 0)",
+    )
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--device", default="auto")
     t.set_defaults(func=cmd_transcribe)

@@ -322,6 +322,7 @@ class EvaluateConfig(Section):
     judge_exclude_prefixes: tuple[str, ...] = ("espeak-",)
     stt_splits: tuple[str, ...] = ("dev", "test", "test_unseen")
     stt_beam_size: int = 5
+    stt_ctc_weight: float = 0.3  # hybrid CTC/attention decoding weight, used only by a model with a CTC head
     stt_max_utterances: int = 100  # per split
     stt_max_tokens_per_second: float = 10.0  # decoding guard: 10 + this x seconds BPE tokens per utterance
     stt_judge_model: str | None = None  # a MELD STT checkpoint that also scores TTS output on its mel frames
@@ -330,6 +331,10 @@ class EvaluateConfig(Section):
     batch_size: int = 8
     score_workers: int = 2  # processes running vocoder + judges (the slow part), capped at the CPU count
     seed: int = 0
+
+    def validate(self) -> None:
+        if not 0.0 <= self.stt_ctc_weight <= 1.0:
+            raise ConfigError(f"evaluate.stt_ctc_weight must be in [0, 1], got {self.stt_ctc_weight}")
 
 
 # dev metrics of ray_jobs.train.dev_metrics that can be the objective (all comparable across frame rates)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from meld.features import FRAME_RATE
 from meld.models.layers import group_frames, ungroup_frames
@@ -86,6 +87,8 @@ def stt_beam_search(
     max_tokens_per_second: float | None = None,
     length_penalty: float = 1.0,
     batch_size: int = 8,
+    ctc_weight: float = 0.0,
+    ctc_candidates: int | None = None,
 ) -> list[list[int]]:
     """Batched, KV-cached beam search over BPE tokens; beam 1 is greedy decoding.
 
@@ -95,9 +98,26 @@ def stt_beam_search(
     that never says <EOS> (an undertrained one) would otherwise decode ``max_tokens`` x beam steps
     for every short clip. An utterance that hits its guard returns its best unfinished hypothesis.
 
+    With ``ctc_weight`` = lambda > 0 the search is hybrid CTC/attention decoding (Watanabe et al. 2017;
+    not in the MELD paper, docs/decisions.md): a hypothesis y scores (1 - lambda) log p_att(y) +
+    lambda log p_ctc(y...), the CTC prefix probability of y under the model's CTC head, and at <EOS>
+    its full-sequence CTC probability. Only each beam's ``ctc_candidates`` best tokens under the decoder
+    (and <EOS>, whose CTC score is free) are scored; the others are pruned.
+
+    Args:
+        ctc_weight: lambda in [0, 1]; 0 is the decoder alone (bit-for-bit the plain search). > 0 needs
+            a model trained with a CTC head (``args.stt_ctc``), else ValueError.
+        ctc_candidates: tokens per beam and step given a CTC score; default max(10, 2 x beam_size).
+
     Returns:
         BPE ids (0-based) of the best hypothesis per utterance.
     """
+    if not 0.0 <= ctc_weight <= 1.0:
+        raise ValueError(f"ctc_weight must be in [0, 1], got {ctc_weight}")
+    if ctc_weight > 0 and not getattr(model, "stt_ctc", False):
+        raise ValueError(f"ctc_weight={ctc_weight} needs a model trained with a CTC head (args.stt_ctc: true); "
+                         f"this {getattr(model, 'system', type(model).__name__)} model has none: use ctc_weight=0")
+    ctc_candidates = ctc_candidates or max(10, 2 * beam_size)
     device = next(model.parameters()).device
     results: list[list[int]] = []
     for s in range(0, len(mels), batch_size):
@@ -106,17 +126,115 @@ def stt_beam_search(
                   min(max_tokens, 10 + math.ceil(max_tokens_per_second * len(m) / FRAME_RATE)) for m in chunk]
         batch = collate(chunk, [[0]] * len(chunk), reduction)
         results.extend(_beam_batch(model, batch["mel"].to(device), batch["mel_len"].to(device),
-                                   beam_size, limits, length_penalty))
+                                   beam_size, limits, length_penalty, ctc_weight, ctc_candidates))
     return results
 
 
-def _beam_batch(model, mel, mel_len, K: int, limits: list[int], alpha: float) -> list[list[int]]:
+class CTCPrefixScorer:
+    """CTC prefix scores of a batch of growing hypotheses (Watanabe et al. 2017, Algorithm 2; ESPnet's
+    CTCPrefixScore), in log space, vectorised over hypothesis rows, candidate tokens and frames.
+
+    Each row holds a prefix g through its forward variables over frames t: r^n_t(g) and r^b_t(g),
+    the log-probability that frames 0..t collapse to g with frame t a non-blank / a blank. Extending
+    g by class c with phi_t = r^b_t(g) + r^n_t(g) (only r^b_t(g) when c repeats g's last class):
+
+        r^n_t(gc) = (r^n_{t-1}(gc) + phi_{t-1}) p_t(c),    r^b_t(gc) = (r^b_{t-1}(gc) + r^n_{t-1}(gc)) p_t(blank),
+        prefix probability psi(gc) = sum_{t < T} phi_{t-1} p_t(c),   phi_{-1} = [g is empty],
+
+    in probabilities. Both recursions are first-order linear, so they are solved over all frames at once
+    with cumulative sums (r^n_t = sum_{s<=t} phi_{s-1} prod_{u=s..t} p_u(c): a logcumsumexp), in float64
+    so that differences of long cumulative sums stay exact. Frames past an utterance's length are never
+    read: psi sums over real frames only, the full-sequence score is read at the last real frame, and
+    frame t depends on frames <= t only.
+
+    Args:
+        log_probs: (T, B, C) per-frame CTC log-probs of B utterances, class 0 the blank.
+        lengths: (B,) real frames per utterance.
+        utterance: (R,) the utterance of each hypothesis row.
+    """
+
+    def __init__(self, log_probs: torch.Tensor, lengths: torch.Tensor, utterance: torch.Tensor):
+        T = log_probs.shape[0]
+        frame_valid = torch.arange(T, device=lengths.device)[None, :] < lengths[:, None]  # (B, T)
+        # (B, C, T), a class's frames contiguous; kept in the input's dtype (B x C x T is the big tensor),
+        # gathered rows go to float64. Padded frames: any finite value (never read; finite keeps the
+        # cumulative sums free of inf - inf).
+        x = log_probs.permute(1, 2, 0).masked_fill(~frame_valid[:, None, :], 0.0).clamp_min(-1e4)
+        self.x = x.contiguous()
+        self.frame_valid = frame_valid
+        self.last_frame = (lengths - 1).clamp_min(0)  # (B,)
+        self.blank_cum = x[:, 0].to(torch.float64).cumsum(-1)  # (B, T) sum of log p_u(blank), u <= t
+        R = utterance.shape[0]
+        self.utterance = utterance
+        self.r_n = torch.full((R, T), -math.inf, dtype=torch.float64, device=x.device)  # empty prefix
+        self.r_b = self.blank_cum[utterance].clone()
+        self.psi = torch.zeros(R, dtype=torch.float64, device=x.device)  # log psi(g): 0 for the empty prefix
+        self.last = torch.full((R,), -1, dtype=torch.long, device=x.device)  # g's last class, -1: empty
+        self.empty = torch.ones(R, dtype=torch.bool, device=x.device)
+
+    def _phi_prev(self, rows: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """phi_{t-1} for extending rows (R',) by classes (R', M): (R', M, T)."""
+        total = torch.logaddexp(self.r_n[rows], self.r_b[rows])  # (R', T)
+        repeat = (classes == self.last[rows, None])[..., None]  # (R', M, 1)
+        phi = torch.where(repeat, self.r_b[rows, None], total[:, None])  # (R', M, T)
+        start = torch.where(self.empty[rows], 0.0, -math.inf).to(phi.dtype)  # (R',) phi_{-1}
+        return torch.cat([start[:, None, None].expand(-1, phi.shape[1], 1), phi[..., :-1]], dim=-1)
+
+    def prefix_scores(self, classes: torch.Tensor) -> torch.Tensor:
+        """log psi(g c) of every row's prefix g extended by each of its (R, M) candidate classes: (R, M)."""
+        rows = torch.arange(classes.shape[0], device=classes.device)
+        x_c = self.x[self.utterance[:, None], classes].to(torch.float64)  # (R, M, T)
+        terms = self._phi_prev(rows, classes) + x_c
+        return terms.masked_fill(~self.frame_valid[self.utterance, None], -math.inf).logsumexp(-1)
+
+    def full_scores(self) -> torch.Tensor:
+        """log p_ctc(g) of every row's prefix as a whole sequence: (R,)."""
+        t = self.last_frame[self.utterance, None]  # (R, 1)
+        return torch.logaddexp(self.r_n.gather(1, t), self.r_b.gather(1, t))[:, 0]
+
+    def advance(self, rows: torch.Tensor, classes: torch.Tensor) -> None:
+        """Row i becomes row ``rows[i]``'s prefix extended by ``classes[i]`` (beam reordering included)."""
+        utt = self.utterance[rows]
+        x_c = self.x[utt, classes].to(torch.float64)  # (R, T)
+        phi_prev = self._phi_prev(rows, classes[:, None])[:, 0]  # (R, T)
+        s = x_c.cumsum(-1)  # sum of log p_u(c), u <= t
+        s_before = F.pad(s[:, :-1], (1, 0))  # the same sum up to t - 1
+        r_n = s + (phi_prev - s_before).logcumsumexp(-1)
+        b = self.blank_cum[utt]
+        r_n_before = F.pad(r_n[:, :-1], (1, 0), value=-math.inf)
+        r_b = b + (r_n_before - F.pad(b[:, :-1], (1, 0))).logcumsumexp(-1)
+        psi = (phi_prev + x_c).masked_fill(~self.frame_valid[utt], -math.inf).logsumexp(-1)
+        self.r_n, self.r_b, self.psi, self.utterance = r_n, r_b, psi, utt
+        self.last, self.empty = classes, torch.zeros_like(self.empty)
+
+
+def _joint_logprobs(model, logp: torch.Tensor, ctc: CTCPrefixScorer, weight: float, n_cand: int) -> torch.Tensor:
+    """(R, V) per-token score increments of hybrid decoding: (1 - w) log p_att + w (log psi(g c) - log psi(g)),
+    and at <EOS> (1 - w) log p_att + w (log p_ctc(g) - log psi(g)); -inf beyond each row's candidates.
+    The CTC increments are <= 0, like log-probs, so the search's early stop stays exact."""
+    offset, n_text = model.vocab.text_offset, model.vocab.n_text
+    att, idx = logp[:, offset : offset + n_text].topk(min(n_cand, n_text), dim=-1)  # (R, M): BPE id idx
+    ctc_inc = ctc.prefix_scores(idx + 1) - ctc.psi[:, None]  # CTC class of BPE id i is i + 1
+    eos_inc = ctc.full_scores() - ctc.psi
+    # a dead row (score -inf, padded with <EOS>) may hold an impossible prefix: -inf - -inf is NaN
+    dead = torch.isneginf(ctc.psi)
+    ctc_inc = ctc_inc.masked_fill(dead[:, None], -math.inf).float()
+    eos_inc = eos_inc.masked_fill(dead, -math.inf).float()
+    out = torch.full_like(logp, -math.inf)
+    out.scatter_(1, idx + offset, (1 - weight) * att + weight * ctc_inc)
+    out[:, EOS] = (1 - weight) * logp[:, EOS] + weight * eos_inc
+    return out
+
+
+def _beam_batch(model, mel, mel_len, K: int, limits: list[int], alpha: float, ctc_weight: float = 0.0,
+                ctc_candidates: int = 10) -> list[list[int]]:
     B = mel.shape[0]
     max_tokens = max(limits)
     h, cache, pos = model.stt_prefix(mel, mel_len, max_tokens + 1)
     rows = torch.arange(B, device=mel.device).repeat_interleave(K)  # (B*K,) beam rows per utterance
     cache.select(rows)
     h, pos = h[rows], pos[rows]
+    ctc = CTCPrefixScorer(model.stt_ctc_log_probs(mel, mel_len), mel_len, rows) if ctc_weight > 0 else None
     scores = torch.full((B, K), float("-inf"), device=mel.device)
     scores[:, 0] = 0.0  # all beams start identical: only the first may expand at step 0
     seqs: list[list[list[int]]] = [[[] for _ in range(K)] for _ in range(B)]
@@ -124,7 +242,10 @@ def _beam_batch(model, mel, mel_len, K: int, limits: list[int], alpha: float) ->
     done = [False] * B
     guarded: list[list[int] | None] = [None] * B  # best unfinished hypothesis of an utterance stopped by its guard
     for step in range(max_tokens):
-        logp = model.text_logprobs(h).view(B, K, -1)  # (B, K, V)
+        logp = model.text_logprobs(h)  # (B*K, V)
+        if ctc is not None:
+            logp = _joint_logprobs(model, logp, ctc, ctc_weight, ctc_candidates)
+        logp = logp.view(B, K, -1)  # (B, K, V)
         V = logp.shape[-1]
         total = (scores[..., None] + logp).view(B, K * V)
         top_scores, top_idx = total.topk(min(2 * K, K * V), dim=-1)  # (B, 2K)
@@ -166,6 +287,8 @@ def _beam_batch(model, mel, mel_len, K: int, limits: list[int], alpha: float) ->
             break
         idx = torch.tensor(new_rows, device=mel.device)
         cache.select(idx)
+        if ctc is not None:  # a dead row's <EOS> gets any class: its score is -inf and its state unused
+            ctc.advance(idx, (torch.tensor(new_tokens, device=mel.device) - model.vocab.text_offset + 1).clamp_min(1))
         pos = pos[idx]
         scores = torch.tensor(new_scores, device=mel.device).view(B, K)
         h = model.stt_step(torch.tensor(new_tokens, device=mel.device), pos, cache)
@@ -187,4 +310,4 @@ def prompt_frames(mel: np.ndarray, prompt_seconds: float, frame_rate: float = 62
     return min(mel.shape[0], int(round(prompt_seconds * frame_rate)))
 
 
-__all__ = ["Continuation", "tts_continue", "stt_beam_search", "prompt_frames", "group_frames"]
+__all__ = ["Continuation", "tts_continue", "stt_beam_search", "CTCPrefixScorer", "prompt_frames", "group_frames"]

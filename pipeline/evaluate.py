@@ -27,6 +27,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -41,7 +42,7 @@ from meld.evaluation.scoring import GenerationItem, ReferenceItem, ScorerSpec, S
 from meld.features import FRAME_RATE, HOP_LENGTH, NormStats, log_mel
 from meld.generate import prompt_frames, stt_beam_search, tts_continue
 from meld.store import CodeStore, FeatureStore
-from meld.text import tokenizer_from_bytes
+from meld.text import BPETokenizer, tokenizer_from_bytes
 from meld.training import load_model
 
 log = logging.getLogger("meld.evaluate")
@@ -290,23 +291,43 @@ def evaluate_codec_system(model, state: dict, cfg: EvaluateConfig, system: str, 
     return metrics, all_rows
 
 
-def load_stt_model(path: str | Path):
-    """(model, normalisation, tokenizer, reduction) of an STT-capable checkpoint."""
+class STTModel(NamedTuple):
+    """A loaded STT checkpoint and how it decodes."""
+
+    model: torch.nn.Module
+    stats: NormStats
+    tokenizer: BPETokenizer
+    reduction: int
+    ctc_weight: float  # of hybrid CTC/attention decoding: evaluate.stt_ctc_weight, 0 without a CTC head
+
+
+def load_stt_model(path: str | Path, ctc_weight: float = 0.0) -> STTModel:
+    """An STT-capable checkpoint, ready for :func:`transcribe_mels`.
+
+    Args:
+        ctc_weight: evaluate.stt_ctc_weight; applied only when the model was trained with a CTC head
+            (``args.stt_ctc``), else decoding uses the attention decoder alone (logged here, once).
+    """
     model, state = load_model(path)
     if not hasattr(model, "stt_prefix"):
         raise SystemExit(f"evaluate: {path} is a {model.system} model, which cannot transcribe")
+    if ctc_weight > 0 and not getattr(model, "stt_ctc", False):
+        log.info("%s has no CTC head (args.stt_ctc): STT decodes with the attention decoder alone "
+                 "(evaluate.stt_ctc_weight=%g not applied)", path, ctc_weight)
+        ctc_weight = 0.0
     extra = state["extra"]
     stats = NormStats(extra["norm_mean"].numpy(), extra["norm_std"].numpy())
     tok = tokenizer_from_bytes(bytes(extra["bpe_model"].numpy().tobytes()))
-    return model, stats, tok, int(extra["reduction_factor"])
+    return STTModel(model, stats, tok, int(extra["reduction_factor"]), ctc_weight)
 
 
-def transcribe_mels(stt, mels: list[np.ndarray], beam: int, batch_size: int, tokens_per_second: float) -> list[str]:
+def transcribe_mels(stt: STTModel, mels: list[np.ndarray], beam: int, batch_size: int,
+                    tokens_per_second: float) -> list[str]:
     """Raw (denormalised) log-mel arrays -> text, through a MELD STT model (no vocoder)."""
-    model, stats, tok, r = stt
-    ids = stt_beam_search(model, [stats.normalise(m) for m in mels], reduction=r, beam_size=beam,
-                          max_tokens=400, max_tokens_per_second=tokens_per_second, batch_size=batch_size)
-    return [tok.decode(i) for i in ids]
+    ids = stt_beam_search(stt.model, [stt.stats.normalise(m) for m in mels], reduction=stt.reduction,
+                          beam_size=beam, max_tokens=400, max_tokens_per_second=tokens_per_second,
+                          batch_size=batch_size, ctc_weight=stt.ctc_weight)
+    return [stt.tokenizer.decode(i) for i in ids]
 
 
 def score_with_stt_judge(stt, rows: list[dict], store: FeatureStore, chosen: list[int],
@@ -407,12 +428,15 @@ def main(argv: list[str] | None = None) -> int:
     metrics: dict = {"system": args.system, "task": task, "step": int(state["step"]), "vocoder": None,
                      "asr_judge": None, "splits": {}, "ablations": {}}
     if task in ("stt", "joint"):
-        metrics["stt"] = evaluate_stt(load_stt_model(args.model), Path(args.features), cfg)
+        stt = load_stt_model(args.model, cfg.stt_ctc_weight)
+        metrics["stt"] = evaluate_stt(stt, Path(args.features), cfg)
+        metrics["stt_ctc_weight"] = stt.ctc_weight
     stt_judge = None
     if variants and cfg.stt_judge_model:
         if Path(cfg.stt_judge_model).is_file():
-            stt_judge = load_stt_model(cfg.stt_judge_model)
+            stt_judge = load_stt_model(cfg.stt_judge_model, cfg.stt_ctc_weight)
             metrics["stt_judge_model"] = cfg.stt_judge_model
+            metrics["stt_judge_ctc_weight"] = stt_judge.ctc_weight
         else:
             log.warning("evaluate.stt_judge_model %s does not exist: MELD-STT judge skipped", cfg.stt_judge_model)
     all_rows = []

@@ -33,10 +33,13 @@ STEP = 7
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """An inference checkpoint in the export format of ray_jobs/train.py, with a tiny MELD."""
-    root = tmp_path_factory.mktemp("ckpt")
+    return _export(tmp_path_factory.mktemp("ckpt"))
+
+
+def _export(root: Path, **model_over) -> Path:
     bpe_path = train_bpe(SENTENCES, root / "bpe", vocab_size=40)
     n_text = BPETokenizer(bpe_path).vocab_size
-    model, kwargs = tiny_meld(reduction=REDUCTION, n_text=n_text, codebook_size=16)
+    model, kwargs = tiny_meld(reduction=REDUCTION, n_text=n_text, codebook_size=16, **model_over)
     rng = np.random.default_rng(0)
     extra = {
         "reduction_factor": REDUCTION,
@@ -134,6 +137,31 @@ def test_transcribe_reports_unreadable_files_and_goes_on(checkpoint, audio_16k, 
     assert code == 2
     assert [line.split("\t")[0] for line in captured.out.splitlines()] == [str(audio_16k)]
     assert str(bad) in captured.err and "Traceback" not in captured.err
+
+
+def test_transcribe_ctc_weight_defaults_to_hybrid_decoding_only_with_a_ctc_head(checkpoint, audio_16k, tmp_path,
+                                                                                monkeypatch, capsys):
+    import meld.generate
+    from meld.config import EvaluateConfig
+
+    weights = []
+    search = meld.generate.stt_beam_search
+
+    def recording(*args, **kwargs):
+        weights.append(kwargs["ctc_weight"])
+        return search(*args, **kwargs)
+
+    monkeypatch.setattr(meld.generate, "stt_beam_search", recording)
+    with_ctc = _export(tmp_path, stt_ctc=True)
+    assert _transcribe(with_ctc, audio_16k, "--beam", "2", "--max-tokens", "4") == 0
+    assert _transcribe(with_ctc, audio_16k, "--beam", "2", "--max-tokens", "4", "--ctc-weight", "0") == 0
+    assert _transcribe(checkpoint, audio_16k, "--beam", "2", "--max-tokens", "4") == 0
+    assert weights == [EvaluateConfig().stt_ctc_weight, 0.0, 0.0]  # the evaluation's weight, then none
+    capsys.readouterr()
+    assert _transcribe(checkpoint, audio_16k, "--ctc-weight", "0.5") == 2
+    assert "without a CTC head" in capsys.readouterr().err
+    assert _transcribe(with_ctc, audio_16k, "--ctc-weight", "1.5") == 2
+    assert "[0, 1]" in capsys.readouterr().err
 
 
 def test_transcribe_with_a_model_that_cannot(checkpoint, audio_16k, monkeypatch, capsys):

@@ -39,6 +39,8 @@ def test_wrong_params_are_clear_errors():
         TrainConfig.from_dict({"lr": "fast"}, "train")
     with pytest.raises(ConfigError, match="reduction_factor"):
         ModelConfig.from_dict({"reduction_factor": 7}, "model")
+    with pytest.raises(ConfigError, match=r"evaluate.stt_ctc_weight must be in \[0, 1\]"):
+        EvaluateConfig.from_dict({"stt_ctc_weight": 1.5}, "evaluate")
 
 
 def test_paper_config_is_about_200m_parameters_and_trains_one_step():

@@ -171,3 +171,107 @@ def test_duration_guard_bounds_each_hypothesis_and_keeps_its_prefix():
     # beam search under the guard also returns a bounded, non-empty hypothesis
     beams = stt_beam_search(model, mels, reduction=2, beam_size=3, max_tokens=60, max_tokens_per_second=rate)
     assert all(0 < len(h) <= 10 + math.ceil(rate * len(m) / 62.5) for m, h in zip(mels, beams))
+
+
+# ---------------------------------------------------------------- joint CTC/attention decoding
+
+
+def _brute_force_ctc(log_probs: torch.Tensor, length: int) -> dict[tuple[int, ...], float]:
+    """Probability of every collapsed label sequence: a sum over all C**T alignments (blank = 0)."""
+    import itertools
+
+    probs: dict[tuple[int, ...], float] = {}
+    p = log_probs[:length].double().exp()  # (T, C)
+    for path in itertools.product(range(p.shape[1]), repeat=length):
+        seq = tuple(c for i, c in enumerate(path) if c != 0 and (i == 0 or c != path[i - 1]))
+        probs[seq] = probs.get(seq, 0.0) + math.prod(float(p[t, c]) for t, c in enumerate(path))
+    return probs
+
+
+def test_ctc_prefix_scorer_equals_brute_force_enumeration_under_beam_reordering():
+    """Each row's prefix score is log P(the collapsed output starts with its prefix) and its full score
+    log P(the output is its prefix), both by enumerating every alignment, the latter also F.ctc_loss;
+    rows are re-drawn (copied, permuted, across padded utterances) at every step, as a beam does."""
+    import torch.nn.functional as F
+
+    from meld.generate import CTCPrefixScorer
+
+    g = torch.Generator().manual_seed(0)
+    T, C, lengths = 5, 4, torch.tensor([5, 3])  # utterance 1 has 2 padded frames of noise
+    log_probs = torch.randn(T, 2, C, generator=g).mul(2).log_softmax(-1)  # (T, B, C)
+    brute = [_brute_force_ctc(log_probs[:, b], int(lengths[b])) for b in range(2)]
+
+    def prob(b, prefix, whole):
+        return sum(v for s, v in brute[b].items() if (s == prefix if whole else s[: len(prefix)] == prefix))
+
+    def log(v):
+        return math.log(v) if v > 0 else -math.inf
+
+    utterance = torch.tensor([0] * 6 + [1] * 6)
+    scorer = CTCPrefixScorer(log_probs, lengths, utterance)
+    held = [()] * 12
+    for _ in range(4):
+        full = scorer.full_scores()
+        cand = torch.arange(1, C).expand(12, -1)
+        ext = scorer.prefix_scores(cand)
+        for r, prefix in enumerate(held):
+            b = int(utterance[r])
+            assert float(scorer.psi[r]) == pytest.approx(log(prob(b, prefix, False)), abs=1e-4)
+            assert float(full[r]) == pytest.approx(log(prob(b, prefix, True)), abs=1e-4)
+            ref = -F.ctc_loss(log_probs[:, b : b + 1], torch.tensor([list(prefix)]), lengths[b : b + 1],
+                              torch.tensor([len(prefix)]), reduction="none")
+            assert float(full[r]) == pytest.approx(float(ref), abs=1e-4)
+            for m, c in enumerate(cand[r].tolist()):
+                assert float(ext[r, m]) == pytest.approx(log(prob(b, prefix + (c,), False)), abs=1e-4)
+        # new rows: parents drawn within each utterance, with repeats, and random classes (repeats included)
+        rows = torch.cat([torch.randint(0, 6, (6,), generator=g), torch.randint(6, 12, (6,), generator=g)])
+        classes = torch.randint(1, C, (12,), generator=g)
+        scorer.advance(rows, classes)
+        held = [held[int(p)] + (int(c),) for p, c in zip(rows, classes)]
+    assert any(math.isinf(float(s)) for s in scorer.full_scores())  # utterance 1 (3 frames) cannot hold 4 tokens
+
+
+def _stt_mels(batch, B):
+    return [batch["mel"][b, : int(batch["mel_len"][b])].reshape(-1, 80).numpy() for b in range(B)]
+
+
+def test_ctc_weight_zero_is_the_plain_search_and_a_model_without_ctc_refuses():
+    model, _ = tiny_meld(reduction=2, stt_ctc=True)
+    mels = _stt_mels(tiny_batch(reduction=2, B=3, T=9), 3)
+    plain = stt_beam_search(model, mels, reduction=2, beam_size=3, max_tokens=12)
+    assert stt_beam_search(model, mels, reduction=2, beam_size=3, max_tokens=12, ctc_weight=0.0) == plain
+    hybrid = stt_beam_search(model, mels, reduction=2, beam_size=3, max_tokens=12, ctc_weight=0.5)
+    assert all(len(h) <= len(m) // 2 for h, m in zip(hybrid, mels))  # CTC emits at most one token per frame
+    no_ctc, _ = tiny_meld(reduction=2)
+    with pytest.raises(ValueError, match="CTC head"):
+        stt_beam_search(no_ctc, mels, reduction=2, beam_size=3, max_tokens=12, ctc_weight=0.3)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        stt_beam_search(model, mels, reduction=2, beam_size=3, max_tokens=12, ctc_weight=1.5)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["causal", "bidirectional-frames"])
+def test_hybrid_ctc_beam_search_batched_equals_one_by_one(bidirectional):
+    model, _ = tiny_meld(reduction=2, stt_ctc=True, stt_bidirectional_frames=bidirectional)
+    mels = _stt_mels(tiny_batch(reduction=2, B=4, T=12), 4)  # 12, 9, 6 and 3 frames: padded rows
+    kw = dict(reduction=2, beam_size=3, max_tokens=15, ctc_weight=0.3, ctc_candidates=5)
+    one_by_one = [stt_beam_search(model, [m], **kw)[0] for m in mels]
+    assert stt_beam_search(model, mels, batch_size=4, **kw) == one_by_one
+    greedy = stt_beam_search(model, mels, **{**kw, "beam_size": 1})
+    assert greedy == [stt_beam_search(model, [m], **{**kw, "beam_size": 1})[0] for m in mels]
+
+
+def test_tiny_stt_model_with_ctc_head_decodes_a_fixed_batch_to_zero_wer_with_hybrid_decoding():
+    model, _ = tiny_meld(reduction=2, stt_ctc=True, dropout=0.0, specaug_time_masks=0, specaug_freq_masks=0)
+    batch = tiny_batch(reduction=2, B=2, T=10, L=5)
+    opt = build_optimizer(model, lr=3e-3, weight_decay=0.0)
+    sched = build_scheduler(opt, 1, 10_000, 0)
+    first = last = None
+    for _ in range(60):
+        losses = train_step(model, opt, sched, batch, task="stt", loss_weights={}, grad_clip=10.0)
+        first, last = first or float(losses["loss/stt_ctc"]), float(losses["loss/stt_ctc"])
+    assert last < first / 20
+    refs = [batch["text"][b, : int(batch["text_len"][b])].tolist() for b in range(2)]
+    for weight in (0.3, 1.0):  # 1.0: CTC alone scores, the decoder only proposes the candidates
+        hyps = stt_beam_search(model, _stt_mels(batch, 2), reduction=2, beam_size=2, max_tokens=20,
+                               ctc_weight=weight)
+        assert hyps == refs

@@ -83,7 +83,8 @@ class MELD(nn.Module):
         specaug_*: SpecAugment on STT inputs while training (masks in 80-channel frames, before grouping):
             freq_masks bands of up to freq_width channels, time_masks spans of up to
             min(time_width, max_time_fraction * length) frames.
-        stt_ctc: auxiliary CTC on the frame states of STT sequences (not in the paper; training only).
+        stt_ctc: auxiliary CTC on the frame states of STT sequences (not in the paper); at inference it
+            can join the beam search (``stt_beam_search(ctc_weight=...)``, docs/decisions.md).
         stt_bidirectional_frames: in STT sequences the frames also attend to later frames (a prefix
             LM over the given audio; not in the paper, docs/decisions.md). TTS stays causal.
         stt_frontend_layers, stt_frontend_kernel: residual convolutions over STT's embedded frames
@@ -221,19 +222,25 @@ class MELD(nn.Module):
         Decoder-only STT has to discover by itself which frames each token should attend to; on a small
         corpus the text prefix alone lowers the cross-entropy so well that this takes very long. CTC
         makes the frame states carry the transcript from the start. It reuses the output head's text rows
-        (PAD's row as the blank), so it adds no parameters and changes nothing at inference. Causal
+        (PAD's row as the blank), so it adds no parameters; at inference it can join the beam search
+        (:meth:`stt_ctc_log_probs`, hybrid CTC/attention decoding) or be left out. Causal
         frame states can only emit a token after hearing it, which CTC's free alignment allows.
 
         Args:
             frame_hidden: (B, T, d) backbone states at the (grouped) frame positions.
             mel_len: (B,) real frames; text: (B, L) BPE ids; text_len: (B,).
         """
-        offset, n_text = self.vocab.text_offset, self.vocab.n_text
-        rows = torch.cat([torch.tensor([PAD], device=text.device),
-                          torch.arange(offset, offset + n_text, device=text.device)])
-        logits = F.linear(frame_hidden, self.head.weight[rows], self.head.bias[rows]).float()  # (B, T, 1+n_text)
-        log_probs = logits.log_softmax(-1).transpose(0, 1)  # (T, B, C): blank = 0, BPE id i = i + 1
+        log_probs = self.ctc_log_probs(frame_hidden)  # (T, B, C): blank = 0, BPE id i = i + 1
         return F.ctc_loss(log_probs, text + 1, mel_len, text_len, blank=0, zero_infinity=True)
+
+    def ctc_log_probs(self, frame_hidden: torch.Tensor) -> torch.Tensor:
+        """The CTC head: (B, T, d) frame states -> (T, B, 1 + n_text) log-probs; class 0 is the blank
+        (PAD's row of the output head), class i + 1 is BPE id i (union id ``text_offset + i``)."""
+        offset, n_text = self.vocab.text_offset, self.vocab.n_text
+        rows = torch.cat([torch.tensor([PAD], device=frame_hidden.device),
+                          torch.arange(offset, offset + n_text, device=frame_hidden.device)])
+        logits = F.linear(frame_hidden, self.head.weight[rows], self.head.bias[rows]).float()  # (B, T, 1+n_text)
+        return logits.log_softmax(-1).transpose(0, 1)  # (T, B, 1+n_text)
 
     def compute_losses(self, batch: dict, task: str = "tts", generator: torch.Generator | None = None) -> dict:
         """Namespaced losses for one batch (unweighted; train_step applies the weights)."""
@@ -384,6 +391,21 @@ class MELD(nn.Module):
         valid = torch.cat([frame_valid, stt_valid], dim=1)
         # <STT> is every row's last token
         return self.backbone.prefill(x, valid, T, max_new, bidirectional_prefix=self._stt_prefix(T))
+
+    @torch.no_grad()
+    def stt_ctc_log_probs(self, mel: torch.Tensor, mel_len: torch.Tensor) -> torch.Tensor:
+        """The CTC head's (T, B, 1 + n_text) log-probs over the given frames, for joint CTC/attention
+        decoding (only meaningful for a model trained with ``stt_ctc``).
+
+        The frame states are those of training's teacher-forced pass (with no text): frames never attend
+        to ``<STT>`` or the text, so they do not depend on what is decoded. It costs one more pass over the
+        frames beside :meth:`stt_prefix`, whose cache keeps only the keys and values.
+        """
+        prepare_for_decoding(self)
+        B = mel.shape[0]
+        no_text = torch.zeros(B, 0, dtype=torch.long, device=mel.device)
+        frame_hidden = self.forward_stt(mel, mel_len, no_text, no_text.new_zeros(B)).frame_hidden  # (B, T, d)
+        return self.ctc_log_probs(frame_hidden)
 
     def embed_stt_frames(self, mel: torch.Tensor, frame_valid: torch.Tensor) -> torch.Tensor:
         """STT's frame embeddings: E without dropout (no prenet dropout in STT), then the front end if any."""
