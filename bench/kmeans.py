@@ -155,6 +155,17 @@ def main(argv=None) -> int:
 
         return fit
 
+    stage = {
+        "niter": stage_niter,
+        "max_points_per_centroid": int(cb.get("max_points_per_centroid", 256)),
+        "pca_dims": int(cb.get("pca_dims", 0)),
+        "init": str(cb.get("init", "random")),
+    }
+
+    def stage_fit(**change):
+        kw = {**stage, **change}
+        return lambda kk, sd: fit_kmeans(vectors, kk, seed=sd, max_vectors=n, **kw)[0]
+
     rows = []
     t_all = time.perf_counter()
     with threadpool_limits(limits=args.threads):
@@ -162,17 +173,6 @@ def main(argv=None) -> int:
             methods = {
                 MB_DEFAULT: ("sklearn", minibatch()),
             }
-            stage = {
-                "niter": stage_niter,
-                "max_points_per_centroid": int(cb.get("max_points_per_centroid", 256)),
-                "pca_dims": int(cb.get("pca_dims", 0)),
-                "init": str(cb.get("init", "random")),
-            }
-
-            def stage_fit(**change):
-                kw = {**stage, **change}
-                return lambda kk, seed: fit_kmeans(vectors, kk, seed=seed, max_vectors=n, **kw)[0]
-
             desc = (f"niter {stage['niter']}, <= {stage['max_points_per_centroid']} per code, "
                     f"PCA {stage['pca_dims'] or 'off'}, {stage['init']}")
             methods[f"fit_kmeans as the stage calls it ({desc})"] = ("faiss", stage_fit())

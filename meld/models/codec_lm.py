@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meld.models.backbone import Backbone, prepare_for_decoding, lengths_to_mask, packed_positions
+from meld.models.backbone import Backbone, lengths_to_mask, packed_positions, prepare_for_decoding
 from meld.models.meld import Generation
 from meld.models.vocab import TTS, UnionEmbedding, UnionVocab
 from meld.sampling import sample

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from meld.features import N_MELS
-from meld.models.backbone import Backbone, KVCache, prepare_for_decoding, lengths_to_mask, packed_positions
+from meld.models.backbone import Backbone, KVCache, lengths_to_mask, packed_positions, prepare_for_decoding
 from meld.models.layers import group_frames, spec_augment, ungroup_frames
 from meld.models.meld import Generation, STTOutput, select_rows
 from meld.models.vocab import EOS, PAD, STT, TTS, UnionEmbedding, UnionVocab

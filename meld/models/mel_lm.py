@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meld.models.backbone import Backbone, prepare_for_decoding, lengths_to_mask, packed_positions
+from meld.models.backbone import Backbone, lengths_to_mask, packed_positions, prepare_for_decoding
 from meld.models.layers import MelEncoder, Postnet
 from meld.models.meld import Generation, slowness_penalty
 from meld.models.vocab import TTS, UnionEmbedding, UnionVocab

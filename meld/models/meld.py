@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meld.models.backbone import Backbone, KVCache, prepare_for_decoding, lengths_to_mask, packed_positions
+from meld.models.backbone import Backbone, KVCache, lengths_to_mask, packed_positions, prepare_for_decoding
 from meld.models.layers import ConvFrontEnd, MelEncoder, Postnet, group_frames, spec_augment, ungroup_frames
 from meld.models.vocab import EOS, PAD, STT, TTS, UnionEmbedding, UnionVocab
 from meld.sampling import repetition_penalty, sample, top_k_mask
