@@ -213,13 +213,14 @@ def generate_full_recompute(
     """
     import torch
 
-    from meld.models.backbone import lengths_to_mask, packed_positions
+    from meld.models.backbone import lengths_to_mask, packed_positions, prepare_for_decoding
     from meld.models.meld import Generation
     from meld.models.vocab import TTS
     from meld.sampling import repetition_penalty, sample, top_k_mask
 
-    with torch.no_grad():
-        model.eval()
+    # the same preparation and grad mode as MELD.generate (transposed weights, inference mode)
+    prepare_for_decoding(model)
+    with torch.inference_mode():
         B, P, _ = prompt.shape
         L = text.shape[1]
         device = prompt.device
