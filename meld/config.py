@@ -322,7 +322,7 @@ class EvaluateConfig(Section):
     judge_exclude_prefixes: tuple[str, ...] = ("espeak-",)
     stt_splits: tuple[str, ...] = ("dev", "test", "test_unseen")
     stt_beam_size: int = 5
-    stt_ctc_weight: float = 0.3  # hybrid CTC/attention decoding weight, used only by a model with a CTC head
+    stt_ctc_weight: float = 0.7  # hybrid CTC/attention decoding weight, used only by a model with a CTC head
     stt_max_utterances: int = 100  # per split
     stt_max_tokens_per_second: float = 10.0  # decoding guard: 10 + this x seconds BPE tokens per utterance
     stt_judge_model: str | None = None  # a MELD STT checkpoint that also scores TTS output on its mel frames
