@@ -230,11 +230,15 @@ def _beam_batch(model, mel, mel_len, K: int, limits: list[int], alpha: float, ct
                 ctc_candidates: int = 10) -> list[list[int]]:
     B = mel.shape[0]
     max_tokens = max(limits)
-    h, cache, pos = model.stt_prefix(mel, mel_len, max_tokens + 1)
     rows = torch.arange(B, device=mel.device).repeat_interleave(K)  # (B*K,) beam rows per utterance
+    ctc = None
+    if ctc_weight > 0:  # the CTC head reads the frame states of the same prefill
+        h, cache, pos, ctc_log_probs = model.stt_prefix_with_ctc(mel, mel_len, max_tokens + 1)
+        ctc = CTCPrefixScorer(ctc_log_probs, mel_len, rows)
+    else:
+        h, cache, pos = model.stt_prefix(mel, mel_len, max_tokens + 1)
     cache.select(rows)
     h, pos = h[rows], pos[rows]
-    ctc = CTCPrefixScorer(model.stt_ctc_log_probs(mel, mel_len), mel_len, rows) if ctc_weight > 0 else None
     scores = torch.full((B, K), float("-inf"), device=mel.device)
     scores[:, 0] = 0.0  # all beams start identical: only the first may expand at step 0
     seqs: list[list[list[int]]] = [[[] for _ in range(K)] for _ in range(B)]

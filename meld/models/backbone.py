@@ -302,8 +302,8 @@ class Backbone(nn.Module):
 
     def prefill(
         self, x: torch.Tensor, valid: torch.Tensor, last: torch.Tensor | int, extra_len: int,
-        bidirectional_prefix: int = 0,
-    ) -> tuple[torch.Tensor, KVCache, torch.Tensor]:
+        bidirectional_prefix: int = 0, return_states: bool = False,
+    ) -> tuple[torch.Tensor, KVCache, torch.Tensor] | tuple[torch.Tensor, KVCache, torch.Tensor, torch.Tensor]:
         """Run a padded prompt into a fresh cache, ready for :meth:`step`.
 
         Args:
@@ -312,17 +312,22 @@ class Backbone(nn.Module):
                 hidden state predicts the first new token.
             extra_len: positions to reserve after the prompt for the tokens to come.
             bidirectional_prefix: see :meth:`attention_mask`.
+            return_states: also return every prompt position's hidden state (B, S, D), for callers
+                that read more than the last one (STT's CTC head reads the frame states).
 
         Returns:
             h_last: (B, D) hidden states at ``last``;
             cache: holding the S prompt positions, room for ``extra_len`` more;
-            next_pos: (B,) position of each row's next token.
+            next_pos: (B,) position of each row's next token;
+            (with ``return_states``) h: (B, S, D).
         """
         B, S, _ = x.shape
         positions = packed_positions(valid)  # (B, S)
         cache = self.new_cache(B, S + extra_len)
         h = self(x, positions, valid, cache, bidirectional_prefix)  # (B, S, D)
         rows = torch.arange(B, device=x.device)
+        if return_states:
+            return h[rows, last], cache, positions[rows, last] + 1, h
         return h[rows, last], cache, positions[rows, last] + 1
 
     def step(self, emb: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:

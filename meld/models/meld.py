@@ -223,7 +223,7 @@ class MELD(nn.Module):
         corpus the text prefix alone lowers the cross-entropy so well that this takes very long. CTC
         makes the frame states carry the transcript from the start. It reuses the output head's text rows
         (PAD's row as the blank), so it adds no parameters; at inference it can join the beam search
-        (:meth:`stt_ctc_log_probs`, hybrid CTC/attention decoding) or be left out. Causal
+        (:meth:`stt_prefix_with_ctc`, hybrid CTC/attention decoding) or be left out. Causal
         frame states can only emit a token after hearing it, which CTC's free alignment allows.
 
         Args:
@@ -386,6 +386,23 @@ class MELD(nn.Module):
     @torch.no_grad()
     def stt_prefix(self, mel: torch.Tensor, mel_len: torch.Tensor, max_new: int) -> tuple[torch.Tensor, KVCache, torch.Tensor]:
         """Encode ``x_1..x_T <STT>`` into a fresh cache; returns (h at <STT>, cache, next positions)."""
+        h_last, cache, pos, _ = self._stt_prefill(mel, mel_len, max_new)
+        return h_last, cache, pos
+
+    @torch.no_grad()
+    def stt_prefix_with_ctc(
+        self, mel: torch.Tensor, mel_len: torch.Tensor, max_new: int
+    ) -> tuple[torch.Tensor, KVCache, torch.Tensor, torch.Tensor]:
+        """:meth:`stt_prefix` plus the CTC head's (T, B, 1 + n_text) log-probs over the given frames, for
+        hybrid CTC/attention decoding (only meaningful for a model trained with ``stt_ctc``).
+
+        The frame states come from the same prefill pass: frames never attend to ``<STT>`` or the
+        text, so they are the states training's CTC saw, whatever is decoded after them.
+        """
+        h_last, cache, pos, h = self._stt_prefill(mel, mel_len, max_new)
+        return h_last, cache, pos, self.ctc_log_probs(h[:, : mel.shape[1]])
+
+    def _stt_prefill(self, mel: torch.Tensor, mel_len: torch.Tensor, max_new: int):
         prepare_for_decoding(self)
         B, T, _ = mel.shape
         frame_valid = lengths_to_mask(mel_len, T)
@@ -394,22 +411,8 @@ class MELD(nn.Module):
         x = torch.cat([frame_emb, stt_emb], dim=1)
         valid = torch.cat([frame_valid, stt_valid], dim=1)
         # <STT> is every row's last token
-        return self.backbone.prefill(x, valid, T, max_new, bidirectional_prefix=self._stt_prefix(T))
-
-    @torch.no_grad()
-    def stt_ctc_log_probs(self, mel: torch.Tensor, mel_len: torch.Tensor) -> torch.Tensor:
-        """The CTC head's (T, B, 1 + n_text) log-probs over the given frames, for joint CTC/attention
-        decoding (only meaningful for a model trained with ``stt_ctc``).
-
-        The frame states are those of training's teacher-forced pass (with no text): frames never attend
-        to ``<STT>`` or the text, so they do not depend on what is decoded. It costs one more pass over the
-        frames beside :meth:`stt_prefix`, whose cache keeps only the keys and values.
-        """
-        prepare_for_decoding(self)
-        B = mel.shape[0]
-        no_text = torch.zeros(B, 0, dtype=torch.long, device=mel.device)
-        frame_hidden = self.forward_stt(mel, mel_len, no_text, no_text.new_zeros(B)).frame_hidden  # (B, T, d)
-        return self.ctc_log_probs(frame_hidden)
+        return self.backbone.prefill(x, valid, T, max_new, bidirectional_prefix=self._stt_prefix(T),
+                                     return_states=True)
 
     def embed_stt_frames(self, mel: torch.Tensor, frame_valid: torch.Tensor) -> torch.Tensor:
         """STT's frame embeddings: E without dropout (no prenet dropout in STT), then the front end if any."""
