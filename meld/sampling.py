@@ -28,14 +28,9 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Nucleus filtering: keep the smallest set of tokens whose probability mass reaches p (p >= 1 keeps all)."""
     if p >= 1.0:
         return logits
-    if p <= 0:
-        raise ValueError(f"top_p must be in (0, 1], got {p}")
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    probs = sorted_logits.softmax(-1)
-    mass_before = probs.cumsum(-1) - probs  # mass of strictly better tokens
-    drop_sorted = mass_before >= p  # the best token always stays
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
+    kept_sorted = top_p_filter_sorted(sorted_logits, p)
+    return torch.empty_like(logits).scatter(-1, order, kept_sorted)  # back to vocabulary order
 
 
 def top_p_filter_sorted(sorted_logits: torch.Tensor, p: float) -> torch.Tensor:
@@ -45,8 +40,8 @@ def top_p_filter_sorted(sorted_logits: torch.Tensor, p: float) -> torch.Tensor:
     if p <= 0:
         raise ValueError(f"top_p must be in (0, 1], got {p}")
     probs = sorted_logits.softmax(-1)
-    mass_before = probs.cumsum(-1) - probs
-    return sorted_logits.masked_fill(mass_before >= p, float("-inf"))
+    mass_before = probs.cumsum(-1) - probs  # mass of strictly better tokens
+    return sorted_logits.masked_fill(mass_before >= p, float("-inf"))  # the best token always stays
 
 
 def repetition_penalty(logits: torch.Tensor, previous_candidates: torch.Tensor | None, penalty: float) -> torch.Tensor:
