@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_batch, tiny_meld
 
 from meld.generate import stt_beam_search
-from meld.models.layers import spec_augment
+from meld.models.layers import spec_augment, voice_perturb
 from meld.models.vocab import EOS
 from meld.training import build_optimizer, build_scheduler, train_step
 
@@ -29,6 +29,79 @@ def test_spec_augment_masks_stay_within_bounds():
             assert torch.equal(out[b, n:], mel[b, n:])  # padding untouched
     assert torch.equal(mel[0, 0], mel[0, 0])  # input not modified in place
     assert (mel != 0).all()
+
+
+def test_voice_perturb_off_is_identity_and_bad_ranges_are_refused():
+    mel, lengths = torch.randn(2, 30, 80), torch.tensor([30, 17])
+    out, out_len = voice_perturb(mel, lengths, max_warp=0.0, max_speed=0.0, max_tilt=0.0)
+    assert torch.equal(out, mel) and torch.equal(out_len, lengths)
+    for bad in ({"max_warp": 1.0}, {"max_speed": -0.1}, {"max_tilt": float("nan")}):
+        kw = {"max_warp": 0.0, "max_speed": 0.0, "max_tilt": 0.0} | bad
+        with pytest.raises(ValueError, match="stt_"):
+            voice_perturb(mel, lengths, **kw)
+    with pytest.raises(ValueError, match="stt_voice_warp"):
+        tiny_meld(stt_voice_warp=1.5)
+
+
+def test_voice_warp_and_tilt_stay_within_their_ranges():
+    g = torch.Generator().manual_seed(0)
+    C = 80
+    ramp = torch.arange(C, dtype=torch.float32).expand(4, 25, C).clone()  # value = channel index
+    lengths = torch.tensor([25, 25, 10, 3])
+    for _ in range(10):
+        out, out_len = voice_perturb(ramp, lengths, max_warp=0.1, max_speed=0.0, max_tilt=0.0, generator=g)
+        assert torch.equal(out_len, lengths)
+        for b, n in enumerate(lengths.tolist()):
+            # a linear function survives linear interpolation exactly: channel c reads min(c * a, C - 1)
+            a = float(out[b, 0, 1])
+            assert 0.9 - 1e-6 <= a <= 1.1 + 1e-6
+            expected = (torch.arange(C) * a).clamp(max=C - 1)
+            assert torch.allclose(out[b, :n], expected.expand(n, C), atol=1e-4)
+            assert (out[b, n:] == 0).all()
+        out, _ = voice_perturb(ramp, lengths, max_warp=0.0, max_speed=0.0, max_tilt=2.0, generator=g)
+        for b, n in enumerate(lengths.tolist()):
+            added = out[b, :n] - ramp[b, :n]
+            assert torch.allclose(added, added[0].expand(n, C))  # the same tilt in every frame
+            slope = added[0, 1:] - added[0, :-1]
+            assert torch.allclose(slope, slope[0].expand(C - 1), atol=1e-5)  # a straight line over channels
+            assert abs(float(added[0, -1] - added[0, 0])) <= 2.0 + 1e-5  # end to end at most max_tilt
+            assert abs(float(added[0].mean())) < 1e-4  # centred: the mean level is kept
+
+
+def test_voice_speed_perturbation_resamples_time_within_range():
+    g = torch.Generator().manual_seed(1)
+    T = 100
+    ramp = torch.arange(T, dtype=torch.float32)[None, :, None].expand(3, T, 80).clone()  # value = frame index
+    lengths = torch.tensor([100, 64, 7])
+    seen = set()
+    for _ in range(20):
+        out, out_len = voice_perturb(ramp, lengths, max_warp=0.0, max_speed=0.2, max_tilt=0.0, generator=g)
+        assert out.shape[1] == int(out_len.max())
+        for b, n in enumerate(lengths.tolist()):
+            m = int(out_len[b])
+            assert round(n / 1.2) <= m <= round(n / 0.8)
+            steps = out[b, 1:m, 0] - out[b, : m - 1, 0]
+            if m > 2:  # constant step s (the speed) until the last frame clamps at n - 1
+                s = float(steps[0])
+                assert 0.8 - 1e-5 <= s <= 1.2 + 1e-5
+                seen.add(round(s, 2))
+            assert float(out[b, :m, 0].max()) <= n - 1 + 1e-5 and (out[b, m:] == 0).all()
+    assert len(seen) > 5  # the speed varies between draws
+
+
+def test_meld_stt_training_with_voice_perturbation_keeps_whole_frame_groups():
+    model, _ = tiny_meld(reduction=2, stt_ctc=True, stt_voice_warp=0.1, stt_speed_perturb=0.2, stt_spectral_tilt=1.0)
+    batch = tiny_batch(reduction=2, B=3, T=12)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(5):
+        mel, mel_len = model.augment(batch["mel"], batch["mel_len"], g)
+        assert mel.shape[2] == 160 and mel.shape[1] == int(mel_len.max())
+        for b, n in enumerate(mel_len.tolist()):
+            assert (mel[b, n:] == 0).all()
+            assert round(int(batch["mel_len"][b]) * 2 / 1.2) // 2 <= n <= round(int(batch["mel_len"][b]) * 2 / 0.8) // 2 + 1
+    losses = model.compute_losses(batch, "stt", g)
+    assert set(losses) == {"loss/stt_ce", "loss/stt_ctc"} and all(torch.isfinite(v) for v in losses.values())
 
 
 def _greedy(model, mel, mel_len, max_tokens=30):

@@ -158,3 +158,71 @@ def spec_augment(
                 t0 = int(torch.randint(0, max(1, n - w + 1), (1,), generator=generator))
                 out[b, t0 : t0 + w] = 0.0
     return out
+
+
+def voice_perturb(
+    mel: torch.Tensor,
+    lengths: torch.Tensor,
+    *,
+    max_warp: float,
+    max_speed: float,
+    max_tilt: float,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random voice and tempo changes on (B, T, C) log-mel frames; returns new frames and lengths.
+
+    The mini corpus trains on few recorded people (kal, rms, slt), so an STT model meets a new
+    person's formants and tempo for the first time at ``test_unseen``. Per utterance:
+
+    - frequency warp (VTLP-style, on the mel-channel axis): channel ``c`` reads channel
+      ``c * a`` (linear interpolation, clamped), ``a ~ U(1 - max_warp, 1 + max_warp)``;
+      shifting formants as a longer or shorter vocal tract would;
+    - spectral tilt: ``t * (c / (C - 1) - 0.5)`` added, ``t ~ U(-max_tilt, max_tilt)`` in the
+      frames' own units: a brighter or duller voice or channel;
+    - tempo: frames resampled in time by ``s ~ U(1 - max_speed, 1 + max_speed)`` (the new length
+      is ``round(n / s)``), pitch and spectrum kept.
+
+    All zero: frames and lengths come back unchanged. Padding in the output is zero.
+    """
+    check_voice_perturb(max_warp, max_speed, max_tilt)
+    if max_warp == max_speed == max_tilt == 0.0:
+        return mel, lengths
+    B, T, C = mel.shape
+
+    def uniform(half_width: float) -> float:
+        return float((torch.rand((), generator=generator) * 2 - 1) * half_width)
+
+    channels = torch.arange(C, dtype=mel.dtype, device=mel.device)
+    rows, new_lengths = [], []
+    for b in range(B):
+        x = mel[b, : int(lengths[b])]
+        warp, tilt, speed = 1.0 + uniform(max_warp), uniform(max_tilt), 1.0 + uniform(max_speed)
+        if max_warp:
+            x = _interpolate_rows(x.T, (channels * warp).clamp(max=C - 1)).T
+        if max_tilt:
+            x = x + tilt * (channels / (C - 1) - 0.5)
+        if max_speed and x.shape[0] > 1:
+            n = max(1, round(x.shape[0] / speed))
+            x = _interpolate_rows(x, (torch.arange(n, dtype=mel.dtype, device=mel.device) * speed).clamp(max=x.shape[0] - 1))
+        rows.append(x)
+        new_lengths.append(x.shape[0])
+    out = mel.new_zeros(B, max(new_lengths), C)
+    for b, x in enumerate(rows):
+        out[b, : x.shape[0]] = x
+    return out, torch.tensor(new_lengths, dtype=lengths.dtype, device=lengths.device)
+
+
+def check_voice_perturb(max_warp: float, max_speed: float, max_tilt: float) -> None:
+    """Refuse ranges :func:`voice_perturb` cannot use, naming the setting."""
+    for name, value, upper in (("stt_voice_warp", max_warp, 1.0), ("stt_speed_perturb", max_speed, 1.0),
+                               ("stt_spectral_tilt", max_tilt, float("inf"))):
+        if not 0.0 <= value < upper:
+            raise ValueError(f"{name} must be in [0, {upper:g}), got {value!r}")
+
+
+def _interpolate_rows(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` (N, D) read at fractional ``positions`` (M,) in [0, N-1], linearly: (M, D)."""
+    lo = positions.floor().long()
+    hi = (lo + 1).clamp(max=x.shape[0] - 1)
+    w = (positions - lo.to(positions.dtype)).unsqueeze(1)
+    return x[lo] * (1 - w) + x[hi] * w

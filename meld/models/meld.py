@@ -18,7 +18,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from meld.models.backbone import Backbone, KVCache, lengths_to_mask, packed_positions, prepare_for_decoding
-from meld.models.layers import ConvFrontEnd, MelEncoder, Postnet, group_frames, spec_augment, ungroup_frames
+from meld.models.layers import (
+    ConvFrontEnd,
+    MelEncoder,
+    Postnet,
+    check_voice_perturb,
+    group_frames,
+    spec_augment,
+    ungroup_frames,
+    voice_perturb,
+)
 from meld.models.vocab import EOS, PAD, STT, TTS, UnionEmbedding, UnionVocab
 from meld.sampling import repetition_penalty, sample, top_k_mask
 
@@ -89,6 +98,9 @@ class MELD(nn.Module):
             LM over the given audio; not in the paper, docs/decisions.md). TTS stays causal.
         stt_frontend_layers, stt_frontend_kernel: residual convolutions over STT's embedded frames
             (0 layers: none, as in the paper; docs/decisions.md).
+        stt_voice_warp, stt_speed_perturb, stt_spectral_tilt: random voice changes on STT inputs while
+            training, before SpecAugment (:func:`voice_perturb`; 0: off, as in the paper;
+            docs/decisions.md).
     """
 
     system = "meld"
@@ -121,9 +133,14 @@ class MELD(nn.Module):
         stt_bidirectional_frames: bool = False,
         stt_frontend_layers: int = 0,
         stt_frontend_kernel: int = 5,
+        stt_voice_warp: float = 0.0,
+        stt_speed_perturb: float = 0.0,
+        stt_spectral_tilt: float = 0.0,
     ):
         super().__init__()
         self.stt_ctc = stt_ctc
+        check_voice_perturb(stt_voice_warp, stt_speed_perturb, stt_spectral_tilt)
+        self.voice_perturb = dict(max_warp=stt_voice_warp, max_speed=stt_speed_perturb, max_tilt=stt_spectral_tilt)
         self.stt_bidirectional_frames = stt_bidirectional_frames
         self.specaug = dict(freq_masks=specaug_freq_masks, freq_width=specaug_freq_width, time_masks=specaug_time_masks,
                             time_width=specaug_time_width, max_time_fraction=specaug_max_time_fraction)
@@ -257,12 +274,14 @@ class MELD(nn.Module):
                 "loss/slowness": slowness_penalty(out.mel_post, out.frame_mask),
             }
         if task == "stt":
-            mel = self.augment(batch["mel"], batch["mel_len"], generator) if self.training else batch["mel"]
-            out = self.forward_stt(mel, batch["mel_len"], batch["text"], batch["text_len"])
+            mel, mel_len = batch["mel"], batch["mel_len"]
+            if self.training:
+                mel, mel_len = self.augment(mel, mel_len, generator)
+            out = self.forward_stt(mel, mel_len, batch["text"], batch["text_len"])
             ce = F.cross_entropy(out.logits.flatten(0, 1).float(), out.targets.flatten(), ignore_index=PAD)
             losses = {"loss/stt_ce": ce}
             if self.stt_ctc:
-                losses["loss/stt_ctc"] = self.ctc_loss(out.frame_hidden, batch["mel_len"], batch["text"],
+                losses["loss/stt_ctc"] = self.ctc_loss(out.frame_hidden, mel_len, batch["text"],
                                                        batch["text_len"])
             return losses
         if task == "joint":  # half the batch speaks (TTS), the other half is transcribed (STT)
@@ -273,12 +292,20 @@ class MELD(nn.Module):
             return losses
         raise ValueError(f"unknown task {task!r} (expected 'tts', 'stt' or 'joint')")
 
-    def augment(self, mel: torch.Tensor, mel_len: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """SpecAugment on grouped frames, applied in the 80-channel, 62.5 Hz view."""
+    def augment(self, mel: torch.Tensor, mel_len: torch.Tensor,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Voice perturbation, then SpecAugment, on grouped frames, applied in the 80-channel,
+        62.5 Hz view: returns the frames and their (possibly changed) grouped lengths."""
         r = self.frame_dim // 80
-        flat = ungroup_frames(mel, r)  # (B, T*r, 80)
-        flat = spec_augment(flat, mel_len * r, generator=generator, **self.specaug)
-        return group_frames(flat, r)
+        flat, flat_len = ungroup_frames(mel, r), mel_len * r  # (B, T*r, 80)
+        flat, flat_len = voice_perturb(flat, flat_len, generator=generator, **self.voice_perturb)
+        if not torch.equal(flat_len, mel_len * r):  # tempo changed: whole groups of r frames only
+            flat_len = (flat_len // r).clamp(min=1) * r
+            T = int(flat_len.max())
+            flat = F.pad(flat[:, :T], (0, 0, 0, T - min(T, flat.shape[1])))
+            flat = flat * (torch.arange(T, device=flat.device)[None, :, None] < flat_len[:, None, None])
+        flat = spec_augment(flat, flat_len, generator=generator, **self.specaug)
+        return group_frames(flat, r), flat_len // r
 
     # ------------------------------------------------------------------ inference
     def _code_logits(self, h: torch.Tensor) -> torch.Tensor:
