@@ -55,8 +55,11 @@ def main(argv=None) -> int:
                            int(state["model_kwargs"]["frame_dim"]) // 80, weight)
         out = evaluate_stt(stt, features, cfg)
         results[weight] = {split: v["wer"] for split, v in out.items()}
+        per_speaker = {split: v["per_speaker"] for split, v in out.items()}
         print(f"ctc weight {weight:g}: " + ", ".join(f"{s} {w:.1%}" for s, w in results[weight].items())
               + f" ({time.time() - t0:.0f} s)", flush=True)
+        for split, by in per_speaker.items():
+            print(f"    {split}: " + ", ".join(f"{spk} {w:.1%}" for spk, w in by.items()), flush=True)
     print(json.dumps(results))
     return 0
 

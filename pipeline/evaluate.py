@@ -354,8 +354,14 @@ def evaluate_stt(stt, features: Path, cfg: EvaluateConfig) -> dict:
         hyps = transcribe_mels(stt, [store[i] for i in idx], beam=cfg.stt_beam_size, batch_size=cfg.batch_size,
                                tokens_per_second=cfg.stt_max_tokens_per_second)
         refs = [store.index[i]["text"] for i in idx]
-        out[split] = wer_details(refs, hyps) | {"examples": [{"ref": r, "hyp": h} for r, h in list(zip(refs, hyps))[:5]]}
-        print(f"STT {split}: WER {out[split]['wer']:.1%} over {len(idx)} utterances")
+        speakers = [store.index[i].get("speaker", "?") for i in idx]
+        per_speaker = {s: wer_details([r for r, k in zip(refs, speakers) if k == s],
+                                      [h for h, k in zip(hyps, speakers) if k == s])["wer"]
+                       for s in sorted(set(speakers))}
+        out[split] = wer_details(refs, hyps) | {"per_speaker": per_speaker,
+                                                "examples": [{"ref": r, "hyp": h} for r, h in list(zip(refs, hyps))[:5]]}
+        print(f"STT {split}: WER {out[split]['wer']:.1%} over {len(idx)} utterances ("
+              + ", ".join(f"{s} {w:.1%}" for s, w in per_speaker.items()) + ")")
     return out
 
 
@@ -483,6 +489,8 @@ def write_results(args, params: dict, metrics: dict, all_rows: list[dict], out: 
             mlflow.log_metrics({f"eval/{split}/{k}": float(v) for k, v in s.items() if isinstance(v, (int, float))})
         for split, s in metrics.get("stt", {}).items():
             mlflow.log_metrics({f"eval/stt/{split}/{k}": float(v) for k, v in s.items() if isinstance(v, (int, float))})
+            mlflow.log_metrics({f"eval/stt/{split}/wer_by_speaker/{spk}": float(w)
+                                for spk, w in s.get("per_speaker", {}).items()})
         mlflow.log_artifacts(str(out / "samples"), "eval/samples") if (out / "samples").is_dir() else None
         mlflow.log_artifacts(str(out / "plots"), "eval/plots") if (out / "plots").is_dir() else None
         mlflow.log_artifact(args.metrics, "eval")

@@ -92,6 +92,9 @@ def test_whole_dag_runs_and_reruns_only_what_changed(tmp_path):
     assert 0.0 <= split["wer_meld_stt_judge"] and 0.0 <= split["wer_ground_truth_meld_stt_judge"]
     stt = json.loads((work / "metrics" / "meld_stt.json").read_text())
     assert stt["task"] == "stt" and stt["stt"]["test"]["ref_words"] > 0 and not stt["splits"]
+    test_speakers = {json.loads(line)["speaker"] for line in
+                     (work / "data" / "features" / "test" / "index.jsonl").read_text().splitlines()}
+    assert set(stt["stt"]["test"]["per_speaker"]) == test_speakers  # every test speaker scored on its own
     assert (work / "models" / "meld" / "model.pt").is_file()
     summary = (work / "reports" / "summary.md").read_text()
     assert "| meld | test_unseen |" in summary and "| mel_lm | test_unseen |" in summary
