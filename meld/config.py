@@ -260,6 +260,10 @@ class TrainConfig(Section):
     )
     task: str = "tts"
     stt_warmup_steps: int = 0
+    # start from these weights (a model.pt or training checkpoint of a model with the same shapes) at
+    # step 0 with a fresh optimiser and this section's schedule: fine-tuning, or a finished run continued
+    # on a new schedule. Not a DVC dependency by itself: list the file in the stage's deps if it changes.
+    init_from: str | None = None
 
     def validate(self) -> None:
         if self.num_workers < 1:

@@ -195,6 +195,7 @@ def train_worker(config: dict) -> None:
         NonFiniteLoss,
         build_optimizer,
         build_scheduler,
+        load_checkpoint,
         restore_training_state,
         save_checkpoint,
         train_step,
@@ -247,6 +248,11 @@ def train_worker(config: dict) -> None:
         step = restore_training_state(state, model, optimizer, scheduler)
         sampler.load_state_dict(state["sampler"])
         print(f"[rank {rank}] resuming {system} from step {step} ({source})", flush=True)
+    elif tc.get("init_from"):  # weights only: the optimiser and schedule start afresh
+        model.load_state_dict(load_checkpoint(tc["init_from"])["model"])
+        if "codebook" in config:  # this run's data decides what the codes mean
+            model.set_codebook(torch.from_numpy(np.load(config["codebook"])))
+        print(f"[rank {rank}] {system} starts from the weights of {tc['init_from']}", flush=True)
     last_ckpt_step = step if state is not None else None
     torch.manual_seed(tc["seed"] * 100_003 + rank * 7919 + step)  # distinct dropout per rank, reproducible
     # parameters a task leaves unused (MELD's recon/postnet under STT, dMel's text head under TTS)
@@ -502,6 +508,8 @@ def build_config(
     out = Path(out).resolve()
     train = train_cfg.to_dict()
     train["loss_weights"] = dict(train["loss_weights"])
+    if train_cfg.init_from:
+        train["init_from"] = str(_check_init_from(train_cfg.init_from, system, kwargs))
     if system == "codec_lm":
         data = _code_data(codes, kwargs)
         data_id = [(Path(data["train_store"]) / "index.jsonl").stat().st_size, data["codec"]["state_sha256"]]
@@ -530,6 +538,29 @@ def build_config(
     }
     config["fingerprint"] = fingerprint({k: config[k] for k in ("system", "model_kwargs", "train")} | {"data": data_id})
     return config
+
+
+def _check_init_from(path: str | Path, system: str, model_kwargs: dict) -> Path:
+    """``train.init_from``, checked before any worker starts: the file exists, holds a model of the
+    same class (``meld``, ``meld_stt`` and ``meld_joint`` share one), and every weight has the shape
+    this run's model expects."""
+    from meld.models.builders import build_model, model_class
+    from meld.training import load_checkpoint
+
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"train.init_from: {path} does not exist")
+    state = load_checkpoint(path)
+    if model_class(state["system"]) is not model_class(system):
+        raise ValueError(f"train.init_from: {path} holds a {state['system']} model; {system} cannot start from it")
+    expected = {k: tuple(v.shape) for k, v in build_model(system, model_kwargs).state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state["model"].items()}
+    wrong = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
+    if wrong:
+        detail = ", ".join(f"{k}: {found.get(k, 'missing')} vs {expected.get(k, 'not in this model')}" for k in wrong[:5])
+        raise ValueError(f"train.init_from: {path} does not fit this {system} model ({len(wrong)} weights differ: "
+                         f"{detail}{', ...' if len(wrong) > 5 else ''}); model settings must match the run it came from")
+    return path
 
 
 def _code_data(codes: str | Path | None, model_kwargs: dict) -> dict:

@@ -174,7 +174,7 @@ def crashed_run(data, tmp_path_factory):
     t0 = time.time()
     result = run_training(config, num_workers=2, use_gpu=False, storage_path=str(out / "ray"), max_failures=1)
     print(f"(a) run with one worker kill: {time.time() - t0:.1f} s")
-    return {"config": config, "result": result, "marker": marker, "uri": uri, "out": out}
+    return {"config": config, "result": result, "marker": marker, "uri": uri, "out": out, "data": data}
 
 
 @pytest.mark.slow
@@ -215,6 +215,37 @@ def test_truncated_checkpoint_is_skipped(crashed_run, tmp_path):
     assert load_checkpoint(newest)["step"] == 4  # rewritten whole
     run_id = (ckpt_dir / "mlflow_run_id").read_text().strip()
     assert metric_history(crashed_run["uri"], run_id, "train/resume_step") == [(2, 2.0)]
+
+
+@pytest.mark.slow
+def test_init_from_starts_a_new_run_from_finished_weights(crashed_run, tmp_path):
+    import torch
+
+    from meld.training import latest_good_checkpoint, load_checkpoint
+    from ray_jobs.train import run_training
+
+    source = Path(crashed_run["config"]["checkpoint_dir"]) / "step-4.pt"
+    # lr 0: AdamW leaves every weight where it started, so the run's weights must be the source's
+    config = tiny_config(crashed_run["data"], tmp_path / "model", init_from=str(source), max_steps=2, lr=0.0)
+    config["mlflow_tracking_uri"] = crashed_run["uri"]
+    run_training(config, num_workers=1, use_gpu=False, storage_path=str(tmp_path / "ray"), max_failures=0)
+    ckpt = latest_good_checkpoint(Path(config["checkpoint_dir"]))
+    assert ckpt["step"] == 2  # a new run: steps 1-2, not the source's step 4 onwards
+    start = load_checkpoint(source)["model"]
+    # every weight as the source left it (the postnet's batch-norm statistics move with any forward pass)
+    weights = [k for k in start if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert len(weights) > 20 and all(torch.equal(ckpt["model"][k], start[k]) for k in weights)
+    fresh = tiny_config(crashed_run["data"], tmp_path / "fresh", max_steps=2, lr=0.0)
+    assert fresh["fingerprint"] != config["fingerprint"]  # another starting point: its checkpoints are not resumed
+
+
+def test_init_from_refuses_a_missing_or_misfitting_model(crashed_run, tmp_path):
+    source = Path(crashed_run["config"]["checkpoint_dir"]) / "step-4.pt"
+    with pytest.raises(FileNotFoundError, match="train.init_from: .*nowhere.pt does not exist"):
+        tiny_config(crashed_run["data"], tmp_path / "a", init_from=str(tmp_path / "nowhere.pt"))
+    wider = {**TINY_PARAMS, "model": {**TINY_PARAMS["model"], "d_ff": TINY_PARAMS["model"]["d_ff"] * 2}}
+    with pytest.raises(ValueError, match=r"does not fit this meld model \(\d+ weights differ: backbone\..*fc"):
+        tiny_config(crashed_run["data"], tmp_path / "b", params=wider, init_from=str(source))
 
 
 @pytest.mark.slow
