@@ -66,6 +66,21 @@ def stt_table(all_metrics: list[dict]) -> list[str]:
     return lines
 
 
+def stt_speaker_table(all_metrics: list[dict]) -> list[str]:
+    """STT WER per split and speaker (rows) for every STT-capable system (columns): where a
+    system's errors sit, e.g. new recorded people in ``test_unseen`` against the seen voices."""
+    rows = [m for m in all_metrics if any(v.get("per_speaker") for v in (m.get("stt") or {}).values())]
+    if not rows:
+        return []
+    lines = ["| split | speaker | " + " | ".join(m["system"] for m in rows) + " |", "|" + "---|" * (2 + len(rows))]
+    for split in sorted({s for m in rows for s in m["stt"]}):
+        speakers = sorted({spk for m in rows for spk in m["stt"].get(split, {}).get("per_speaker", {})})
+        for spk in speakers:
+            cells = [m["stt"].get(split, {}).get("per_speaker", {}).get(spk) for m in rows]
+            lines.append(f"| {split} | {spk} | " + " | ".join("–" if c is None else f"{c:.1%}" for c in cells) + " |")
+    return lines
+
+
 def silence_statement(all_metrics: list[dict]) -> list[str]:
     """Does MELD generate less prolonged silence than Mel-LM and MELLE? Said with the numbers, either way."""
     by = {m["system"]: m.get("splits", {}) for m in all_metrics if m.get("splits")}
@@ -147,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     stt = stt_table(metrics)
     if stt:
         lines += ["", "## STT (beam search)", ""] + stt
+        by_speaker = stt_speaker_table(metrics)
+        if by_speaker:
+            lines += ["", "### STT WER by speaker", ""] + by_speaker
     if args.tune and Path(args.tune).is_file():
         tune = json.loads(Path(args.tune).read_text())
         lines += ["", "## Ray Tune sweep", "", f"best trial: `{tune.get('best_config')}` objective {tune.get('best_objective')}",

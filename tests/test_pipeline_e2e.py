@@ -100,6 +100,7 @@ def test_whole_dag_runs_and_reruns_only_what_changed(tmp_path):
     assert "| meld | test_unseen |" in summary and "| mel_lm | test_unseen |" in summary
     sweep = json.loads((work / "reports" / "tune.json").read_text())
     assert len(sweep["trials"]) == 2 and sweep["best_config"]["reduction_factor"] == 2
+    assert all(f"| test | {spk} |" in summary for spk in test_speakers)  # the STT-by-speaker table
     assert "## Ray Tune sweep" in summary and (work / "reports" / "tune.png").is_file()
 
     second = _repro(work, env)
