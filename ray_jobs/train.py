@@ -553,7 +553,10 @@ def _check_init_from(path: str | Path, system: str, model_kwargs: dict) -> Path:
     state = load_checkpoint(path)
     if model_class(state["system"]) is not model_class(system):
         raise ValueError(f"train.init_from: {path} holds a {state['system']} model; {system} cannot start from it")
-    expected = {k: tuple(v.shape) for k, v in build_model(system, model_kwargs).state_dict().items()}
+    import torch
+
+    with torch.device("meta"):  # shapes only: no memory or initialisation for a paper-size model
+        expected = {k: tuple(v.shape) for k, v in build_model(system, model_kwargs).state_dict().items()}
     found = {k: tuple(v.shape) for k, v in state["model"].items()}
     wrong = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
     if wrong:

@@ -87,6 +87,8 @@ def test_voice_speed_perturbation_resamples_time_within_range():
                 seen.add(round(s, 2))
             assert float(out[b, :m, 0].max()) <= n - 1 + 1e-5 and (out[b, m:] == 0).all()
     assert len(seen) > 5  # the speed varies between draws
+    _, out_len = voice_perturb(ramp, lengths, max_warp=0.0, max_speed=0.2, max_tilt=0.0, length_multiple=4, generator=g)
+    assert (out_len % 4 == 0).all() and (out_len >= 4).all() and (out_len <= torch.round(lengths / 0.8)).all()
 
 
 def test_meld_stt_training_with_voice_perturbation_keeps_whole_frame_groups():

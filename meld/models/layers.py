@@ -167,6 +167,7 @@ def voice_perturb(
     max_warp: float,
     max_speed: float,
     max_tilt: float,
+    length_multiple: int = 1,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Random voice and tempo changes on (B, T, C) log-mel frames; returns new frames and lengths.
@@ -180,7 +181,8 @@ def voice_perturb(
     - spectral tilt: ``t * (c / (C - 1) - 0.5)`` added, ``t ~ U(-max_tilt, max_tilt)`` in the
       frames' own units: a brighter or duller voice or channel;
     - tempo: frames resampled in time by ``s ~ U(1 - max_speed, 1 + max_speed)`` (the new length
-      is ``round(n / s)``), pitch and spectrum kept.
+      is ``round(n / s)``, rounded down to a multiple of ``length_multiple``, at least one), pitch
+      and spectrum kept.
 
     All zero: frames and lengths come back unchanged. Padding in the output is zero.
     """
@@ -202,7 +204,7 @@ def voice_perturb(
         if max_tilt:
             x = x + tilt * (channels / (C - 1) - 0.5)
         if max_speed and x.shape[0] > 1:
-            n = max(1, round(x.shape[0] / speed))
+            n = max(length_multiple, round(x.shape[0] / speed) // length_multiple * length_multiple)
             x = _interpolate_rows(x, (torch.arange(n, dtype=mel.dtype, device=mel.device) * speed).clamp(max=x.shape[0] - 1))
         rows.append(x)
         new_lengths.append(x.shape[0])

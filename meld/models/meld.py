@@ -298,12 +298,8 @@ class MELD(nn.Module):
         62.5 Hz view: returns the frames and their (possibly changed) grouped lengths."""
         r = self.frame_dim // 80
         flat, flat_len = ungroup_frames(mel, r), mel_len * r  # (B, T*r, 80)
-        flat, flat_len = voice_perturb(flat, flat_len, generator=generator, **self.voice_perturb)
-        if not torch.equal(flat_len, mel_len * r):  # tempo changed: whole groups of r frames only
-            flat_len = (flat_len // r).clamp(min=1) * r
-            T = int(flat_len.max())
-            flat = F.pad(flat[:, :T], (0, 0, 0, T - min(T, flat.shape[1])))
-            flat = flat * (torch.arange(T, device=flat.device)[None, :, None] < flat_len[:, None, None])
+        # a tempo change keeps whole groups of r frames
+        flat, flat_len = voice_perturb(flat, flat_len, length_multiple=r, generator=generator, **self.voice_perturb)
         flat = spec_augment(flat, flat_len, generator=generator, **self.specaug)
         return group_frames(flat, r), flat_len // r
 
