@@ -8,6 +8,7 @@ reruns nothing, and a training parameter change reruns only train -> evaluate ->
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -87,7 +88,9 @@ def test_whole_dag_runs_and_reruns_only_what_changed(tmp_path):
                                   "tune", "report"}
     metrics = json.loads((work / "metrics" / "meld.json").read_text())
     split = metrics["splits"]["test_unseen"]
-    assert split["generations"] == 1 and split["duration_ratio"] > 0
+    # an untrained tiny model may sample <EOS> at once (ratio 0, seen in a clean clone): what is
+    # checked here is that the generation was scored, not how long it was
+    assert split["generations"] == 1 and math.isfinite(split["duration_ratio"]) and split["duration_ratio"] >= 0
     assert "wer" in split and 0.0 <= split["wer_ground_truth_vocoded"] <= 1.5
     assert 0.0 <= split["wer_meld_stt_judge"] and 0.0 <= split["wer_ground_truth_meld_stt_judge"]
     stt = json.loads((work / "metrics" / "meld_stt.json").read_text())

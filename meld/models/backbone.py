@@ -13,6 +13,7 @@ Batches may be left- or right-padded: ``key_valid`` (B, T) marks real positions,
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -63,6 +64,28 @@ def prepare_for_decoding(model: nn.Module) -> None:
         if w is not None and w.device.type == "cpu" and w.dim() == 2 and w.is_contiguous() and min(w.shape) > 1:
             with torch.no_grad():
                 m.weight.data = w.data.t().contiguous().t()
+
+
+@contextlib.contextmanager
+def decoding_kernels(device: torch.device | str):
+    """ATen's own CPU kernels, not oneDNN's, inside a decoding loop (a no-op off the CPU).
+
+    For contiguous fp32 CPU input, GELU goes through a oneDNN primitive whose fixed cost is
+    ~12 us on this machine: 14.6 us for one decoding row of 768 values against 2.2 us from
+    ATen's kernel (1 thread), four times per step in the tiny model, ~9 % of its batch-1
+    decoding time (docs/results.md, issue 6). The two kernels agree to float rounding (1.2e-6 on
+    GELU). The switch is process-wide for the loop's duration (torch has no per-thread one), so
+    a conv running in another thread meanwhile would also skip oneDNN: slower, never wrong.
+    """
+    if torch.device(device).type != "cpu":
+        yield
+        return
+    before = torch.backends.mkldnn.enabled  # (not mkldnn.flags(): it warns about TF32 on every entry)
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
 
 
 class KVCache:

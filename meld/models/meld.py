@@ -17,7 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meld.models.backbone import Backbone, KVCache, lengths_to_mask, packed_positions, prepare_for_decoding
+from meld.models.backbone import (
+    Backbone,
+    KVCache,
+    decoding_kernels,
+    lengths_to_mask,
+    packed_positions,
+    prepare_for_decoding,
+)
 from meld.models.layers import (
     ConvFrontEnd,
     MelEncoder,
@@ -363,7 +370,7 @@ class MELD(nn.Module):
         # the decoding loop in inference mode: no version counters or view tracking on its ~200 small
         # ops per step, 8 % of a tiny model's batch-1 step on CPU. The cache and buffers were made
         # outside it (updated in place here); what leaves the loop is read-only.
-        with torch.inference_mode():
+        with torch.inference_mode(), decoding_kernels(device):  # and ATen's kernels: see decoding_kernels
             for step in range(max_frames + 1):
                 logits = self._code_logits(h_last)  # (b, 1+K)
                 logits = repetition_penalty(logits, prev_cand, repetition_penalty_value)
