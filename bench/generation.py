@@ -135,9 +135,9 @@ def build(config: str):
 
         step_times: list
 
-        def _code_logits(self, h):
+        def _code_logits(self, h, tts_head=None):
             self.step_times.append(now())
-            logits = super()._code_logits(h)
+            logits = super()._code_logits(h, tts_head)
             logits[:, 0] = float("-inf")  # column 0 is <EOS>
             return logits
 

@@ -227,6 +227,47 @@ def test_decoding_layout_keeps_values_and_outputs_and_training_still_works():
     assert last["loss/ce"] < first["loss/ce"]
 
 
+def test_tts_head_gives_the_code_logits_of_the_full_head_in_both_layouts():
+    from meld.models.backbone import prepare_for_decoding
+
+    model, _ = tiny_meld(reduction=2)
+    model.eval()
+    h = torch.randn(4, model.backbone.d_model, generator=torch.Generator().manual_seed(5))
+    for prepared in (False, True):
+        if prepared:
+            prepare_for_decoding(model)
+        weight, bias = model._tts_head()
+        assert weight.shape == (1 + model.codebook.shape[0], model.backbone.d_model)
+        # the layout decoding chose is kept: (in, out)-contiguous once prepared, row-major before
+        assert weight.stride() == ((1, weight.shape[0]) if prepared else (weight.shape[1], 1))
+        with torch.no_grad():
+            full, restricted = model._code_logits(h), model._code_logits(h, (weight, bias))
+        assert restricted.shape == full.shape and rel_error(restricted, full) <= 1e-6
+
+
+def test_decoding_kernels_switch_onednn_off_inside_only_and_agree():
+    import torch.nn.functional as F
+
+    from meld.models.backbone import decoding_kernels
+
+    x = torch.randn(3, 1, 768, generator=torch.Generator().manual_seed(0)) * 3
+    before = torch.backends.mkldnn.enabled
+    reference = F.gelu(x)
+    with decoding_kernels("cpu"):
+        assert not torch.backends.mkldnn.enabled
+        inside = F.gelu(x)
+    assert torch.backends.mkldnn.enabled == before
+    assert rel_error(inside, reference) <= 1e-6
+    try:
+        with decoding_kernels("cpu"):
+            raise KeyboardInterrupt  # an interrupted generation must not leave oneDNN off
+    except KeyboardInterrupt:
+        pass
+    assert torch.backends.mkldnn.enabled == before
+    with decoding_kernels("meta"):  # off the CPU: left alone
+        assert torch.backends.mkldnn.enabled == before
+
+
 def test_keep_mask_dropout_matches_inverted_dropout_statistics():
     from meld.models.layers import keep_mask_dropout
 
@@ -239,3 +280,9 @@ def test_keep_mask_dropout_matches_inverted_dropout_statistics():
     assert abs(float(y.mean()) - 1.0) < 0.02  # unbiased, as F.dropout
     assert torch.equal(keep_mask_dropout(x, 1.0), torch.zeros_like(x))
     assert abs(float((keep_mask_dropout(x, 0.1) != 0).float().mean()) - 0.9) < 0.01
+    # its keep mask is rand >= p from the global generator: the same draws give the same output
+    z = torch.randn(64, 7)
+    torch.manual_seed(1)
+    expected = z * (torch.rand_like(z) >= 0.3) * (1 / 0.7)
+    torch.manual_seed(1)
+    assert torch.equal(keep_mask_dropout(z, 0.3), expected)
