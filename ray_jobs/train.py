@@ -234,6 +234,11 @@ def train_worker(config: dict) -> None:
         dev_batches += [current] if current else []
         dev = (dev_data, dev_batches, dev_store.lengths)
 
+    # the initial weights from train.seed, not from whatever the Ray worker process's global
+    # generator held: unseeded, two runs of one configuration trained different models
+    # (tests/test_faults.py), so a DVC rerun did not reproduce its stage. Every rank builds the same
+    # model; DDP would broadcast rank 0's anyway.
+    torch.manual_seed(tc["seed"])
     model = build_model(system, config["model_kwargs"])
     if "codebook" in config:
         model.set_codebook(torch.from_numpy(np.load(config["codebook"])))

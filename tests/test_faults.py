@@ -249,6 +249,26 @@ def test_init_from_refuses_a_missing_or_misfitting_model(crashed_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_same_configuration_trains_the_same_weights_twice(data, tmp_path, tracking):
+    """A rerun of a train stage reproduces it: two 2-worker runs of one configuration end with
+    bit-identical weights (initialisation, data order, dropout and the DDP all-reduce all seeded)."""
+    ensure_ray()
+    import torch
+
+    from meld.training import latest_good_checkpoint
+    from ray_jobs.train import run_training
+
+    weights = []
+    for name in ("first", "second"):
+        config = tiny_config(data, tmp_path / name, max_steps=3)
+        run_training(config, num_workers=2, use_gpu=False, storage_path=str(tmp_path / name / "ray"), max_failures=0)
+        weights.append(latest_good_checkpoint(Path(config["checkpoint_dir"]))["model"])
+    assert weights[0].keys() == weights[1].keys() and len(weights[0]) > 20
+    differ = [k for k in weights[0] if not torch.equal(weights[0][k], weights[1][k])]
+    assert not differ, f"{len(differ)} of {len(weights[0])} tensors differ, e.g. {differ[:3]}"
+
+
+@pytest.mark.slow
 def test_nan_loss_stops_with_clear_message_and_keeps_checkpoint(data, tmp_path, tracking):
     ensure_ray()
     from meld.training import NonFiniteLoss, latest_good_checkpoint
