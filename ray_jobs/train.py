@@ -261,9 +261,9 @@ def train_worker(config: dict) -> None:
     last_ckpt_step = step if state is not None else None
     torch.manual_seed(tc["seed"] * 100_003 + rank * 7919 + step)  # distinct dropout per rank, reproducible
     # parameters a task leaves unused (MELD's recon/postnet under STT, dMel's text head under TTS)
-    # must be declared to DDP; only MELD doing TTS and Codec-LM (TTS only) touch every parameter
-    every_param_used = tc["task"] == "tts" and (hasattr(model, "codebook") or system == "codec_lm")
-    parallel = {} if every_param_used else {"find_unused_parameters": True}
+    # must be declared to DDP; each model says whether its task reaches every one
+    # (tests/test_ddp_parameters.py checks the declarations against the gradients)
+    parallel = {} if model.uses_every_parameter(tc["task"]) else {"find_unused_parameters": True}
     module = ray.train.torch.prepare_model(module, parallel_strategy_kwargs=parallel)
     autocast = torch.bfloat16 if (use_gpu and tc["bf16"]) else None
 

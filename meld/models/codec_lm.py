@@ -154,6 +154,10 @@ class CodecLM(nn.Module):
         trained = (frame[None] >= 0) & (frame[None] <= codes_len[:, None, None])  # codes and the first <EOS>
         return CodecTTSOutput(self._logits(h), delayed.masked_fill(~trained, -100))
 
+    def uses_every_parameter(self, task: str) -> bool:
+        """Whether a ``task`` batch's loss reaches every parameter: always (TTS is its only task)."""
+        return True
+
     def compute_losses(
         self, batch: dict, task: str = "tts", generator: torch.Generator | None = None
     ) -> dict:

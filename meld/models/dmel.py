@@ -191,6 +191,11 @@ class DMel(nn.Module):
         targets[torch.arange(B, device=mel.device), text_len] = EOS
         return STTOutput(logits, targets)
 
+    def uses_every_parameter(self, task: str) -> bool:
+        """Whether a ``task`` batch's loss reaches every parameter: never (TTS leaves the text head
+        out, STT the bin and <EOS> heads)."""
+        return False
+
     def compute_losses(
         self, batch: dict, task: str = "tts", generator: torch.Generator | None = None
     ) -> dict:

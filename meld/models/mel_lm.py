@@ -162,6 +162,11 @@ class ContinuousFrameLM(nn.Module):
         h = self.backbone(x, packed_positions(valid), valid)  # (B, L+1+T, d)
         return h[:, L:], valid[:, L + 1 :]
 
+    def uses_every_parameter(self, task: str) -> bool:
+        """Whether a ``task`` batch's loss reaches every parameter: always (TTS only; MELLE's KL and
+        flux terms are gated by multiplying with 0 before their start steps, which still reaches them)."""
+        return True
+
     def predict_frame(
         self, h: torch.Tensor, *, zero_latent: bool = False, generator: torch.Generator | None = None
     ) -> torch.Tensor:

@@ -266,6 +266,13 @@ class MELD(nn.Module):
         logits = F.linear(frame_hidden, self.head.weight[rows], self.head.bias[rows]).float()  # (B, T, 1+n_text)
         return logits.log_softmax(-1).transpose(0, 1)  # (T, B, 1+n_text)
 
+    def uses_every_parameter(self, task: str) -> bool:
+        """Whether every batch of a ``task`` run reaches every parameter (DDP may then skip its
+        unused-parameter search). TTS does, unless the STT conv front end exists; STT leaves the
+        reconstruction and postnet out; a joint run starts with TTS-only warm-up batches, which
+        leave the front end out, so it is not declared either."""
+        return task == "tts" and self.stt_frontend is None
+
     def compute_losses(self, batch: dict, task: str = "tts", generator: torch.Generator | None = None) -> dict:
         """Namespaced losses for one batch (unweighted; train_step applies the weights)."""
         if task == "tts":
