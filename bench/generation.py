@@ -439,8 +439,9 @@ def generate_kv_lean(
         return Generation(out, hit_max, codes)
 
 
-def run_path(model, path: str, batch_inputs, max_frames: int, seed: int, dropout: bool = True):
-    """One generation; returns (Generation, wall seconds, step stamps)."""
+def run_path(model, path: str, batch_inputs, max_frames: int, seed: int, dropout: bool = True, kv_cache_dtype=None):
+    """One generation; returns (Generation, wall seconds, step stamps). ``kv_cache_dtype``: the
+    ``kv`` path's cache dtype (None: float32, the default of generation)."""
     import torch
 
     text, text_len, prompt, prompt_len = batch_inputs
@@ -458,6 +459,7 @@ def run_path(model, path: str, batch_inputs, max_frames: int, seed: int, dropout
             max_frames=max_frames,
             generator=g,
             test_time_dropout=dropout,
+            kv_cache_dtype=kv_cache_dtype,
             **sampling_params(),
         )
     elif path == "full":

@@ -29,20 +29,24 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--clock", choices=("wall", "cpu"), default="cpu")
+    p.add_argument("--kv-cache-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="the KV-cached paths' cache dtype (evaluate.kv_cache_dtype); full recompute is float32")
     args = p.parse_args(argv)
 
     from bench import generation as G
+    from meld.models.backbone import check_cache_dtype
 
     G.DATA = Path(args.data).resolve()
     G.set_threads(args.threads)
     G.use_clock(args.clock)
     model, _ = G.build("tiny")
     inputs = {1: G.inputs(1), 16: G.inputs(16)}
+    cache_dtype = check_cache_dtype(args.kv_cache_dtype)
     for path, batch in (("kv", 1), ("kv", 16), ("full", 1)):  # warm-up: allocator, kernels, caches
-        G.run_path(model, path, inputs[batch], 8, seed=0)
+        G.run_path(model, path, inputs[batch], 8, seed=0, kv_cache_dtype=cache_dtype if path == "kv" else None)
 
     def seconds(path: str, batch: int) -> float:
-        return G.run_path(model, path, inputs[batch], FRAMES, seed=0)[1]
+        return G.run_path(model, path, inputs[batch], FRAMES, seed=0, kv_cache_dtype=cache_dtype if path == "kv" else None)[1]
 
     times: dict[str, list[float]] = {"kv1": [], "kv16": [], "full1": []}
     round_ratios: dict[str, list[float]] = {"kv_vs_full": [], "b16_vs_b1": []}
@@ -59,7 +63,7 @@ def main(argv=None) -> int:
               f"kv_vs_full {full1 / kv1:.2f}x, b16_vs_b1 {16 * kv1 / kv16:.2f}x", flush=True)
     kv1, kv16, full1 = min(times["kv1"]), min(times["kv16"]), min(times["full1"])
     ratios = {"kv_vs_full": full1 / kv1, "b16_vs_b1": 16 * kv1 / kv16}
-    print(f"\nbest of {args.rounds}, {args.threads} thread(s), {args.clock} clock: KV batch 1 {kv1:.3f} s, "
+    print(f"\nbest of {args.rounds}, {args.threads} thread(s), {args.clock} clock, {args.kv_cache_dtype} KV cache: KV batch 1 {kv1:.3f} s, "
           f"KV batch 16 {kv16:.3f} s, full recompute batch 1 {full1:.3f} s")
     for name, value in ratios.items():
         verdict = "met" if value >= TARGETS[name] else "NOT met"

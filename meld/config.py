@@ -333,12 +333,15 @@ class EvaluateConfig(Section):
     ablations: bool = True  # MELD rows without repetition penalty / with the latent zeroed (paper Table 5)
     audio_samples: int = 4
     batch_size: int = 8
+    kv_cache_dtype: str = "float32"  # or bfloat16: faster batched decoding on CPU, slightly different samples
     score_workers: int = 2  # processes running vocoder + judges (the slow part), capped at the CPU count
     seed: int = 0
 
     def validate(self) -> None:
         if not 0.0 <= self.stt_ctc_weight <= 1.0:
             raise ConfigError(f"evaluate.stt_ctc_weight must be in [0, 1], got {self.stt_ctc_weight}")
+        if self.kv_cache_dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"evaluate.kv_cache_dtype must be float32 or bfloat16, got {self.kv_cache_dtype!r}")
 
 
 # dev metrics of ray_jobs.train.dev_metrics that can be the objective (all comparable across frame rates)

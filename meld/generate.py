@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from meld.features import FRAME_RATE
-from meld.models.backbone import decoding_kernels
+from meld.models.backbone import check_cache_dtype, decoding_kernels
 from meld.models.layers import group_frames, ungroup_frames
 from meld.models.vocab import EOS
 from meld.store import collate
@@ -43,6 +43,7 @@ def tts_continue(
     zero_latent: bool = False,
     batch_size: int = 8,
     seed: int = 0,
+    kv_cache_dtype: str = "float32",
 ) -> list[Continuation]:
     """Continue each prompt (normalised (P, 80) frames, P may be 0) speaking its full transcript.
 
@@ -50,7 +51,9 @@ def tts_continue(
         texts: BPE ids of each full transcript.
         max_frames: guard in 80-dim frames (per utterance or one for all).
         batch_size: utterances generated together (finished ones leave the batch).
+        kv_cache_dtype: ``float32`` or ``bfloat16`` (:func:`meld.models.backbone.check_cache_dtype`).
     """
+    cache_dtype = check_cache_dtype(kv_cache_dtype)
     device = next(model.parameters()).device
     g = torch.Generator(device=device).manual_seed(seed)
     torch.manual_seed(seed)  # test-time dropout draws from the global generator: seed it too
@@ -69,7 +72,7 @@ def tts_continue(
             batch["text"].to(device), batch["text_len"].to(device), batch["mel"].to(device), prompt_len.to(device),
             max_frames=guard, temperature=temperature, top_k=top_k, top_p=top_p,
             repetition_penalty_value=repetition_penalty, test_time_dropout=test_time_dropout,
-            zero_latent=zero_latent, generator=g,
+            zero_latent=zero_latent, generator=g, kv_cache_dtype=cache_dtype,
         )
         for frames, hit, codes in zip(gen.frames, gen.hit_max_length, gen.codes):
             mel = ungroup_frames(frames[None].float().cpu(), reduction)[0].numpy()

@@ -76,13 +76,22 @@ def sample(
     the k-th logit are broken by ``topk`` instead of all being kept.
     """
     if 0 < top_k < logits.shape[-1]:
-        values, index = torch.topk(apply_temperature(logits, temperature), top_k, dim=-1)  # sorted, best first
-        values = top_p_filter_sorted(values, top_p)
-        pick = torch.multinomial(values.float().softmax(-1), 1, generator=generator)  # (B, 1) in 0..k-1
-        return index.gather(-1, pick).squeeze(-1)
+        return sample_among_top_k(logits, top_k, temperature=temperature, top_p=top_p, generator=generator)[0]
     logits = top_p_filter(apply_temperature(logits, temperature), top_p)
     probs = logits.float().softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def sample_among_top_k(
+    logits: torch.Tensor, k: int, *, temperature: float, top_p: float, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sample` for 0 < k < V, also returning the (B, k) indices of the k candidates, best first:
+    a decoding step that remembers them for the repetition penalty (:func:`top_k_mask`) needs no
+    second ``topk`` (the same set, temperature being a positive scale)."""
+    values, index = torch.topk(apply_temperature(logits, temperature), k, dim=-1)  # sorted, best first
+    values = top_p_filter_sorted(values, top_p)
+    pick = torch.multinomial(values.float().softmax(-1), 1, generator=generator)  # (B, 1) in 0..k-1
+    return index.gather(-1, pick).squeeze(-1), index
 
 
 def top_k_mask(logits: torch.Tensor, k: int) -> torch.Tensor:

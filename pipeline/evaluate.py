@@ -133,7 +133,8 @@ def evaluate_split(model, state, stats: NormStats, tok, store: FeatureStore, aud
     conts = tts_continue(model, texts, prompts, reduction=r, max_frames=guards, temperature=cfg.temperature,
                          top_k=cfg.top_k, top_p=cfg.top_p,
                          repetition_penalty=variant.get("repetition_penalty", cfg.repetition_penalty),
-                         zero_latent=variant.get("zero_latent", False), batch_size=cfg.batch_size, seed=cfg.seed)
+                         zero_latent=variant.get("zero_latent", False), batch_size=cfg.batch_size, seed=cfg.seed,
+                         kv_cache_dtype=cfg.kv_cache_dtype)
     compute_s = time.perf_counter() - t0
 
     # a different speaker's real utterance for each prompt: the SIM floor

@@ -195,6 +195,46 @@ def test_prefill_and_step_equal_full_pass_and_drop_the_mask_once_padding_leaves(
     assert rel_error(torch.stack(steps, 1), full[[0], P:]) <= 1e-5
 
 
+def test_bfloat16_cache_decodes_close_to_float32_and_bad_dtypes_are_refused():
+    import pytest
+
+    from meld.config import ConfigError, EvaluateConfig
+    from meld.models.backbone import check_cache_dtype
+
+    torch.manual_seed(0)
+    bb = Backbone(d_model=32, n_layers=2, n_heads=4, d_ff=64, dropout=0.0).eval()
+    B, P, N = 2, 6, 5
+    x = torch.randn(B, P + N, 32)
+    valid = torch.ones(B, P + N, dtype=torch.bool)
+    valid[1, 2:P] = False  # a padded row: the masked attention path too
+    last = torch.tensor([P - 1, 1])
+    outs = {}
+    with torch.no_grad():
+        for dtype in (torch.float32, torch.bfloat16):
+            h, cache, pos = bb.prefill(x[:, :P], valid[:, :P], last, N, cache_dtype=dtype)
+            assert cache.kv.dtype == dtype and h.dtype == torch.float32  # only the cache changes dtype
+            outs[dtype] = torch.stack([h] + [bb.step(x[:, t], pos + t - P, cache) for t in range(P, P + N)], 1)
+    err = rel_error(outs[torch.bfloat16], outs[torch.float32])
+    assert 0 < err <= 2e-2, err  # bf16 keys/values: close, not equal
+    assert check_cache_dtype("bfloat16") is torch.bfloat16 and check_cache_dtype("float32") is torch.float32
+    with pytest.raises(ValueError, match="KV cache dtype must be one of .*got 'float16'"):
+        check_cache_dtype("float16")
+    with pytest.raises(ConfigError, match="evaluate.kv_cache_dtype must be float32 or bfloat16"):
+        EvaluateConfig.from_dict({"kv_cache_dtype": "half"}, "evaluate")
+
+
+def test_meld_generates_with_a_bfloat16_cache():
+    model, _ = tiny_meld(reduction=2)
+    batch = tiny_batch(reduction=2, B=3, T=6)
+    gens = {}
+    for dtype in (None, torch.bfloat16):
+        gens[dtype] = model.generate(batch["text"], batch["text_len"], batch["mel"], batch["mel_len"], max_frames=8,
+                                     generator=torch.Generator().manual_seed(0), test_time_dropout=False,
+                                     kv_cache_dtype=dtype)
+    for a, b in zip(gens[None].frames, gens[torch.bfloat16].frames):
+        assert b.dtype == torch.float32 and torch.isfinite(b).all() and b.shape[1] == a.shape[1]
+
+
 def test_decoding_layout_keeps_values_and_outputs_and_training_still_works():
     from meld.models.backbone import prepare_for_decoding
 

@@ -50,3 +50,17 @@ def test_repetition_penalty_scales_candidate_probabilities():
 def test_bad_sampling_parameters_are_refused(kwargs):
     with pytest.raises(ValueError):
         sample(torch.randn(2, 8), **kwargs)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sample_among_top_k_draws_as_sample_and_returns_the_top_k_candidates(temperature):
+    from meld.sampling import sample_among_top_k
+
+    logits = torch.randn(16, 257, generator=torch.Generator().manual_seed(4))
+    expected = sample(logits, temperature=temperature, top_k=10, top_p=0.95, generator=torch.Generator().manual_seed(9))
+    choice, index = sample_among_top_k(logits, 10, temperature=temperature, top_p=0.95,
+                                       generator=torch.Generator().manual_seed(9))
+    assert torch.equal(choice, expected)  # the same draw from the same generator
+    mask = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, index, True)
+    assert torch.equal(mask, top_k_mask(logits, 10))  # the candidates the repetition penalty remembers
+    assert all(c in row for c, row in zip(choice.tolist(), index.tolist()))

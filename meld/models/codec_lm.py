@@ -188,6 +188,7 @@ class CodecLM(nn.Module):
         test_time_dropout: bool = True,
         zero_latent: bool = False,
         generator: torch.Generator | None = None,
+        kv_cache_dtype: torch.dtype | None = None,
     ) -> Generation:
         """Zero-shot TTS continuation of code prompts, batched and KV-cached.
 
@@ -197,6 +198,7 @@ class CodecLM(nn.Module):
             max_frames: guard on generated code frames per utterance.
             temperature, top_k, top_p: sampling per level (over N codes + <EOS>).
             repetition_penalty_value, test_time_dropout, zero_latent: MELD-only; accepted and ignored.
+            kv_cache_dtype: the KV cache's dtype (None: the weights'; ``backbone.check_cache_dtype``).
 
         Returns:
             Generation with frames = (T_i, K) int64 undelayed codes after the prompt, and codes =
@@ -215,7 +217,7 @@ class CodecLM(nn.Module):
         valid = torch.cat([text_valid, tts_valid, lengths_to_mask(prompt_len, P)], dim=1)
         last = L + prompt_len  # each sequence's last real token (<TTS> when P_b == 0)
         # room for the delay pattern's tail: up to K - 1 steps after the last frame
-        h_last, cache, next_pos = self.backbone.prefill(x, valid, last, max_frames + K)  # (B, d), cache, (B,)
+        h_last, cache, next_pos = self.backbone.prefill(x, valid, last, max_frames + K, cache_dtype=kv_cache_dtype)  # (B, d), cache, (B,)
 
         # per active row: its delayed step s = P_b + g, the prompt length, the end frame (exclusive)
         active, plen = rows.clone(), prompt_len.clone()

@@ -254,6 +254,7 @@ class DMel(nn.Module):
         test_time_dropout: bool = True,
         zero_latent: bool = False,
         generator: torch.Generator | None = None,
+        kv_cache_dtype: torch.dtype | None = None,
     ) -> Generation:
         """Zero-shot TTS continuation, batched and KV-cached; finished utterances leave the batch.
 
@@ -263,6 +264,7 @@ class DMel(nn.Module):
             max_frames: guard on generated frames per utterance.
             temperature, top_k, top_p: per-channel sampling over bins, and the <EOS> decision.
             repetition_penalty_value, test_time_dropout, zero_latent: MELD-only; accepted and ignored.
+            kv_cache_dtype: the KV cache's dtype (None: the weights'; ``backbone.check_cache_dtype``).
 
         Returns:
             Generation with frames = bin centres (T_i, C) and empty ``codes`` (dMel has no latent codes).
@@ -277,7 +279,7 @@ class DMel(nn.Module):
         x = torch.cat([text_emb, tts_emb, prompt_emb], dim=1)
         valid = torch.cat([text_valid, tts_valid, lengths_to_mask(prompt_len, P)], dim=1)
         last = L + prompt_len  # each sequence's last real token (<TTS> when P_b == 0)
-        h_last, cache, next_pos = self.backbone.prefill(x, valid, last, max_frames)  # (B, d), cache, (B,)
+        h_last, cache, next_pos = self.backbone.prefill(x, valid, last, max_frames, cache_dtype=kv_cache_dtype)  # (B, d), cache, (B,)
 
         active = torch.arange(B, device=device)  # original index of each row still generating
         frames: list[list[torch.Tensor]] = [[] for _ in range(B)]

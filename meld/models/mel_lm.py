@@ -190,6 +190,7 @@ class ContinuousFrameLM(nn.Module):
         test_time_dropout: bool = True,
         zero_latent: bool = False,
         generator: torch.Generator | None = None,
+        kv_cache_dtype: torch.dtype | None = None,
     ) -> FrameGeneration:
         """Zero-shot TTS continuation, batched and KV-cached; finished utterances leave the batch.
 
@@ -205,6 +206,7 @@ class ContinuousFrameLM(nn.Module):
             test_time_dropout: keep the prenet's dropout on (Tacotron 2 / MELD: yes).
             zero_latent: MELLE: use the latent mean (epsilon = 0); Mel-LM: ignored.
             generator: MELLE's epsilon draws (prenet dropout uses the global RNG, as in MELD).
+            kv_cache_dtype: the KV cache's dtype (None: the weights'; ``backbone.check_cache_dtype``).
 
         Returns:
             frames after the postnet, ``hit_max_length`` (ran into the guard), empty ``codes``,
@@ -216,7 +218,7 @@ class ContinuousFrameLM(nn.Module):
         device = prompt.device
         x, valid = self._prefix(text, text_len, prompt, prompt_len, encoder_dropout=test_time_dropout)
         last = L + prompt_len  # each sequence's last real token (<TTS> when P_b == 0)
-        h_last, cache, next_pos = self.backbone.prefill(x, valid, last, max_frames)  # (B, d), cache, (B,)
+        h_last, cache, next_pos = self.backbone.prefill(x, valid, last, max_frames, cache_dtype=kv_cache_dtype)  # (B, d), cache, (B,)
 
         active = list(range(B))  # original index of each row still generating
         pre: list[list[torch.Tensor]] = [[] for _ in range(B)]

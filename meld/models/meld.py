@@ -36,7 +36,7 @@ from meld.models.layers import (
     voice_perturb,
 )
 from meld.models.vocab import EOS, PAD, STT, TTS, UnionEmbedding, UnionVocab
-from meld.sampling import repetition_penalty, sample, top_k_mask
+from meld.sampling import repetition_penalty, sample, sample_among_top_k, top_k_mask
 
 
 def select_rows(batch: dict, rows) -> dict:
@@ -356,6 +356,7 @@ class MELD(nn.Module):
         test_time_dropout: bool = True,
         zero_latent: bool = False,
         generator: torch.Generator | None = None,
+        kv_cache_dtype: torch.dtype | None = None,
     ) -> Generation:
         """Zero-shot TTS continuation, batched and KV-cached; finished utterances leave the batch.
 
@@ -368,6 +369,7 @@ class MELD(nn.Module):
             repetition_penalty_value: >= 1; penalises last step's top-k candidates.
             test_time_dropout: keep the mel encoder's dropout on (paper: yes).
             zero_latent: ablation: reconstruct with a zero codeword embedding.
+            kv_cache_dtype: the KV cache's dtype (None: the weights'; ``backbone.check_cache_dtype``).
         """
         prepare_for_decoding(self)
         B, P, _ = prompt.shape
@@ -380,7 +382,7 @@ class MELD(nn.Module):
         x = torch.cat([text_emb, tts_emb, prompt_emb], dim=1)
         valid = torch.cat([text_valid, tts_valid, prompt_valid], dim=1)
         last = L + prompt_len  # index of each sequence's last real token (<TTS> when P_b == 0)
-        h_last, cache, next_pos = self.backbone.prefill(x, valid, last, max_frames)  # (B, d), cache, (B,)
+        h_last, cache, next_pos = self.backbone.prefill(x, valid, last, max_frames, cache_dtype=kv_cache_dtype)  # (B, d), cache, (B,)
 
         rows_of = list(range(B))  # original index of each row still generating
         # each row's frames and codes so far, in the rows' current order: one slice write per step
@@ -399,8 +401,13 @@ class MELD(nn.Module):
             for step in range(max_frames + 1):
                 logits = self._code_logits(h_last, tts_head)  # (b, 1+K)
                 logits = repetition_penalty(logits, prev_cand, repetition_penalty_value)
-                prev_cand = top_k_mask(logits, top_k) if top_k > 0 else None
-                choice = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+                if 0 < top_k < logits.shape[-1]:  # one topk serves the draw and the next step's penalty
+                    choice, cand = sample_among_top_k(logits, top_k, temperature=temperature, top_p=top_p,
+                                                      generator=generator)
+                    prev_cand = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, cand, True)
+                else:
+                    prev_cand = top_k_mask(logits, top_k) if top_k > 0 else None
+                    choice = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
                 if step == max_frames:  # guard: whoever is still going stops here
                     for row, i in enumerate(rows_of):
                         frames[i], codes[i], hit_max[i] = frame_buf[row], code_buf[row].tolist(), True
