@@ -498,9 +498,13 @@ def run_path(model, path: str, batch_inputs, max_frames: int, seed: int, dropout
 
 def weight_bytes_per_step(model) -> int:
     """Bytes of parameters one decode step reads: all but the token embedding (row lookups),
-    the codebook (row lookups) and the postnet (runs once, after the loop)."""
+    the codebook (row lookups), the postnet (runs once, after the loop) and the output layer's
+    text rows (a TTS step computes only its <EOS> and code rows: ``MELD._tts_head``)."""
     skip = ("token_emb.", "postnet.")
-    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not n.startswith(skip))
+    total = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not n.startswith(skip))
+    head = model.head
+    unread_rows = head.weight.shape[0] - model._tts_head()[0].shape[0]
+    return total - unread_rows * (head.weight.shape[1] + 1) * head.weight.element_size()  # weight row + bias
 
 
 # ---------------------------------------------------------------------------- cells (fresh processes)
