@@ -304,6 +304,9 @@ class CodecLMConfig(Section):
             raise ConfigError(f"codec_lm.args.codebook_size must be <= 32767, got {self.args['codebook_size']}")
 
 
+KV_CACHE_DTYPES = ("float32", "bfloat16")  # names of torch dtypes a decoding KV cache may use
+
+
 @dataclass(frozen=True)
 class EvaluateConfig(Section):
     splits: tuple[str, ...] = ("test", "test_unseen")
@@ -340,7 +343,7 @@ class EvaluateConfig(Section):
     def validate(self) -> None:
         if not 0.0 <= self.stt_ctc_weight <= 1.0:
             raise ConfigError(f"evaluate.stt_ctc_weight must be in [0, 1], got {self.stt_ctc_weight}")
-        if self.kv_cache_dtype not in ("float32", "bfloat16"):
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ConfigError(f"evaluate.kv_cache_dtype must be float32 or bfloat16, got {self.kv_cache_dtype!r}")
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from meld.features import FRAME_RATE
-from meld.models.backbone import check_cache_dtype, decoding_kernels
+from meld.models.backbone import check_cache_dtype
 from meld.models.layers import group_frames, ungroup_frames
 from meld.models.vocab import EOS
 from meld.store import collate
@@ -249,59 +249,58 @@ def _beam_batch(model, mel, mel_len, K: int, limits: list[int], alpha: float, ct
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
     done = [False] * B
     guarded: list[list[int] | None] = [None] * B  # best unfinished hypothesis of an utterance stopped by its guard
-    with decoding_kernels(mel.device):  # the per-step loop: see decoding_kernels
-        for step in range(max_tokens):
-            logp = model.text_logprobs(h)  # (B*K, V)
-            if ctc is not None:
-                logp = _joint_logprobs(model, logp, ctc, ctc_weight, ctc_candidates)
-            logp = logp.view(B, K, -1)  # (B, K, V)
-            V = logp.shape[-1]
-            total = (scores[..., None] + logp).view(B, K * V)
-            top_scores, top_idx = total.topk(min(2 * K, K * V), dim=-1)  # (B, 2K)
-            new_rows, new_tokens, new_scores = [], [], []
-            new_seqs: list[list[list[int]]] = []
-            for b in range(B):
-                alive: list[tuple[int, int, float]] = []
-                for sc, ix in zip(top_scores[b].tolist(), top_idx[b].tolist()):
-                    beam, tok = divmod(ix, V)
-                    if sc == float("-inf"):
-                        break
-                    if tok == EOS:
-                        if not done[b] and len(alive) < K:
-                            hyp = seqs[b][beam]
-                            finished[b].append((sc / (len(hyp) + 1) ** alpha, hyp))
-                    elif len(alive) < K:
-                        alive.append((beam, tok, sc))
-                if len(finished[b]) >= K and not done[b]:
-                    # stop once no alive beam can beat the K-th best finished one (log-probs only fall,
-                    # so a beam's best normalised score is its current sum over the next length).
-                    # With K == 1 the first finished hypothesis ends the search: beam 1 is greedy.
-                    kth = sorted((f[0] for f in finished[b]), reverse=True)[K - 1]
-                    best_alive = max((sc for _, _, sc in alive), default=-math.inf)
-                    if K == 1 or best_alive / (step + 2) ** alpha <= kth:
-                        done[b] = True
-                if not done[b] and step + 1 >= limits[b]:
+    for step in range(max_tokens):
+        logp = model.text_logprobs(h)  # (B*K, V)
+        if ctc is not None:
+            logp = _joint_logprobs(model, logp, ctc, ctc_weight, ctc_candidates)
+        logp = logp.view(B, K, -1)  # (B, K, V)
+        V = logp.shape[-1]
+        total = (scores[..., None] + logp).view(B, K * V)
+        top_scores, top_idx = total.topk(min(2 * K, K * V), dim=-1)  # (B, 2K)
+        new_rows, new_tokens, new_scores = [], [], []
+        new_seqs: list[list[list[int]]] = []
+        for b in range(B):
+            alive: list[tuple[int, int, float]] = []
+            for sc, ix in zip(top_scores[b].tolist(), top_idx[b].tolist()):
+                beam, tok = divmod(ix, V)
+                if sc == float("-inf"):
+                    break
+                if tok == EOS:
+                    if not done[b] and len(alive) < K:
+                        hyp = seqs[b][beam]
+                        finished[b].append((sc / (len(hyp) + 1) ** alpha, hyp))
+                elif len(alive) < K:
+                    alive.append((beam, tok, sc))
+            if len(finished[b]) >= K and not done[b]:
+                # stop once no alive beam can beat the K-th best finished one (log-probs only fall,
+                # so a beam's best normalised score is its current sum over the next length).
+                # With K == 1 the first finished hypothesis ends the search: beam 1 is greedy.
+                kth = sorted((f[0] for f in finished[b]), reverse=True)[K - 1]
+                best_alive = max((sc for _, _, sc in alive), default=-math.inf)
+                if K == 1 or best_alive / (step + 2) ** alpha <= kth:
                     done[b] = True
-                    if not finished[b]:
-                        guarded[b] = seqs[b][alive[0][0]] + [alive[0][1]] if alive else seqs[b][0]
-                while len(alive) < K:  # keep the shape: pad with dead beams
-                    alive.append((0, EOS, float("-inf")))
-                new_seqs.append([seqs[b][beam] + [tok] for beam, tok, _ in alive])
-                for beam, tok, sc in alive:
-                    new_rows.append(b * K + beam)
-                    new_tokens.append(tok)
-                    new_scores.append(-math.inf if done[b] else sc)
-            seqs = new_seqs
-            if all(done):
-                break
-            idx = torch.tensor(new_rows, device=mel.device)
-            cache.select(idx)
-            if ctc is not None:  # a dead row's <EOS> gets any class: its score is -inf and its state unused
-                ctc.advance(idx, (torch.tensor(new_tokens, device=mel.device) - model.vocab.text_offset + 1).clamp_min(1))
-            pos = pos[idx]
-            scores = torch.tensor(new_scores, device=mel.device).view(B, K)
-            h = model.stt_step(torch.tensor(new_tokens, device=mel.device), pos, cache)
-            pos = pos + 1
+            if not done[b] and step + 1 >= limits[b]:
+                done[b] = True
+                if not finished[b]:
+                    guarded[b] = seqs[b][alive[0][0]] + [alive[0][1]] if alive else seqs[b][0]
+            while len(alive) < K:  # keep the shape: pad with dead beams
+                alive.append((0, EOS, float("-inf")))
+            new_seqs.append([seqs[b][beam] + [tok] for beam, tok, _ in alive])
+            for beam, tok, sc in alive:
+                new_rows.append(b * K + beam)
+                new_tokens.append(tok)
+                new_scores.append(-math.inf if done[b] else sc)
+        seqs = new_seqs
+        if all(done):
+            break
+        idx = torch.tensor(new_rows, device=mel.device)
+        cache.select(idx)
+        if ctc is not None:  # a dead row's <EOS> gets any class: its score is -inf and its state unused
+            ctc.advance(idx, (torch.tensor(new_tokens, device=mel.device) - model.vocab.text_offset + 1).clamp_min(1))
+        pos = pos[idx]
+        scores = torch.tensor(new_scores, device=mel.device).view(B, K)
+        h = model.stt_step(torch.tensor(new_tokens, device=mel.device), pos, cache)
+        pos = pos + 1
     out = []
     for b in range(B):
         if finished[b]:

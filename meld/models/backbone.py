@@ -66,9 +66,6 @@ def prepare_for_decoding(model: nn.Module) -> None:
                 m.weight.data = w.data.t().contiguous().t()
 
 
-CACHE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
 def check_cache_dtype(name: str) -> torch.dtype:
     """The KV cache dtype called ``name`` (``float32``, the default, or ``bfloat16``).
 
@@ -77,20 +74,22 @@ def check_cache_dtype(name: str) -> torch.dtype:
     positions), at batch 1 no different; the attention output moves by ~1e-3 (bf16 keeps 8 bits of
     mantissa), so sampled generations differ from float32 ones. Off by default.
     """
-    if name not in CACHE_DTYPES:
-        raise ValueError(f"KV cache dtype must be one of {sorted(CACHE_DTYPES)}, got {name!r}")
-    return CACHE_DTYPES[name]
+    from meld.config import KV_CACHE_DTYPES
+
+    if name not in KV_CACHE_DTYPES:
+        raise ValueError(f"KV cache dtype must be one of {sorted(KV_CACHE_DTYPES)}, got {name!r}")
+    return getattr(torch, name)
 
 
 @contextlib.contextmanager
 def decoding_kernels(device: torch.device | str):
-    """ATen's own CPU kernels, not oneDNN's, inside a decoding loop (a no-op off the CPU).
+    """ATen's own CPU kernels, not oneDNN's, for a decoding step (:meth:`Backbone.step`; a no-op off the CPU).
 
     For contiguous fp32 CPU input, GELU goes through a oneDNN primitive whose fixed cost is
     ~12 us on this machine: 14.6 us for one decoding row of 768 values against 2.2 us from
     ATen's kernel (1 thread), four times per step in the tiny model, ~9 % of its batch-1
     decoding time (docs/results.md, issue 6). The two kernels agree to float rounding (1.2e-6 on
-    GELU). The switch is process-wide for the loop's duration (torch has no per-thread one), so
+    GELU). The switch is process-wide for the step's duration (torch has no per-thread one), so
     a conv running in another thread meanwhile would also skip oneDNN: slower, never wrong.
     """
     if torch.device(device).type != "cpu":
@@ -375,5 +374,9 @@ class Backbone(nn.Module):
         return h[rows, last], cache, positions[rows, last] + 1
 
     def step(self, emb: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Feed one real token per row: (b, D) embeddings at (b,) positions -> (b, D) hidden states."""
-        return self(emb[:, None], positions[:, None], None, cache)[:, 0]
+        """Feed one real token per row: (b, D) embeddings at (b,) positions -> (b, D) hidden states.
+
+        Every system's decoding loop steps through here, so this is where oneDNN is switched off
+        (:func:`decoding_kernels`: its GELU primitive's fixed cost dominates one-row steps)."""
+        with decoding_kernels(emb.device):
+            return self(emb[:, None], positions[:, None], None, cache)[:, 0]

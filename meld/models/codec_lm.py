@@ -34,13 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meld.models.backbone import (
-    Backbone,
-    decoding_kernels,
-    lengths_to_mask,
-    packed_positions,
-    prepare_for_decoding,
-)
+from meld.models.backbone import Backbone, lengths_to_mask, packed_positions, prepare_for_decoding
 from meld.models.meld import Generation
 from meld.models.vocab import TTS, UnionEmbedding, UnionVocab
 from meld.sampling import sample
@@ -226,48 +220,47 @@ class CodecLM(nn.Module):
         steps: list[list[torch.Tensor]] = [[] for _ in range(B)]  # chosen (K,) tokens from s = P_b on
         ends = [0] * B
         hit_max = [False] * B
-        with decoding_kernels(device):  # the per-step loop: see decoding_kernels
-            for g in range(max_frames + K):
-                frame = plen[:, None] + g - levels[None, :]  # (b, K) frame index each head speaks for
-                logits = self._logits(h_last)  # (b, K, N+1)
-                b = logits.shape[0]
-                sampled = sample(
-                    logits.reshape(b * K, -1),
-                    temperature=temperature,
-                    top_k=top_k,
-                    top_p=top_p,
-                    generator=generator,
-                ).view(b, K)
-                known = frame < plen[:, None]  # prompt frames (and the <EMPTY> corner) are not sampled
-                free_eos = (sampled == self.eos) & ~known & (frame < end[:, None])
-                never = torch.full_like(frame, torch.iinfo(frame.dtype).max)
-                new_end = torch.where(free_eos, frame, never).amin(-1)  # earliest frame a head ended
-                stopped = stopped | (new_end < end)
-                end = torch.minimum(end, new_end)
-                prompt_tok = (
-                    prompt_codes[active[:, None], frame.clamp(0, max(P - 1, 0)), levels[None, :]]
-                    if P
-                    else sampled
-                )
-                chosen = torch.where(frame >= end[:, None], torch.full_like(sampled, self.eos), sampled)
-                chosen = torch.where(known, prompt_tok, chosen)
-                chosen = torch.where(frame < 0, torch.full_like(sampled, self.empty), chosen)
-                # done once the last level has passed the last real frame that still needed generating
-                done = torch.maximum(plen + g - K + 2, plen) >= end
-                done_rows = done.tolist()  # one host sync per step
-                for row, i in enumerate(active.tolist()):
-                    steps[i].append(chosen[row])
-                    if done_rows[row]:
-                        ends[i], hit_max[i] = int(end[row]), not bool(stopped[row])
-                if bool(done.all()):
-                    break
-                if bool(done.any()):
-                    idx = (~done).nonzero().squeeze(-1)
-                    active, plen, end, stopped = active[idx], plen[idx], end[idx], stopped[idx]
-                    chosen, next_pos = chosen[idx], next_pos[idx]
-                    cache.select(idx)
-                h_last = self.backbone.step(self.level_emb(chosen), next_pos, cache)
-                next_pos = next_pos + 1
+        for g in range(max_frames + K):
+            frame = plen[:, None] + g - levels[None, :]  # (b, K) frame index each head speaks for
+            logits = self._logits(h_last)  # (b, K, N+1)
+            b = logits.shape[0]
+            sampled = sample(
+                logits.reshape(b * K, -1),
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                generator=generator,
+            ).view(b, K)
+            known = frame < plen[:, None]  # prompt frames (and the <EMPTY> corner) are not sampled
+            free_eos = (sampled == self.eos) & ~known & (frame < end[:, None])
+            never = torch.full_like(frame, torch.iinfo(frame.dtype).max)
+            new_end = torch.where(free_eos, frame, never).amin(-1)  # earliest frame a head ended
+            stopped = stopped | (new_end < end)
+            end = torch.minimum(end, new_end)
+            prompt_tok = (
+                prompt_codes[active[:, None], frame.clamp(0, max(P - 1, 0)), levels[None, :]]
+                if P
+                else sampled
+            )
+            chosen = torch.where(frame >= end[:, None], torch.full_like(sampled, self.eos), sampled)
+            chosen = torch.where(known, prompt_tok, chosen)
+            chosen = torch.where(frame < 0, torch.full_like(sampled, self.empty), chosen)
+            # done once the last level has passed the last real frame that still needed generating
+            done = torch.maximum(plen + g - K + 2, plen) >= end
+            done_rows = done.tolist()  # one host sync per step
+            for row, i in enumerate(active.tolist()):
+                steps[i].append(chosen[row])
+                if done_rows[row]:
+                    ends[i], hit_max[i] = int(end[row]), not bool(stopped[row])
+            if bool(done.all()):
+                break
+            if bool(done.any()):
+                idx = (~done).nonzero().squeeze(-1)
+                active, plen, end, stopped = active[idx], plen[idx], end[idx], stopped[idx]
+                chosen, next_pos = chosen[idx], next_pos[idx]
+                cache.select(idx)
+            h_last = self.backbone.step(self.level_emb(chosen), next_pos, cache)
+            next_pos = next_pos + 1
 
         frames, level0 = [], []
         for i in range(B):

@@ -33,14 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from meld.features import N_MELS
-from meld.models.backbone import (
-    Backbone,
-    KVCache,
-    decoding_kernels,
-    lengths_to_mask,
-    packed_positions,
-    prepare_for_decoding,
-)
+from meld.models.backbone import Backbone, KVCache, lengths_to_mask, packed_positions, prepare_for_decoding
 from meld.models.layers import group_frames, spec_augment, ungroup_frames
 from meld.models.meld import Generation, STTOutput, select_rows
 from meld.models.vocab import EOS, PAD, STT, TTS, UnionEmbedding, UnionVocab
@@ -284,33 +277,32 @@ class DMel(nn.Module):
         active = torch.arange(B, device=device)  # original index of each row still generating
         frames: list[list[torch.Tensor]] = [[] for _ in range(B)]
         hit_max = [False] * B
-        with decoding_kernels(device):  # the per-step loop: see decoding_kernels
-            for step in range(max_frames + 1):
-                if step == max_frames:  # guard: whoever is still going stops here
-                    for i in active.tolist():
-                        hit_max[i] = True
-                    break
-                b = h_last.shape[0]
-                eos_logit = self.eos_head(h_last)  # (b, 1)
-                two_way = torch.cat([torch.zeros_like(eos_logit), eos_logit], dim=-1)  # (b, 2): frame, <EOS>
-                stop = (
-                    sample(two_way, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator) == 1
-                )
-                logits = self._bin_logits(h_last).reshape(b * self.frame_dim, self.n_bins)
-                bins = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-                bins = bins.view(b, self.frame_dim)  # (b, C)
-                keep = ~stop
-                for row, i in enumerate(active.tolist()):  # one host sync per step: the stop check
-                    if keep[row]:
-                        frames[i].append(bins[row])
-                if not bool(keep.any()):
-                    break
-                if not bool(keep.all()):
-                    idx = keep.nonzero().squeeze(-1)
-                    active, bins, next_pos = active[idx], bins[idx], next_pos[idx]
-                    cache.select(idx)
-                h_last = self.backbone.step(self.frame_emb(bins), next_pos, cache)
-                next_pos = next_pos + 1
+        for step in range(max_frames + 1):
+            if step == max_frames:  # guard: whoever is still going stops here
+                for i in active.tolist():
+                    hit_max[i] = True
+                break
+            b = h_last.shape[0]
+            eos_logit = self.eos_head(h_last)  # (b, 1)
+            two_way = torch.cat([torch.zeros_like(eos_logit), eos_logit], dim=-1)  # (b, 2): frame, <EOS>
+            stop = (
+                sample(two_way, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator) == 1
+            )
+            logits = self._bin_logits(h_last).reshape(b * self.frame_dim, self.n_bins)
+            bins = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            bins = bins.view(b, self.frame_dim)  # (b, C)
+            keep = ~stop
+            for row, i in enumerate(active.tolist()):  # one host sync per step: the stop check
+                if keep[row]:
+                    frames[i].append(bins[row])
+            if not bool(keep.any()):
+                break
+            if not bool(keep.all()):
+                idx = keep.nonzero().squeeze(-1)
+                active, bins, next_pos = active[idx], bins[idx], next_pos[idx]
+                cache.select(idx)
+            h_last = self.backbone.step(self.frame_emb(bins), next_pos, cache)
+            next_pos = next_pos + 1
 
         out = [
             self.decode_bins(torch.stack(f)).to(prompt.dtype) if f else prompt.new_zeros(0, self.frame_dim)

@@ -21,13 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meld.models.backbone import (
-    Backbone,
-    decoding_kernels,
-    lengths_to_mask,
-    packed_positions,
-    prepare_for_decoding,
-)
+from meld.models.backbone import Backbone, lengths_to_mask, packed_positions, prepare_for_decoding
 from meld.models.layers import MelEncoder, Postnet
 from meld.models.meld import Generation, slowness_penalty
 from meld.models.vocab import TTS, UnionEmbedding, UnionVocab
@@ -223,28 +217,27 @@ class ContinuousFrameLM(nn.Module):
         active = list(range(B))  # original index of each row still generating
         pre: list[list[torch.Tensor]] = [[] for _ in range(B)]
         hit_max = [max_frames <= 0] * B
-        with decoding_kernels(device):  # the per-step loop: see decoding_kernels
-            for step in range(max(max_frames, 0)):
-                stop = torch.sigmoid(self.stop_head(h_last)[:, 0].float()) > self.stop_threshold  # (b,)
-                frame = self.predict_frame(h_last, zero_latent=zero_latent, generator=generator)  # (b, D)
-                keep = (~stop).tolist()  # the one host sync per step
-                for row, i in enumerate(active):
-                    if keep[row]:
-                        pre[i].append(frame[row])
-                if not any(keep):
-                    break
-                if not all(keep):
-                    idx = torch.tensor([r for r, k in enumerate(keep) if k], device=device)
-                    active = [active[r] for r in idx.tolist()]
-                    frame, next_pos = frame[idx], next_pos[idx]
-                    cache.select(idx)
-                if step + 1 == max_frames:  # guard: whoever is still going stops here
-                    for i in active:
-                        hit_max[i] = True
-                    break
-                emb = self.encoder(frame, dropout=test_time_dropout)  # (b, d)
-                h_last = self.backbone.step(emb, next_pos, cache)
-                next_pos = next_pos + 1
+        for step in range(max(max_frames, 0)):
+            stop = torch.sigmoid(self.stop_head(h_last)[:, 0].float()) > self.stop_threshold  # (b,)
+            frame = self.predict_frame(h_last, zero_latent=zero_latent, generator=generator)  # (b, D)
+            keep = (~stop).tolist()  # the one host sync per step
+            for row, i in enumerate(active):
+                if keep[row]:
+                    pre[i].append(frame[row])
+            if not any(keep):
+                break
+            if not all(keep):
+                idx = torch.tensor([r for r, k in enumerate(keep) if k], device=device)
+                active = [active[r] for r in idx.tolist()]
+                frame, next_pos = frame[idx], next_pos[idx]
+                cache.select(idx)
+            if step + 1 == max_frames:  # guard: whoever is still going stops here
+                for i in active:
+                    hit_max[i] = True
+                break
+            emb = self.encoder(frame, dropout=test_time_dropout)  # (b, d)
+            h_last = self.backbone.step(emb, next_pos, cache)
+            next_pos = next_pos + 1
 
         frames, frames_pre = [], []
         for i in range(B):

@@ -17,14 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from meld.models.backbone import (
-    Backbone,
-    KVCache,
-    decoding_kernels,
-    lengths_to_mask,
-    packed_positions,
-    prepare_for_decoding,
-)
+from meld.models.backbone import Backbone, KVCache, lengths_to_mask, packed_positions, prepare_for_decoding
 from meld.models.layers import (
     ConvFrontEnd,
     MelEncoder,
@@ -397,7 +390,7 @@ class MELD(nn.Module):
         # ops per step, 8 % of a tiny model's batch-1 step on CPU. The cache and buffers were made
         # outside it (updated in place here); what leaves the loop is read-only.
         tts_head = self._tts_head()
-        with torch.inference_mode(), decoding_kernels(device):  # and ATen's kernels: see decoding_kernels
+        with torch.inference_mode():
             for step in range(max_frames + 1):
                 logits = self._code_logits(h_last, tts_head)  # (b, 1+K)
                 logits = repetition_penalty(logits, prev_cand, repetition_penalty_value)
