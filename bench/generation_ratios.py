@@ -7,8 +7,12 @@ rounds of (KV batch 1, KV batch 16, full recompute batch 1, KV batch 1 again) ba
 each path's best round is the least disturbed one, and the per-round ratios (neighbours in time)
 show the spread. It prints both; the targets are judged on the best-of ratios.
 
+``--breakdown`` then profiles one KV-cached run at each batch size (``torch.profiler``, self CPU
+time per op) and prints where a decoding step goes: attention, the Linear layers' GEMMs, the
+postnet's convolutions, everything else. It shows what bounds the batch ratio on a given CPU.
+
 Run (from the repository root):
-    .venv/bin/python -m bench.generation_ratios --data data --rounds 5 --threads 1 --clock cpu
+    .venv/bin/python -m bench.generation_ratios --data data --rounds 5 --threads 1 --clock cpu [--breakdown]
 """
 
 from __future__ import annotations
@@ -21,6 +25,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = {"kv_vs_full": 10.0, "b16_vs_b1": 6.0}
 FRAMES = 313  # 10 s of speech at r = 2
+# op-name groups of the breakdown; the first group whose prefix matches an op's name takes its time
+OP_GROUPS = (
+    ("attention", ("aten::_scaled_dot_product", "aten::_flash_attention")),
+    ("linear GEMMs", ("aten::addmm", "aten::mm", "aten::bmm")),
+    ("postnet convolutions", ("aten::mkldnn_convolution", "aten::_convolution", "aten::convolution")),
+)
+
+
+def step_breakdown(model, batch_inputs, G, kv_cache_dtype) -> dict[str, float]:
+    """Self CPU ms per decoding step of one KV-cached 10 s generation, by op group (+ "other")."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        G.run_path(model, "kv", batch_inputs, FRAMES, seed=0, kv_cache_dtype=kv_cache_dtype)
+    groups = {name: 0.0 for name, _ in OP_GROUPS} | {"other": 0.0}
+    for event in prof.key_averages():
+        group = next((name for name, prefixes in OP_GROUPS if event.key.startswith(prefixes)), "other")
+        groups[group] += event.self_cpu_time_total / 1e3 / FRAMES  # us -> ms, per step
+    return groups
 
 
 def main(argv=None) -> int:
@@ -31,6 +54,8 @@ def main(argv=None) -> int:
     p.add_argument("--clock", choices=("wall", "cpu"), default="cpu")
     p.add_argument("--kv-cache-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="the KV-cached paths' cache dtype (evaluate.kv_cache_dtype); full recompute is float32")
+    p.add_argument("--breakdown", action="store_true",
+                   help="then profile one KV run per batch size: where a step's time goes")
     args = p.parse_args(argv)
 
     from bench import generation as G
@@ -70,6 +95,19 @@ def main(argv=None) -> int:
         spread = round_ratios[name]
         print(f"{name}: {value:.2f}x best-of (target {TARGETS[name]:g}x: {verdict}); per round: median "
               f"{statistics.median(spread):.2f}x, range {min(spread):.2f}-{max(spread):.2f}x")
+    if args.breakdown:
+        shares = {batch: step_breakdown(model, inputs[batch], G, cache_dtype) for batch in (1, 16)}
+        print("\nwhere a KV-cached step goes (profiled, self CPU ms per step; the profiler adds its own overhead):")
+        print(f"| {'op group':<22} | {'batch 1':>8} | {'batch 16':>8} | {'b16 / b1':>8} |")
+        print(f"|{'-' * 24}|{'-' * 10}|{'-' * 10}|{'-' * 10}|")
+        for group in shares[1]:
+            one, sixteen = shares[1][group], shares[16][group]
+            print(f"| {group:<22} | {one:8.3f} | {sixteen:8.3f} | {sixteen / one if one else float('nan'):7.1f}x |")
+        total1, total16 = sum(shares[1].values()), sum(shares[16].values())
+        print(f"| {'total':<22} | {total1:8.3f} | {total16:8.3f} | {total16 / total1:7.1f}x |")
+        for group in shares[16]:
+            rest = total16 - shares[16][group]
+            print(f"batch 16 vs batch 1 if {group} cost nothing at batch 16: {16 * total1 / rest:.2f}x")
     return 0
 
 

@@ -69,10 +69,12 @@ def prepare_for_decoding(model: nn.Module) -> None:
 def check_cache_dtype(name: str) -> torch.dtype:
     """The KV cache dtype called ``name`` (``float32``, the default, or ``bfloat16``).
 
-    A bf16 cache halves the bytes a decoding step reads from it and runs its attention in bf16:
-    at batch 16 on this CPU that attention is 36 % faster (448 -> 287 us per layer over 300
-    positions), at batch 1 no different; the attention output moves by ~1e-3 (bf16 keeps 8 bits of
-    mantissa), so sampled generations differ from float32 ones. Off by default.
+    A bf16 cache halves the bytes a decoding step reads from it and runs its attention in bf16.
+    Whether that is faster depends on the CPU's bf16 kernels: on an Intel Xeon VM, batch-16
+    attention was 36 % faster (448 -> 287 us per layer over 300 positions); on an AMD EPYC (Zen 5)
+    VM, whole generations were 30-50 % slower at batch 1 and 16 (docs/results.md). The attention
+    output moves by ~1e-3 (bf16 keeps 8 bits of mantissa), so sampled generations differ from
+    float32 ones. Off by default; measure with ``bench.generation_ratios --kv-cache-dtype``.
     """
     from meld.config import KV_CACHE_DTYPES
 
