@@ -7,14 +7,31 @@ import numpy as np
 
 def grouped_vectors(mels: list[np.ndarray], reduction: int) -> np.ndarray:
     """Concatenate r consecutive frames of each utterance into (N, 80r) vectors (odd tails dropped)."""
-    out = []
-    for m in mels:
-        n = (m.shape[0] // reduction) * reduction
-        if n:
-            out.append(m[:n].reshape(n // reduction, m.shape[1] * reduction))
-    if not out:
+    out = [thinned_grouped_vectors(m, reduction, 1.0, None) for m in mels]
+    if not sum(len(v) for v in out):
         raise ValueError("no frames to fit a codebook on")
-    return np.concatenate(out).astype(np.float32)
+    return np.concatenate(out)
+
+
+def keep_probability(lengths: list[int], reduction: int, max_vectors: int) -> float:
+    """The share of a split's grouped vectors to keep while reading it, so that about 5 % more than
+    ``max_vectors`` survive (``fit_kmeans`` then draws exactly ``max_vectors`` of them): 1 when the
+    split has no more than that. ``lengths``: each utterance's frame count (the store's index)."""
+    total = sum(n // reduction for n in lengths)
+    return 1.0 if total <= max_vectors else min(1.0, 1.05 * max_vectors / total)
+
+
+def thinned_grouped_vectors(mel: np.ndarray, reduction: int, keep: float, rng: np.random.Generator | None) -> np.ndarray:
+    """One utterance's (T // r, 80r) grouped vectors, each kept with probability ``keep``.
+
+    The codebook stage calls this per utterance while it reads a split, so what it holds is
+    ~``keep`` of the split: LibriSpeech's 960 h are ~216M frames, 69 GB in float32, which no
+    worker should concatenate to sub-sample 4M of them afterwards. A Bernoulli draw per vector
+    keeps the sample uniform over frames, like drawing from the whole concatenation.
+    """
+    n = (mel.shape[0] // reduction) * reduction
+    vectors = np.ascontiguousarray(mel[:n], dtype=np.float32).reshape(n // reduction, mel.shape[1] * reduction)
+    return vectors if keep >= 1.0 else vectors[rng.random(len(vectors)) < keep]
 
 
 def fit_kmeans(

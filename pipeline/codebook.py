@@ -14,8 +14,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
-from meld.codebook import assign, fit_kmeans, grouped_vectors
+from meld.codebook import assign, fit_kmeans, keep_probability, thinned_grouped_vectors
 from meld.config import CodebookConfig, load_section
 from meld.store import FeatureStore, load_stats
 
@@ -31,10 +32,21 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     stats = load_stats(features / "stats.json")
     store = FeatureStore(features / "train")
-    mels = [stats.normalise(store[i]) for i in range(len(store))]
+    # one pass over the split, thinning as it reads: memory ~ max_vectors per reduction factor, not
+    # the whole split (LibriSpeech: ~216M frames); the mini corpus at r=2 keeps every vector
+    keep = {r: keep_probability(store.lengths, r, cfg.max_vectors) for r in cfg.reduction_factors}
+    rng = np.random.default_rng(cfg.seed)
+    parts: dict[int, list[np.ndarray]] = {r: [] for r in cfg.reduction_factors}
+    for i in tqdm(range(len(store)), desc="codebook: read frames", unit="utt", mininterval=2.0):
+        mel = stats.normalise(store[i])
+        for r in cfg.reduction_factors:
+            parts[r].append(thinned_grouped_vectors(mel, r, keep[r], rng))
     summary = {}
     for r in cfg.reduction_factors:
-        vectors = grouped_vectors(mels, r)
+        vectors = np.concatenate(parts.pop(r) or [np.empty((0, 0), np.float32)])
+        if len(vectors) < cfg.size:
+            raise ValueError(f"codebook r={r}: {len(vectors)} training vectors in {features / 'train'} are too few "
+                             f"for {cfg.size} codes")
         t0 = time.perf_counter()
         centroids, distortion = fit_kmeans(vectors, cfg.size, niter=cfg.niter, seed=cfg.seed, max_vectors=cfg.max_vectors,
                                             max_points_per_centroid=cfg.max_points_per_centroid,
@@ -42,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         usage = np.bincount(assign(vectors[: cfg.max_vectors], centroids), minlength=cfg.size)
         np.save(out / f"r{r}.npy", centroids)
         summary[f"r{r}"] = {
-            "codes": cfg.size, "dim": int(vectors.shape[1]), "vectors": int(len(vectors)),
+            "codes": cfg.size, "dim": int(vectors.shape[1]),
+            "vectors": sum(n // r for n in store.lengths), "vectors_read": int(len(vectors)),
             "mean_sq_error_per_dim": distortion, "codes_used": int((usage > 0).sum()),
             "seconds": round(time.perf_counter() - t0, 2),
         }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from meld.codebook import assign, fit_kmeans
+from meld.codebook import assign, fit_kmeans, grouped_vectors, keep_probability, thinned_grouped_vectors
 
 
 @pytest.mark.parametrize("max_points_per_centroid", [256, 64])
@@ -83,3 +83,35 @@ def test_fit_kmeans_refuses_bad_options():
         fit_kmeans(vectors, 8, niter=2, seed=0, max_vectors=1000, init="kmeans++")
     with pytest.raises(ValueError, match="pca_dims"):
         fit_kmeans(vectors, 8, niter=2, seed=0, max_vectors=1000, pca_dims=-1)
+
+
+def test_thinning_while_reading_keeps_about_max_vectors_drawn_uniformly_from_the_split():
+    """The codebook stage reads a split utterance by utterance and keeps each grouped vector with
+    one probability, so it never holds the whole split (LibriSpeech: ~216M frames)."""
+    rng = np.random.default_rng(0)
+    # each frame's first value is its index in the split, so kept vectors can be traced back
+    lengths = [int(n) for n in rng.integers(50, 400, size=300)]
+    offsets = np.cumsum([0] + lengths)
+    mels = [np.stack([np.arange(a, b), *np.zeros((79, b - a))], axis=1).astype(np.float32)
+            for a, b in zip(offsets[:-1], offsets[1:])]
+    everything = grouped_vectors(mels, 2)
+    assert len(everything) == sum(n // 2 for n in lengths)  # odd tails dropped
+
+    # a split no larger than max_vectors is kept whole, bit for bit
+    assert keep_probability(lengths, 2, len(everything)) == 1.0
+    whole = np.concatenate([thinned_grouped_vectors(m, 2, 1.0, None) for m in mels])
+    np.testing.assert_array_equal(whole, everything)
+
+    max_vectors = len(everything) // 5
+    keep = keep_probability(lengths, 2, max_vectors)
+    draw = np.random.default_rng(1)
+    kept = np.concatenate([thinned_grouped_vectors(m, 2, keep, draw) for m in mels])
+    # about 5 % more than max_vectors survive (Bernoulli: std ~ sqrt(n)), so fit_kmeans can draw exactly max_vectors
+    assert max_vectors <= len(kept) <= 1.1 * max_vectors
+    # every kept vector is one of the split's, none twice, and the draw spans the whole split
+    first = kept[:, 0].astype(np.int64)
+    assert np.isin(first, everything[:, 0].astype(np.int64)).all() and len(np.unique(first)) == len(first)
+    halves = np.histogram(first, bins=2, range=(0, offsets[-1]))[0]
+    assert abs(halves[0] - halves[1]) < 0.1 * len(kept)
+    with pytest.raises(ValueError, match="no frames"):
+        grouped_vectors([np.zeros((1, 80), np.float32)], 2)
