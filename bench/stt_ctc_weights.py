@@ -36,23 +36,19 @@ def main(argv=None) -> int:
     from meld.config import EvaluateConfig, load_section
     from meld.store import load_stats
     from meld.text import BPETokenizer
-    from meld.training import load_model
-    from pipeline.evaluate import STTModel, evaluate_stt, load_stt_model
+    from pipeline.evaluate import evaluate_stt, load_stt_model
 
     features = Path(args.features)
     cfg = dataclasses.replace(load_section(args.params, "evaluate", EvaluateConfig),
                               stt_max_utterances=args.utterances)
+    # a training checkpoint carries neither normalisation nor tokenizer: load_stt_model takes these then
+    stats = load_stats(features / "stats.json") if (features / "stats.json").exists() else None
+    tokenizer = BPETokenizer(args.bpe) if Path(args.bpe).exists() else None
     results = {}
-    for weight in (float(w) for w in args.weights.split(",")):
+    for requested in (float(w) for w in args.weights.split(",")):
         t0 = time.time()
-        try:
-            stt = load_stt_model(args.model, weight)
-        except KeyError:  # a training checkpoint: no normalisation or tokenizer inside
-            model, state = load_model(args.model)
-            if weight > 0 and not getattr(model, "stt_ctc", False):
-                weight = 0.0
-            stt = STTModel(model, load_stats(features / "stats.json"), BPETokenizer(args.bpe),
-                           int(state["model_kwargs"]["frame_dim"]) // 80, weight)
+        stt = load_stt_model(args.model, requested, stats=stats, tokenizer=tokenizer)
+        weight = stt.ctc_weight  # 0 for a model without a CTC head (load_stt_model logs it)
         out = evaluate_stt(stt, features, cfg)
         results[weight] = {split: v["wer"] for split, v in out.items()}
         per_speaker = {split: v["per_speaker"] for split, v in out.items()}

@@ -39,7 +39,7 @@ from meld.config import EvaluateConfig, read_params
 from meld.corpus import read_manifest
 from meld.evaluation.metrics import duration_ratio, wer_details
 from meld.evaluation.scoring import GenerationItem, ReferenceItem, ScorerSpec, ScoringPool
-from meld.features import FRAME_RATE, HOP_LENGTH, NormStats, log_mel
+from meld.features import FRAME_RATE, HOP_LENGTH, N_MELS, NormStats, log_mel
 from meld.generate import prompt_frames, stt_beam_search, tts_continue
 from meld.store import CodeStore, FeatureStore
 from meld.text import BPETokenizer, tokenizer_from_bytes
@@ -302,12 +302,16 @@ class STTModel(NamedTuple):
     ctc_weight: float  # of hybrid CTC/attention decoding: evaluate.stt_ctc_weight, 0 without a CTC head
 
 
-def load_stt_model(path: str | Path, ctc_weight: float = 0.0) -> STTModel:
+def load_stt_model(path: str | Path, ctc_weight: float = 0.0, stats: NormStats | None = None,
+                   tokenizer: BPETokenizer | None = None) -> STTModel:
     """An STT-capable checkpoint, ready for :func:`transcribe_mels`.
 
     Args:
         ctc_weight: evaluate.stt_ctc_weight; applied only when the model was trained with a CTC head
             (``args.stt_ctc``), else decoding uses the attention decoder alone (logged here, once).
+        stats, tokenizer: for a training checkpoint (``checkpoints/step-N.pt``), which carries
+            neither: the features' normalisation and the BPE model it was trained with. A finished
+            ``model.pt`` carries its own, and they win.
     """
     model, state = load_model(path)
     if not hasattr(model, "stt_prefix"):
@@ -317,9 +321,16 @@ def load_stt_model(path: str | Path, ctc_weight: float = 0.0) -> STTModel:
                  "(evaluate.stt_ctc_weight=%g not applied)", path, ctc_weight)
         ctc_weight = 0.0
     extra = state["extra"]
-    stats = NormStats(extra["norm_mean"].numpy(), extra["norm_std"].numpy())
-    tok = tokenizer_from_bytes(bytes(extra["bpe_model"].numpy().tobytes()))
-    return STTModel(model, stats, tok, int(extra["reduction_factor"]), ctc_weight)
+    if "norm_mean" in extra:
+        stats = NormStats(extra["norm_mean"].numpy(), extra["norm_std"].numpy())
+    if "bpe_model" in extra:
+        tokenizer = tokenizer_from_bytes(bytes(extra["bpe_model"].numpy().tobytes()))
+    if stats is None or tokenizer is None:
+        raise SystemExit(f"evaluate: {path} carries no normalisation statistics or BPE model (a training "
+                         "checkpoint?): pass the features' stats.json and the BPE model it was trained with")
+    reduction = (int(extra["reduction_factor"]) if "reduction_factor" in extra
+                 else int(state["model_kwargs"]["frame_dim"]) // N_MELS)
+    return STTModel(model, stats, tokenizer, reduction, ctc_weight)
 
 
 def transcribe_mels(stt: STTModel, mels: list[np.ndarray], beam: int, batch_size: int,

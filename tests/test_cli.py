@@ -251,3 +251,26 @@ def test_installed_console_script(checkpoint):
         and "no such checkpoint" in missing.stderr
         and "Traceback" not in missing.stderr
     )
+
+
+def test_load_stt_model_reads_a_finished_checkpoint_and_a_training_one_with_given_stats(checkpoint, tmp_path):
+    """A finished model.pt carries normalisation, tokenizer and r; a training checkpoint carries none of
+    them, so load_stt_model takes them from its caller (bench/stt_ctc_weights.py) or says what is missing."""
+    from meld.features import NormStats
+    from pipeline.evaluate import load_stt_model
+
+    finished = load_stt_model(checkpoint, ctc_weight=0.7)
+    assert finished.reduction == REDUCTION and finished.ctc_weight == 0.0  # no CTC head: the weight is not applied
+    assert finished.tokenizer.encode("the quick brown fox")
+
+    state = torch.load(checkpoint, weights_only=False)
+    state["extra"] = {"fingerprint": state["extra"]["fingerprint"]}  # what a step-N.pt holds
+    training = tmp_path / "step-7.pt"
+    torch.save(state, training)
+    with pytest.raises(SystemExit, match="no normalisation statistics or BPE model"):
+        load_stt_model(training)
+    stats = NormStats(np.zeros(N_MELS, np.float32), np.ones(N_MELS, np.float32))
+    given = load_stt_model(training, stats=stats, tokenizer=finished.tokenizer)
+    assert given.stats is stats and given.reduction == REDUCTION  # r from the model's frame width
+    # the finished checkpoint's own statistics win over given ones
+    assert load_stt_model(checkpoint, stats=stats, tokenizer=finished.tokenizer).stats is not stats
