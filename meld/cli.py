@@ -199,6 +199,15 @@ def prompt_log_mel(wav: np.ndarray, prompt_seconds: float) -> np.ndarray:
     return mel[:want]
 
 
+def _configure_decoding(model, compile_step: bool) -> None:
+    """``--compile``: decode through the compiled fixed-shape step (:func:`meld.models.backbone.configure_decoding`)."""
+    from meld.models.backbone import configure_decoding
+
+    if compile_step:
+        logging.getLogger(PROG).warning("--compile: compiling the decoding step first (tens of seconds on a CPU)")
+    configure_decoding(model, compile=compile_step)
+
+
 def cmd_synthesize(args: argparse.Namespace) -> int:
     import torch
 
@@ -224,6 +233,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
         raise CLIError(f"{ckpt.path}: system {ckpt.state['system']!r} cannot synthesise speech")
     if _task(ckpt.state) == "stt":
         logging.getLogger(PROG).warning("%s was trained for STT only: its speech will be noise", ckpt.path)
+    _configure_decoding(ckpt.model, args.compile)
     try:
         text_ids = ckpt.tokenizer.encode(args.text)
     except ValueError as err:
@@ -371,6 +381,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     if ctc_weight > 0 and not has_ctc:
         raise CLIError(f"--ctc-weight {ctc_weight:g}: {ckpt.path} was trained without a CTC head (args.stt_ctc); "
                        "use --ctc-weight 0")
+    _configure_decoding(ckpt.model, args.compile)
     log = logging.getLogger(PROG)
     if _task(ckpt.state) == "tts":
         log.warning("%s was trained for TTS only: its transcripts are not meaningful", ckpt.path)
@@ -521,6 +532,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="codec_lm checkpoints: DAC weights file, when not at the path recorded in the checkpoint",
     )
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default %(default)s)")
+    s.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decoding step (CUDA graphs on a GPU): a one-off compile, then fewer kernel "
+        "launches per step; for GPUs and long runs (slower on the CPUs measured, docs/results.md)",
+    )
     s.set_defaults(func=cmd_synthesize)
 
     t = sub.add_parser("transcribe", help="STT: transcribe audio files with beam search")
@@ -537,6 +554,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--device", default="auto")
+    t.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decoding step (CUDA graphs on a GPU): a one-off compile, then fewer kernel "
+        "launches per step; for GPUs and long runs (slower on the CPUs measured, docs/results.md)",
+    )
     t.set_defaults(func=cmd_transcribe)
 
     i = sub.add_parser("info", help="describe a checkpoint")

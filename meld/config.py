@@ -337,6 +337,7 @@ class EvaluateConfig(Section):
     audio_samples: int = 4
     batch_size: int = 8
     kv_cache_dtype: str = "float32"  # or bfloat16: faster batched decoding on CPU, slightly different samples
+    compile_decoding: bool = False  # torch.compile the TTS decoding step (CUDA graphs on GPU): backbone.configure_decoding
     score_workers: int = 2  # processes running vocoder + judges (the slow part), capped at the CPU count
     seed: int = 0
 

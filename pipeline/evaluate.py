@@ -41,6 +41,7 @@ from meld.evaluation.metrics import duration_ratio, wer_details
 from meld.evaluation.scoring import GenerationItem, ReferenceItem, ScorerSpec, ScoringPool
 from meld.features import FRAME_RATE, HOP_LENGTH, N_MELS, NormStats, log_mel
 from meld.generate import prompt_frames, stt_beam_search, tts_continue
+from meld.models.backbone import configure_decoding
 from meld.store import CodeStore, FeatureStore
 from meld.text import BPETokenizer, tokenizer_from_bytes
 from meld.training import load_model
@@ -425,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(2)
     model, state = load_model(args.model)
+    configure_decoding(model, compile=cfg.compile_decoding)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if model.system == "codec_lm":  # scored on DAC codes through its own codec, not on mel frames

@@ -108,6 +108,11 @@ def test_synthesize_continues_a_resampled_prompt(checkpoint, prompt_22k, tmp_pat
     assert _synth(checkpoint, again, "--prompt", str(prompt_22k), "--prompt-seconds", "1", "--seed", "3") == 0
     np.testing.assert_array_equal(sf.read(str(again))[0], sf.read(str(out))[0])
 
+    compiled = tmp_path / "compiled.wav"  # the compiled fixed-shape step: the same speech to float rounding
+    assert _synth(checkpoint, compiled, "--prompt", str(prompt_22k), "--prompt-seconds", "1", "--seed", "3",
+                  "--compile") == 0
+    np.testing.assert_allclose(sf.read(str(compiled))[0], sf.read(str(out))[0], atol=1e-3)
+
 
 def test_synthesize_from_text_alone(checkpoint, tmp_path, capsys, caplog):
     out = tmp_path / "text_only.wav"

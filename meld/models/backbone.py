@@ -118,18 +118,34 @@ class KVCache:
     a mask.
     """
 
-    def __init__(self, n_layers: int, batch: int, n_heads: int, max_len: int, head_dim: int, device, dtype):
+    def __init__(self, n_layers: int, batch: int, n_heads: int, max_len: int, head_dim: int, device, dtype,
+                 fixed_shape: bool = False):
         self.kv = torch.zeros((n_layers, 2, batch, n_heads, max_len, head_dim), device=device, dtype=dtype)
         self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.length = 0
         self.max_len = max_len
         self.all_valid = True
+        self.fixed_shape = fixed_shape
+        self.rows = batch  # live rows; with a fixed shape the first ``rows`` of ``kv``'s batch axis
 
     def select(self, idx: torch.Tensor) -> None:
-        self.kv = self.kv[:, :, idx]
-        self.key_valid = self.key_valid[idx]
+        """Keep (and reorder, or repeat) the live rows ``idx``.
+
+        A fixed-shape cache (:meth:`Backbone.prefill` with ``fixed_shape``) keeps its tensors:
+        the selected rows are copied to the front of the same storage, so a compiled step (and a
+        CUDA graph recorded on those addresses) stays valid. It only reallocates to grow (a beam
+        search's first select repeats every row K times), which recompiles once.
+        """
+        n = len(idx)
+        if self.fixed_shape and n <= self.kv.shape[2]:
+            self.kv[:, :, :n] = self.kv[:, :, idx]  # the right side is a gathered copy: overlap is safe
+            self.key_valid[:n] = self.key_valid[idx]
+        else:
+            self.kv = self.kv[:, :, idx]
+            self.key_valid = self.key_valid[idx]
+        self.rows = n
         # the rows that stay may be the ones without padding; callers sync on idx anyway
-        self.all_valid = bool(self.key_valid[:, : self.length].all())
+        self.all_valid = bool(self.key_valid[:n, : self.length].all())
 
     @property
     def k(self) -> torch.Tensor:
@@ -143,7 +159,7 @@ class KVCache:
 
     @property
     def batch_size(self) -> int:
-        return self.kv.shape[2]
+        return self.rows
 
 
 class CausalSelfAttention(nn.Module):
@@ -184,6 +200,20 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
         return self.proj(y)
 
+    def forward_fixed(self, x: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        """One query per row against this layer's whole preallocated cache, shapes fixed whatever the step.
+
+        x: (B, 1, D); kv: (2, B, H, max_len, Dh), this step's key and value written at position
+        ``slot`` ((1,) long tensor, not a Python int, so a compiled step is not re-specialised per
+        step); mask: (B, 1, 1, max_len), True up to and including ``slot`` on real keys.
+        """
+        B, T, D = x.shape
+        qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, 1, Dh)
+        kv.index_copy_(3, slot, qkv[1:].to(kv.dtype))
+        q = qkv[0]
+        y = F.scaled_dot_product_attention(q.to(kv.dtype), kv[0], kv[1], attn_mask=mask).to(q.dtype)
+        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+
 
 class MLP(nn.Module):
     def __init__(self, d_model: int, d_ff: int, dropout: float):
@@ -211,6 +241,11 @@ class Block(nn.Module):
         x = x + (self.drop(a) if self.training else a)  # dropout is the identity in eval: skip the call
         return x + self.mlp(self.ln2(x))
 
+    def forward_fixed(self, x, kv, mask, slot):
+        """:meth:`forward` of a fixed-shape decoding step (eval only; :meth:`CausalSelfAttention.forward_fixed`)."""
+        x = x + self.attn.forward_fixed(self.ln1(x), kv, mask, slot)
+        return x + self.mlp(self.ln2(x))
+
 
 class Backbone(nn.Module):
     """Decoder-only Transformer over already-embedded inputs.
@@ -230,12 +265,17 @@ class Backbone(nn.Module):
         self.blocks = nn.ModuleList(Block(d_model, n_heads, d_ff, dropout) for _ in range(n_layers))
         self.ln_f = nn.LayerNorm(d_model)
         self._position_tables: dict[tuple, torch.Tensor] = {}
+        self.fixed_shape_decoding = False  # set by configure_decoding
+        self._compiled_step = None
 
     def new_cache(self, batch: int, max_len: int, device=None, dtype=None) -> KVCache:
         p = next(self.parameters())
         device, dtype = device or p.device, dtype or p.dtype
+        if self.fixed_shape_decoding:  # few distinct lengths: each new shape is a recompile
+            max_len = -(-max_len // FIXED_SHAPE_LENGTH_STEP) * FIXED_SHAPE_LENGTH_STEP
         self._position_table(max_len, device, dtype)  # every position this cache can hold, computed now
-        return KVCache(self.n_layers, batch, self.n_heads, max_len, self.d_model // self.n_heads, device, dtype)
+        return KVCache(self.n_layers, batch, self.n_heads, max_len, self.d_model // self.n_heads, device, dtype,
+                       fixed_shape=self.fixed_shape_decoding)
 
     def _position_table(self, length: int, device, dtype) -> torch.Tensor:
         """Sinusoidal rows 0..length-1 (at least), kept between calls and grown by doubling.
@@ -379,6 +419,80 @@ class Backbone(nn.Module):
         """Feed one real token per row: (b, D) embeddings at (b,) positions -> (b, D) hidden states.
 
         Every system's decoding loop steps through here, so this is where oneDNN is switched off
-        (:func:`decoding_kernels`: its GELU primitive's fixed cost dominates one-row steps)."""
+        (:func:`decoding_kernels`: its GELU primitive's fixed cost dominates one-row steps), and
+        where a fixed-shape cache (:func:`configure_decoding`) takes the compiled step."""
         with decoding_kernels(emb.device):
+            if cache.fixed_shape:
+                return self._step_fixed(emb, positions, cache)
             return self(emb[:, None], positions[:, None], None, cache)[:, 0]
+
+    def _step_fixed(self, emb: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """:meth:`step` with every shape fixed: the batch padded to the cache's allocated rows (rows
+        that have left hold stale values and are computed and dropped) and attention over every
+        ``max_len`` position under a mask. Same outputs as the sliced step to float rounding."""
+        if cache.length >= cache.max_len:
+            raise RuntimeError(f"KV cache overflow: {cache.length + 1} positions > max_len {cache.max_len}")
+        b, B = emb.shape[0], cache.kv.shape[2]
+        # new tensors even when b == B: an input made outside inference mode (the prefill's
+        # positions) and one made inside it would otherwise compile twice
+        emb = torch.cat([emb, emb.new_zeros(B - b, emb.shape[1])])
+        positions = torch.cat([positions, positions.new_zeros(B - b)])
+        slot = torch.full((1,), cache.length, dtype=torch.long, device=emb.device)
+        table = self._position_table(cache.max_len, emb.device, emb.dtype)
+        step = self._fixed_shape_step
+        if self._compiled_step is not None:
+            step = self._compiled_step
+            if emb.device.type == "cuda":
+                # CUDA graphs replay on fixed addresses: the cache is updated in place, not copied in
+                torch._dynamo.mark_static_address(cache.kv)
+                torch._dynamo.mark_static_address(cache.key_valid)
+                torch.compiler.cudagraph_mark_step_begin()
+        h = step(emb, positions, cache.kv, cache.key_valid, slot, table)
+        cache.length += 1
+        # a CUDA-graph output is overwritten by the next replay: hand the caller its own copy
+        return h[:b].clone() if self._compiled_step is not None else h[:b]
+
+    def _fixed_shape_step(self, emb, positions, kv, key_valid, slot, table) -> torch.Tensor:
+        """The tensor-only body of a fixed-shape step, the function :func:`configure_decoding` compiles.
+
+        emb: (B, D); positions: (B,); kv: the cache's (layers, 2, B, H, max_len, Dh) tensor and
+        key_valid its (B, max_len) mask, both updated in place; slot: (1,) the position written;
+        table: the sinusoidal rows. Returns (B, D) hidden states.
+        """
+        key_valid.index_fill_(1, slot, True)
+        k_pos = torch.arange(key_valid.shape[1], device=emb.device)
+        mask = (key_valid & (k_pos <= slot))[:, None, None, :]  # (B, 1, 1, max_len)
+        h = (emb + table[positions])[:, None]  # (B, 1, D)
+        for i, block in enumerate(self.blocks):
+            h = block.forward_fixed(h, kv[i], mask, slot)
+        return self.ln_f(h)[:, 0]
+
+
+FIXED_SHAPE_LENGTH_STEP = 256  # a fixed-shape cache's max_len is a multiple of this: few shapes to compile
+
+
+def configure_decoding(model: nn.Module, *, fixed_shape: bool = False, compile: bool = False,
+                       backend: str = "inductor", mode: str | None = None) -> None:
+    """Choose how every backbone in ``model`` runs later decoding steps (default: the sliced step).
+
+    ``compile`` (implies ``fixed_shape``) runs each step through ``torch.compile`` of
+    :meth:`Backbone._fixed_shape_step`, with ``mode`` ``"reduce-overhead"`` on CUDA (CUDA graphs:
+    one graph launch per step instead of ~15 kernels per layer) and the default mode elsewhere.
+    The compiled step needs fixed shapes, so the cache keeps its rows when utterances finish (their
+    rows are computed and dropped), attends over its whole allocated length under a mask, and
+    rounds that length up to a multiple of :data:`FIXED_SHAPE_LENGTH_STEP`; each new (batch,
+    length) shape compiles once. Worth it where launches, not arithmetic, bound a step (a GPU at
+    small batch); on this project's CPUs it was slower (docs/results.md). ``fixed_shape`` alone
+    runs the same step eagerly (the reference the compiled one is tested against).
+    """
+    backbones = [m for m in model.modules() if isinstance(m, Backbone)]
+    if not backbones:
+        raise ValueError(f"{type(model).__name__} has no Backbone to configure")
+    for bb in backbones:
+        bb.fixed_shape_decoding = fixed_shape or compile
+        bb._compiled_step = None
+        if compile:
+            device = next(bb.parameters()).device
+            chosen = mode or ("reduce-overhead" if device.type == "cuda" else None)
+            bb._compiled_step = torch.compile(bb._fixed_shape_step, backend=backend, mode=chosen,
+                                              fullgraph=True, dynamic=False)

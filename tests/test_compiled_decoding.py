@@ -1,0 +1,110 @@
+"""The fixed-shape decoding step and its torch.compile'd form (backbone.configure_decoding).
+
+The compiled step exists for GPUs (CUDA graphs), which CI lacks; here it is compiled for the CPU
+by inductor, the same compiler, and must decode what the sliced eager step decodes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import rel_error, tiny_batch, tiny_meld
+
+from meld.config import ConfigError, EvaluateConfig
+from meld.generate import stt_beam_search
+from meld.models.backbone import FIXED_SHAPE_LENGTH_STEP, Backbone, configure_decoding
+from meld.models.vocab import EOS
+
+
+def _decode(bb: Backbone, x: torch.Tensor, valid: torch.Tensor, last: torch.Tensor, plan: dict[int, list[int]]):
+    """Prefill the prompt, then step through x's remaining positions; before step t keep the rows
+    ``plan[t]`` (indices into the rows alive then: fewer, reordered or repeated). Returns each
+    step's hidden states and the cache."""
+    P = valid.shape[1]
+    rows = torch.arange(x.shape[0])
+    with torch.no_grad():
+        h, cache, pos = bb.prefill(x[:, :P], valid, last, x.shape[1] - P)
+        outs = [h]
+        for t in range(P, x.shape[1]):
+            if t in plan:
+                keep = torch.tensor(plan[t])
+                cache.select(keep)
+                rows, pos = rows[keep], pos[keep]
+            outs.append(bb.step(x[rows, t], pos, cache))
+            pos = pos + 1
+    return outs, cache
+
+
+def test_fixed_shape_step_decodes_what_the_sliced_step_does_through_shrinking_and_growing_batches():
+    torch.manual_seed(0)
+    bb = Backbone(d_model=32, n_layers=3, n_heads=4, d_ff=64, dropout=0.0).eval()
+    B, P, N = 3, 7, 8
+    x = torch.randn(B, P + N, 32)
+    valid = torch.ones(B, P, dtype=torch.bool)
+    valid[2, 4:] = False  # a right-padded prompt: the masked path
+    last = torch.tensor([P - 1, P - 1, 3])
+    plan = {P + 2: [2, 0], P + 4: [1, 1, 0, 0]}  # a row leaves and the rest reorder; then a beam-like repeat
+    sliced, _ = _decode(bb, x, valid, last, plan)
+    configure_decoding(bb, fixed_shape=True)
+    fixed, cache = _decode(bb, x, valid, last, plan)
+    assert len(fixed) == len(sliced) == N + 1
+    for a, b in zip(fixed, sliced):
+        assert a.shape == b.shape and rel_error(a, b) <= 1e-5
+    assert cache.fixed_shape and cache.max_len % FIXED_SHAPE_LENGTH_STEP == 0 and cache.max_len >= P + N
+    assert cache.kv.shape[2] == 4 and cache.batch_size == 4  # grown once, for the repeat
+
+    # a shrinking select keeps the storage (what a compiled step and a CUDA graph are recorded on)
+    h, cache, pos = bb.prefill(x[:, :P], valid, last, N)
+    ptr = cache.kv.data_ptr()
+    cache.select(torch.tensor([1, 0]))
+    assert cache.kv.data_ptr() == ptr and cache.kv.shape[2] == B and cache.batch_size == 2
+    configure_decoding(bb)
+    assert bb.new_cache(2, 10).max_len == 10 and not bb.new_cache(2, 10).fixed_shape  # back to the default
+
+
+def test_fixed_shape_beam_search_equals_the_sliced_one():
+    model, _ = tiny_meld(reduction=2)
+    model.eval()
+    batch = tiny_batch(reduction=2, B=4, T=9)
+    mels = [batch["mel"][b, : int(batch["mel_len"][b])].reshape(-1, 80).numpy() for b in range(4)]
+    sliced = stt_beam_search(model, mels, reduction=2, beam_size=3, max_tokens=30, batch_size=4)
+    configure_decoding(model, fixed_shape=True)
+    assert stt_beam_search(model, mels, reduction=2, beam_size=3, max_tokens=30, batch_size=4) == sliced
+
+
+def _generate(model, batch, seed):
+    torch.manual_seed(seed)  # test-time dropout draws from the global generator
+    return model.generate(batch["text"], batch["text_len"], batch["mel"], batch["mel_len"], max_frames=30,
+                          generator=torch.Generator().manual_seed(seed), temperature=1.0, top_k=5)
+
+
+def test_compiled_decoding_generates_what_eager_decoding_does_and_compiles_once():
+    from torch._dynamo.utils import counters
+
+    model, _ = tiny_meld(reduction=2)
+    with torch.no_grad():
+        model.head.bias[EOS] += 0.6  # an untrained model rarely stops: make rows leave the batch at different steps
+    batch = tiny_batch(reduction=2, B=4, T=6)
+    eager = [_generate(model, batch, seed) for seed in (0, 1)]
+    lengths = [len(c) for g in eager for c in g.codes]
+    assert len(set(lengths)) > 2 and 30 in lengths, "rows must finish at different steps, one at the guard"
+    torch._dynamo.reset()
+    counters.clear()
+    configure_decoding(model, compile=True)  # inductor, as on a GPU (there with CUDA graphs)
+    compiled = [_generate(model, batch, seed) for seed in (0, 1)]
+    for e, c in zip(eager, compiled):
+        assert c.codes == e.codes and c.hit_max_length == e.hit_max_length
+        for a, b in zip(c.frames, e.frames):
+            assert a.shape == b.shape and (a.numel() == 0 or rel_error(a, b) <= 1e-5)
+    # one graph for every step of both generations, whatever rows had left: no re-specialising
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    configure_decoding(model)
+    torch._dynamo.reset()
+
+
+def test_compile_decoding_param_is_checked():
+    assert EvaluateConfig.from_dict({"compile_decoding": True}, "evaluate").compile_decoding is True
+    with pytest.raises(ConfigError, match="evaluate.compile_decoding"):
+        EvaluateConfig.from_dict({"compile_decoding": "yes"}, "evaluate")
+    with pytest.raises(ValueError, match="has no Backbone"):
+        configure_decoding(torch.nn.Linear(2, 2), compile=True)
