@@ -199,6 +199,10 @@ def prompt_log_mel(wav: np.ndarray, prompt_seconds: float) -> np.ndarray:
     return mel[:want]
 
 
+COMPILE_HELP = ("torch.compile the decoding step (CUDA graphs on a GPU): a one-off compile, then fewer kernel "
+                "launches per step; for GPUs and long runs (no faster on a CPU, docs/results.md)")
+
+
 def _configure_decoding(model, compile_step: bool) -> None:
     """``--compile``: decode through the compiled fixed-shape step (:func:`meld.models.backbone.configure_decoding`)."""
     from meld.models.backbone import configure_decoding
@@ -535,8 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the decoding step (CUDA graphs on a GPU): a one-off compile, then fewer kernel "
-        "launches per step; for GPUs and long runs (slower on the CPUs measured, docs/results.md)",
+        help=COMPILE_HELP,
     )
     s.set_defaults(func=cmd_synthesize)
 
@@ -557,8 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the decoding step (CUDA graphs on a GPU): a one-off compile, then fewer kernel "
-        "launches per step; for GPUs and long runs (slower on the CPUs measured, docs/results.md)",
+        help=COMPILE_HELP,
     )
     t.set_defaults(func=cmd_transcribe)
 

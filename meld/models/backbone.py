@@ -499,7 +499,7 @@ def configure_decoding(model: nn.Module, *, fixed_shape: bool = False, compile: 
     rows are computed and dropped), attends over its whole allocated length under a mask, and
     rounds that length up to a multiple of :data:`FIXED_SHAPE_LENGTH_STEP`; each new (batch,
     length) shape compiles once. Worth it where launches, not arithmetic, bound a step (a GPU at
-    small batch); on this project's CPUs it was slower (docs/results.md). ``fixed_shape`` alone
+    small batch); on a CPU it was no faster (docs/results.md). ``fixed_shape`` alone
     runs the same step eagerly (the reference the compiled one is tested against).
     """
     backbones = [m for m in model.modules() if isinstance(m, Backbone)]
