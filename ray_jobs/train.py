@@ -439,8 +439,10 @@ def init_ray(num_cpus: int | None = None) -> None:
         before = os.environ.get("RAY_API_SERVER_ADDRESS")
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # inherited by the raylet's workers
         try:
-            ray.init(num_cpus=num_cpus, include_dashboard=None, dashboard_host="127.0.0.1", dashboard_port=port,
-                     log_to_driver=True, _node_ip_address="127.0.0.1", configure_logging=False)
+            # address="local": without it ray.init joins the last `ray start` cluster on this machine (and
+            # refuses num_cpus there), so a researcher's own head would break or capture every stage
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=None, dashboard_host="127.0.0.1",
+                     dashboard_port=port, log_to_driver=True, _node_ip_address="127.0.0.1", configure_logging=False)
         finally:  # not by this process's own subprocesses, which may talk to another cluster
             if before is None:
                 os.environ.pop("RAY_API_SERVER_ADDRESS")

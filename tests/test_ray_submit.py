@@ -44,9 +44,10 @@ def _clean_env() -> dict:
     return env
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_head():
-    """A Ray head (``ray start --head --block``) on free localhost ports; yields the dashboard URL."""
+    """A Ray head (``ray start --head --block``) on free localhost ports, shared by this module's tests;
+    yields {"dashboard": its URL, "gcs": its GCS address}."""
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
     port, dash, client, agent = (_free_port() for _ in range(4))
     cmd = [
@@ -85,7 +86,7 @@ def ray_head():
             if time.time() > deadline:
                 raise RuntimeError("the Ray head's dashboard did not come up")
             time.sleep(0.5)
-        yield url
+        yield {"dashboard": url, "gcs": f"127.0.0.1:{port}"}
     finally:
         # SIGTERM to `ray start --block` makes it stop every process of this head; then the process
         # group this test created, for anything left over
@@ -132,7 +133,7 @@ def test_job_submit_trains_and_logs_to_mlflow(ray_head, tmp_path_factory, tmp_pa
         "job",
         "submit",
         "--address",
-        ray_head,
+        ray_head["dashboard"],
         "--working-dir",
         str(project),
         "--runtime-env-json",
@@ -163,3 +164,26 @@ def test_job_submit_trains_and_logs_to_mlflow(ray_head, tmp_path_factory, tmp_pa
     assert "loss/total" in run.data.metrics and "dev/mse_post_greedy" in run.data.metrics
     history = mlflow.tracking.MlflowClient(tracking_uri).get_metric_history(run.info.run_id, "loss/total")
     assert sorted(m.step for m in history) == [1, 2]
+
+
+@pytest.mark.slow
+def test_a_stage_without_ray_address_starts_its_own_cluster_beside_a_ray_start_head(ray_head):
+    """`ray start` records its head as the machine's current cluster, which a bare ``ray.init()`` joins
+    (and where it refuses ``num_cpus``): a stage run without RAY_ADDRESS must start a cluster of its own."""
+    temp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths must stay < 108 chars
+    try:
+        (temp / "ray").mkdir()
+        (temp / "ray" / "ray_current_cluster").write_text(ray_head["gcs"])  # as `ray start` writes it
+        code = (
+            "import ray\n"
+            "from ray_jobs.train import init_ray\n"
+            "init_ray(num_cpus=1)\n"
+            "print('cluster', ray.get_runtime_context().gcs_address, ray.cluster_resources()['CPU'])\n"
+        )
+        env = {**_clean_env(), "RAY_TMPDIR": str(temp), "PYTHONPATH": str(ROOT)}
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        _, gcs, cpus = proc.stdout.strip().splitlines()[-1].split()
+        assert gcs != ray_head["gcs"] and float(cpus) == 1.0  # its own 1-CPU cluster, not the 2-CPU head
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
