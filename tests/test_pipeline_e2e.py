@@ -72,6 +72,14 @@ def _repro(cwd: Path, env: dict) -> str:
     return out
 
 
+def _drivers_since(seen: set[str]) -> dict[str, str]:
+    """{job id: command line} of the Ray drivers on this session's cluster that are not in ``seen``."""
+    from ray.util.state import list_jobs
+
+    return {j.job_id: j.entrypoint for j in list_jobs(limit=1000) if j.job_id not in seen
+            and j.type.name == "DRIVER" and "pipeline." in j.entrypoint}
+
+
 @pytest.mark.slow
 def test_whole_dag_runs_and_reruns_only_what_changed(tmp_path):
     work = tmp_path / "project"
@@ -92,6 +100,7 @@ def test_whole_dag_runs_and_reruns_only_what_changed(tmp_path):
     env.pop("RAY_ADDRESS")
     subprocess.run([str(BIN / "dvc"), "init", "--no-scm", "-q"], cwd=work, env=env, check=True)
 
+    drivers_before = _drivers_since(set())
     first = _repro(work, {**env, "RAY_ADDRESS": ray.get_runtime_context().gcs_address})
     assert _stages_run(first) == {"corpus", "features", "codebook", "bpe", "train@meld", "evaluate@meld",
                                   "train@meld_stt", "evaluate@meld_stt", "train@mel_lm", "evaluate@mel_lm",
@@ -124,7 +133,9 @@ def test_whole_dag_runs_and_reruns_only_what_changed(tmp_path):
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     third = _repro(work, env)
     assert _stages_run(third) == {"train@mel_lm", "evaluate@mel_lm", "report"}
-    assert "Connecting to existing Ray cluster" in first and "Started a local Ray instance" in third
+    # the first repro's train and tune drivers ran on the session's cluster, the third's on a cluster of its own
+    assert sorted(j.split(" --system ")[-1].split()[0] if "pipeline.train" in j else "tune"
+                  for j in _drivers_since(drivers_before).values()) == ["mel_lm", "meld", "meld_stt", "tune"]
     # MELD's own training settings are also the sweep's starting point, so they make the sweep stale too
     params["meld"]["train"]["lr"] = 0.002
     (work / "params.yaml").write_text(yaml.safe_dump(params))
