@@ -48,7 +48,8 @@ DEBUG_PARAMS = {
     "meld_stt": {"model": {}, "train": {"task": "stt"}},
     "mel_lm": {"args": {"stop_pos_weight": 1.0, "stop_threshold": 0.5}, "model": {},
                "train": {"task": "tts", "loss_weights": {"mse_pre": 1.0, "mse_post": 1.0, "slowness": 0.2, "stop": 1.0}}},
-    "tune": {"system": "meld", "slowness_weights": [0.5], "reduction_factors": [2],  # one trial: test_tune sweeps two "max_steps": 2,
+    # one sweep trial: tests/test_tune.py sweeps two
+    "tune": {"system": "meld", "slowness_weights": [0.5], "reduction_factors": [2], "max_steps": 2,
              "eval_every": 1, "frames_per_batch": 800, "num_workers_per_trial": 1, "cpus_per_worker": 1,
              "max_concurrent_trials": 1, "scheduler": "asha", "grace_period": 1, "asha_reduction": 2,
              "metric": "dev/mse_pre_greedy", "max_failures": 0},
