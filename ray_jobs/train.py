@@ -259,7 +259,6 @@ def train_worker(config: dict) -> None:
             model.set_codebook(torch.from_numpy(np.load(config["codebook"])))
         print(f"[rank {rank}] {system} starts from the weights of {tc['init_from']}", flush=True)
     last_ckpt_step = step if state is not None else None
-    torch.manual_seed(tc["seed"] * 100_003 + rank * 7919 + step)  # distinct dropout per rank, reproducible
     # parameters a task leaves unused (MELD's recon/postnet under STT, dMel's text head under TTS)
     # must be declared to DDP; each model says whether its task reaches every one
     # (tests/test_ddp_parameters.py checks the declarations against the gradients)
@@ -299,6 +298,9 @@ def train_worker(config: dict) -> None:
         if task == "joint":
             task = "tts" if step < tc["stt_warmup_steps"] else "joint"
         idx = next(batches)
+        # dropout and masking draws seeded by (seed, rank, step): distinct per rank, and a run resumed
+        # from a checkpoint draws what the uninterrupted run drew (tests/test_faults.py compares weights)
+        torch.manual_seed(tc["seed"] * 100_003 + rank * 7919 + step)
         batch = {k: v.to(device) for k, v in data.batch(idx).items()}
         if hooks.get("nan_at_step") == step + 1 and rank == hooks.get("nan_rank", 0):
             with torch.no_grad():  # test hook: this rank's weights blow up

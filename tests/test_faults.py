@@ -4,7 +4,8 @@
     from the last checkpoint (not from step 0) and finishes at max_steps;
 (b) the train stage is killed after a checkpoint -> rerunning it resumes from that checkpoint;
 (c) a truncated newest checkpoint is detected and the previous one is used;
-(d) a NaN loss stops every rank with a clear message and keeps the last good checkpoint.
+(d) a NaN loss stops every rank with a clear message and keeps the last good checkpoint;
+(e) (a)'s resumed run ends bit-identical to an uninterrupted run of the same configuration.
 
 The worker-death and NaN cases use the worker's test hooks (``config["test_hooks"]``, see
 ray_jobs/train.py); nothing else here reaches inside the code under test.
@@ -197,6 +198,8 @@ def test_killed_worker_resumes_from_checkpoint(crashed_run):
 
 @pytest.mark.slow
 def test_truncated_checkpoint_is_skipped(crashed_run, tmp_path):
+    import torch
+
     from meld.training import latest_good_checkpoint, load_checkpoint
     from ray_jobs.train import run_training
 
@@ -212,7 +215,10 @@ def test_truncated_checkpoint_is_skipped(crashed_run, tmp_path):
 
     # a fresh Ray storage, so only the folder's checkpoints are there to resume from
     run_training(config, num_workers=2, use_gpu=False, storage_path=str(tmp_path / "ray"), max_failures=0)
-    assert load_checkpoint(newest)["step"] == 4  # rewritten whole
+    rewritten = load_checkpoint(newest)
+    assert rewritten["step"] == 4  # rewritten whole, with the weights (a)'s resumed run ended with
+    original = load_checkpoint(Path(crashed_run["config"]["checkpoint_dir"]) / "step-4.pt")["model"]
+    assert all(torch.equal(rewritten["model"][k], original[k]) for k in original)
     run_id = (ckpt_dir / "mlflow_run_id").read_text().strip()
     assert metric_history(crashed_run["uri"], run_id, "train/resume_step") == [(2, 2.0)]
 
@@ -249,23 +255,26 @@ def test_init_from_refuses_a_missing_or_misfitting_model(crashed_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_same_configuration_trains_the_same_weights_twice(data, tmp_path, tracking):
-    """A rerun of a train stage reproduces it: two 2-worker runs of one configuration end with
-    bit-identical weights (initialisation, data order, dropout and the DDP all-reduce all seeded)."""
-    ensure_ray()
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(crashed_run, tmp_path):
+    """Exact resumption, and with it reproducibility: (a)'s run, whose worker died after step 2 and
+    which resumed from the step-2 checkpoint, ends bit-identical to one uninterrupted run of the same
+    configuration (initialisation, data order, dropout, optimiser and schedule state, and the DDP
+    all-reduce all seeded or restored). A rerun of a train stage therefore reproduces it, too."""
     import torch
 
     from meld.training import latest_good_checkpoint
     from ray_jobs.train import run_training
 
-    weights = []
-    for name in ("first", "second"):
-        config = tiny_config(data, tmp_path / name, max_steps=3)
-        run_training(config, num_workers=2, use_gpu=False, storage_path=str(tmp_path / name / "ray"), max_failures=0)
-        weights.append(latest_good_checkpoint(Path(config["checkpoint_dir"]))["model"])
-    assert weights[0].keys() == weights[1].keys() and len(weights[0]) > 20
-    differ = [k for k in weights[0] if not torch.equal(weights[0][k], weights[1][k])]
-    assert not differ, f"{len(differ)} of {len(weights[0])} tensors differ, e.g. {differ[:3]}"
+    config = tiny_config(crashed_run["data"], tmp_path / "model")
+    config["mlflow_tracking_uri"] = crashed_run["uri"]
+    assert config["fingerprint"] == crashed_run["config"]["fingerprint"]  # the same configuration
+    run_training(config, num_workers=2, use_gpu=False, storage_path=str(tmp_path / "ray"), max_failures=0)
+    straight = latest_good_checkpoint(Path(config["checkpoint_dir"]))
+    resumed = latest_good_checkpoint(Path(crashed_run["config"]["checkpoint_dir"]))
+    assert straight["step"] == resumed["step"] == 4
+    assert straight["model"].keys() == resumed["model"].keys() and len(straight["model"]) > 20
+    differ = [k for k in straight["model"] if not torch.equal(straight["model"][k], resumed["model"][k])]
+    assert not differ, f"{len(differ)} of {len(straight['model'])} tensors differ, e.g. {differ[:3]}"
 
 
 @pytest.mark.slow
