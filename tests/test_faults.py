@@ -321,10 +321,12 @@ def _wait_for_train_actors_of_other_jobs_to_end(deadline_s: float) -> None:
     from ray.util.state import list_actors
 
     me = ray.get_runtime_context().get_job_id()
+    address = ray.get_runtime_context().gcs_address  # this session's cluster, not any other local one
     start = time.time()
     first = None
     while True:
-        others = [a.class_name for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.job_id != me]
+        alive_actors = list_actors(address=address, filters=[("state", "=", "ALIVE")])
+        others = [a.class_name for a in alive_actors if a.job_id != me]
         alive = [name for name in others if name in ("TrainController", "RayTrainWorker")]
         first = others if first is None else first
         if not alive:

@@ -77,10 +77,12 @@ def _repro(cwd: Path, env: dict) -> str:
 
 def _stage_drivers() -> dict[str, tuple[str, str]]:
     """{job id: (stage script, --system)} of the pipeline stages that ran as Ray drivers on this session's cluster."""
+    import ray
     from ray.util.state import list_jobs
 
     found = {}
-    for job in list_jobs(limit=1000):
+    # the session cluster by address: another local cluster (a parallel test process's) may be up
+    for job in list_jobs(address=ray.get_runtime_context().gcs_address, limit=1000):
         m = re.search(r"-m pipeline\.(\w+)(?:.* --system (\S+))?", job.entrypoint or "")
         if job.type.name == "DRIVER" and m:
             found[job.job_id] = m.groups(default="")
