@@ -114,13 +114,14 @@ def test_tiny_meld_overfits_a_fixed_batch():
     batch = tiny_batch(B=2, T=8)
     opt = build_optimizer(model, lr=3e-3, weight_decay=0.0)
     sched = build_scheduler(opt, warmup=1, hold=10_000, decay=0)
-    first = last = None
-    for _ in range(300):
+    first, reached = None, None
+    for step in range(1, 301):  # within 300 steps (it takes ~50): stop there, the rest is CI time
         m = train_step(model, opt, sched, batch, task="tts", loss_weights=WEIGHTS, grad_clip=10.0)
         first = first or m
-        last = m
-    assert last["loss/ce"] < first["loss/ce"] / 10
-    assert last["loss/mse_post"] < first["loss/mse_post"] / 5
+        if m["loss/ce"] < first["loss/ce"] / 10 and m["loss/mse_post"] < first["loss/mse_post"] / 5:
+            reached = step
+            break
+    assert reached is not None, f"after 300 steps: {m} (first step: {first})"
 
 
 def test_checkpoint_resume_continues_identically(tmp_path):
