@@ -36,10 +36,8 @@ run: install
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
 	@echo; cat reports/summary.md
 
-# two test processes, one test file at a time each, slowest files first (tests/conftest.py): most
-# tests wait on Ray, DVC and subprocesses, so two processes on two cores take ~2/3 of the serial time
 test: install
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -q
 
 lint: install
 	$(BIN)/ruff check meld pipeline ray_jobs tests bench

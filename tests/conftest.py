@@ -72,13 +72,3 @@ def one_thread():
     yield
     torch.set_num_threads(before)
 
-
-# The slowest files first. `make test` runs two pytest-xdist processes, one file at a time each
-# (--dist loadfile, in collection order: --no-loadscope-reorder); the e2e DAG test alone takes
-# ~7 min on a slow 2-core machine, and started last it would run on its own at the end.
-SLOW_FILES_FIRST = ("test_pipeline_e2e.py", "test_faults.py", "test_tune.py", "test_ray_submit.py", "test_codes.py")
-
-
-def pytest_collection_modifyitems(session, config, items):
-    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
