@@ -26,7 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 DEBUG_PARAMS = {
-    "systems": ["meld", "meld_stt", "mel_lm"],
+    # the joint MELD is TTS and STT in one model, so one train and one evaluate stage cover both tasks
+    # (and it is the STT judge); meld and meld_stt differ from it only in the task parameter
+    "systems": ["meld_joint", "mel_lm"],
     "codec_systems": [],  # the codec stages are tested in test_codes.py
     "corpus": {
         "name": "mini", "seed": 1, "train_voices": ["flite-rms", "flite-slt", "espeak-m3"],
@@ -34,7 +36,7 @@ DEBUG_PARAMS = {
         "min_words": 8, "max_words": 12, "num_workers": 2,
     },
     "features": {"num_workers": 1, "max_seconds": 20.0, "min_seconds": 0.3, "max_rejected_fraction": 0.05},
-    "codebook": {"size": 16, "reduction_factors": [2], "niter": 5, "max_vectors": 20000, "seed": 0},
+    "codebook": {"size": 16, "reduction_factors": [1, 2], "niter": 5, "max_vectors": 20000, "seed": 0},
     "bpe": {"vocab_size": 60},
     "model": {"d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64, "dropout": 0.0, "encoder_hidden": 32,
               "encoder_dropout": 0.5, "recon_hidden": 32, "postnet_channels": 16, "postnet_kernel": 5,
@@ -46,19 +48,18 @@ DEBUG_PARAMS = {
               "bf16": False, "seed": 0, "checkpoint_every": 2, "log_every": 1,
               "loss_weights": {"ce": 1.0, "mse_pre": 1.0, "mse_post": 1.0, "slowness": 0.2}, "task": "tts",
               "stt_warmup_steps": 0},
-    "meld": {"model": {}, "train": {"task": "tts"}},
-    "meld_stt": {"model": {}, "train": {"task": "stt"}},
+    "meld_joint": {"model": {}, "train": {"task": "joint", "stt_warmup_steps": 2}},
     "mel_lm": {"args": {"stop_pos_weight": 1.0, "stop_threshold": 0.5}, "model": {},
                "train": {"task": "tts", "loss_weights": {"mse_pre": 1.0, "mse_post": 1.0, "slowness": 0.2, "stop": 1.0}}},
-    # one sweep trial: tests/test_tune.py sweeps two
-    "tune": {"system": "meld", "slowness_weights": [0.5], "reduction_factors": [2], "max_steps": 2,
+    # two trials, one per frame rate: the sweep's report, plot and MLflow runs are checked here
+    "tune": {"system": "meld_joint", "slowness_weights": [0.5], "reduction_factors": [1, 2], "max_steps": 2,
              "eval_every": 1, "frames_per_batch": 800, "num_workers_per_trial": 1, "cpus_per_worker": 1,
              "max_concurrent_trials": 1, "scheduler": "asha", "grace_period": 1, "asha_reduction": 2,
              "metric": "dev/mse_pre_greedy", "max_failures": 0},
     "evaluate": {"splits": ["test_unseen"], "utterances_per_split": 1, "generations": 1, "prompt_seconds": 1.0,
                  "min_seconds": 1.5, "max_seconds": 12.0, "max_length_factor": 1.5, "audio_samples": 1,
                  "ablations": False, "batch_size": 2, "score_workers": 1, "stt_splits": ["test"], "stt_beam_size": 2,
-                 "stt_judge_model": "models/meld_stt/model.pt"},
+                 "stt_judge_model": "models/meld_joint/model.pt"},
     "codec_lm": {"codec_weights": None},
     "mlflow": {"experiment": "e2e"},
 }
@@ -111,28 +112,40 @@ def test_whole_dag_runs_and_reruns_only_what_changed(tmp_path):
 
     drivers_before = _stage_drivers()
     first = _repro(work, {**env, "RAY_ADDRESS": ray.get_runtime_context().gcs_address})
-    assert _stages_run(first) == {"corpus", "features", "codebook", "bpe", "train@meld", "evaluate@meld",
-                                  "train@meld_stt", "evaluate@meld_stt", "train@mel_lm", "evaluate@mel_lm",
-                                  "tune", "report"}
-    metrics = json.loads((work / "metrics" / "meld.json").read_text())
-    split = metrics["splits"]["test_unseen"]
+    assert _stages_run(first) == {"corpus", "features", "codebook", "bpe", "train@meld_joint", "evaluate@meld_joint",
+                                  "train@mel_lm", "evaluate@mel_lm", "tune", "report"}
+    metrics = json.loads((work / "metrics" / "meld_joint.json").read_text())
+    assert metrics["task"] == "joint"
+    split = metrics["splits"]["test_unseen"]  # its TTS ...
     # an untrained tiny model may sample <EOS> at once (ratio 0, seen in a clean clone): what is
     # checked here is that the generation was scored, not how long it was
     assert split["generations"] == 1 and math.isfinite(split["duration_ratio"]) and split["duration_ratio"] >= 0
     assert "wer" in split and 0.0 <= split["wer_ground_truth_vocoded"] <= 1.5
+    assert metrics["stt_judge_model"] == "models/meld_joint/model.pt"
     assert 0.0 <= split["wer_meld_stt_judge"] and 0.0 <= split["wer_ground_truth_meld_stt_judge"]
-    stt = json.loads((work / "metrics" / "meld_stt.json").read_text())
-    assert stt["task"] == "stt" and stt["stt"]["test"]["ref_words"] > 0 and not stt["splits"]
+    stt = metrics["stt"]  # ... and its STT
+    assert stt["test"]["ref_words"] > 0 and set(stt) == {"test"}
     test_speakers = {json.loads(line)["speaker"] for line in
                      (work / "data" / "features" / "test" / "index.jsonl").read_text().splitlines()}
-    assert set(stt["stt"]["test"]["per_speaker"]) == test_speakers  # every test speaker scored on its own
-    assert (work / "models" / "meld" / "model.pt").is_file()
+    assert set(stt["test"]["per_speaker"]) == test_speakers  # every test speaker scored on its own
+    mel_lm = json.loads((work / "metrics" / "mel_lm.json").read_text())
+    assert mel_lm["task"] == "tts" and "stt" not in mel_lm and mel_lm["splits"]["test_unseen"]["generations"] == 1
+    assert (work / "models" / "meld_joint" / "model.pt").is_file()
     summary = (work / "reports" / "summary.md").read_text()
-    assert "| meld | test_unseen |" in summary and "| mel_lm | test_unseen |" in summary
-    sweep = json.loads((work / "reports" / "tune.json").read_text())
-    assert len(sweep["trials"]) == 1 and sweep["best_config"] == {"slowness_weight": 0.5, "reduction_factor": 2}
+    assert "| meld_joint | test_unseen |" in summary and "| mel_lm | test_unseen |" in summary
     assert all(f"| test | {spk} |" in summary for spk in test_speakers)  # the STT-by-speaker table
-    assert "## Ray Tune sweep" in summary and (work / "reports" / "tune.png").is_file()
+    assert "## Ray Tune sweep" in summary and (work / "reports" / "tune.png").stat().st_size > 0
+    sweep = json.loads((work / "reports" / "tune.json").read_text())
+    trials = sweep["trials"]
+    assert [t["config"] for t in trials] == [{"slowness_weight": 0.5, "reduction_factor": 1},
+                                            {"slowness_weight": 0.5, "reduction_factor": 2}]
+    assert all(t["status"] in ("completed", "early_stopped") for t in trials), trials
+    # the first trial always runs to max_t (ASHA has nothing to compare it with yet)
+    assert trials[0]["status"] == "completed" and trials[0]["steps"] == 2
+    assert all(t["objective"] > 0 and t["history"][-1] == [t["steps"], t["objective"]] for t in trials)
+    done = [t for t in trials if t["status"] == "completed"]
+    assert sweep["best"] == min(done, key=lambda t: t["objective"]) and sweep["best_config"] == sweep["best"]["config"]
+    assert sweep["objective"]["metric"] == "dev/mse_pre_greedy" and sweep["scheduler"]["name"] == "asha"
 
     second = _repro(work, env)
     assert _stages_run(second) == set(), second[-2000:]
@@ -144,19 +157,25 @@ def test_whole_dag_runs_and_reruns_only_what_changed(tmp_path):
     assert _stages_run(third) == {"train@mel_lm", "evaluate@mel_lm", "report"}
     # the first repro's train and tune drivers ran on the session's cluster, the third's on a cluster of its own
     ran_here = sorted(stage for job, stage in _stage_drivers().items() if job not in drivers_before)
-    assert ran_here == [("train", "mel_lm"), ("train", "meld"), ("train", "meld_stt"), ("tune", "")], ran_here
+    assert ran_here == [("train", "mel_lm"), ("train", "meld_joint"), ("tune", "")], ran_here
     # MELD's own training settings are also the sweep's starting point, so they make the sweep stale too
-    params["meld"]["train"]["lr"] = 0.002
+    params["meld_joint"]["train"]["lr"] = 0.002
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     status = subprocess.run([str(BIN / "dvc"), "status"], cwd=work, env=env, capture_output=True, text=True).stdout
-    assert "train@meld:" in status and "tune:" in status and "train@mel_lm:" not in status, status
+    assert "train@meld_joint:" in status and "tune:" in status and "train@mel_lm:" not in status, status
 
     import mlflow
 
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    runs = mlflow.search_runs(experiment_names=["e2e"], output_format="list")
-    train_runs = [r for r in runs if r.info.run_name == "train-meld"]
-    assert any(r.info.run_name == "tune-meld" for r in runs)  # the sweep's parent run
-    assert train_runs, [r.info.run_name for r in runs]
-    run = train_runs[0]
+    runs = {r.info.run_name: r for r in mlflow.search_runs(experiment_names=["e2e"], output_format="list")}
+    run = runs["train-meld_joint"]  # the training run, with its evaluation's TTS and STT metrics
     assert "loss/total" in run.data.metrics and "eval/test_unseen/duration_ratio" in run.data.metrics
+    assert "eval/stt/test/wer" in run.data.metrics
+    parent = runs["tune-meld_joint"]  # the sweep's parent run, one child run per trial
+    assert parent.info.run_id == sweep["mlflow_parent_run_id"]
+    assert parent.data.metrics["best/objective"] == pytest.approx(sweep["best"]["objective"])
+    for t in trials:
+        child = runs[t["trial"]]
+        assert child.info.run_id == t["mlflow_run_id"] and child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.data.params["tune.reduction_factor"] == str(t["config"]["reduction_factor"])
+        assert "dev/mse_pre_greedy" in child.data.metrics and child.info.status != "RUNNING"
