@@ -127,6 +127,7 @@ class KVCache:
         self.all_valid = True
         self.fixed_shape = fixed_shape
         self.rows = batch  # live rows; with a fixed shape the first ``rows`` of ``kv``'s batch axis
+        self.static_kv = None  # the ``kv`` tensor last marked as a CUDA graph's static input (Backbone._step_fixed)
 
     def select(self, idx: torch.Tensor) -> None:
         """Keep (and reorder, or repeat) the live rows ``idx``.
@@ -456,9 +457,12 @@ class Backbone(nn.Module):
         if self._compiled_step is not None:
             step = self._compiled_step
             if emb.device.type == "cuda":
-                # CUDA graphs replay on fixed addresses: the cache is updated in place, not copied in
-                torch._dynamo.mark_static_address(cache.kv)
-                torch._dynamo.mark_static_address(cache.key_valid)
+                # CUDA graphs replay on fixed addresses: the cache is updated in place, not copied in.
+                # Marked once per cache tensor (a select that grows the batch allocates new ones)
+                if cache.static_kv is not cache.kv:
+                    torch._dynamo.mark_static_address(cache.kv)
+                    torch._dynamo.mark_static_address(cache.key_valid)
+                    cache.static_kv = cache.kv
                 torch.compiler.cudagraph_mark_step_begin()
         h = step(emb, positions, cache.kv, cache.key_valid, slot, table)
         cache.length += 1
