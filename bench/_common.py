@@ -123,6 +123,17 @@ def table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     return "\n".join([head, rule, *body])
 
 
+def result_stem(name: str) -> str:
+    """argparse type of ``--out``: a file stem under bench/results/, checked before a long run, not after it."""
+    import argparse
+
+    if not name or name != Path(name).name or name in (".", ".."):
+        raise argparse.ArgumentTypeError(
+            f"--out {name!r}: give a file stem (e.g. generation-xeon); results always go to {RESULTS.relative_to(ROOT)}/"
+        )
+    return name
+
+
 def write_result(name: str, payload: dict) -> Path:
     """Write ``bench/results/<name>.json`` atomically; returns its path."""
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ import copy
 import sys
 from pathlib import Path
 
-from bench._common import fmt, machine_info, table, write_result
+from bench._common import fmt, machine_info, result_stem, table, write_result
 
 ROOT = Path(__file__).resolve().parent.parent
 FRAMES = 313  # 10 s of speech at r = 2
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--clock", choices=("wall", "cpu"), default="cpu", help="cpu: this process's CPU seconds (CPU only)")
     p.add_argument("--quick", action="store_true", help="smoke run: 24 frames, 1 round, batch 1 and 2")
-    p.add_argument("--out", default="decoding_modes")
+    p.add_argument("--out", type=result_stem, default="decoding_modes")
     args = p.parse_args(argv)
     if args.quick:
         args.frames, args.rounds, args.batches = 24, 1, "1,2"

@@ -56,6 +56,7 @@ from bench._common import (  # noqa: E402
     load_average,
     machine_info,
     now,
+    result_stem,
     table,
     use_clock,
     write_result,
@@ -233,7 +234,7 @@ def main(argv=None) -> int:
     parser.add_argument("--files", type=int, default=200, help="corpus files to extract")
     parser.add_argument("--repeats", type=int, default=5, help="passes over the files; the fastest counts")
     parser.add_argument("--data", default=str(ROOT / "data"), help="pipeline outputs: corpus/")
-    parser.add_argument("--out", default="features", help="results file stem under bench/results/")
+    parser.add_argument("--out", type=result_stem, default="features", help="results file stem under bench/results/")
     parser.add_argument(
         "--threads", type=int, choices=[1], default=1, help="per core by definition: always 1"
     )

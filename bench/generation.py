@@ -65,6 +65,7 @@ from bench._common import (  # noqa: E402
     machine_info,
     now,
     peak_rss,
+    result_stem,
     run_cell,
     set_threads,
     table,
@@ -669,7 +670,7 @@ def main(argv=None) -> int:
         help="also the paper config's full recompute at batch 16 (+2 min)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
-    parser.add_argument("--out", default="generation", help="results file stem under bench/results/")
+    parser.add_argument("--out", type=result_stem, default="generation", help="results file stem under bench/results/")
     parser.add_argument(
         "--data", default=str(ROOT / "data"), help="pipeline outputs: bpe/, codebook/, features/"
     )

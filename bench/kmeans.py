@@ -47,6 +47,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench._common import result_stem  # noqa: E402  (stdlib only: numpy and faiss still load after the thread env)
+
 TARGET = 5.0  # issue: faiss >= 5x MiniBatchKMeans at equal or lower inertia
 MB_DEFAULT = "sklearn MiniBatchKMeans (defaults: batch 1024, early stop)"
 
@@ -79,7 +81,7 @@ def main(argv=None) -> int:
         help="faiss vectors per code used by the Lloyd iterations ('all' or a number, comma-separated)",
     )
     parser.add_argument("--data", default=None, help="pipeline outputs: features/ (default: ./data)")
-    parser.add_argument("--out", default="kmeans", help="results file stem under bench/results/")
+    parser.add_argument("--out", type=result_stem, default="kmeans", help="results file stem under bench/results/")
     parser.add_argument(
         "--clock",
         choices=("wall", "cpu"),

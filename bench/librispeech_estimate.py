@@ -46,6 +46,7 @@ from bench._common import (
     load_average,
     machine_info,
     now,
+    result_stem,
     set_threads,
     use_clock,
 )
@@ -167,7 +168,7 @@ def main(argv=None) -> int:
     p.add_argument("--feature-workers", type=int, default=16, help="features.num_workers (one CPU core each)")
     p.add_argument("--decode-ms", type=float, default=8.0,
                    help="assumed GPU time of one batched TTS decoding step (batch 16, paper config)")
-    p.add_argument("--out", default="librispeech_estimate")
+    p.add_argument("--out", type=result_stem, default="librispeech_estimate")
     args = p.parse_args(argv)
     use_clock(args.clock)
     set_threads(args.threads)

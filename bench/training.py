@@ -44,6 +44,7 @@ from bench._common import (  # noqa: E402
     machine_info,
     now,
     peak_rss,
+    result_stem,
     run_cell,
     set_threads,
     table,
@@ -199,7 +200,7 @@ def main(argv=None) -> int:
         default=None,
         help="frame budget of the paper-config batches (default: params.yaml's; --quick: 600)",
     )
-    parser.add_argument("--out", default="training", help="results file stem under bench/results/")
+    parser.add_argument("--out", type=result_stem, default="training", help="results file stem under bench/results/")
     parser.add_argument(
         "--clock",
         choices=CLOCKS,
