@@ -1,6 +1,6 @@
 """codes stage: every split of the corpus encoded with DAC into a code store (Codec-LM's training data).
 
-    python -m pipeline.codes --params params.yaml --system codec_lm --corpus data/corpus --out data/codes
+    python -m pipeline.codes --params params.yaml --system codec_lm --corpus data/corpus --out data/codes/codec_lm
 
 Writes ``<out>/<split>/`` (``codes.i16``: (T, K) int16 codes at 50 Hz, ``index.jsonl``, ``rejected.jsonl``),
 ``<out>/codec.json`` (which codec made the codes; ``"random": true`` when ``<system>.codec_weights`` is
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--system", default="codec_lm", help="params section naming the codec (codec_weights, ...)")
     p.add_argument("--corpus", default="data/corpus")
-    p.add_argument("--out", default="data/codes")
+    p.add_argument("--out", default="data/codes/codec_lm", help="this system's code store (data/codes/<system> in the DAG)")
     args = p.parse_args(argv)
     params = read_params(args.params)
     cfg = CodecLMConfig.from_dict(params.get(args.system), args.system)

@@ -586,7 +586,7 @@ def _code_data(codes: str | Path | None, model_kwargs: dict) -> dict:
 
     if codes is None:
         raise ValueError("codec_lm trains on DAC codes, not mel features: give --codes (the codes stage's output, "
-                         "e.g. data/codes); in the DVC pipeline list it under `codec_systems`, not `systems`")
+                         "e.g. data/codes/codec_lm); in the DVC pipeline list it under `codec_systems`, not `systems`")
     codes = Path(codes).resolve()
     if not (codes / CODEC_FILE).is_file() or not (codes / "train" / "index.jsonl").is_file():
         raise FileNotFoundError(f"{codes}: not a code store (no {CODEC_FILE} or train/index.jsonl; did the codes "
@@ -650,7 +650,7 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bpe", default=env("MELD_BPE", "data/bpe/bpe.model"))
     p.add_argument("--codebook", default=env("MELD_CODEBOOK", "data/codebook"))
     p.add_argument("--codes", default=env("MELD_CODES"),
-                   help="DAC code store from the codes stage (codec_lm only, e.g. data/codes)")
+                   help="DAC code store from the codes stage (codec_lm only, e.g. data/codes/codec_lm)")
 
 
 def main(argv: list[str] | None = None) -> int:
