@@ -217,7 +217,11 @@ class CodecLM(nn.Module):
         active, plen = rows.clone(), prompt_len.clone()
         end = prompt_len + max_frames  # the guard, until some head says <EOS>
         stopped = torch.zeros(B, dtype=torch.bool, device=device)
-        steps: list[list[torch.Tensor]] = [[] for _ in range(B)]  # chosen (K,) tokens from s = P_b on
+        rows_of = list(range(B))  # original index of each active row
+        # each row's chosen (K,) tokens from s = P_b on, in the rows' current order: one slice write per
+        # step for the whole batch; a finishing row's steps are read out when it finishes
+        step_buf = torch.empty(B, max_frames + K, K, dtype=torch.long, device=device)
+        steps_of: list[torch.Tensor] = [step_buf.new_zeros(0, K)] * B
         ends = [0] * B
         hit_max = [False] * B
         for g in range(max_frames + K):
@@ -247,26 +251,30 @@ class CodecLM(nn.Module):
             chosen = torch.where(frame < 0, torch.full_like(sampled, self.empty), chosen)
             # done once the last level has passed the last real frame that still needed generating
             done = torch.maximum(plen + g - K + 2, plen) >= end
-            done_rows = done.tolist()  # one host sync per step
-            for row, i in enumerate(active.tolist()):
-                steps[i].append(chosen[row])
-                if done_rows[row]:
-                    ends[i], hit_max[i] = int(end[row]), not bool(stopped[row])
-            if bool(done.all()):
-                break
-            if bool(done.any()):
-                idx = (~done).nonzero().squeeze(-1)
+            step_buf[:, g] = chosen
+            done_rows = done.tolist()  # the one host sync per step: the stop check
+            if any(done_rows):  # rows finish: read their ends (a second sync, once per finishing step)
+                end_rows, stopped_rows = end.tolist(), stopped.tolist()
+                for row, i in enumerate(rows_of):
+                    if done_rows[row]:
+                        steps_of[i] = step_buf[row, : g + 1]
+                        ends[i], hit_max[i] = end_rows[row], not stopped_rows[row]
+                keep = [row for row, done_ in enumerate(done_rows) if not done_]
+                if not keep:
+                    break
+                idx = torch.tensor(keep, device=device)
+                rows_of = [rows_of[row] for row in keep]
                 active, plen, end, stopped = active[idx], plen[idx], end[idx], stopped[idx]
-                chosen, next_pos = chosen[idx], next_pos[idx]
+                chosen, next_pos, step_buf = chosen[idx], next_pos[idx], step_buf[idx]
                 cache.select(idx)
             h_last = self.backbone.step(self.level_emb(chosen), next_pos, cache)
             next_pos = next_pos + 1
 
         frames, level0 = [], []
-        for i in range(B):
-            n = max(ends[i] - int(prompt_len[i]), 0)
+        for i, p_i in enumerate(prompt_len.tolist()):
+            n = max(ends[i] - p_i, 0)
             if n:
-                grid = torch.stack(steps[i])[None]  # (1, G, K) delayed steps from s = P_i
+                grid = steps_of[i][None]  # (1, G, K) delayed steps from s = P_i
                 grid = F.pad(grid, (0, 0, 0, max(0, n + K - 1 - grid.shape[1])), value=self.eos)
                 codes = undelay_codes(grid, n)[0]  # (n, K)
             else:

@@ -214,26 +214,31 @@ class ContinuousFrameLM(nn.Module):
         last = L + prompt_len  # each sequence's last real token (<TTS> when P_b == 0)
         h_last, cache, next_pos = self.backbone.prefill(x, valid, last, max_frames, cache_dtype=kv_cache_dtype)  # (B, d), cache, (B,)
 
-        active = list(range(B))  # original index of each row still generating
-        pre: list[list[torch.Tensor]] = [[] for _ in range(B)]
+        rows_of = list(range(B))  # original index of each row still generating
+        # each row's frames so far, in the rows' current order: one slice write per step for the whole
+        # batch (not one indexing op per row); a stopping row's frames are read out when it stops
+        frame_buf = prompt.new_empty(B, max(max_frames, 0), self.frame_dim)
+        pre: list[torch.Tensor] = [prompt.new_zeros(0, self.frame_dim)] * B
         hit_max = [max_frames <= 0] * B
         for step in range(max(max_frames, 0)):
             stop = torch.sigmoid(self.stop_head(h_last)[:, 0].float()) > self.stop_threshold  # (b,)
             frame = self.predict_frame(h_last, zero_latent=zero_latent, generator=generator)  # (b, D)
-            keep = (~stop).tolist()  # the one host sync per step
-            for row, i in enumerate(active):
-                if keep[row]:
-                    pre[i].append(frame[row])
-            if not any(keep):
-                break
-            if not all(keep):
-                idx = torch.tensor([r for r, k in enumerate(keep) if k], device=device)
-                active = [active[r] for r in idx.tolist()]
-                frame, next_pos = frame[idx], next_pos[idx]
+            frame_buf[:, step] = frame  # a row stopping now writes a frame that is never read
+            stopped = stop.tolist()  # the one host sync per step: the stop check
+            if any(stopped):
+                for row, i in enumerate(rows_of):
+                    if stopped[row]:
+                        pre[i] = frame_buf[row, :step]
+                keep = [row for row, done in enumerate(stopped) if not done]
+                if not keep:
+                    break
+                idx = torch.tensor(keep, device=device)
+                rows_of = [rows_of[row] for row in keep]
+                frame, next_pos, frame_buf = frame[idx], next_pos[idx], frame_buf[idx]
                 cache.select(idx)
             if step + 1 == max_frames:  # guard: whoever is still going stops here
-                for i in active:
-                    hit_max[i] = True
+                for row, i in enumerate(rows_of):
+                    pre[i], hit_max[i] = frame_buf[row, : step + 1], True
                 break
             emb = self.encoder(frame, dropout=test_time_dropout)  # (b, d)
             h_last = self.backbone.step(emb, next_pos, cache)
@@ -241,8 +246,8 @@ class ContinuousFrameLM(nn.Module):
 
         frames, frames_pre = [], []
         for i in range(B):
-            if pre[i]:
-                seq = torch.stack(pre[i])  # (T_i, D)
+            if pre[i].shape[0]:
+                seq = pre[i]  # (T_i, D)
                 frames_pre.append(seq)
                 frames.append(self.postnet(seq[None])[0])  # per utterance: no padding leaks into the convs
             else:

@@ -1,0 +1,103 @@
+"""Every TTS system's decoding loop reads the device once per step: the stop check (issue 6).
+
+On a GPU each read of a tensor's value from the host (``.tolist()``, ``.item()``, ``bool()``,
+``int()``, ``nonzero()``) waits for every queued kernel, so a loop with several per step runs at the
+speed of its launches. Such reads are Tensor methods that ``__torch_function__`` sees on any device,
+so they are counted here on the CPU, with the real models, over two guard lengths: the difference is
+what a decoding step costs in host reads.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from conftest import ScheduledStop, tiny_batch, tiny_meld
+from test_codec_lm import K, N, code_batch, tiny_codec_lm
+from test_dmel import tiny_dmel
+from test_mel_lm import tiny_mel_lm
+from test_melle import tiny_melle
+from torch.overrides import TorchFunctionMode
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+HOST_READS = {"tolist", "item", "__bool__", "__int__", "__float__", "__index__", "nonzero"}
+
+
+class HostReads(TorchFunctionMode):
+    """Counts the Tensor calls that copy a value to the host (a device sync on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: collections.Counter = collections.Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in HOST_READS:
+            self.counts[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _never_stopping(system: str):
+    """(model, generate(max_frames)) for a tiny model of ``system`` whose rows all run to the guard."""
+    batch = tiny_batch(B=3, T=6)
+    prompt_len = torch.tensor([6, 2, 0])
+    if system == "codec_lm":
+        model, _ = tiny_codec_lm()
+        with torch.no_grad():
+            model.head.bias.view(K, N + 1)[:, N] = -1e4  # no <EOS> at any level
+        codes = code_batch()
+        return model, lambda m: model.generate(codes["text"], codes["text_len"], codes["codes"],
+                                               torch.tensor([7, 3, 0]), max_frames=m, top_k=1)
+    if system == "meld":
+        model, _ = tiny_meld()
+        with torch.no_grad():
+            model.head.bias[0] = -1e4  # <EOS> (union id 0) never drawn
+    elif system == "dmel":
+        model, _ = tiny_dmel()
+        with torch.no_grad():
+            model.eos_head.bias.fill_(-20.0)
+    else:
+        model, _ = {"mel_lm": tiny_mel_lm, "melle": tiny_melle}[system]()
+        with torch.no_grad():
+            model.stop_head.bias.fill_(-20.0)
+    return model, lambda m: model.generate(batch["text"], batch["text_len"], batch["mel"], prompt_len,
+                                           max_frames=m, top_k=3)
+
+
+def _host_reads(generate, max_frames: int) -> tuple[int, list[bool]]:
+    with HostReads() as reads:
+        gen = generate(max_frames)
+    return sum(reads.counts.values()), gen.hit_max_length
+
+
+@pytest.mark.parametrize("system", ["meld", "mel_lm", "melle", "dmel", "codec_lm"])
+def test_a_decoding_step_reads_the_device_once(system):
+    model, generate = _never_stopping(system)
+    model.eval()
+    short, hit_short = _host_reads(generate, 3)
+    long, hit_long = _host_reads(generate, 9)
+    assert hit_short == hit_long == [True] * 3  # every row ran to the guard: 6 more steps in the long run
+    assert long - short == 6, f"{system}: {(long - short) / 6:g} host reads per decoding step, not 1"
+
+
+def test_rows_leaving_the_batch_cost_one_read_per_leaving_step():
+    """Rows that stop leave the batch; the step where some leave reads once more (the kept cache rows'
+    padding check), the steps in between still read once."""
+    model, _ = tiny_mel_lm()
+    model.eval()
+    batch = tiny_batch(B=3, T=6)
+    prompt_len = torch.tensor([6, 2, 0])
+
+    def reads_with(stop_head) -> tuple[int, list[int]]:
+        model.stop_head = stop_head
+        with HostReads() as reads:
+            gen = model.generate(batch["text"], batch["text_len"], batch["mel"], prompt_len, max_frames=8)
+        return sum(reads.counts.values()), [f.shape[0] for f in gen.frames_pre]
+
+    all_run, lengths = reads_with(ScheduledStop(set()))
+    assert lengths == [8, 8, 8]
+    two_leave, lengths = reads_with(ScheduledStop({2, 5}))  # one row leaves after 2 frames, one after 5
+    assert lengths == [2, 5, 8]
+    assert two_leave - all_run == 2
