@@ -257,11 +257,13 @@ def _beam_batch(model, mel, mel_len, K: int, limits: list[int], alpha: float, ct
         V = logp.shape[-1]
         total = (scores[..., None] + logp).view(B, K * V)
         top_scores, top_idx = total.topk(min(2 * K, K * V), dim=-1)  # (B, 2K)
+        # the step's host reads, for every utterance at once (per utterance, a GPU would wait 2B times)
+        top_scores_of, top_idx_of = top_scores.tolist(), top_idx.tolist()
         new_rows, new_tokens, new_scores = [], [], []
         new_seqs: list[list[list[int]]] = []
         for b in range(B):
             alive: list[tuple[int, int, float]] = []
-            for sc, ix in zip(top_scores[b].tolist(), top_idx[b].tolist()):
+            for sc, ix in zip(top_scores_of[b], top_idx_of[b]):
                 beam, tok = divmod(ix, V)
                 if sc == float("-inf"):
                     break

@@ -101,3 +101,24 @@ def test_rows_leaving_the_batch_cost_one_read_per_leaving_step():
     two_leave, lengths = reads_with(ScheduledStop({2, 5}))  # one row leaves after 2 frames, one after 5
     assert lengths == [2, 5, 8]
     assert two_leave - all_run == 2
+
+
+def test_a_beam_search_step_reads_the_device_three_times_whatever_the_batch():
+    """STT beam search keeps its hypotheses on the host, so a step reads the top scores and their indices
+    back, for all utterances together (not twice per utterance), and the cache, reordered to the new
+    beams, checks once whether its rows are still padded (these clips differ in length, so they are)."""
+    from meld.generate import stt_beam_search
+
+    model, _ = tiny_meld()
+    model.eval()
+    with torch.no_grad():
+        model.head.bias[0] = -1e4  # <EOS> (union id 0) never wins: every search runs to its guard
+    mels = [torch.randn(n, 80, generator=torch.Generator().manual_seed(n)).numpy() for n in (9, 6, 4)]
+
+    def reads(max_tokens: int) -> int:
+        with HostReads() as counted:
+            out = stt_beam_search(model, mels, reduction=1, beam_size=2, max_tokens=max_tokens)
+        assert [len(ids) for ids in out] == [max_tokens] * 3
+        return sum(counted.counts.values())
+
+    assert reads(9) - reads(3) == 3 * 6

@@ -145,8 +145,10 @@ class KVCache:
             self.kv = self.kv[:, :, idx]
             self.key_valid = self.key_valid[idx]
         self.rows = n
-        # the rows that stay may be the ones without padding; callers sync on idx anyway
-        self.all_valid = bool(self.key_valid[:n, : self.length].all())
+        # rows drawn from an all-valid cache are all valid; otherwise the rows that stay may be the ones
+        # without padding, which a host read finds out (one per select, not per decoding step)
+        if not self.all_valid:
+            self.all_valid = bool(self.key_valid[:n, : self.length].all())
 
     @property
     def k(self) -> torch.Tensor:
