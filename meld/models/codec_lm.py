@@ -220,7 +220,7 @@ class CodecLM(nn.Module):
         rows_of = list(range(B))  # original index of each active row
         # each row's chosen (K,) tokens from s = P_b on, in the rows' current order: one slice write per
         # step for the whole batch; a finishing row's steps are read out when it finishes
-        step_buf = torch.empty(B, max_frames + K, K, dtype=torch.long, device=device)
+        step_buf = torch.empty(B, max(max_frames + K, 0), K, dtype=torch.long, device=device)
         steps_of: list[torch.Tensor] = [step_buf.new_zeros(0, K)] * B
         ends = [0] * B
         hit_max = [False] * B
@@ -253,13 +253,13 @@ class CodecLM(nn.Module):
             done = torch.maximum(plen + g - K + 2, plen) >= end
             step_buf[:, g] = chosen
             done_rows = done.tolist()  # the one host sync per step: the stop check
-            if any(done_rows):  # rows finish: read their ends (a second sync, once per finishing step)
+            if any(done_rows):  # rows finish: read their ends too (only on a step where some finish)
                 end_rows, stopped_rows = end.tolist(), stopped.tolist()
                 for row, i in enumerate(rows_of):
                     if done_rows[row]:
                         steps_of[i] = step_buf[row, : g + 1]
                         ends[i], hit_max[i] = end_rows[row], not stopped_rows[row]
-                keep = [row for row, done_ in enumerate(done_rows) if not done_]
+                keep = [row for row, finished in enumerate(done_rows) if not finished]
                 if not keep:
                     break
                 idx = torch.tensor(keep, device=device)
