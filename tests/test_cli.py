@@ -106,7 +106,10 @@ def test_synthesize_continues_a_resampled_prompt(checkpoint, prompt_22k, tmp_pat
 
     again = tmp_path / "again.wav"  # same seed, same audio
     assert _synth(checkpoint, again, "--prompt", str(prompt_22k), "--prompt-seconds", "1", "--seed", "3") == 0
-    np.testing.assert_array_equal(sf.read(str(again))[0], sf.read(str(out))[0])
+    # to one step of the 16-bit output: a clean-clone CI run once differed by that step in 195 of 16,896
+    # samples (float rounding somewhere in synthesis; not seen again in ~40 reruns in one process, with or
+    # without load). Another draw of the sampled codes would change the audio by far more.
+    np.testing.assert_allclose(sf.read(str(again))[0], sf.read(str(out))[0], rtol=0, atol=1.5 / 32768)
 
     compiled = tmp_path / "compiled.wav"  # the compiled fixed-shape step: the same speech to float rounding
     assert _synth(checkpoint, compiled, "--prompt", str(prompt_22k), "--prompt-seconds", "1", "--seed", "3",
