@@ -8,12 +8,6 @@ utterances and their full transcripts, sampling as in params.yaml ``evaluate``):
 * ``full`` - the same loop written here without a cache: every step re-runs the backbone over
   the whole prefix. Both paths use the model's own pieces and produce the same codes for the
   same generator (checked first, in float32, with test-time dropout off).
-* ``kv-leanT`` - evidence for proposed ``meld/`` changes, not shipped code: the cached decode step
-  written lean in this file (attention bias built once per generation, not once per step;
-  one ``tolist()`` per step) with Linear weights in transposed storage (same values, faster
-  few-row GEMMs). Checked code-for-code equal to ``kv``.
-* ``kv-leanTR`` - ``kv-leanT`` plus test-time dropout drawn with ``rand >= p`` instead of
-  ``bernoulli_`` (same distribution, another random stream: not code-for-code comparable).
 
 ``<EOS>`` is made impossible (a subclass masks its logit), so every run lasts exactly the
 requested number of frames. Batch 1 and 16; the tiny config (params.yaml ``model:``) and the
@@ -36,7 +30,7 @@ measured in the same run); ``floor incl. KV`` adds the keys/values a cached step
 
 Run (from the repository root):
     .venv/bin/python -m bench.generation            # full, ~5 min of CPU
-    .venv/bin/python -m bench.generation --quick    # ~1 min: fewer frames/steps, no paper lean rows
+    .venv/bin/python -m bench.generation --quick    # ~1 min: fewer frames and steps
     .venv/bin/python -m bench.generation --paper-full-b16   # adds the slowest row (+2 min)
 Options: --threads N (torch intra-op threads; default: torch's default), --out NAME (results file stem).
 """
@@ -284,162 +278,6 @@ def generate_full_recompute(
         return Generation(out, hit_max, codes)
 
 
-# ---------------------------------------------------------------------------- a leaner cached decode (evidence only)
-def transposed_storage_weights(model) -> dict:
-    """Each Linear weight (out, in) as a view of an (in, out)-contiguous copy: same values, but
-    ``F.linear`` then hands BLAS a contiguous right operand, which is 1.4-1.7x faster for
-    few-row GEMMs on this CPU (decode steps). Keyed by module name."""
-    from torch import nn
-
-    return {
-        name: m.weight.detach().t().contiguous().t()
-        for name, m in model.named_modules()
-        if isinstance(m, nn.Linear)
-    }
-
-
-def generate_kv_lean(
-    model,
-    text,
-    text_len,
-    prompt,
-    prompt_len,
-    *,
-    max_frames: int,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    repetition_penalty_value: float,
-    test_time_dropout: bool = True,
-    generator=None,
-    weights: dict | None = None,
-    rand_dropout: bool = False,
-):
-    """``MELD.generate`` with the decode step written lean; same maths, same RNG draws, same codes.
-
-    Differences from ``meld/`` (each one a proposal, measured by the ``kv-lean`` rows):
-      * the attention bias is built once per generation (additive float, (B, 1, 1, max_len)) instead
-        of a boolean mask per step (``meld/`` builds one per backbone call, shared by the layers, and
-        none for a one-token step whose keys are all real);
-      * optional transposed-storage weights (:func:`transposed_storage_weights`);
-      * one ``tolist()`` per step for the stop flags and codes instead of per-row tensor indexing;
-      * optional ``rand_dropout``: test-time dropout as ``x * (rand >= p) / (1 - p)``, 2-3x cheaper than
-        ``F.dropout``'s ``bernoulli_`` on CPU; same distribution, different random stream (so not
-        code-for-code equal to the other paths).
-    """
-    import torch
-    import torch.nn.functional as F
-
-    from meld.models.backbone import lengths_to_mask, sinusoidal_positions
-    from meld.models.meld import Generation
-    from meld.models.vocab import EOS, TTS
-    from meld.sampling import repetition_penalty, sample, top_k_mask
-
-    w = weights or {}
-
-    def lin(x, name, m):
-        return F.linear(x, w.get(name, m.weight), m.bias)
-
-    def encode(x):  # the mel encoder E, test-time dropout as in MelEncoder
-        enc = model.encoder
-        for i, layer in enumerate(enc.layers):
-            x = lin(x, f"encoder.layers.{i}", layer)
-            if i < len(enc.layers) - 1:
-                x = F.relu(x)
-            if rand_dropout and test_time_dropout and enc.dropout > 0:
-                x = x * (torch.rand_like(x) >= enc.dropout) * (1.0 / (1.0 - enc.dropout))
-            else:
-                x = F.dropout(x, enc.dropout, training=test_time_dropout)
-        return x
-
-    def code_logits(h):
-        model.step_times.append(now())
-        logits = lin(h, "head", model.head)
-        logits = torch.cat([logits[:, EOS : EOS + 1], logits[:, model.vocab.code_offset :]], dim=-1)
-        logits[:, 0] = float("-inf")  # as NoEOSMELD
-        return logits
-
-    def reconstruct(h, z):
-        cz = encode(model.codebook[z])
-        mlp = model.recon_mlp
-        hidden = F.relu(lin(torch.cat([h, cz], dim=-1), "recon_mlp.0", mlp[0]))
-        return lin(h, "recon_linear", model.recon_linear) + lin(hidden, "recon_mlp.2", mlp[2])
-
-    bb = model.backbone
-    with torch.no_grad():
-        model.eval()
-        B, P, _ = prompt.shape
-        L = text.shape[1]
-        text_emb, text_valid = model.token_emb.text_block(text, text_len)
-        tts_emb, tts_valid = model.token_emb.special(TTS, B, prompt.device)
-        prompt_emb = encode(prompt)
-        x = torch.cat([text_emb, tts_emb, prompt_emb], dim=1)
-        valid = torch.cat([text_valid, tts_valid, lengths_to_mask(prompt_len, P)], dim=1)
-        h_last, cache, next_pos = bb.prefill(x, valid, L + prompt_len, max_frames)  # the model's own prefill
-        bias = torch.zeros(B, 1, 1, cache.max_len)  # additive: -inf on padded prefix keys, built once
-        bias[:, 0, 0, : x.shape[1]].masked_fill_(~valid, float("-inf"))
-        H, Dh, D = bb.n_heads, bb.d_model // bb.n_heads, bb.d_model
-
-        active = torch.arange(B)
-        frames: list[list] = [[] for _ in range(B)]
-        codes: list[list[int]] = [[] for _ in range(B)]
-        hit_max = [False] * B
-        prev_cand = None
-        for step in range(max_frames + 1):
-            logits = code_logits(h_last)
-            logits = repetition_penalty(logits, prev_cand, repetition_penalty_value)
-            prev_cand = top_k_mask(logits, top_k) if top_k > 0 else None
-            choice = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-            if step == max_frames:
-                for i in active.tolist():
-                    hit_max[i] = True
-                break
-            stop = choice == 0
-            z = (choice - 1).clamp_min(0)
-            x_hat = reconstruct(h_last, z)
-            keep, z_list = (~stop).tolist(), z.tolist()
-            for row, i in enumerate(active.tolist()):
-                if keep[row]:
-                    frames[i].append(x_hat[row])
-                    codes[i].append(z_list[row])
-            if not any(keep):
-                break
-            if not all(keep):
-                idx = (~stop).nonzero().squeeze(-1)
-                active, x_hat, next_pos, bias = active[idx], x_hat[idx], next_pos[idx], bias[idx]
-                prev_cand = prev_cand[idx] if prev_cand is not None else None
-                cache.select(idx)
-            b = x_hat.shape[0]
-            hs = encode(x_hat)[:, None] + sinusoidal_positions(next_pos[:, None], D)  # (b, 1, D)
-            t = cache.length
-            mask = bias[:, :, :, : t + 1]
-            for li, blk in enumerate(bb.blocks):
-                qkv = lin(blk.ln1(hs), f"backbone.blocks.{li}.attn.qkv", blk.attn.qkv)
-                q, k, v = qkv.view(b, 1, 3, H, Dh).permute(2, 0, 3, 1, 4)  # each (b, H, 1, Dh)
-                cache.k[li, :, :, t : t + 1] = k
-                cache.v[li, :, :, t : t + 1] = v
-                y = F.scaled_dot_product_attention(
-                    q, cache.k[li, :, :, : t + 1], cache.v[li, :, :, : t + 1], attn_mask=mask
-                )
-                hs = hs + lin(
-                    y.transpose(1, 2).reshape(b, 1, D), f"backbone.blocks.{li}.attn.proj", blk.attn.proj
-                )
-                ff = F.gelu(lin(blk.ln2(hs), f"backbone.blocks.{li}.mlp.fc", blk.mlp.fc))
-                hs = hs + lin(ff, f"backbone.blocks.{li}.mlp.out", blk.mlp.out)
-            cache.length = t + 1
-            h_last = bb.ln_f(hs)[:, 0]
-            next_pos = next_pos + 1
-
-        out = []
-        for i in range(B):
-            out.append(
-                model.postnet(torch.stack(frames[i])[None])[0]
-                if frames[i]
-                else prompt.new_zeros(0, model.frame_dim)
-            )
-        return Generation(out, hit_max, codes)
-
-
 def run_path(model, path: str, batch_inputs, max_frames: int, seed: int, dropout: bool = True, kv_cache_dtype=None):
     """One generation; returns (Generation, wall seconds, step stamps). ``kv_cache_dtype``: the
     ``kv`` path's cache dtype (None: float32, the default of generation)."""
@@ -473,22 +311,6 @@ def run_path(model, path: str, batch_inputs, max_frames: int, seed: int, dropout
             max_frames=max_frames,
             generator=g,
             test_time_dropout=dropout,
-            **sampling_params(),
-        )
-    elif path in ("kv-lean", "kv-leanT", "kv-leanTR"):
-        if path != "kv-lean" and not hasattr(model, "bench_tweights"):
-            model.bench_tweights = transposed_storage_weights(model)
-        gen = generate_kv_lean(
-            model,
-            text,
-            text_len,
-            prompt,
-            prompt_len,
-            max_frames=max_frames,
-            generator=g,
-            test_time_dropout=dropout,
-            weights=None if path == "kv-lean" else model.bench_tweights,
-            rand_dropout=path == "kv-leanTR",
             **sampling_params(),
         )
     else:
@@ -703,21 +525,10 @@ def main(argv=None) -> int:
         ("tiny", "kv", 16, "measured", 0, 3),
         ("tiny", "full", 1, "measured", 0, 1 if q else 2),
         ("tiny", "full", 16, "extrapolated", 4 if q else 8, 1),
-        ("tiny", "kv-leanT", 1, "measured", 0, 3),
-        ("tiny", "kv-leanT", 16, "measured", 0, 3),
-        ("tiny", "kv-leanTR", 1, "measured", 0, 3),
-        ("tiny", "kv-leanTR", 16, "measured", 0, 3),
         ("paper", "kv", 1, "extrapolated", 8 if q else 24, 1),
         ("paper", "kv", 16, "extrapolated", 6 if q else 16, 1),
         ("paper", "full", 1, "extrapolated", 2 if q else 3, 1),
-    ] + (
-        []
-        if q
-        else [
-            ("paper", "kv-leanT", 1, "extrapolated", 24, 1),
-            ("paper", "kv-leanT", 16, "extrapolated", 16, 1),
-        ]
-    )
+    ]
     if args.paper_full_b16 and not q:  # ~2 min of CPU on its own: a 7k-token prefix re-run per step
         plan.append(("paper", "full", 16, "extrapolated", 1, 1))
 
@@ -742,7 +553,7 @@ def main(argv=None) -> int:
                 "config": "tiny",
                 "batch": 4,
                 "frames": tiny_frames,
-                "paths": ["full", "kv-lean", "kv-leanT"],
+                "paths": ["full"],
             },
             threads,
         ),
@@ -754,7 +565,7 @@ def main(argv=None) -> int:
                 "config": "paper",
                 "batch": 2,
                 "frames": 4 if q else 8,
-                "paths": ["full", "kv-leanT"],
+                "paths": ["full"],
             },
             threads,
         ),
@@ -804,8 +615,6 @@ def main(argv=None) -> int:
         res["note"] = (
             "extrapolated" if res["mode"] == "extrapolated" else f"measured, best of {len(res['wall_all_s'])}"
         )
-        if res["path"].startswith("kv-lean"):
-            res["note"] += "; bench-only proposal"
 
     def find(config, path, batch):
         return next((x for x in rows if (x["config"], x["path"], x["batch"]) == (config, path, batch)), None)
@@ -824,31 +633,28 @@ def main(argv=None) -> int:
                         "met": full["wall_s"] / kv["wall_s"] >= 10 if goal else None,
                     }
                 )
-        for path in ("kv", "kv-leanT", "kv-leanTR"):
-            b1, b16 = find(config, path, 1), find(config, path, 16)
-            if b1 and b16:
-                ratio = b16["utt_per_s"] / b1["utt_per_s"]
-                goal = config == "tiny"
-                targets.append(
-                    {
-                        "target": f"{config} {path}: batch-16 / batch-1 utterances/s",
-                        "value": ratio,
-                        "goal": ">= 6" if goal else "-",
-                        "met": ratio >= 6 if goal else None,
-                    }
-                )
-    for path in ("kv", "kv-leanT"):
-        p1 = find("paper", path, 1)
-        if p1:
+        b1, b16 = find(config, "kv", 1), find(config, "kv", 16)
+        if b1 and b16:
+            ratio = b16["utt_per_s"] / b1["utt_per_s"]
+            goal = config == "tiny"
             targets.append(
                 {
-                    "target": f"paper {path} b1: step / bandwidth floor",
-                    "value": p1["step_over_floor"],
-                    "goal": "<= 3",
-                    "met": p1["step_over_floor"] <= 3,
+                    "target": f"{config} kv: batch-16 / batch-1 utterances/s",
+                    "value": ratio,
+                    "goal": ">= 6" if goal else "-",
+                    "met": ratio >= 6 if goal else None,
                 }
             )
     p1 = find("paper", "kv", 1)
+    if p1:
+        targets.append(
+            {
+                "target": "paper kv b1: step / bandwidth floor",
+                "value": p1["step_over_floor"],
+                "goal": "<= 3",
+                "met": p1["step_over_floor"] <= 3,
+            }
+        )
     checks = [
         {
             "row": f"tiny {x['path']} b{x['batch']}",
@@ -923,8 +729,7 @@ def main(argv=None) -> int:
             "rows": rows,
             "targets": targets,
             "extrapolation_check": checks,
-            "unmeasured": (["paper kv-leanT b1/b16"] if q else [])
-            + ([] if args.paper_full_b16 and not q else ["paper full b16"]),
+            "unmeasured": [] if args.paper_full_b16 and not q else ["paper full b16"],
             "seconds": time.perf_counter() - t_all,
             "memory_method": "ru_maxrss (fresh process per cell) minus RSS before the timed runs",
         },
