@@ -122,3 +122,24 @@ def test_a_beam_search_step_reads_the_device_three_times_whatever_the_batch():
         return sum(counted.counts.values())
 
     assert reads(9) - reads(3) == 3 * 6
+
+
+def test_leaving_rows_keep_what_each_row_wrote_until_it_left():
+    from meld.models.leaving_rows import LeavingRows
+
+    rows = LeavingRows(values=torch.empty(4, 6, 2))
+    leaves_after = {0: 4, 1: 2, 2: 6, 3: 2}  # original row -> steps it keeps
+    for step in range(6):
+        # each live row writes (its original index, step): what it wrote is checkable afterwards
+        live = torch.tensor(rows.rows_of, dtype=torch.float32)
+        rows.write(step, values=torch.stack([live, torch.full_like(live, step)], dim=-1))
+        finished = [leaves_after[i] == step + 1 for i in rows.rows_of]
+        idx = rows.leave(finished, step + 1)
+        if idx is None:
+            break
+        assert rows.rows_of == [i for i in rows.rows_of if leaves_after[i] > step + 1]
+        assert idx.tolist() == [row for row, done in enumerate(finished) if not done]
+    assert idx is None
+    for i, out in enumerate(rows.outputs["values"]):
+        expected = torch.stack([torch.full((leaves_after[i],), float(i)), torch.arange(leaves_after[i]).float()], -1)
+        assert torch.equal(out, expected)

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from meld.models.backbone import Backbone, lengths_to_mask, packed_positions, prepare_for_decoding
+from meld.models.leaving_rows import LeavingRows
 from meld.models.meld import Generation
 from meld.models.vocab import TTS, UnionEmbedding, UnionVocab
 from meld.sampling import sample
@@ -217,11 +218,8 @@ class CodecLM(nn.Module):
         active, plen = rows.clone(), prompt_len.clone()
         end = prompt_len + max_frames  # the guard, until some head says <EOS>
         stopped = torch.zeros(B, dtype=torch.bool, device=device)
-        rows_of = list(range(B))  # original index of each active row
-        # each row's chosen (K,) tokens from s = P_b on, in the rows' current order: one slice write per
-        # step for the whole batch; a finishing row's steps are read out when it finishes
-        step_buf = torch.empty(B, max(max_frames + K, 0), K, dtype=torch.long, device=device)
-        steps_of: list[torch.Tensor] = [step_buf.new_zeros(0, K)] * B
+        # each row's chosen (K,) tokens from s = P_b on
+        rows = LeavingRows(steps=torch.empty(B, max(max_frames + K, 0), K, dtype=torch.long, device=device))
         ends = [0] * B
         hit_max = [False] * B
         for g in range(max_frames + K):
@@ -251,21 +249,18 @@ class CodecLM(nn.Module):
             chosen = torch.where(frame < 0, torch.full_like(sampled, self.empty), chosen)
             # done once the last level has passed the last real frame that still needed generating
             done = torch.maximum(plen + g - K + 2, plen) >= end
-            step_buf[:, g] = chosen
+            rows.write(g, steps=chosen)
             done_rows = done.tolist()  # the one host sync per step: the stop check
             if any(done_rows):  # rows finish: read their ends too (only on a step where some finish)
                 end_rows, stopped_rows = end.tolist(), stopped.tolist()
-                for row, i in enumerate(rows_of):
+                for row, i in enumerate(rows.rows_of):
                     if done_rows[row]:
-                        steps_of[i] = step_buf[row, : g + 1]
                         ends[i], hit_max[i] = end_rows[row], not stopped_rows[row]
-                keep = [row for row, finished in enumerate(done_rows) if not finished]
-                if not keep:
+                idx = rows.leave(done_rows, g + 1)
+                if idx is None:
                     break
-                idx = torch.tensor(keep, device=device)
-                rows_of = [rows_of[row] for row in keep]
                 active, plen, end, stopped = active[idx], plen[idx], end[idx], stopped[idx]
-                chosen, next_pos, step_buf = chosen[idx], next_pos[idx], step_buf[idx]
+                chosen, next_pos = chosen[idx], next_pos[idx]
                 cache.select(idx)
             h_last = self.backbone.step(self.level_emb(chosen), next_pos, cache)
             next_pos = next_pos + 1
@@ -274,7 +269,7 @@ class CodecLM(nn.Module):
         for i, p_i in enumerate(prompt_len.tolist()):
             n = max(ends[i] - p_i, 0)
             if n:
-                grid = steps_of[i][None]  # (1, G, K) delayed steps from s = P_i
+                grid = rows.outputs["steps"][i][None]  # (1, G, K) delayed steps from s = P_i
                 grid = F.pad(grid, (0, 0, 0, max(0, n + K - 1 - grid.shape[1])), value=self.eos)
                 codes = undelay_codes(grid, n)[0]  # (n, K)
             else:

@@ -35,6 +35,7 @@ from torch import nn
 from meld.features import N_MELS
 from meld.models.backbone import Backbone, KVCache, lengths_to_mask, packed_positions, prepare_for_decoding
 from meld.models.layers import group_frames, spec_augment, ungroup_frames
+from meld.models.leaving_rows import LeavingRows
 from meld.models.meld import Generation, STTOutput, select_rows
 from meld.models.vocab import EOS, PAD, STT, TTS, UnionEmbedding, UnionVocab
 from meld.sampling import sample
@@ -274,16 +275,13 @@ class DMel(nn.Module):
         last = L + prompt_len  # each sequence's last real token (<TTS> when P_b == 0)
         h_last, cache, next_pos = self.backbone.prefill(x, valid, last, max_frames, cache_dtype=kv_cache_dtype)  # (B, d), cache, (B,)
 
-        rows_of = list(range(B))  # original index of each row still generating
-        # each row's bins so far, in the rows' current order: one slice write per step for the whole
-        # batch (not one indexing op per row); a finishing row's bins are read out when it stops
-        bin_buf = torch.empty(B, max(max_frames, 0), self.frame_dim, dtype=torch.long, device=device)
-        bins_of: list[torch.Tensor] = [bin_buf.new_zeros(0, self.frame_dim)] * B
+        rows = LeavingRows(bins=torch.empty(B, max(max_frames, 0), self.frame_dim, dtype=torch.long, device=device))
         hit_max = [False] * B
         for step in range(max_frames + 1):
             if step == max_frames:  # guard: whoever is still going stops here
-                for row, i in enumerate(rows_of):
-                    bins_of[i], hit_max[i] = bin_buf[row, :step], True
+                for i in rows.rows_of:
+                    hit_max[i] = True
+                rows.leave([True] * len(rows.rows_of), step)
                 break
             b = h_last.shape[0]
             eos_logit = self.eos_head(h_last)  # (b, 1)
@@ -294,25 +292,20 @@ class DMel(nn.Module):
             logits = self._bin_logits(h_last).reshape(b * self.frame_dim, self.n_bins)
             bins = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
             bins = bins.view(b, self.frame_dim)  # (b, C)
-            bin_buf[:, step] = bins  # a row stopping now writes bins that are never read
+            rows.write(step, bins=bins)
             stopped = stop.tolist()  # the one host sync per step: the stop check
             if any(stopped):
-                for row, i in enumerate(rows_of):
-                    if stopped[row]:
-                        bins_of[i] = bin_buf[row, :step]
-                keep = [row for row, done in enumerate(stopped) if not done]
-                if not keep:
+                idx = rows.leave(stopped, step)
+                if idx is None:
                     break
-                idx = torch.tensor(keep, device=device)
-                rows_of = [rows_of[row] for row in keep]
-                bins, next_pos, bin_buf = bins[idx], next_pos[idx], bin_buf[idx]
+                bins, next_pos = bins[idx], next_pos[idx]
                 cache.select(idx)
             h_last = self.backbone.step(self.frame_emb(bins), next_pos, cache)
             next_pos = next_pos + 1
 
         out = [
             self.decode_bins(f).to(prompt.dtype) if f.shape[0] else prompt.new_zeros(0, self.frame_dim)
-            for f in bins_of
+            for f in rows.outputs["bins"]
         ]
         return Generation(out, hit_max, [[] for _ in range(B)])
 

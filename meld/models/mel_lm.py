@@ -23,6 +23,7 @@ from torch import nn
 
 from meld.models.backbone import Backbone, lengths_to_mask, packed_positions, prepare_for_decoding
 from meld.models.layers import MelEncoder, Postnet
+from meld.models.leaving_rows import LeavingRows
 from meld.models.meld import Generation, slowness_penalty
 from meld.models.vocab import TTS, UnionEmbedding, UnionVocab
 
@@ -209,45 +210,35 @@ class ContinuousFrameLM(nn.Module):
         prepare_for_decoding(self)
         B, P, _ = prompt.shape
         L = text.shape[1]
-        device = prompt.device
         x, valid = self._prefix(text, text_len, prompt, prompt_len, encoder_dropout=test_time_dropout)
         last = L + prompt_len  # each sequence's last real token (<TTS> when P_b == 0)
         h_last, cache, next_pos = self.backbone.prefill(x, valid, last, max_frames, cache_dtype=kv_cache_dtype)  # (B, d), cache, (B,)
 
-        rows_of = list(range(B))  # original index of each row still generating
-        # each row's frames so far, in the rows' current order: one slice write per step for the whole
-        # batch (not one indexing op per row); a stopping row's frames are read out when it stops
-        frame_buf = prompt.new_empty(B, max(max_frames, 0), self.frame_dim)
-        pre: list[torch.Tensor] = [prompt.new_zeros(0, self.frame_dim)] * B
+        rows = LeavingRows(frames=prompt.new_empty(B, max(max_frames, 0), self.frame_dim))
         hit_max = [max_frames <= 0] * B
         for step in range(max(max_frames, 0)):
             stop = torch.sigmoid(self.stop_head(h_last)[:, 0].float()) > self.stop_threshold  # (b,)
             frame = self.predict_frame(h_last, zero_latent=zero_latent, generator=generator)  # (b, D)
-            frame_buf[:, step] = frame  # a row stopping now writes a frame that is never read
+            rows.write(step, frames=frame)
             stopped = stop.tolist()  # the one host sync per step: the stop check
             if any(stopped):
-                for row, i in enumerate(rows_of):
-                    if stopped[row]:
-                        pre[i] = frame_buf[row, :step]
-                keep = [row for row, done in enumerate(stopped) if not done]
-                if not keep:
+                idx = rows.leave(stopped, step)
+                if idx is None:
                     break
-                idx = torch.tensor(keep, device=device)
-                rows_of = [rows_of[row] for row in keep]
-                frame, next_pos, frame_buf = frame[idx], next_pos[idx], frame_buf[idx]
+                frame, next_pos = frame[idx], next_pos[idx]
                 cache.select(idx)
             if step + 1 == max_frames:  # guard: whoever is still going stops here
-                for row, i in enumerate(rows_of):
-                    pre[i], hit_max[i] = frame_buf[row, : step + 1], True
+                for i in rows.rows_of:
+                    hit_max[i] = True
+                rows.leave([True] * len(rows.rows_of), step + 1)
                 break
             emb = self.encoder(frame, dropout=test_time_dropout)  # (b, d)
             h_last = self.backbone.step(emb, next_pos, cache)
             next_pos = next_pos + 1
 
         frames, frames_pre = [], []
-        for i in range(B):
-            if pre[i].shape[0]:
-                seq = pre[i]  # (T_i, D)
+        for seq in rows.outputs["frames"]:  # (T_i, D)
+            if seq.shape[0]:
                 frames_pre.append(seq)
                 frames.append(self.postnet(seq[None])[0])  # per utterance: no padding leaks into the convs
             else:

@@ -28,6 +28,7 @@ from meld.models.layers import (
     ungroup_frames,
     voice_perturb,
 )
+from meld.models.leaving_rows import LeavingRows
 from meld.models.vocab import EOS, PAD, STT, TTS, UnionEmbedding, UnionVocab
 from meld.sampling import repetition_penalty, sample, sample_among_top_k, top_k_mask
 
@@ -377,13 +378,8 @@ class MELD(nn.Module):
         last = L + prompt_len  # index of each sequence's last real token (<TTS> when P_b == 0)
         h_last, cache, next_pos = self.backbone.prefill(x, valid, last, max_frames, cache_dtype=kv_cache_dtype)  # (B, d), cache, (B,)
 
-        rows_of = list(range(B))  # original index of each row still generating
-        # each row's frames and codes so far, in the rows' current order: one slice write per step
-        # for the whole batch instead of one indexing op per row
-        frame_buf = prompt.new_empty(B, max_frames, self.frame_dim)
-        code_buf = torch.empty(B, max_frames, dtype=torch.long, device=device)
-        frames: list[torch.Tensor] = [prompt.new_zeros(0, self.frame_dim)] * B
-        codes: list[list[int]] = [[] for _ in range(B)]
+        rows = LeavingRows(frames=prompt.new_empty(B, max_frames, self.frame_dim),
+                           codes=torch.empty(B, max_frames, dtype=torch.long, device=device))
         hit_max = [False] * B
         prev_cand: torch.Tensor | None = None
         # the decoding loop in inference mode: no version counters or view tracking on its ~200 small
@@ -402,27 +398,22 @@ class MELD(nn.Module):
                     prev_cand = top_k_mask(logits, top_k) if top_k > 0 else None
                     choice = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
                 if step == max_frames:  # guard: whoever is still going stops here
-                    for row, i in enumerate(rows_of):
-                        frames[i], codes[i], hit_max[i] = frame_buf[row], code_buf[row].tolist(), True
+                    for i in rows.rows_of:
+                        hit_max[i] = True
+                    rows.leave([True] * len(rows.rows_of), step)
                     break
                 stop = choice == 0  # column 0 is <EOS>
                 z = (choice - 1).clamp_min(0)
                 x_hat = self.reconstruct(h_last, z, encoder_dropout=test_time_dropout)  # (b, D)
                 if zero_latent:
                     x_hat = self.recon_linear(h_last) + self.recon_mlp(torch.cat([h_last, torch.zeros_like(h_last)], -1))
-                frame_buf[:, step] = x_hat  # a row stopping now writes a frame that is never read
-                code_buf[:, step] = z
+                rows.write(step, frames=x_hat, codes=z)
                 stopped = stop.tolist()  # the one host sync per step: the stop check
                 if any(stopped):
-                    for row, i in enumerate(rows_of):
-                        if stopped[row]:
-                            frames[i], codes[i] = frame_buf[row, :step], code_buf[row, :step].tolist()
-                    keep = [row for row, done in enumerate(stopped) if not done]
-                    if not keep:
+                    idx = rows.leave(stopped, step)
+                    if idx is None:
                         break
-                    idx = torch.tensor(keep, device=device)
-                    rows_of = [rows_of[row] for row in keep]
-                    x_hat, next_pos, frame_buf, code_buf = x_hat[idx], next_pos[idx], frame_buf[idx], code_buf[idx]
+                    x_hat, next_pos = x_hat[idx], next_pos[idx]
                     prev_cand = prev_cand[idx] if prev_cand is not None else None
                     cache.select(idx)
                 emb = self.encoder(x_hat, dropout=test_time_dropout)  # (b, d)
@@ -430,12 +421,9 @@ class MELD(nn.Module):
                 next_pos = next_pos + 1
 
         out = []
-        for i in range(B):
-            if frames[i].shape[0]:
-                out.append(self.postnet(frames[i][None])[0])  # (T_i, D)
-            else:
-                out.append(prompt.new_zeros(0, self.frame_dim))
-        return Generation(out, hit_max, codes)
+        for f in rows.outputs["frames"]:
+            out.append(self.postnet(f[None])[0] if f.shape[0] else prompt.new_zeros(0, self.frame_dim))  # (T_i, D)
+        return Generation(out, hit_max, [c.tolist() for c in rows.outputs["codes"]])
 
     # ------------------------------------------------------------------ STT inference
     @torch.no_grad()
