@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from contextlib import nullcontext
 from pathlib import Path
@@ -81,6 +82,14 @@ def train_step(
 
     Returns:
         metrics: ``loss/<name>`` per component, ``loss/total``, ``grad/norm``, ``lr``.
+
+    Raises:
+        NonFiniteLoss: the loss or the gradient norm is NaN or infinite. The check comes after the
+            backward pass and before the optimiser step, so the weights and the optimiser state
+            stay as they were; a finite loss with non-finite gradients is caught too.
+
+    The step reads the device once (a GPU waits for its queue at each read): the losses, the
+    gradient norm and the finiteness check come back together (tests/test_host_reads.py).
     """
     model.train()
     device_type = next(iter(batch.values())).device.type
@@ -89,16 +98,17 @@ def train_step(
         # through forward, so that DDP's gradient sync hooks fire
         losses = model(batch, task) if isinstance(model, LossModule) or hasattr(model, "module") else model.compute_losses(batch, task)
     total = sum(loss_weights.get(k.split("/", 1)[1], 1.0) * v for k, v in losses.items())
-    if not torch.isfinite(total):
-        raise NonFiniteLoss(f"non-finite loss {float(total)} ({ {k: float(v) for k, v in losses.items()} })")
     optimizer.zero_grad(set_to_none=True)
     total.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scalars = torch.stack([t.detach().float() for t in (total, grad_norm, *losses.values())]).tolist()  # the one host read
+    total_value, norm_value, loss_values = scalars[0], scalars[1], dict(zip(losses, scalars[2:]))
+    if not (math.isfinite(total_value) and math.isfinite(norm_value)):
+        what = "loss" if not math.isfinite(total_value) else "gradient norm"
+        raise NonFiniteLoss(f"non-finite {what}: loss {total_value} ({loss_values}), gradient norm {norm_value}")
     optimizer.step()
     scheduler.step()
-    metrics = {k: float(v.detach()) for k, v in losses.items()}
-    metrics["loss/total"] = float(total.detach())
-    metrics["grad/norm"] = float(grad_norm)
+    metrics = {**loss_values, "loss/total": total_value, "grad/norm": norm_value}
     metrics["lr"] = scheduler.get_last_lr()[0]
     return metrics
 

@@ -154,19 +154,23 @@ def _finite_checked(module_cls):
     class FiniteCheckedLoss(module_cls):
         def forward(self, batch, task):
             # NaN input frames (which the features stage should have rejected) would fail inside the model with
-            # an unrelated error on one rank; they stop the run like a NaN loss instead (integer codes can't be NaN)
-            inputs_ok = all(bool(torch.isfinite(v).all()) for v in batch.values() if v.is_floating_point())
+            # an unrelated error on one rank; they stop the run like a NaN loss instead (integer codes can't be NaN).
+            # Two host reads per step, whatever the number of inputs and losses: one before the model runs, one
+            # for this rank's and every rank's verdict on the losses.
+            floats = [v for v in batch.values() if v.is_floating_point()]
+            inputs_ok = not floats or bool(torch.stack([torch.isfinite(v).all() for v in floats]).all())
             losses = self.model.compute_losses(batch, task) if inputs_ok else {}
-            local_ok = inputs_ok and all(bool(torch.isfinite(v.detach()).all()) for v in losses.values())
-            ok = local_ok
+            local_bad = (torch.stack([~torch.isfinite(v.detach()).all() for v in losses.values()]).any()
+                         if losses else torch.tensor(not inputs_ok, device=batch["text"].device))
+            bad = local_bad.float().reshape(1)
             if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                flag = torch.tensor([0.0 if local_ok else 1.0], device=batch["text"].device)
-                dist.all_reduce(flag)
-                ok = float(flag) == 0.0
-            if not ok:
+                bad = bad.clone()
+                dist.all_reduce(bad)  # the number of ranks with a problem
+            local_flag, ranks_bad = torch.cat([local_bad.float().reshape(1), bad]).tolist()
+            if ranks_bad:
                 if not inputs_ok:
                     raise NonFiniteLoss("non-finite values in this rank's input frames")
-                detail = {k: float(v.detach()) for k, v in losses.items()} if not local_ok else "on another rank"
+                detail = {k: float(v.detach()) for k, v in losses.items()} if local_flag else "on another rank"
                 raise NonFiniteLoss(f"non-finite loss ({detail})")
             return losses
 

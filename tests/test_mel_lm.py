@@ -70,7 +70,8 @@ def test_kv_cached_generation_equals_full_teacher_forced_pass():
     for b in range(3):
         p, n = int(prompt_len[b]), gen.frames_pre[b].shape[0]
         assert rel_error(gen.frames_pre[b], out.mel_pre[b, p : p + n]) <= 1e-5, f"row {b}"
-        assert torch.allclose(gen.frames[b], model.postnet(gen.frames_pre[b][None])[0])
+        # one padded postnet call for the batch: equal to the utterance alone up to float rounding
+        torch.testing.assert_close(gen.frames[b], model.postnet(gen.frames_pre[b][None])[0], rtol=1e-5, atol=1e-6)
 
 
 def test_stop_predictor_ends_generation():
@@ -164,3 +165,29 @@ def test_only_tts_is_supported():
     model, _ = tiny_mel_lm()
     with pytest.raises(ValueError, match="TTS-only"):
         model.compute_losses(tiny_batch(), task="stt")
+
+
+def test_postnet_over_a_padded_batch_gives_each_utterance_what_it_gets_alone():
+    """Generation refines all its utterances in one masked postnet call: padding must not reach a real
+    frame through any of the stacked convs (each conv sees 2 neighbours a side, so without re-masking
+    between layers the last frames of a short utterance would change)."""
+    from meld.models.layers import Postnet
+
+    torch.manual_seed(0)
+    postnet = Postnet(dim=12, channels=16, kernel=5, n_layers=4, dropout=0.5).eval()
+    with torch.no_grad():
+        for m in postnet.modules():
+            if isinstance(m, torch.nn.BatchNorm1d):  # statistics away from the identity, so padding would show
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+                m.bias.normal_()
+    frames = [torch.randn(n, 12) for n in (9, 0, 1, 3, 7)]
+    with torch.no_grad():
+        batched = postnet.refine_each(frames)
+        alone = [postnet(f[None])[0] if len(f) else f for f in frames]
+        unmasked = postnet(torch.nn.utils.rnn.pad_sequence(frames, batch_first=True))  # the leak it prevents
+    assert [b.shape for b in batched] == [f.shape for f in frames]
+    for b, a in zip(batched, alone):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(unmasked[3, :3], alone[3], atol=1e-3)
+    assert postnet.refine_each([]) == []

@@ -96,7 +96,8 @@ def test_kv_cached_generation_equals_full_teacher_forced_pass():
     for b in range(3):
         p, n = int(prompt_len[b]), gen.frames_pre[b].shape[0]
         assert rel_error(gen.frames_pre[b], out.mel_pre[b, p : p + n]) <= 1e-5, f"row {b}"
-        assert torch.allclose(gen.frames[b], model.postnet(gen.frames_pre[b][None])[0])
+        # one padded postnet call for the batch: equal to the utterance alone up to float rounding
+        torch.testing.assert_close(gen.frames[b], model.postnet(gen.frames_pre[b][None])[0], rtol=1e-5, atol=1e-6)
 
 
 def test_stop_predictor_ends_generation_and_sampling_is_seeded():

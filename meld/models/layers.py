@@ -69,16 +69,41 @@ class Postnet(nn.Module):
         self.dropout = dropout
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, T, dim) pre-net prediction -> (B, T, dim) refined prediction (x + residual)."""
+        """x: (B, T, dim) pre-net prediction, mask: (B, T) real frames -> (B, T, dim) refined prediction
+        (x + residual).
+
+        Padded frames are zeroed before every conv, so a real frame's output is the one it would get
+        from its utterance alone (the convs' own zero padding): a padded batch and per-utterance
+        calls agree to float rounding.
+        """
         y = x.transpose(1, 2)  # (B, dim, T)
-        if mask is not None:
-            y = y * mask[:, None, :].to(y.dtype)
+        keep = None if mask is None else mask[:, None, :].to(y.dtype)
         for i, conv in enumerate(self.convs):
-            y = conv(y)
+            y = conv(y if keep is None else y * keep)
             if i < len(self.convs) - 1:
                 y = torch.tanh(y)
             y = F.dropout(y, self.dropout, training=self.training)
         return x + y.transpose(1, 2)
+
+    def refine_each(self, frames: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-utterance (T_i, dim) frames -> the same after the postnet, in one padded batch.
+
+        A generation's utterances end at different steps; one masked call replaces one call per
+        utterance (5 convs each: 80 small kernels at batch 16, 5 in all). Empty ones stay empty.
+        In training mode batch norm normalises by the batch's own statistics, which padding would
+        shift, so there each utterance runs alone, as before.
+        """
+        if not frames:
+            return []
+        if self.training:
+            return [self.forward(f[None])[0] if f.shape[0] else f.clone() for f in frames]
+        lengths = [f.shape[0] for f in frames]
+        if max(lengths) == 0:
+            return [f.clone() for f in frames]
+        x = torch.nn.utils.rnn.pad_sequence(frames, batch_first=True)  # (B, T_max, dim), zero padded
+        mask = torch.arange(x.shape[1], device=x.device)[None, :] < x.new_tensor(lengths, dtype=torch.long)[:, None]
+        y = self.forward(x, mask)
+        return [y[i, :n] for i, n in enumerate(lengths)]
 
 
 class ConvFrontEnd(nn.Module):

@@ -4,7 +4,7 @@ Every TTS system's ``generate`` keeps its rows' outputs the same way: preallocat
 buffers in the rows' current order, written for the whole batch with one slice write per step, read
 out (as views) only for the rows that finish, and compacted to the rows that stay. Rows are touched
 only on a step where some finish, so a step needs no per-row work and no host read beyond the
-loop's own stop check (tests/test_decoding_syncs.py).
+loop's own stop check (tests/test_host_reads.py).
 """
 
 from __future__ import annotations

@@ -236,14 +236,8 @@ class ContinuousFrameLM(nn.Module):
             h_last = self.backbone.step(emb, next_pos, cache)
             next_pos = next_pos + 1
 
-        frames, frames_pre = [], []
-        for seq in rows.outputs["frames"]:  # (T_i, D)
-            if seq.shape[0]:
-                frames_pre.append(seq)
-                frames.append(self.postnet(seq[None])[0])  # per utterance: no padding leaks into the convs
-            else:
-                frames_pre.append(prompt.new_zeros(0, self.frame_dim))
-                frames.append(prompt.new_zeros(0, self.frame_dim))
+        frames_pre = rows.outputs["frames"]  # (T_i, D) each
+        frames = self.postnet.refine_each(frames_pre)
         return FrameGeneration(frames, hit_max, [[] for _ in range(B)], frames_pre)
 
 

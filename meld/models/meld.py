@@ -420,9 +420,7 @@ class MELD(nn.Module):
                 h_last = self.backbone.step(emb, next_pos, cache)
                 next_pos = next_pos + 1
 
-        out = []
-        for f in rows.outputs["frames"]:
-            out.append(self.postnet(f[None])[0] if f.shape[0] else prompt.new_zeros(0, self.frame_dim))  # (T_i, D)
+        out = self.postnet.refine_each(rows.outputs["frames"])  # (T_i, D) each
         return Generation(out, hit_max, [c.tolist() for c in rows.outputs["codes"]])
 
     # ------------------------------------------------------------------ STT inference

@@ -1,4 +1,6 @@
-"""Every TTS system's decoding loop reads the device once per step: the stop check (issue 6).
+"""Host reads per step (issue 6): every TTS system's decoding loop reads the device once per step
+(the stop check), a beam-search step three times, a training step once (twice more under the
+Ray Train loop's cross-rank finiteness check).
 
 On a GPU each read of a tensor's value from the host (``.tolist()``, ``.item()``, ``bool()``,
 ``int()``, ``nonzero()``) waits for every queued kernel, so a loop with several per step runs at the
@@ -28,13 +30,15 @@ HOST_READS = {"tolist", "item", "__bool__", "__int__", "__float__", "__index__",
 class HostReads(TorchFunctionMode):
     """Counts the Tensor calls that copy a value to the host (a device sync on a GPU)."""
 
-    def __init__(self):
+    def __init__(self, host_side: tuple[torch.Tensor, ...] = ()):
+        """host_side: tensors that stay on the host whatever the model's device, whose reads cost no sync."""
         super().__init__()
         self.counts: collections.Counter = collections.Counter()
+        self.host_side = {id(t) for t in host_side}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
-        if name in HOST_READS:
+        if name in HOST_READS and not (args and id(args[0]) in self.host_side):
             self.counts[name] += 1
         return func(*args, **(kwargs or {}))
 
@@ -143,3 +147,61 @@ def test_leaving_rows_keep_what_each_row_wrote_until_it_left():
     for i, out in enumerate(rows.outputs["values"]):
         expected = torch.stack([torch.full((leaves_after[i],), float(i)), torch.arange(leaves_after[i]).float()], -1)
         assert torch.equal(out, expected)
+
+
+def _training_setup(seed: int = 0):
+    from meld.training import build_optimizer, build_scheduler
+
+    torch.manual_seed(seed)
+    model, _ = tiny_meld(dropout=0.1)
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.0)
+    return model, opt, build_scheduler(opt, warmup=1, hold=100, decay=0)
+
+
+def test_a_training_step_reads_the_device_once():
+    from meld.training import LossModule, train_step
+
+    from ray_jobs.train import _finite_checked
+
+    model, opt, sched = _training_setup()
+    batch = tiny_batch(B=2, T=8)
+    train_step(model, opt, sched, batch, task="tts", loss_weights={}, grad_clip=1.0)
+    # AdamW's step counters: torch keeps them on the host unless the optimiser is fused or capturable
+    # (the fused one, used on GPU, keeps them on the device and never reads them), so reading them is free
+    counters = tuple(state["step"] for state in opt.state.values())
+    assert len(counters) > 20 and all(c.device.type == "cpu" for c in counters)
+    with HostReads(host_side=counters) as plain:
+        metrics = train_step(model, opt, sched, batch, task="tts", loss_weights={}, grad_clip=1.0)
+    assert sum(plain.counts.values()) == 1, plain.counts
+    assert {"loss/total", "grad/norm", "lr"} <= metrics.keys() and any(k.startswith("loss/ce") for k in metrics)
+    assert all(isinstance(v, float) for v in metrics.values())
+    # the Ray Train loop's module: inputs checked once before the model runs, losses once (with every rank's verdict)
+    checked = _finite_checked(LossModule)(model)
+    with HostReads(host_side=counters) as ray_loop:
+        train_step(checked, opt, sched, batch, task="tts", loss_weights={}, grad_clip=1.0)
+    assert sum(ray_loop.counts.values()) == 3, ray_loop.counts
+
+
+def test_non_finite_gradients_stop_the_step_before_the_weights_move():
+    """A finite loss whose gradients are not (one gradient is poisoned by a hook) raises before the
+    optimiser step: weights and optimiser state stay as they were."""
+    from meld.training import NonFiniteLoss, train_step
+
+    model, opt, sched = _training_setup()
+    batch = tiny_batch(B=2, T=8)
+    train_step(model, opt, sched, batch, task="tts", loss_weights={}, grad_clip=1.0)  # optimiser state exists
+    before = {k: v.clone() for k, v in model.named_parameters()}  # (batch-norm statistics move in any forward pass)
+    state_before = {k: v.clone() for k, v in opt.state[next(iter(model.parameters()))].items() if torch.is_tensor(v)}
+    param = next(p for p in model.parameters() if p.requires_grad)
+    handle = param.register_hook(lambda g: torch.full_like(g, float("nan")))
+    with pytest.raises(NonFiniteLoss, match="non-finite gradient norm"):
+        train_step(model, opt, sched, batch, task="tts", loss_weights={}, grad_clip=1.0)
+    handle.remove()
+    assert all(torch.equal(before[k], v) for k, v in model.named_parameters())
+    after = opt.state[next(iter(model.parameters()))]
+    assert all(torch.equal(v, after[k]) for k, v in state_before.items())
+    # and a non-finite loss says so
+    with torch.no_grad():
+        param.fill_(float("nan"))
+    with pytest.raises(NonFiniteLoss, match="non-finite loss"):
+        train_step(model, opt, sched, batch, task="tts", loss_weights={}, grad_clip=1.0)
