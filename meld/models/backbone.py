@@ -339,6 +339,11 @@ class Backbone(nn.Module):
             return None
         if cache is not None and T == 1 and cache.all_valid and start >= prefix:
             return None
+        if cache is not None and T == 1 and start >= prefix:
+            # a decoding step over a padded cache: its one query, at the newest position, may see every
+            # cached key, so the mask is the cache's record of real keys (its newest one set just now),
+            # a view: no new tensors, and none of the ~8 small ops (kernel launches on a GPU) below
+            return cache.key_valid[:, None, None, :end]
         q_pos = torch.arange(start, end, device=device)
         k_pos = torch.arange(end, device=device)
         allowed = k_pos[None, :] <= q_pos[:, None]  # (T, end) causal
