@@ -110,6 +110,29 @@ def reduction_factor() -> int:
     return int(yaml.safe_load((ROOT / "params.yaml").read_text())["model"]["reduction_factor"])
 
 
+def no_eos_meld(kwargs: dict, codebook):
+    """A MELD (in eval mode) whose <EOS> can never be sampled: generation always runs to ``max_frames``.
+
+    It also stamps the time at each step's start (``_code_logits`` runs once per step), so
+    per-step times come out of an unmodified ``generate``.
+    """
+    from meld.models.meld import MELD
+
+    class NoEOSMELD(MELD):
+        step_times: list
+
+        def _code_logits(self, h, tts_head=None):
+            self.step_times.append(now())
+            logits = super()._code_logits(h, tts_head)
+            logits[:, 0] = float("-inf")  # column 0 is <EOS>
+            return logits
+
+    model = NoEOSMELD(**kwargs)
+    model.set_codebook(codebook)
+    model.step_times = []
+    return model.eval()
+
+
 def build(config: str):
     """(model, kwargs) for ``tiny`` (params.yaml model section, real BPE size and codebook) or ``paper``."""
     import numpy as np
@@ -118,23 +141,7 @@ def build(config: str):
 
     from meld.config import ModelConfig
     from meld.models.builders import meld_kwargs
-    from meld.models.meld import MELD
     from meld.text import BPETokenizer
-
-    class NoEOSMELD(MELD):
-        """MELD whose <EOS> can never be sampled (generation always runs to ``max_frames``).
-
-        It also stamps the time at each step's start (``_code_logits`` runs once per step),
-        so per-step times come out of an unmodified ``generate``.
-        """
-
-        step_times: list
-
-        def _code_logits(self, h, tts_head=None):
-            self.step_times.append(now())
-            logits = super()._code_logits(h, tts_head)
-            logits[:, 0] = float("-inf")  # column 0 is <EOS>
-            return logits
 
     r = reduction_factor()
     torch.manual_seed(0)
@@ -148,10 +155,7 @@ def build(config: str):
         codebook = torch.randn(PAPER_CODES, 80 * r)  # no 8192-code codebook exists for the mini corpus
     else:
         raise ValueError(config)
-    model = NoEOSMELD(**kwargs)
-    model.set_codebook(codebook)
-    model.step_times = []
-    return model.eval(), kwargs
+    return no_eos_meld(kwargs, codebook), kwargs
 
 
 def inputs(batch: int, extra_prompt: int = 0):
@@ -285,7 +289,7 @@ def run_path(model, path: str, batch_inputs, max_frames: int, seed: int, dropout
 
     text, text_len, prompt, prompt_len = batch_inputs
     sampling_params()  # parsed before the clock starts (cached)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=text.device).manual_seed(seed)  # on the inputs' device: a CPU generator cannot drive CUDA sampling
     torch.manual_seed(seed)  # test-time dropout draws from the global generator
     model.step_times = []
     t0 = now()

@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 
 SAMPLE_RATE = 16_000
 
@@ -42,6 +41,9 @@ def load_audio(path: str | Path, target_sr: int = SAMPLE_RATE) -> np.ndarray:
     Raises:
         AudioError: missing, unreadable, empty, or non-finite audio (message names the file).
     """
+    import soundfile as sf  # here, not at the top: the models import this module's constants, and a training
+    # node that reads only feature stores (or a GPU bench machine) needs no audio I/O library
+
     path = Path(path)
     if not path.is_file():
         raise AudioError(f"{path}: no such audio file")
@@ -67,6 +69,8 @@ def load_audio(path: str | Path, target_sr: int = SAMPLE_RATE) -> np.ndarray:
 
 def write_audio(path: str | Path, wav: np.ndarray, sample_rate: int = SAMPLE_RATE) -> Path:
     """Write float audio as 16-bit PCM WAV (clipped to [-1, 1]); creates parent folders."""
+    import soundfile as sf
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sf.write(str(path), np.clip(np.asarray(wav, dtype=np.float32), -1.0, 1.0), sample_rate, subtype="PCM_16")

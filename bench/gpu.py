@@ -1,0 +1,362 @@
+"""Issue 6's GPU rows in one run: MELD generation (RTF, ms/step) and training (MFU), tiny and paper configs.
+
+Made to run on a lent GPU machine inside a short lease, with nothing installed: it needs torch, numpy
+and PyYAML only (no pipeline outputs, no audio libraries), so inputs are synthetic. Speed does not
+depend on content here: <EOS> is masked so every generation runs its full length, and a training step
+costs the same for any frames and text of the same shapes.
+
+What it measures (``--device cuda``; ``--device cpu`` runs the same code, for the test suite):
+
+* the device: name, a bf16 matrix product's TFLOP/s (8192³ on GPU) and a device-to-device copy's
+  bandwidth (bytes read + written per second), both measured here;
+* generation, 10 s of speech per utterance (313 grouped frames at r=2) after a 3 s prompt (94 grouped
+  frames), batch 1 and 16, float32 weights: the default sliced decoding step and the compiled
+  fixed-shape step (``configure_decoding(compile=True)``: CUDA graphs on GPU); seconds per batch,
+  ms per step, RTF (seconds of compute per second of speech, whole batch), peak device memory, and
+  the weight-bandwidth floor of a batch-1 step (bytes of weights a step reads / half the copy rate);
+* training, ``meld.training.train_step`` with bf16 autocast and the fused AdamW on GPU (the Ray
+  driver's settings), on a synthetic batch filling a frame budget (utterances of 4–16 s, sorted and
+  packed as the frame-budget sampler packs them): seconds per step, real tokens/s, padding, peak
+  memory, and MFU two ways: FLOPs counted by ``torch.utils.flop_counter`` on one step (executed
+  FLOPs, padding included; the CPU's attention kernel is not counted there) and the PaLM estimate
+  (6 × matmul parameters + 12 × layers × width × sequence length, per real token); each divided by
+  the step time and by the device's bf16 peak (the vendor's dense figure for H100/H200 SXM, 989 TFLOP/s,
+  or ``--peak-tflops``), and also by the measured matrix-product rate.
+
+Run (from the repository root; on a machine with only torch, numpy and PyYAML: ``PYTHONPATH=.``):
+    python -m bench.gpu --device cuda --out gpu-h100          # ~3-5 min on an H100
+    python -m bench.gpu --device cpu --quick --out gpu-cpu-smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._common import ROOT, fmt, machine_info, result_stem, table, write_result  # noqa: E402
+
+FRAMES = 313  # 10 s of speech at r = 2
+PROMPT = 94  # 3 s prompt, grouped frames at r = 2
+SPEECH_SECONDS = 10.0
+FRAME_RATE = 62.5  # mel frames per second
+TINY_TEXT, TINY_CODES = 256, 256  # the mini corpus's BPE and codebook sizes
+PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4}  # vendor dense bf16 (SXM); PCIe H100: 756
+
+
+# ---------------------------------------------------------------------------- device
+def sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device) -> tuple[object, float]:
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - t0
+
+
+def device_rates(device, quick: bool) -> dict:
+    """Measured bf16 matrix-product TFLOP/s and copy bandwidth (GB/s, read + write)."""
+    import torch
+
+    n = 1024 if quick or device.type != "cuda" else 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    reps = 3 if quick else 10
+    _, s = timed(lambda: [a @ b for _ in range(reps)], device)
+    tflops = 2 * n**3 * reps / s / 1e12
+    x = torch.empty(256 * 2**20 if device.type == "cuda" and not quick else 16 * 2**20, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    _, s = timed(lambda: [y.copy_(x) for _ in range(reps)], device)
+    return {"matmul_bf16_tflops": tflops, "matmul_n": n, "copy_gbs_read_plus_write": 2 * x.numel() * reps / s / 1e9}
+
+
+def peak_tflops(device, given: float | None) -> float | None:
+    import torch
+
+    if given:
+        return given
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    if "PCIe" in name:
+        return 756.0 if "H100" in name else None
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def reset_peak(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_mb(device) -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+# ---------------------------------------------------------------------------- models
+def model_kwargs(config: str) -> dict:
+    """MELD constructor kwargs: ``tiny`` = params.yaml's model section with the mini corpus's sizes,
+    ``paper`` = bench.generation's 186M configuration."""
+    import yaml
+
+    from bench import generation as G
+    from meld.config import ModelConfig
+    from meld.models.builders import meld_kwargs
+
+    cfg = ModelConfig.from_dict(yaml.safe_load((ROOT / "params.yaml").read_text())["model"], "model")
+    if config == "tiny":
+        return meld_kwargs(cfg, n_text=TINY_TEXT, codebook_size=TINY_CODES)
+    if config == "paper":
+        return {**G.PAPER, "n_text": G.PAPER_TEXT, "codebook_size": G.PAPER_CODES, "frame_dim": 80 * cfg.reduction_factor}
+    raise ValueError(f"config must be tiny or paper, got {config!r}")
+
+
+def build(config: str, device, *, no_eos: bool):
+    import torch
+
+    from bench import generation as G
+    from meld.models.meld import MELD
+
+    kwargs = model_kwargs(config)
+    torch.manual_seed(0)
+    codebook = torch.randn(kwargs["codebook_size"], kwargs["frame_dim"])
+    if no_eos:
+        return G.no_eos_meld(kwargs, codebook).to(device), kwargs
+    model = MELD(**kwargs)
+    model.set_codebook(codebook)
+    return model.to(device), kwargs
+
+
+def weight_bytes_per_step(model) -> int:
+    from bench import generation as G
+
+    return G.weight_bytes_per_step(model)
+
+
+# ---------------------------------------------------------------------------- generation
+def generation_inputs(batch: int, n_text: int, frame_dim: int, device, seed: int = 0):
+    """Text of 40-80 tokens per row (different lengths: a padded batch) and 3 s prompts."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    text_len = torch.randint(40, 81, (batch,), generator=g)
+    text = torch.randint(0, n_text, (batch, int(text_len.max())), generator=g)
+    prompt = torch.randn(batch, PROMPT, frame_dim, generator=g)
+    prompt_len = torch.full((batch,), PROMPT)
+    return tuple(t.to(device) for t in (text, text_len, prompt, prompt_len))
+
+
+def generation_rows(config: str, device, batches: list[int], frames: int, modes: list[str], rounds: int,
+                    bandwidth_gbs: float) -> list[dict]:
+    from bench import generation as G
+    from meld.models.backbone import configure_decoding
+
+    base, kwargs = build(config, device, no_eos=True)
+    floor_ms = 1e3 * weight_bytes_per_step(base) / (bandwidth_gbs / 2 * 1e9)  # a copy's rate counts read + write
+    models = {}
+    for mode in modes:
+        models[mode] = copy.deepcopy(base)
+        configure_decoding(models[mode], compile=mode == "compiled")
+    speech = SPEECH_SECONDS * frames / FRAMES
+    rows = []
+    for b in batches:
+        x = generation_inputs(b, kwargs["n_text"], kwargs["frame_dim"], device)
+        codes = {}
+        for mode in modes:
+            run = lambda: G.run_path(models[mode], "kv", x, frames, seed=0)[0]  # noqa: E731
+            reset_peak(device)
+            gen, first = timed(run, device)  # the compiled mode compiles here
+            codes[mode] = gen.codes
+            best = min(timed(run, device)[1] for _ in range(rounds))
+            rows.append({
+                "config": config, "mode": mode, "batch": b, "frames": frames, "first_s": first, "s_per_batch": best,
+                "ms_per_step": 1e3 * best / frames, "utt_per_s": b / best, "rtf": best / (speech * b),
+                "peak_mb": peak_mb(device), "floor_ms": floor_ms if b == 1 else None,
+                "step_vs_floor": 1e3 * best / frames / floor_ms if b == 1 else None,
+                "same_codes_as_sliced": codes[mode] == codes[modes[0]],
+            })
+            print(f"generation {config} {mode} b{b}: first {first:.2f} s, best {best:.3f} s", flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------------------- training
+def training_batch(budget: int, n_text: int, frame_dim: int, device, seed: int = 0) -> dict:
+    """Utterances of 4-16 s, sorted by length and packed while batch x longest <= ``budget`` grouped
+    frames (how the frame-budget sampler fills a batch); text at 4.5 tokens per second."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    r = frame_dim // 80
+    seconds = sorted((4 + 12 * torch.rand(4096, generator=g)).tolist(), reverse=True)
+    start = int(torch.randint(0, 2048, (1,), generator=g))
+    lengths = []
+    for s in seconds[start:]:
+        n = max(1, round(s * FRAME_RATE / r))
+        if (len(lengths) + 1) * max(lengths + [n]) > budget:
+            break
+        lengths.append(n)
+    if not lengths:
+        raise ValueError(f"a frame budget of {budget} holds no utterance of 4-16 s at r={r}")
+    mel_len = torch.tensor(lengths)
+    text_len = (mel_len.float() * r / FRAME_RATE * 4.5).round().long().clamp_min(1)
+    batch = {
+        "mel": torch.randn(len(lengths), max(lengths), frame_dim, generator=g),
+        "mel_len": mel_len,
+        "text": torch.randint(0, n_text, (len(lengths), int(text_len.max())), generator=g),
+        "text_len": text_len,
+    }
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def palm_flops_per_step(model, kwargs: dict, batch: dict) -> float:
+    """6 x matmul parameters x real tokens + 12 x layers x width x sequence length x real tokens (PaLM's
+    model FLOPs: forward and backward, no recomputation). A token is a text token or a grouped frame;
+    the token embedding is a lookup, not a matmul, so it is left out."""
+    n_matmul = sum(p.numel() for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith("token_emb."))
+    seq = batch["text_len"] + batch["mel_len"] + 2  # <TTS>-style separators: a rounding error either way
+    tokens = float(seq.sum())
+    attention = 12 * kwargs["n_layers"] * kwargs["d_model"] * float((seq.float() ** 2).sum())
+    return 6 * n_matmul * tokens + attention
+
+
+def training_row(config: str, device, budget: int, steps: int, warmup: int) -> dict:
+    import torch
+    import yaml
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from meld.training import build_optimizer, build_scheduler, train_step
+
+    tc = yaml.safe_load((ROOT / "params.yaml").read_text())["train"]
+    model, kwargs = build(config, device, no_eos=False)
+    on_gpu = device.type == "cuda"
+    opt = build_optimizer(model, tc["lr"], tc["weight_decay"], fused=on_gpu)
+    sched = build_scheduler(opt, 1, 10**6, 0)  # a constant rate: the schedule costs nothing either way
+    autocast = torch.bfloat16 if on_gpu else None
+    batch = training_batch(budget, kwargs["n_text"], kwargs["frame_dim"], device)
+
+    def step():
+        return train_step(model, opt, sched, batch, task="tts", loss_weights=tc["loss_weights"],
+                          grad_clip=tc["grad_clip"], autocast_dtype=autocast)
+
+    for _ in range(warmup):
+        step()
+    with FlopCounterMode(display=False) as counter:
+        step()
+    counted = counter.get_total_flops()
+    reset_peak(device)
+    times = [timed(step, device)[1] for _ in range(steps)]
+    s = min(times)
+    real = int(batch["mel_len"].sum() + batch["text_len"].sum())
+    padded = batch["mel"].shape[0] * (batch["mel"].shape[1] + batch["text"].shape[1])
+    palm = palm_flops_per_step(model, kwargs, batch)
+    return {
+        "config": config, "params": sum(p.numel() for p in model.parameters()), "budget": budget,
+        "batch": batch["mel"].shape[0], "longest": batch["mel"].shape[1], "s_per_step": s,
+        "median_s_per_step": sorted(times)[len(times) // 2], "real_tokens_per_s": real / s,
+        "mel_frames_per_s": float(batch["mel_len"].sum()) * (kwargs["frame_dim"] // 80) / s,  # grouped x r
+        "padding": 1 - real / padded, "peak_mb": peak_mb(device), "counted_tflop_per_step": counted / 1e12,
+        "palm_tflop_per_step": palm / 1e12, "counted_tflops": counted / s / 1e12, "palm_tflops": palm / s / 1e12,
+        "autocast": str(autocast), "fused_adamw": on_gpu,
+    }
+
+
+# ---------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda", help="cuda (what this is for) or cpu (a smoke run)")
+    p.add_argument("--configs", default="tiny,paper")
+    p.add_argument("--batches", default="1,16")
+    p.add_argument("--modes", default="sliced,compiled", help="decoding steps: sliced, fixed, compiled")
+    p.add_argument("--frames", type=int, default=FRAMES)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--budget", type=int, default=50_000, help="training: grouped frames per batch (paper: 50k)")
+    p.add_argument("--tiny-budget", type=int, default=2500, help="training budget of the tiny config (params.yaml)")
+    p.add_argument("--steps", type=int, default=5, help="timed training steps (best and median kept)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="bf16 dense peak of the device, for MFU")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: generation, training")
+    p.add_argument("--quick", action="store_true", help="smoke run: 8 frames, batch 1 and 2, 1 round, small budgets")
+    p.add_argument("--out", type=result_stem, default="gpu")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.frames, args.batches, args.rounds, args.steps = 8, "1,2", 1, 1
+        args.budget, args.tiny_budget = min(args.budget, 600), min(args.tiny_budget, 600)
+
+    import torch
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device here: run with --device cpu for a smoke run", file=sys.stderr)
+        return 2
+    configs = [c for c in args.configs.split(",") if c]
+    modes = [m for m in args.modes.split(",") if m]
+    skip = set(filter(None, args.skip.split(",")))
+    info = machine_info(torch.get_num_threads())
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    rates = device_rates(device, args.quick)
+    peak = peak_tflops(device, args.peak_tflops)
+    print(f"device {info.get('gpu', 'cpu')}: bf16 matmul {rates['matmul_bf16_tflops']:.1f} TFLOP/s (n={rates['matmul_n']}), "
+          f"copy {rates['copy_gbs_read_plus_write']:.0f} GB/s (read + write), peak for MFU {peak} TFLOP/s", flush=True)
+    result = {"device": str(device), "rates": rates, "peak_tflops": peak, "machine": info, "args": vars(args)}
+
+    if "generation" not in skip:
+        rows = []
+        for config in configs:
+            rows += generation_rows(config, device, [int(b) for b in args.batches.split(",")], args.frames, modes,
+                                    args.rounds, rates["copy_gbs_read_plus_write"])
+        result["generation"] = rows
+        print(table(rows, [("config", "config"), ("mode", "step"), ("batch", "batch"), ("first_s", "first s"),
+                           ("s_per_batch", "s per batch"), ("ms_per_step", "ms/step"), ("utt_per_s", "utt/s"),
+                           ("rtf", "RTF"), ("floor_ms", "BW floor ms"), ("step_vs_floor", "step/floor"),
+                           ("peak_mb", "peak MB"), ("same_codes_as_sliced", "same codes")]))
+    if "training" not in skip:
+        rows = []
+        for config in configs:
+            budget = args.tiny_budget if config == "tiny" else args.budget
+            while True:
+                try:
+                    rows.append(training_row(config, device, budget, args.steps, warmup=1 if args.quick else 3))
+                    break
+                except torch.OutOfMemoryError:
+                    torch.cuda.empty_cache()
+                    print(f"training {config}: budget {budget} ran out of device memory; halving it", flush=True)
+                    budget //= 2
+            row = rows[-1]
+            for key in ("counted", "palm"):
+                row[f"mfu_{key}"] = row[f"{key}_tflops"] / peak if peak else None
+                row[f"mfu_{key}_vs_measured_matmul"] = row[f"{key}_tflops"] / rates["matmul_bf16_tflops"]
+            print(f"training {config}: {row['s_per_step']:.3f} s/step, {row['palm_tflops']:.1f} TFLOP/s (PaLM), "
+                  f"{row['counted_tflops']:.1f} TFLOP/s (counted)", flush=True)
+        result["training"] = rows
+        print(table(rows, [("config", "config"), ("params", "params"), ("budget", "budget"), ("batch", "batch"),
+                           ("s_per_step", "s/step"), ("real_tokens_per_s", "real tokens/s"), ("padding", "padding"),
+                           ("peak_mb", "peak MB"), ("palm_tflops", "TFLOP/s (PaLM)"), ("mfu_palm", "MFU (PaLM)"),
+                           ("counted_tflops", "TFLOP/s (counted)"), ("mfu_counted", "MFU (counted)"),
+                           ("mfu_palm_vs_measured_matmul", "PaLM / measured matmul")]))
+    path = write_result(args.out, result)
+    print(f"\nwrote {path} ({fmt(info.get('gpu', info['cpu_model']))})")
+    print("RESULT_JSON " + json.dumps({k: result[k] for k in ("device", "rates", "peak_tflops")}, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

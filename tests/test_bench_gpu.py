@@ -1,0 +1,82 @@
+"""bench.gpu, the script a lent GPU machine runs for issue 6's GPU rows, works before a GPU is lent.
+
+Device time comes in short leases, so the script must not fail there for reasons a CPU could have
+shown: it is run here on the CPU, end to end, in a process where every package that machine lacks
+(the audio, clustering, tracking and tokeniser libraries) fails to import, and its numbers are
+checked for what they must satisfy on any device.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# (the lent GPU image has torch, numpy, PyYAML, sentencepiece, numba, scikit-learn and tqdm)
+ABSENT_ON_THE_GPU_MACHINE = ("soundfile", "librosa", "faiss", "soxr", "mlflow", "ray", "jiwer", "dvc")
+
+RUNNER = """
+import importlib.abc, sys
+ABSENT = set(sys.argv[1].split(","))
+class Absent(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ABSENT:
+            raise ModuleNotFoundError(f"No module named {name!r} (absent on the GPU machine)")
+sys.meta_path.insert(0, Absent())
+from pathlib import Path
+import bench._common
+bench._common.RESULTS = Path(sys.argv[2])
+from bench import gpu
+sys.exit(gpu.main(["--device", "cpu", "--quick", "--configs", "tiny", "--modes", "sliced,fixed", "--out", "gpu-smoke"]))
+"""
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("gpu-bench")
+    proc = subprocess.run([sys.executable, "-c", RUNNER, ",".join(ABSENT_ON_THE_GPU_MACHINE), str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "gpu-smoke.json").read_text())
+
+
+def test_generation_rows_decode_the_same_codes_in_every_mode(smoke):
+    rows = smoke["generation"]
+    assert {(r["mode"], r["batch"]) for r in rows} == {(m, b) for m in ("sliced", "fixed") for b in (1, 2)}
+    for r in rows:
+        assert r["same_codes_as_sliced"], r
+        assert r["s_per_batch"] > 0 and r["ms_per_step"] == pytest.approx(1e3 * r["s_per_batch"] / r["frames"])
+        assert r["rtf"] == pytest.approx(r["s_per_batch"] / (10.0 * r["frames"] / 313 * r["batch"]))
+    assert all((r["floor_ms"] is not None) == (r["batch"] == 1) for r in rows)
+
+
+def test_training_flops_counted_and_estimated_agree(smoke):
+    """The PaLM estimate (6 x matmul parameters per token + attention) and the FLOPs torch counts on a
+    real step are independent; on the CPU the count misses only the attention kernel, which is small
+    at these lengths, so they must agree closely, or the MFU a GPU run reports is wrong."""
+    (row,) = smoke["training"]
+    assert row["config"] == "tiny" and row["batch"] >= 1 and row["batch"] * row["longest"] <= row["budget"]
+    assert 0 <= row["padding"] < 0.5
+    assert row["counted_tflop_per_step"] == pytest.approx(row["palm_tflop_per_step"], rel=0.1)
+    assert row["mfu_palm"] is None  # no bf16 peak is known for a CPU: no MFU is invented
+    assert row["mfu_palm_vs_measured_matmul"] > 0
+
+
+def test_a_training_batch_fills_its_frame_budget_like_the_sampler():
+    import torch
+
+    from bench.gpu import training_batch
+
+    batch = training_batch(5000, n_text=100, frame_dim=160, device=torch.device("cpu"))
+    lengths = batch["mel_len"].tolist()
+    assert lengths == sorted(lengths, reverse=True)  # neighbours in length: little padding
+    assert len(lengths) * max(lengths) <= 5000 < (len(lengths) + 1) * max(lengths)
+    assert all(31 <= n <= 500 for n in lengths)  # 4-16 s at r=2
+    assert batch["mel"].shape == (len(lengths), max(lengths), 160)
+    assert (batch["text_len"] >= 1).all() and batch["text"].shape[1] == int(batch["text_len"].max())
+    with pytest.raises(ValueError, match="holds no utterance"):
+        training_batch(50, n_text=100, frame_dim=160, device=torch.device("cpu"))
