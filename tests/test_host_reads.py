@@ -160,7 +160,6 @@ def _training_setup(seed: int = 0):
 
 def test_a_training_step_reads_the_device_once():
     from meld.training import LossModule, train_step
-
     from ray_jobs.train import _finite_checked
 
     model, opt, sched = _training_setup()

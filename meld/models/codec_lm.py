@@ -37,7 +37,7 @@ from torch import nn
 from meld.models.backbone import Backbone, lengths_to_mask, packed_positions, prepare_for_decoding
 from meld.models.leaving_rows import LeavingRows
 from meld.models.meld import Generation
-from meld.models.vocab import TTS, UnionEmbedding, UnionVocab
+from meld.models.vocab import UnionEmbedding, UnionVocab
 from meld.sampling import sample
 
 DAC_FRAME_RATE = 50.0  # codes per second of DAC's 16 kHz model (hop 2*4*5*8 = 320 samples)
@@ -137,11 +137,9 @@ class CodecLM(nn.Module):
         B, T, K = codes.shape
         L = text.shape[1]
         delayed = delay_codes(codes, codes_len, eos=self.eos, empty=self.empty)  # (B, T+K, K)
-        text_emb, text_valid = self.token_emb.text_block(text, text_len)
-        tts_emb, tts_valid = self.token_emb.special(TTS, B, codes.device)
         step_valid = lengths_to_mask(codes_len + K - 1, T + K - 1)  # inputs D_0 .. D_{T_b+K-2}
-        x = torch.cat([text_emb, tts_emb, self.level_emb(delayed[:, : T + K - 1])], dim=1)  # (B, L+T+K, d)
-        valid = torch.cat([text_valid, tts_valid, step_valid], dim=1)
+        x, valid = self.token_emb.tts_sequence(text, text_len, self.level_emb(delayed[:, : T + K - 1]),
+                                               step_valid)  # (B, L+T+K, d)
         h = self.backbone(x, packed_positions(valid), valid)[:, L:]  # (B, T+K, d)
         frame = (
             torch.arange(T + K, device=codes.device)[:, None] - torch.arange(K, device=codes.device)[None, :]
@@ -206,10 +204,8 @@ class CodecLM(nn.Module):
         rows = torch.arange(B, device=device)
         levels = torch.arange(K, device=device)
         delayed_prompt = delay_codes(prompt_codes, prompt_len, eos=self.eos, empty=self.empty)  # (B, P+K, K)
-        text_emb, text_valid = self.token_emb.text_block(text, text_len)
-        tts_emb, tts_valid = self.token_emb.special(TTS, B, device)
-        x = torch.cat([text_emb, tts_emb, self.level_emb(delayed_prompt[:, :P])], dim=1)
-        valid = torch.cat([text_valid, tts_valid, lengths_to_mask(prompt_len, P)], dim=1)
+        x, valid = self.token_emb.tts_sequence(text, text_len, self.level_emb(delayed_prompt[:, :P]),
+                                               lengths_to_mask(prompt_len, P))
         last = L + prompt_len  # each sequence's last real token (<TTS> when P_b == 0)
         # room for the delay pattern's tail: up to K - 1 steps after the last frame
         h_last, cache, next_pos = self.backbone.prefill(x, valid, last, max_frames + K, cache_dtype=kv_cache_dtype)  # (B, d), cache, (B,)

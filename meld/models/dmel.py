@@ -37,7 +37,7 @@ from meld.models.backbone import Backbone, KVCache, lengths_to_mask, packed_posi
 from meld.models.layers import group_frames, spec_augment, ungroup_frames
 from meld.models.leaving_rows import LeavingRows
 from meld.models.meld import Generation, STTOutput, select_rows
-from meld.models.vocab import EOS, PAD, STT, TTS, UnionEmbedding, UnionVocab
+from meld.models.vocab import EOS, PAD, UnionEmbedding, UnionVocab
 from meld.sampling import sample
 
 
@@ -152,11 +152,8 @@ class DMel(nn.Module):
         B, T, _ = mel.shape
         L = text.shape[1]
         bins = self.discretise(mel)  # (B, T, C)
-        text_emb, text_valid = self.token_emb.text_block(text, text_len)
-        tts_emb, tts_valid = self.token_emb.special(TTS, B, mel.device)
         frame_valid = lengths_to_mask(mel_len, T)
-        x = torch.cat([text_emb, tts_emb, self.frame_emb(bins)], dim=1)  # (B, L+1+T, d)
-        valid = torch.cat([text_valid, tts_valid, frame_valid], dim=1)
+        x, valid = self.token_emb.tts_sequence(text, text_len, self.frame_emb(bins), frame_valid)  # (B, L+1+T, d)
         h = self.backbone(x, packed_positions(valid), valid)[:, L:]  # (B, T+1, d) <TTS> and frames
         step_mask = lengths_to_mask(mel_len + 1, T + 1)
         return DMelTTSOutput(
@@ -174,10 +171,9 @@ class DMel(nn.Module):
         B, T, _ = mel.shape
         L = text.shape[1]
         frame_valid = lengths_to_mask(mel_len, T)
-        stt_emb, stt_valid = self.token_emb.special(STT, B, mel.device)
-        text_emb, text_valid = self.token_emb.text_block(text, text_len)
-        x = torch.cat([self.frame_emb(self.discretise(mel)), stt_emb, text_emb], dim=1)  # (B, T+1+L, d)
-        valid = torch.cat([frame_valid, stt_valid, text_valid], dim=1)
+        x, valid = self.token_emb.stt_sequence(self.frame_emb(self.discretise(mel)), frame_valid,
+                                               text, text_len)  # (B, T+1+L, d)
+        text_valid = valid[:, T + 1:]
         h = self.backbone(x, packed_positions(valid), valid)
         logits = self.text_head(h[:, T:])  # (B, L+1, V)
         targets = torch.full((B, L + 1), PAD, dtype=torch.long, device=mel.device)
@@ -267,11 +263,8 @@ class DMel(nn.Module):
         B, P, _ = prompt.shape
         L = text.shape[1]
         device = prompt.device
-        text_emb, text_valid = self.token_emb.text_block(text, text_len)
-        tts_emb, tts_valid = self.token_emb.special(TTS, B, device)
         prompt_emb = self.frame_emb(self.discretise(prompt))  # (B, P, d)
-        x = torch.cat([text_emb, tts_emb, prompt_emb], dim=1)
-        valid = torch.cat([text_valid, tts_valid, lengths_to_mask(prompt_len, P)], dim=1)
+        x, valid = self.token_emb.tts_sequence(text, text_len, prompt_emb, lengths_to_mask(prompt_len, P))
         last = L + prompt_len  # each sequence's last real token (<TTS> when P_b == 0)
         h_last, cache, next_pos = self.backbone.prefill(x, valid, last, max_frames, cache_dtype=kv_cache_dtype)  # (B, d), cache, (B,)
 
@@ -316,10 +309,8 @@ class DMel(nn.Module):
     ) -> tuple[torch.Tensor, KVCache, torch.Tensor]:
         """Encode ``x_1..x_T <STT>`` into a fresh cache; returns (h at <STT>, cache, next positions)."""
         prepare_for_decoding(self)
-        B, T, _ = mel.shape
-        stt_emb, stt_valid = self.token_emb.special(STT, B, mel.device)
-        x = torch.cat([self.frame_emb(self.discretise(mel)), stt_emb], dim=1)
-        valid = torch.cat([lengths_to_mask(mel_len, T), stt_valid], dim=1)
+        T = mel.shape[1]
+        x, valid = self.token_emb.stt_sequence(self.frame_emb(self.discretise(mel)), lengths_to_mask(mel_len, T))
         return self.backbone.prefill(x, valid, T, max_new)  # <STT> is every row's last token
 
     def stt_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:

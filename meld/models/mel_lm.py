@@ -25,7 +25,7 @@ from meld.models.backbone import Backbone, lengths_to_mask, packed_positions, pr
 from meld.models.layers import MelEncoder, Postnet
 from meld.models.leaving_rows import LeavingRows
 from meld.models.meld import Generation, slowness_penalty
-from meld.models.vocab import TTS, UnionEmbedding, UnionVocab
+from meld.models.vocab import UnionEmbedding, UnionVocab
 
 
 def masked_frame_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -135,13 +135,9 @@ class ContinuousFrameLM(nn.Module):
         encoder_dropout: bool | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Embed ``[text block] <TTS> [frame block]``: (B, L+1+T, d) inputs and (B, L+1+T) key_valid."""
-        B, T, _ = frames.shape
-        text_emb, text_valid = self.token_emb.text_block(text, text_len)  # (B, L, d)
-        tts_emb, tts_valid = self.token_emb.special(TTS, B, frames.device)  # (B, 1, d)
+        T = frames.shape[1]
         frame_emb = self.encoder(frames, dropout=encoder_dropout)  # (B, T, d)
-        x = torch.cat([text_emb, tts_emb, frame_emb], dim=1)
-        valid = torch.cat([text_valid, tts_valid, lengths_to_mask(frame_len, T)], dim=1)
-        return x, valid
+        return self.token_emb.tts_sequence(text, text_len, frame_emb, lengths_to_mask(frame_len, T))
 
     def tts_hidden(
         self, text: torch.Tensor, text_len: torch.Tensor, mel: torch.Tensor, mel_len: torch.Tensor

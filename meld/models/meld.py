@@ -29,7 +29,7 @@ from meld.models.layers import (
     voice_perturb,
 )
 from meld.models.leaving_rows import LeavingRows
-from meld.models.vocab import EOS, PAD, STT, TTS, UnionEmbedding, UnionVocab
+from meld.models.vocab import EOS, PAD, UnionEmbedding, UnionVocab
 from meld.sampling import repetition_penalty, sample, sample_among_top_k, top_k_mask
 
 
@@ -196,12 +196,8 @@ class MELD(nn.Module):
         """
         B, T, _ = mel.shape
         L = text.shape[1]
-        text_emb, text_valid = self.token_emb.text_block(text, text_len)  # (B, L, d)
-        tts_emb, tts_valid = self.token_emb.special(TTS, B, mel.device)  # (B, 1, d)
         frame_valid = lengths_to_mask(mel_len, T)  # (B, T)
-        frame_emb = self.encoder(mel)  # (B, T, d)
-        x = torch.cat([text_emb, tts_emb, frame_emb], dim=1)  # (B, L+1+T, d)
-        valid = torch.cat([text_valid, tts_valid, frame_valid], dim=1)
+        x, valid = self.token_emb.tts_sequence(text, text_len, self.encoder(mel), frame_valid)  # (B, L+1+T, d)
         h = self.backbone(x, packed_positions(valid), valid)  # (B, L+1+T, d)
         h_pred = h[:, L:]  # (B, T+1, d): <TTS> and every frame predict the next frame / <EOS>
         logits = self.head(h_pred)  # (B, T+1, V)
@@ -221,11 +217,9 @@ class MELD(nn.Module):
         B, T, _ = mel.shape
         L = text.shape[1]
         frame_valid = lengths_to_mask(mel_len, T)
-        frame_emb = self.embed_stt_frames(mel, frame_valid)
-        stt_emb, stt_valid = self.token_emb.special(STT, B, mel.device)
-        text_emb, text_valid = self.token_emb.text_block(text, text_len)
-        x = torch.cat([frame_emb, stt_emb, text_emb], dim=1)  # (B, T+1+L, d)
-        valid = torch.cat([frame_valid, stt_valid, text_valid], dim=1)
+        x, valid = self.token_emb.stt_sequence(self.embed_stt_frames(mel, frame_valid), frame_valid,
+                                               text, text_len)  # (B, T+1+L, d)
+        text_valid = valid[:, T + 1:]
         h = self.backbone(x, packed_positions(valid), valid, bidirectional_prefix=self._stt_prefix(T))
         logits = self.head(h[:, T:])  # (B, L+1, V)
         targets = torch.full((B, L + 1), PAD, dtype=torch.long, device=mel.device)
@@ -369,12 +363,8 @@ class MELD(nn.Module):
         B, P, _ = prompt.shape
         L = text.shape[1]
         device = prompt.device
-        text_emb, text_valid = self.token_emb.text_block(text, text_len)
-        tts_emb, tts_valid = self.token_emb.special(TTS, B, device)
-        prompt_valid = lengths_to_mask(prompt_len, P)
-        prompt_emb = self.encoder(prompt, dropout=test_time_dropout) if P else prompt.new_zeros(B, 0, text_emb.shape[-1])
-        x = torch.cat([text_emb, tts_emb, prompt_emb], dim=1)
-        valid = torch.cat([text_valid, tts_valid, prompt_valid], dim=1)
+        prompt_emb = self.encoder(prompt, dropout=test_time_dropout) if P else prompt.new_zeros(B, 0, self.backbone.d_model)
+        x, valid = self.token_emb.tts_sequence(text, text_len, prompt_emb, lengths_to_mask(prompt_len, P))
         last = L + prompt_len  # index of each sequence's last real token (<TTS> when P_b == 0)
         h_last, cache, next_pos = self.backbone.prefill(x, valid, last, max_frames, cache_dtype=kv_cache_dtype)  # (B, d), cache, (B,)
 
@@ -445,12 +435,9 @@ class MELD(nn.Module):
 
     def _stt_prefill(self, mel: torch.Tensor, mel_len: torch.Tensor, max_new: int):
         prepare_for_decoding(self)
-        B, T, _ = mel.shape
+        T = mel.shape[1]
         frame_valid = lengths_to_mask(mel_len, T)
-        frame_emb = self.embed_stt_frames(mel, frame_valid)
-        stt_emb, stt_valid = self.token_emb.special(STT, B, mel.device)
-        x = torch.cat([frame_emb, stt_emb], dim=1)
-        valid = torch.cat([frame_valid, stt_valid], dim=1)
+        x, valid = self.token_emb.stt_sequence(self.embed_stt_frames(mel, frame_valid), frame_valid)
         # <STT> is every row's last token
         return self.backbone.prefill(x, valid, T, max_new, bidirectional_prefix=self._stt_prefix(T),
                                      return_states=True)

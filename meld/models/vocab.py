@@ -79,3 +79,44 @@ class UnionEmbedding(nn.Embedding):
         device = device if device is not None else self.weight.device
         ids = torch.full((batch, 1), token, dtype=torch.long, device=device)
         return self(ids), torch.ones(batch, 1, dtype=torch.bool, device=device)
+
+    def tts_sequence(
+        self, text: torch.Tensor, text_len: torch.Tensor, frames: torch.Tensor, frame_valid: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """TTS's input layout, ``[text block] <TTS> [frame block]``: every system's training pass and
+        generation prompt, so the layout is said once.
+
+        Args:
+            text, text_len: as :meth:`text_block` (B, L).
+            frames: (B, T, d) the system's own embeddings of its frames (mel, bins or codes; T may be 0).
+            frame_valid: (B, T) real frames.
+
+        Returns:
+            (B, L+1+T, d) inputs and (B, L+1+T) key_valid; ``<TTS>`` is at index L of every row.
+        """
+        text_emb, text_valid = self.text_block(text, text_len)
+        tts_emb, tts_valid = self.special(TTS, frames.shape[0], frames.device)
+        return (torch.cat([text_emb, tts_emb, frames], dim=1),
+                torch.cat([text_valid, tts_valid, frame_valid], dim=1))
+
+    def stt_sequence(
+        self, frames: torch.Tensor, frame_valid: torch.Tensor,
+        text: torch.Tensor | None = None, text_len: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """STT's input layout, ``[frame block] <STT> [text block]`` (training), or up to ``<STT>``
+        without ``text`` (a decoding prefill, whose text comes one token at a time).
+
+        Args:
+            frames: (B, T, d) frame embeddings; frame_valid: (B, T) real frames.
+            text, text_len: as :meth:`text_block`, or None.
+
+        Returns:
+            (B, T+1(+L), d) inputs and their key_valid; ``<STT>`` is at index T of every row.
+        """
+        stt_emb, stt_valid = self.special(STT, frames.shape[0], frames.device)
+        parts, valid = [frames, stt_emb], [frame_valid, stt_valid]
+        if text is not None:
+            text_emb, text_valid = self.text_block(text, text_len)
+            parts.append(text_emb)
+            valid.append(text_valid)
+        return torch.cat(parts, dim=1), torch.cat(valid, dim=1)
