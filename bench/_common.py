@@ -173,3 +173,33 @@ def set_threads(n: int) -> None:
     import torch
 
     torch.set_num_threads(n)
+
+
+PAPER_CONFIG = ROOT / "configs" / "paper.yaml"
+
+
+def paper_meld_kwargs(reduction_factor: int) -> dict:
+    """MELD constructor kwargs of ``configs/paper.yaml`` (its model section, BPE and codebook sizes),
+    so the benchmarks time exactly the configuration a paper-scale run trains.
+
+    ``reduction_factor`` replaces the file's: the benches time the paper model on the tiny
+    config's frame grouping, so 10 s of speech is the same number of decoding steps in both rows.
+    """
+    import dataclasses
+
+    import yaml
+
+    from meld.config import ModelConfig
+    from meld.models.builders import meld_kwargs
+
+    raw = yaml.safe_load(PAPER_CONFIG.read_text())
+    cfg = dataclasses.replace(ModelConfig.from_dict(raw["model"], "model"), reduction_factor=reduction_factor)
+    return meld_kwargs(cfg, n_text=int(raw["bpe"]["vocab_size"]), codebook_size=int(raw["codebook"]["size"]))
+
+
+def paper_frames_per_batch() -> int:
+    """The paper's global batch in frames: ``configs/paper.yaml``'s workers x frames per worker (50k)."""
+    import yaml
+
+    train = yaml.safe_load(PAPER_CONFIG.read_text())["train"]
+    return int(train["num_workers"]) * int(train["frames_per_batch"])

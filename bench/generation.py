@@ -58,6 +58,7 @@ from bench._common import (  # noqa: E402
     load_average,
     machine_info,
     now,
+    paper_meld_kwargs,
     peak_rss,
     result_stem,
     run_cell,
@@ -70,22 +71,6 @@ from bench._common import (  # noqa: E402
 AUDIO_SECONDS = 10.0
 FRAME_RATE = 62.5
 PROMPT_SECONDS = 3.0
-PAPER = dict(
-    d_model=1024,
-    n_layers=12,
-    n_heads=16,
-    d_ff=4096,
-    dropout=0.2,
-    encoder_hidden=1024,
-    encoder_dropout=0.5,
-    recon_hidden=1024,
-    postnet_channels=512,
-    postnet_kernel=5,
-    postnet_layers=5,
-    postnet_dropout=0.5,
-    q_temperature=1.0,
-)
-PAPER_TEXT, PAPER_CODES = 4096, 8192
 DATA = ROOT / "data"  # --data: the pipeline's outputs (bpe/, codebook/, features/)
 
 
@@ -151,8 +136,8 @@ def build(config: str):
         codebook = torch.from_numpy(np.load(DATA / f"codebook/r{r}.npy"))
         kwargs = meld_kwargs(cfg, n_text=n_text, codebook_size=codebook.shape[0])
     elif config == "paper":
-        kwargs = {**PAPER, "n_text": PAPER_TEXT, "codebook_size": PAPER_CODES, "frame_dim": 80 * r}
-        codebook = torch.randn(PAPER_CODES, 80 * r)  # no 8192-code codebook exists for the mini corpus
+        kwargs = paper_meld_kwargs(r)
+        codebook = torch.randn(kwargs["codebook_size"], kwargs["frame_dim"])  # no 8192-code codebook exists for the mini corpus
     else:
         raise ValueError(config)
     return no_eos_meld(kwargs, codebook), kwargs

@@ -40,7 +40,16 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import ROOT, fmt, machine_info, result_stem, table, write_result  # noqa: E402
+from bench._common import (  # noqa: E402
+    ROOT,
+    fmt,
+    machine_info,
+    paper_frames_per_batch,
+    paper_meld_kwargs,
+    result_stem,
+    table,
+    write_result,
+)
 
 FRAMES = 313  # 10 s of speech at r = 2
 PROMPT = 94  # 3 s prompt, grouped frames at r = 2
@@ -114,10 +123,9 @@ def peak_mb(device) -> float | None:
 # ---------------------------------------------------------------------------- models
 def model_kwargs(config: str) -> dict:
     """MELD constructor kwargs: ``tiny`` = params.yaml's model section with the mini corpus's sizes,
-    ``paper`` = bench.generation's 186M configuration."""
+    ``paper`` = configs/paper.yaml's 186M configuration at the tiny config's frame grouping."""
     import yaml
 
-    from bench import generation as G
     from meld.config import ModelConfig
     from meld.models.builders import meld_kwargs
 
@@ -125,7 +133,7 @@ def model_kwargs(config: str) -> dict:
     if config == "tiny":
         return meld_kwargs(cfg, n_text=TINY_TEXT, codebook_size=TINY_CODES)
     if config == "paper":
-        return {**G.PAPER, "n_text": G.PAPER_TEXT, "codebook_size": G.PAPER_CODES, "frame_dim": 80 * cfg.reduction_factor}
+        return paper_meld_kwargs(cfg.reduction_factor)
     raise ValueError(f"config must be tiny or paper, got {config!r}")
 
 
@@ -294,7 +302,8 @@ def main(argv=None) -> int:
     p.add_argument("--modes", default="sliced,compiled", help="decoding steps: sliced, fixed, compiled")
     p.add_argument("--frames", type=int, default=FRAMES)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--budget", type=int, default=50_000, help="training: grouped frames per batch (paper: 50k)")
+    p.add_argument("--budget", type=int, default=paper_frames_per_batch(),
+                   help="training: grouped frames per batch (default: configs/paper.yaml's, 50k)")
     p.add_argument("--tiny-budget", type=int, default=2500, help="training budget of the tiny config (params.yaml)")
     p.add_argument("--steps", type=int, default=5, help="timed training steps (best and median kept)")
     p.add_argument("--peak-tflops", type=float, default=None, help="bf16 dense peak of the device, for MFU")

@@ -43,6 +43,8 @@ from bench._common import (  # noqa: E402
     load_average,
     machine_info,
     now,
+    paper_frames_per_batch,
+    paper_meld_kwargs,
     peak_rss,
     result_stem,
     run_cell,
@@ -51,23 +53,6 @@ from bench._common import (  # noqa: E402
     use_clock,
     write_result,
 )
-
-PAPER = dict(
-    d_model=1024,
-    n_layers=12,
-    n_heads=16,
-    d_ff=4096,
-    dropout=0.2,
-    encoder_hidden=1024,
-    encoder_dropout=0.5,
-    recon_hidden=1024,
-    postnet_channels=512,
-    postnet_kernel=5,
-    postnet_layers=5,
-    postnet_dropout=0.5,
-    q_temperature=1.0,
-)
-PAPER_TEXT, PAPER_CODES, PAPER_BUDGET = 4096, 8192, 50_000
 
 
 def params() -> dict:
@@ -85,7 +70,7 @@ def cell_sampler(data: str) -> dict:
     rows = []
     for r in (1, 2):
         lengths = [math.ceil(n / r) for n in store.lengths]
-        for b in sorted({budget, PAPER_BUDGET}):
+        for b in sorted({budget, paper_frames_per_batch()}):
             if max(lengths) > b:
                 continue
             s = FrameBudgetSampler(lengths, b)
@@ -125,8 +110,8 @@ def cell_train(data: str, config: str, budget: int, warmup: int, steps: int) -> 
             ModelConfig.from_dict(p["model"], "model"), n_text=tok.vocab_size, codebook_size=cb.shape[0]
         )
     else:
-        cb = torch.randn(PAPER_CODES, 80 * r)
-        kwargs = {**PAPER, "n_text": PAPER_TEXT, "codebook_size": PAPER_CODES, "frame_dim": 80 * r}
+        kwargs = paper_meld_kwargs(r)
+        cb = torch.randn(kwargs["codebook_size"], kwargs["frame_dim"])
     model = MELD(**kwargs)
     model.set_codebook(cb)
     opt = build_optimizer(model, tc["lr"], tc["weight_decay"])

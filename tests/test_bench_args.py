@@ -1,4 +1,5 @@
-"""The bench scripts check ``--out`` before their long runs: a stem under bench/results/, never a path."""
+"""The bench scripts check ``--out`` before their long runs (a stem under bench/results/, never a path),
+and time the configurations the pipeline would run."""
 
 import argparse
 import subprocess
@@ -33,3 +34,19 @@ def test_the_script_stops_at_argument_parsing():
     assert proc.returncode == 2
     assert "--out '/tmp/elsewhere': give a file stem" in proc.stderr
     assert not Path("/tmp/elsewhere.json").exists()
+
+
+def test_the_benches_time_the_paper_config_the_pipeline_would_train():
+    """bench.generation/training/gpu's "paper" rows come from configs/paper.yaml itself: changing the
+    file changes what is timed, and only the frame grouping is the benches' own."""
+    from bench._common import paper_frames_per_batch, paper_meld_kwargs
+    from meld.config import ModelConfig, read_params
+    from meld.models.builders import meld_kwargs
+
+    params = read_params(ROOT / "configs" / "paper.yaml")
+    cfg = ModelConfig.from_dict(params["model"], "model")
+    pipeline = meld_kwargs(cfg, n_text=params["bpe"]["vocab_size"], codebook_size=params["codebook"]["size"])
+    bench = paper_meld_kwargs(cfg.reduction_factor)
+    assert bench == pipeline
+    assert paper_meld_kwargs(2)["frame_dim"] == 2 * pipeline["frame_dim"] // cfg.reduction_factor
+    assert paper_frames_per_batch() == params["train"]["num_workers"] * params["train"]["frames_per_batch"]
