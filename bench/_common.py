@@ -178,12 +178,13 @@ def set_threads(n: int) -> None:
 PAPER_CONFIG = ROOT / "configs" / "paper.yaml"
 
 
-def paper_meld_kwargs(reduction_factor: int) -> dict:
+def paper_meld_kwargs(reduction_factor: int | None = None) -> dict:
     """MELD constructor kwargs of ``configs/paper.yaml`` (its model section, BPE and codebook sizes),
     so the benchmarks time exactly the configuration a paper-scale run trains.
 
-    ``reduction_factor`` replaces the file's: the benches time the paper model on the tiny
-    config's frame grouping, so 10 s of speech is the same number of decoding steps in both rows.
+    ``reduction_factor``, when given, replaces the file's: the generation benches time the paper
+    model on the tiny config's frame grouping, so 10 s of speech is the same number of decoding
+    steps in both rows.
     """
     import dataclasses
 
@@ -193,13 +194,21 @@ def paper_meld_kwargs(reduction_factor: int) -> dict:
     from meld.models.builders import meld_kwargs
 
     raw = yaml.safe_load(PAPER_CONFIG.read_text())
-    cfg = dataclasses.replace(ModelConfig.from_dict(raw["model"], "model"), reduction_factor=reduction_factor)
+    cfg = ModelConfig.from_dict(raw["model"], "model")
+    if reduction_factor is not None:
+        cfg = dataclasses.replace(cfg, reduction_factor=reduction_factor)
     return meld_kwargs(cfg, n_text=int(raw["bpe"]["vocab_size"]), codebook_size=int(raw["codebook"]["size"]))
+
+
+def paper_frames_per_worker() -> int:
+    """Frames one of the paper run's workers trains on per step: ``configs/paper.yaml``'s ``frames_per_batch``."""
+    import yaml
+
+    return int(yaml.safe_load(PAPER_CONFIG.read_text())["train"]["frames_per_batch"])
 
 
 def paper_frames_per_batch() -> int:
     """The paper's global batch in frames: ``configs/paper.yaml``'s workers x frames per worker (50k)."""
     import yaml
 
-    train = yaml.safe_load(PAPER_CONFIG.read_text())["train"]
-    return int(train["num_workers"]) * int(train["frames_per_batch"])
+    return int(yaml.safe_load(PAPER_CONFIG.read_text())["train"]["num_workers"]) * paper_frames_per_worker()

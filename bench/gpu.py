@@ -16,7 +16,10 @@ What it measures (``--device cuda``; ``--device cpu`` runs the same code, for th
   the weight-bandwidth floor of a batch-1 step (bytes of weights a step reads / half the copy rate);
 * training, ``meld.training.train_step`` with bf16 autocast and the fused AdamW on GPU (the Ray
   driver's settings), on a synthetic batch filling a frame budget (utterances of 4–16 s, sorted and
-  packed as the frame-budget sampler packs them): seconds per step, real tokens/s, padding, peak
+  packed as the frame-budget sampler packs them). The paper config trains as ``configs/paper.yaml``
+  says (its own frame grouping, r=1) at two budgets: one worker's share (3,125 frames: what each of
+  the run's 16 GPUs does per step) and the whole 50k-frame global batch on this one GPU (what a
+  bigger per-GPU batch would gain). Seconds per step, real tokens/s, padding, peak
   memory, and MFU two ways: FLOPs counted by ``torch.utils.flop_counter`` on one step (executed
   FLOPs, padding included; the CPU's attention kernel is not counted there) and the PaLM estimate
   (6 × matmul parameters + 12 × layers × width × sequence length, per real token); each divided by
@@ -45,6 +48,7 @@ from bench._common import (  # noqa: E402
     fmt,
     machine_info,
     paper_frames_per_batch,
+    paper_frames_per_worker,
     paper_meld_kwargs,
     result_stem,
     table,
@@ -121,9 +125,10 @@ def peak_mb(device) -> float | None:
 
 
 # ---------------------------------------------------------------------------- models
-def model_kwargs(config: str) -> dict:
+def model_kwargs(config: str, *, training: bool = False) -> dict:
     """MELD constructor kwargs: ``tiny`` = params.yaml's model section with the mini corpus's sizes,
-    ``paper`` = configs/paper.yaml's 186M configuration at the tiny config's frame grouping."""
+    ``paper`` = configs/paper.yaml's 186M configuration, for generation at the tiny config's frame
+    grouping (10 s = 313 steps in both), for training at its own (what a paper run trains)."""
     import yaml
 
     from meld.config import ModelConfig
@@ -133,17 +138,17 @@ def model_kwargs(config: str) -> dict:
     if config == "tiny":
         return meld_kwargs(cfg, n_text=TINY_TEXT, codebook_size=TINY_CODES)
     if config == "paper":
-        return paper_meld_kwargs(cfg.reduction_factor)
+        return paper_meld_kwargs(None if training else cfg.reduction_factor)
     raise ValueError(f"config must be tiny or paper, got {config!r}")
 
 
-def build(config: str, device, *, no_eos: bool):
+def build(config: str, device, *, no_eos: bool, training: bool = False):
     import torch
 
     from bench import generation as G
     from meld.models.meld import MELD
 
-    kwargs = model_kwargs(config)
+    kwargs = model_kwargs(config, training=training)
     torch.manual_seed(0)
     codebook = torch.randn(kwargs["codebook_size"], kwargs["frame_dim"])
     if no_eos:
@@ -225,6 +230,8 @@ def training_batch(budget: int, n_text: int, frame_dim: int, device, seed: int =
     lengths = []
     for s in seconds[start:]:
         n = max(1, round(s * FRAME_RATE / r))
+        if n > budget:  # longer than the whole budget: the sampler would refuse it too
+            continue
         if (len(lengths) + 1) * max(lengths + [n]) > budget:
             break
         lengths.append(n)
@@ -260,7 +267,7 @@ def training_row(config: str, device, budget: int, steps: int, warmup: int) -> d
     from meld.training import build_optimizer, build_scheduler, train_step
 
     tc = yaml.safe_load((ROOT / "params.yaml").read_text())["train"]
-    model, kwargs = build(config, device, no_eos=False)
+    model, kwargs = build(config, device, no_eos=False, training=True)
     on_gpu = device.type == "cuda"
     opt = build_optimizer(model, tc["lr"], tc["weight_decay"], fused=on_gpu)
     sched = build_scheduler(opt, 1, 10**6, 0)  # a constant rate: the schedule costs nothing either way
@@ -284,6 +291,7 @@ def training_row(config: str, device, budget: int, steps: int, warmup: int) -> d
     palm = palm_flops_per_step(model, kwargs, batch)
     return {
         "config": config, "params": sum(p.numel() for p in model.parameters()), "budget": budget,
+        "reduction_factor": kwargs["frame_dim"] // 80,
         "batch": batch["mel"].shape[0], "longest": batch["mel"].shape[1], "s_per_step": s,
         "median_s_per_step": sorted(times)[len(times) // 2], "real_tokens_per_s": real / s,
         "mel_frames_per_s": float(batch["mel_len"].sum()) * (kwargs["frame_dim"] // 80) / s,  # grouped x r
@@ -302,8 +310,9 @@ def main(argv=None) -> int:
     p.add_argument("--modes", default="sliced,compiled", help="decoding steps: sliced, fixed, compiled")
     p.add_argument("--frames", type=int, default=FRAMES)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--budget", type=int, default=paper_frames_per_batch(),
-                   help="training: grouped frames per batch (default: configs/paper.yaml's, 50k)")
+    p.add_argument("--budgets", default=f"{paper_frames_per_worker()},{paper_frames_per_batch()}",
+                   help="training budgets of the paper config, frames per step on this device (default: "
+                   "configs/paper.yaml's per worker, then its whole global batch)")
     p.add_argument("--tiny-budget", type=int, default=2500, help="training budget of the tiny config (params.yaml)")
     p.add_argument("--steps", type=int, default=5, help="timed training steps (best and median kept)")
     p.add_argument("--peak-tflops", type=float, default=None, help="bf16 dense peak of the device, for MFU")
@@ -313,7 +322,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.frames, args.batches, args.rounds, args.steps = 8, "1,2", 1, 1
-        args.budget, args.tiny_budget = min(args.budget, 600), min(args.tiny_budget, 600)
+        args.budgets = ",".join(str(min(int(b), 600)) for b in args.budgets.split(","))
+        args.tiny_budget = min(args.tiny_budget, 600)
 
     import torch
 
@@ -346,8 +356,9 @@ def main(argv=None) -> int:
                            ("peak_mb", "peak MB"), ("same_codes_as_sliced", "same codes")]))
     if "training" not in skip:
         rows = []
-        for config in configs:
-            budget = args.tiny_budget if config == "tiny" else args.budget
+        runs = [(c, b) for c in configs
+                for b in ([args.tiny_budget] if c == "tiny" else sorted({int(x) for x in args.budgets.split(",")}))]
+        for config, budget in runs:
             while True:
                 try:
                     rows.append(training_row(config, device, budget, args.steps, warmup=1 if args.quick else 3))
@@ -357,13 +368,17 @@ def main(argv=None) -> int:
                     print(f"training {config}: budget {budget} ran out of device memory; halving it", flush=True)
                     budget //= 2
             row = rows[-1]
+            if config == "paper":
+                row["batch_of"] = {paper_frames_per_worker(): "one worker's share",
+                                   paper_frames_per_batch(): "the whole global batch"}.get(budget, "")
             for key in ("counted", "palm"):
                 row[f"mfu_{key}"] = row[f"{key}_tflops"] / peak if peak else None
                 row[f"mfu_{key}_vs_measured_matmul"] = row[f"{key}_tflops"] / rates["matmul_bf16_tflops"]
             print(f"training {config}: {row['s_per_step']:.3f} s/step, {row['palm_tflops']:.1f} TFLOP/s (PaLM), "
                   f"{row['counted_tflops']:.1f} TFLOP/s (counted)", flush=True)
         result["training"] = rows
-        print(table(rows, [("config", "config"), ("params", "params"), ("budget", "budget"), ("batch", "batch"),
+        print(table(rows, [("config", "config"), ("params", "params"), ("reduction_factor", "r"), ("budget", "budget"),
+                           ("batch_of", "budget is"), ("batch", "batch"),
                            ("s_per_step", "s/step"), ("real_tokens_per_s", "real tokens/s"), ("padding", "padding"),
                            ("peak_mb", "peak MB"), ("palm_tflops", "TFLOP/s (PaLM)"), ("mfu_palm", "MFU (PaLM)"),
                            ("counted_tflops", "TFLOP/s (counted)"), ("mfu_counted", "MFU (counted)"),

@@ -80,3 +80,24 @@ def test_a_training_batch_fills_its_frame_budget_like_the_sampler():
     assert (batch["text_len"] >= 1).all() and batch["text"].shape[1] == int(batch["text_len"].max())
     with pytest.raises(ValueError, match="holds no utterance"):
         training_batch(50, n_text=100, frame_dim=160, device=torch.device("cpu"))
+
+
+def test_the_paper_rows_train_what_configs_paper_yaml_trains():
+    """Generation times the paper model at the tiny grouping (10 s = 313 steps in both configs);
+    training times it as configs/paper.yaml trains it: its own grouping, one worker's frames per step
+    and the whole global batch. A long utterance that alone overflows a budget is skipped, not fatal."""
+    import torch
+    import yaml
+
+    from bench.gpu import model_kwargs, training_batch
+
+    paper = yaml.safe_load((ROOT / "configs" / "paper.yaml").read_text())
+    tiny = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert model_kwargs("paper", training=True)["frame_dim"] == 80 * paper["model"]["reduction_factor"]
+    assert model_kwargs("paper")["frame_dim"] == 80 * tiny["model"]["reduction_factor"]
+    assert model_kwargs("paper", training=True)["d_model"] == paper["model"]["d_model"]
+    per_worker = paper["train"]["frames_per_batch"]
+    batch = training_batch(per_worker, n_text=100, frame_dim=80, device=torch.device("cpu"))
+    assert 1 <= len(batch["mel_len"]) and int(batch["mel_len"].max()) * len(batch["mel_len"]) <= per_worker
+    small = training_batch(300, n_text=100, frame_dim=80, device=torch.device("cpu"))  # 4.8 s at most
+    assert int(small["mel_len"].max()) <= 300
