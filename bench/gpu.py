@@ -26,8 +26,12 @@ What it measures (``--device cuda``; ``--device cpu`` runs the same code, for th
   the step time and by the device's bf16 peak (the vendor's dense figure for H100/H200 SXM, 989 TFLOP/s,
   or ``--peak-tflops``), and also by the measured matrix-product rate.
 
+Rows run most-wanted first (:func:`plan`: the paper config's batch-1 RTF, then its training MFU, ...)
+and the result file is rewritten after each, so a lease that ends early keeps what was measured;
+``--deadline-s`` starts no new row after that many seconds and lists the rest as not run.
+
 Run (from the repository root; on a machine with only torch, numpy and PyYAML: ``PYTHONPATH=.``):
-    python -m bench.gpu --device cuda --out gpu-h100          # ~3-5 min on an H100
+    timeout 560 python -m bench.gpu --device cuda --deadline-s 420 --out gpu-h100   # ~3-6 min on an H100
     python -m bench.gpu --device cpu --quick --out gpu-cpu-smoke
 """
 
@@ -177,44 +181,58 @@ def generation_inputs(batch: int, n_text: int, frame_dim: int, device, seed: int
     return tuple(t.to(device) for t in (text, text_len, prompt, prompt_len))
 
 
-def generation_rows(config: str, device, batches: list[int], frames: int, modes: list[str], rounds: int,
-                    bandwidth_gbs: float) -> list[dict]:
-    from bench import generation as G
-    from meld.models.backbone import configure_decoding
+class GenerationBench:
+    """Generation rows one at a time, in any order: models are built on first use (one copy per
+    decoding mode, each configured once), and each batch's codes are kept so a later mode's row can
+    say whether it decoded what the sliced step did."""
 
-    base, kwargs = build(config, device, no_eos=True)
-    floor_ms = 1e3 * weight_bytes_per_step(base) / (bandwidth_gbs / 2 * 1e9)  # a copy's rate counts read + write
-    models = {}
-    for mode in modes:
-        models[mode] = copy.deepcopy(base)
-        configure_decoding(models[mode], compile=mode == "compiled")
-    speech = SPEECH_SECONDS * frames / FRAMES
-    rows = []
-    for b in batches:
-        x = generation_inputs(b, kwargs["n_text"], kwargs["frame_dim"], device)
-        codes = {}
-        for mode in modes:
-            def run(model=models[mode], x=x):  # bound now: called only within this iteration
-                return G.run_path(model, "kv", x, frames, seed=0)[0]
+    def __init__(self, device, frames: int, rounds: int, bandwidth_gbs: float):
+        self.device, self.frames, self.rounds, self.bandwidth_gbs = device, frames, rounds, bandwidth_gbs
+        self.models: dict[tuple[str, str], object] = {}
+        self.bases: dict[str, tuple] = {}
+        self.codes: dict[tuple[str, int, str], list] = {}
 
-            reset_peak(device)
-            try:
-                gen, first = timed(run, device)  # the compiled mode compiles here
-            except Exception as err:  # a lease is short: a mode that fails (a compiler missing) must not take the rest
-                print(f"generation {config} {mode} b{b} failed: {type(err).__name__}: {err}", flush=True)
-                rows.append({"config": config, "mode": mode, "batch": b, "error": f"{type(err).__name__}: {err}"[:2000]})
-                continue
-            codes[mode] = gen.codes
-            best = min(timed(run, device)[1] for _ in range(rounds))
-            rows.append({
-                "config": config, "mode": mode, "batch": b, "frames": frames, "first_s": first, "s_per_batch": best,
-                "ms_per_step": 1e3 * best / frames, "utt_per_s": b / best, "rtf": best / (speech * b),
-                "peak_mb": peak_mb(device), "floor_ms": floor_ms if b == 1 else None,
-                "step_vs_floor": 1e3 * best / frames / floor_ms if b == 1 else None,
-                "same_codes_as_sliced": codes[mode] == codes.get(modes[0]),
-            })
-            print(f"generation {config} {mode} b{b}: first {first:.2f} s, best {best:.3f} s", flush=True)
-    return rows
+    def _model(self, config: str, mode: str):
+        from meld.models.backbone import configure_decoding
+
+        if config not in self.bases:
+            base, kwargs = build(config, self.device, no_eos=True)
+            floor_ms = 1e3 * weight_bytes_per_step(base) / (self.bandwidth_gbs / 2 * 1e9)  # a copy counts read + write
+            self.bases[config] = (base, kwargs, floor_ms)
+        if (config, mode) not in self.models:
+            model = copy.deepcopy(self.bases[config][0])
+            configure_decoding(model, compile=mode == "compiled", fixed_shape=mode == "fixed")
+            self.models[config, mode] = model
+        return self.models[config, mode], self.bases[config][1], self.bases[config][2]
+
+    def row(self, config: str, mode: str, b: int) -> dict:
+        from bench import generation as G
+
+        model, kwargs, floor_ms = self._model(config, mode)
+        x = generation_inputs(b, kwargs["n_text"], kwargs["frame_dim"], self.device)
+        frames, device = self.frames, self.device
+
+        def run():
+            return G.run_path(model, "kv", x, frames, seed=0)[0]
+
+        reset_peak(device)
+        try:
+            gen, first = timed(run, device)  # the compiled mode compiles here
+        except Exception as err:  # a lease is short: a mode that fails (a compiler missing) must not take the rest
+            print(f"generation {config} {mode} b{b} failed: {type(err).__name__}: {err}", flush=True)
+            return {"config": config, "mode": mode, "batch": b, "error": f"{type(err).__name__}: {err}"[:2000]}
+        self.codes[config, b, mode] = gen.codes
+        best = min(timed(run, device)[1] for _ in range(self.rounds))
+        speech = SPEECH_SECONDS * frames / FRAMES
+        sliced = self.codes.get((config, b, "sliced"))
+        print(f"generation {config} {mode} b{b}: first {first:.2f} s, best {best:.3f} s", flush=True)
+        return {
+            "config": config, "mode": mode, "batch": b, "frames": frames, "first_s": first, "s_per_batch": best,
+            "ms_per_step": 1e3 * best / frames, "utt_per_s": b / best, "rtf": best / (speech * b),
+            "peak_mb": peak_mb(device), "floor_ms": floor_ms if b == 1 else None,
+            "step_vs_floor": 1e3 * best / frames / floor_ms if b == 1 else None,
+            "same_codes_as_sliced": None if sliced is None or mode == "sliced" else gen.codes == sliced,
+        }
 
 
 # ---------------------------------------------------------------------------- training
@@ -301,6 +319,59 @@ def training_row(config: str, device, budget: int, steps: int, warmup: int) -> d
     }
 
 
+def training_task(config: str, device, budget: int, args, rates: dict, peak: float | None) -> dict:
+    """One training row, its budget halved until it fits the device, with its MFU filled in."""
+    import torch
+
+    while True:
+        try:
+            row = training_row(config, device, budget, args.steps, warmup=1 if args.quick else 3)
+            break
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            print(f"training {config}: budget {budget} ran out of device memory; halving it", flush=True)
+            budget //= 2
+    if config == "paper":
+        row["batch_of"] = {paper_frames_per_worker(): "one worker's share",
+                           paper_frames_per_batch(): "the whole global batch"}.get(budget, "")
+    for key in ("counted", "palm"):
+        row[f"mfu_{key}"] = row[f"{key}_tflops"] / peak if peak else None
+        row[f"mfu_{key}_vs_measured_matmul"] = row[f"{key}_tflops"] / rates["matmul_bf16_tflops"]
+    print(f"training {config} budget {row['budget']}: {row['s_per_step']:.3f} s/step, {row['palm_tflops']:.1f} "
+          f"TFLOP/s (PaLM), {row['counted_tflops']:.1f} TFLOP/s (counted)", flush=True)
+    return row
+
+
+# ---------------------------------------------------------------------------- order
+MODES = ("sliced", "fixed", "compiled")
+
+
+def plan(configs: list[str], modes: list[str], batches: list[int], budgets: dict[str, list[int]],
+         skip: set[str] = frozenset()) -> list[tuple]:
+    """The rows to measure, most wanted first, so a lease that ends early has the ones issue 6 asks for.
+
+    Paper config first: its batch-1 generation with the first mode (the issue's RTF), then its
+    training budgets (the MFU), then its other batch sizes; then the tiny config the same way; then
+    every other decoding mode (each after its batch's first-mode row, which its codes are checked
+    against); the tiny config's training last.
+    """
+    ordered = sorted(configs, key=lambda c: c != "paper")
+    gen, train = "generation" not in skip, "training" not in skip
+    tasks: list[tuple] = []
+    for c in ordered:
+        if gen:
+            tasks.append(("generation", c, modes[0], batches[0]))
+        if train and c == "paper":
+            tasks += [("training", c, b) for b in budgets[c]]
+        if gen:
+            tasks += [("generation", c, modes[0], b) for b in batches[1:]]
+    if gen:
+        tasks += [("generation", c, m, b) for c in ordered for m in modes[1:] for b in batches]
+    if train:
+        tasks += [("training", c, b) for c in ordered if c != "paper" for b in budgets[c]]
+    return tasks
+
+
 # ---------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -317,6 +388,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=5, help="timed training steps (best and median kept)")
     p.add_argument("--peak-tflops", type=float, default=None, help="bf16 dense peak of the device, for MFU")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: generation, training")
+    p.add_argument("--deadline-s", type=float, default=0,
+                   help="start no new row after this many seconds (0: none); the rows left are listed as not run")
     p.add_argument("--quick", action="store_true", help="smoke run: 8 frames, batch 1 and 2, 1 round, small budgets")
     p.add_argument("--out", type=result_stem, default="gpu")
     args = p.parse_args(argv)
@@ -333,58 +406,48 @@ def main(argv=None) -> int:
         return 2
     configs = [c for c in args.configs.split(",") if c]
     modes = [m for m in args.modes.split(",") if m]
+    unknown = sorted(set(modes) - set(MODES)) + sorted(set(configs) - {"tiny", "paper"})
+    if unknown:
+        p.error(f"unknown mode or config {unknown}; modes: {', '.join(MODES)}; configs: tiny, paper")
     skip = set(filter(None, args.skip.split(",")))
+    budgets = {"tiny": [args.tiny_budget], "paper": sorted({int(b) for b in args.budgets.split(",")})}
+    tasks = plan(configs, modes, [int(b) for b in args.batches.split(",")], budgets, skip)
     info = machine_info(torch.get_num_threads())
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
+    started = time.perf_counter()
     rates = device_rates(device, args.quick)
     peak = peak_tflops(device, args.peak_tflops)
     print(f"device {info.get('gpu', 'cpu')}: bf16 matmul {rates['matmul_bf16_tflops']:.1f} TFLOP/s (n={rates['matmul_n']}), "
           f"copy {rates['copy_gbs_read_plus_write']:.0f} GB/s (read + write), peak for MFU {peak} TFLOP/s", flush=True)
-    result = {"device": str(device), "rates": rates, "peak_tflops": peak, "machine": info, "args": vars(args)}
+    result = {"device": str(device), "rates": rates, "peak_tflops": peak, "machine": info, "args": vars(args),
+              "generation": [], "training": [], "not_run": []}
+    generation = GenerationBench(device, args.frames, args.rounds, rates["copy_gbs_read_plus_write"])
+    for i, task in enumerate(tasks):
+        if args.deadline_s and time.perf_counter() - started > args.deadline_s:
+            result["not_run"] = [list(t) for t in tasks[i:]]
+            print(f"deadline of {args.deadline_s:g} s passed: {len(tasks) - i} rows not run: {tasks[i:]}", flush=True)
+            break
+        if task[0] == "generation":
+            result["generation"].append(generation.row(*task[1:]))
+        else:
+            result["training"].append(training_task(task[1], device, task[2], args, rates, peak))
+        write_result(args.out, result)  # after every row: a lease that ends early keeps what was measured
 
-    if "generation" not in skip:
-        rows = []
-        for config in configs:
-            rows += generation_rows(config, device, [int(b) for b in args.batches.split(",")], args.frames, modes,
-                                    args.rounds, rates["copy_gbs_read_plus_write"])
-        result["generation"] = rows
-        print(table(rows, [("config", "config"), ("mode", "step"), ("batch", "batch"), ("first_s", "first s"),
-                           ("s_per_batch", "s per batch"), ("ms_per_step", "ms/step"), ("utt_per_s", "utt/s"),
-                           ("rtf", "RTF"), ("floor_ms", "BW floor ms"), ("step_vs_floor", "step/floor"),
-                           ("peak_mb", "peak MB"), ("same_codes_as_sliced", "same codes")]))
-    if "training" not in skip:
-        rows = []
-        runs = [(c, b) for c in configs
-                for b in ([args.tiny_budget] if c == "tiny" else sorted({int(x) for x in args.budgets.split(",")}))]
-        for config, budget in runs:
-            while True:
-                try:
-                    rows.append(training_row(config, device, budget, args.steps, warmup=1 if args.quick else 3))
-                    break
-                except torch.OutOfMemoryError:
-                    torch.cuda.empty_cache()
-                    print(f"training {config}: budget {budget} ran out of device memory; halving it", flush=True)
-                    budget //= 2
-            row = rows[-1]
-            if config == "paper":
-                row["batch_of"] = {paper_frames_per_worker(): "one worker's share",
-                                   paper_frames_per_batch(): "the whole global batch"}.get(budget, "")
-            for key in ("counted", "palm"):
-                row[f"mfu_{key}"] = row[f"{key}_tflops"] / peak if peak else None
-                row[f"mfu_{key}_vs_measured_matmul"] = row[f"{key}_tflops"] / rates["matmul_bf16_tflops"]
-            print(f"training {config}: {row['s_per_step']:.3f} s/step, {row['palm_tflops']:.1f} TFLOP/s (PaLM), "
-                  f"{row['counted_tflops']:.1f} TFLOP/s (counted)", flush=True)
-        result["training"] = rows
-        print(table(rows, [("config", "config"), ("params", "params"), ("reduction_factor", "r"), ("budget", "budget"),
-                           ("batch_of", "budget is"), ("batch", "batch"),
-                           ("s_per_step", "s/step"), ("real_tokens_per_s", "real tokens/s"), ("padding", "padding"),
-                           ("peak_mb", "peak MB"), ("palm_tflops", "TFLOP/s (PaLM)"), ("mfu_palm", "MFU (PaLM)"),
-                           ("counted_tflops", "TFLOP/s (counted)"), ("mfu_counted", "MFU (counted)"),
-                           ("mfu_palm_vs_measured_matmul", "PaLM / measured matmul")]))
+    print(table(result["generation"], [
+        ("config", "config"), ("mode", "step"), ("batch", "batch"), ("first_s", "first s"),
+        ("s_per_batch", "s per batch"), ("ms_per_step", "ms/step"), ("utt_per_s", "utt/s"), ("rtf", "RTF"),
+        ("floor_ms", "BW floor ms"), ("step_vs_floor", "step/floor"), ("peak_mb", "peak MB"),
+        ("same_codes_as_sliced", "same codes"), ("error", "error")]))
+    print(table(result["training"], [
+        ("config", "config"), ("params", "params"), ("reduction_factor", "r"), ("budget", "budget"),
+        ("batch_of", "budget is"), ("batch", "batch"), ("s_per_step", "s/step"),
+        ("real_tokens_per_s", "real tokens/s"), ("padding", "padding"), ("peak_mb", "peak MB"),
+        ("palm_tflops", "TFLOP/s (PaLM)"), ("mfu_palm", "MFU (PaLM)"), ("counted_tflops", "TFLOP/s (counted)"),
+        ("mfu_counted", "MFU (counted)"), ("mfu_palm_vs_measured_matmul", "PaLM / measured matmul")]))
     path = write_result(args.out, result)
-    print(f"\nwrote {path} ({fmt(info.get('gpu', info['cpu_model']))})")
+    print(f"\nwrote {path} ({fmt(info.get('gpu', info['cpu_model']))}) in {time.perf_counter() - started:.0f} s")
     print("RESULT_JSON " + json.dumps({k: result[k] for k in ("device", "rates", "peak_tflops")}, default=float))
     return 0
 

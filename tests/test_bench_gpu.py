@@ -48,7 +48,7 @@ def test_generation_rows_decode_the_same_codes_in_every_mode(smoke):
     rows = smoke["generation"]
     assert {(r["mode"], r["batch"]) for r in rows} == {(m, b) for m in ("sliced", "fixed") for b in (1, 2)}
     for r in rows:
-        assert r["same_codes_as_sliced"], r
+        assert r["same_codes_as_sliced"] is (None if r["mode"] == "sliced" else True), r
         assert r["s_per_batch"] > 0 and r["ms_per_step"] == pytest.approx(1e3 * r["s_per_batch"] / r["frames"])
         assert r["rtf"] == pytest.approx(r["s_per_batch"] / (10.0 * r["frames"] / 313 * r["batch"]))
     assert all((r["floor_ms"] is not None) == (r["batch"] == 1) for r in rows)
@@ -101,3 +101,36 @@ def test_the_paper_rows_train_what_configs_paper_yaml_trains():
     assert 1 <= len(batch["mel_len"]) and int(batch["mel_len"].max()) * len(batch["mel_len"]) <= per_worker
     small = training_batch(300, n_text=100, frame_dim=80, device=torch.device("cpu"))  # 4.8 s at most
     assert int(small["mel_len"].max()) <= 300
+
+
+def test_the_rows_issue_6_asks_for_run_first_and_a_deadline_keeps_what_ran(tmp_path, monkeypatch):
+    """A lease can end early: the paper config's batch-1 RTF and its training MFU come first, every
+    other mode after the row its codes are checked against, and past the deadline the rest are
+    listed as not run while the rows already measured are on disk."""
+    from bench.gpu import plan
+
+    tasks = plan(["tiny", "paper"], ["sliced", "compiled"], [1, 16], {"tiny": [2500], "paper": [3125, 50000]})
+    assert tasks[:3] == [("generation", "paper", "sliced", 1), ("training", "paper", 3125), ("training", "paper", 50000)]
+    assert len(tasks) == len(set(tasks)) == 2 * 2 * 2 + 3
+    for t in tasks:
+        if t[0] == "generation" and t[2] != "sliced":
+            assert tasks.index(("generation", t[1], "sliced", t[3])) < tasks.index(t)
+    assert plan(["tiny"], ["sliced"], [1], {"tiny": [600], "paper": []}, skip={"training"}) == [("generation", "tiny", "sliced", 1)]
+
+    import copy
+
+    import bench._common
+    from bench import gpu
+
+    written = []
+    monkeypatch.setattr(bench._common, "RESULTS", tmp_path)
+    monkeypatch.setattr(gpu, "write_result", lambda name, result: written.append(copy.deepcopy(result)))
+    quick = ["--device", "cpu", "--quick", "--configs", "tiny", "--modes", "sliced", "--out", "gpu-order"]
+    assert gpu.main(quick + ["--skip", "training"]) == 0
+    assert [len(r["generation"]) for r in written] == [1, 2, 2]  # on disk after each row, then the final write
+    written.clear()
+    assert gpu.main(quick + ["--deadline-s", "1e-9"]) == 0
+    (final,) = written
+    assert final["generation"] == [] and final["training"] == []
+    assert [tuple(t) for t in final["not_run"]] == [("generation", "tiny", "sliced", 1),
+                                                    ("generation", "tiny", "sliced", 2), ("training", "tiny", 600)]
