@@ -50,3 +50,19 @@ def test_the_benches_time_the_paper_config_the_pipeline_would_train():
     assert bench == pipeline
     assert paper_meld_kwargs(2)["frame_dim"] == 2 * pipeline["frame_dim"] // cfg.reduction_factor
     assert paper_frames_per_batch() == params["train"]["num_workers"] * params["train"]["frames_per_batch"]
+
+
+def test_generation_ratios_tallies_each_target_and_both_across_processes():
+    from bench.generation_ratios import TARGETS, across_processes
+
+    def result(kv_vs_full, b16_vs_b1):
+        return {"ratios": {"kv_vs_full": kv_vs_full, "b16_vs_b1": b16_vs_b1}}
+
+    bars = TARGETS["kv_vs_full"], TARGETS["b16_vs_b1"]
+    runs = [result(bars[0] + 0.5, bars[1] - 0.1), result(bars[0] - 0.2, bars[1] + 0.3),
+            result(bars[0], bars[1]), result(bars[0] - 1, bars[1] - 1)]
+    tally = across_processes(runs)
+    assert tally["processes"] == 4
+    assert tally["met"] == {"kv_vs_full": 2, "b16_vs_b1": 2}  # a ratio exactly at its bar meets it
+    assert tally["both_met"] == 1  # only the third met both in the same process
+    assert tally["ranges"]["kv_vs_full"] == [bars[0] - 1, bars[0] + 0.5]
