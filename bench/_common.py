@@ -6,6 +6,7 @@ Not a benchmark itself. Every benchmark writes ``bench/results/<name>.json`` hol
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -178,6 +179,14 @@ def set_threads(n: int) -> None:
 PAPER_CONFIG = ROOT / "configs" / "paper.yaml"
 
 
+@functools.cache
+def paper_config() -> dict:
+    """``configs/paper.yaml``, read once per process (every paper row of every bench asks for it)."""
+    import yaml
+
+    return yaml.safe_load(PAPER_CONFIG.read_text())
+
+
 def paper_meld_kwargs(reduction_factor: int | None = None) -> dict:
     """MELD constructor kwargs of ``configs/paper.yaml`` (its model section, BPE and codebook sizes),
     so the benchmarks time exactly the configuration a paper-scale run trains.
@@ -188,12 +197,10 @@ def paper_meld_kwargs(reduction_factor: int | None = None) -> dict:
     """
     import dataclasses
 
-    import yaml
-
     from meld.config import ModelConfig
     from meld.models.builders import meld_kwargs
 
-    raw = yaml.safe_load(PAPER_CONFIG.read_text())
+    raw = paper_config()
     cfg = ModelConfig.from_dict(raw["model"], "model")
     if reduction_factor is not None:
         cfg = dataclasses.replace(cfg, reduction_factor=reduction_factor)
@@ -202,13 +209,9 @@ def paper_meld_kwargs(reduction_factor: int | None = None) -> dict:
 
 def paper_frames_per_worker() -> int:
     """Frames one of the paper run's workers trains on per step: ``configs/paper.yaml``'s ``frames_per_batch``."""
-    import yaml
-
-    return int(yaml.safe_load(PAPER_CONFIG.read_text())["train"]["frames_per_batch"])
+    return int(paper_config()["train"]["frames_per_batch"])
 
 
 def paper_frames_per_batch() -> int:
     """The paper's global batch in frames: ``configs/paper.yaml``'s workers x frames per worker (50k)."""
-    import yaml
-
-    return int(yaml.safe_load(PAPER_CONFIG.read_text())["train"]["num_workers"]) * paper_frames_per_worker()
+    return int(paper_config()["train"]["num_workers"]) * paper_frames_per_worker()

@@ -46,6 +46,7 @@ from bench._common import (
     load_average,
     machine_info,
     now,
+    paper_config,
     paper_frames_per_batch,
     result_stem,
     set_threads,
@@ -56,7 +57,8 @@ TRAIN_HOURS = 960.9  # LibriSpeech train-clean-100 + train-clean-360 + train-oth
 TRAIN_UTTERANCES = 281_241
 EVAL_HOURS = 21.5  # dev-clean, dev-other, test-clean, test-other
 FRAME_RATE = 62.5
-STEPS, FRAMES_PER_STEP = 201_000, paper_frames_per_batch()  # configs/paper.yaml: 16 workers x 3,125 frames
+STEPS = int(paper_config()["train"]["max_steps"])  # configs/paper.yaml: 201k
+FRAMES_PER_STEP = paper_frames_per_batch()  # configs/paper.yaml: 16 workers x 3,125 frames
 TEXT_TOKENS_PER_SECOND = 3.0  # BPE 4k on LibriSpeech (docs/scaling.md): ~5 % of the frames
 
 
