@@ -66,3 +66,25 @@ def test_generation_ratios_tallies_each_target_and_both_across_processes():
     assert tally["met"] == {"kv_vs_full": 2, "b16_vs_b1": 2}  # a ratio exactly at its bar meets it
     assert tally["both_met"] == 1  # only the third met both in the same process
     assert tally["ranges"]["kv_vs_full"] == [bars[0] - 1, bars[0] + 0.5]
+    # the product of the ratios reaching the bars' product is necessary for both, not sufficient:
+    # the first two reach it with one target missed each
+    assert tally["product_met"] == 3
+
+
+def test_joint_window_holds_batch_1_exactly_when_both_targets_are_met():
+    """joint(): batch 1's time lies in its window iff both ratios meet their bars, and the window is
+    empty iff the product of the ratios (free of batch 1) falls short of the bars' product."""
+    import random
+
+    from bench.generation_ratios import TARGETS, joint
+
+    rng = random.Random(0)
+    for _ in range(500):
+        kv1, kv16, full1 = rng.uniform(0.2, 0.6), rng.uniform(0.6, 2.0), rng.uniform(2.0, 6.0)
+        j = joint(kv1, kv16, full1)
+        both = full1 / kv1 >= TARGETS["kv_vs_full"] and 16 * kv1 / kv16 >= TARGETS["b16_vs_b1"]
+        lo, hi = j["kv1_window"]
+        assert (lo <= kv1 <= hi) == both
+        assert (lo <= hi) == (j["product"] >= j["needed"])
+        assert abs(j["product"] - (full1 / kv1) * (16 * kv1 / kv16)) < 1e-9
+        assert (kv16 <= j["kv16_max"]) == (j["product"] >= j["needed"])
