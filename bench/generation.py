@@ -215,7 +215,12 @@ def generate_full_recompute(
         x = torch.cat([text_emb, tts_emb, prompt_emb], dim=1)  # (B, S, d)
         valid = torch.cat([text_valid, tts_valid, prompt_valid], dim=1)  # (B, S)
         positions = packed_positions(valid)  # (B, S)
-        h = model.backbone(x, positions, valid)
+        # as the cached path's steps (KVCache.all_valid): with no padding anywhere (every batch-1
+        # run) the backbone gets no mask and takes SDPA's causal kernel, ~6 % faster here than
+        # the same attention under an all-True mask; a baseline slowed by a needless mask would
+        # flatter the KV cache. Rows that leave keep the rest unpadded; new frames are always real.
+        unpadded = bool(valid.all())
+        h = model.backbone(x, positions, None if unpadded else valid)
         rows = torch.arange(B, device=device)
         last = L + prompt_len
         h_last = h[rows, last]  # (B, d)
@@ -255,7 +260,7 @@ def generate_full_recompute(
             x = torch.cat([x, emb], dim=1)  # (b, S+t, d)
             positions = torch.cat([positions, next_pos[:, None]], dim=1)
             valid = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=1)
-            h_last = model.backbone(x, positions, valid)[:, -1]  # the whole prefix, every step
+            h_last = model.backbone(x, positions, None if unpadded else valid)[:, -1]  # the whole prefix, every step
             next_pos = next_pos + 1
 
         out = []
