@@ -216,7 +216,7 @@ def generate_full_recompute(
         valid = torch.cat([text_valid, tts_valid, prompt_valid], dim=1)  # (B, S)
         positions = packed_positions(valid)  # (B, S)
         # as the cached path's steps (KVCache.all_valid): with no padding anywhere (every batch-1
-        # run) the backbone gets no mask and takes SDPA's causal kernel, ~6 % faster here than
+        # run) the backbone gets no mask and takes SDPA's causal kernel, 7-8 % faster on a Xeon than
         # the same attention under an all-True mask; a baseline slowed by a needless mask would
         # flatter the KV cache. Rows that leave keep the rest unpadded; new frames are always real.
         unpadded = bool(valid.all())
