@@ -199,7 +199,6 @@ def generate_full_recompute(
 
     from meld.models.backbone import lengths_to_mask, packed_positions, prepare_for_decoding
     from meld.models.meld import Generation
-    from meld.models.vocab import TTS
     from meld.sampling import repetition_penalty, sample, top_k_mask
 
     # the same preparation and grad mode as MELD.generate (transposed weights, inference mode)
@@ -208,19 +207,16 @@ def generate_full_recompute(
         B, P, _ = prompt.shape
         L = text.shape[1]
         device = prompt.device
-        text_emb, text_valid = model.token_emb.text_block(text, text_len)
-        tts_emb, tts_valid = model.token_emb.special(TTS, B, device)
-        prompt_valid = lengths_to_mask(prompt_len, P)
         prompt_emb = model.encoder(prompt, dropout=test_time_dropout)
-        x = torch.cat([text_emb, tts_emb, prompt_emb], dim=1)  # (B, S, d)
-        valid = torch.cat([text_valid, tts_valid, prompt_valid], dim=1)  # (B, S)
+        x, valid = model.token_emb.tts_sequence(text, text_len, prompt_emb, lengths_to_mask(prompt_len, P))  # (B, S, d), (B, S)
         positions = packed_positions(valid)  # (B, S)
         # as the cached path's steps (KVCache.all_valid): with no padding anywhere (every batch-1
         # run) the backbone gets no mask and takes SDPA's causal kernel, 7-8 % faster on a Xeon than
         # the same attention under an all-True mask; a baseline slowed by a needless mask would
-        # flatter the KV cache. Rows that leave keep the rest unpadded; new frames are always real.
-        unpadded = bool(valid.all())
-        h = model.backbone(x, positions, None if unpadded else valid)
+        # flatter the KV cache. Rows that leave keep the rest unpadded; new frames are always real,
+        # so an unpadded start needs no key_valid at all.
+        key_valid = None if bool(valid.all()) else valid
+        h = model.backbone(x, positions, key_valid)
         rows = torch.arange(B, device=device)
         last = L + prompt_len
         h_last = h[rows, last]  # (B, d)
@@ -255,12 +251,14 @@ def generate_full_recompute(
                 idx = (~stop).nonzero().squeeze(-1)
                 active, x_hat, next_pos = active[idx], x_hat[idx], next_pos[idx]
                 prev_cand = prev_cand[idx] if prev_cand is not None else None
-                x, positions, valid = x[idx], positions[idx], valid[idx]
+                x, positions = x[idx], positions[idx]
+                key_valid = key_valid[idx] if key_valid is not None else None
             emb = model.encoder(x_hat, dropout=test_time_dropout)[:, None]  # (b, 1, d)
             x = torch.cat([x, emb], dim=1)  # (b, S+t, d)
             positions = torch.cat([positions, next_pos[:, None]], dim=1)
-            valid = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=1)
-            h_last = model.backbone(x, positions, None if unpadded else valid)[:, -1]  # the whole prefix, every step
+            if key_valid is not None:
+                key_valid = torch.cat([key_valid, torch.ones_like(key_valid[:, :1])], dim=1)
+            h_last = model.backbone(x, positions, key_valid)[:, -1]  # the whole prefix, every step
             next_pos = next_pos + 1
 
         out = []

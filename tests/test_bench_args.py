@@ -81,7 +81,7 @@ def test_joint_window_holds_batch_1_exactly_when_both_targets_are_met():
     rng = random.Random(0)
     for _ in range(500):
         kv1, kv16, full1 = rng.uniform(0.2, 0.6), rng.uniform(0.6, 2.0), rng.uniform(2.0, 6.0)
-        j = joint(kv1, kv16, full1)
+        j = joint(kv16, full1)
         both = full1 / kv1 >= TARGETS["kv_vs_full"] and 16 * kv1 / kv16 >= TARGETS["b16_vs_b1"]
         lo, hi = j["kv1_window"]
         assert (lo <= kv1 <= hi) == both
