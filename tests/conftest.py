@@ -46,6 +46,7 @@ def meld_model():
 
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| relative to max |b| (the KV-cache equivalence tests' measure)."""
+    a, b = a.detach(), b.detach()  # a measure, not part of any graph (no requires_grad warning)
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
