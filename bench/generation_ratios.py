@@ -21,6 +21,9 @@ only a cheaper batch-16 step (or a slower baseline) raises both. Every summary p
 ``--breakdown`` then profiles one KV-cached run at each batch size (``torch.profiler``, self CPU
 time per op) and prints where a decoding step goes: attention, the Linear layers' GEMMs, the
 postnet's convolutions, everything else. It shows what bounds the batch ratio on a given CPU.
+It then times batch 16's attention calls alone (:func:`attention_alone`: the same cache, mask and
+calls, nothing else between them) and prints the cache read rate in the step and alone beside the
+host's single-thread streaming read: how much of the attention's time the rest of the step adds.
 
 Run (from the repository root):
     .venv/bin/python -m bench.generation_ratios --data data --rounds 5 --threads 1 --clock cpu [--breakdown]
@@ -59,6 +62,52 @@ def step_breakdown(model, batch_inputs, G, kv_cache_dtype) -> dict[str, float]:
         group = next((name for name, prefixes in OP_GROUPS if event.key.startswith(prefixes)), "other")
         groups[group] += event.self_cpu_time_total / 1e3 / FRAMES  # us -> ms, per step
     return groups
+
+
+def attention_self_ms(prof) -> float:
+    """Self CPU ms of the attention group's ops in a finished profile."""
+    return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key.startswith(OP_GROUPS[0][1])) / 1e3
+
+
+def attention_alone(model, batch_inputs, kv_cache_dtype, frames: int = FRAMES) -> dict:
+    """A generation's attention calls and nothing else: the model's own prefill fills a real cache
+    from these inputs, then each of ``frames`` steps stores random keys and values and attends
+    through :func:`meld.models.backbone.cached_attention` in every layer, with the step's mask.
+
+    No weights, GEMMs or other ops run between the calls, so comparing this with the attention in
+    a real step (:func:`step_breakdown`) shows what the rest of the step costs the cache reads.
+    Returns µs per call (profiled like the breakdown) and the cache bytes one call reads, on average.
+    """
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from meld.models.backbone import Backbone, cached_attention, lengths_to_mask
+
+    text, text_len, prompt, prompt_len = batch_inputs
+    backbone = model.backbone
+    heads, head_dim = backbone.n_heads, backbone.d_model // backbone.n_heads
+    with torch.no_grad():  # the prompt layout of MELD.generate
+        prompt_emb = model.encoder(prompt, dropout=False)
+        x, valid = model.token_emb.tts_sequence(text, text_len, prompt_emb, lengths_to_mask(prompt_len, prompt.shape[1]))
+        _, cache, _ = backbone.prefill(x, valid, text.shape[1] + prompt_len, frames, cache_dtype=kv_cache_dtype)
+    B, S = valid.shape
+    g = torch.Generator().manual_seed(0)
+    new = torch.randn(frames, B, 1, 3, heads, head_dim, generator=g, dtype=x.dtype)  # the QKV projection's layout
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        for step in range(frames):
+            cache.key_valid[:, cache.length] = True  # as Backbone.forward does for a one-token step
+            mask = Backbone.attention_mask(1, None, cache)
+            qkv = new[step].permute(2, 0, 3, 1, 4)  # (3, B, H, 1, Dh)
+            for layer in range(backbone.n_layers):
+                cached_attention(qkv, mask, cache, layer)
+            cache.length += 1
+    calls = frames * backbone.n_layers
+    mean_keys = S + (frames + 1) / 2
+    return {
+        "us_per_call": attention_self_ms(prof) * 1e3 / calls,
+        "calls": calls,
+        "bytes_per_call": 2 * B * heads * head_dim * cache.kv.element_size() * mean_keys,
+    }
 
 
 def joint(kv16: float, full1: float) -> dict:
@@ -202,6 +251,14 @@ def main(argv=None) -> int:
         for group in shares[16]:
             rest = total16 - shares[16][group]
             print(f"batch 16 vs batch 1 if {group} cost nothing at batch 16: {16 * total1 / rest:.2f}x")
+        alone = attention_alone(model, inputs[16], cache_dtype)
+        in_step = shares[16]["attention"] * 1e3 / model.backbone.n_layers  # one attention call per layer a step
+        read = G.cell_bandwidth(args.threads)["read_gbs_1thr"]
+        mb = alone["bytes_per_call"] / 1e6
+        print(f"\nbatch 16's attention, per layer call (profiled): {in_step:.0f} us in the step, {alone['us_per_call']:.0f} us "
+              f"alone (the same cache, mask and calls, nothing between them); a call reads {mb:.2f} MB of keys and "
+              f"values: {mb / in_step * 1e3:.1f} GB/s in the step, {mb / alone['us_per_call'] * 1e3:.1f} GB/s alone; "
+              f"this host's single-thread streaming read: {read:.1f} GB/s")
     return 0
 
 

@@ -37,3 +37,50 @@ def test_full_recompute_decodes_the_kv_paths_codes_and_frames(batch):
     for a, f in zip(kv.frames, full.frames):
         assert a.shape == f.shape
         torch.testing.assert_close(f, a, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_cached_attention_is_masked_softmax_attention_over_the_cache(cache_dtype):
+    """The attention a decoding step runs (and bench.generation_ratios times alone): the new key and
+    value are stored first, padded keys get no weight, and the output is in the queries' dtype."""
+    from meld.models.backbone import Backbone, cached_attention
+
+    B, H, Dh, S = 3, 2, 8, 5
+    g = torch.Generator().manual_seed(0)
+    cache = Backbone(d_model=H * Dh, n_layers=2, n_heads=H, d_ff=32, dropout=0.0).new_cache(B, S + 1, dtype=cache_dtype)
+    cache.kv[:, :, :, :, :S] = torch.randn(2, 2, B, H, S, Dh, generator=g).to(cache_dtype)
+    cache.length = S
+    cache.key_valid[:, : S + 1] = True
+    cache.key_valid[1, :2] = False  # row 1's first two keys are padding
+    cache.all_valid = False
+    mask = Backbone.attention_mask(1, None, cache)
+    qkv = torch.randn(B, 1, 3, H, Dh, generator=g).permute(2, 0, 3, 1, 4)  # the QKV projection's layout
+    y = cached_attention(qkv, mask, cache, layer=1)
+    assert y.dtype == torch.float32 and y.shape == (B, H, 1, Dh)
+    torch.testing.assert_close(cache.kv[1, :, :, :, S], qkv[1:, :, :, 0].to(cache_dtype))
+    k, v = cache.kv[1, :, :, :, : S + 1].float()
+    q = qkv[0].to(cache_dtype).float()  # a bf16 cache attends with bf16 queries
+    scores = (q @ k.transpose(-1, -2)) / Dh**0.5
+    expected = scores.masked_fill(~cache.key_valid[:, None, None, : S + 1], float("-inf")).softmax(-1) @ v
+    tol = 1e-5 if cache_dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(y, expected, rtol=tol, atol=tol)
+    assert torch.equal(cache.kv[0, :, :, :, S], torch.zeros_like(cache.kv[0, :, :, :, S]))  # only its own layer
+
+
+def test_attention_alone_times_every_layers_call_and_counts_the_bytes_it_reads():
+    from bench.generation_ratios import attention_alone
+
+    model, kwargs = tiny_meld()
+    model.eval()
+    b = tiny_batch(B=3, T=8, L=5)
+    inputs = (b["text"], b["text_len"], b["mel"], b["mel_len"])
+    frames = 4
+    per_dtype = {dt: attention_alone(model, inputs, dt, frames=frames) for dt in (torch.float32, torch.bfloat16)}
+    n_layers, d_model = kwargs["n_layers"], kwargs["d_model"]
+    for dt, out in per_dtype.items():
+        assert out["calls"] == frames * n_layers
+        assert out["us_per_call"] > 0
+    # (keys + values) x rows x d_model x bytes x mean keys: the bf16 cache reads half the fp32 one
+    assert per_dtype[torch.bfloat16]["bytes_per_call"] * 2 == per_dtype[torch.float32]["bytes_per_call"]
+    mean_keys = per_dtype[torch.float32]["bytes_per_call"] / (2 * 3 * d_model * 4)
+    assert mean_keys > (frames + 1) / 2  # the prompt's positions count too

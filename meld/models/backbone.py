@@ -165,6 +165,23 @@ class KVCache:
         return self.rows
 
 
+def cached_attention(qkv: torch.Tensor, mask: torch.Tensor | None, cache: KVCache, layer: int) -> torch.Tensor:
+    """Attention of T new positions over ``cache``'s layer ``layer``, their own keys and values stored first.
+
+    qkv: (3, B, H, T, Dh) queries, keys and values (any strides); mask: see :meth:`Backbone.attention_mask`.
+    Returns (B, H, T, Dh) in the queries' dtype. Its own function so that ``bench.generation_ratios``
+    can time exactly this, without the rest of a decoding step.
+    """
+    start = cache.length
+    end = start + qkv.shape[3]
+    cache.kv[layer, :, :, :, start:end] = qkv[1:]  # keys and values in one copy (cast to the cache's dtype)
+    kv = cache.kv[layer, :, :, :, :end]  # (2, B, H, end, Dh)
+    q = qkv[0]
+    if kv.dtype != q.dtype:  # a bf16 cache: attention in bf16, the rest of the step in the weights' dtype
+        return F.scaled_dot_product_attention(q.to(kv.dtype), kv[0], kv[1], attn_mask=mask).to(q.dtype)
+    return F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, dropout: float):
         super().__init__()
@@ -191,15 +208,7 @@ class CausalSelfAttention(nn.Module):
             p = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=p)
         else:
-            start = cache.length
-            end = start + T
-            cache.kv[layer, :, :, :, start:end] = qkv[1:]  # keys and values in one copy (cast to the cache's dtype)
-            kv = cache.kv[layer, :, :, :, :end]  # (2, B, H, end, Dh)
-            q = qkv[0]
-            if kv.dtype != q.dtype:  # a bf16 cache: attention in bf16, the rest of the step in the weights' dtype
-                y = F.scaled_dot_product_attention(q.to(kv.dtype), kv[0], kv[1], attn_mask=mask).to(q.dtype)
-            else:
-                y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask)
+            y = cached_attention(qkv, mask, cache, layer)
         y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
         return self.proj(y)
 
