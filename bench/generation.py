@@ -197,18 +197,16 @@ def generate_full_recompute(
     """
     import torch
 
-    from meld.models.backbone import lengths_to_mask, packed_positions, prepare_for_decoding
+    from meld.models.backbone import packed_positions, prepare_for_decoding
     from meld.models.meld import Generation
     from meld.sampling import repetition_penalty, sample, top_k_mask
 
     # the same preparation and grad mode as MELD.generate (transposed weights, inference mode)
     prepare_for_decoding(model)
     with torch.inference_mode():
-        B, P, _ = prompt.shape
-        L = text.shape[1]
+        B = prompt.shape[0]
         device = prompt.device
-        prompt_emb = model.encoder(prompt, dropout=test_time_dropout)
-        x, valid = model.token_emb.tts_sequence(text, text_len, prompt_emb, lengths_to_mask(prompt_len, P))  # (B, S, d), (B, S)
+        x, valid, last = model.tts_prompt(text, text_len, prompt, prompt_len, test_time_dropout=test_time_dropout)
         positions = packed_positions(valid)  # (B, S)
         # as the cached path's steps (KVCache.all_valid): with no padding anywhere (every batch-1
         # run) the backbone gets no mask and takes SDPA's causal kernel, 7-8 % faster on a Xeon than
@@ -218,7 +216,6 @@ def generate_full_recompute(
         key_valid = None if bool(valid.all()) else valid
         h = model.backbone(x, positions, key_valid)
         rows = torch.arange(B, device=device)
-        last = L + prompt_len
         h_last = h[rows, last]  # (B, d)
         next_pos = positions[rows, last] + 1
 

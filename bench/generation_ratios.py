@@ -66,7 +66,8 @@ def step_breakdown(model, batch_inputs, G, kv_cache_dtype) -> dict[str, float]:
 
 def attention_self_ms(prof) -> float:
     """Self CPU ms of the attention group's ops in a finished profile."""
-    return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key.startswith(OP_GROUPS[0][1])) / 1e3
+    prefixes = dict(OP_GROUPS)["attention"]
+    return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key.startswith(prefixes)) / 1e3
 
 
 def attention_alone(model, batch_inputs, kv_cache_dtype, frames: int = FRAMES) -> dict:
@@ -81,15 +82,13 @@ def attention_alone(model, batch_inputs, kv_cache_dtype, frames: int = FRAMES) -
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from meld.models.backbone import Backbone, cached_attention, lengths_to_mask
+    from meld.models.backbone import Backbone, cached_attention
 
-    text, text_len, prompt, prompt_len = batch_inputs
     backbone = model.backbone
     heads, head_dim = backbone.n_heads, backbone.d_model // backbone.n_heads
-    with torch.no_grad():  # the prompt layout of MELD.generate
-        prompt_emb = model.encoder(prompt, dropout=False)
-        x, valid = model.token_emb.tts_sequence(text, text_len, prompt_emb, lengths_to_mask(prompt_len, prompt.shape[1]))
-        _, cache, _ = backbone.prefill(x, valid, text.shape[1] + prompt_len, frames, cache_dtype=kv_cache_dtype)
+    with torch.no_grad():
+        x, valid, last = model.tts_prompt(*batch_inputs, test_time_dropout=False)
+        _, cache, _ = backbone.prefill(x, valid, last, frames, cache_dtype=kv_cache_dtype)
     B, S = valid.shape
     g = torch.Generator().manual_seed(0)
     new = torch.randn(frames, B, 1, 3, heads, head_dim, generator=g, dtype=x.dtype)  # the QKV projection's layout

@@ -77,10 +77,12 @@ def test_attention_alone_times_every_layers_call_and_counts_the_bytes_it_reads()
     frames = 4
     per_dtype = {dt: attention_alone(model, inputs, dt, frames=frames) for dt in (torch.float32, torch.bfloat16)}
     n_layers, d_model = kwargs["n_layers"], kwargs["d_model"]
-    for dt, out in per_dtype.items():
+    for out in per_dtype.values():
         assert out["calls"] == frames * n_layers
         assert out["us_per_call"] > 0
     # (keys + values) x rows x d_model x bytes x mean keys: the bf16 cache reads half the fp32 one
     assert per_dtype[torch.bfloat16]["bytes_per_call"] * 2 == per_dtype[torch.float32]["bytes_per_call"]
     mean_keys = per_dtype[torch.float32]["bytes_per_call"] / (2 * 3 * d_model * 4)
     assert mean_keys > (frames + 1) / 2  # the prompt's positions count too
+    prompt_positions = model.tts_prompt(*inputs, test_time_dropout=False)[1].shape[1]
+    assert mean_keys == prompt_positions + (frames + 1) / 2

@@ -328,6 +328,21 @@ class MELD(nn.Module):
             weight = weight.t().contiguous().t()
         return weight, self.head.bias.detach()[rows]
 
+    def tts_prompt(
+        self, text: torch.Tensor, text_len: torch.Tensor, prompt: torch.Tensor, prompt_len: torch.Tensor,
+        *, test_time_dropout: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The sequence a TTS generation starts from: ``[text] <TTS> [prompt frames]``, padded.
+
+        Returns x (B, S, d), valid (B, S) and last (B,), each row's last real token (<TTS> when its
+        prompt is empty), whose hidden state predicts the first new frame. :meth:`generate` and the
+        benchmarks' baselines (``bench.generation``, ``bench.generation_ratios``) all start here.
+        """
+        B, P, _ = prompt.shape
+        prompt_emb = self.encoder(prompt, dropout=test_time_dropout) if P else prompt.new_zeros(B, 0, self.backbone.d_model)
+        x, valid = self.token_emb.tts_sequence(text, text_len, prompt_emb, lengths_to_mask(prompt_len, P))
+        return x, valid, text.shape[1] + prompt_len
+
     @torch.no_grad()
     def generate(
         self,
@@ -360,12 +375,9 @@ class MELD(nn.Module):
             kv_cache_dtype: the KV cache's dtype (None: the weights'; ``backbone.check_cache_dtype``).
         """
         prepare_for_decoding(self)
-        B, P, _ = prompt.shape
-        L = text.shape[1]
+        B = prompt.shape[0]
         device = prompt.device
-        prompt_emb = self.encoder(prompt, dropout=test_time_dropout) if P else prompt.new_zeros(B, 0, self.backbone.d_model)
-        x, valid = self.token_emb.tts_sequence(text, text_len, prompt_emb, lengths_to_mask(prompt_len, P))
-        last = L + prompt_len  # index of each sequence's last real token (<TTS> when P_b == 0)
+        x, valid, last = self.tts_prompt(text, text_len, prompt, prompt_len, test_time_dropout=test_time_dropout)
         h_last, cache, next_pos = self.backbone.prefill(x, valid, last, max_frames, cache_dtype=kv_cache_dtype)  # (B, d), cache, (B,)
 
         rows = LeavingRows(frames=prompt.new_empty(B, max_frames, self.frame_dim),
