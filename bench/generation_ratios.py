@@ -94,7 +94,7 @@ def attention_alone(model, batch_inputs, kv_cache_dtype, frames: int = FRAMES) -
     new = torch.randn(frames, B, 1, 3, heads, head_dim, generator=g, dtype=x.dtype)  # the QKV projection's layout
     with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
         for step in range(frames):
-            cache.key_valid[:, cache.length] = True  # as Backbone.forward does for a one-token step
+            cache.admit(1)  # as Backbone.forward does for a one-token step
             mask = Backbone.attention_mask(1, None, cache)
             qkv = new[step].permute(2, 0, 3, 1, 4)  # (3, B, H, 1, Dh)
             for layer in range(backbone.n_layers):

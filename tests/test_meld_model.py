@@ -346,7 +346,7 @@ def test_a_decoding_step_over_a_padded_cache_masks_exactly_the_padding():
         assert not cache.all_valid
         outs = []
         for t in (5, 6):
-            cache.key_valid[:, t] = True  # what the step records before building its mask
+            cache.admit(1)  # what the step records before building its mask
             mask = Backbone.attention_mask(1, None, cache)
             assert mask.shape == (3, 1, 1, t + 1) and torch.equal(mask[:, 0, 0], valid[:, : t + 1])
             outs.append(bb(x[:, t : t + 1], positions[:, t : t + 1], None, cache))

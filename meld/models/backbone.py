@@ -150,6 +150,19 @@ class KVCache:
         if not self.all_valid:
             self.all_valid = bool(self.key_valid[:n, : self.length].all())
 
+    def admit(self, T: int, key_valid: torch.Tensor | None = None) -> None:
+        """Record which of the next ``T`` positions are real keys (``key_valid`` (B, T); None: all), before
+        a forward call builds its mask over them; ``length`` moves on only once the call has stored them."""
+        start = self.length
+        if start + T > self.max_len:
+            raise RuntimeError(f"KV cache overflow: {start + T} positions > max_len {self.max_len}")
+        if key_valid is None:
+            self.key_valid[:, start : start + T] = True
+        else:
+            self.key_valid[:, start : start + T] = key_valid
+            # one host sync per call that brings padding (a prefill), none per decoding step
+            self.all_valid = self.all_valid and bool(key_valid.all())
+
     @property
     def k(self) -> torch.Tensor:
         """(layers, B, heads, max_len, head_dim) keys (a view)."""
@@ -392,14 +405,7 @@ class Backbone(nn.Module):
         if positions is None:
             positions = torch.arange(offset, offset + T, device=x.device).expand(B, T)
         if cache is not None:
-            if offset + T > cache.max_len:
-                raise RuntimeError(f"KV cache overflow: {offset + T} positions > max_len {cache.max_len}")
-            if key_valid is None:
-                cache.key_valid[:, offset : offset + T] = True
-            else:
-                cache.key_valid[:, offset : offset + T] = key_valid
-                # one host sync per call that brings padding (a prefill), none per decoding step
-                cache.all_valid = cache.all_valid and bool(key_valid.all())
+            cache.admit(T, key_valid)
         mask = self.attention_mask(T, key_valid, cache, bidirectional_prefix, x.device)
         if cache is not None:  # a table lookup: no new tensor ops unless the table must grow
             pos_emb = self._position_table(cache.max_len, x.device, x.dtype)[positions]
