@@ -30,6 +30,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+# The training loop reports through this logger, not print(): in a Ray Train worker, Ray 2.60's
+# print patch both tees a print to the (wrapped) stdout and logs it to the console handler, so every
+# printed line reached the driver twice; a logged line reaches it once (and the worker's app log).
 log = logging.getLogger("meld.train")
 
 KEEP_CHECKPOINTS = 2
@@ -256,12 +259,12 @@ def train_worker(config: dict) -> None:
     if state is not None:
         step = restore_training_state(state, model, optimizer, scheduler)
         sampler.load_state_dict(state["sampler"])
-        print(f"[rank {rank}] resuming {system} from step {step} ({source})", flush=True)
+        log.info(f"[rank {rank}] resuming {system} from step {step} ({source})")
     elif tc.get("init_from"):  # weights only: the optimiser and schedule start afresh
         model.load_state_dict(load_checkpoint(tc["init_from"])["model"])
         if "codebook" in config:  # this run's data decides what the codes mean
             model.set_codebook(torch.from_numpy(np.load(config["codebook"])))
-        print(f"[rank {rank}] {system} starts from the weights of {tc['init_from']}", flush=True)
+        log.info(f"[rank {rank}] {system} starts from the weights of {tc['init_from']}")
     last_ckpt_step = step if state is not None else None
     # parameters a task leaves unused (MELD's recon/postnet under STT, dMel's text head under TTS)
     # must be declared to DDP; each model says whether its task reaches every one
@@ -280,7 +283,7 @@ def train_worker(config: dict) -> None:
             if dev is not None and tc["task"] != "stt" and hasattr(model, "codebook"):  # MELD only
                 dev_m = dev_metrics(model, dev[0], dev[1], dev[2], device, seed=tc["seed"])
                 mlflow.log_metrics(dev_m, step=step)
-                print(f"[{system}] step {step} " + " ".join(f"{k}={v:.4g}" for k, v in dev_m.items()), flush=True)
+                log.info(f"[{system}] step {step} " + " ".join(f"{k}={v:.4g}" for k, v in dev_m.items()))
                 metrics = {**metrics, **dev_m}
             path = save_checkpoint(ckpt_dir / f"step-{step}.pt", system=system, model=model,
                                    model_kwargs=config["model_kwargs"], optimizer=optimizer, scheduler=scheduler,
@@ -317,7 +320,7 @@ def train_worker(config: dict) -> None:
             kept = f"step {last_ckpt_step}" if last_ckpt_step is not None else "none yet"
             msg = (f"{system}: {err} at step {step + 1}; training stopped. The last good checkpoint ({kept}) "
                    f"stays in {ckpt_dir}")
-            print(f"[rank {rank}] {msg}", flush=True)
+            log.error(f"[rank {rank}] {msg}")
             if rank == 0:
                 mlflow.set_tag("failure", msg[:5000])
                 mlflow.end_run(status="FAILED")
@@ -329,7 +332,7 @@ def train_worker(config: dict) -> None:
         step += 1
         if rank == 0 and (step % tc["log_every"] == 0 or step == 1):
             mlflow.log_metrics(metrics, step=step)
-            print(f"[{system}] step {step}/{tc['max_steps']} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+            log.info(f"[{system}] step {step}/{tc['max_steps']} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         if step % tc["checkpoint_every"] == 0 or step == tc["max_steps"]:
             checkpoint(step, metrics)
             last_ckpt_step = step
@@ -337,7 +340,7 @@ def train_worker(config: dict) -> None:
             marker = Path(hooks["crash_marker"])
             if not marker.exists():  # test hook: this worker process dies once, as a killed node would
                 marker.write_text(str(step))
-                print(f"[rank {rank}] test hook: worker process exits after step {step}", flush=True)
+                log.warning(f"[rank {rank}] test hook: worker process exits after step {step}")
                 os._exit(1)
     if rank == 0:
         mlflow.end_run()
