@@ -257,9 +257,10 @@ class MELD(nn.Module):
     def uses_every_parameter(self, task: str) -> bool:
         """Whether every batch of a ``task`` run reaches every parameter (DDP may then skip its
         unused-parameter search). TTS does, unless the STT conv front end exists; STT leaves the
-        reconstruction and postnet out; a joint run starts with TTS-only warm-up batches, which
-        leave the front end out, so it is not declared either."""
-        return task == "tts" and self.stt_frontend is None
+        reconstruction and postnet out. A joint run's TTS-only warm-up batches and its half-TTS,
+        half-STT batches both reach every parameter without the front end; with it, the warm-up
+        leaves the front end out, so such a run is not declared."""
+        return task in ("tts", "joint") and self.stt_frontend is None
 
     def compute_losses(self, batch: dict, task: str = "tts", generator: torch.Generator | None = None) -> dict:
         """Namespaced losses for one batch (unweighted; train_step applies the weights)."""
