@@ -180,6 +180,11 @@ def _finite_checked(module_cls):
     return FiniteCheckedLoss
 
 
+def format_metrics(metrics: dict) -> str:
+    """A progress line's ``name=value`` pairs, four significant digits each."""
+    return " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+
+
 def train_worker(config: dict) -> None:
     """One Ray Train worker: data shard, DDP model, train_step loop, checkpoints, dev metrics, MLflow (rank 0)."""
     import numpy as np
@@ -283,7 +288,7 @@ def train_worker(config: dict) -> None:
             if dev is not None and tc["task"] != "stt" and hasattr(model, "codebook"):  # MELD only
                 dev_m = dev_metrics(model, dev[0], dev[1], dev[2], device, seed=tc["seed"])
                 mlflow.log_metrics(dev_m, step=step)
-                log.info(f"[{system}] step {step} " + " ".join(f"{k}={v:.4g}" for k, v in dev_m.items()))
+                log.info(f"[{system}] step {step} {format_metrics(dev_m)}")
                 metrics = {**metrics, **dev_m}
             path = save_checkpoint(ckpt_dir / f"step-{step}.pt", system=system, model=model,
                                    model_kwargs=config["model_kwargs"], optimizer=optimizer, scheduler=scheduler,
@@ -332,7 +337,7 @@ def train_worker(config: dict) -> None:
         step += 1
         if rank == 0 and (step % tc["log_every"] == 0 or step == 1):
             mlflow.log_metrics(metrics, step=step)
-            log.info(f"[{system}] step {step}/{tc['max_steps']} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+            log.info(f"[{system}] step {step}/{tc['max_steps']} {format_metrics(metrics)}")
         if step % tc["checkpoint_every"] == 0 or step == tc["max_steps"]:
             checkpoint(step, metrics)
             last_ckpt_step = step
