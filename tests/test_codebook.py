@@ -115,3 +115,18 @@ def test_thinning_while_reading_keeps_about_max_vectors_drawn_uniformly_from_the
     assert abs(halves[0] - halves[1]) < 0.1 * len(kept)
     with pytest.raises(ValueError, match="no frames"):
         grouped_vectors([np.zeros((1, 80), np.float32)], 2)
+
+
+def test_full_space_means_are_each_codes_mean_and_report_its_squared_error():
+    from meld.codebook import _full_space_means
+
+    rng = np.random.default_rng(0)
+    vectors = (rng.normal(size=(20_000, 24)) * 3 + 30).astype(np.float32)  # far from 0: the sum-of-squares form must not cancel badly
+    label = rng.integers(0, 7, size=len(vectors))
+    label[label == 5] = 6  # code 5 left empty
+    means, distortion = _full_space_means(vectors, label, 7)
+    for k in (0, 3, 6):
+        np.testing.assert_allclose(means[k], vectors[label == k].mean(0), rtol=1e-5)
+    assert np.isnan(means[5]).all()
+    direct = ((vectors.astype(np.float64) - means[label].astype(np.float64)) ** 2).mean()
+    assert distortion == pytest.approx(direct, rel=1e-5)
