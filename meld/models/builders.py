@@ -12,30 +12,53 @@ SYSTEMS = ("meld", "meld_stt", "meld_joint", "melle", "mel_lm", "dmel", "codec_l
 NEEDS_CODEBOOK = ("meld", "meld_stt", "meld_joint")
 
 
-def meld_kwargs(model_cfg, *, n_text: int, codebook_size: int) -> dict[str, Any]:
-    """Constructor kwargs of :class:`MELD` from a ModelConfig section and the data sizes."""
+# The ModelConfig fields each part of a system takes, so every system's kwargs builder composes
+# the same pieces and a new shared field is added in one place.
+def backbone_kwargs(model_cfg) -> dict[str, Any]:
+    """The Transformer's size and dropout: every system has one."""
     return dict(
-        n_text=n_text,
-        codebook_size=codebook_size,
-        frame_dim=N_MELS * model_cfg.reduction_factor,
         d_model=model_cfg.d_model,
         n_layers=model_cfg.n_layers,
         n_heads=model_cfg.n_heads,
         d_ff=model_cfg.d_ff,
         dropout=model_cfg.dropout,
+    )
+
+
+def mel_frames_kwargs(model_cfg) -> dict[str, Any]:
+    """Grouped mel frames in (the mel encoder) and out (the postnet): MELD, MELLE and Mel-LM."""
+    return dict(
+        frame_dim=N_MELS * model_cfg.reduction_factor,
         encoder_hidden=model_cfg.encoder_hidden,
         encoder_dropout=model_cfg.encoder_dropout,
-        recon_hidden=model_cfg.recon_hidden,
         postnet_channels=model_cfg.postnet_channels,
         postnet_kernel=model_cfg.postnet_kernel,
         postnet_layers=model_cfg.postnet_layers,
         postnet_dropout=model_cfg.postnet_dropout,
-        q_temperature=model_cfg.q_temperature,
+    )
+
+
+def specaug_kwargs(model_cfg) -> dict[str, Any]:
+    """SpecAugment of the STT input: the systems that recognise speech from mel frames (MELD, dMel)."""
+    return dict(
         specaug_freq_masks=model_cfg.specaug_freq_masks,
         specaug_freq_width=model_cfg.specaug_freq_width,
         specaug_time_masks=model_cfg.specaug_time_masks,
         specaug_time_width=model_cfg.specaug_time_width,
         specaug_max_time_fraction=model_cfg.specaug_max_time_fraction,
+    )
+
+
+def meld_kwargs(model_cfg, *, n_text: int, codebook_size: int) -> dict[str, Any]:
+    """Constructor kwargs of :class:`MELD` from a ModelConfig section and the data sizes."""
+    return dict(
+        n_text=n_text,
+        codebook_size=codebook_size,
+        **backbone_kwargs(model_cfg),
+        **mel_frames_kwargs(model_cfg),
+        recon_hidden=model_cfg.recon_hidden,
+        q_temperature=model_cfg.q_temperature,
+        **specaug_kwargs(model_cfg),
     )
 
 

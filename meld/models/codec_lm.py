@@ -279,16 +279,9 @@ def codec_lm_kwargs(
     model_cfg, *, n_text: int, n_levels: int = 12, codebook_size: int = 1024
 ) -> dict[str, Any]:
     """Constructor kwargs of :class:`CodecLM` from a ModelConfig section (DAC 16 kHz: 12 levels of 1024)."""
-    return dict(
-        n_text=n_text,
-        n_levels=n_levels,
-        codebook_size=codebook_size,
-        d_model=model_cfg.d_model,
-        n_layers=model_cfg.n_layers,
-        n_heads=model_cfg.n_heads,
-        d_ff=model_cfg.d_ff,
-        dropout=model_cfg.dropout,
-    )
+    from meld.models.builders import backbone_kwargs
+
+    return dict(n_text=n_text, n_levels=n_levels, codebook_size=codebook_size, **backbone_kwargs(model_cfg))
 
 
 # ---------------------------------------------------------------------- the codec (DAC architecture)

@@ -336,20 +336,14 @@ def dmel_kwargs(
         lo, hi: bin range in normalised log-mel units (per-channel z-scores; +-4 keeps all but
             the rarest values inside, and 16 bins then are 0.5 std wide).
     """
+    from meld.models.builders import backbone_kwargs, specaug_kwargs
+
     return dict(
         n_text=n_text,
         frame_dim=N_MELS * model_cfg.reduction_factor,
         n_bins=n_bins,
         lo=float(lo),
         hi=float(hi),
-        d_model=model_cfg.d_model,
-        n_layers=model_cfg.n_layers,
-        n_heads=model_cfg.n_heads,
-        d_ff=model_cfg.d_ff,
-        dropout=model_cfg.dropout,
-        specaug_freq_masks=model_cfg.specaug_freq_masks,
-        specaug_freq_width=model_cfg.specaug_freq_width,
-        specaug_time_masks=model_cfg.specaug_time_masks,
-        specaug_time_width=model_cfg.specaug_time_width,
-        specaug_max_time_fraction=model_cfg.specaug_max_time_fraction,
+        **backbone_kwargs(model_cfg),
+        **specaug_kwargs(model_cfg),
     )

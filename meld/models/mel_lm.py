@@ -324,22 +324,12 @@ def mel_lm_kwargs(
 
     ``recon_hidden`` and ``q_temperature`` are MELD's and unused here.
     """
-    from meld.features import N_MELS
+    from meld.models.builders import backbone_kwargs, mel_frames_kwargs
 
     return dict(
         n_text=n_text,
-        frame_dim=N_MELS * model_cfg.reduction_factor,
-        d_model=model_cfg.d_model,
-        n_layers=model_cfg.n_layers,
-        n_heads=model_cfg.n_heads,
-        d_ff=model_cfg.d_ff,
-        dropout=model_cfg.dropout,
-        encoder_hidden=model_cfg.encoder_hidden,
-        encoder_dropout=model_cfg.encoder_dropout,
-        postnet_channels=model_cfg.postnet_channels,
-        postnet_kernel=model_cfg.postnet_kernel,
-        postnet_layers=model_cfg.postnet_layers,
-        postnet_dropout=model_cfg.postnet_dropout,
+        **backbone_kwargs(model_cfg),
+        **mel_frames_kwargs(model_cfg),
         stop_pos_weight=float(stop_pos_weight),
         stop_threshold=float(stop_threshold),
     )

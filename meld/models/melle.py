@@ -224,23 +224,13 @@ def melle_kwargs(
 
     The latent-to-frames MLP takes ``recon_hidden`` as its width; ``q_temperature`` is MELD's, unused.
     """
-    from meld.features import N_MELS
+    from meld.models.builders import backbone_kwargs, mel_frames_kwargs
 
     return dict(
         n_text=n_text,
-        frame_dim=N_MELS * model_cfg.reduction_factor,
-        d_model=model_cfg.d_model,
-        n_layers=model_cfg.n_layers,
-        n_heads=model_cfg.n_heads,
-        d_ff=model_cfg.d_ff,
-        dropout=model_cfg.dropout,
-        encoder_hidden=model_cfg.encoder_hidden,
-        encoder_dropout=model_cfg.encoder_dropout,
+        **backbone_kwargs(model_cfg),
+        **mel_frames_kwargs(model_cfg),
         latent_hidden=model_cfg.recon_hidden,
-        postnet_channels=model_cfg.postnet_channels,
-        postnet_kernel=model_cfg.postnet_kernel,
-        postnet_layers=model_cfg.postnet_layers,
-        postnet_dropout=model_cfg.postnet_dropout,
         kl_start_step=int(kl_start_step),
         flux_start_step=int(flux_start_step),
         stop_pos_weight=float(stop_pos_weight),
