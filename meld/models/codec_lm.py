@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from meld.models.backbone import Backbone, lengths_to_mask, packed_positions, prepare_for_decoding
+from meld.models.builders import backbone_kwargs
 from meld.models.leaving_rows import LeavingRows
 from meld.models.meld import Generation
 from meld.models.vocab import UnionEmbedding, UnionVocab
@@ -279,8 +280,6 @@ def codec_lm_kwargs(
     model_cfg, *, n_text: int, n_levels: int = 12, codebook_size: int = 1024
 ) -> dict[str, Any]:
     """Constructor kwargs of :class:`CodecLM` from a ModelConfig section (DAC 16 kHz: 12 levels of 1024)."""
-    from meld.models.builders import backbone_kwargs
-
     return dict(n_text=n_text, n_levels=n_levels, codebook_size=codebook_size, **backbone_kwargs(model_cfg))
 
 

@@ -34,6 +34,7 @@ from torch import nn
 
 from meld.features import N_MELS
 from meld.models.backbone import Backbone, KVCache, lengths_to_mask, packed_positions, prepare_for_decoding
+from meld.models.builders import backbone_kwargs, specaug_kwargs
 from meld.models.layers import group_frames, spec_augment, ungroup_frames
 from meld.models.leaving_rows import LeavingRows
 from meld.models.meld import Generation, STTOutput, select_rows
@@ -336,8 +337,6 @@ def dmel_kwargs(
         lo, hi: bin range in normalised log-mel units (per-channel z-scores; +-4 keeps all but
             the rarest values inside, and 16 bins then are 0.5 std wide).
     """
-    from meld.models.builders import backbone_kwargs, specaug_kwargs
-
     return dict(
         n_text=n_text,
         frame_dim=N_MELS * model_cfg.reduction_factor,

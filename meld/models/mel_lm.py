@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from meld.models.backbone import Backbone, lengths_to_mask, packed_positions, prepare_for_decoding
+from meld.models.builders import backbone_kwargs, mel_frames_kwargs
 from meld.models.layers import MelEncoder, Postnet
 from meld.models.leaving_rows import LeavingRows
 from meld.models.meld import Generation, slowness_penalty
@@ -324,8 +325,6 @@ def mel_lm_kwargs(
 
     ``recon_hidden`` and ``q_temperature`` are MELD's and unused here.
     """
-    from meld.models.builders import backbone_kwargs, mel_frames_kwargs
-
     return dict(
         n_text=n_text,
         **backbone_kwargs(model_cfg),

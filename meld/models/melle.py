@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from meld.models.builders import backbone_kwargs, mel_frames_kwargs
 from meld.models.mel_lm import ContinuousFrameLM, check_tts_task, masked_frame_mean, stop_bce
 
 
@@ -224,8 +225,6 @@ def melle_kwargs(
 
     The latent-to-frames MLP takes ``recon_hidden`` as its width; ``q_temperature`` is MELD's, unused.
     """
-    from meld.models.builders import backbone_kwargs, mel_frames_kwargs
-
     return dict(
         n_text=n_text,
         **backbone_kwargs(model_cfg),
