@@ -7,8 +7,8 @@ costs the same for any frames and text of the same shapes.
 
 What it measures (``--device cuda``; ``--device cpu`` runs the same code, for the test suite):
 
-* the device: name, a bf16 matrix product's TFLOP/s (8192³ on GPU) and a device-to-device copy's
-  bandwidth (bytes read + written per second), both measured here;
+* the device: name, a matrix product's TFLOP/s in bf16 and in fp32 (8192³ on GPU) and a
+  device-to-device copy's bandwidth (bytes read + written per second), all measured here;
 * generation, 10 s of speech per utterance (313 grouped frames at r=2) after a 3 s prompt (94 grouped
   frames), batch 1 and 16, float32 weights: the default sliced decoding step and the compiled
   fixed-shape step (``configure_decoding(compile=True)``: CUDA graphs on GPU); seconds per batch,
@@ -24,7 +24,8 @@ What it measures (``--device cuda``; ``--device cpu`` runs the same code, for th
   FLOPs, padding included; the CPU's attention kernel is not counted there) and the PaLM estimate
   (6 × matmul parameters + 12 × layers × width × sequence length, per real token); each divided by
   the step time and by the device's bf16 peak (the vendor's dense figure for H100/H200 SXM, 989 TFLOP/s,
-  or ``--peak-tflops``), and also by the measured matrix-product rate.
+  or ``--peak-tflops``), and also by the measured matrix-product rate of the dtype the step ran in (bf16 under
+  autocast on GPU; fp32 on CPU, where the step runs without autocast).
 
 Rows run most-wanted first (:func:`plan`: the paper config's batch-1 RTF, then its training MFU, ...)
 and the result file is rewritten after each, so a lease that ends early keeps what was measured;
@@ -84,22 +85,27 @@ def timed(fn, device) -> tuple[object, float]:
 
 
 def device_rates(device, quick: bool) -> dict:
-    """Measured bf16 matrix-product TFLOP/s and copy bandwidth (GB/s, read + write)."""
+    """Measured matrix-product TFLOP/s in bf16 and in fp32 (a training step's MFU is read against the
+    rate of the dtype its matmuls ran in: bf16 autocast on GPU, fp32 on CPU) and copy bandwidth (GB/s,
+    read + write)."""
     import torch
 
     n = 1024 if quick or device.type != "cuda" else 8192
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
     reps = 3 if quick else 10
-    _, s = timed(lambda: [a @ b for _ in range(reps)], device)
-    tflops = 2 * n**3 * reps / s / 1e12
+    rates = {"matmul_n": n}
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        for _ in range(3):
+            a @ b
+        _, s = timed(lambda a=a, b=b: [a @ b for _ in range(reps)], device)
+        rates[f"matmul_{name}_tflops"] = 2 * n**3 * reps / s / 1e12
     x = torch.empty(256 * 2**20 if device.type == "cuda" and not quick else 16 * 2**20, dtype=torch.uint8, device=device)
     y = torch.empty_like(x)
     y.copy_(x)
     _, s = timed(lambda: [y.copy_(x) for _ in range(reps)], device)
-    return {"matmul_bf16_tflops": tflops, "matmul_n": n, "copy_gbs_read_plus_write": 2 * x.numel() * reps / s / 1e9}
+    rates["copy_gbs_read_plus_write"] = 2 * x.numel() * reps / s / 1e9
+    return rates
 
 
 def peak_tflops(device, given: float | None) -> float | None:
@@ -336,7 +342,9 @@ def training_task(config: str, device, budget: int, args, rates: dict, peak: flo
                            paper_frames_per_batch(): "the whole global batch"}.get(budget, "")
     for key in ("counted", "palm"):
         row[f"mfu_{key}"] = row[f"{key}_tflops"] / peak if peak else None
-        row[f"mfu_{key}_vs_measured_matmul"] = row[f"{key}_tflops"] / rates["matmul_bf16_tflops"]
+        # against the measured rate of the dtype the step's matmuls ran in (fp32 where no autocast)
+        matmul = rates["matmul_bf16_tflops"] if row["autocast"] == "torch.bfloat16" else rates["matmul_fp32_tflops"]
+        row[f"mfu_{key}_vs_measured_matmul"] = row[f"{key}_tflops"] / matmul
     print(f"training {config} budget {row['budget']}: {row['s_per_step']:.3f} s/step, {row['palm_tflops']:.1f} "
           f"TFLOP/s (PaLM), {row['counted_tflops']:.1f} TFLOP/s (counted)", flush=True)
     return row
@@ -419,7 +427,8 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     rates = device_rates(device, args.quick)
     peak = peak_tflops(device, args.peak_tflops)
-    print(f"device {info.get('gpu', 'cpu')}: bf16 matmul {rates['matmul_bf16_tflops']:.1f} TFLOP/s (n={rates['matmul_n']}), "
+    print(f"device {info.get('gpu', 'cpu')}: matmul {rates['matmul_bf16_tflops']:.2f} TFLOP/s bf16, "
+          f"{rates['matmul_fp32_tflops']:.2f} fp32 (n={rates['matmul_n']}), "
           f"copy {rates['copy_gbs_read_plus_write']:.0f} GB/s (read + write), peak for MFU {peak} TFLOP/s", flush=True)
     result = {"device": str(device), "rates": rates, "peak_tflops": peak, "machine": info, "args": vars(args),
               "generation": [], "training": [], "not_run": []}

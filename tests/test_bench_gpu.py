@@ -63,7 +63,9 @@ def test_training_flops_counted_and_estimated_agree(smoke):
     assert 0 <= row["padding"] < 0.5
     assert row["counted_tflop_per_step"] == pytest.approx(row["palm_tflop_per_step"], rel=0.1)
     assert row["mfu_palm"] is None  # no bf16 peak is known for a CPU: no MFU is invented
-    assert row["mfu_palm_vs_measured_matmul"] > 0
+    # read against the rate of the dtype the step ran in: no autocast on a CPU, so fp32
+    assert row["autocast"] == "None" and smoke["rates"]["matmul_fp32_tflops"] > 0
+    assert row["mfu_palm_vs_measured_matmul"] == pytest.approx(row["palm_tflops"] / smoke["rates"]["matmul_fp32_tflops"])
 
 
 def test_a_training_batch_fills_its_frame_budget_like_the_sampler():
