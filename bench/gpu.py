@@ -345,8 +345,8 @@ def training_task(config: str, device, budget: int, args, rates: dict, peak: flo
         # against the measured rate of the dtype the step's matmuls ran in (fp32 where no autocast)
         matmul = rates["matmul_bf16_tflops"] if row["autocast"] == "torch.bfloat16" else rates["matmul_fp32_tflops"]
         row[f"mfu_{key}_vs_measured_matmul"] = row[f"{key}_tflops"] / matmul
-    print(f"training {config} budget {row['budget']}: {row['s_per_step']:.3f} s/step, {row['palm_tflops']:.1f} "
-          f"TFLOP/s (PaLM), {row['counted_tflops']:.1f} TFLOP/s (counted)", flush=True)
+    print(f"training {config} budget {row['budget']}: {row['s_per_step']:.3f} s/step, {row['palm_tflops']:.3g} "
+          f"TFLOP/s (PaLM), {row['counted_tflops']:.3g} TFLOP/s (counted)", flush=True)
     return row
 
 
