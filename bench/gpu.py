@@ -321,7 +321,8 @@ def training_row(config: str, device, budget: int, steps: int, warmup: int) -> d
         "mel_frames_per_s": float(batch["mel_len"].sum()) * (kwargs["frame_dim"] // 80) / s,  # grouped x r
         "padding": 1 - real / padded, "peak_mb": peak_mb(device), "counted_tflop_per_step": counted / 1e12,
         "palm_tflop_per_step": palm / 1e12, "counted_tflops": counted / s / 1e12, "palm_tflops": palm / s / 1e12,
-        "autocast": str(autocast), "fused_adamw": on_gpu,
+        "autocast": str(autocast), "matmul_dtype": "bf16" if autocast is torch.bfloat16 else "fp32",
+        "fused_adamw": on_gpu,
     }
 
 
@@ -342,9 +343,8 @@ def training_task(config: str, device, budget: int, args, rates: dict, peak: flo
                            paper_frames_per_batch(): "the whole global batch"}.get(budget, "")
     for key in ("counted", "palm"):
         row[f"mfu_{key}"] = row[f"{key}_tflops"] / peak if peak else None
-        # against the measured rate of the dtype the step's matmuls ran in (fp32 where no autocast)
-        matmul = rates["matmul_bf16_tflops"] if row["autocast"] == "torch.bfloat16" else rates["matmul_fp32_tflops"]
-        row[f"mfu_{key}_vs_measured_matmul"] = row[f"{key}_tflops"] / matmul
+        # against the measured rate of the dtype the step's matmuls ran in (device_rates' names)
+        row[f"mfu_{key}_vs_measured_matmul"] = row[f"{key}_tflops"] / rates[f"matmul_{row['matmul_dtype']}_tflops"]
     print(f"training {config} budget {row['budget']}: {row['s_per_step']:.3f} s/step, {row['palm_tflops']:.3g} "
           f"TFLOP/s (PaLM), {row['counted_tflops']:.3g} TFLOP/s (counted)", flush=True)
     return row

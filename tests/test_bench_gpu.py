@@ -64,7 +64,7 @@ def test_training_flops_counted_and_estimated_agree(smoke):
     assert row["counted_tflop_per_step"] == pytest.approx(row["palm_tflop_per_step"], rel=0.1)
     assert row["mfu_palm"] is None  # no bf16 peak is known for a CPU: no MFU is invented
     # read against the rate of the dtype the step ran in: no autocast on a CPU, so fp32
-    assert row["autocast"] == "None" and smoke["rates"]["matmul_fp32_tflops"] > 0
+    assert row["autocast"] == "None" and row["matmul_dtype"] == "fp32" and smoke["rates"]["matmul_fp32_tflops"] > 0
     assert row["mfu_palm_vs_measured_matmul"] == pytest.approx(row["palm_tflops"] / smoke["rates"]["matmul_fp32_tflops"])
 
 
