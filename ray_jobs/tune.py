@@ -155,8 +155,9 @@ def best_trial(trials: list[dict]) -> dict | None:
     return min(pool, key=lambda t: t["objective"]) if pool else None
 
 
-def plot_trials(trials: list[dict], metric: str, path: Path) -> None:
-    """Objective vs slowness weight, one line per frame rate; hollow markers: stopped early by ASHA."""
+def plot_trials(trials: list[dict], metric: str, path: Path):
+    """Objective vs slowness weight, one line per frame rate; hollow markers: stopped early by ASHA.
+    Saves the plot to ``path`` and returns the (closed) figure so that callers can inspect it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -188,6 +189,7 @@ def plot_trials(trials: list[dict], metric: str, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return fig
 
 
 def run_sweep(

@@ -2,21 +2,27 @@
 and time the configurations the pipeline would run."""
 
 import argparse
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from bench._common import RESULTS, result_stem
+from bench import _common
+from bench._common import result_stem
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("stem", ["generation", "generation-xeon", "kmeans_zen1.v2"])
-def test_a_plain_stem_is_kept(stem):
+def test_a_plain_stem_is_kept_and_names_the_file_written(stem, tmp_path, monkeypatch):
     assert result_stem(stem) == stem
-    assert (RESULTS / f"{stem}.json").parent == RESULTS
+    monkeypatch.setattr(_common, "RESULTS", tmp_path / "results")  # not the repository's own results
+    path = _common.write_result(stem, {"ratio": 1.5})
+    assert path == tmp_path / "results" / f"{stem}.json"
+    assert json.loads(path.read_text()) == {"ratio": 1.5}
+    assert [p.name for p in (tmp_path / "results").iterdir()] == [f"{stem}.json"]  # no temporary left
 
 
 @pytest.mark.parametrize("bad", ["/tmp/x", "../x", "sub/x", "", ".", ".."])

@@ -16,6 +16,7 @@ from conftest import tiny_meld
 from meld.cli import main
 from meld.features import FRAME_RATE, HOP_LENGTH, N_MELS
 from meld.models.builders import build_model, count_parameters
+from meld.models.vocab import EOS
 from meld.text import BPETokenizer, train_bpe
 from meld.training import save_checkpoint
 
@@ -36,10 +37,15 @@ def checkpoint(tmp_path_factory) -> Path:
     return _export(tmp_path_factory.mktemp("ckpt"))
 
 
-def _export(root: Path, **model_over) -> Path:
+def _export(root: Path, eos_bias: float | None = None, **model_over) -> Path:
+    """``eos_bias``: set the output head's EOS bias, to make the untrained model never stop (-1e4)
+    or stop at once (+1e4)."""
     bpe_path = train_bpe(SENTENCES, root / "bpe", vocab_size=40)
     n_text = BPETokenizer(bpe_path).vocab_size
     model, kwargs = tiny_meld(reduction=REDUCTION, n_text=n_text, codebook_size=16, **model_over)
+    if eos_bias is not None:
+        with torch.no_grad():
+            model.head.bias[EOS] = eos_bias
     rng = np.random.default_rng(0)
     extra = {
         "reduction_factor": REDUCTION,
@@ -117,17 +123,22 @@ def test_synthesize_continues_a_resampled_prompt(checkpoint, prompt_22k, tmp_pat
     np.testing.assert_allclose(sf.read(str(compiled))[0], sf.read(str(out))[0], atol=1e-3)
 
 
-def test_synthesize_from_text_alone(checkpoint, tmp_path, capsys, caplog):
+def test_synthesize_from_text_alone(tmp_path, capsys, caplog):
+    never_stops = _export(tmp_path / "never_stops", eos_bias=-1e4)
     out = tmp_path / "text_only.wav"
-    code = _synth(checkpoint, out, "--top-k", "0", "--repetition-penalty", "1", "--vocoder", "hifigan")
+    assert _synth(never_stops, out, "--top-k", "0", "--repetition-penalty", "1", "--vocoder", "hifigan") == 0
     captured = capsys.readouterr()
-    if code == 1:  # the untrained model may stop at once, and without a prompt there is nothing to write
-        assert "no prompt" in captured.err and not out.exists()
-        return
-    assert code == 0
-    assert sf.info(str(out)).samplerate == 16_000 and sf.info(str(out)).frames > 0
+    max_frames = int(np.ceil(0.4 * FRAME_RATE / REDUCTION)) * REDUCTION  # --max-seconds 0.4, whole groups
+    assert sf.info(str(out)).samplerate == 16_000 and sf.info(str(out)).frames == max_frames * HOP_LENGTH
     assert "prompt 0.00 s" in captured.out
     assert "falling back to Griffin-Lim" in caplog.text  # hifigan without weights
+
+
+def test_synthesize_without_prompt_or_speech_says_so_and_writes_nothing(tmp_path, capsys):
+    stops_at_once = _export(tmp_path / "stops_at_once", eos_bias=1e4)
+    out = tmp_path / "nothing.wav"
+    assert _synth(stops_at_once, out) == 1
+    assert "no prompt" in capsys.readouterr().err and not out.exists()
 
 
 def test_transcribe_prints_one_line_per_file(checkpoint, prompt_22k, audio_16k, capsys):

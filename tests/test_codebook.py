@@ -31,6 +31,13 @@ def test_fit_kmeans_is_seeded_and_subsamples_to_max_vectors():
     c, _ = fit_kmeans(vectors, 8, niter=5, seed=4, max_vectors=1000)
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
+    # the reported distortion is measured over the 1,000 kept vectors only: not the error over all
+    # 5,000 (what a fit without sub-sampling reports, see above), but close to it (a uniform sample)
+    _, kept_distortion = fit_kmeans(vectors, 8, niter=5, seed=3, max_vectors=1000)
+    codes = assign(vectors, a)
+    all_distortion = float(((vectors - a[codes]) ** 2).mean())
+    assert kept_distortion != pytest.approx(all_distortion, rel=1e-4)
+    assert kept_distortion == pytest.approx(all_distortion, rel=0.1)
 
 
 def _correlated_frames(n: int, dim: int = 40, rank: int = 4, clusters: int = 32, seed: int = 0) -> np.ndarray:

@@ -115,14 +115,19 @@ def test_audio_is_16k_mono_and_durations_match(tiny_corpus):
 def test_voice_checks():
     with pytest.raises(VoiceUnavailableError, match="unknown voice 'flite-nobody'"):
         build_mini_corpus("/nonexistent", **{**TINY, "train_voices": ["flite-nobody"]}, progress=False)
-    if voice_problem("flite-kal") is None and voice_problem("festival-kal") is None:
-        # the same recorded speaker (kal) cannot be both trained on and "unseen"
-        with pytest.raises(ValueError, match="same recorded speaker"):
-            build_mini_corpus(
-                "/nonexistent",
-                **{**TINY, "train_voices": ["flite-kal"], "held_out_voices": ["festival-kal"]},
-                progress=False,
-            )
+
+
+_kal_missing = [p for v in ("flite-kal", "festival-kal") if (p := voice_problem(v))]
+
+
+@pytest.mark.skipif(bool(_kal_missing), reason="; ".join(_kal_missing))
+def test_one_recorded_speaker_cannot_be_both_trained_on_and_unseen():
+    with pytest.raises(ValueError, match="same recorded speaker"):
+        build_mini_corpus(
+            "/nonexistent",
+            **{**TINY, "train_voices": ["flite-kal"], "held_out_voices": ["festival-kal"]},
+            progress=False,
+        )
 
 
 def test_config_rejects_unknown_keys_and_wrong_types():

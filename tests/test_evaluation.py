@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import subprocess
 
@@ -12,7 +13,7 @@ import pytest
 import soundfile as sf
 
 from meld.audio import SAMPLE_RATE, load_audio
-from meld.evaluation.asr import PocketSphinxJudge, WhisperJudge, build_asr_judge
+from meld.evaluation.asr import WHISPER_WINDOW_SECONDS, PocketSphinxJudge, WhisperJudge, build_asr_judge
 from meld.evaluation.metrics import (
     duration_ratio,
     longest_silence_frames,
@@ -22,6 +23,7 @@ from meld.evaluation.metrics import (
 )
 from meld.evaluation.speaker import ResemblyzerEmbedder, build_speaker_embedder, cosine_similarity
 from meld.features import FRAME_RATE, log_mel
+from meld.text import normalise_transcript
 
 SENTENCES = {
     "a": "The quick brown fox jumps over the lazy dog.",
@@ -129,7 +131,9 @@ def tiny_whisper(tmp_path_factory):
         decoder_start_token_id=ids["<|startoftranscript|>"], eos_token_id=ids[eot], pad_token_id=ids[eot],
         max_length=12, no_timestamps_token_id=ids["<|notimestamps|>"], is_multilingual=False,
         forced_decoder_ids=[[1, ids["<|notimestamps|>"]]],
-        suppress_tokens=[ids[s] for s in specials],  # make the random model emit byte tokens, i.e. text
+        # make the random model write words up to max_length: only the bytes of a-z and space are allowed
+        # (vocab id = byte); without this it writes one unprintable byte that normalises to ""
+        suppress_tokens=[ids[s] for s in (*specials, eot)] + [b for b in range(256) if b != 32 and not 97 <= b <= 122],
     )  # fmt: skip
     model.save_pretrained(folder)
     transformers.WhisperProcessor(
@@ -143,10 +147,13 @@ def test_whisper_judge_runs_from_a_local_folder(tiny_whisper, flite):
     assert isinstance(judge, WhisperJudge) and judge.backend == "transformers"
     wav = load_audio(flite("slt", "a"))
     text = judge.transcribe(wav, SAMPLE_RATE)
-    assert isinstance(text, str)
+    assert isinstance(text, str) and re.fullmatch(r"[a-z ]+", text)  # words, as the fixture allows
     assert judge.transcribe(wav, SAMPLE_RATE) == text  # greedy decoding is deterministic
     long_wav = np.tile(wav, int(np.ceil(31.0 * SAMPLE_RATE / wav.size)))  # > 30 s: two windows
-    assert isinstance(judge.transcribe(long_wav, SAMPLE_RATE), str)
+    window = int(WHISPER_WINDOW_SECONDS * SAMPLE_RATE)
+    halves = [judge.transcribe(part, SAMPLE_RATE) for part in (long_wav[:window], long_wav[window:])]
+    assert all(halves)
+    assert judge.transcribe(long_wav, SAMPLE_RATE) == normalise_transcript(" ".join(halves))
 
 
 # --------------------------------------------------------------------------- speaker similarity
@@ -209,9 +216,9 @@ def test_cosine_similarity_hand_cases():
     assert cosine_similarity(np.array([1.0, 0.0]), np.array([0.0, 3.0])) == pytest.approx(0.0)
     assert cosine_similarity(np.array([1.0, 1.0]), np.array([-1.0, -1.0])) == pytest.approx(-1.0)
     assert cosine_similarity(np.array([1.0, 0.0]), np.array([1.0, 1.0])) == pytest.approx(np.sqrt(0.5))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="zero vector"):
         cosine_similarity(np.zeros(2), np.ones(2))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="differ in size"):
         cosine_similarity(np.ones(2), np.ones(3))
 
 

@@ -188,6 +188,7 @@ def test_server_ignoring_range_restarts(http_server, tmp_path):
     (tmp_path / "a.tar.gz.part").write_bytes(b"x" * 5000)  # would corrupt the file if appended to
     ls.download_archive(f"{http_server.url}/a.tar.gz", dest, PAYLOAD_MD5, progress=False)
     assert dest.read_bytes() == PAYLOAD
+    assert http_server.ranges == ["bytes=5000-"]  # it asked to resume, got the whole file, kept that
 
 
 def test_complete_partial_file_416(http_server, tmp_path):
@@ -196,6 +197,7 @@ def test_complete_partial_file_416(http_server, tmp_path):
     (tmp_path / "a.tar.gz.part").write_bytes(PAYLOAD)
     ls.download_archive(f"{http_server.url}/a.tar.gz", dest, PAYLOAD_MD5, progress=False)
     assert dest.read_bytes() == PAYLOAD
+    assert http_server.ranges == [f"bytes={len(PAYLOAD)}-"]  # one request, answered 416: nothing re-sent
 
 
 def test_corrupt_partial_fails_checksum_and_is_removed(http_server, tmp_path):

@@ -15,7 +15,8 @@ def _expected(logits: torch.Tensor, temperature: float, k: int, p: float) -> tor
     return top_p_filter(top_k_filter(logits / temperature, k), p).softmax(-1)
 
 
-@pytest.mark.parametrize("k,p", [(5, 1.0), (5, 0.7), (12, 0.9), (40, 1.0)])
+# k < 40 takes the top-k fast path (39: all but one token); k = 40 = V filters the full row
+@pytest.mark.parametrize("k,p", [(5, 1.0), (5, 0.7), (12, 0.9), (39, 1.0), (40, 1.0)])
 def test_top_k_fast_path_matches_the_full_row_distribution(k, p):
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(1, 40, generator=g) * 2
@@ -57,10 +58,11 @@ def test_sample_among_top_k_draws_as_sample_and_returns_the_top_k_candidates(tem
     from meld.sampling import sample_among_top_k
 
     logits = torch.randn(16, 257, generator=torch.Generator().manual_seed(4))
-    expected = sample(logits, temperature=temperature, top_k=10, top_p=0.95, generator=torch.Generator().manual_seed(9))
     choice, index = sample_among_top_k(logits, 10, temperature=temperature, top_p=0.95,
                                        generator=torch.Generator().manual_seed(9))
-    assert torch.equal(choice, expected)  # the same draw from the same generator
+    # every draw is a token the full-row filter allows (its distribution: the test above, via sample)
+    allowed = _expected(logits, temperature, 10, 0.95) > 0
+    assert allowed.gather(-1, choice[:, None]).all()
     mask = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, index, True)
     assert torch.equal(mask, top_k_mask(logits, 10))  # the candidates the repetition penalty remembers
     assert all(c in row for c, row in zip(choice.tolist(), index.tolist()))

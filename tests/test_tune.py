@@ -82,5 +82,15 @@ def test_plot_has_one_line_per_frame_rate(tmp_path):
         for w in (0.0, 0.2, 0.5)
     ]
     path = tmp_path / "plots" / "tune.png"
-    plot_trials(trials, "dev/mse_post_greedy", path)
+    fig = plot_trials(trials, "dev/mse_post_greedy", path)
     assert matplotlib.image.imread(path).shape[0] > 100
+    (ax,) = fig.axes
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["r=1 (62.5 Hz)", "r=2 (31.2 Hz)"]
+    lines = [line for line in ax.get_lines() if line.get_linestyle() == "-"]
+    assert [list(line.get_xdata()) for line in lines] == [[0.0, 0.2, 0.5]] * 2
+    assert [list(line.get_ydata()) for line in lines] == [
+        [1.0 + 0.1 * r + w for w in (0.0, 0.2, 0.5)] for r in (1, 2)
+    ]
+    markers = [line for line in ax.get_lines() if line.get_marker() == "o"]
+    hollow = sorted(m.get_xdata()[0] for m in markers if m.get_markerfacecolor() == "none")
+    assert hollow == [0.5, 0.5]  # the early-stopped trials (w = 0.5) at both frame rates

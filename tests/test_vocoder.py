@@ -159,7 +159,10 @@ def test_griffin_lim_more_iterations_converge_further(speech):
     assert convergence(32) < convergence(2)
 
 
-@pytest.mark.parametrize("bad", [np.zeros((0, N_MELS)), np.zeros((5, 79)), np.full((5, N_MELS), np.nan)])
-def test_vocoders_reject_bad_spectrograms(bad):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize(
+    "bad,says",
+    [(np.zeros((0, N_MELS)), "empty"), (np.zeros((5, 79)), "log-mel array"), (np.full((5, N_MELS), np.nan), "NaN")],
+)
+def test_vocoders_reject_bad_spectrograms(bad, says):
+    with pytest.raises(ValueError, match=says):
         GriffinLimVocoder()(bad)
