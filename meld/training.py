@@ -210,15 +210,25 @@ def restore_training_state(state: dict, model: nn.Module, optimizer, scheduler) 
     return int(state["step"])
 
 
+def step_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
+    """The training checkpoints ``step-<N>.pt`` of a folder as (N, path), oldest first. Other names
+    (a user's ``step-best.pt`` copy) are not training checkpoints and are left alone."""
+    found = []
+    for p in Path(folder).glob("step-*.pt"):
+        n = p.stem[len("step-"):]
+        if n.isdigit():
+            found.append((int(n), p))
+    return sorted(found)
+
+
 def latest_good_checkpoint(folder: str | Path) -> dict | None:
-    """Newest loadable ``step-*.pt`` in a folder; corrupt or partial ones are skipped (with a warning)."""
+    """Newest loadable ``step-<N>.pt`` in a folder; corrupt or partial ones are skipped (with a warning)."""
     import logging
 
     folder = Path(folder)
     if not folder.is_dir():
         return None
-    candidates = sorted(folder.glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]), reverse=True)
-    for p in candidates:
+    for _, p in reversed(step_checkpoints(folder)):
         try:
             return load_checkpoint(p)
         except CheckpointError as err:

@@ -48,9 +48,23 @@ TEST_HOOK_KEYS = {"crash_after_step", "crash_rank", "crash_marker", "nan_at_step
 
 
 def _prune(folder: Path, keep: int) -> None:
-    ckpts = sorted(folder.glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
-    for p in ckpts[:-keep]:
+    from meld.training import step_checkpoints
+
+    for _, p in step_checkpoints(folder)[:-keep]:
         p.unlink(missing_ok=True)
+
+
+def set_aside_checkpoints(ckpt_dir: Path, their_fingerprint: str | None) -> Path:
+    """Move a folder's training checkpoints into ``stale/<their fingerprint>/`` under it: a run of
+    another configuration neither resumes them nor deletes them (a changed parameter must not cost
+    an interrupted run its checkpoints; delete the folder to free the space). Returns that folder."""
+    from meld.training import step_checkpoints
+
+    stale = ckpt_dir / "stale" / (their_fingerprint or "unknown")
+    stale.mkdir(parents=True, exist_ok=True)
+    for _, old in step_checkpoints(ckpt_dir):
+        old.replace(stale / old.name)
+    return stale
 
 
 def dev_metrics(model, data, batches: list[list[int]], frames: list[int], device, seed: int = 0) -> dict[str, float]:
@@ -116,7 +130,8 @@ def _resume_state(ckpt_dir: Path, fingerprint: str, rank: int) -> tuple[dict | N
 
     Ray's copy (``ray.train.get_checkpoint()``, in the run's storage path) is what a restarted worker on
     another node sees; the folder is what the train stage exports from. Checkpoints of another
-    configuration (fingerprint) are discarded.
+    configuration (fingerprint) are not resumed; rank 0 sets the folder's aside
+    (:func:`set_aside_checkpoints`).
     """
     import ray.train
 
@@ -134,10 +149,10 @@ def _resume_state(ckpt_dir: Path, fingerprint: str, rank: int) -> tuple[dict | N
             candidates.append((remote, f"Ray checkpoint {ray_ckpt.path}"))
     good = [(s, where) for s, where in candidates if s["extra"].get("fingerprint") == fingerprint]
     if len(good) < len(candidates):
-        log.warning("discarding checkpoints in %s: they belong to another configuration", ckpt_dir)
+        log.warning("not resuming the checkpoints in %s: they belong to another configuration", ckpt_dir)
         if rank == 0 and local is not None and local["extra"].get("fingerprint") != fingerprint:
-            for old in ckpt_dir.glob("step-*.pt"):
-                old.unlink(missing_ok=True)
+            stale = set_aside_checkpoints(ckpt_dir, local["extra"].get("fingerprint"))
+            log.warning("moved them to %s (delete that folder to free the space)", stale)
     if not good:
         return None, ""
     return max(good, key=lambda c: int(c[0]["step"]))
@@ -530,7 +545,7 @@ def build_config(
     train = train_cfg.to_dict()
     train["loss_weights"] = dict(train["loss_weights"])
     if train_cfg.init_from:
-        train["init_from"] = str(_check_init_from(train_cfg.init_from, system, kwargs))
+        train["init_from"] = str(_check_init_from(train_cfg.init_from, system, kwargs, out / "checkpoints"))
     if system == "codec_lm":
         data = _code_data(codes, kwargs)
         data_id = [(Path(data["train_store"]) / "index.jsonl").stat().st_size, data["codec"]["state_sha256"]]
@@ -557,20 +572,28 @@ def build_config(
         "mlflow_tracking_uri": os.environ.get("MLFLOW_TRACKING_URI"),  # None: the project's embedded store
         "threads_per_worker": threads_per_worker or max(1, (os.cpu_count() or 2) // train_cfg.num_workers),
     }
-    config["fingerprint"] = fingerprint({k: config[k] for k in ("system", "model_kwargs", "train")} | {"data": data_id})
+    # how often a run logs or saves does not change what it trains: changing it resumes, not restarts
+    trajectory = {k: v for k, v in train.items() if k not in ("log_every", "checkpoint_every")}
+    config["fingerprint"] = fingerprint(
+        {"system": system, "model_kwargs": kwargs, "train": trajectory, "data": data_id}
+    )
     return config
 
 
-def _check_init_from(path: str | Path, system: str, model_kwargs: dict) -> Path:
-    """``train.init_from``, checked before any worker starts: the file exists, holds a model of the
-    same class (``meld``, ``meld_stt`` and ``meld_joint`` share one), and every weight has the shape
-    this run's model expects."""
+def _check_init_from(path: str | Path, system: str, model_kwargs: dict, checkpoint_dir: Path) -> Path:
+    """``train.init_from``, checked before any worker starts: the file exists, is not one of this
+    run's own checkpoints (a new configuration sets those aside before it would load it), holds a
+    model of the same class (``meld``, ``meld_stt`` and ``meld_joint`` share one), and every weight
+    has the shape this run's model expects."""
     from meld.models.builders import build_model, model_class
     from meld.training import load_checkpoint
 
     path = Path(path).resolve()
     if not path.is_file():
         raise FileNotFoundError(f"train.init_from: {path} does not exist")
+    if path.parent == Path(checkpoint_dir).resolve():
+        raise ValueError(f"train.init_from: {path} is one of this run's own checkpoints, which a new configuration "
+                         f"sets aside before it starts; copy it out first (e.g. cp {path} {path.parent.parent}/init.pt)")
     state = load_checkpoint(path)
     if model_class(state["system"]) is not model_class(system):
         raise ValueError(f"train.init_from: {path} holds a {state['system']} model; {system} cannot start from it")

@@ -249,9 +249,46 @@ def test_init_from_refuses_a_missing_or_misfitting_model(crashed_run, tmp_path):
     source = Path(crashed_run["config"]["checkpoint_dir"]) / "step-4.pt"
     with pytest.raises(FileNotFoundError, match="train.init_from: .*nowhere.pt does not exist"):
         tiny_config(crashed_run["data"], tmp_path / "a", init_from=str(tmp_path / "nowhere.pt"))
+    # one of the run's own checkpoints: the new configuration would set it aside before loading it
+    with pytest.raises(ValueError, match="train.init_from: .*step-4.pt is one of this run's own checkpoints.*cp "):
+        tiny_config(crashed_run["data"], source.parent.parent, init_from=str(source))
     wider = {**TINY_PARAMS, "model": {**TINY_PARAMS["model"], "d_ff": TINY_PARAMS["model"]["d_ff"] * 2}}
     with pytest.raises(ValueError, match=r"does not fit this meld model \(\d+ weights differ: backbone\..*fc"):
         tiny_config(crashed_run["data"], tmp_path / "b", params=wider, init_from=str(source))
+
+
+def test_logging_and_checkpoint_frequency_leave_the_configuration_the_same(data, tmp_path):
+    """A run whose log_every or checkpoint_every changed resumes its checkpoints; one whose
+    trajectory changed (the learning rate) does not."""
+    base = tiny_config(data, tmp_path / "model")["fingerprint"]
+    assert tiny_config(data, tmp_path / "model", log_every=7, checkpoint_every=3)["fingerprint"] == base
+    assert tiny_config(data, tmp_path / "model", lr=0.002)["fingerprint"] != base
+
+
+@pytest.mark.slow
+def test_another_configuration_sets_the_old_checkpoints_aside(crashed_run, tmp_path):
+    """A changed parameter starts a new run and moves the old checkpoints to stale/<fingerprint>/,
+    where they stay loadable; files that are not step-<N>.pt are left alone."""
+    from meld.training import load_checkpoint, step_checkpoints
+    from ray_jobs.train import run_training
+
+    out = tmp_path / "model"
+    ckpt_dir = out / "checkpoints"
+    ckpt_dir.mkdir(parents=True)
+    for n in (2, 4):
+        shutil.copy(Path(crashed_run["config"]["checkpoint_dir"]) / f"step-{n}.pt", ckpt_dir)
+    (ckpt_dir / "step-best.pt").write_bytes(b"a user's own copy")
+    config = tiny_config(crashed_run["data"], out, max_steps=2, lr=0.002)
+    config["mlflow_tracking_uri"] = crashed_run["uri"]
+    old = crashed_run["config"]["fingerprint"]
+    assert config["fingerprint"] != old
+    run_training(config, num_workers=1, use_gpu=False, storage_path=str(tmp_path / "ray"), max_failures=0)
+    assert [n for n, _ in step_checkpoints(ckpt_dir)] == [2]  # the new run's, trained from step 1
+    assert load_checkpoint(ckpt_dir / "step-2.pt")["extra"]["fingerprint"] == config["fingerprint"]
+    stale = ckpt_dir / "stale" / old
+    assert [n for n, _ in step_checkpoints(stale)] == [2, 4]
+    assert load_checkpoint(stale / "step-4.pt")["extra"]["fingerprint"] == old
+    assert (ckpt_dir / "step-best.pt").read_bytes() == b"a user's own copy"
 
 
 @pytest.mark.slow
