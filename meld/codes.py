@@ -177,7 +177,8 @@ def continue_codes(
     Args:
         model: a :class:`meld.models.codec_lm.CodecLM`.
         texts: BPE ids of each full transcript.
-        max_frames: guard in code frames (per utterance or one for all; a batch runs to its largest).
+        max_frames: guard in code frames (per utterance or one for all): each utterance stops at its
+            own, whichever utterances share its batch.
         batch_size: utterances generated together (finished ones leave the batch).
     """
     device = next(model.parameters()).device
@@ -200,7 +201,7 @@ def continue_codes(
         gen = model.generate(
             text.to(device), torch.tensor([len(t) for t in chunk_texts], device=device), prompt.to(device),
             torch.tensor([p.shape[0] for p in chunk_prompts], device=device),
-            max_frames=max(1, math.ceil(max(max_frames[s : s + batch_size]))), temperature=temperature,
+            max_frames=[max(1, math.ceil(m)) for m in max_frames[s : s + batch_size]], temperature=temperature,
             top_k=top_k, top_p=top_p, generator=g,
         )
         out += [CodeContinuation(codes.cpu().numpy(), hit) for codes, hit in zip(gen.frames, gen.hit_max_length)]

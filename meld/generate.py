@@ -49,7 +49,8 @@ def tts_continue(
 
     Args:
         texts: BPE ids of each full transcript.
-        max_frames: guard in 80-dim frames (per utterance or one for all).
+        max_frames: guard in 80-dim frames (per utterance or one for all): each utterance stops at its
+            own, whichever utterances share its batch, and returns at most that many frames.
         batch_size: utterances generated together (finished ones leave the batch).
         kv_cache_dtype: ``float32`` or ``bfloat16`` (:func:`meld.models.backbone.check_cache_dtype`).
     """
@@ -67,16 +68,16 @@ def tts_continue(
         padded = [p if p.shape[0] else np.zeros((reduction, 80), np.float32) for p in ps]
         batch = collate(padded, texts[chunk], reduction)
         prompt_len = torch.tensor([n // reduction for n in lens])
-        guard = math.ceil(max(max_frames[chunk]) / reduction)
+        guards = [math.ceil(m / reduction) for m in max_frames[chunk]]  # grouped frames, each its own
         gen = model.generate(
             batch["text"].to(device), batch["text_len"].to(device), batch["mel"].to(device), prompt_len.to(device),
-            max_frames=guard, temperature=temperature, top_k=top_k, top_p=top_p,
+            max_frames=guards, temperature=temperature, top_k=top_k, top_p=top_p,
             repetition_penalty_value=repetition_penalty, test_time_dropout=test_time_dropout,
             zero_latent=zero_latent, generator=g, kv_cache_dtype=cache_dtype,
         )
-        for frames, hit, codes in zip(gen.frames, gen.hit_max_length, gen.codes):
+        for frames, hit, codes, limit in zip(gen.frames, gen.hit_max_length, gen.codes, max_frames[chunk]):
             mel = ungroup_frames(frames[None].float().cpu(), reduction)[0].numpy()
-            out.append(Continuation(mel, hit, codes))
+            out.append(Continuation(mel[:limit], hit, codes))  # the guard to the frame (grouping rounds it up)
     return out
 
 

@@ -26,6 +26,7 @@ here: it needs torchaudio, whose PyPI wheels are CUDA builds that don't load aga
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from torch import nn
 
 from meld.models.backbone import Backbone, lengths_to_mask, packed_positions, prepare_for_decoding
 from meld.models.builders import backbone_kwargs
-from meld.models.leaving_rows import LeavingRows
+from meld.models.leaving_rows import LeavingRows, row_guards
 from meld.models.meld import Generation
 from meld.models.vocab import UnionEmbedding, UnionVocab
 from meld.sampling import sample
@@ -174,7 +175,7 @@ class CodecLM(nn.Module):
         prompt_codes: torch.Tensor,
         prompt_len: torch.Tensor,
         *,
-        max_frames: int,
+        max_frames: int | Sequence[int],
         temperature: float = 1.0,
         top_k: int = 0,
         top_p: float = 1.0,
@@ -189,7 +190,8 @@ class CodecLM(nn.Module):
         Args:
             text: (B, L) BPE ids of the full transcript; text_len: (B,).
             prompt_codes: (B, P, K) int64 undelayed codes of the prompts; prompt_len: (B,) (0 allowed).
-            max_frames: guard on generated code frames per utterance.
+            max_frames: guard on generated code frames, one for all or one per utterance (each stops
+                at its own, as it would alone).
             temperature, top_k, top_p: sampling per level (over N codes + <EOS>).
             repetition_penalty_value, test_time_dropout, zero_latent: MELD-only; accepted and ignored.
             kv_cache_dtype: the KV cache's dtype (None: the weights'; ``backbone.check_cache_dtype``).
@@ -200,6 +202,7 @@ class CodecLM(nn.Module):
         """
         prepare_for_decoding(self)
         B, P, K = prompt_codes.shape
+        max_frames, limits, _ = row_guards(max_frames, B)
         L = text.shape[1]
         device = prompt_codes.device
         rows = torch.arange(B, device=device)
@@ -213,7 +216,7 @@ class CodecLM(nn.Module):
 
         # per active row: its delayed step s = P_b + g, the prompt length, the end frame (exclusive)
         active, plen = rows.clone(), prompt_len.clone()
-        end = prompt_len + max_frames  # the guard, until some head says <EOS>
+        end = prompt_len + torch.tensor(limits, device=device)  # each row's guard, until some head says <EOS>
         stopped = torch.zeros(B, dtype=torch.bool, device=device)
         # each row's chosen (K,) tokens from s = P_b on
         rows = LeavingRows(steps=torch.empty(B, max(max_frames + K, 0), K, dtype=torch.long, device=device))

@@ -25,6 +25,7 @@ as :mod:`meld.models.meld`, so :func:`meld.generate.stt_beam_search` works uncha
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +37,7 @@ from meld.features import N_MELS
 from meld.models.backbone import Backbone, KVCache, lengths_to_mask, packed_positions, prepare_for_decoding
 from meld.models.builders import backbone_kwargs, specaug_kwargs
 from meld.models.layers import group_frames, spec_augment, ungroup_frames
-from meld.models.leaving_rows import LeavingRows
+from meld.models.leaving_rows import LeavingRows, row_guards
 from meld.models.meld import Generation, STTOutput, select_rows
 from meld.models.vocab import EOS, PAD, UnionEmbedding, UnionVocab
 from meld.sampling import sample
@@ -237,7 +238,7 @@ class DMel(nn.Module):
         prompt: torch.Tensor,
         prompt_len: torch.Tensor,
         *,
-        max_frames: int,
+        max_frames: int | Sequence[int],
         temperature: float = 1.0,
         top_k: int = 0,
         top_p: float = 1.0,
@@ -252,7 +253,8 @@ class DMel(nn.Module):
         Args:
             text: (B, L) BPE ids of the full transcript; text_len: (B,).
             prompt: (B, P, C) normalised grouped prompt frames (discretised here); prompt_len: (B,) (0 allowed).
-            max_frames: guard on generated frames per utterance.
+            max_frames: guard on generated frames, one for all or one per utterance (each stops at its
+                own, as it would alone).
             temperature, top_k, top_p: per-channel sampling over bins, and the <EOS> decision.
             repetition_penalty_value, test_time_dropout, zero_latent: MELD-only; accepted and ignored.
             kv_cache_dtype: the KV cache's dtype (None: the weights'; ``backbone.check_cache_dtype``).
@@ -262,6 +264,7 @@ class DMel(nn.Module):
         """
         prepare_for_decoding(self)
         B, P, _ = prompt.shape
+        max_frames, limits, own_guards = row_guards(max_frames, B)
         L = text.shape[1]
         device = prompt.device
         prompt_emb = self.frame_emb(self.discretise(prompt))  # (B, P, d)
@@ -277,6 +280,13 @@ class DMel(nn.Module):
                     hit_max[i] = True
                 rows.leave([True] * len(rows.rows_of), step)
                 break
+            if step in own_guards:  # rows whose own guard (below the batch's) this is stop here, as alone
+                done = [limits[i] == step for i in rows.rows_of]
+                for i, d in zip(rows.rows_of, done):
+                    hit_max[i] = hit_max[i] or d
+                idx = rows.leave(done, step)
+                h_last, next_pos = h_last[idx], next_pos[idx]  # a row with the batch's guard stays
+                cache.select(idx)
             b = h_last.shape[0]
             eos_logit = self.eos_head(h_last)  # (b, 1)
             two_way = torch.cat([torch.zeros_like(eos_logit), eos_logit], dim=-1)  # (b, 2): frame, <EOS>

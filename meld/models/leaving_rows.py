@@ -9,6 +9,8 @@ loop's own stop check (tests/test_host_reads.py).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 
@@ -53,3 +55,18 @@ class LeavingRows:
         self.rows_of = [self.rows_of[row] for row in keep]
         self.buffers = {name: buf[idx] for name, buf in self.buffers.items()}
         return idx
+
+
+def row_guards(max_frames: int | Sequence[int], batch: int) -> tuple[int, list[int], set[int]]:
+    """A decoding loop's length guards: one for every row, or one per row (an evaluation's
+    guard is a multiple of each utterance's own reference length).
+
+    Returns:
+        the batch's guard (the largest), each row's (a negative one counts as 0), and the steps at which some row's own guard
+        falls before the batch's: the loop stops those rows there, as it would stop them alone.
+    """
+    limits = [max(0, int(max_frames))] * batch if isinstance(max_frames, int) else [max(0, int(m)) for m in max_frames]
+    if len(limits) != batch:
+        raise ValueError(f"max_frames: {len(limits)} guards for a batch of {batch}")
+    top = max(limits, default=0)
+    return top, limits, set(limits) - {top}

@@ -14,6 +14,7 @@ by the reduction factor r into vectors of 80*r.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +25,7 @@ from torch import nn
 from meld.models.backbone import Backbone, lengths_to_mask, packed_positions, prepare_for_decoding
 from meld.models.builders import backbone_kwargs, mel_frames_kwargs
 from meld.models.layers import MelEncoder, Postnet
-from meld.models.leaving_rows import LeavingRows
+from meld.models.leaving_rows import LeavingRows, row_guards
 from meld.models.meld import Generation, slowness_penalty
 from meld.models.vocab import UnionEmbedding, UnionVocab
 
@@ -174,7 +175,7 @@ class ContinuousFrameLM(nn.Module):
         prompt: torch.Tensor,
         prompt_len: torch.Tensor,
         *,
-        max_frames: int,
+        max_frames: int | Sequence[int],
         temperature: float = 1.0,
         top_k: int = 0,
         top_p: float = 1.0,
@@ -192,7 +193,8 @@ class ContinuousFrameLM(nn.Module):
         Args:
             text: (B, L) BPE ids of the full transcript; text_len: (B,).
             prompt: (B, P, D) normalised grouped prompt frames; prompt_len: (B,) (0 allowed).
-            max_frames: guard on generated (grouped) frames per utterance.
+            max_frames: guard on generated (grouped) frames, one for all or one per utterance (each
+                stops at its own, as it would alone).
             temperature, top_k, top_p, repetition_penalty_value: accepted for a common interface
                 and ignored (no categorical sampling here).
             test_time_dropout: keep the prenet's dropout on (Tacotron 2 / MELD: yes).
@@ -206,13 +208,18 @@ class ContinuousFrameLM(nn.Module):
         """
         prepare_for_decoding(self)
         B, P, _ = prompt.shape
+        max_frames, limits, own_guards = row_guards(max_frames, B)
         L = text.shape[1]
         x, valid = self._prefix(text, text_len, prompt, prompt_len, encoder_dropout=test_time_dropout)
         last = L + prompt_len  # each sequence's last real token (<TTS> when P_b == 0)
         h_last, cache, next_pos = self.backbone.prefill(x, valid, last, max_frames, cache_dtype=kv_cache_dtype)  # (B, d), cache, (B,)
 
         rows = LeavingRows(frames=prompt.new_empty(B, max(max_frames, 0), self.frame_dim))
-        hit_max = [max_frames <= 0] * B
+        hit_max = [limit <= 0 for limit in limits]
+        if 0 in own_guards:  # rows with a zero guard (below the batch's) get no frame, as alone
+            idx = rows.leave([limit <= 0 for limit in limits], 0)
+            h_last, next_pos = h_last[idx], next_pos[idx]
+            cache.select(idx)
         for step in range(max(max_frames, 0)):
             stop = torch.sigmoid(self.stop_head(h_last)[:, 0].float()) > self.stop_threshold  # (b,)
             frame = self.predict_frame(h_last, zero_latent=zero_latent, generator=generator)  # (b, D)
@@ -224,6 +231,16 @@ class ContinuousFrameLM(nn.Module):
                     break
                 frame, next_pos = frame[idx], next_pos[idx]
                 cache.select(idx)
+            if step + 1 in own_guards:  # rows whose own guard this is stop with this frame, as alone
+                done = [limits[i] == step + 1 for i in rows.rows_of]
+                if any(done):
+                    for i, d in zip(rows.rows_of, done):
+                        hit_max[i] = hit_max[i] or d
+                    idx = rows.leave(done, step + 1)
+                    if idx is None:
+                        break
+                    frame, next_pos = frame[idx], next_pos[idx]
+                    cache.select(idx)
             if step + 1 == max_frames:  # guard: whoever is still going stops here
                 for i in rows.rows_of:
                     hit_max[i] = True

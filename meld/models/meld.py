@@ -11,6 +11,7 @@ token's position is its index among the real tokens of its own sequence.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +29,7 @@ from meld.models.layers import (
     ungroup_frames,
     voice_perturb,
 )
-from meld.models.leaving_rows import LeavingRows
+from meld.models.leaving_rows import LeavingRows, row_guards
 from meld.models.vocab import EOS, PAD, UnionEmbedding, UnionVocab
 from meld.sampling import repetition_penalty, sample, sample_among_top_k, top_k_mask
 
@@ -352,7 +353,7 @@ class MELD(nn.Module):
         prompt: torch.Tensor,
         prompt_len: torch.Tensor,
         *,
-        max_frames: int,
+        max_frames: int | Sequence[int],
         temperature: float = 1.0,
         top_k: int = 0,
         top_p: float = 1.0,
@@ -367,7 +368,8 @@ class MELD(nn.Module):
         Args:
             text: (B, L) BPE ids of the full transcript; text_len: (B,).
             prompt: (B, P, D) normalised grouped prompt frames; prompt_len: (B,) (0 allowed).
-            max_frames: guard on generated (grouped) frames per utterance.
+            max_frames: guard on generated (grouped) frames, one for all or one per utterance (each
+                stops at its own, as it would alone).
             temperature, top_k, top_p: sampling over codes (the top-k also defines the
                 repetition penalty's candidate set).
             repetition_penalty_value: >= 1; penalises last step's top-k candidates.
@@ -377,6 +379,7 @@ class MELD(nn.Module):
         """
         prepare_for_decoding(self)
         B = prompt.shape[0]
+        max_frames, limits, own_guards = row_guards(max_frames, B)
         device = prompt.device
         x, valid, last = self.tts_prompt(text, text_len, prompt, prompt_len, test_time_dropout=test_time_dropout)
         h_last, cache, next_pos = self.backbone.prefill(x, valid, last, max_frames, cache_dtype=kv_cache_dtype)  # (B, d), cache, (B,)
@@ -412,6 +415,10 @@ class MELD(nn.Module):
                     x_hat = self.recon_linear(h_last) + self.recon_mlp(torch.cat([h_last, torch.zeros_like(h_last)], -1))
                 rows.write(step, frames=x_hat, codes=z)
                 stopped = stop.tolist()  # the one host sync per step: the stop check
+                if step in own_guards:  # rows whose own guard is this step stop here (before <EOS>, as alone)
+                    for row, i in enumerate(rows.rows_of):
+                        if limits[i] == step:
+                            stopped[row] = hit_max[i] = True
                 if any(stopped):
                     idx = rows.leave(stopped, step)
                     if idx is None:
