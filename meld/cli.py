@@ -11,15 +11,21 @@ and then the new ones), and the output is the vocoded prompt followed by the con
 Inference checkpoints (``model.pt`` written by the train stage) carry everything needed:
 weights, model kwargs, normalisation statistics, the BPE model and the reduction factor.
 
-User errors (missing or corrupt checkpoint, unreadable audio, empty text) end with a one-line
-message on stderr and exit code 2; runtime failures exit with 1.
+User errors (missing or corrupt checkpoint, unreadable audio, empty text or text with characters
+the model's vocabulary lacks, an --out it cannot write, an option out of range) end with a one-line
+message on stderr and exit code 2, and are found before any model work where they can be; runtime
+failures exit with 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
+import os
+import re
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,14 +160,136 @@ def load_inference_checkpoint(path: str | Path, device: str = "cpu") -> LoadedCh
     return LoadedCheckpoint(path, model, state, reduction, NormStats(mean, std), tokenizer)
 
 
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
+DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps"
+
+
 def _device(name: str) -> str:
+    """``--device``, checked: a device torch has here, or a one-line :class:`CLIError`."""
     import torch
 
+    if not _DEVICE.fullmatch(name):
+        raise CLIError(f"--device {name}: unknown device; use {DEVICE_HELP}")
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise CLIError(f"--device {name}: CUDA is not available on this machine")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise CLIError(f"--device {name}: CUDA is not available on this machine")
+        index = int(name.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise CLIError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise CLIError("--device mps: MPS is not available on this machine")
     return name
+
+
+def _check_finite(args: argparse.Namespace, *options: str) -> None:
+    """NaN and infinity pass every ``<``/``>`` range check: refuse them first, by option name."""
+    for option in options:
+        value = getattr(args, option.removeprefix("--").replace("-", "_"))
+        if value is not None and not math.isfinite(value):
+            raise CLIError(f"{option} must be a finite number, got {value}")
+
+
+def _pcm16_extensions() -> list[str]:
+    """Extensions soundfile writes as 16-bit PCM (what :func:`meld.audio.write_audio` writes)."""
+    import soundfile as sf
+
+    return sorted(f".{name.lower()}" for name in sf.available_formats() if sf.check_format(name, "PCM_16"))
+
+
+def _check_out(out: str) -> Path:
+    """``--out``, checked before any model work: an audio file that can be written where it points.
+
+    A missing parent folder is fine (``write_audio`` creates it), as long as the nearest folder
+    that exists takes new entries.
+    """
+    path = Path(out)
+    where = f"--out {out}"
+    if path.is_dir():
+        raise CLIError(f"{where}: is a folder; give a file name such as {path / 'out.wav'}")
+    extensions = _pcm16_extensions()
+    if path.suffix.lower() not in extensions:
+        what = "has no file extension" if not path.suffix else f"{path.suffix} is not an audio format written here"
+        others = ", ".join(e for e in extensions if e not in (".wav", ".flac"))
+        raise CLIError(f"{where}: {what}; use .wav or .flac (written as 16-bit PCM; also {others})")
+    folder = path.parent
+    while not folder.exists():  # Path("x/file.wav/y").exists() is False too: the loop stops at the file
+        folder = folder.parent
+    if not folder.is_dir():
+        raise CLIError(f"{where}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CLIError(f"{where}: cannot write in folder {folder} (permission denied)")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise CLIError(f"{where}: the file exists and is not writable")
+    return path
+
+
+def _write_out(out: str, wav: np.ndarray, sample_rate: int) -> Path:
+    """Write the synthesis to ``--out``; if that fails anyway (disk full, a race), save it elsewhere first."""
+    from meld.audio import write_audio
+
+    try:
+        return write_audio(out, wav, sample_rate)
+    except Exception as err:  # OSError, soundfile's LibsndfileError (a RuntimeError), ...
+        try:
+            fd, rescue = tempfile.mkstemp(prefix="meld-", suffix=".wav")
+            os.close(fd)
+            kept = f"the audio is saved in {write_audio(rescue, wav, sample_rate)} instead"
+        except Exception as rescue_err:
+            kept = f"saving it to {tempfile.gettempdir()} failed too ({_first_line(rescue_err)})"
+        raise CLIError(f"--out {out}: cannot write the audio ({type(err).__name__}: {_first_line(err)}); "
+                       f"{kept}") from err
+
+
+def _encode_text(tokenizer, text: str) -> list[int]:
+    """``--text`` as BPE ids; refuses characters the model has no piece for instead of speaking <unk>."""
+    unknown = tokenizer.unknown_characters(text)
+    if unknown:
+        from meld.text import normalise_transcript
+
+        words = [w for w in text.split() if any(c in w or c in normalise_transcript(w) for c in unknown)]
+        raise CLIError(
+            f"--text: characters not in the model's vocabulary: {', '.join(map(repr, unknown))} "
+            f"(in {', '.join(map(repr, words))}); spell numbers out (\"twenty\", not \"20\") and "
+            "write other words in the letters it was trained on"
+        )
+    try:
+        return tokenizer.encode(text)
+    except ValueError as err:
+        raise CLIError(f"--text: {err}") from err
+
+
+def _check_vocoder_path(args: argparse.Namespace) -> None:
+    """An explicit ``--vocoder-path`` must hold a HiFi-GAN: only ``--vocoder hifigan`` alone falls back."""
+    if args.vocoder_path is None:
+        return
+    if args.vocoder != "hifigan":
+        logging.getLogger(PROG).warning("--vocoder-path %s is ignored: only --vocoder hifigan uses it",
+                                        args.vocoder_path)
+        return
+    folder = Path(args.vocoder_path)
+    if not folder.is_dir():
+        raise CLIError(f"--vocoder-path {folder}: no such folder (a SpeechT5 HiFi-GAN folder: config.json + weights)")
+    if not (folder / "config.json").is_file():
+        raise CLIError(f"--vocoder-path {folder}: no config.json (expected a SpeechT5 HiFi-GAN folder)")
+
+
+def _build_vocoder(args: argparse.Namespace, device: str):
+    """The vocoder, built before generation: an explicit ``--vocoder-path`` that won't load is an error."""
+    from meld.vocoder import HiFiGANVocoder, build_vocoder
+
+    if args.vocoder != "hifigan" or args.vocoder_path is None:  # the evaluation's folder, with its fallback
+        try:
+            return build_vocoder(args.vocoder, _EVAL_DEFAULTS.vocoder_path, n_iter=args.griffin_lim_iters,
+                                 device=device)
+        except ValueError as err:  # a folder there that holds something else than a SpeechT5 HiFi-GAN
+            raise CLIError(f"evaluate.vocoder_path {_EVAL_DEFAULTS.vocoder_path}: {_first_line(err)}") from err
+    try:
+        return HiFiGANVocoder.from_path(args.vocoder_path, device=device)
+    except Exception as err:  # missing weights, a foreign config, weights that don't fit, a corrupt file
+        raise CLIError(f"--vocoder-path {args.vocoder_path}: the HiFi-GAN does not load "
+                       f"({type(err).__name__}: {_first_line(err)})") from err
 
 
 def _load_audio(path: str | Path) -> np.ndarray:
@@ -215,36 +343,43 @@ def _configure_decoding(model, compile_step: bool) -> None:
 def cmd_synthesize(args: argparse.Namespace) -> int:
     import torch
 
-    from meld.audio import write_audio
     from meld.features import FRAME_RATE, N_MELS
     from meld.generate import tts_continue
-    from meld.vocoder import build_vocoder
 
+    # every check that needs no model comes first, so a typo costs no model load and no synthesis
     if not args.text or not args.text.strip():
         raise CLIError("--text is empty: give the full transcript (prompt words + new words)")
-    if args.prompt_seconds < 0 or args.max_seconds <= 0:
-        raise CLIError("--prompt-seconds must be >= 0 and --max-seconds > 0")
+    _check_finite(args, "--prompt-seconds", "--max-seconds", "--temperature", "--top-p", "--repetition-penalty")
+    if args.prompt_seconds < 0:
+        raise CLIError(f"--prompt-seconds must be >= 0, got {args.prompt_seconds}")
+    if args.max_seconds <= 0:
+        raise CLIError(f"--max-seconds must be > 0, got {args.max_seconds}")
     if args.temperature <= 0:
         raise CLIError(f"--temperature must be > 0, got {args.temperature}")
     if not 0 < args.top_p <= 1:
         raise CLIError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.repetition_penalty < 1:
         raise CLIError(f"--repetition-penalty must be >= 1, got {args.repetition_penalty}")
-    prompt_wav = _load_audio(args.prompt) if args.prompt else None  # fail on bad audio before loading a model
+    if args.griffin_lim_iters < 1:
+        raise CLIError(f"--griffin-lim-iters must be >= 1, got {args.griffin_lim_iters}")
+    if not -(2**63) <= args.seed < 2**64:  # torch's seed range
+        raise CLIError(f"--seed must fit in 64 bits, got {args.seed}")
+    _check_out(args.out)
+    _check_vocoder_path(args)
     device = _device(args.device)
+    prompt_wav = _load_audio(args.prompt) if args.prompt else None  # fail on bad audio before loading a model
     ckpt = load_inference_checkpoint(args.checkpoint, device)
     if not hasattr(ckpt.model, "generate"):
         raise CLIError(f"{ckpt.path}: system {ckpt.state['system']!r} cannot synthesise speech")
+    text_ids = _encode_text(ckpt.tokenizer, args.text)
     if _task(ckpt.state) == "stt":
         logging.getLogger(PROG).warning("%s was trained for STT only: its speech will be noise", ckpt.path)
-    _configure_decoding(ckpt.model, args.compile)
-    try:
-        text_ids = ckpt.tokenizer.encode(args.text)
-    except ValueError as err:
-        raise CLIError(f"--text: {err}") from err
 
     if ckpt.state["system"] == "codec_lm":
+        _configure_decoding(ckpt.model, args.compile)
         return _synthesize_codec(args, ckpt, prompt_wav, text_ids, device)
+    vocoder = _build_vocoder(args, device)  # before generation: a vocoder that won't load wastes no synthesis
+    _configure_decoding(ckpt.model, args.compile)
     r = ckpt.reduction
     prompt_raw = np.zeros((0, N_MELS), np.float32)
     if prompt_wav is not None:
@@ -283,11 +418,10 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
             "the model stopped before producing any frame and there is no prompt: nothing to write"
         )
 
-    vocoder = build_vocoder(args.vocoder, args.vocoder_path, n_iter=args.griffin_lim_iters, device=device)
     t1 = time.perf_counter()
     wav = vocoder(full_mel)
     voc_s = time.perf_counter() - t1
-    out = write_audio(args.out, wav, vocoder.sample_rate)
+    out = _write_out(args.out, wav, vocoder.sample_rate)
 
     prompt_seconds = prompt_raw.shape[0] / FRAME_RATE
     generated_seconds = cont.frames.shape[0] / FRAME_RATE
@@ -312,7 +446,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
 def _synthesize_codec(args: argparse.Namespace, ckpt: LoadedCheckpoint, prompt_wav: np.ndarray | None,
                       text_ids: list[int], device: str) -> int:
     """Codec-LM: the prompt is encoded, and the generated codes decoded, by the codec its training codes came from."""
-    from meld.audio import SAMPLE_RATE, resample, write_audio
+    from meld.audio import SAMPLE_RATE, resample
     from meld.codes import (
         CodecMismatch,
         codec_from_description,
@@ -349,7 +483,7 @@ def _synthesize_codec(args: argparse.Namespace, ckpt: LoadedCheckpoint, prompt_w
     t1 = time.perf_counter()
     wav = decode_codes(codec, codes)
     dec_s = time.perf_counter() - t1
-    out = write_audio(args.out, wav, codec.sample_rate)
+    out = _write_out(args.out, wav, codec.sample_rate)
     prompt_seconds, generated_seconds = len(prompt_codes) / codec.frame_rate, len(cont.codes) / codec.frame_rate
     print(f"wrote {out}: {wav.shape[0] / codec.sample_rate:.2f} s at {codec.sample_rate} Hz "
           f"(prompt {prompt_seconds:.2f} s + generated {generated_seconds:.2f} s)")
@@ -374,6 +508,9 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
         raise CLIError(f"--beam must be >= 1, got {args.beam}")
     if args.max_tokens < 1:
         raise CLIError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
+    _check_finite(args, "--ctc-weight")
     if args.ctc_weight is not None and not 0.0 <= args.ctc_weight <= 1.0:
         raise CLIError(f"--ctc-weight must be in [0, 1], got {args.ctc_weight}")
     device = _device(args.device)
@@ -390,17 +527,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     if _task(ckpt.state) == "tts":
         log.warning("%s was trained for TTS only: its transcripts are not meaningful", ckpt.path)
 
-    paths, mels, failed = [], [], 0
-    for p in args.audio:
-        try:
-            wav = load_audio(p)
-        except AudioError as err:
-            print(f"{PROG}: error: {err}", file=sys.stderr)
-            failed += 1
-            continue
-        paths.append(p)
-        mels.append(ckpt.stats.normalise(log_mel(wav, SAMPLE_RATE)))
-    if mels:
+    def decode_and_print(paths: list[str], mels: list[np.ndarray]) -> None:
         ids = stt_beam_search(
             ckpt.model,
             mels,
@@ -412,6 +539,24 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
         )
         for p, hyp in zip(paths, ids):
             print(f"{p}\t{ckpt.tokenizer.decode(hyp)}", flush=True)
+
+    # Each batch is printed as soon as it is decoded, so a crash late in a long list keeps what was
+    # done. Batches are the readable files taken batch_size at a time, as one call over them all would form.
+    paths, mels, failed = [], [], 0
+    for p in args.audio:
+        try:
+            wav = load_audio(p)
+        except AudioError as err:
+            print(f"{PROG}: error: {err}", file=sys.stderr)
+            failed += 1
+            continue
+        paths.append(p)
+        mels.append(ckpt.stats.normalise(log_mel(wav, SAMPLE_RATE)))
+        if len(mels) == args.batch_size:
+            decode_and_print(paths, mels)
+            paths, mels = [], []
+    if mels:
+        decode_and_print(paths, mels)
     return EXIT_USER_ERROR if failed else 0
 
 
@@ -495,7 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", required=True, help="inference checkpoint (model.pt)")
     s.add_argument("--text", required=True, help="full transcript: the prompt's words, then the new words")
     s.add_argument("--prompt", default=None, help="audio file whose start is the acoustic prompt (any rate)")
-    s.add_argument("--out", required=True, help="output WAV (16 kHz)")
+    s.add_argument("--out", required=True, help="output audio, 16 kHz 16-bit PCM: .wav, .flac, ... (by extension)")
     s.add_argument(
         "--prompt-seconds",
         type=float,
@@ -526,16 +671,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vocoder", choices=("griffin_lim", "hifigan"), default=_EVAL_DEFAULTS.vocoder)
     s.add_argument(
         "--vocoder-path",
-        default=_EVAL_DEFAULTS.vocoder_path,
-        help="SpeechT5 HiFi-GAN folder (without it, hifigan falls back to Griffin-Lim)",
+        default=None,
+        help="SpeechT5 HiFi-GAN folder; one that won't load is an error (without it, hifigan uses "
+        "evaluate.vocoder_path if set, else falls back to Griffin-Lim with a warning)",
     )
-    s.add_argument("--griffin-lim-iters", type=int, default=32)
+    s.add_argument("--griffin-lim-iters", type=int, default=32, help=">= 1 (default %(default)s)")
     s.add_argument(
         "--codec-weights",
         default=None,
         help="codec_lm checkpoints: DAC weights file, when not at the path recorded in the checkpoint",
     )
-    s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default %(default)s)")
+    s.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default %(default)s)")
     s.add_argument(
         "--compile",
         action="store_true",
@@ -555,8 +701,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="weight of the CTC prefix score in a hybrid CTC/attention beam search, in [0, 1]; 0: the decoder "
         f"alone (default {_EVAL_DEFAULTS.stt_ctc_weight:g} for a checkpoint trained with a CTC head, else 0)",
     )
-    t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--device", default="auto")
+    t.add_argument("--batch-size", type=int, default=8, help="files decoded together, >= 1 (default %(default)s)")
+    t.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default %(default)s)")
     t.add_argument(
         "--compile",
         action="store_true",

@@ -54,6 +54,33 @@ class BPETokenizer:
             raise ValueError(f"transcript {text!r} is empty after normalisation")
         return list(self._sp.encode(norm, out_type=int))
 
+    def unknown_characters(self, text: str) -> list[str]:
+        """Characters of ``text`` that :meth:`encode` would turn into <unk> or silently drop.
+
+        These are the characters no piece covers (digits or letters the BPE training text never
+        held), and letters or digits that normalisation deletes because they have no ASCII form
+        ("ß", "ø", CJK). Punctuation, which normalisation drops on purpose, is not reported.
+
+        Returns:
+            Each such character once, in order of first appearance: as normalised (lower case,
+            accents folded) when it reaches the model, as written when normalisation deletes it.
+        """
+        norm = normalise_transcript(text)
+        unk = self._sp.unk_id()
+        known: dict[str, bool] = {}
+        found: dict[str, None] = {}  # an ordered set
+        for ch in text:
+            # an apostrophe survives only inside a word, so it is judged on the whole text
+            folded = ("'" if "'" in norm else "") if ch == "'" else normalise_transcript(ch)
+            if not folded and ch.isalnum():
+                found[ch] = None
+            for c in folded:
+                if c not in known:  # alone, c encodes as "▁" + c: any <unk> there is c's
+                    known[c] = unk not in self._sp.encode(c, out_type=int)
+                if not known[c]:
+                    found[c] = None
+        return list(found)
+
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
 

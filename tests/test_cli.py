@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -293,3 +295,141 @@ def test_load_stt_model_reads_a_finished_checkpoint_and_a_training_one_with_give
     assert given.stats is stats and given.reduction == REDUCTION  # r from the model's frame width
     # the finished checkpoint's own statistics win over given ones
     assert load_stt_model(checkpoint, stats=stats, tokenizer=finished.tokenizer).stats is not stats
+
+
+# --------------------------------------------------------------------------- bad input: said at once, nothing lost
+
+
+def test_tokenizer_names_the_characters_it_cannot_encode(tmp_path):
+    tok = BPETokenizer(train_bpe(SENTENCES, tmp_path / "bpe", vocab_size=40))
+    assert tok.unknown_characters("The Quick, brown FOX!") == []  # case and punctuation are normalised away
+    assert tok.unknown_characters("call me at 5 pm") == ["5"]
+    assert tok.unknown_characters("$20 or 25") == ["2", "0", "5"]  # "$" is punctuation; digits are unknown
+    assert tok.unknown_characters("don't") == ["'"]  # kept by normalisation, absent from this corpus
+    assert tok.unknown_characters("straße 你") == ["ß", "你"]  # letters normalisation would silently delete
+    assert tok.unknown_characters("café") == []  # accents fold to a known letter
+    assert 0 in tok.encode("at 5")  # encode itself still maps them to <unk>: training relies on it
+
+
+@pytest.mark.parametrize("text, unknown", [("call me at 5 pm", "'5'"), ("the fox costs $20", "'2', '0'")])
+def test_synthesize_refuses_text_outside_the_vocabulary(text, unknown, checkpoint, tmp_path, capsys):
+    out = tmp_path / "o.wav"
+    assert main(_synth_argv(checkpoint, out, text, "--device", "cpu")) == 2
+    err = capsys.readouterr().err
+    assert f"characters not in the model's vocabulary: {unknown}" in err and "spell numbers out" in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+@pytest.mark.parametrize("name", ["no_extension", "notes.txt", "song.mp3", "a_folder", "a_file.wav/o.wav", "ro/o.wav"])
+def test_synthesize_checks_out_before_loading_the_model(name, tmp_path, monkeypatch, capsys):
+    (tmp_path / "a_folder").mkdir()
+    (tmp_path / "a_file.wav").write_bytes(b"")
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    read_only.chmod(0o500)
+    real_access = os.access  # root writes anywhere: deny the write as the file system would to a user
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != read_only and real_access(p, mode, **kw))
+    missing = tmp_path / "nope.pt"  # the checkpoint is never opened: --out is refused first
+    assert main(_synth_argv(missing, tmp_path / name, "hi")) == 2
+    err = capsys.readouterr().err
+    assert f"--out {tmp_path / name}" in err and str(missing) not in err and len(err.strip().splitlines()) == 1
+    read_only.chmod(0o700)
+
+
+def test_synthesize_out_accepts_flac_and_a_new_folder(checkpoint, tmp_path):
+    out = tmp_path / "new" / "folder" / "o.flac"
+    assert _synth(checkpoint, out) == 0
+    assert sf.info(str(out)).format == "FLAC"
+
+
+def test_synthesize_write_error_keeps_the_audio(checkpoint, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "o.wav"
+    real_write = sf.write
+
+    def disk_full(file, *args, **kwargs):
+        if Path(file) == out:
+            raise OSError(28, "No space left on device")
+        return real_write(file, *args, **kwargs)
+
+    monkeypatch.setattr(sf, "write", disk_full)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "rescue"))
+    (tmp_path / "rescue").mkdir()
+    assert _synth(checkpoint, out) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out}: cannot write" in err and "No space left" in err and "Traceback" not in err
+    (rescued,) = (tmp_path / "rescue").glob("meld-*.wav")
+    assert str(rescued) in err and sf.info(str(rescued)).frames > 0
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "foreign"])
+def test_synthesize_explicit_vocoder_path_that_does_not_load_is_an_error(kind, checkpoint, tmp_path, caplog, capsys):
+    folder = tmp_path / "hifigan"
+    if kind != "missing":
+        folder.mkdir()
+    if kind == "foreign":  # a config that loads, weights that don't: found after the model, before generation
+        (folder / "config.json").write_text('{"model_type": "speecht5_hifigan"}')
+        (folder / "model.safetensors").write_bytes(b"not safetensors")
+    out = tmp_path / "o.wav"
+    assert _synth(checkpoint, out, "--vocoder", "hifigan", "--vocoder-path", str(folder)) == 2
+    err = capsys.readouterr().err
+    assert f"--vocoder-path {folder}" in err and len(err.strip().splitlines()) == 1
+    assert "falling back" not in caplog.text and not out.exists()
+
+
+@pytest.mark.parametrize("batch_size", ["0", "-1"])
+def test_transcribe_batch_size_must_be_positive(batch_size, checkpoint, audio_16k, capsys):
+    assert _transcribe(checkpoint, audio_16k, "--batch-size", batch_size) == 2
+    assert f"--batch-size must be >= 1, got {batch_size}" in capsys.readouterr().err
+
+
+def test_transcribe_prints_each_batch_as_it_is_decoded(checkpoint, prompt_22k, audio_16k, monkeypatch, capsys):
+    import meld.generate
+
+    search, calls = meld.generate.stt_beam_search, []
+
+    def crashes_on_the_second_batch(model, mels, **kwargs):
+        calls.append(len(mels))
+        if len(calls) == 2:
+            raise RuntimeError("CUDA error: an illegal memory access")
+        return search(model, mels, **kwargs)
+
+    monkeypatch.setattr(meld.generate, "stt_beam_search", crashes_on_the_second_batch)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        _transcribe(checkpoint, audio_16k, audio_16k, prompt_22k, "--batch-size", "2", "--beam", "1",
+                    "--max-tokens", "4")
+    assert calls == [2, 1]
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("\t")[0] for line in lines] == [str(audio_16k)] * 2  # the first batch is kept
+
+
+@pytest.mark.parametrize(
+    "command, option, value",
+    [
+        ("synthesize", "--griffin-lim-iters", "0"),
+        ("synthesize", "--device", "tpu"),
+        ("synthesize", "--max-seconds", "nan"),
+        ("synthesize", "--max-seconds", "inf"),
+        ("synthesize", "--max-seconds", "0"),
+        ("synthesize", "--max-seconds", "-1"),
+        ("synthesize", "--prompt-seconds", "nan"),
+        ("synthesize", "--prompt-seconds", "inf"),
+        ("synthesize", "--prompt-seconds", "-1"),
+        ("synthesize", "--temperature", "nan"),
+        ("synthesize", "--temperature", "inf"),
+        ("synthesize", "--top-p", "nan"),
+        ("synthesize", "--repetition-penalty", "nan"),
+        ("synthesize", "--repetition-penalty", "inf"),
+        ("synthesize", "--seed", str(2**70)),
+        ("transcribe", "--device", "tpu"),
+        ("transcribe", "--ctc-weight", "nan"),
+    ],
+)
+def test_bad_options_are_one_line_errors_before_any_model_work(command, option, value, tmp_path, audio_16k, capsys):
+    missing = tmp_path / "nope.pt"  # never opened: the option is refused first
+    argv = {
+        "synthesize": _synth_argv(missing, tmp_path / "o.wav", "hi"),
+        "transcribe": ["transcribe", "--checkpoint", str(missing), str(audio_16k)],
+    }[command]
+    assert main([*argv, option, value]) == 2
+    err = capsys.readouterr().err
+    assert option in err and value in err and str(missing) not in err and len(err.strip().splitlines()) == 1
