@@ -7,8 +7,11 @@ explicit arguments down to builders.
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import math
 import types
 import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +20,7 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """A params section holds an unknown key, a missing key or a value of the wrong type."""
+    """A params section holds an unknown key, a missing key, a value of the wrong type or one out of range."""
 
 
 def _check_type(value: Any, tp: Any, where: str) -> Any:
@@ -87,6 +90,87 @@ class Section:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------ value rules
+# A rule checks one value and raises a ConfigError naming ``where`` (``section.key``), the value and
+# what is allowed. Sections list their per-key rules in a table, so the override dicts that other
+# sections carry (``tune.model_overrides``, ``codec_lm.model`` / ``codec_lm.train``) get the same checks.
+Rule = Callable[[str, Any], None]
+
+
+def _rule(ok: Callable[[Any], bool], allowed: str) -> Rule:
+    """A rule from a predicate and the words for what it allows."""
+
+    def check(where: str, value: Any) -> None:
+        if not ok(value):
+            raise ConfigError(f"{where} must be {allowed}, got {value!r}")
+
+    return check
+
+
+def _at_least(lo: int, note: str = "") -> Rule:
+    return _rule(lambda v: v >= lo, f">= {lo}{note}")
+
+
+def _finite_number(lo: float, *, above: bool = False, note: str = "") -> Rule:
+    """A finite float ``> lo`` (``above``) or ``>= lo``: NaN and inf fail."""
+    if above:
+        return _rule(lambda v: math.isfinite(v) and v > lo, f"a finite number > {lo:g}{note}")
+    return _rule(lambda v: math.isfinite(v) and v >= lo, f"a finite number >= {lo:g}{note}")
+
+
+_POSITIVE = _at_least(1)
+_NON_NEGATIVE = _at_least(0)
+_FRACTION = _rule(lambda v: 0.0 <= v <= 1.0, "in [0, 1]")  # NaN fails every comparison
+_DROPOUT = _rule(lambda v: 0.0 <= v < 1.0, "in [0, 1) (1 would drop everything)")
+REDUCTION_FACTORS = (1, 2, 3, 4, 5)  # frames grouped per step that the models support
+_REDUCTION_FACTOR = _rule(lambda v: v in REDUCTION_FACTORS, "in 1..5")
+
+
+def _one_of(where: str, value: Any, names: typing.Iterable[str]) -> None:
+    names = list(names)
+    if value not in names:
+        raise ConfigError(f"{where} must be one of {names}, got {value!r}")
+
+
+def _apply_rules(section: str, values: Mapping[str, Any], rules: Mapping[str, Rule]) -> None:
+    """Check each key of ``values`` that ``rules`` has a rule for."""
+    for key, check in rules.items():
+        if key in values:
+            check(f"{section}.{key}", values[key])
+
+
+def _values(section: Section) -> dict[str, Any]:
+    return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
+
+
+def _check_overrides(where: str, overrides: Mapping[str, Any], cls: type, rules: Mapping[str, Rule]) -> None:
+    """Keys, types and per-key rules of a dict that overrides some keys of section ``cls``.
+
+    Cross-key checks (``d_model`` divisible by ``n_heads``, ...) wait for the merged section.
+    """
+    hints = typing.get_type_hints(cls)
+    known = sorted(f.name for f in dataclasses.fields(cls))
+    unknown = sorted(set(overrides) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {known}")
+    checked = {key: _check_type(value, hints[key], f"{where}.{key}") for key, value in overrides.items()}
+    _apply_rules(where, checked, rules)
+
+
+def _check_unique(where: str, values: typing.Sequence[Any]) -> None:
+    twice = sorted({v for v in values if list(values).count(v) > 1}, key=str)
+    if twice:
+        raise ConfigError(f"{where} lists {twice} more than once, got {list(values)}")
+
+
+def corpus_split_names() -> tuple[str, ...]:
+    """Every split a corpus stage can write: the mini corpus's and LibriSpeech's."""
+    from meld.corpus.librispeech import SUBSET_SPLITS
+    from meld.corpus.mini import SPLITS
+
+    return tuple(dict.fromkeys([*SPLITS, *SUBSET_SPLITS.values()]))
 
 
 def read_params(path: str | Path) -> dict:
@@ -173,8 +257,42 @@ class CorpusConfig(Section):
         both = sorted(set(self.train_voices) & set(self.held_out_voices))
         if both:
             raise ConfigError(f"corpus.held_out_voices: {both} also listed in corpus.train_voices")
-        if self.name == "mini" and not self.train_voices:
-            raise ConfigError("corpus.train_voices: the mini corpus needs at least one training voice")
+        if self.name == "mini":  # the voice lists are the mini corpus's; LibriSpeech ignores them
+            from meld.corpus.mini import VOICES
+
+            if not self.train_voices:
+                raise ConfigError("corpus.train_voices: the mini corpus needs at least one training voice")
+            for key in ("train_voices", "held_out_voices"):
+                voices = getattr(self, key)
+                unknown = [v for v in voices if v not in VOICES]
+                if unknown:
+                    raise ConfigError(f"corpus.{key}: unknown voice(s) {unknown}; known: {sorted(VOICES)}")
+                _check_unique(f"corpus.{key}", voices)
+            # voices built from one recorded person are one speaker: held out, it would not be unseen
+            trained = {VOICES[v].family: v for v in self.train_voices}
+            for v in self.held_out_voices:
+                if VOICES[v].family in trained:
+                    raise ConfigError(
+                        f"corpus.held_out_voices: {v!r} is built from the same recorded speaker "
+                        f"({VOICES[v].family}) as corpus.train_voices' {trained[VOICES[v].family]!r}"
+                    )
+        if self.name == "librispeech":
+            from meld.corpus.librispeech import LIBRISPEECH_MD5
+
+            unknown = [s for s in self.librispeech_subsets if s not in LIBRISPEECH_MD5]
+            if unknown or not self.librispeech_subsets:
+                raise ConfigError(
+                    f"corpus.librispeech_subsets must be LibriSpeech subsets out of {list(LIBRISPEECH_MD5)} "
+                    f"(at least one), got {list(self.librispeech_subsets)}"
+                )
+
+
+_FEATURES_RULES: dict[str, Rule] = {
+    "num_workers": _POSITIVE,
+    "max_seconds": _finite_number(0, above=True),
+    "min_seconds": _finite_number(0),
+    "max_rejected_fraction": _FRACTION,
+}
 
 
 @dataclass(frozen=True)
@@ -182,7 +300,22 @@ class FeaturesConfig(Section):
     num_workers: int = 2
     max_seconds: float = 20.0  # longer clips don't fit the frame budget: rejected
     min_seconds: float = 0.3
-    max_rejected_fraction: float = 0.05
+    max_rejected_fraction: float = 0.05  # shared by the codes stage
+
+    def validate(self) -> None:
+        _apply_rules("features", _values(self), _FEATURES_RULES)
+        if self.min_seconds > self.max_seconds:
+            raise ConfigError(
+                f"features.min_seconds must be <= features.max_seconds ({self.max_seconds}), got {self.min_seconds}"
+            )
+
+
+_CODEBOOK_RULES: dict[str, Rule] = {
+    "size": _POSITIVE,
+    "niter": _at_least(0, " (0: the seeding alone)"),
+    "max_points_per_centroid": _POSITIVE,
+    "seed": _at_least(0, " (numpy's default_rng takes no negative seed)"),
+}
 
 
 @dataclass(frozen=True)
@@ -201,11 +334,49 @@ class CodebookConfig(Section):
             raise ConfigError(f"codebook.init: expected 'random' or 'k-means++', got {self.init!r}")
         if self.pca_dims < 0:
             raise ConfigError(f"codebook.pca_dims: expected >= 0 (0 = no PCA), got {self.pca_dims}")
+        _apply_rules("codebook", _values(self), _CODEBOOK_RULES)
+        if not self.reduction_factors:
+            raise ConfigError("codebook.reduction_factors must name at least one reduction factor, got []")
+        for i, r in enumerate(self.reduction_factors):
+            _REDUCTION_FACTOR(f"codebook.reduction_factors[{i}]", r)
+        _check_unique("codebook.reduction_factors", self.reduction_factors)
+        # the stage keeps about max_vectors training vectors: fewer than size codes cannot be fitted
+        if self.max_vectors < self.size:
+            raise ConfigError(f"codebook.max_vectors must be >= codebook.size ({self.size}), got {self.max_vectors}")
 
 
 @dataclass(frozen=True)
 class BPEConfig(Section):
     vocab_size: int = 256  # paper: 4096
+
+    def validate(self) -> None:
+        # SentencePiece needs a piece per character of the transcripts and <unk>: at the very least
+        # <unk>, the word boundary and one letter (about 30 for English text)
+        _at_least(3, " (a piece per transcript character plus <unk>)")("bpe.vocab_size", self.vocab_size)
+
+
+_MODEL_RULES: dict[str, Rule] = {
+    "d_model": _POSITIVE,
+    "n_layers": _POSITIVE,
+    "n_heads": _POSITIVE,
+    "d_ff": _POSITIVE,
+    "dropout": _DROPOUT,
+    "encoder_hidden": _POSITIVE,
+    "encoder_dropout": _DROPOUT,
+    "recon_hidden": _POSITIVE,
+    "postnet_channels": _POSITIVE,
+    # the postnet pads kernel // 2 frames on each side: an even kernel returns one frame too many
+    "postnet_kernel": _rule(lambda v: v >= 1 and v % 2 == 1, "an odd number >= 1"),
+    "postnet_layers": _POSITIVE,
+    "postnet_dropout": _DROPOUT,
+    "q_temperature": _finite_number(0, above=True),
+    "reduction_factor": _REDUCTION_FACTOR,
+    "specaug_freq_masks": _at_least(0, " (0: none)"),
+    "specaug_freq_width": _NON_NEGATIVE,
+    "specaug_time_masks": _at_least(0, " (0: none)"),
+    "specaug_time_width": _NON_NEGATIVE,
+    "specaug_max_time_fraction": _FRACTION,
+}
 
 
 @dataclass(frozen=True)
@@ -233,10 +404,35 @@ class ModelConfig(Section):
     specaug_max_time_fraction: float = 0.2
 
     def validate(self) -> None:
-        if self.reduction_factor not in (1, 2, 3, 4, 5):
-            raise ConfigError(f"model.reduction_factor must be in 1..5, got {self.reduction_factor}")
+        _apply_rules("model", _values(self), _MODEL_RULES)  # n_heads >= 1 before it divides
         if self.d_model % self.n_heads:
             raise ConfigError(f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}")
+
+
+TRAIN_TASKS = ("tts", "stt", "joint")
+
+
+def _check_loss_weights(where: str, weights: Mapping[str, float]) -> None:
+    for name, w in weights.items():
+        _finite_number(0)(f"{where}.{name}", w)
+
+
+_TRAIN_RULES: dict[str, Rule] = {
+    "num_workers": _POSITIVE,
+    "max_steps": _POSITIVE,
+    "frames_per_batch": _POSITIVE,
+    "lr": _finite_number(0, above=True),
+    "weight_decay": _finite_number(0),
+    "warmup_steps": _at_least(0, " (0: no warm-up)"),
+    "hold_steps": _NON_NEGATIVE,
+    "decay_steps": _at_least(0, " (0: no decay)"),
+    "grad_clip": _finite_number(0, above=True),
+    "checkpoint_every": _POSITIVE,  # ray_jobs.train takes step % checkpoint_every and step % log_every
+    "log_every": _POSITIVE,
+    "loss_weights": _check_loss_weights,
+    "task": lambda where, v: _one_of(where, v, TRAIN_TASKS),
+    "stt_warmup_steps": _at_least(0, " (0: no TTS-only warm-up)"),
+}
 
 
 @dataclass(frozen=True)
@@ -266,10 +462,7 @@ class TrainConfig(Section):
     init_from: str | None = None
 
     def validate(self) -> None:
-        if self.num_workers < 1:
-            raise ConfigError("train.num_workers must be >= 1")
-        if self.task not in ("tts", "stt", "joint"):
-            raise ConfigError(f"train.task must be tts, stt or joint, got {self.task!r}")
+        _apply_rules("train", _values(self), _TRAIN_RULES)
 
 
 @dataclass(frozen=True)
@@ -292,10 +485,21 @@ class CodecLMConfig(Section):
     encode_workers: int = 2  # processes encoding the corpus (one torch thread each)
 
     def validate(self) -> None:
+        from meld.models.codec_lm import codec_lm_kwargs
+
         if self.random_codec_width < 1:
             raise ConfigError(f"codec_lm.random_codec_width must be >= 1, got {self.random_codec_width}")
         if self.encode_workers < 1:
             raise ConfigError(f"codec_lm.encode_workers must be >= 1, got {self.encode_workers}")
+        # args are the Codec-LM builder's keyword arguments (besides n_text, which the BPE model gives)
+        accepted = [p.name for p in inspect.signature(codec_lm_kwargs).parameters.values()
+                    if p.kind is p.KEYWORD_ONLY and p.name != "n_text"]
+        unknown = sorted(set(self.args) - set(accepted))
+        if unknown:
+            raise ConfigError(f"codec_lm.args: unknown key(s) {unknown}; known: {accepted}")
+        # the system's overrides of the shared sections: checked here rather than when a Ray run starts
+        _check_overrides("codec_lm.model", self.model, ModelConfig, _MODEL_RULES)
+        _check_overrides("codec_lm.train", self.train, TrainConfig, _TRAIN_RULES)
         for key in ("n_levels", "codebook_size"):
             value = self.args.get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -305,6 +509,27 @@ class CodecLMConfig(Section):
 
 
 KV_CACHE_DTYPES = ("float32", "bfloat16")  # names of torch dtypes a decoding KV cache may use
+
+_EVALUATE_RULES: dict[str, Rule] = {
+    "utterances_per_split": _POSITIVE,
+    "generations": _POSITIVE,
+    "prompt_seconds": _finite_number(0, note=" (0: no prompt)"),
+    "min_seconds": _finite_number(0),
+    "max_seconds": _finite_number(0, above=True),
+    "temperature": _finite_number(0, above=True),
+    # top_k: any integer (sampling keeps every token for k <= 0)
+    "top_p": _rule(lambda v: 0.0 < v <= 1.0, "in (0, 1] (1: no nucleus filtering)"),
+    "repetition_penalty": _finite_number(1, note=" (1: no penalty)"),
+    "max_length_factor": _finite_number(0, above=True),
+    "stt_beam_size": _POSITIVE,
+    "stt_ctc_weight": _rule(lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),
+    "stt_max_utterances": _POSITIVE,
+    "stt_max_tokens_per_second": _finite_number(0),
+    "audio_samples": _at_least(0, " (0: none saved)"),
+    "batch_size": _POSITIVE,
+    "kv_cache_dtype": _rule(lambda v: v in KV_CACHE_DTYPES, "float32 or bfloat16"),
+    "score_workers": _POSITIVE,
+}
 
 
 @dataclass(frozen=True)
@@ -342,14 +567,49 @@ class EvaluateConfig(Section):
     seed: int = 0
 
     def validate(self) -> None:
-        if not 0.0 <= self.stt_ctc_weight <= 1.0:
-            raise ConfigError(f"evaluate.stt_ctc_weight must be in [0, 1], got {self.stt_ctc_weight}")
-        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ConfigError(f"evaluate.kv_cache_dtype must be float32 or bfloat16, got {self.kv_cache_dtype!r}")
+        from meld.evaluation.asr import ASR_NAMES
+        from meld.evaluation.speaker import SPEAKER_NAMES
+        from meld.vocoder import VOCODER_NAMES
+
+        _apply_rules("evaluate", _values(self), _EVALUATE_RULES)
+        if self.min_seconds > self.max_seconds:
+            raise ConfigError(
+                f"evaluate.min_seconds must be <= evaluate.max_seconds ({self.max_seconds}), got {self.min_seconds}"
+            )
+        # a prompt as long as the longest chosen utterance leaves nothing to continue
+        if self.prompt_seconds >= self.max_seconds:
+            raise ConfigError(
+                f"evaluate.prompt_seconds must be < evaluate.max_seconds ({self.max_seconds}), got {self.prompt_seconds}"
+            )
+        _one_of("evaluate.vocoder", self.vocoder, VOCODER_NAMES)
+        _one_of("evaluate.asr_judge", self.asr_judge, ASR_NAMES)
+        _one_of("evaluate.speaker_model", self.speaker_model, SPEAKER_NAMES)
+        # splits are checked here, not when reached: results are written only after the last split
+        splits = corpus_split_names()
+        for key in ("splits", "stt_splits"):
+            for i, split in enumerate(getattr(self, key)):
+                _one_of(f"evaluate.{key}[{i}]", split, splits)
+            _check_unique(f"evaluate.{key}", getattr(self, key))
+        if "" in self.judge_exclude_prefixes:  # every speaker id starts with ""
+            raise ConfigError(
+                f"evaluate.judge_exclude_prefixes must not hold an empty prefix (it would exclude every speaker "
+                f"from the ASR judge), got {list(self.judge_exclude_prefixes)}"
+            )
 
 
 # dev metrics of ray_jobs.train.dev_metrics that can be the objective (all comparable across frame rates)
 OBJECTIVES = ("dev/mse_post_greedy", "dev/mse_pre_greedy", "dev/mse_post", "dev/mse_pre")
+
+
+_TUNE_RULES: dict[str, Rule] = {
+    "eval_every": _POSITIVE,
+    "frames_per_batch": _POSITIVE,
+    "num_workers_per_trial": _POSITIVE,
+    "cpus_per_worker": _POSITIVE,
+    "gpus_per_worker": _finite_number(0, note=" (0: CPU only)"),
+    "max_concurrent_trials": _at_least(0, " (0: no limit, as in Ray Tune)"),
+    "max_failures": _at_least(-1, " (-1: retry without limit, as in Ray Train)"),
+}
 
 
 @dataclass(frozen=True)
@@ -391,13 +651,34 @@ class TuneConfig(Section):
             )
         if self.scheduler not in ("asha", "fifo"):
             raise ConfigError(f"tune.scheduler must be asha or fifo, got {self.scheduler!r}")
-        if not self.slowness_weights or not self.reduction_factors:
-            raise ConfigError("tune.slowness_weights and tune.reduction_factors must not be empty")
-        if self.eval_every < 1 or self.max_steps < self.eval_every:
-            raise ConfigError("tune: need 1 <= eval_every <= max_steps")
+        for key in ("slowness_weights", "reduction_factors"):
+            if not getattr(self, key):
+                raise ConfigError(f"tune.{key} must not be empty, got []")
+        for i, w in enumerate(self.slowness_weights):
+            _finite_number(0)(f"tune.slowness_weights[{i}]", w)
+        # one trial per pair, named by f"{w:g}": two weights printing alike would share a trial's folder
+        if len({f"{w:g}" for w in self.slowness_weights}) < len(self.slowness_weights):
+            raise ConfigError(
+                "tune.slowness_weights must be distinct (a trial is named by the weight's f'{w:g}'), "
+                f"got {list(self.slowness_weights)}"
+            )
+        for i, r in enumerate(self.reduction_factors):
+            _REDUCTION_FACTOR(f"tune.reduction_factors[{i}]", r)
+        _check_unique("tune.reduction_factors", self.reduction_factors)
+        _apply_rules("tune", _values(self), _TUNE_RULES)
+        if self.max_steps < self.eval_every:
+            raise ConfigError(f"tune.eval_every must be <= tune.max_steps ({self.max_steps}), got {self.eval_every}")
         if self.metric not in OBJECTIVES:
             raise ConfigError(f"tune.metric must be one of {list(OBJECTIVES)}, got {self.metric!r}")
-        if self.frames_per_batch < 1:
-            raise ConfigError("tune.frames_per_batch must be >= 1")
-        if self.num_workers_per_trial < 1 or self.cpus_per_worker < 1:
-            raise ConfigError("tune.num_workers_per_trial and tune.cpus_per_worker must be >= 1")
+        if self.scheduler == "asha":  # ASHA's own asserts, raised here instead of inside the Tune driver
+            if not 1 <= self.grace_period <= self.max_steps:
+                raise ConfigError(
+                    f"tune.grace_period must be in 1..tune.max_steps ({self.max_steps}), got {self.grace_period}"
+                )
+            _at_least(2)("tune.asha_reduction", self.asha_reduction)
+        if "reduction_factor" in self.model_overrides:
+            raise ConfigError(
+                "tune.model_overrides.reduction_factor: each trial sets it from tune.reduction_factors, got "
+                f"{self.model_overrides['reduction_factor']!r}"
+            )
+        _check_overrides("tune.model_overrides", self.model_overrides, ModelConfig, _MODEL_RULES)

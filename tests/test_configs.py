@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,175 @@ def test_wrong_params_are_clear_errors():
         ModelConfig.from_dict({"reduction_factor": 7}, "model")
     with pytest.raises(ConfigError, match=r"evaluate.stt_ctc_weight must be in \[0, 1\]"):
         EvaluateConfig.from_dict({"stt_ctc_weight": 1.5}, "evaluate")
+
+
+NAN, INF = float("nan"), float("inf")
+
+# (section, one bad value, the key the error must name): one case per check of a section's validate()
+BAD_VALUES = [
+    # corpus: mini voices by name, once each, no held-out voice sharing a speaker; LibriSpeech subsets by name
+    ("corpus", {"train_voices": ["flite-rms", "flite-nobody"]}, "corpus.train_voices"),
+    ("corpus", {"held_out_voices": ["flite-awb", "flite-awb"]}, "corpus.held_out_voices"),
+    ("corpus", {"train_voices": ["flite-kal"], "held_out_voices": ["festival-kal"]}, "corpus.held_out_voices"),
+    ("corpus", {"name": "librispeech", "librispeech_subsets": ["train-clean-1000"]}, "corpus.librispeech_subsets"),
+    ("corpus", {"name": "librispeech", "librispeech_subsets": []}, "corpus.librispeech_subsets"),
+    ("features", {"num_workers": 0}, "features.num_workers"),
+    ("features", {"max_seconds": 0.0}, "features.max_seconds"),
+    ("features", {"max_seconds": INF}, "features.max_seconds"),
+    ("features", {"min_seconds": -0.1}, "features.min_seconds"),
+    ("features", {"min_seconds": NAN}, "features.min_seconds"),
+    ("features", {"min_seconds": 5.0, "max_seconds": 2.0}, "features.min_seconds"),
+    ("features", {"max_rejected_fraction": 1.5}, "features.max_rejected_fraction"),
+    ("features", {"max_rejected_fraction": -0.1}, "features.max_rejected_fraction"),
+    ("codebook", {"size": 0}, "codebook.size"),
+    ("codebook", {"reduction_factors": []}, "codebook.reduction_factors"),
+    ("codebook", {"reduction_factors": [1, 6]}, "codebook.reduction_factors[1]"),
+    ("codebook", {"reduction_factors": [2, 2]}, "codebook.reduction_factors"),
+    ("codebook", {"niter": -1}, "codebook.niter"),
+    ("codebook", {"size": 256, "max_vectors": 100}, "codebook.max_vectors"),
+    ("codebook", {"max_points_per_centroid": 0}, "codebook.max_points_per_centroid"),
+    ("codebook", {"seed": -1}, "codebook.seed"),
+    ("bpe", {"vocab_size": 0}, "bpe.vocab_size"),
+    ("bpe", {"vocab_size": 2}, "bpe.vocab_size"),
+    ("model", {"d_model": 0}, "model.d_model"),
+    ("model", {"n_layers": 0}, "model.n_layers"),
+    ("model", {"n_heads": 0}, "model.n_heads"),
+    ("model", {"d_ff": 0}, "model.d_ff"),
+    ("model", {"dropout": 1.0}, "model.dropout"),
+    ("model", {"dropout": NAN}, "model.dropout"),
+    ("model", {"encoder_hidden": 0}, "model.encoder_hidden"),
+    ("model", {"encoder_dropout": -0.1}, "model.encoder_dropout"),
+    ("model", {"recon_hidden": 0}, "model.recon_hidden"),
+    ("model", {"postnet_channels": 0}, "model.postnet_channels"),
+    ("model", {"postnet_kernel": 4}, "model.postnet_kernel"),
+    ("model", {"postnet_kernel": 0}, "model.postnet_kernel"),
+    ("model", {"postnet_layers": 0}, "model.postnet_layers"),
+    ("model", {"postnet_dropout": 1.5}, "model.postnet_dropout"),
+    ("model", {"q_temperature": 0.0}, "model.q_temperature"),
+    ("model", {"q_temperature": INF}, "model.q_temperature"),
+    ("model", {"reduction_factor": 0}, "model.reduction_factor"),
+    ("model", {"specaug_freq_masks": -1}, "model.specaug_freq_masks"),
+    ("model", {"specaug_freq_width": -1}, "model.specaug_freq_width"),
+    ("model", {"specaug_time_masks": -1}, "model.specaug_time_masks"),
+    ("model", {"specaug_time_width": -1}, "model.specaug_time_width"),
+    ("model", {"specaug_max_time_fraction": 1.5}, "model.specaug_max_time_fraction"),
+    ("train", {"num_workers": 0}, "train.num_workers"),
+    ("train", {"max_steps": 0}, "train.max_steps"),
+    ("train", {"frames_per_batch": 0}, "train.frames_per_batch"),
+    ("train", {"lr": -1.0}, "train.lr"),
+    ("train", {"lr": 0.0}, "train.lr"),
+    ("train", {"lr": NAN}, "train.lr"),
+    ("train", {"weight_decay": -0.01}, "train.weight_decay"),
+    ("train", {"warmup_steps": -1}, "train.warmup_steps"),
+    ("train", {"hold_steps": -1}, "train.hold_steps"),
+    ("train", {"decay_steps": -1}, "train.decay_steps"),
+    ("train", {"grad_clip": NAN}, "train.grad_clip"),
+    ("train", {"grad_clip": 0.0}, "train.grad_clip"),
+    ("train", {"grad_clip": INF}, "train.grad_clip"),
+    ("train", {"checkpoint_every": 0}, "train.checkpoint_every"),
+    ("train", {"log_every": 0}, "train.log_every"),
+    ("train", {"loss_weights": {"ce": 1.0, "slowness": -0.2}}, "train.loss_weights.slowness"),
+    ("train", {"loss_weights": {"ce": NAN}}, "train.loss_weights.ce"),
+    ("train", {"task": "asr"}, "train.task"),
+    ("train", {"stt_warmup_steps": -1}, "train.stt_warmup_steps"),
+    # codec_lm: its builder's arguments, and its model/train overrides under the shared sections' rules
+    ("codec_lm", {"args": {"levels": 4}}, "codec_lm.args"),
+    ("codec_lm", {"model": {"n_headz": 2}}, "codec_lm.model"),
+    ("codec_lm", {"model": {"dropout": 1.5}}, "codec_lm.model.dropout"),
+    ("codec_lm", {"train": {"log_every": 0}}, "codec_lm.train.log_every"),
+    ("codec_lm", {"train": {"lr": "fast"}}, "codec_lm.train.lr"),
+    ("codec_lm", {"train": {"loss_weights": {"ce_codes": -1.0}}}, "codec_lm.train.loss_weights.ce_codes"),
+    ("evaluate", {"splits": ["tset"]}, "evaluate.splits[0]"),
+    ("evaluate", {"splits": ["test", "test"]}, "evaluate.splits"),
+    ("evaluate", {"stt_splits": ["dev", "tset"]}, "evaluate.stt_splits[1]"),
+    ("evaluate", {"utterances_per_split": 0}, "evaluate.utterances_per_split"),
+    ("evaluate", {"generations": 0}, "evaluate.generations"),
+    ("evaluate", {"prompt_seconds": -1.0}, "evaluate.prompt_seconds"),
+    ("evaluate", {"prompt_seconds": 10.0, "max_seconds": 10.0}, "evaluate.prompt_seconds"),
+    ("evaluate", {"min_seconds": -1.0}, "evaluate.min_seconds"),
+    ("evaluate", {"max_seconds": 0.0}, "evaluate.max_seconds"),
+    ("evaluate", {"min_seconds": 5.0, "max_seconds": 4.0}, "evaluate.min_seconds"),
+    ("evaluate", {"temperature": 0.0}, "evaluate.temperature"),
+    ("evaluate", {"temperature": NAN}, "evaluate.temperature"),
+    ("evaluate", {"top_p": 2.0}, "evaluate.top_p"),
+    ("evaluate", {"top_p": 0.0}, "evaluate.top_p"),
+    ("evaluate", {"repetition_penalty": 0.5}, "evaluate.repetition_penalty"),
+    ("evaluate", {"max_length_factor": 0.0}, "evaluate.max_length_factor"),
+    ("evaluate", {"vocoder": "hifi"}, "evaluate.vocoder"),
+    ("evaluate", {"asr_judge": "wisper"}, "evaluate.asr_judge"),
+    ("evaluate", {"speaker_model": "ecapa"}, "evaluate.speaker_model"),
+    ("evaluate", {"judge_exclude_prefixes": ["espeak-", ""]}, "evaluate.judge_exclude_prefixes"),
+    ("evaluate", {"stt_beam_size": 0}, "evaluate.stt_beam_size"),
+    ("evaluate", {"stt_ctc_weight": 1.5}, "evaluate.stt_ctc_weight"),
+    ("evaluate", {"stt_max_utterances": 0}, "evaluate.stt_max_utterances"),
+    ("evaluate", {"stt_max_tokens_per_second": -1.0}, "evaluate.stt_max_tokens_per_second"),
+    ("evaluate", {"stt_max_tokens_per_second": INF}, "evaluate.stt_max_tokens_per_second"),
+    ("evaluate", {"audio_samples": -1}, "evaluate.audio_samples"),
+    ("evaluate", {"batch_size": 0}, "evaluate.batch_size"),
+    ("evaluate", {"kv_cache_dtype": "half"}, "evaluate.kv_cache_dtype"),
+    ("evaluate", {"score_workers": 0}, "evaluate.score_workers"),
+    ("tune", {"slowness_weights": []}, "tune.slowness_weights"),
+    ("tune", {"slowness_weights": [0.1, -0.1]}, "tune.slowness_weights[1]"),
+    ("tune", {"slowness_weights": [NAN]}, "tune.slowness_weights[0]"),
+    ("tune", {"slowness_weights": [0.1, 0.1]}, "tune.slowness_weights"),
+    ("tune", {"reduction_factors": []}, "tune.reduction_factors"),
+    ("tune", {"reduction_factors": [1, 7]}, "tune.reduction_factors[1]"),
+    ("tune", {"reduction_factors": [2, 2]}, "tune.reduction_factors"),
+    ("tune", {"eval_every": 0}, "tune.eval_every"),
+    ("tune", {"max_steps": 4, "eval_every": 8}, "tune.eval_every"),
+    ("tune", {"frames_per_batch": 0}, "tune.frames_per_batch"),
+    ("tune", {"num_workers_per_trial": 0}, "tune.num_workers_per_trial"),
+    ("tune", {"cpus_per_worker": 0}, "tune.cpus_per_worker"),
+    ("tune", {"gpus_per_worker": -1.0}, "tune.gpus_per_worker"),
+    ("tune", {"gpus_per_worker": NAN}, "tune.gpus_per_worker"),
+    ("tune", {"max_concurrent_trials": -1}, "tune.max_concurrent_trials"),
+    ("tune", {"max_failures": -2}, "tune.max_failures"),
+    ("tune", {"grace_period": 0}, "tune.grace_period"),
+    ("tune", {"max_steps": 16, "grace_period": 32}, "tune.grace_period"),
+    ("tune", {"asha_reduction": 1}, "tune.asha_reduction"),
+    ("tune", {"model_overrides": {"reduction_factor": 1}}, "tune.model_overrides.reduction_factor"),
+    ("tune", {"model_overrides": {"d_modl": 64}}, "tune.model_overrides"),
+    ("tune", {"model_overrides": {"n_heads": 0}}, "tune.model_overrides.n_heads"),
+    ("tune", {"model_overrides": {"dropout": "none"}}, "tune.model_overrides.dropout"),
+]
+
+
+@pytest.mark.parametrize(("section", "bad", "key"), BAD_VALUES, ids=[f"{k}={b}" for _, b, k in BAD_VALUES])
+def test_out_of_range_values_are_errors_naming_the_key(section, bad, key):
+    """Each value that cannot work fails at load time, before a stage or a Ray worker reaches it, and the
+    message names the key (as ``section.key``) and the value."""
+    cls = (SECTIONS | OPTIONAL)[section]
+    with pytest.raises(ConfigError, match=re.escape(key)) as err:
+        cls.from_dict(bad, section)
+    value = next(iter(bad.values())) if len(bad) == 1 else None
+    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        assert repr(value) in str(err.value) or str(value) in str(err.value), str(err.value)
+
+
+# values with a meaning the code gives them on purpose (0: off, -1: no limit, ...): they still load
+ACCEPTED_EDGES = [
+    ("corpus", {"name": "librispeech", "train_voices": [], "held_out_voices": [],
+                "librispeech_subsets": ["dev-clean", "dev-clean"]}),
+    ("features", {"min_seconds": 0.0, "max_rejected_fraction": 1.0}),
+    ("codebook", {"niter": 0, "pca_dims": 0, "size": 16, "max_vectors": 16}),
+    ("model", {"dropout": 0.0, "specaug_freq_masks": 0, "specaug_time_masks": 0, "specaug_max_time_fraction": 0.0}),
+    ("train", {"warmup_steps": 0, "decay_steps": 0, "weight_decay": 0.0, "loss_weights": {"slowness": 0.0}}),
+    ("evaluate", {"prompt_seconds": 0.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0, "audio_samples": 0,
+                  "splits": [], "stt_splits": ["dev_other", "test_other"], "min_seconds": 4.0, "max_seconds": 4.0}),
+    ("evaluate", {"top_k": -1}),  # sampling keeps every token for any k <= 0
+    ("tune", {"max_concurrent_trials": 0, "max_failures": -1, "gpus_per_worker": 0.5}),
+    ("tune", {"scheduler": "fifo", "grace_period": 0, "asha_reduction": 1}),  # ASHA's knobs, unused by FIFO
+    ("codec_lm", {"args": {"n_levels": 4}, "model": {"d_model": 64}, "train": {"task": "tts", "max_steps": 3}}),
+]
+
+
+@pytest.mark.parametrize(("section", "values"), ACCEPTED_EDGES, ids=[s for s, _ in ACCEPTED_EDGES])
+def test_values_the_code_handles_on_purpose_still_load(section, values):
+    cls = (SECTIONS | OPTIONAL)[section]
+    loaded = cls.from_dict(values, section)
+    for key, value in values.items():
+        got = getattr(loaded, key)
+        assert (list(got) if isinstance(got, tuple) else got) == value, key
 
 
 def test_paper_config_is_about_200m_parameters_and_trains_one_step():
