@@ -216,7 +216,8 @@ class CTCPrefixScorer:
 def _joint_logprobs(model, logp: torch.Tensor, ctc: CTCPrefixScorer, weight: float, n_cand: int) -> torch.Tensor:
     """(R, V) per-token score increments of hybrid decoding: (1 - w) log p_att + w (log psi(g c) - log psi(g)),
     and at <EOS> (1 - w) log p_att + w (log p_ctc(g) - log psi(g)); -inf beyond each row's candidates.
-    The CTC increments are <= 0, like log-probs, so the search's early stop stays exact."""
+    The CTC increments are <= 0, like log-probs, so scores still only fall as hypotheses grow (what the
+    search's early stop assumes)."""
     offset, n_text = model.vocab.text_offset, model.vocab.n_text
     att, idx = logp[:, offset : offset + n_text].topk(min(n_cand, n_text), dim=-1)  # (R, M): BPE id idx
     ctc_inc = ctc.prefix_scores(idx + 1) - ctc.psi[:, None]  # CTC class of BPE id i is i + 1
@@ -275,8 +276,11 @@ def _beam_batch(model, mel, mel_len, K: int, limits: list[int], alpha: float, ct
                 elif len(alive) < K:
                     alive.append((beam, tok, sc))
             if len(finished[b]) >= K and not done[b]:
-                # stop once no alive beam can beat the K-th best finished one (log-probs only fall,
-                # so a beam's best normalised score is its current sum over the next length).
+                # stop once no alive beam is expected to beat the K-th best finished one: its score
+                # (a log-prob sum, which only falls) over the next length. A heuristic, the usual one
+                # (Hugging Face's early_stopping=False), not a bound: with length_penalty > 0 a longer
+                # hypothesis divides by more and can still overtake. The exact bound, its score over
+                # the longest allowed length, would rarely stop a search before the length limit.
                 # With K == 1 the first finished hypothesis ends the search: beam 1 is greedy.
                 kth = sorted((f[0] for f in finished[b]), reverse=True)[K - 1]
                 best_alive = max((sc for _, _, sc in alive), default=-math.inf)
