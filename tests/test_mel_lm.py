@@ -191,3 +191,45 @@ def test_postnet_over_a_padded_batch_gives_each_utterance_what_it_gets_alone():
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(unmasked[3, :3], alone[3], atol=1e-3)
     assert postnet.refine_each([]) == []
+
+
+def test_postnet_training_statistics_ignore_padding():
+    """In training, batch norm's batch statistics (and so the real frames' outputs, the losses and the
+    running statistics inference uses) do not depend on how much padding the batch has; with nothing
+    padded it is plain batch norm."""
+    from meld.models.layers import MaskedBatchNorm1d, Postnet
+
+    torch.manual_seed(0)
+    postnet = Postnet(dim=12, channels=16, kernel=5, n_layers=3, dropout=0.0).train()
+    fresh = {k: v.clone() for k, v in postnet.state_dict().items()}
+    frames = [torch.randn(n, 12) for n in (9, 4)]
+
+    def run(extra_padding: int):
+        postnet.load_state_dict(fresh)
+        x = torch.nn.utils.rnn.pad_sequence(frames, batch_first=True)
+        x = torch.nn.functional.pad(x, (0, 0, 0, extra_padding))
+        mask = torch.arange(x.shape[1])[None, :] < torch.tensor([9, 4])[:, None]
+        y = postnet(x, mask)
+        stats = [(m.running_mean.clone(), m.running_var.clone()) for m in postnet.modules()
+                 if isinstance(m, MaskedBatchNorm1d)]
+        return [y[0, :9], y[1, :4]], stats
+
+    tight, tight_stats = run(0)
+    loose, loose_stats = run(20)
+    for a, b in zip(tight, loose):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for (m1, v1), (m2, v2) in zip(tight_stats, loose_stats):
+        torch.testing.assert_close(m1, m2)
+        torch.testing.assert_close(v1, v2)
+
+    # nothing padded: the same outputs and running statistics as torch's own batch norm
+    norm = MaskedBatchNorm1d(16).train()
+    plain = torch.nn.BatchNorm1d(16).train()
+    with torch.no_grad():
+        norm.weight.normal_(), norm.bias.normal_()
+    plain.load_state_dict(norm.state_dict())
+    y = torch.randn(3, 16, 10) * 2 + 1
+    torch.testing.assert_close(norm(y, torch.ones(3, 1, 10)), plain(y), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(norm.running_mean, plain.running_mean)
+    torch.testing.assert_close(norm.running_var, plain.running_var)
+    assert norm.num_batches_tracked == plain.num_batches_tracked == 1

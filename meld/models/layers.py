@@ -48,6 +48,34 @@ def keep_mask_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     return x * torch.rand_like(x).ge_(p).mul_(1.0 / (1.0 - p))
 
 
+class MaskedBatchNorm1d(nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` over (B, C, T) whose training statistics count only real frames.
+
+    With a (B, 1, T) ``keep`` mask in training mode the batch mean and variance (and the running
+    estimates inference uses) come from the frames where keep is 1, so how much padding a batch has
+    changes neither its real frames' outputs nor the running statistics. Otherwise, plain batch norm.
+    Same parameters and buffers as ``nn.BatchNorm1d``: checkpoints load either way.
+    """
+
+    def forward(self, y: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        if keep is None or not self.training:
+            return super().forward(y)
+        n = keep.sum()  # real frames in the batch
+        mean = (y * keep).sum((0, 2)) / n  # (C,)
+        var = (((y - mean[None, :, None]) * keep) ** 2).sum((0, 2)) / n  # biased, as batch norm normalises
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                unbiased = var * n / (n - 1).clamp_min(1)  # what nn.BatchNorm1d keeps
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), momentum)
+                self.running_var.lerp_(unbiased.detach().to(self.running_var.dtype), momentum)
+        y_hat = (y - mean[None, :, None]) * torch.rsqrt(var[None, :, None] + self.eps)
+        if self.affine:
+            y_hat = y_hat * self.weight[None, :, None] + self.bias[None, :, None]
+        return y_hat
+
+
 class Postnet(nn.Module):
     """Tacotron-2 postnet: conv1d stack (batch norm, tanh except the last) predicting a residual.
 
@@ -63,7 +91,7 @@ class Postnet(nn.Module):
         super().__init__()
         dims = [dim] + [channels] * (n_layers - 1) + [dim]
         self.convs = nn.ModuleList(
-            nn.Sequential(nn.Conv1d(a, b, kernel, padding=kernel // 2), nn.BatchNorm1d(b))
+            nn.Sequential(nn.Conv1d(a, b, kernel, padding=kernel // 2), MaskedBatchNorm1d(b))
             for a, b in zip(dims[:-1], dims[1:])
         )
         self.dropout = dropout
@@ -74,12 +102,13 @@ class Postnet(nn.Module):
 
         Padded frames are zeroed before every conv, so a real frame's output is the one it would get
         from its utterance alone (the convs' own zero padding): a padded batch and per-utterance
-        calls agree to float rounding.
+        calls agree to float rounding. In training, batch norm's statistics are taken over the real
+        frames only (:class:`MaskedBatchNorm1d`), so padding does not shift them either.
         """
         y = x.transpose(1, 2)  # (B, dim, T)
         keep = None if mask is None else mask[:, None, :].to(y.dtype)
-        for i, conv in enumerate(self.convs):
-            y = conv(y if keep is None else y * keep)
+        for i, (conv, norm) in enumerate(self.convs):
+            y = norm(conv(y if keep is None else y * keep), keep)
             if i < len(self.convs) - 1:
                 y = torch.tanh(y)
             y = F.dropout(y, self.dropout, training=self.training)
@@ -90,8 +119,8 @@ class Postnet(nn.Module):
 
         A generation's utterances end at different steps; one masked call replaces one call per
         utterance (5 convs each: 80 small kernels at batch 16, 5 in all). Empty ones stay empty.
-        In training mode batch norm normalises by the batch's own statistics, which padding would
-        shift, so there each utterance runs alone, as before.
+        In training mode batch norm normalises by the batch's own statistics, which other utterances
+        would change, so there each utterance runs alone, as it would be generated alone.
         """
         if not frames:
             return []
