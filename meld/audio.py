@@ -17,6 +17,14 @@ class AudioError(ValueError):
     """An audio file could not be read or holds no usable signal."""
 
 
+class AudioTooLong(AudioError):
+    """An audio file's header gives a duration beyond the caller's limit; it was not decoded."""
+
+    def __init__(self, path: Path, seconds: float, max_seconds: float):
+        super().__init__(f"{path}: too long ({seconds:.1f} s > {max_seconds:g} s), not decoded")
+        self.seconds = seconds
+
+
 def resample(wav: np.ndarray, orig_sr: int, target_sr: int = SAMPLE_RATE) -> np.ndarray:
     """Resample a mono float waveform (soxr, high quality); a no-op at equal rates."""
     if orig_sr <= 0 or target_sr <= 0:
@@ -28,17 +36,21 @@ def resample(wav: np.ndarray, orig_sr: int, target_sr: int = SAMPLE_RATE) -> np.
     return librosa.resample(wav.astype(np.float32, copy=False), orig_sr=orig_sr, target_sr=target_sr, res_type="soxr_hq")
 
 
-def load_audio(path: str | Path, target_sr: int = SAMPLE_RATE) -> np.ndarray:
+def load_audio(path: str | Path, target_sr: int = SAMPLE_RATE, max_seconds: float | None = None) -> np.ndarray:
     """Read an audio file as float32 mono in [-1, 1] at ``target_sr``.
 
     Args:
         path: any format libsndfile reads (WAV, FLAC, OGG, ...).
         target_sr: output sample rate; other rates are resampled.
+        max_seconds: refuse, before decoding, a file whose header says it is clearly longer (a
+            10-minute recording in a corpus of sentences costs hundreds of MB to decode). The
+            exact limit is the caller's to apply to the decoded audio.
 
     Returns:
         (samples,) float32 array.
 
     Raises:
+        AudioTooLong: longer than ``max_seconds`` by more than 1 s, by the header.
         AudioError: missing, unreadable, empty, or non-finite audio (message names the file).
     """
     import soundfile as sf  # here, not at the top: the models import this module's constants, and a training
@@ -51,12 +63,16 @@ def load_audio(path: str | Path, target_sr: int = SAMPLE_RATE) -> np.ndarray:
     try:
         with sf.SoundFile(str(path)) as f:
             sr = f.samplerate
+            if max_seconds is not None and f.frames / sr > max_seconds + 1.0:
+                raise AudioTooLong(path, f.frames / sr, max_seconds)
             integer_pcm = f.subtype.startswith("PCM_")
             if f.subtype == "PCM_16":  # 16-bit PCM (our corpus, LibriSpeech FLAC): read as int16 and scale,
                 # the same samples as libsndfile's float conversion (x / 32768) at a quarter of the decode time
                 wav = f.read(dtype="int16", always_2d=True).astype(np.float32) * np.float32(1.0 / 32768.0)
             else:
                 wav = f.read(dtype="float32", always_2d=True)
+    except AudioTooLong:
+        raise
     except Exception as err:  # libsndfile raises several types for corrupt data
         raise AudioError(f"{path}: unreadable audio ({err})") from err
     wav = wav[:, 0] if wav.shape[1] == 1 else wav.mean(axis=1)  # (samples,) mono downmix

@@ -157,6 +157,8 @@ def log_mel(wav: np.ndarray, sample_rate: int) -> np.ndarray:
         raise ValueError(f"log_mel expects a mono (samples,) waveform, got shape {wav.shape}")
     if wav.size == 0:
         raise ValueError("log_mel got an empty waveform")
+    if not np.isfinite(wav).all():  # a NaN would come out as frames of silence (-10), not as an error
+        raise ValueError("log_mel got a waveform holding NaN or infinite samples")
     if sample_rate != SAMPLE_RATE:
         wav = resample(wav, sample_rate, SAMPLE_RATE)
     x = _reflect_pad(wav, N_FFT // 2)

@@ -209,3 +209,13 @@ def test_stage_script_librispeech_branch(tmp_path, monkeypatch):
     assert calls == [(tmp_path / "ls", out, ["dev-clean"], False)]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["corpus"] == "librispeech" and summary["total_hours"] == 1.0
+
+
+def test_a_manifest_row_without_audio_names_the_file_and_line(tmp_path):
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text('{"id": "a", "audio": "audio/a.wav", "text": "x"}\n\n{"id": "b", "text": "y"}\n')
+    with pytest.raises(ValueError, match=r"manifest.jsonl:3: a manifest row needs an \"audio\" path"):
+        read_manifest(manifest)
+    manifest.write_text('["not", "a", "row"]\n')
+    with pytest.raises(ValueError, match=r"manifest.jsonl:1: a manifest row needs"):
+        read_manifest(manifest)

@@ -128,11 +128,38 @@ def test_other_rates_give_the_frames_of_their_16khz_resample(speech):
     assert np.abs(ours[:n] - original[:n])[loud].mean() < 0.05
 
 
-def test_rejects_empty_and_stereo():
+def test_rejects_empty_stereo_and_non_finite():
     with pytest.raises(ValueError, match="empty"):
         log_mel(np.zeros(0, np.float32), SAMPLE_RATE)
     with pytest.raises(ValueError, match="mono"):
         log_mel(np.zeros((1000, 2), np.float32), SAMPLE_RATE)
+    wav = np.random.default_rng(0).standard_normal(4000).astype(np.float32) * 0.1
+    for bad in (np.nan, np.inf):  # one bad sample would come out as frames of silence
+        wav[1234] = bad
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            log_mel(wav, SAMPLE_RATE)
+
+
+def test_an_utterance_too_long_by_its_header_is_rejected_without_decoding(tmp_path):
+    """load_utterance (the features and codes stages' reader) refuses a clip far beyond
+    features.max_seconds from its header; one just over the limit is decoded and refused by its
+    decoded length, with the same reason."""
+    import soundfile as sf
+
+    from meld.audio import AudioTooLong, load_audio
+    from meld.corpus import load_utterance
+
+    long = tmp_path / "long.wav"
+    sf.write(str(long), np.zeros(16_000 * 30, np.float32), 16_000)  # 30 s of silence
+    with pytest.raises(AudioTooLong, match="long.wav: too long \\(30.0 s > 20 s\\), not decoded") as err:
+        load_audio(long, max_seconds=20.0)
+    assert err.value.seconds == pytest.approx(30.0)
+    row = {"id": "u1", "speaker": "s", "text": "a long one", "audio_path": str(long)}
+    for limit in (20.0, 29.5):  # far beyond (header) and just beyond (decoded)
+        meta, wav, reason = load_utterance(row, min_seconds=0.3, max_seconds=limit)
+        assert wav is None and reason == f"too long: 30.0 s > features.max_seconds={limit}"
+    meta, wav, reason = load_utterance(row, min_seconds=0.3, max_seconds=31.0)
+    assert reason is None and wav.size == 16_000 * 30
 
 
 # --------------------------------------------------------------------------- normalisation statistics

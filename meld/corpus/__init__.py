@@ -43,6 +43,8 @@ def read_manifest(path: str | Path) -> list[dict]:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({err})") from err
+            if not isinstance(row, dict) or not isinstance(row.get("audio"), str):
+                raise ValueError(f"{path}:{lineno}: a manifest row needs an \"audio\" path (got {line.strip()[:80]})")
             row["audio_path"] = str((path.parent / row["audio"]).resolve())
             rows.append(row)
     return rows
@@ -61,7 +63,12 @@ def load_utterance(row: dict, min_seconds: float, max_seconds: float):
         (meta {id, speaker, text, duration}, (samples,) float32 waveform or None, rejection reason or None);
         ``duration`` is the measured length of the audio.
     """
-    from meld.audio import SAMPLE_RATE, AudioError, load_audio  # soundfile only where audio is read
+    from meld.audio import (  # soundfile only where audio is read
+        SAMPLE_RATE,
+        AudioError,
+        AudioTooLong,
+        load_audio,
+    )
     from meld.text import normalise_transcript
 
     meta = {k: row.get(k) for k in ("id", "speaker", "text", "duration")}
@@ -69,7 +76,9 @@ def load_utterance(row: dict, min_seconds: float, max_seconds: float):
     if not isinstance(text, str) or not normalise_transcript(text):
         return meta, None, "empty or non-text transcript"
     try:
-        wav = load_audio(row["audio_path"])
+        wav = load_audio(row["audio_path"], max_seconds=max_seconds)
+    except AudioTooLong as err:  # told by the file's header: not decoded
+        return meta, None, f"too long: {err.seconds:.1f} s > features.max_seconds={max_seconds}"
     except AudioError as err:
         return meta, None, str(err)
     seconds = wav.size / SAMPLE_RATE
