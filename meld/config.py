@@ -421,7 +421,7 @@ _TRAIN_RULES: dict[str, Rule] = {
     "num_workers": _POSITIVE,
     "max_steps": _POSITIVE,
     "frames_per_batch": _POSITIVE,
-    "lr": _finite_number(0, above=True),
+    "lr": _finite_number(0, note=" (0 trains nothing, as tests of init_from use)"),
     "weight_decay": _finite_number(0),
     "warmup_steps": _at_least(0, " (0: no warm-up)"),
     "hold_steps": _NON_NEGATIVE,
@@ -576,10 +576,11 @@ class EvaluateConfig(Section):
             raise ConfigError(
                 f"evaluate.min_seconds must be <= evaluate.max_seconds ({self.max_seconds}), got {self.min_seconds}"
             )
-        # a prompt as long as the longest chosen utterance leaves nothing to continue
-        if self.prompt_seconds >= self.max_seconds:
+        # a prompt as long as the shortest chosen utterance leaves it nothing to continue (its duration
+        # ratio and SIM would fail after the generation, losing the split's work)
+        if self.prompt_seconds > 0 and self.prompt_seconds >= self.min_seconds:
             raise ConfigError(
-                f"evaluate.prompt_seconds must be < evaluate.max_seconds ({self.max_seconds}), got {self.prompt_seconds}"
+                f"evaluate.prompt_seconds must be < evaluate.min_seconds ({self.min_seconds}), got {self.prompt_seconds}"
             )
         _one_of("evaluate.vocoder", self.vocoder, VOCODER_NAMES)
         _one_of("evaluate.asr_judge", self.asr_judge, ASR_NAMES)

@@ -160,6 +160,13 @@ def save_checkpoint(
         state["optimizer"] = optimizer.state_dict()
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
+    return write_checkpoint_state(path, state)
+
+
+def write_checkpoint_state(path: str | Path, state: dict) -> Path:
+    """Write an already assembled checkpoint dict atomically (temp file, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     torch.save(state, tmp)
     with open(tmp, "rb") as f:

@@ -226,6 +226,7 @@ def train_worker(config: dict) -> None:
         restore_training_state,
         save_checkpoint,
         train_step,
+        write_checkpoint_state,
     )
 
     ctx = ray.train.get_context()
@@ -280,6 +281,8 @@ def train_worker(config: dict) -> None:
         step = restore_training_state(state, model, optimizer, scheduler)
         sampler.load_state_dict(state["sampler"])
         log.info(f"[rank {rank}] resuming {system} from step {step} ({source})")
+        if rank == 0 and source != str(ckpt_dir):  # Ray's copy: the stage exports from the folder
+            write_checkpoint_state(ckpt_dir / f"step-{step}.pt", state)
     elif tc.get("init_from"):  # weights only: the optimiser and schedule start afresh
         model.load_state_dict(load_checkpoint(tc["init_from"])["model"])
         if "codebook" in config:  # this run's data decides what the codes mean
@@ -548,7 +551,7 @@ def build_config(
         train["init_from"] = str(_check_init_from(train_cfg.init_from, system, kwargs, out / "checkpoints"))
     if system == "codec_lm":
         data = _code_data(codes, kwargs)
-        data_id = [(Path(data["train_store"]) / "index.jsonl").stat().st_size, data["codec"]["state_sha256"]]
+        data_id = [_files_digest([Path(data["train_store"]) / "index.jsonl", Path(bpe)]), data["codec"]["state_sha256"]]
     else:
         dev = features / "dev"
         data = {
@@ -556,7 +559,8 @@ def build_config(
             "train_store": str(features / "train"),
             "eval_store": str(dev) if (dev / "index.jsonl").is_file() else None,
         }
-        data_id = (features / "train" / "index.jsonl").stat().st_size
+        data_id = _files_digest([features / "train" / "index.jsonl", features / "stats.json", Path(bpe),
+                                 *([codebook_file] if codebook_file else [])])
     config = {
         "system": system,
         "model_kwargs": kwargs,
@@ -575,9 +579,35 @@ def build_config(
     # how often a run logs or saves does not change what it trains: changing it resumes, not restarts
     trajectory = {k: v for k, v in train.items() if k not in ("log_every", "checkpoint_every")}
     config["fingerprint"] = fingerprint(
-        {"system": system, "model_kwargs": kwargs, "train": trajectory, "data": data_id}
+        {"system": system, "model_kwargs": kwargs, "train": trajectory, "data": data_id, "code": _code_digest()}
     )
     return config
+
+
+def _files_digest(paths: list[Path]) -> str:
+    """SHA-256 over the bytes of a run's input files (the train split's index, the normalisation
+    statistics, the BPE model, the codebook): a checkpoint trained on other inputs is not resumed.
+    The frames themselves are not read (tens of GB at LibriSpeech scale); new frames come with a
+    new index or new statistics."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.name.encode())
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _code_digest() -> str:
+    """SHA-256 over the training code (the ``meld`` package and this driver): after a code change
+    that made DVC rerun the train stage, a finished run's checkpoint must not be resumed and
+    exported as if it were the new code's model."""
+    import meld
+
+    files = sorted(Path(meld.__file__).parent.rglob("*.py")) + [Path(__file__)]
+    return _files_digest(files)
 
 
 def _check_init_from(path: str | Path, system: str, model_kwargs: dict, checkpoint_dir: Path) -> Path:

@@ -108,7 +108,6 @@ BAD_VALUES = [
     ("train", {"max_steps": 0}, "train.max_steps"),
     ("train", {"frames_per_batch": 0}, "train.frames_per_batch"),
     ("train", {"lr": -1.0}, "train.lr"),
-    ("train", {"lr": 0.0}, "train.lr"),
     ("train", {"lr": NAN}, "train.lr"),
     ("train", {"weight_decay": -0.01}, "train.weight_decay"),
     ("train", {"warmup_steps": -1}, "train.warmup_steps"),
@@ -137,6 +136,7 @@ BAD_VALUES = [
     ("evaluate", {"generations": 0}, "evaluate.generations"),
     ("evaluate", {"prompt_seconds": -1.0}, "evaluate.prompt_seconds"),
     ("evaluate", {"prompt_seconds": 10.0, "max_seconds": 10.0}, "evaluate.prompt_seconds"),
+    ("evaluate", {"prompt_seconds": 4.0, "min_seconds": 4.0}, "evaluate.prompt_seconds"),
     ("evaluate", {"min_seconds": -1.0}, "evaluate.min_seconds"),
     ("evaluate", {"max_seconds": 0.0}, "evaluate.max_seconds"),
     ("evaluate", {"min_seconds": 5.0, "max_seconds": 4.0}, "evaluate.min_seconds"),
@@ -205,6 +205,7 @@ ACCEPTED_EDGES = [
     ("codebook", {"niter": 0, "pca_dims": 0, "size": 16, "max_vectors": 16}),
     ("model", {"dropout": 0.0, "specaug_freq_masks": 0, "specaug_time_masks": 0, "specaug_max_time_fraction": 0.0}),
     ("train", {"warmup_steps": 0, "decay_steps": 0, "weight_decay": 0.0, "loss_weights": {"slowness": 0.0}}),
+    ("train", {"lr": 0.0}),  # trains nothing: tests of init_from check the weights stay where they started
     ("evaluate", {"prompt_seconds": 0.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0, "audio_samples": 0,
                   "splits": [], "stt_splits": ["dev_other", "test_other"], "min_seconds": 4.0, "max_seconds": 4.0}),
     ("evaluate", {"top_k": -1}),  # sampling keeps every token for any k <= 0

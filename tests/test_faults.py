@@ -265,6 +265,27 @@ def test_logging_and_checkpoint_frequency_leave_the_configuration_the_same(data,
     assert tiny_config(data, tmp_path / "model", lr=0.002)["fingerprint"] != base
 
 
+def test_other_input_bytes_make_another_configuration(data, tmp_path):
+    """The fingerprint reads the inputs' bytes (train index, statistics, BPE model, codebook), not
+    their sizes: a codebook refitted with another seed has the same size and must not resume."""
+    import numpy as np
+
+    from ray_jobs.train import build_config
+
+    def fingerprint_with(codebook: Path) -> str:
+        return build_config(TINY_PARAMS, system="meld", features=data / "features", bpe=data / "bpe" / "bpe.model",
+                            codebook=codebook, out=tmp_path / "model", project_root=tmp_path,
+                            threads_per_worker=1)["fingerprint"]
+
+    other = tmp_path / "codebook"
+    shutil.copytree(data / "codebook", other)
+    assert fingerprint_with(other) == fingerprint_with(data / "codebook")
+    r = TINY_PARAMS["model"]["reduction_factor"]
+    codes = np.load(other / f"r{r}.npy")
+    np.save(other / f"r{r}.npy", codes[::-1].copy())  # same shape and bytes count, other order
+    assert fingerprint_with(other) != fingerprint_with(data / "codebook")
+
+
 @pytest.mark.slow
 def test_another_configuration_sets_the_old_checkpoints_aside(crashed_run, tmp_path):
     """A changed parameter starts a new run and moves the old checkpoints to stale/<fingerprint>/,
@@ -289,6 +310,24 @@ def test_another_configuration_sets_the_old_checkpoints_aside(crashed_run, tmp_p
     assert [n for n, _ in step_checkpoints(stale)] == [2, 4]
     assert load_checkpoint(stale / "step-4.pt")["extra"]["fingerprint"] == old
     assert (ckpt_dir / "step-best.pt").read_bytes() == b"a user's own copy"
+
+
+@pytest.mark.slow
+def test_a_run_resumed_from_rays_copy_leaves_its_checkpoint_in_the_folder(crashed_run, tmp_path):
+    """A finished run's checkpoint folder is gone (deleted, or another node's) but Ray's persisted copy
+    is there: the run resumes from that copy, trains nothing more, and writes the checkpoint back to
+    the folder the stage exports from (before, export_model found none)."""
+    from meld.training import latest_good_checkpoint
+    from ray_jobs.train import export_model, run_training
+
+    storage = tmp_path / "ray"
+    shutil.copytree(crashed_run["out"] / "ray", storage)
+    config = dict(crashed_run["config"])
+    config.pop("test_hooks")
+    config["checkpoint_dir"] = str(tmp_path / "checkpoints")  # empty
+    run_training(config, num_workers=1, use_gpu=False, storage_path=str(storage), max_failures=0)
+    assert latest_good_checkpoint(config["checkpoint_dir"])["step"] == 4
+    assert export_model(config, tmp_path).is_file()
 
 
 @pytest.mark.slow
