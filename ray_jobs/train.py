@@ -42,9 +42,10 @@ KEEP_CHECKPOINTS = 2
 #                           step N (and its checkpoint, if N is a checkpoint step); `crash_marker` (a file path)
 #                           makes it happen once: the file is written just before the exit.
 #   nan_at_step: N       -> rank `nan_rank` (default 0) fills its weights with NaN before step N (a loss that blew up).
+#   error_at_step: N     -> rank 0 raises RuntimeError before step N (any bug or data error in the loop).
 NONFINITE_MARKER = "NONFINITE.json"  # written by rank 0 when the loss became NaN/inf; read by run_training
 
-TEST_HOOK_KEYS = {"crash_after_step", "crash_rank", "crash_marker", "nan_at_step", "nan_rank"}
+TEST_HOOK_KEYS = {"crash_after_step", "crash_rank", "crash_marker", "nan_at_step", "nan_rank", "error_at_step"}
 
 
 def _prune(folder: Path, keep: int) -> None:
@@ -321,50 +322,58 @@ def train_worker(config: dict) -> None:
             if tmp is not None:  # report() has copied it into the run's storage: the staging folder must not pile up in /tmp
                 shutil.rmtree(tmp, ignore_errors=True)
 
-    metrics: dict = {}
-    batches = iter(sampler)
-    while step < tc["max_steps"]:
-        task = tc["task"]
-        if task == "joint":
-            task = "tts" if step < tc["stt_warmup_steps"] else "joint"
-        idx = next(batches)
-        # dropout and masking draws seeded by (seed, rank, step): distinct per rank, and a run resumed
-        # from a checkpoint draws what the uninterrupted run drew (tests/test_faults.py compares weights)
-        torch.manual_seed(tc["seed"] * 100_003 + rank * 7919 + step)
-        batch = {k: v.to(device) for k, v in data.batch(idx).items()}
-        if hooks.get("nan_at_step") == step + 1 and rank == hooks.get("nan_rank", 0):
-            with torch.no_grad():  # test hook: this rank's weights blow up
-                for p in model.parameters():
-                    p.fill_(float("nan"))
-        try:
-            metrics = train_step(module, optimizer, scheduler, batch, task=task,
-                                 loss_weights=tc["loss_weights"], grad_clip=tc["grad_clip"], autocast_dtype=autocast)
-        except NonFiniteLoss as err:
-            kept = f"step {last_ckpt_step}" if last_ckpt_step is not None else "none yet"
-            msg = (f"{system}: {err} at step {step + 1}; training stopped. The last good checkpoint ({kept}) "
-                   f"stays in {ckpt_dir}")
-            log.error(f"[rank {rank}] {msg}")
-            if rank == 0:
-                mlflow.set_tag("failure", msg[:5000])
-                mlflow.end_run(status="FAILED")
-                (ckpt_dir / NONFINITE_MARKER).write_text(json.dumps({"step": step + 1, "message": msg}))
-            # every rank gets here at the same step (FiniteCheckedLoss), so this collective report completes;
-            # returning instead of raising keeps FailureConfig from retrying a run that would only fail again
-            ray.train.report({"step": step, "nonfinite_step": step + 1})
-            return
-        step += 1
-        if rank == 0 and (step % tc["log_every"] == 0 or step == 1):
-            mlflow.log_metrics(metrics, step=step)
-            log.info(f"[{system}] step {step}/{tc['max_steps']} {format_metrics(metrics)}")
-        if step % tc["checkpoint_every"] == 0 or step == tc["max_steps"]:
-            checkpoint(step, metrics)
-            last_ckpt_step = step
-        if hooks.get("crash_after_step") == step and rank == hooks.get("crash_rank", min(1, world - 1)):
-            marker = Path(hooks["crash_marker"])
-            if not marker.exists():  # test hook: this worker process dies once, as a killed node would
-                marker.write_text(str(step))
-                log.warning(f"[rank {rank}] test hook: worker process exits after step {step}")
-                os._exit(1)
+    try:
+        metrics: dict = {}
+        batches = iter(sampler)
+        while step < tc["max_steps"]:
+            task = tc["task"]
+            if task == "joint":
+                task = "tts" if step < tc["stt_warmup_steps"] else "joint"
+            idx = next(batches)
+            # dropout and masking draws seeded by (seed, rank, step): distinct per rank, and a run resumed
+            # from a checkpoint draws what the uninterrupted run drew (tests/test_faults.py compares weights)
+            torch.manual_seed(tc["seed"] * 100_003 + rank * 7919 + step)
+            batch = {k: v.to(device) for k, v in data.batch(idx).items()}
+            if hooks.get("error_at_step") == step + 1 and rank == 0:
+                raise RuntimeError(f"test hook: error before step {step + 1}")
+            if hooks.get("nan_at_step") == step + 1 and rank == hooks.get("nan_rank", 0):
+                with torch.no_grad():  # test hook: this rank's weights blow up
+                    for p in model.parameters():
+                        p.fill_(float("nan"))
+            try:
+                metrics = train_step(module, optimizer, scheduler, batch, task=task,
+                                     loss_weights=tc["loss_weights"], grad_clip=tc["grad_clip"], autocast_dtype=autocast)
+            except NonFiniteLoss as err:
+                kept = f"step {last_ckpt_step}" if last_ckpt_step is not None else "none yet"
+                msg = (f"{system}: {err} at step {step + 1}; training stopped. The last good checkpoint ({kept}) "
+                       f"stays in {ckpt_dir}")
+                log.error(f"[rank {rank}] {msg}")
+                if rank == 0:
+                    mlflow.set_tag("failure", msg[:5000])
+                    mlflow.end_run(status="FAILED")
+                    (ckpt_dir / NONFINITE_MARKER).write_text(json.dumps({"step": step + 1, "message": msg}))
+                # every rank gets here at the same step (FiniteCheckedLoss), so this collective report completes;
+                # returning instead of raising keeps FailureConfig from retrying a run that would only fail again
+                ray.train.report({"step": step, "nonfinite_step": step + 1})
+                return
+            step += 1
+            if rank == 0 and (step % tc["log_every"] == 0 or step == 1):
+                mlflow.log_metrics(metrics, step=step)
+                log.info(f"[{system}] step {step}/{tc['max_steps']} {format_metrics(metrics)}")
+            if step % tc["checkpoint_every"] == 0 or step == tc["max_steps"]:
+                checkpoint(step, metrics)
+                last_ckpt_step = step
+            if hooks.get("crash_after_step") == step and rank == hooks.get("crash_rank", min(1, world - 1)):
+                marker = Path(hooks["crash_marker"])
+                if not marker.exists():  # test hook: this worker process dies once, as a killed node would
+                    marker.write_text(str(step))
+                    log.warning(f"[rank {rank}] test hook: worker process exits after step {step}")
+                    os._exit(1)
+    except BaseException as err:  # any other failure: the run must not stay RUNNING in the MLflow UI
+        if rank == 0 and mlflow.active_run() is not None:
+            mlflow.set_tag("failure", f"{type(err).__name__}: {err}"[:5000])
+            mlflow.end_run(status="FAILED")
+        raise
     if rank == 0:
         mlflow.end_run()
 
@@ -444,10 +453,36 @@ def run_training(
             callbacks=callbacks,
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except BaseException as err:
+        _mark_mlflow_run_failed(config, err)
+        raise
+    if getattr(result, "error", None) is not None:
+        _mark_mlflow_run_failed(config, result.error)
     if marker.is_file():
         raise NonFiniteLoss(json.loads(marker.read_text())["message"])
     return result
+
+
+def _mark_mlflow_run_failed(config: dict, err: BaseException) -> None:
+    """The driver's side of a failed run: a worker killed by Ray never ends its MLflow run, which
+    would stay RUNNING; mark it FAILED (if it is still running) with the error."""
+    id_file = Path(config["checkpoint_dir"]) / "mlflow_run_id"
+    if not id_file.is_file():
+        return
+    try:
+        from mlflow.tracking import MlflowClient
+
+        from meld import tracking
+
+        uri = config.get("mlflow_tracking_uri") or tracking.tracking_uri(config["project_root"])
+        client, run_id = MlflowClient(uri), id_file.read_text().strip()
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_tag(run_id, "failure", f"{type(err).__name__}: {err}"[:5000])
+            client.set_terminated(run_id, status="FAILED")
+    except Exception as mark_err:  # the training error matters more than this bookkeeping
+        log.warning("could not mark MLflow run %s FAILED: %s", id_file, mark_err)
 
 
 def init_ray(num_cpus: int | None = None) -> None:

@@ -194,6 +194,9 @@ def test_killed_worker_resumes_from_checkpoint(crashed_run):
     steps = [s for s, _ in metric_history(uri, run_id, "loss/total")]
     print(f"(a) steps logged: {steps}; killed after step 2, resumed at step 2, finished at step {steps[-1]}")
     assert steps == [1, 2, 3, 4]
+    from mlflow.tracking import MlflowClient
+
+    assert MlflowClient(uri).get_run(run_id).info.status == "FINISHED"  # the retry ended the run it resumed
 
 
 @pytest.mark.slow
@@ -378,6 +381,24 @@ def test_nan_loss_stops_with_clear_message_and_keeps_checkpoint(data, tmp_path, 
     run = MlflowClient(tracking).get_run((ckpt_dir / "mlflow_run_id").read_text().strip())
     assert run.info.status == "FAILED" and "non-finite loss" in run.data.tags["failure"]
     assert "train/resume_step" not in run.data.metrics  # stopped, not retried from the checkpoint
+
+
+@pytest.mark.slow
+def test_a_failed_run_is_marked_failed_in_mlflow(data, tmp_path, tracking):
+    """Any error in the training loop (not only a NaN loss) ends the MLflow run as FAILED with the
+    error, instead of leaving it RUNNING; the run raises."""
+    ensure_ray()
+    from mlflow.tracking import MlflowClient
+
+    from ray_jobs.train import run_training
+
+    config = tiny_config(data, tmp_path / "model")
+    config["test_hooks"] = {"error_at_step": 2}
+    with pytest.raises(Exception, match="test hook: error before step 2"):
+        run_training(config, num_workers=1, use_gpu=False, storage_path=str(tmp_path / "ray"), max_failures=0)
+    run_id = (Path(config["checkpoint_dir"]) / "mlflow_run_id").read_text().strip()
+    run = MlflowClient(tracking).get_run(run_id)
+    assert run.info.status == "FAILED" and "test hook: error before step 2" in run.data.tags["failure"]
 
 
 def _wait_for(predicate, proc: subprocess.Popen, deadline_s: float) -> None:
