@@ -24,6 +24,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -425,6 +426,13 @@ def main(argv: list[str] | None = None) -> int:
     cfg = EvaluateConfig.from_dict(params.get("evaluate", {}), "evaluate")
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(2)
+    if not args.codes:  # every TTS split must be there before hours of generation on the earlier ones
+        missing = [s for s in cfg.splits if not (Path(args.features) / s / "index.jsonl").is_file()
+                   or not (Path(args.corpus) / s / "manifest.jsonl").is_file()]
+        if missing:
+            have = sorted(p.parent.name for p in Path(args.features).glob("*/index.jsonl"))
+            raise SystemExit(f"evaluate.splits: {missing} not in {args.features} / {args.corpus} "
+                             f"(this corpus has {have})")
     model, state = load_model(args.model)
     configure_decoding(model, compile=cfg.compile_decoding)
     out = Path(args.out)
@@ -483,24 +491,44 @@ def main(argv: list[str] | None = None) -> int:
                     metrics["ablations"].setdefault(variant["name"], {})[split] = summary
                 print(f"{variant['name']} / {split}: " + ", ".join(
                     f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+                save_progress(args, metrics, all_rows, out)  # a later failure keeps what is done
     return write_results(args, params, metrics, all_rows, out)
 
 
-def write_results(args, params: dict, metrics: dict, all_rows: list[dict], out: Path) -> int:
-    """generations.jsonl, the metrics file, and the metrics, samples and plots in the training run's MLflow run."""
-    with open(out / "generations.jsonl", "w") as f:
-        for r in all_rows:
-            f.write(json.dumps(r) + "\n")
+def save_progress(args, metrics: dict, all_rows: list[dict], out: Path, *, complete: bool = False) -> None:
+    """generations.jsonl and the metrics file as they stand, each written whole (temp file + rename):
+    after every split, so that a failure in a later one (hours into a LibriSpeech evaluation) leaves
+    the finished splits' numbers on disk, marked ``"complete": false``."""
+    _write_atomically(out / "generations.jsonl", "".join(json.dumps(r) + "\n" for r in all_rows))
     Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.metrics).write_text(json.dumps(metrics, indent=2))
+    _write_atomically(Path(args.metrics), json.dumps({**metrics, "complete": complete}, indent=2))
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def write_results(args, params: dict, metrics: dict, all_rows: list[dict], out: Path) -> int:
+    """generations.jsonl, the metrics file, and the metrics, samples and plots in the training run's
+    MLflow run, with the evaluation's settings as ``eval.*`` tags (tags, not params: a rerun with
+    other settings updates them, where MLflow refuses to change a logged param)."""
+    save_progress(args, metrics, all_rows, out, complete=True)
 
     from meld import tracking
 
     mlflow = tracking.setup(params.get("mlflow", {}).get("experiment", "meld"))
     run_id = Path(args.run_id_file).read_text().strip() if args.run_id_file and Path(args.run_id_file).is_file() else None
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else f"evaluate-{args.system}"):
+        mlflow.set_tags(tracking.flatten({"eval": params.get("evaluate", {})}))
         for split, s in metrics["splits"].items():
             mlflow.log_metrics({f"eval/{split}/{k}": float(v) for k, v in s.items() if isinstance(v, (int, float))})
+        for name, splits in metrics.get("ablations", {}).items():  # "meld (latent zeroed)" -> "meld latent zeroed"
+            slug = re.sub(r"[^\w./ -]", "", name).strip()
+            for split, s in splits.items():
+                mlflow.log_metrics({f"eval/ablation/{slug}/{split}/{k}": float(v) for k, v in s.items()
+                                    if isinstance(v, (int, float))})
         for split, s in metrics.get("stt", {}).items():
             mlflow.log_metrics({f"eval/stt/{split}/{k}": float(v) for k, v in s.items() if isinstance(v, (int, float))})
             mlflow.log_metrics({f"eval/stt/{split}/wer_by_speaker/{spk}": float(w)

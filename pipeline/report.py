@@ -48,7 +48,9 @@ def tts_table(all_metrics: list[dict]) -> list[str]:
         rows = [(m["system"], m.get("splits", {}))] + list(m.get("ablations", {}).items())
         for name, splits in rows:
             for split, s in splits.items():
-                if not s:
+                if not s:  # no utterance of the split within evaluate.min_seconds..max_seconds
+                    lines.append(f"| {name} | {split} | no utterance within evaluate.min_seconds..max_seconds |"
+                                 + " |" * (len(head) - 3))
                     continue
                 lines.append("| " + " | ".join([name, split] + [_cell(s, k, f, t) for t, k, f in TTS_COLUMNS]) + " |")
     return lines
@@ -146,7 +148,11 @@ def main(argv: list[str] | None = None) -> int:
         if not path.is_file():
             stage = "evaluate_codec" if system in codec_systems else "evaluate"
             raise SystemExit(f"report: {path} is missing (did {stage}@{system} run?)")
-        metrics.append(json.loads(path.read_text()))
+        m = json.loads(path.read_text())
+        if m.get("complete") is False:  # evaluate writes its splits as they finish; this one stopped early
+            raise SystemExit(f"report: {path} holds an evaluation that stopped before its last split "
+                             f"(rerun evaluate@{system})")
+        metrics.append(m)
     if "codec_lm" not in [*systems, *codec_systems]:
         metrics.append({"system": "codec_lm", "unavailable": "not trained in this run (codec_systems: [codec_lm] "
                         "enables the codes -> train_codec -> evaluate_codec stages)"})
@@ -167,8 +173,14 @@ def main(argv: list[str] | None = None) -> int:
             lines += ["", "### STT WER by speaker", ""] + by_speaker
     if args.tune and Path(args.tune).is_file():
         tune = json.loads(Path(args.tune).read_text())
-        lines += ["", "## Ray Tune sweep", "", f"best trial: `{tune.get('best_config')}` objective {tune.get('best_objective')}",
-                  "", "![sweep](tune.png)"]
+        best = tune.get("best")
+        if best:  # an early-stopped best was compared at fewer steps than the budget: say so
+            note = "" if best.get("status") == "completed" else \
+                f" (stopped early by ASHA at step {best.get('steps')}: no trial trained the full budget)"
+            summary = f"best trial: `{best['config']}` objective {best['objective']:.4g}{note}"
+        else:
+            summary = "no trial produced a finite objective"
+        lines += ["", "## Ray Tune sweep", "", summary, "", "![sweep](tune.png)"]
     lines += ["", "![TTS comparison](plots/tts_comparison.png)", ""]
     (out / "summary.md").write_text("\n".join(lines))
     print("\n".join(lines))

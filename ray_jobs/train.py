@@ -779,8 +779,27 @@ def main(argv: list[str] | None = None) -> int:
     if result.error:
         raise result.error
     path = export_model(config, Path(args.out).resolve())
+    log_model_artifact(config, path)
     print(f"wrote {path}")
     return 0
+
+
+def log_model_artifact(config: dict, path: Path) -> None:
+    """Attach the exported inference checkpoint to the training run in MLflow (artifact ``model/``),
+    so a run in the UI carries the model it produced, not only its curves."""
+    id_file = Path(config["checkpoint_dir"]) / "mlflow_run_id"
+    if not id_file.is_file():
+        log.warning("no MLflow run id in %s: %s not logged as an artifact", id_file.parent, path.name)
+        return
+    from mlflow.tracking import MlflowClient
+
+    from meld import tracking
+
+    if config.get("mlflow_tracking_uri"):
+        os.environ["MLFLOW_TRACKING_URI"] = config["mlflow_tracking_uri"]
+    tracking.setup(config["experiment"], config["project_root"])  # the store (and its artifact root) the run lives in
+    MlflowClient(tracking.tracking_uri(config["project_root"])).log_artifact(
+        id_file.read_text().strip(), str(path), "model")
 
 
 if __name__ == "__main__":

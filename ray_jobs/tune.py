@@ -148,8 +148,9 @@ def collect_trials(grid, tc: TuneConfig, work_dir: Path) -> list[dict]:
 
 def best_trial(trials: list[dict]) -> dict | None:
     """Lowest objective among the trials that trained the full budget (ASHA compares equal budgets);
-    among all scored trials when none did."""
-    scored = [t for t in trials if t["objective"] is not None]
+    among all scored trials when none did. A NaN or infinite objective (a diverged trial) is not a
+    score: min() over a list holding NaN answers by position, not by value."""
+    scored = [t for t in trials if t["objective"] is not None and math.isfinite(t["objective"])]
     full = [t for t in scored if t["status"] == "completed"]
     pool = full or scored
     return min(pool, key=lambda t: t["objective"]) if pool else None

@@ -115,7 +115,7 @@ def test_whole_dag_runs_and_reruns_only_what_changed(tmp_path):
     assert _stages_run(first) == {"corpus", "features", "codebook", "bpe", "train@meld_joint", "evaluate@meld_joint",
                                   "train@mel_lm", "evaluate@mel_lm", "tune", "report"}
     metrics = json.loads((work / "metrics" / "meld_joint.json").read_text())
-    assert metrics["task"] == "joint"
+    assert metrics["task"] == "joint" and metrics["complete"] is True
     split = metrics["splits"]["test_unseen"]  # its TTS ...
     # an untrained tiny model may sample <EOS> at once (ratio 0, seen in a clean clone): what is
     # checked here is that the generation was scored, not how long it was
@@ -171,6 +171,9 @@ def test_whole_dag_runs_and_reruns_only_what_changed(tmp_path):
     run = runs["train-meld_joint"]  # the training run, with its evaluation's TTS and STT metrics
     assert "loss/total" in run.data.metrics and "eval/test_unseen/duration_ratio" in run.data.metrics
     assert "eval/stt/test/wer" in run.data.metrics
+    assert run.data.tags["eval.splits"] == str(DEBUG_PARAMS["evaluate"]["splits"])  # how it was evaluated
+    artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "model")]
+    assert artifacts == ["model/model.pt"]  # the model the run produced
     parent = runs["tune-meld_joint"]  # the sweep's parent run, one child run per trial
     assert parent.info.run_id == sweep["mlflow_parent_run_id"]
     assert parent.data.metrics["best/objective"] == pytest.approx(sweep["best"]["objective"])

@@ -71,6 +71,8 @@ def test_best_trial_compares_full_budgets_only():
     assert best_trial(trials)["trial"] == "t-r1-sw0.5"
     assert best_trial([_row(2, 0.0, 1.1, "early_stopped", 2)])["trial"] == "t-r2-sw0.0"
     assert best_trial([_row(2, 0.5, None, "error", 0)]) is None
+    # a diverged trial's NaN is no score (min() would return it when it came first)
+    assert best_trial([_row(1, 0.0, float("nan")), _row(2, 0.0, 1.3)])["trial"] == "t-r2-sw0.0"
 
 
 def test_plot_has_one_line_per_frame_rate(tmp_path):
