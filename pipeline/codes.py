@@ -38,7 +38,12 @@ def _init_worker(desc: dict) -> None:
     # the narrow codec's convolutions are too small to gain from threads: processes are the parallelism
     torch.set_num_threads(1)
     codec = codec_from_description(desc)  # checked against the description's hash
-    # the full-size DAC encodes at about real time on two CPU cores; a GPU, when there is one, is far faster
+    # the full-size DAC encodes at about real time on two CPU cores; a GPU, when there is one, is far faster.
+    # Full float32 there: cuDNN's default TF32 convolutions could flip near-tie codes, so the codes
+    # would depend on the machine that made them
+    if torch.cuda.is_available():
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     _WORKER_CODEC = codec.to("cuda") if torch.cuda.is_available() else codec
 
 

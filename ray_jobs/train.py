@@ -271,6 +271,10 @@ def train_worker(config: dict) -> None:
     model = build_model(system, config["model_kwargs"])
     if "codebook" in config:
         model.set_codebook(torch.from_numpy(np.load(config["codebook"])))
+    # on its device before the optimiser exists: Optimizer.load_state_dict puts a resumed run's moments
+    # on the device the parameters have then, and prepare_model's later move would leave them on the
+    # CPU while the (fused) AdamW step runs on the GPU
+    model.to(device)
     module = _finite_checked(LossModule)(model)
     ckpt_dir = Path(config["checkpoint_dir"])
     state, source = _resume_state(ckpt_dir, config["fingerprint"], rank)

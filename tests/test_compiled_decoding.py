@@ -102,6 +102,32 @@ def test_compiled_decoding_generates_what_eager_decoding_does_and_compiles_once(
     torch._dynamo.reset()
 
 
+def test_the_compiled_step_takes_more_shapes_than_torchs_default_limit():
+    """An evaluation meets many (batch, length) shapes; with fullgraph=True torch's default limit of 8
+    compiles per function ends the 9th in a hard error. Twelve batch sizes must all decode, each as
+    the eager fixed-shape step does."""
+    torch._dynamo.reset()
+    limit = torch._dynamo.config.recompile_limit
+    try:
+        bb = Backbone(16, 1, 2, 32, 0.0).eval()
+        configure_decoding(bb, compile=True, backend="eager")  # dynamo's tracing and guards, no codegen
+        assert torch._dynamo.config.recompile_limit >= 12
+        for B in range(1, 13):
+            emb, pos = torch.randn(B, 16), torch.zeros(B, dtype=torch.long)
+            outs = []
+            for compiled in (True, False):
+                configure_decoding(bb, compile=compiled, fixed_shape=True, backend="eager")
+                cache = bb.new_cache(B, 10)
+                cache.key_valid[:, :1], cache.length = True, 1
+                with torch.no_grad():
+                    outs.append(bb.step(emb, pos, cache))
+            torch.testing.assert_close(outs[0], outs[1])
+    finally:
+        configure_decoding(bb)
+        torch._dynamo.config.recompile_limit = limit
+        torch._dynamo.reset()
+
+
 def test_compile_decoding_param_is_checked():
     assert EvaluateConfig.from_dict({"compile_decoding": True}, "evaluate").compile_decoding is True
     with pytest.raises(ConfigError, match="evaluate.compile_decoding"):

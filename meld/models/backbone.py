@@ -474,7 +474,9 @@ class Backbone(nn.Module):
         emb = torch.cat([emb, emb.new_zeros(B - b, emb.shape[1])])
         positions = torch.cat([positions, positions.new_zeros(B - b)])
         slot = torch.full((1,), cache.length, dtype=torch.long, device=emb.device)
-        table = self._position_table(cache.max_len, emb.device, emb.dtype)
+        # exactly max_len rows (positions stay below it): the shared table grows by doubling, and a
+        # new length of it would be one more shape to compile
+        table = self._position_table(cache.max_len, emb.device, emb.dtype)[: cache.max_len]
         step = self._fixed_shape_step
         if self._compiled_step is not None:
             step = self._compiled_step
@@ -512,6 +514,7 @@ class Backbone(nn.Module):
 
 
 FIXED_SHAPE_LENGTH_STEP = 256  # a fixed-shape cache's max_len is a multiple of this: few shapes to compile
+RECOMPILE_LIMIT = 64  # compiled shapes allowed per decoding step function (torch's default: 8)
 
 
 def configure_decoding(model: nn.Module, *, fixed_shape: bool = False, compile: bool = False,
@@ -531,6 +534,11 @@ def configure_decoding(model: nn.Module, *, fixed_shape: bool = False, compile: 
     backbones = [m for m in model.modules() if isinstance(m, Backbone)]
     if not backbones:
         raise ValueError(f"{type(model).__name__} has no Backbone to configure")
+    if compile:
+        # each (batch, length, dtype, grad mode) combination compiles once; torch's default limit of 8
+        # per function would, with fullgraph=True, end a long evaluation (length buckets x a smaller
+        # last batch x the STT beam sizes) in a hard error at the 9th instead of compiling it
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     for bb in backbones:
         bb.fixed_shape_decoding = fixed_shape or compile
         bb._compiled_step = None

@@ -48,6 +48,15 @@ def keep_mask_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     return x * torch.rand_like(x).ge_(p).mul_(1.0 / (1.0 - p))
 
 
+def masked_frame_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of (B, T, D) ``values`` over the real frames of (B, T) bool ``mask`` and all D channels,
+    in float32 whatever the values' dtype (under bf16 autocast a bf16 sum or frame count above 256
+    would round)."""
+    m = mask[..., None]
+    total = torch.where(m, values.float(), torch.zeros((), device=values.device)).sum()
+    return total / (mask.sum().clamp_min(1) * values.shape[-1])
+
+
 class MaskedBatchNorm1d(nn.BatchNorm1d):
     """``nn.BatchNorm1d`` over (B, C, T) whose training statistics count only real frames.
 
@@ -60,6 +69,8 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
     def forward(self, y: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         if keep is None or not self.training:
             return super().forward(y)
+        # statistics in float32: under bf16 autocast a bf16 frame count or sum above 256 would round
+        dtype, y, keep = y.dtype, y.float(), keep.float()
         n = keep.sum()  # real frames in the batch
         mean = (y * keep).sum((0, 2)) / n  # (C,)
         var = (((y - mean[None, :, None]) * keep) ** 2).sum((0, 2)) / n  # biased, as batch norm normalises
@@ -73,7 +84,7 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
         y_hat = (y - mean[None, :, None]) * torch.rsqrt(var[None, :, None] + self.eps)
         if self.affine:
             y_hat = y_hat * self.weight[None, :, None] + self.bias[None, :, None]
-        return y_hat
+        return y_hat.to(dtype)
 
 
 class Postnet(nn.Module):

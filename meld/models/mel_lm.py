@@ -24,17 +24,10 @@ from torch import nn
 
 from meld.models.backbone import Backbone, lengths_to_mask, packed_positions, prepare_for_decoding
 from meld.models.builders import backbone_kwargs, mel_frames_kwargs
-from meld.models.layers import MelEncoder, Postnet
+from meld.models.layers import MelEncoder, Postnet, masked_frame_mean
 from meld.models.leaving_rows import LeavingRows, row_guards
 from meld.models.meld import Generation, slowness_penalty
 from meld.models.vocab import UnionEmbedding, UnionVocab
-
-
-def masked_frame_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of (B, T, D) ``values`` over the real frames of (B, T) ``mask`` and all D channels."""
-    m = mask[..., None]
-    total = torch.where(m, values.float(), torch.zeros((), device=values.device)).sum()
-    return total / (mask.sum().clamp_min(1) * values.shape[-1])
 
 
 def stop_bce(logits: torch.Tensor, mel_len: torch.Tensor, pos_weight: float) -> torch.Tensor:

@@ -25,6 +25,7 @@ from meld.models.layers import (
     Postnet,
     check_voice_perturb,
     group_frames,
+    masked_frame_mean,
     spec_augment,
     ungroup_frames,
     voice_perturb,
@@ -268,13 +269,11 @@ class MELD(nn.Module):
         if task == "tts":
             out = self.forward_tts(batch["text"], batch["text_len"], batch["mel"], batch["mel_len"], generator)
             ce = F.cross_entropy(out.logits.flatten(0, 1).float(), out.targets.flatten(), ignore_index=PAD)
-            m = out.frame_mask[..., None].to(out.mel_pre.dtype)
-            denom = m.sum().clamp_min(1.0) * out.mel_pre.shape[-1]
             target = batch["mel"]
             return {
                 "loss/ce": ce,
-                "loss/mse_pre": ((out.mel_pre - target).pow(2) * m).sum() / denom,
-                "loss/mse_post": ((out.mel_post - target).pow(2) * m).sum() / denom,
+                "loss/mse_pre": masked_frame_mean((out.mel_pre.float() - target).pow(2), out.frame_mask),
+                "loss/mse_post": masked_frame_mean((out.mel_post.float() - target).pow(2), out.frame_mask),
                 "loss/slowness": slowness_penalty(out.mel_post, out.frame_mask),
             }
         if task == "stt":

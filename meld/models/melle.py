@@ -42,7 +42,8 @@ import torch
 from torch import nn
 
 from meld.models.builders import backbone_kwargs, mel_frames_kwargs
-from meld.models.mel_lm import ContinuousFrameLM, check_tts_task, masked_frame_mean, stop_bce
+from meld.models.layers import masked_frame_mean
+from meld.models.mel_lm import ContinuousFrameLM, check_tts_task, stop_bce
 
 
 def gaussian_kl_to_target(
