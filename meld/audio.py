@@ -6,6 +6,7 @@ reason, so that the data stages can skip and list bad files instead of crashing.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -78,8 +79,14 @@ def load_audio(path: str | Path, target_sr: int = SAMPLE_RATE, max_seconds: floa
     wav = wav[:, 0] if wav.shape[1] == 1 else wav.mean(axis=1)  # (samples,) mono downmix
     if wav.size == 0:
         raise AudioError(f"{path}: audio holds no samples")
-    if not integer_pcm and not np.isfinite(wav).all():  # integer samples cannot be NaN or infinite
-        raise AudioError(f"{path}: audio holds NaN or infinite samples")
+    if not integer_pcm:  # integer samples cannot be NaN, infinite or outside [-1, 1]
+        if not np.isfinite(wav).all():
+            raise AudioError(f"{path}: audio holds NaN or infinite samples")
+        peak = float(np.abs(wav).max())
+        if peak > 1.0:  # kept as is: the log-mel (and what a model hears) is louder than the file means
+            logging.getLogger(__name__).warning(
+                "%s: float samples reach %.3g, outside [-1, 1]; the features will be %.1f dB louder than "
+                "a full-scale file", path, peak, 20 * np.log10(peak))
     return resample(wav, sr, target_sr)
 
 

@@ -313,7 +313,9 @@ def run_sweep(
             "wall_seconds": round(time.time() - t0, 1),
         }
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
+        tmp = out.with_name(out.name + ".tmp")  # whole or not at all: the report stage trusts it
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        tmp.replace(out)
         plot_trials(trials, tc.metric, plot)
         mlflow.log_metric("tune/trials", len(trials))
         mlflow.log_metric("tune/early_stopped", sum(t["status"] == "early_stopped" for t in trials))

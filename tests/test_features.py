@@ -236,3 +236,17 @@ def test_load_audio_gives_libsndfiles_float_samples_for_every_subtype(tmp_path, 
     got = load_audio(path)
     assert got.dtype == np.float32
     np.testing.assert_array_equal(got, expected)
+
+
+def test_float_samples_beyond_full_scale_are_read_with_a_warning(tmp_path, caplog):
+    import soundfile as sf
+
+    from meld.audio import load_audio
+
+    path = tmp_path / "hot.wav"
+    wav = np.sin(np.linspace(0, 200, 8000)).astype(np.float32) * 4.0  # peak ~4: 12 dB over full scale
+    sf.write(str(path), wav, 16_000, subtype="FLOAT")
+    with caplog.at_level("WARNING", logger="meld.audio"):
+        got = load_audio(path)
+    np.testing.assert_array_equal(got, sf.read(str(path), dtype="float32")[0])  # kept as is
+    assert "hot.wav: float samples reach 4, outside [-1, 1]" in caplog.text and "12.0 dB louder" in caplog.text
