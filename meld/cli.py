@@ -639,7 +639,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("synthesize", help="zero-shot TTS: continue an acoustic prompt speaking a text")
     s.add_argument("--checkpoint", required=True, help="inference checkpoint (model.pt)")
     s.add_argument("--text", required=True, help="full transcript: the prompt's words, then the new words")
-    s.add_argument("--prompt", default=None, help="audio file whose start is the acoustic prompt (any rate)")
+    s.add_argument("--prompt", default=None, help="audio file whose start is the acoustic prompt (any rate); "
+                   "without it the model speaks the text from nothing, in whatever voice it draws")
     s.add_argument("--out", required=True, help="output audio, 16 kHz 16-bit PCM: .wav, .flac, ... (by extension)")
     s.add_argument(
         "--prompt-seconds",
@@ -647,9 +648,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=_EVAL_DEFAULTS.prompt_seconds,
         help="seconds of the prompt file to use (default %(default)s)",
     )
-    s.add_argument("--temperature", type=float, default=_EVAL_DEFAULTS.temperature)
+    s.add_argument("--temperature", type=float, default=_EVAL_DEFAULTS.temperature,
+                   help="> 0: sampling temperature over the codes (default %(default)s, as the evaluation)")
     s.add_argument("--top-k", type=int, default=_EVAL_DEFAULTS.top_k, help="0 disables (default %(default)s)")
-    s.add_argument("--top-p", type=float, default=_EVAL_DEFAULTS.top_p)
+    s.add_argument("--top-p", type=float, default=_EVAL_DEFAULTS.top_p,
+                   help="nucleus sampling mass in (0, 1] (default %(default)s)")
     s.add_argument(
         "--repetition-penalty",
         type=float,
@@ -662,13 +665,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=20.0,
         help="guard on the generated speech after the prompt (default %(default)s)",
     )
-    s.add_argument("--seed", type=int, default=_EVAL_DEFAULTS.seed)
+    s.add_argument("--seed", type=int, default=_EVAL_DEFAULTS.seed,
+                   help="sampling seed: the same seed, text and prompt give the same speech (default %(default)s)")
     s.add_argument(
         "--no-test-time-dropout",
         action="store_true",
         help="turn off the mel encoder's dropout at inference (the paper keeps it on)",
     )
-    s.add_argument("--vocoder", choices=("griffin_lim", "hifigan"), default=_EVAL_DEFAULTS.vocoder)
+    s.add_argument("--vocoder", choices=("griffin_lim", "hifigan"), default=_EVAL_DEFAULTS.vocoder,
+                   help="mel -> waveform (default %(default)s; hifigan needs --vocoder-path)")
     s.add_argument(
         "--vocoder-path",
         default=None,
@@ -693,7 +698,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint", required=True, help="inference checkpoint (model.pt)")
     t.add_argument("audio", nargs="+", help="audio files (any format libsndfile reads, any rate)")
     t.add_argument("--beam", type=int, default=5, help="beam size; 1 is greedy (default %(default)s)")
-    t.add_argument("--max-tokens", type=int, default=200, help="BPE tokens per transcript at most")
+    t.add_argument("--max-tokens", type=int, default=200, help="BPE tokens per transcript at most (default %(default)s)")
     t.add_argument(
         "--ctc-weight",
         type=float,
@@ -711,7 +716,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_transcribe)
 
     i = sub.add_parser("info", help="describe a checkpoint")
-    i.add_argument("checkpoint")
+    i.add_argument("checkpoint", help="an inference checkpoint (models/<system>/model.pt)")
     i.set_defaults(func=cmd_info)
     return p
 

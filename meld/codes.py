@@ -169,6 +169,7 @@ def continue_codes(
     top_p: float,
     batch_size: int = 8,
     seed: int = 0,
+    progress_desc: str | None = None,
 ) -> list[CodeContinuation]:
     """Continue each code prompt ((P, K) integer codes, P may be 0) speaking its full transcript.
 
@@ -180,13 +181,17 @@ def continue_codes(
         max_frames: guard in code frames (per utterance or one for all): each utterance stops at its
             own, whichever utterances share its batch.
         batch_size: utterances generated together (finished ones leave the batch).
+        progress_desc: show a progress bar over the utterances under this label (None: none).
     """
+    from meld.progress import progress
+
     device = next(model.parameters()).device
     g = torch.Generator(device=device).manual_seed(seed)
     if isinstance(max_frames, int):
         max_frames = [max_frames] * len(texts)
     K = model.n_levels
     out: list[CodeContinuation] = []
+    bar = progress(total=len(texts), desc=progress_desc, unit="utt", disable=progress_desc is None)
     for s in range(0, len(texts), batch_size):
         chunk_prompts, chunk_texts = prompts[s : s + batch_size], texts[s : s + batch_size]
         B = len(chunk_prompts)
@@ -205,4 +210,6 @@ def continue_codes(
             top_k=top_k, top_p=top_p, generator=g,
         )
         out += [CodeContinuation(codes.cpu().numpy(), hit) for codes, hit in zip(gen.frames, gen.hit_max_length)]
+        bar.update(len(chunk_texts))
+    bar.close()
     return out

@@ -17,6 +17,7 @@ from meld.features import FRAME_RATE
 from meld.models.backbone import check_cache_dtype
 from meld.models.layers import group_frames, ungroup_frames
 from meld.models.vocab import EOS
+from meld.progress import progress
 from meld.store import collate
 
 
@@ -44,6 +45,7 @@ def tts_continue(
     batch_size: int = 8,
     seed: int = 0,
     kv_cache_dtype: str = "float32",
+    progress_desc: str | None = None,
 ) -> list[Continuation]:
     """Continue each prompt (normalised (P, 80) frames, P may be 0) speaking its full transcript.
 
@@ -53,6 +55,7 @@ def tts_continue(
             own, whichever utterances share its batch, and returns at most that many frames.
         batch_size: utterances generated together (finished ones leave the batch).
         kv_cache_dtype: ``float32`` or ``bfloat16`` (:func:`meld.models.backbone.check_cache_dtype`).
+        progress_desc: show a progress bar over the utterances under this label (None: none).
     """
     cache_dtype = check_cache_dtype(kv_cache_dtype)
     device = next(model.parameters()).device
@@ -61,6 +64,7 @@ def tts_continue(
     if isinstance(max_frames, int):
         max_frames = [max_frames] * len(texts)
     out: list[Continuation] = []
+    bar = progress(total=len(texts), desc=progress_desc, unit="utt", disable=progress_desc is None)
     for s in range(0, len(texts), batch_size):
         chunk = slice(s, s + batch_size)
         ps = [p[: (p.shape[0] // reduction) * reduction] for p in prompts[chunk]]  # whole groups only
@@ -78,6 +82,8 @@ def tts_continue(
         for frames, hit, codes, limit in zip(gen.frames, gen.hit_max_length, gen.codes, max_frames[chunk]):
             mel = ungroup_frames(frames[None].float().cpu(), reduction)[0].numpy()
             out.append(Continuation(mel[:limit], hit, codes))  # the guard to the frame (grouping rounds it up)
+        bar.update(len(guards))
+    bar.close()
     return out
 
 
@@ -94,6 +100,7 @@ def stt_beam_search(
     batch_size: int = 8,
     ctc_weight: float = 0.0,
     ctc_candidates: int | None = None,
+    progress_desc: str | None = None,
 ) -> list[list[int]]:
     """Batched, KV-cached beam search over BPE tokens; beam 1 is greedy decoding.
 
@@ -113,6 +120,7 @@ def stt_beam_search(
         ctc_weight: lambda in [0, 1]; 0 is the decoder alone (bit-for-bit the plain search). > 0 needs
             a model trained with a CTC head (``args.stt_ctc``), else ValueError.
         ctc_candidates: tokens per beam and step given a CTC score; default max(10, 2 x beam_size).
+        progress_desc: show a progress bar over the utterances under this label (None: none).
 
     Returns:
         BPE ids (0-based) of the best hypothesis per utterance.
@@ -125,6 +133,7 @@ def stt_beam_search(
     ctc_candidates = ctc_candidates or max(10, 2 * beam_size)
     device = next(model.parameters()).device
     results: list[list[int]] = []
+    bar = progress(total=len(mels), desc=progress_desc, unit="utt", disable=progress_desc is None)
     for s in range(0, len(mels), batch_size):
         chunk = mels[s : s + batch_size]
         limits = [max_tokens if max_tokens_per_second is None else
@@ -132,6 +141,8 @@ def stt_beam_search(
         batch = collate(chunk, [[0]] * len(chunk), reduction)
         results.extend(_beam_batch(model, batch["mel"].to(device), batch["mel_len"].to(device),
                                    beam_size, limits, length_penalty, ctc_weight, ctc_candidates))
+        bar.update(len(chunk))
+    bar.close()
     return results
 
 

@@ -178,7 +178,8 @@ class FrameBudgetSampler:
         if current:
             self.batches.append(current)
         if len(self.batches) < world_size:
-            raise ValueError(f"only {len(self.batches)} batches for {world_size} workers: lower the frame budget")
+            raise ValueError(f"only {len(self.batches)} batches of {frames_per_batch} frames for {world_size} workers: "
+                             "lower train.frames_per_batch (tune.frames_per_batch in a sweep) or the number of workers")
         self.lengths = lengths
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.per_rank = len(self.batches) // world_size

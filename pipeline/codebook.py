@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from meld.codebook import assign, fit_kmeans, keep_probability, thinned_grouped_vectors
 from meld.config import CodebookConfig, load_section
+from meld.progress import progress
 from meld.store import FeatureStore, load_stats
 
 
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     keep = {r: keep_probability(store.lengths, r, cfg.max_vectors) for r in cfg.reduction_factors}
     rng = np.random.default_rng(cfg.seed)
     parts: dict[int, list[np.ndarray]] = {r: [] for r in cfg.reduction_factors}
-    for i in tqdm(range(len(store)), desc="codebook: read frames", unit="utt", mininterval=2.0):
+    for i in progress(range(len(store)), desc="codebook: read frames", unit="utt"):
         mel = stats.normalise(store[i])
         for r in cfg.reduction_factors:
             parts[r].append(thinned_grouped_vectors(mel, r, keep[r], rng))
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         vectors = np.concatenate(parts.pop(r) or [np.empty((0, 0), np.float32)])
         if len(vectors) < cfg.size:
             raise ValueError(f"codebook r={r}: {len(vectors)} training vectors in {features / 'train'} are too few "
-                             f"for {cfg.size} codes")
+                             f"for {cfg.size} codes: lower codebook.size or give the corpus more training audio")
         t0 = time.perf_counter()
         centroids, distortion = fit_kmeans(vectors, cfg.size, niter=cfg.niter, seed=cfg.seed, max_vectors=cfg.max_vectors,
                                             max_points_per_centroid=cfg.max_points_per_centroid,

@@ -20,12 +20,11 @@ import sys
 from multiprocessing import get_context
 from pathlib import Path
 
-from tqdm import tqdm
-
 from meld.codes import CODEC_FILE, build_codec, codec_from_description, encode_waveform
 from meld.config import CodecLMConfig, FeaturesConfig, ModelConfig, read_params
 from meld.corpus import load_utterance, read_manifest
 from meld.models.codec_lm import codec_lm_kwargs
+from meld.progress import progress
 from meld.store import enforce_rejected_fraction, write_code_store
 
 _WORKER_CODEC = None  # each encoding process's own codec (not picklable cheaply, not thread-safe)
@@ -77,7 +76,7 @@ def encode_split(rows: list[dict], out: Path, desc: dict, features: FeaturesConf
 
     def kept():
         results = pool.imap(encode_one, jobs, chunksize=4)
-        for meta, codes, reason in tqdm(results, total=len(jobs), desc=f"codes {split}", unit="utt", mininterval=2.0):
+        for meta, codes, reason in progress(results, total=len(jobs), desc=f"codes {split}", unit="utt"):
             if reason:
                 rejected.append({"id": meta["id"], "split": split, "reason": reason})
                 continue

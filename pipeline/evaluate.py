@@ -32,7 +32,6 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from meld.audio import write_audio
 from meld.codes import CODEC_FILE, codec_from_description, continue_codes, decode_codes, prompt_code_frames
@@ -43,6 +42,7 @@ from meld.evaluation.scoring import GenerationItem, ReferenceItem, ScorerSpec, S
 from meld.features import FRAME_RATE, HOP_LENGTH, N_MELS, NormStats, log_mel
 from meld.generate import prompt_frames, stt_beam_search, tts_continue
 from meld.models.backbone import configure_decoding
+from meld.progress import progress
 from meld.store import CodeStore, FeatureStore
 from meld.text import BPETokenizer, tokenizer_from_bytes
 from meld.training import load_model
@@ -136,7 +136,7 @@ def evaluate_split(model, state, stats: NormStats, tok, store: FeatureStore, aud
                          top_k=cfg.top_k, top_p=cfg.top_p,
                          repetition_penalty=variant.get("repetition_penalty", cfg.repetition_penalty),
                          zero_latent=variant.get("zero_latent", False), batch_size=cfg.batch_size, seed=cfg.seed,
-                         kv_cache_dtype=cfg.kv_cache_dtype)
+                         kv_cache_dtype=cfg.kv_cache_dtype, progress_desc=f"generate {split}")
     compute_s = time.perf_counter() - t0
 
     # a different speaker's real utterance for each prompt: the SIM floor
@@ -149,13 +149,12 @@ def evaluate_split(model, state, stats: NormStats, tok, store: FeatureStore, aud
         ref_items.append(ReferenceItem(audio_paths[store.index[i]["id"]], store[i], prompt_of[i],
                                        audio_paths[store.index[other]["id"]] if other is not None else None, judged[i],
                                        other_mel=store[other] if other is not None else None))
-    references.update(zip(missing, tqdm(scorer.map_references(ref_items), total=len(ref_items),
-                                        desc=f"ground truth {split}", unit="utt", mininterval=2)))
+    references.update(zip(missing, progress(scorer.map_references(ref_items), total=len(ref_items),
+                                        desc=f"ground truth {split}", unit="utt")))
     gt_of = references
     full_mels = [np.concatenate([store[i][:p], stats.denormalise(c.frames)]) for c, (i, p) in zip(conts, refs)]
     gen_items = [GenerationItem(m, p, judged[i], gt_of[i].get("prompt_emb")) for m, (i, p) in zip(full_mels, refs)]
-    scored = tqdm(scorer.map_generations(gen_items), total=len(gen_items), desc=f"score {split}", unit="gen",
-                  mininterval=2)
+    scored = progress(scorer.map_generations(gen_items), total=len(gen_items), desc=f"score {split}", unit="gen")
     for n, (cont, (i, p), full_mel, sc) in enumerate(zip(conts, refs, full_mels, scored)):
         meta, mel, gt = store.index[i], store[i], gt_of[i]
         row = generation_row(split, meta, n % cfg.generations, gen_s=cont.frames.shape[0] / FRAME_RATE,
@@ -238,7 +237,8 @@ def evaluate_codec_system(model, state: dict, cfg: EvaluateConfig, system: str, 
                     refs.append((i, p))
             t0 = time.perf_counter()
             conts = continue_codes(model, texts, prompts, max_frames=guards, temperature=cfg.temperature,
-                                   top_k=cfg.top_k, top_p=cfg.top_p, batch_size=cfg.batch_size, seed=cfg.seed)
+                                   top_k=cfg.top_k, top_p=cfg.top_p, batch_size=cfg.batch_size, seed=cfg.seed,
+                                   progress_desc=f"generate {split}")
             compute_s = time.perf_counter() - t0
             wavs = [decode_codes(codec, np.concatenate([store[i][:p], c.codes])) for c, (i, p) in zip(conts, refs)]
             if random_codec:
@@ -253,13 +253,13 @@ def evaluate_codec_system(model, state: dict, cfg: EvaluateConfig, system: str, 
                                                    audio[store.index[other]["id"]] if other is not None else None,
                                                    not speakers[i].startswith(judge_exclude),
                                                    resynthesised=decode_codes(codec, store[i]), hop_length=hop))
-                gt_of = dict(zip(chosen, tqdm(scorer.map_references(ref_items), total=len(ref_items),
-                                              desc=f"ground truth {split}", unit="utt", mininterval=2)))
+                gt_of = dict(zip(chosen, progress(scorer.map_references(ref_items), total=len(ref_items),
+                                              desc=f"ground truth {split}", unit="utt")))
                 gen_items = [GenerationItem(None, p, not speakers[i].startswith(judge_exclude),
                                             gt_of[i].get("prompt_emb"), wav=w, hop_length=hop)
                              for w, (i, p) in zip(wavs, refs)]
-                scored = list(tqdm(scorer.map_generations(gen_items), total=len(gen_items), desc=f"score {split}",
-                                   unit="gen", mininterval=2))
+                scored = list(progress(scorer.map_generations(gen_items), total=len(gen_items), desc=f"score {split}",
+                                   unit="gen"))
             rows = []
             for n, (cont, (i, p), sc) in enumerate(zip(conts, refs, scored)):
                 meta = store.index[i]
@@ -336,19 +336,21 @@ def load_stt_model(path: str | Path, ctc_weight: float = 0.0, stats: NormStats |
 
 
 def transcribe_mels(stt: STTModel, mels: list[np.ndarray], beam: int, batch_size: int,
-                    tokens_per_second: float) -> list[str]:
+                    tokens_per_second: float, progress_desc: str | None = None) -> list[str]:
     """Raw (denormalised) log-mel arrays -> text, through a MELD STT model (no vocoder)."""
     ids = stt_beam_search(stt.model, [stt.stats.normalise(m) for m in mels], reduction=stt.reduction,
                           beam_size=beam, max_tokens=400, max_tokens_per_second=tokens_per_second,
-                          batch_size=batch_size, ctc_weight=stt.ctc_weight)
+                          batch_size=batch_size, ctc_weight=stt.ctc_weight, progress_desc=progress_desc)
     return [stt.tokenizer.decode(i) for i in ids]
 
 
 def score_with_stt_judge(stt, rows: list[dict], store: FeatureStore, chosen: list[int],
                          tokens_per_second: float) -> dict:
     """WER of the generated mel frames (and of the ground truth) read by MELD's own STT model."""
-    hyps = transcribe_mels(stt, [r["_mel"] for r in rows], beam=5, batch_size=8, tokens_per_second=tokens_per_second)
-    gt_hyps = transcribe_mels(stt, [store[i] for i in chosen], beam=5, batch_size=8, tokens_per_second=tokens_per_second)
+    hyps = transcribe_mels(stt, [r["_mel"] for r in rows], beam=5, batch_size=8, tokens_per_second=tokens_per_second,
+                           progress_desc="STT judge: generations")
+    gt_hyps = transcribe_mels(stt, [store[i] for i in chosen], beam=5, batch_size=8, tokens_per_second=tokens_per_second,
+                              progress_desc="STT judge: ground truth")
     w = wer_details([r["text"] for r in rows], hyps)
     g = wer_details([store.index[i]["text"] for i in chosen], gt_hyps)
     for r, h in zip(rows, hyps):
@@ -366,7 +368,7 @@ def evaluate_stt(stt, features: Path, cfg: EvaluateConfig) -> dict:
         store = FeatureStore(features / split)
         idx = list(range(min(len(store), cfg.stt_max_utterances)))
         hyps = transcribe_mels(stt, [store[i] for i in idx], beam=cfg.stt_beam_size, batch_size=cfg.batch_size,
-                               tokens_per_second=cfg.stt_max_tokens_per_second)
+                               tokens_per_second=cfg.stt_max_tokens_per_second, progress_desc=f"STT {split}")
         refs = [store.index[i]["text"] for i in idx]
         speakers = [store.index[i].get("speaker", "?") for i in idx]
         per_speaker = {s: wer_details([r for r, k in zip(refs, speakers) if k == s],

@@ -16,11 +16,11 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from meld.config import FeaturesConfig, load_section
 from meld.corpus import load_utterance, read_manifest
 from meld.features import FRAME_RATE, RunningStats, log_mel
+from meld.progress import progress
 from meld.store import enforce_rejected_fraction, write_store
 
 
@@ -42,8 +42,8 @@ def process_split(rows: list[dict], out: Path, cfg: FeaturesConfig, split: str, 
 
     def items():
         with get_context("spawn").Pool(cfg.num_workers) if cfg.num_workers > 1 else _Serial() as pool:
-            for meta, mel, reason in tqdm(pool.imap(extract_one, jobs, chunksize=8), total=len(jobs),
-                                          desc=f"features {split}", unit="utt", mininterval=2.0):
+            for meta, mel, reason in progress(pool.imap(extract_one, jobs, chunksize=8), total=len(jobs),
+                                          desc=f"features {split}", unit="utt"):
                 if reason:
                     rejected.append({"id": meta["id"], "split": split, "reason": reason})
                     continue
@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         summaries[split] = process_split(read_manifest(corpus / split / "manifest.jsonl"), out, cfg, split,
                                          stats if split == "train" else None)
         s = summaries[split]
-        print(f"{split}: kept {s['kept']}, rejected {s['rejected']}, {s['hours'] * 60:.1f} min of audio")
+        rejected = f" (reasons: {out / split / 'rejected.jsonl'})" if s["rejected"] else ""
+        print(f"{split}: kept {s['kept']}, rejected {s['rejected']}{rejected}, {s['hours'] * 60:.1f} min of audio")
     norm = stats.finalise()
     (out / "stats.json").write_text(json.dumps(norm.to_dict()))
     (out / "summary.json").write_text(json.dumps(summaries, indent=2))

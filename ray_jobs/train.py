@@ -28,6 +28,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 # The training loop reports through this logger, not print(): in a Ray Train worker, Ray 2.60's
@@ -326,6 +327,7 @@ def train_worker(config: dict) -> None:
             if tmp is not None:  # report() has copied it into the run's storage: the staging folder must not pile up in /tmp
                 shutil.rmtree(tmp, ignore_errors=True)
 
+    pace = Pace(step, tc["max_steps"])
     try:
         metrics: dict = {}
         batches = iter(sampler)
@@ -362,8 +364,9 @@ def train_worker(config: dict) -> None:
                 return
             step += 1
             if rank == 0 and (step % tc["log_every"] == 0 or step == 1):
-                mlflow.log_metrics(metrics, step=step)
-                log.info(f"[{system}] step {step}/{tc['max_steps']} {format_metrics(metrics)}")
+                speed = pace.update(step)
+                mlflow.log_metrics({**metrics, **speed}, step=step)
+                log.info(f"[{system}] step {step}/{tc['max_steps']} {format_metrics(metrics)} {pace.describe(step)}")
             if step % tc["checkpoint_every"] == 0 or step == tc["max_steps"]:
                 checkpoint(step, metrics)
                 last_ckpt_step = step
@@ -380,6 +383,30 @@ def train_worker(config: dict) -> None:
         raise
     if rank == 0:
         mlflow.end_run()
+
+
+class Pace:
+    """Training speed and time left, from the steps this process has run (not those a resumed run
+    inherited): what a log line needs to say when a 200k-step run will end."""
+
+    def __init__(self, start_step: int, max_steps: int):
+        self.start_step, self.max_steps = start_step, max_steps
+        self.t0 = time.perf_counter()
+        self.s_per_step: float | None = None
+
+    def update(self, step: int) -> dict[str, float]:
+        """Measure at ``step``; returns the MLflow metrics (``train/s_per_step``) once there is a step."""
+        done = step - self.start_step
+        if done <= 0:
+            return {}
+        self.s_per_step = (time.perf_counter() - self.t0) / done
+        return {"train/s_per_step": self.s_per_step}
+
+    def describe(self, step: int) -> str:
+        if self.s_per_step is None:
+            return ""
+        left = round((self.max_steps - step) * self.s_per_step)
+        return f"({self.s_per_step:.3g} s/step, {left // 3600}:{left % 3600 // 60:02d}:{left % 60:02d} left)"
 
 
 def _open_mlflow_run(config: dict, ckpt_dir: Path, *, resumed_at: int | None, sampler):

@@ -131,3 +131,9 @@ def test_collate_groups_frames_by_the_reduction_factor():
         assert frames[m.shape[0] :].abs().sum() == 0  # zero padding, inside the last group too
         assert batch["text"][b, : len(t)].tolist() == t
         assert batch["text"][b, len(t) :].abs().sum() == 0
+
+
+def test_too_few_batches_for_the_workers_names_the_param_to_change():
+    # 3 utterances that fit one 100-frame batch, for 2 workers
+    with pytest.raises(ValueError, match=r"only 1 batches of 100 frames for 2 workers: lower train.frames_per_batch"):
+        FrameBudgetSampler([30, 30, 30], frames_per_batch=100, rank=0, world_size=2)

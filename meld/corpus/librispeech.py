@@ -31,6 +31,7 @@ import soundfile as sf
 from tqdm import tqdm
 
 from meld.corpus import write_manifest
+from meld.progress import progress as progress_bar
 
 LIBRISPEECH_BASE_URL = "https://www.openslr.org/resources/12"
 
@@ -159,7 +160,7 @@ def _fetch_once(
         received = 0
         with (
             open(part, mode) as out,
-            tqdm(
+            progress_bar(
                 total=total,
                 initial=offset,
                 unit="B",
@@ -343,7 +344,7 @@ def safe_extract(tar_path: str | Path, dest: str | Path, *, progress: bool = Fal
     count = 0
     with (
         open(tar_path, "rb") as raw,
-        tqdm(
+        progress_bar(
             total=tar_path.stat().st_size,
             unit="B",
             unit_scale=True,
@@ -637,7 +638,7 @@ def prepare_librispeech(
         seen: set[str] = set()
         for subset in (s for s in wanted if SUBSET_SPLITS[s] == split):
             utterances = read_librispeech_folder(root, subset, manifest_dir=split_dir, rejected=rejected)
-            for row in tqdm(utterances, desc=f"{subset} -> {split}", unit="utt", disable=not progress):
+            for row in progress_bar(utterances, desc=f"{subset} -> {split}", unit="utt", disable=not progress):
                 if row["id"] in seen:
                     raise LibriSpeechError(f"utterance id {row['id']} occurs twice in split {split!r}")
                 seen.add(row["id"])
