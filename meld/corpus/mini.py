@@ -454,7 +454,7 @@ def build_mini_corpus(
         VoiceUnavailableError: a voice is unknown or not installed (message names the package).
         ValueError: bad arguments (a held-out voice sharing a speaker with training, ...).
     """
-    from meld.progress import progress
+    from meld.progress import progress as progress_bar
 
     if num_workers < 1 or chunk_size < 1:
         raise ValueError(f"num_workers and chunk_size must be >= 1, got {num_workers}, {chunk_size}")
@@ -483,7 +483,7 @@ def build_mini_corpus(
     total = sum(len(rows) for rows in plan.values())
     with (
         ThreadPoolExecutor(max_workers=num_workers) as pool,
-        progress(total=total, desc="mini corpus", unit="utt", disable=not progress) as bar,
+        progress_bar(total=total, desc="mini corpus", unit="utt", disable=not progress) as bar,
     ):
         futures = {}
         for split, chunk in jobs:
