@@ -496,24 +496,32 @@ def run_training(
     return result
 
 
+def _training_run(config: dict):
+    """(MLflow client of the store this run logs to, the run's id), or None before rank 0 opened a run."""
+    id_file = Path(config["checkpoint_dir"]) / "mlflow_run_id"
+    if not id_file.is_file():
+        return None
+    from mlflow.tracking import MlflowClient
+
+    from meld import tracking
+
+    uri = config.get("mlflow_tracking_uri") or tracking.tracking_uri(config["project_root"])
+    return MlflowClient(uri), id_file.read_text().strip()
+
+
 def _mark_mlflow_run_failed(config: dict, err: BaseException) -> None:
     """The driver's side of a failed run: a worker killed by Ray never ends its MLflow run, which
     would stay RUNNING; mark it FAILED (if it is still running) with the error."""
-    id_file = Path(config["checkpoint_dir"]) / "mlflow_run_id"
-    if not id_file.is_file():
-        return
     try:
-        from mlflow.tracking import MlflowClient
-
-        from meld import tracking
-
-        uri = config.get("mlflow_tracking_uri") or tracking.tracking_uri(config["project_root"])
-        client, run_id = MlflowClient(uri), id_file.read_text().strip()
+        run = _training_run(config)
+        if run is None:
+            return
+        client, run_id = run
         if client.get_run(run_id).info.status == "RUNNING":
             client.set_tag(run_id, "failure", f"{type(err).__name__}: {err}"[:5000])
             client.set_terminated(run_id, status="FAILED")
     except Exception as mark_err:  # the training error matters more than this bookkeeping
-        log.warning("could not mark MLflow run %s FAILED: %s", id_file, mark_err)
+        log.warning("could not mark the MLflow run of %s FAILED: %s", config["checkpoint_dir"], mark_err)
 
 
 def init_ray(num_cpus: int | None = None) -> None:
@@ -818,19 +826,12 @@ def main(argv: list[str] | None = None) -> int:
 def log_model_artifact(config: dict, path: Path) -> None:
     """Attach the exported inference checkpoint to the training run in MLflow (artifact ``model/``),
     so a run in the UI carries the model it produced, not only its curves."""
-    id_file = Path(config["checkpoint_dir"]) / "mlflow_run_id"
-    if not id_file.is_file():
-        log.warning("no MLflow run id in %s: %s not logged as an artifact", id_file.parent, path.name)
+    run = _training_run(config)
+    if run is None:
+        log.warning("no MLflow run id in %s: %s not logged as an artifact", config["checkpoint_dir"], path.name)
         return
-    from mlflow.tracking import MlflowClient
-
-    from meld import tracking
-
-    if config.get("mlflow_tracking_uri"):
-        os.environ["MLFLOW_TRACKING_URI"] = config["mlflow_tracking_uri"]
-    tracking.setup(config["experiment"], config["project_root"])  # the store (and its artifact root) the run lives in
-    MlflowClient(tracking.tracking_uri(config["project_root"])).log_artifact(
-        id_file.read_text().strip(), str(path), "model")
+    client, run_id = run
+    client.log_artifact(run_id, str(path), "model")
 
 
 if __name__ == "__main__":
