@@ -625,7 +625,7 @@ def build_config(
         train["init_from"] = str(_check_init_from(train_cfg.init_from, system, kwargs, out / "checkpoints"))
     if system == "codec_lm":
         data = _code_data(codes, kwargs)
-        data_id = [_files_digest([Path(data["train_store"]) / "index.jsonl", Path(bpe)]), data["codec"]["state_sha256"]]
+        data_id = [files_digest([Path(data["train_store"]) / "index.jsonl", Path(bpe)]), data["codec"]["state_sha256"]]
     else:
         dev = features / "dev"
         data = {
@@ -633,7 +633,7 @@ def build_config(
             "train_store": str(features / "train"),
             "eval_store": str(dev) if (dev / "index.jsonl").is_file() else None,
         }
-        data_id = _files_digest([features / "train" / "index.jsonl", features / "stats.json", Path(bpe),
+        data_id = files_digest([features / "train" / "index.jsonl", features / "stats.json", Path(bpe),
                                  *([codebook_file] if codebook_file else [])])
     config = {
         "system": system,
@@ -658,7 +658,7 @@ def build_config(
     return config
 
 
-def _files_digest(paths: list[Path]) -> str:
+def files_digest(paths: list[Path]) -> str:
     """SHA-256 over the bytes of a run's input files (the train split's index, the normalisation
     statistics, the BPE model, the codebook): a checkpoint trained on other inputs is not resumed.
     The frames themselves are not read (tens of GB at LibriSpeech scale); new frames come with a
@@ -681,7 +681,7 @@ def _code_digest() -> str:
     import meld
 
     files = sorted(Path(meld.__file__).parent.rglob("*.py")) + [Path(__file__)]
-    return _files_digest(files)
+    return files_digest(files)
 
 
 def _check_init_from(path: str | Path, system: str, model_kwargs: dict, checkpoint_dir: Path) -> Path:

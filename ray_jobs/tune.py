@@ -28,6 +28,13 @@ the smoke params use ``dev/mse_pre_greedy``.
 
 MLflow: one parent run ``tune-<system>``; every trial's training run is its child
 (``mlflow.parentRunId``), with per-step losses and the dev metrics.
+
+An interrupted sweep (Ctrl-C, ``ray job stop``, a lost driver) writes no report and resumes when the
+same command runs again with the same inputs (:func:`sweep_fingerprint`): finished trials are kept,
+unfinished ones continue from their own training checkpoints, under the same MLflow parent run.
+Other inputs, or ``--restart``, start it over. ASHA's rung records from before the interruption are
+not restored (Ray Tune pickles the scheduler when the sweep starts), so the trials that resume are
+compared only with results reported after it (docs/decisions.md).
 """
 
 from __future__ import annotations
@@ -64,6 +71,68 @@ def trial_overrides(tc: TuneConfig, reduction_factor: int, slowness_weight: floa
     # the budget counts 62.5 Hz frames, so every frame rate sees the same audio per step (r=2 groups two frames)
     train["frames_per_batch"] = math.ceil(tc.frames_per_batch / reduction_factor)
     return {"model": {**tc.model_overrides, "reduction_factor": int(reduction_factor)}, "train": train}
+
+
+class SweepInterrupted(RuntimeError):
+    """The sweep stopped before every trial ended; its state is kept for the next run to resume."""
+
+
+def sweep_fingerprint(params: dict, tc: TuneConfig, *, features: str, bpe: str, codebook: str, work_dir: Path,
+                      project_root: str) -> str:
+    """What makes two runs the same sweep: the tune section, every trial's training fingerprint (its
+    model, training settings, input bytes and training code), the dev split that scores it, this
+    file and the MLflow experiment. Building each trial's config here also finds a missing codebook
+    or dev split before Ray starts."""
+    from meld.training import fingerprint
+    from ray_jobs.train import build_config, files_digest
+
+    dev = Path(features) / "dev" / "index.jsonl"
+    if not dev.is_file():
+        raise FileNotFoundError(f"{dev.parent}: the sweep needs a dev split to score trials on")
+    trials = {}
+    for r in tc.reduction_factors:
+        for w in tc.slowness_weights:
+            name = trial_name(tc.system, r, w)
+            trials[name] = build_config(
+                params, system=tc.system, features=features, bpe=bpe, codebook=codebook,
+                out=work_dir / "trials" / name, project_root=project_root,
+                overrides=trial_overrides(tc, r, w), threads_per_worker=tc.cpus_per_worker,
+            )["fingerprint"]
+    return fingerprint({
+        "tune": tc.to_dict(),
+        "trials": trials,
+        "dev": files_digest([dev]),
+        "sweep_code": files_digest([Path(__file__)]),
+        "experiment": params.get("mlflow", {}).get("experiment", "meld"),
+    })
+
+
+def _resumable_parent(work_dir: Path, fp: str, experiment_dir: Path, mlflow) -> str | None:
+    """The MLflow parent run of an interrupted sweep with this fingerprint, when Ray Tune can restore
+    it; else None (and the reason is logged)."""
+    from ray import tune
+
+    state_file = work_dir / "sweep.json"
+    if not state_file.is_file():
+        return None
+    try:
+        state = json.loads(state_file.read_text())
+    except ValueError:
+        log.warning("%s is not valid JSON: starting the sweep over", state_file)
+        return None
+    if state.get("fingerprint") != fp:
+        log.info("the sweep's inputs changed since the sweep in %s: starting it over", work_dir)
+        return None
+    if not tune.Tuner.can_restore(str(experiment_dir)):
+        log.info("%s holds no sweep state Ray Tune can restore: starting the sweep over", experiment_dir)
+        return None
+    try:
+        mlflow.tracking.MlflowClient().get_run(state["parent_run_id"])
+    except Exception as e:  # deleted, or another tracking store
+        log.warning("the interrupted sweep's MLflow run %s is not in this store (%s): starting the sweep over",
+                    state.get("parent_run_id"), str(e).splitlines()[0][:200])
+        return None
+    return state["parent_run_id"]
 
 
 def trial_driver(trial: dict, setup: dict) -> None:
@@ -105,6 +174,33 @@ def trial_driver(trial: dict, setup: dict) -> None:
     )
 
 
+def recording_asha(stops_file: Path, **kwargs):
+    """ASHA that also appends each trial it stops to ``stops_file`` (JSON lines: the trial's knobs and
+    step). Tune ends a trial the same way whether ASHA stopped it or a signal interrupted the sweep;
+    this record tells an early-stopped trial from an unfinished one. A file, not memory: Ray Tune
+    restores the scheduler from a pickle, and the record must outlive the interruption."""
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    class RecordingASHA(ASHAScheduler):
+        def on_trial_result(self, tune_controller, trial, result):
+            decision = super().on_trial_result(tune_controller, trial, result)
+            if decision == TrialScheduler.STOP:
+                row = {"reduction_factor": int(trial.config["reduction_factor"]),
+                       "slowness_weight": float(trial.config["slowness_weight"]), "step": int(result["step"])}
+                with open(stops_file, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            return decision
+
+    return RecordingASHA(**kwargs)
+
+
+def _asha_stops(stops_file: Path) -> set[tuple[int, float]]:
+    if not stops_file.is_file():
+        return set()
+    rows = [json.loads(line) for line in stops_file.read_text().splitlines() if line.strip()]
+    return {(r["reduction_factor"], r["slowness_weight"]) for r in rows}
+
+
 def _history(result, metric: str) -> list[list[float]]:
     df = result.metrics_dataframe
     if df is None or metric not in df or "step" not in df:
@@ -114,7 +210,11 @@ def _history(result, metric: str) -> list[list[float]]:
 
 
 def collect_trials(grid, tc: TuneConfig, work_dir: Path) -> list[dict]:
-    """One row per trial: its knobs, objective (last reported value), steps, status and MLflow run."""
+    """One row per trial: its knobs, objective (last reported value), steps, status and MLflow run.
+
+    Status: ``completed`` (trained ``max_steps``), ``error``, ``early_stopped`` (ASHA stopped it:
+    :func:`recording_asha`'s record) or ``unfinished`` (neither: the sweep was interrupted)."""
+    stopped = _asha_stops(work_dir / "asha_stops.jsonl")
     rows = []
     for result in grid:
         cfg = result.config or {}
@@ -126,8 +226,10 @@ def collect_trials(grid, tc: TuneConfig, work_dir: Path) -> list[dict]:
             status = "error"
         elif steps >= tc.max_steps:
             status = "completed"
-        else:
+        elif (r, w) in stopped:
             status = "early_stopped"
+        else:
+            status = "unfinished"
         id_file = work_dir / "trials" / name / "checkpoints" / "mlflow_run_id"
         rows.append(
             {
@@ -203,10 +305,13 @@ def run_sweep(
     plot: Path,
     work_dir: Path,
     project_root: str = ".",
+    restart: bool = False,
 ) -> dict:
-    """Run the whole sweep; writes ``out`` (JSON) and ``plot``; returns the report."""
+    """Run the whole sweep, or resume an interrupted one with the same fingerprint (``restart``: never);
+    writes ``out`` (JSON) and ``plot``; returns the report. Raises :class:`SweepInterrupted`, and
+    writes nothing, when the sweep stops before every trial has ended."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
 
     from meld import tracking
     from ray_jobs.train import init_ray
@@ -215,11 +320,15 @@ def run_sweep(
     if tc.system not in (params.get("systems") or [tc.system]):
         log.warning("tune.system %s is not among the trained systems", tc.system)
     work_dir = work_dir.resolve()
-    if work_dir.exists():  # a sweep starts from scratch: DVC reruns it only when its inputs changed
-        shutil.rmtree(work_dir)
-    work_dir.mkdir(parents=True)
+    fp = sweep_fingerprint(params, tc, features=features, bpe=bpe, codebook=codebook, work_dir=work_dir,
+                           project_root=project_root)
     experiment = params.get("mlflow", {}).get("experiment", "meld")
     mlflow = tracking.setup(experiment, project_root)
+    experiment_dir = work_dir / "ray_tune" / f"tune-{tc.system}"
+    parent_id = None if restart else _resumable_parent(work_dir, fp, experiment_dir, mlflow)
+    if parent_id is None and work_dir.exists():  # scratch: trial checkpoints and Ray state of another sweep
+        shutil.rmtree(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
     # locally, one logical CPU per concurrent trial for its (idle) driver on top of the workers' CPUs
     per_trial = tc.num_workers_per_trial * tc.cpus_per_worker + 1
     init_ray(
@@ -228,8 +337,13 @@ def run_sweep(
         else max(os.cpu_count() or 1, tc.max_concurrent_trials * per_trial)
     )
     t0 = time.time()
-    with mlflow.start_run(run_name=f"tune-{tc.system}") as parent:
-        mlflow.log_params(tracking.flatten({"tune": tc.to_dict()}))
+    with mlflow.start_run(run_id=parent_id, run_name=None if parent_id else f"tune-{tc.system}") as parent:
+        if parent_id is None:
+            mlflow.log_params(tracking.flatten({"tune": tc.to_dict()}))
+            state = {"fingerprint": fp, "parent_run_id": parent.info.run_id}
+            (work_dir / "sweep.json").write_text(json.dumps(state, indent=2) + "\n")
+        else:
+            log.info("resuming the interrupted sweep in %s (MLflow run %s)", experiment_dir, parent_id)
         setup = {
             "params": params,
             "tune": tc.to_dict(),
@@ -242,7 +356,8 @@ def run_sweep(
             "mlflow_tracking_uri": mlflow.get_tracking_uri(),
         }
         if tc.scheduler == "asha":
-            scheduler = ASHAScheduler(
+            scheduler = recording_asha(
+                work_dir / "asha_stops.jsonl",
                 time_attr="step",
                 max_t=tc.max_steps,
                 grace_period=tc.grace_period,
@@ -254,24 +369,36 @@ def run_sweep(
         # A trial (Tune's default: 1 CPU) only runs the driver; the Train workers request their own CPUs/GPUs,
         # and max_concurrent_trials keeps Tune from starting more worker groups than the cluster holds.
         trainable = tune.with_parameters(trial_driver, setup=setup)
-        tuner = tune.Tuner(
-            trainable,
-            param_space={
-                "slowness_weight": tune.grid_search(list(tc.slowness_weights)),
-                "reduction_factor": tune.grid_search(list(tc.reduction_factors)),
-            },
-            tune_config=tune.TuneConfig(
-                metric=tc.metric,
-                mode="min",
-                scheduler=scheduler,
-                max_concurrent_trials=tc.max_concurrent_trials,
-            ),
-            run_config=tune.RunConfig(
-                name=f"tune-{tc.system}", storage_path=str(work_dir / "ray_tune"), verbose=1
-            ),
-        )
+        if parent_id is not None:
+            # errored trials too: a trial killed with its driver (OOM, lost node) errs, and resumes from its checkpoint
+            tuner = tune.Tuner.restore(str(experiment_dir), trainable, resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space={
+                    "slowness_weight": tune.grid_search(list(tc.slowness_weights)),
+                    "reduction_factor": tune.grid_search(list(tc.reduction_factors)),
+                },
+                tune_config=tune.TuneConfig(
+                    metric=tc.metric,
+                    mode="min",
+                    scheduler=scheduler,
+                    max_concurrent_trials=tc.max_concurrent_trials,
+                ),
+                run_config=tune.RunConfig(
+                    name=f"tune-{tc.system}", storage_path=str(work_dir / "ray_tune"), verbose=1
+                ),
+            )
         grid = tuner.fit()
         trials = collect_trials(grid, tc, work_dir)
+        unfinished = [t["trial"] for t in trials if t["status"] == "unfinished"]
+        if unfinished:  # Ray Tune returns, instead of raising, when a signal stops the sweep
+            mlflow.end_run("KILLED")
+            raise SweepInterrupted(
+                f"the sweep stopped with {len(unfinished)} of {len(trials)} trials unfinished ({', '.join(unfinished)}); "
+                f"nothing was written to {out}. Its state is kept in {work_dir}: run the same command again to "
+                "resume it (--restart starts it over)"
+            )
         best = best_trial(trials)
         _close_children(mlflow, trials)
         report = {
@@ -350,23 +477,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--work-dir",
         default=env("MELD_TUNE_WORK", "ray_results/tune"),
-        help="trial checkpoints and Ray state (scratch; wiped when a sweep starts)",
+        help="trial checkpoints and Ray state: an interrupted sweep resumes from them; wiped when a sweep "
+        "with other inputs starts",
     )
+    p.add_argument("--restart", action="store_true",
+                   help="start the sweep over even when an interrupted one with the same inputs could resume")
     p.add_argument("--project-root", default=env("MELD_PROJECT_ROOT", "."))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from meld.config import read_params
 
-    report = run_sweep(
-        read_params(args.params),
-        features=args.features,
-        bpe=args.bpe,
-        codebook=args.codebook,
-        out=Path(args.out),
-        plot=Path(args.plot),
-        work_dir=Path(args.work_dir),
-        project_root=args.project_root,
-    )
+    try:
+        report = run_sweep(
+            read_params(args.params),
+            features=args.features,
+            bpe=args.bpe,
+            codebook=args.codebook,
+            out=Path(args.out),
+            plot=Path(args.plot),
+            work_dir=Path(args.work_dir),
+            project_root=args.project_root,
+            restart=args.restart,
+        )
+    except SweepInterrupted as e:
+        print(f"tune: {e}", file=sys.stderr)
+        return 130
     best = report["best"]
     if best is None:
         print("no trial produced an objective; see", args.out)

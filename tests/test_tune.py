@@ -1,13 +1,28 @@
-"""The tune stage's pieces: its params section, the trials' overrides, the choice of the best trial, the plot.
+"""The tune stage's pieces: its params section, the trials' overrides, the choice of the best trial, the
+plot, and an interrupted sweep resuming (a real Ray Tune run, stopped with SIGINT and run again).
 
-The sweep itself (a real Ray Tune run of two trials over the Ray Train driver, its report, plot and
-nested MLflow runs) is checked in tests/test_pipeline_e2e.py, where the DAG's tune stage runs it:
-one Ray Tune run for both checks, ~90 s fewer on a slow 2-core machine."""
+The sweep's report, plot and nested MLflow runs are checked in tests/test_pipeline_e2e.py, where
+the DAG's tune stage runs it."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
-from test_faults import TINY_PARAMS, make_tiny_data, tiny_config
+import yaml
+from test_faults import (
+    TINY_PARAMS,
+    _wait_for_train_actors_of_other_jobs_to_end,
+    ensure_ray,
+    make_tiny_data,
+    tiny_config,
+)
 
 from meld.config import ConfigError, TuneConfig
 from ray_jobs.tune import best_trial, plot_trials, trial_overrides
@@ -96,3 +111,123 @@ def test_plot_has_one_line_per_frame_rate(tmp_path):
     markers = [line for line in ax.get_lines() if line.get_marker() == "o"]
     hollow = sorted(m.get_xdata()[0] for m in markers if m.get_markerfacecolor() == "none")
     assert hollow == [0.5, 0.5]  # the early-stopped trials (w = 0.5) at both frame rates
+
+
+def _sweep_cmd(tmp_path: Path, data: Path) -> list[str]:
+    return [sys.executable, "-m", "pipeline.tune", "--params", str(tmp_path / "params.yaml"),
+            "--features", str(data / "features"), "--bpe", str(data / "bpe" / "bpe.model"),
+            "--codebook", str(data / "codebook"), "--out", str(tmp_path / "tune.json"),
+            "--plot", str(tmp_path / "tune.png"), "--work-dir", str(tmp_path / "work"),
+            "--project-root", str(tmp_path)]
+
+
+def _checkpoint_files(trial_dir: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in sorted((trial_dir / "checkpoints").glob("step-*.pt"))}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", ["ctrl-c", "kill"])
+def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path_factory, tmp_path, stop):
+    """Ctrl-C (SIGINT: Tune saves its state and returns) or SIGKILL of the driver's process group (a
+    lost driver: only Tune's periodic state is left) while the second of two trials trains. No report
+    is written; the same command again keeps the finished trial (not retrained) and continues the
+    other from its checkpoint, under the same MLflow runs."""
+    from mlflow.tracking import MlflowClient
+
+    from ray_jobs.tune import trial_name
+
+    data = make_tiny_data(tmp_path_factory)
+    ensure_ray()
+    import ray
+
+    max_steps = 16  # the second trial's remaining steps leave the interrupt time to land mid-trial
+    # ASHA's one rung at step 8 stops nothing before the interrupt (step 2), and after it holds only the
+    # resumed trial (Tune restores the scheduler as it was when the sweep started), so both complete
+    tune = {**TINY_PARAMS["tune"], "scheduler": "asha", "grace_period": 8, "asha_reduction": 2,
+            "max_steps": max_steps, "eval_every": 2, "max_concurrent_trials": 1, "max_failures": 0}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({**TINY_PARAMS, "tune": tune}))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PYTHONUNBUFFERED": "1",
+           "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "MLFLOW_TRACKING_URI": uri}
+    trials = tmp_path / "work" / "trials"
+    names = [trial_name("meld", r, 0.2) for r in (1, 2)]
+
+    def second_trial_checkpointed() -> bool:  # one trial at max_steps, the other with a checkpoint below it
+        done = [n for n in names if f"step-{max_steps}.pt" in _checkpoint_files(trials / n)]
+        started = [n for n in names if n not in done and _checkpoint_files(trials / n)]
+        return bool(done and started)
+
+    log1 = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen(_sweep_cmd(tmp_path, data), cwd=tmp_path, env=env, stdout=log1,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        end = time.time() + 300
+        while not second_trial_checkpointed():
+            assert first.poll() is None, "the sweep ended before it was interrupted"
+            assert time.time() < end, "timed out waiting for the second trial's first checkpoint"
+            time.sleep(0.2)
+        if stop == "ctrl-c":
+            first.send_signal(signal.SIGINT)
+        else:
+            os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=180)
+    finally:
+        if first.poll() is None:
+            first.kill()
+        log1.close()
+    log = (tmp_path / "first.log").read_text()
+    if stop == "ctrl-c":
+        assert first.returncode == 130, log[-4000:]
+        assert "run the same command again to resume it" in log
+    assert first.returncode != 0 and not (tmp_path / "tune.json").exists()
+    _wait_for_train_actors_of_other_jobs_to_end(deadline_s=120)
+    finished = next(n for n in names if f"step-{max_steps}.pt" in _checkpoint_files(trials / n))
+    stopped = next(n for n in names if n != finished)
+    kept_finished = _checkpoint_files(trials / finished)
+    kept_stopped = max(int(f[5:-3]) for f in _checkpoint_files(trials / stopped))
+    assert kept_stopped < max_steps
+    parent = json.loads((tmp_path / "work" / "sweep.json").read_text())["parent_run_id"]
+    run_ids = {n: (trials / n / "checkpoints" / "mlflow_run_id").read_text().strip() for n in names}
+
+    second = subprocess.run(_sweep_cmd(tmp_path, data), cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=600)
+    log = second.stdout + second.stderr
+    assert second.returncode == 0, log[-4000:]
+    assert "resuming the interrupted sweep" in log
+    report = json.loads((tmp_path / "tune.json").read_text())
+    assert report["mlflow_parent_run_id"] == parent
+    assert sorted(t["trial"] for t in report["trials"]) == sorted(names)
+    assert all(t["status"] == "completed" and t["steps"] == max_steps for t in report["trials"]), report["trials"]
+    assert {t["trial"]: t["mlflow_run_id"] for t in report["trials"]} == run_ids  # the same runs, continued
+    assert _checkpoint_files(trials / finished) == kept_finished  # the finished trial was not trained again
+    client = MlflowClient(uri)
+    assert "train/resume_step" not in client.get_run(run_ids[finished]).data.metrics
+    resumed = client.get_metric_history(run_ids[stopped], "train/resume_step")
+    assert [int(m.value) for m in resumed] == [kept_stopped], resumed  # from its checkpoint, not from step 0
+    assert client.get_run(parent).info.status == "FINISHED"
+    children = client.search_runs([client.get_run(parent).info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent}'")
+    assert sorted(r.info.run_id for r in children) == sorted(run_ids.values())
+
+
+def test_other_inputs_make_another_sweep(tmp_path_factory, tmp_path):
+    """The fingerprint that decides between resuming and starting over follows the sweep's inputs."""
+    from ray_jobs.tune import sweep_fingerprint
+
+    data = make_tiny_data(tmp_path_factory)
+
+    def fp(params: dict) -> str:
+        tc = TuneConfig.from_dict(params["tune"], "tune")
+        return sweep_fingerprint(params, tc, features=str(data / "features"), bpe=str(data / "bpe" / "bpe.model"),
+                                 codebook=str(data / "codebook"), work_dir=tmp_path, project_root=str(tmp_path))
+
+    base = fp(TINY_PARAMS)
+    assert fp(TINY_PARAMS) == base
+    assert fp({**TINY_PARAMS, "tune": {**TINY_PARAMS["tune"], "slowness_weights": [0.2, 0.5]}}) != base
+    assert fp({**TINY_PARAMS, "tune": {**TINY_PARAMS["tune"], "max_steps": 3}}) != base
+    assert fp({**TINY_PARAMS, "train": {**TINY_PARAMS["train"], "lr": 0.002}}) != base  # every trial trains anew
+    assert fp({**TINY_PARAMS, "model": {**TINY_PARAMS["model"], "d_model": 16}}) != base
+    with pytest.raises(FileNotFoundError, match="dev split"):
+        sweep_fingerprint(TINY_PARAMS, TuneConfig.from_dict(TINY_PARAMS["tune"], "tune"), features=str(tmp_path),
+                          bpe=str(data / "bpe" / "bpe.model"), codebook=str(data / "codebook"), work_dir=tmp_path,
+                          project_root=str(tmp_path))
