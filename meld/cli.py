@@ -23,7 +23,6 @@ import argparse
 import logging
 import math
 import os
-import re
 import sys
 import tempfile
 import time
@@ -34,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from meld.config import EvaluateConfig
+from meld.devices import DEVICE_HELP, resolve_device
 
 PROG = "meld"
 EXIT_USER_ERROR = 2
@@ -160,27 +160,12 @@ def load_inference_checkpoint(path: str | Path, device: str = "cpu") -> LoadedCh
     return LoadedCheckpoint(path, model, state, reduction, NormStats(mean, std), tokenizer)
 
 
-_DEVICE = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
-DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps"
-
-
 def _device(name: str) -> str:
     """``--device``, checked: a device torch has here, or a one-line :class:`CLIError`."""
-    import torch
-
-    if not _DEVICE.fullmatch(name):
-        raise CLIError(f"--device {name}: unknown device; use {DEVICE_HELP}")
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise CLIError(f"--device {name}: CUDA is not available on this machine")
-        index = int(name.partition(":")[2] or 0)
-        if index >= torch.cuda.device_count():
-            raise CLIError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise CLIError("--device mps: MPS is not available on this machine")
-    return name
+    try:
+        return resolve_device(name, "--device")
+    except ValueError as err:
+        raise CLIError(str(err)) from None
 
 
 def _check_finite(args: argparse.Namespace, *options: str) -> None:

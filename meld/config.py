@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from meld.devices import DEVICE_HELP, DEVICE_PATTERN
+
 
 class ConfigError(ValueError):
     """A params section holds an unknown key, a missing key, a value of the wrong type or one out of range."""
@@ -528,6 +530,7 @@ _EVALUATE_RULES: dict[str, Rule] = {
     "audio_samples": _at_least(0, " (0: none saved)"),
     "batch_size": _POSITIVE,
     "kv_cache_dtype": _rule(lambda v: v in KV_CACHE_DTYPES, "float32 or bfloat16"),
+    "device": _rule(lambda v: isinstance(v, str) and DEVICE_PATTERN.fullmatch(v) is not None, f"one of {DEVICE_HELP}"),
     "score_workers": _POSITIVE,
 }
 
@@ -563,6 +566,7 @@ class EvaluateConfig(Section):
     batch_size: int = 8
     kv_cache_dtype: str = "float32"  # or bfloat16: faster batched decoding on CPU, slightly different samples
     compile_decoding: bool = False  # torch.compile the TTS decoding step (CUDA graphs on GPU): backbone.configure_decoding
+    device: str = "cpu"  # of the evaluated model and the MELD-STT judge (the vocoder and judges run in score_workers on CPU)
     score_workers: int = 2  # processes running vocoder + judges (the slow part), capped at the CPU count
     seed: int = 0
 

@@ -37,6 +37,7 @@ from meld.audio import write_audio
 from meld.codes import CODEC_FILE, codec_from_description, continue_codes, decode_codes, prompt_code_frames
 from meld.config import EvaluateConfig, read_params
 from meld.corpus import read_manifest
+from meld.devices import resolve_device
 from meld.evaluation.metrics import duration_ratio, wer_details
 from meld.evaluation.scoring import GenerationItem, ReferenceItem, ScorerSpec, ScoringPool
 from meld.features import FRAME_RATE, HOP_LENGTH, N_MELS, NormStats, log_mel
@@ -305,7 +306,7 @@ class STTModel(NamedTuple):
 
 
 def load_stt_model(path: str | Path, ctc_weight: float = 0.0, stats: NormStats | None = None,
-                   tokenizer: BPETokenizer | None = None) -> STTModel:
+                   tokenizer: BPETokenizer | None = None, device: str = "cpu") -> STTModel:
     """An STT-capable checkpoint, ready for :func:`transcribe_mels`.
 
     Args:
@@ -314,8 +315,10 @@ def load_stt_model(path: str | Path, ctc_weight: float = 0.0, stats: NormStats |
         stats, tokenizer: for a training checkpoint (``checkpoints/step-N.pt``), which carries
             neither: the features' normalisation and the BPE model it was trained with. A finished
             ``model.pt`` carries its own, and they win.
+        device: where the model decodes (a resolved torch device, :func:`meld.devices.resolve_device`).
     """
     model, state = load_model(path)
+    model.to(device)
     if not hasattr(model, "stt_prefix"):
         raise SystemExit(f"evaluate: {path} is a {model.system} model, which cannot transcribe")
     if ctc_weight > 0 and not getattr(model, "stt_ctc", False):
@@ -435,7 +438,13 @@ def main(argv: list[str] | None = None) -> int:
             have = sorted(p.parent.name for p in Path(args.features).glob("*/index.jsonl"))
             raise SystemExit(f"evaluate.splits: {missing} not in {args.features} / {args.corpus} "
                              f"(this corpus has {have})")
+    try:  # before the model loads: a GPU-less node fails in a second, not after loading
+        device = resolve_device(cfg.device, "evaluate.device")
+    except ValueError as err:
+        raise SystemExit(f"evaluate: {err}") from None
     model, state = load_model(args.model)
+    model.to(device)
+    log.info("evaluating on %s", device)
     configure_decoding(model, compile=cfg.compile_decoding)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -458,13 +467,13 @@ def main(argv: list[str] | None = None) -> int:
     metrics: dict = {"system": args.system, "task": task, "step": int(state["step"]), "vocoder": None,
                      "asr_judge": None, "splits": {}, "ablations": {}}
     if task in ("stt", "joint"):
-        stt = load_stt_model(args.model, cfg.stt_ctc_weight)
+        stt = load_stt_model(args.model, cfg.stt_ctc_weight, device=device)
         metrics["stt"] = evaluate_stt(stt, Path(args.features), cfg)
         metrics["stt_ctc_weight"] = stt.ctc_weight
     stt_judge = None
     if variants and cfg.stt_judge_model:
         if Path(cfg.stt_judge_model).is_file():
-            stt_judge = load_stt_model(cfg.stt_judge_model, cfg.stt_ctc_weight)
+            stt_judge = load_stt_model(cfg.stt_judge_model, cfg.stt_ctc_weight, device=device)
             metrics["stt_judge_model"] = cfg.stt_judge_model
             metrics["stt_judge_ctc_weight"] = stt_judge.ctc_weight
         else:

@@ -158,6 +158,8 @@ BAD_VALUES = [
     ("evaluate", {"audio_samples": -1}, "evaluate.audio_samples"),
     ("evaluate", {"batch_size": 0}, "evaluate.batch_size"),
     ("evaluate", {"kv_cache_dtype": "half"}, "evaluate.kv_cache_dtype"),
+    ("evaluate", {"device": "gpu"}, "evaluate.device"),
+    ("evaluate", {"device": 0}, "evaluate.device"),
     ("evaluate", {"score_workers": 0}, "evaluate.score_workers"),
     ("tune", {"slowness_weights": []}, "tune.slowness_weights"),
     ("tune", {"slowness_weights": [0.1, -0.1]}, "tune.slowness_weights[1]"),
