@@ -11,7 +11,7 @@ from pathlib import Path
 
 from meld.config import BPEConfig, load_section
 from meld.corpus import read_manifest
-from meld.text import BPETokenizer, train_bpe
+from meld.text import BPETokenizer, normalise_transcript, train_bpe
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,11 +21,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="data/bpe")
     args = p.parse_args(argv)
     cfg = load_section(args.params, "bpe", BPEConfig)
-    rows = read_manifest(Path(args.corpus) / "train" / "manifest.jsonl")
-    model = train_bpe((r["text"] for r in rows if isinstance(r.get("text"), str)), Path(args.out) / "bpe", cfg.vocab_size)
+    manifest = Path(args.corpus) / "train" / "manifest.jsonl"
+    rows = read_manifest(manifest)
+    # the transcripts the features stage keeps: text that is still there after normalisation ("!!!" is not)
+    texts = [t for t in (normalise_transcript(r["text"]) if isinstance(r.get("text"), str) else "" for r in rows) if t]
+    if len(texts) < len(rows):
+        print(f"BPE: {len(rows) - len(texts)} of {len(rows)} transcripts in {manifest} are empty after normalisation "
+              "(the features stage rejects those utterances too): left out")
+    model = train_bpe(texts, Path(args.out) / "bpe", cfg.vocab_size)
     tok = BPETokenizer(model)
-    n_tokens = sum(len(tok.encode(r["text"])) for r in rows[:200] if isinstance(r.get("text"), str) and r["text"].strip())
-    print(f"BPE: {tok.vocab_size} pieces; {n_tokens / max(1, min(len(rows), 200)):.1f} tokens per utterance")
+    sample = texts[:200]
+    n_tokens = sum(len(tok.encode(t)) for t in sample)
+    print(f"BPE: {tok.vocab_size} pieces; {n_tokens / max(1, len(sample)):.1f} tokens per utterance")
     return 0
 
 

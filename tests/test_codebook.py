@@ -137,3 +137,21 @@ def test_full_space_means_are_each_codes_mean_and_report_its_squared_error():
     assert np.isnan(means[5]).all()
     direct = ((vectors.astype(np.float64) - means[label].astype(np.float64)) ** 2).mean()
     assert distortion == pytest.approx(direct, rel=1e-5)
+
+
+def test_the_stage_writes_the_same_bytes_on_every_run(tmp_path_factory, tmp_path):
+    """DVC hashes the whole output folder, and every train stage depends on it: a byte that changes
+    from run to run (a clock reading in summary.json did) reruns them all for the same centroids."""
+    from test_faults import make_tiny_data
+
+    from pipeline import codebook
+
+    data = make_tiny_data(tmp_path_factory)
+    outs = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        assert codebook.main(["--params", str(data / "params.yaml"), "--features", str(data / "features"),
+                              "--out", str(out)]) == 0
+        outs.append({p.name: p.read_bytes() for p in sorted(out.iterdir())})
+    assert outs[0].keys() == {"r1.npy", "r2.npy", "summary.json"}
+    assert outs[0] == outs[1]

@@ -82,6 +82,11 @@ def test_sentences_in_range_and_vocabulary():
             assert set(words) <= vocab
 
 
+
+def test_a_word_range_too_narrow_for_the_corpus_is_refused_not_drawn_forever():
+    with pytest.raises(ValueError, match=r"corpus.min_words..max_words = 2..2: .* distinct ones, and \d+ more"):
+        plan_mini_corpus(**{**TINY, "min_words": 2, "max_words": 2, "utterances": {"train": 600}})
+
 @needs_voices
 def test_splits_share_no_sentence(tiny_corpus):
     texts = {split: {r["text"] for r in rows} for split, rows in _manifests(tiny_corpus).items()}

@@ -293,16 +293,34 @@ def make_sentence(rng: random.Random, min_words: int, max_words: int) -> str:
     raise ValueError(f"cannot generate sentences of {min_words}..{max_words} words with this grammar")
 
 
+MAX_REPEATED_DRAWS = 2000  # draws in a row that only repeat taken sentences before giving up
+
+
 def generate_sentences(
     rng: random.Random, n: int, min_words: int, max_words: int, taken: set[str]
 ) -> list[str]:
-    """``n`` new sentences that are not in ``taken`` (which is updated in place)."""
+    """``n`` new sentences that are not in ``taken`` (which is updated in place).
+
+    Raises:
+        ValueError: the word range allows too few distinct sentences (a run of draws found nothing new);
+            without this a narrow range such as 2..2 words drew forever.
+    """
     out: list[str] = []
+    misses = 0
     while len(out) < n:
         s = make_sentence(rng, min_words, max_words)
         if s not in taken:
             taken.add(s)
             out.append(s)
+            misses = 0
+            continue
+        misses += 1
+        if misses > MAX_REPEATED_DRAWS:
+            raise ValueError(
+                f"corpus.min_words..max_words = {min_words}..{max_words}: the grammar gave no new sentence in "
+                f"{MAX_REPEATED_DRAWS} draws after {len(taken)} distinct ones, and {n - len(out)} more are needed: "
+                "widen the word range or ask for fewer utterances"
+            )
     return out
 
 
