@@ -12,12 +12,12 @@ one process with one thread (OMP/MKL/OpenBLAS threads = 1, torch threads = 1), d
 * ``librosa, filterbank built once``: a stronger baseline, the same loop with the mel filterbank
   hoisted out (``melspectrogram`` rebuilds it on every call, ~15 % of its time here) and
   ``np.abs(librosa.stft(...))`` projected with a matrix product;
-* ``previous log_mel``: the float64 numpy implementation this change replaced (kept below,
-  verbatim), with the same decode: the before/after of ``meld/features.py`` in one run;
-* ``log_mel + int16 decode``: *not* what the stage does; a proposed ``load_audio`` for 16-bit PCM
-  files (``soundfile`` reads int16, numpy scales by 1/32768, which is bit-identical to libsndfile's
-  float conversion, checked here; no mono mean of a one-channel file, no finiteness pass over
-  integer samples), to show how much of the remaining time is decode.
+* ``previous log_mel``: the float64 numpy implementation ``meld/features.py`` replaced (kept below,
+  verbatim), with today's ``load_audio`` decode: the before/after of the extractor alone in one run;
+* ``log_mel + int16 decode``: the 16-bit PCM decode written out by hand (``soundfile`` reads int16,
+  numpy scales by 1/32768, bit-identical to libsndfile's float conversion, checked here), which is
+  what ``load_audio`` has done for PCM_16 files since it was adopted: the row shows what
+  ``load_audio``'s own checks around that decode cost, and how much of the time is decode.
 
 Rows are files/s, x realtime (seconds of audio per second of compute) and the ratio against the
 librosa loop, best of ``--repeats`` passes. The methods take turns within each pass, so a change

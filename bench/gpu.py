@@ -128,10 +128,25 @@ def reset_peak(device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def peak_mb(device) -> float | None:
+def allocated(device) -> int:
     import torch
 
-    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def peak_mb(device, resident_before: int, own: int = 0) -> float | None:
+    """One row's peak device memory, in MiB: the peak since :func:`reset_peak` minus what was allocated
+    before the row (``resident_before``: the other rows' models, which this process keeps), plus
+    ``own`` bytes of the row's that were already allocated then (its model's weights)."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    return (torch.cuda.max_memory_allocated(device) - resident_before + own) / 2**20
+
+
+def tensor_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
 # ---------------------------------------------------------------------------- models
@@ -221,6 +236,7 @@ class GenerationBench:
         def run():
             return G.run_path(model, "kv", x, frames, seed=0)[0]
 
+        resident = allocated(device)  # every model built so far, this one included
         reset_peak(device)
         try:
             gen, first = timed(run, device)  # the compiled mode compiles here
@@ -235,7 +251,7 @@ class GenerationBench:
         return {
             "config": config, "mode": mode, "batch": b, "frames": frames, "first_s": first, "s_per_batch": best,
             "ms_per_step": 1e3 * best / frames, "utt_per_s": b / best, "rtf": best / (speech * b),
-            "peak_mb": peak_mb(device), "floor_ms": floor_ms if b == 1 else None,
+            "peak_mb": peak_mb(device, resident, own=tensor_bytes(model)), "floor_ms": floor_ms if b == 1 else None,
             "step_vs_floor": 1e3 * best / frames / floor_ms if b == 1 else None,
             "same_codes_as_sliced": None if sliced is None or mode == "sliced" else gen.codes == sliced,
         }
@@ -291,6 +307,7 @@ def training_row(config: str, device, budget: int, steps: int, warmup: int) -> d
     from meld.training import build_optimizer, build_scheduler, train_step
 
     tc = yaml.safe_load((ROOT / "params.yaml").read_text())["train"]
+    resident = allocated(device)  # the generation rows' models, still held: not this row's memory
     model, kwargs = build(config, device, no_eos=False, training=True)
     on_gpu = device.type == "cuda"
     opt = build_optimizer(model, tc["lr"], tc["weight_decay"], fused=on_gpu)
@@ -319,7 +336,7 @@ def training_row(config: str, device, budget: int, steps: int, warmup: int) -> d
         "batch": batch["mel"].shape[0], "longest": batch["mel"].shape[1], "s_per_step": s,
         "median_s_per_step": sorted(times)[len(times) // 2], "real_tokens_per_s": real / s,
         "mel_frames_per_s": float(batch["mel_len"].sum()) * (kwargs["frame_dim"] // 80) / s,  # grouped x r
-        "padding": 1 - real / padded, "peak_mb": peak_mb(device), "counted_tflop_per_step": counted / 1e12,
+        "padding": 1 - real / padded, "peak_mb": peak_mb(device, resident), "counted_tflop_per_step": counted / 1e12,
         "palm_tflop_per_step": palm / 1e12, "counted_tflops": counted / s / 1e12, "palm_tflops": palm / s / 1e12,
         "autocast": str(autocast), "matmul_dtype": "bf16" if autocast is torch.bfloat16 else "fp32",
         "fused_adamw": on_gpu,

@@ -85,8 +85,8 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--clock",
         choices=("wall", "cpu"),
-        default="wall",
-        help="wall (default) or cpu: CPU seconds (all threads), immune to time-slicing; use with --threads 1",
+        default=os.environ.get("BENCH_CLOCK", "wall"),
+        help="wall (default, or $BENCH_CLOCK) or cpu: CPU seconds (all threads), immune to time-slicing; use with --threads 1",
     )
     args = parser.parse_args(argv)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):  # before numpy/faiss load

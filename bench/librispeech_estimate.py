@@ -11,20 +11,22 @@ What it measures on this machine (one thread, the pipeline's own code, ``--clock
   count on 4M vectors. There is no 960 h of frames here, so the 4M vectors are the mini corpus's
   real frames drawn with replacement plus 1 % noise (k-means time depends on the sizes, not on
   where the frames came from);
-* **training FLOPs**: ``bench/results/training.json`` (``python -m bench.training``) holds the
+* **training FLOPs**: ``bench/results/training.json`` (or ``--training-result``; ``python -m bench.training``
+  on this CPU, else the check is skipped) holds the
   paper model's CPU steps; 6 x parameters x tokens per step checks the FLOP model against them
   (the CPU's achieved rate is printed next to its peak, measured here with a 1024^3 GEMM).
 
 What it assumes (flags, printed with the estimate): LibriSpeech's size (960.9 h of training audio,
 281,241 utterances; 62.5 frames per second), the paper's 201k steps of 50k frames, the GPUs' bf16
 peak and the model FLOP utilisation (MFU) a run reaches on them, the all-reduce bandwidth between
-GPUs, CPU cores per worker for the feature stage, and the evaluation's GPU decode speed. No GPU was
+GPUs and their memory bandwidth, the shared storage's read bandwidth, CPU cores per worker for the
+feature stage, and the evaluation's GPU decode speed (one GPU per system's evaluate stage). No GPU was
 measured: the training and evaluation rows are only as good as ``--mfu`` and ``--decode-ms``.
 
 Run (from the repository root, after ``dvc repro bpe codebook``):
     .venv/bin/python -m bench.librispeech_estimate --threads 1 --clock cpu       # ~3 min
-Options: --gpus 16 --gpu-tflops 989 --mfu 0.35 --allreduce-gbs 50 --feature-workers 16
---decode-ms 8 --files 60 --data DIR --out NAME.
+Options: --gpus 16 --gpu-tflops 989 --mfu 0.35 --allreduce-gbs 50 --gpu-mem-gbs 3350 --read-gbs 1
+--feature-workers 16 --decode-ms 8 --files 60 --data DIR --training-result STEM --out NAME.
 """
 
 from __future__ import annotations
@@ -135,12 +137,17 @@ def gemm_peak_gflops() -> float:
     return 2 * 1024**3 / best / 1e9
 
 
-def training_flops_check() -> dict:
-    path = RESULTS / "training.json"
+def training_flops_check(stem: str) -> dict:
+    path = RESULTS / f"{stem}.json"
     if not path.exists():
         return {}
-    row = next((r for r in json.loads(path.read_text())["rows"] if r["config"] == "paper"), None)
+    result = json.loads(path.read_text())
+    row = next((r for r in result["rows"] if r["config"] == "paper"), None)
     if row is None:
+        return {}
+    measured_on = result.get("machine", {}).get("cpu_model")
+    if measured_on != machine_info(1)["cpu_model"]:  # its FLOP rate is set against this core's GEMM peak
+        print(f"training FLOP check skipped: {path.name} was measured on {measured_on!r}, not this CPU")
         return {}
     steps = row["per_step"]
     # tokens = grouped frames (padded) + text, ~TEXT_TOKENS_PER_SECOND per second of audio
@@ -169,8 +176,13 @@ def main(argv=None) -> int:
     p.add_argument("--mfu", type=float, default=0.35, help="model FLOP utilisation assumed on the GPUs")
     p.add_argument("--allreduce-gbs", type=float, default=50.0, help="per-GPU all-reduce bus bandwidth, GB/s (2 nodes, 400 Gb/s NICs)")
     p.add_argument("--feature-workers", type=int, default=16, help="features.num_workers (one CPU core each)")
+    p.add_argument("--gpu-mem-gbs", type=float, default=3350.0, help="GPU memory bandwidth, GB/s (H100 SXM: 3,350)")
+    p.add_argument("--read-gbs", type=float, default=1.0,
+                   help="read bandwidth of the shared storage holding the features, GB/s, for the codebook's pass")
     p.add_argument("--decode-ms", type=float, default=8.0,
                    help="assumed GPU time of one batched TTS decoding step (batch 16, paper config)")
+    p.add_argument("--training-result", type=result_stem, default="training",
+                   help="bench/results/<stem>.json of bench.training on this CPU, for the FLOP-model check")
     p.add_argument("--out", type=result_stem, default="librispeech_estimate")
     args = p.parse_args(argv)
     use_clock(args.clock)
@@ -187,7 +199,7 @@ def main(argv=None) -> int:
           f"{args.max_vectors:,} vectors: r=1 {book['r1']['fit_s']:.1f} + {book['r1']['usage_count_s']:.1f} s, "
           f"r=2 {book['r2']['fit_s']:.1f} + {book['r2']['usage_count_s']:.1f} s", flush=True)
     peak = gemm_peak_gflops()
-    check = training_flops_check()
+    check = training_flops_check(args.training_result)
     if check:
         print(f"training FLOP model on this CPU: paper config {check['step_s']:.1f} s per step of "
               f"{check['tokens_per_step']:,.0f} tokens = {check['achieved_gflops']:.0f} GFLOP/s by 6 x params x tokens "
@@ -201,24 +213,42 @@ def main(argv=None) -> int:
     rows.append(("features (decode + log-mel, all splits)",
                  all_audio_s / feats["x_realtime_per_core"] / args.feature_workers,
                  f"measured {feats['x_realtime_per_core']:,.0f}x realtime per core; {args.feature_workers} worker cores"))
-    codebook_s = frames * book["read_s_per_frame"] + sum(book[f"r{r}"]["fit_s"] + book[f"r{r}"]["usage_count_s"] for r in (1, 2))
+    # the measured read ran from the page cache; 216M float32 frames of 80 bins are ~69 GB on shared storage
+    read_cpu_s = frames * book["read_s_per_frame"]
+    read_io_s = frames * 80 * 4 / (args.read_gbs * 1e9)
+    codebook_s = max(read_cpu_s, read_io_s) + sum(book[f"r{r}"]["fit_s"] + book[f"r{r}"]["usage_count_s"] for r in (1, 2))
     rows.append(("codebook (one process: read 216M frames, fit r=1 and r=2)", codebook_s,
-                 "measured per-frame read and the fits at full size"))
+                 f"read: the larger of the measured CPU time per frame ({hms(read_cpu_s)}) and {frames * 320 / 1e9:.0f} GB "
+                 f"at {args.read_gbs:g} GB/s ({hms(read_io_s)}, assumed); the fits measured at full size"))
     params = check.get("params", 185_791_268)
+    model = paper_config()["model"]
     tokens = FRAMES_PER_STEP * (1 + TEXT_TOKENS_PER_SECOND / FRAME_RATE)
-    step_flops = 6 * params * tokens
+    # causal attention's score and value products, forward + backward (3x), over an average utterance's
+    # sequence (LibriSpeech averages 12.3 s: ~806 tokens); 6 x params x tokens leaves them out
+    seq = TRAIN_HOURS * 3600 / TRAIN_UTTERANCES * (FRAME_RATE + TEXT_TOKENS_PER_SECOND)
+    attention_flops = 6 * model["n_layers"] * model["d_model"] * seq * tokens
+    step_flops = 6 * params * tokens + attention_flops
     compute_s = step_flops / (args.gpus * args.gpu_tflops * 1e12 * args.mfu)
     grad_bytes = 4 * params  # fp32 gradients, one ring all-reduce per step
     allreduce_s = 2 * (args.gpus - 1) / args.gpus * grad_bytes / (args.allreduce_gbs * 1e9)
-    step_s = max(compute_s, allreduce_s)  # DDP overlaps the all-reduce with the backward pass
+    # fused AdamW reads and writes weights, gradients and two moments in fp32 on every GPU: memory-bound
+    optimiser_s = 2 * 16 * params / (args.gpu_mem_gbs * 1e9)
+    # DDP overlaps the all-reduce with the backward pass (2/3 of the compute), not with the forward or the update
+    step_s = compute_s / 3 + max(2 * compute_s / 3, allreduce_s) + optimiser_s
     rows.append((f"train MELD ({STEPS:,} steps of {FRAMES_PER_STEP:,} frames)", STEPS * step_s,
-                 f"{step_flops:.2e} FLOP/step at {args.mfu:.0%} MFU of {args.gpus} x {args.gpu_tflops:g} TFLOPS = "
-                 f"{compute_s * 1e3:.0f} ms; all-reduce of {grad_bytes / 1e6:.0f} MB at {args.allreduce_gbs:g} GB/s = "
-                 f"{allreduce_s * 1e3:.0f} ms; step = the larger (assumed)"))
-    # evaluation: 1,000 test utterances x 3 generations of <= 10 s at r=1 (625 steps), batch 16, spread over the GPUs
-    gen_batches = 1000 * 3 / 16 / args.gpus
-    rows.append(("evaluate TTS (1,000 utt x 3 generations, batch 16)", gen_batches * 625 * args.decode_ms / 1e3,
-                 f"{args.decode_ms:g} ms per batched decoding step (assumed), 625 steps per 10 s"))
+                 f"{step_flops:.2e} FLOP/step ({attention_flops / step_flops:.0%} attention) at {args.mfu:.0%} MFU of "
+                 f"{args.gpus} x {args.gpu_tflops:g} TFLOPS = {compute_s * 1e3:.1f} ms; all-reduce of "
+                 f"{grad_bytes / 1e6:.0f} MB at {args.allreduce_gbs:g} GB/s = {allreduce_s * 1e3:.1f} ms; step = forward "
+                 f"+ max(backward, all-reduce) + AdamW ({optimiser_s * 1e3:.1f} ms) = {step_s * 1e3:.1f} ms (assumed)"))
+    # evaluation: one evaluate stage per system, one process on one GPU (evaluate.device). MELD: 1,000
+    # test utterances x the generations x (the system + its 2 Table-5 ablations), <= 10 s at r=1 (625 steps)
+    ev = paper_config()["evaluate"]
+    variants = 3 if ev.get("ablations", True) else 1
+    generations = int(ev.get("generations", 3)) * 1000 * variants
+    rows.append((f"evaluate MELD TTS ({generations:,} generations, batch 16, one GPU)",
+                 generations / 16 * 625 * args.decode_ms / 1e3,
+                 f"1,000 utt x {ev.get('generations', 3)} generations x {variants} variants; {args.decode_ms:g} ms per "
+                 "batched decoding step (assumed), 625 steps per 10 s; each other system's stage on its own GPU"))
     total = sum(s for _, s, _ in rows)
 
     print(f"\n| stage | estimate on {args.gpus} GPUs | basis |")
@@ -233,7 +263,8 @@ def main(argv=None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = {"benchmark": "librispeech_estimate", "machine": info | {"load_average_at_end": load_average()},
            "measured": {"features": feats, "codebook": book, "training_flops_check": check, "gemm_peak_gflops": peak},
-           "assumed": {k: getattr(args, k) for k in ("gpus", "gpu_tflops", "mfu", "allreduce_gbs", "feature_workers", "decode_ms")},
+           "assumed": {k: getattr(args, k) for k in ("gpus", "gpu_tflops", "mfu", "allreduce_gbs", "gpu_mem_gbs", "read_gbs",
+                                                      "feature_workers", "decode_ms")},
            "rows": [{"stage": n, "seconds": s, "basis": b} for n, s, b in rows], "total_seconds": total}
     (RESULTS / f"{args.out}.json").write_text(json.dumps(out, indent=2, default=float))
     print(f"wrote bench/results/{args.out}.json")

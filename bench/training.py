@@ -4,10 +4,12 @@ What it measures:
 
 * the padding fraction of :class:`meld.store.FrameBudgetSampler` on the real training split
   (padded frames that carry no data / all padded frames), for r = 1 and 2, at the params.yaml
-  frame budget and at the paper's 50k;
+  frame budget and at the paper's per-worker budget (3,125: each DDP worker builds its own sampler;
+  the mini corpus's clips are shorter than LibriSpeech's, so this is not LibriSpeech's padding);
 * for the tiny config (params.yaml ``model:``) and the paper config (d 1024, 12 layers, 16 heads,
   FFN 4096, codebook 8192, BPE 4096, postnet 512x5: 186M parameters): a few real batches from the
-  sampler (params.yaml ``train.frames_per_batch`` budget unless told otherwise, task ``tts``, loss
+  sampler (tiny: params.yaml's reduction factor and ``train.frames_per_batch``; paper: its own r=1
+  and 3,125 frames per worker, unless ``--paper-budget``; task ``tts``, loss
   weights, clip and AdamW as in params.yaml, full precision: bf16 autocast is GPU-only in the driver),
   timing the collate (``TrainingData.batch``) and ``meld.training.train_step`` separately, after
   untimed warm-up steps;
@@ -17,7 +19,7 @@ What it measures:
   which AdamW allocates at the first step, all count).
 
 Run (from the repository root):
-    .venv/bin/python -m bench.training           # full: tiny 10 steps, paper 2 steps (~4 min on 2 cores)
+    .venv/bin/python -m bench.training           # full: tiny 10 steps, paper 2 steps (~5 min on 2 cores)
     .venv/bin/python -m bench.training --quick   # tiny 3 steps, paper 1 step at a 600-frame budget
 Options: --threads N (torch threads; default torch's), --data DIR (pipeline outputs), --out NAME.
 """
@@ -43,7 +45,8 @@ from bench._common import (  # noqa: E402
     load_average,
     machine_info,
     now,
-    paper_frames_per_batch,
+    paper_config,
+    paper_frames_per_worker,
     paper_meld_kwargs,
     peak_rss,
     result_stem,
@@ -70,7 +73,8 @@ def cell_sampler(data: str) -> dict:
     rows = []
     for r in (1, 2):
         lengths = [math.ceil(n / r) for n in store.lengths]
-        for b in sorted({budget, paper_frames_per_batch()}):
+        # the mini params' budget, and the paper's per worker (each DDP worker builds its own sampler)
+        for b in sorted({budget, paper_frames_per_worker()}):
             if max(lengths) > b:
                 continue
             s = FrameBudgetSampler(lengths, b)
@@ -101,7 +105,8 @@ def cell_train(data: str, config: str, budget: int, warmup: int, steps: int) -> 
     data = Path(data)
     p = params()
     tc = p["train"]
-    r = int(p["model"]["reduction_factor"])
+    # each config at its own frame rate: the paper trains at r=1, one mel frame per token
+    r = int(p["model"]["reduction_factor"]) if config == "tiny" else int(paper_config()["model"]["reduction_factor"])
     tok = BPETokenizer(data / "bpe/bpe.model")
     torch.manual_seed(0)
     if config == "tiny":
@@ -183,7 +188,7 @@ def main(argv=None) -> int:
         "--paper-budget",
         type=int,
         default=None,
-        help="frame budget of the paper-config batches (default: params.yaml's; --quick: 600)",
+        help="frame budget of the paper-config batches (default: configs/paper.yaml's per worker; --quick: 600)",
     )
     parser.add_argument("--out", type=result_stem, default="training", help="results file stem under bench/results/")
     parser.add_argument(
@@ -208,7 +213,7 @@ def main(argv=None) -> int:
     data = str(Path(args.data).resolve())
     budget = params()["train"]["frames_per_batch"]
     q = args.quick
-    paper_budget = args.paper_budget or (600 if q else budget)
+    paper_budget = args.paper_budget or (600 if q else paper_frames_per_worker())
     info = machine_info(threads)
     t_all = time.perf_counter()
     print(

@@ -34,6 +34,9 @@ DEBUG_PARAMS = {
         "name": "mini", "seed": 1, "train_voices": ["flite-rms", "flite-slt", "espeak-m3"],
         "held_out_voices": ["flite-awb"], "utterances_per_voice": {"train": 8, "dev": 1, "test": 2, "test_unseen": 2},
         "min_words": 8, "max_words": 12, "num_workers": 2,
+        # dvc.yaml lists the corpus keys one by one (not num_workers), and DVC wants each in the file
+        "librispeech_root": "data/librispeech", "librispeech_download": False,
+        "librispeech_subsets": ["train-clean-100", "dev-clean", "test-clean"],
     },
     "features": {"num_workers": 1, "max_seconds": 20.0, "min_seconds": 0.3, "max_rejected_fraction": 0.05},
     "codebook": {"size": 16, "reduction_factors": [1, 2], "niter": 5, "max_vectors": 20000, "seed": 0},
