@@ -81,8 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_section(args.params, "features", FeaturesConfig)
     corpus, out = Path(args.corpus), Path(args.out)
     splits = sorted(d.name for d in corpus.iterdir() if (d / "manifest.jsonl").is_file()) if corpus.is_dir() else []
-    if "train" not in splits:
-        raise SystemExit(f"features: {corpus} has no train/manifest.jsonl (did the corpus stage run?)")
+    if "train" not in splits:  # the normalisation statistics come from the train split alone
+        found = f"it has {splits}" if splits else "it has no split at all (did the corpus stage run?)"
+        raise SystemExit(f"features: {corpus} has no train/manifest.jsonl, which the normalisation statistics "
+                         f"come from; {found}: give the corpus a train split (corpus.utterances_per_voice.train, "
+                         "or a train-* LibriSpeech subset)")
     summaries = {}
     stats = RunningStats()
     for split in ["train"] + [s for s in splits if s != "train"]:

@@ -250,3 +250,18 @@ def test_float_samples_beyond_full_scale_are_read_with_a_warning(tmp_path, caplo
         got = load_audio(path)
     np.testing.assert_array_equal(got, sf.read(str(path), dtype="float32")[0])  # kept as is
     assert "hot.wav: float samples reach 4, outside [-1, 1]" in caplog.text and "12.0 dB louder" in caplog.text
+
+
+def test_the_stage_says_when_the_corpus_has_no_train_split(tmp_path):
+    from pipeline import features
+
+    (tmp_path / "corpus" / "test").mkdir(parents=True)
+    (tmp_path / "corpus" / "test" / "manifest.jsonl").write_text("")
+    (tmp_path / "params.yaml").write_text("features: {}\n")
+    with pytest.raises(SystemExit, match=r"no train/manifest.jsonl, which the normalisation statistics come from; "
+                                         r"it has \['test'\]"):
+        features.main(["--params", str(tmp_path / "params.yaml"), "--corpus", str(tmp_path / "corpus"),
+                       "--out", str(tmp_path / "features")])
+    with pytest.raises(SystemExit, match="no split at all"):
+        features.main(["--params", str(tmp_path / "params.yaml"), "--corpus", str(tmp_path / "nothing"),
+                       "--out", str(tmp_path / "features")])
