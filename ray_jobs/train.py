@@ -381,6 +381,14 @@ def train_worker(config: dict) -> None:
             mlflow.set_tag("failure", f"{type(err).__name__}: {err}"[:5000])
             mlflow.end_run(status="FAILED")
         raise
+    if state is not None and state["step"] >= tc["max_steps"]:
+        # the run had ended before this start, so the loop reported nothing: say its final metrics again
+        # (the same dev metrics, from the same weights) for a caller that lost the last report, such as a
+        # Tune trial resumed after an interrupt; no new checkpoint
+        final = {}
+        if rank == 0 and dev is not None and tc["task"] != "stt" and hasattr(model, "codebook"):
+            final = dev_metrics(model, dev[0], dev[1], dev[2], device, seed=tc["seed"])
+        ray.train.report({"step": step, **final})
     if rank == 0:
         mlflow.end_run()
 

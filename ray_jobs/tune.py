@@ -82,7 +82,7 @@ def sweep_fingerprint(params: dict, tc: TuneConfig, *, features: str, bpe: str, 
     """What makes two runs the same sweep: the tune section, every trial's training fingerprint (its
     model, training settings, input bytes and training code), the dev split that scores it, this
     file and the MLflow experiment. Building each trial's config here also finds a missing codebook
-    or dev split before Ray starts."""
+    or dev split, or a system with no TTS objective, before Ray starts."""
     from meld.training import fingerprint
     from ray_jobs.train import build_config, files_digest
 
@@ -93,11 +93,15 @@ def sweep_fingerprint(params: dict, tc: TuneConfig, *, features: str, bpe: str, 
     for r in tc.reduction_factors:
         for w in tc.slowness_weights:
             name = trial_name(tc.system, r, w)
-            trials[name] = build_config(
+            config = build_config(
                 params, system=tc.system, features=features, bpe=bpe, codebook=codebook,
                 out=work_dir / "trials" / name, project_root=project_root,
                 overrides=trial_overrides(tc, r, w), threads_per_worker=tc.cpus_per_worker,
-            )["fingerprint"]
+            )
+            if config["train"]["task"] == "stt":  # its dev metrics, the objective, are TTS errors
+                raise ValueError(f"tune.system {tc.system} trains STT only (train.task: stt): the sweep's "
+                                 f"objective {tc.metric} is a TTS error it never reports; sweep a TTS or joint system")
+            trials[name] = config["fingerprint"]
     return fingerprint({
         "tune": tc.to_dict(),
         "trials": trials,
@@ -107,7 +111,7 @@ def sweep_fingerprint(params: dict, tc: TuneConfig, *, features: str, bpe: str, 
     })
 
 
-def _resumable_parent(work_dir: Path, fp: str, experiment_dir: Path, mlflow) -> str | None:
+def _resumable_parent(work_dir: Path, fp: str, experiment_dir: Path, mlflow, experiment_name: str) -> str | None:
     """The MLflow parent run of an interrupted sweep with this fingerprint, when Ray Tune can restore
     it; else None (and the reason is logged)."""
     from ray import tune
@@ -127,10 +131,16 @@ def _resumable_parent(work_dir: Path, fp: str, experiment_dir: Path, mlflow) -> 
         log.info("%s holds no sweep state Ray Tune can restore: starting the sweep over", experiment_dir)
         return None
     try:
-        mlflow.tracking.MlflowClient().get_run(state["parent_run_id"])
-    except Exception as e:  # deleted, or another tracking store
+        run = mlflow.tracking.MlflowClient().get_run(state["parent_run_id"])
+    except Exception as e:  # another tracking store
         log.warning("the interrupted sweep's MLflow run %s is not in this store (%s): starting the sweep over",
                     state.get("parent_run_id"), str(e).splitlines()[0][:200])
+        return None
+    # get_run also finds a deleted run, or one of a deleted experiment, which start_run would refuse
+    experiment = mlflow.get_experiment_by_name(experiment_name)
+    if run.info.lifecycle_stage != "active" or experiment is None or run.info.experiment_id != experiment.experiment_id:
+        log.warning("the interrupted sweep's MLflow run %s was deleted, or is not in experiment %s: starting the "
+                    "sweep over", run.info.run_id, experiment_name)
         return None
     return state["parent_run_id"]
 
@@ -194,11 +204,16 @@ def recording_asha(stops_file: Path, **kwargs):
     return RecordingASHA(**kwargs)
 
 
-def _asha_stops(stops_file: Path) -> set[tuple[int, float]]:
-    if not stops_file.is_file():
-        return set()
-    rows = [json.loads(line) for line in stops_file.read_text().splitlines() if line.strip()]
-    return {(r["reduction_factor"], r["slowness_weight"]) for r in rows}
+def _asha_stops(stops_file: Path) -> dict[tuple[int, float], set[int]]:
+    """(r, w) -> the steps at which ASHA stopped that trial (more than one when a stop was lost in an
+    interrupt: Tune's saved state, older than the stop, restored the trial as running)."""
+    stops: dict[tuple[int, float], set[int]] = {}
+    if stops_file.is_file():
+        for line in stops_file.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                stops.setdefault((row["reduction_factor"], row["slowness_weight"]), set()).add(row["step"])
+    return stops
 
 
 def _history(result, metric: str) -> list[list[float]]:
@@ -226,7 +241,7 @@ def collect_trials(grid, tc: TuneConfig, work_dir: Path) -> list[dict]:
             status = "error"
         elif steps >= tc.max_steps:
             status = "completed"
-        elif (r, w) in stopped:
+        elif steps in stopped.get((r, w), ()):  # stopped where its history ends, not trained on past the stop
             status = "early_stopped"
         else:
             status = "unfinished"
@@ -325,7 +340,7 @@ def run_sweep(
     experiment = params.get("mlflow", {}).get("experiment", "meld")
     mlflow = tracking.setup(experiment, project_root)
     experiment_dir = work_dir / "ray_tune" / f"tune-{tc.system}"
-    parent_id = None if restart else _resumable_parent(work_dir, fp, experiment_dir, mlflow)
+    parent_id = None if restart else _resumable_parent(work_dir, fp, experiment_dir, mlflow, experiment)
     if parent_id is None and work_dir.exists():  # scratch: trial checkpoints and Ray state of another sweep
         shutil.rmtree(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -448,7 +463,9 @@ def run_sweep(
         mlflow.log_metric("tune/early_stopped", sum(t["status"] == "early_stopped" for t in trials))
         if best is not None:
             mlflow.log_metric("best/objective", best["objective"])
-            mlflow.log_params({f"best.{k}": v for k, v in best["config"].items()})
+            # tags, not params: a resumed sweep that retried an errored trial may find another best, and
+            # MLflow refuses to change a logged param
+            mlflow.set_tags({f"best.{k}": v for k, v in best["config"].items()})
         mlflow.log_artifact(str(out))
         mlflow.log_artifact(str(plot))
     return report

@@ -199,6 +199,26 @@ def test_killed_worker_resumes_from_checkpoint(crashed_run):
     assert MlflowClient(uri).get_run(run_id).info.status == "FINISHED"  # the retry ended the run it resumed
 
 
+
+@pytest.mark.slow
+def test_a_finished_run_started_again_reports_its_final_metrics(crashed_run, tmp_path, tracking):
+    """Started again on its own finished checkpoints, a run trains nothing but reports its last step's
+    metrics once more: a Tune trial resumed after an interrupt that lost its final report needs them
+    (without them the sweep counted the trial unfinished on every rerun)."""
+    from ray_jobs.train import run_training
+
+    ckpts = tmp_path / "model" / "checkpoints"
+    shutil.copytree(crashed_run["config"]["checkpoint_dir"], ckpts)
+    (ckpts / "mlflow_run_id").unlink()  # a run of its own in this test's store
+    config = tiny_config(crashed_run["data"], tmp_path / "model")
+    assert config["fingerprint"] == crashed_run["config"]["fingerprint"]
+    before = sorted(p.name for p in ckpts.glob("step-*.pt"))
+    result = run_training(config, num_workers=1, use_gpu=False, storage_path=str(tmp_path / "ray"), max_failures=0)
+    assert result.metrics["step"] == config["train"]["max_steps"] == 4
+    first = crashed_run["result"].metrics
+    assert result.metrics["dev/mse_pre_greedy"] == pytest.approx(first["dev/mse_pre_greedy"], rel=1e-5)
+    assert sorted(p.name for p in ckpts.glob("step-*.pt")) == before  # nothing trained, nothing saved
+
 @pytest.mark.slow
 def test_truncated_checkpoint_is_skipped(crashed_run, tmp_path):
     import torch

@@ -231,3 +231,50 @@ def test_other_inputs_make_another_sweep(tmp_path_factory, tmp_path):
         sweep_fingerprint(TINY_PARAMS, TuneConfig.from_dict(TINY_PARAMS["tune"], "tune"), features=str(tmp_path),
                           bpe=str(data / "bpe" / "bpe.model"), codebook=str(data / "codebook"), work_dir=tmp_path,
                           project_root=str(tmp_path))
+
+
+def test_asha_stops_are_recorded_and_tell_early_stopped_from_unfinished(tmp_path):
+    """Tune ends a trial ASHA stopped and a trial an interrupt stopped alike; the scheduler's own record
+    (with the step) is what tells them apart, and only a report at that step counts as the stop."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from ray_jobs.tune import collect_trials, recording_asha
+
+    tc = TuneConfig.from_dict({**TINY_PARAMS["tune"], "max_steps": 4, "slowness_weights": [0.0, 0.5, 0.9, 1.5]},
+                              "tune")
+    asha = recording_asha(tmp_path / "asha_stops.jsonl", time_attr="step", metric=tc.metric, mode="min",
+                          max_t=tc.max_steps, grace_period=1, reduction_factor=2, stop_last_trials=False)
+
+    def trial(w: float):
+        return SimpleNamespace(trial_id=f"t{w}", config={"reduction_factor": 1, "slowness_weight": w})
+
+    good, bad = trial(0.0), trial(0.5)
+    for t in (good, bad):
+        asha.on_trial_add(None, t)
+    assert asha.on_trial_result(None, good, {"step": 1, tc.metric: 1.0}) == "CONTINUE"
+    assert asha.on_trial_result(None, bad, {"step": 1, tc.metric: 5.0}) == "STOP"  # the worse half at rung 1
+
+    def result(w: float, steps: list[int], error=None):
+        frame = pd.DataFrame({"step": steps, tc.metric: [1.0] * len(steps)})
+        return SimpleNamespace(config={"reduction_factor": 1, "slowness_weight": w}, error=error,
+                               metrics_dataframe=frame)
+
+    grid = [result(0.0, [1, 2, 3, 4]), result(0.5, [1]), result(0.9, [1, 2]), result(1.5, [1], RuntimeError("boom"))]
+    status = {t["config"]["slowness_weight"]: t["status"] for t in collect_trials(grid, tc, tmp_path)}
+    assert status == {0.0: "completed", 0.5: "early_stopped", 0.9: "unfinished", 1.5: "error"}
+    # a stop that Tune's restored state lost: the trial trained on past it, then was interrupted
+    grid[1] = result(0.5, [1, 2, 3])
+    assert collect_trials(grid, tc, tmp_path)[1]["status"] == "unfinished"
+
+
+def test_an_stt_only_system_cannot_be_swept(tmp_path_factory, tmp_path):
+    from ray_jobs.tune import sweep_fingerprint
+
+    data = make_tiny_data(tmp_path_factory)
+    params = {**TINY_PARAMS, "meld": {"model": {}, "train": {"task": "stt"}}}
+    with pytest.raises(ValueError, match="tune.system meld trains STT only"):
+        sweep_fingerprint(params, TuneConfig.from_dict(params["tune"], "tune"), features=str(data / "features"),
+                          bpe=str(data / "bpe" / "bpe.model"), codebook=str(data / "codebook"), work_dir=tmp_path,
+                          project_root=str(tmp_path))
