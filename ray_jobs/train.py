@@ -305,19 +305,19 @@ def train_worker(config: dict) -> None:
     mlflow = _open_mlflow_run(config, ckpt_dir, resumed_at=step if state is not None else None,
                               sampler=sampler) if rank == 0 else None
 
-    def checkpoint(step: int, metrics: dict) -> None:
-        extra = {"fingerprint": config["fingerprint"]}
+    def dev_report(step: int) -> dict:
+        """Rank 0's dev metrics (MELD only), logged to MLflow; {} elsewhere."""
+        if rank != 0 or dev is None or tc["task"] == "stt" or not hasattr(model, "codebook"):
+            return {}
+        dev_m = dev_metrics(model, dev[0], dev[1], dev[2], device, seed=tc["seed"])
+        mlflow.log_metrics(dev_m, step=step)
+        log.info(f"[{system}] step {step} {format_metrics(dev_m)}")
+        return dev_m
+
+    def report(step: int, metrics: dict, path: Path | None) -> None:
+        """Every rank reports; rank 0 attaches the checkpoint file ``path`` (staged in a folder of its own)."""
         ray_ckpt, tmp = None, None
-        if rank == 0:
-            if dev is not None and tc["task"] != "stt" and hasattr(model, "codebook"):  # MELD only
-                dev_m = dev_metrics(model, dev[0], dev[1], dev[2], device, seed=tc["seed"])
-                mlflow.log_metrics(dev_m, step=step)
-                log.info(f"[{system}] step {step} {format_metrics(dev_m)}")
-                metrics = {**metrics, **dev_m}
-            path = save_checkpoint(ckpt_dir / f"step-{step}.pt", system=system, model=model,
-                                   model_kwargs=config["model_kwargs"], optimizer=optimizer, scheduler=scheduler,
-                                   step=step, sampler_state=sampler.state_dict(), extra=extra)
-            _prune(ckpt_dir, KEEP_CHECKPOINTS)
+        if rank == 0 and path is not None:
             tmp = Path(tempfile.mkdtemp(prefix="meld-ckpt-"))
             os.link(path, tmp / path.name) if path.stat().st_dev == tmp.stat().st_dev else shutil.copy(path, tmp)
             ray_ckpt = ray.train.Checkpoint.from_directory(str(tmp))
@@ -326,6 +326,17 @@ def train_worker(config: dict) -> None:
         finally:
             if tmp is not None:  # report() has copied it into the run's storage: the staging folder must not pile up in /tmp
                 shutil.rmtree(tmp, ignore_errors=True)
+
+    def checkpoint(step: int, metrics: dict) -> None:
+        path = None
+        if rank == 0:
+            metrics = {**metrics, **dev_report(step)}
+            path = save_checkpoint(ckpt_dir / f"step-{step}.pt", system=system, model=model,
+                                   model_kwargs=config["model_kwargs"], optimizer=optimizer, scheduler=scheduler,
+                                   step=step, sampler_state=sampler.state_dict(),
+                                   extra={"fingerprint": config["fingerprint"]})
+            _prune(ckpt_dir, KEEP_CHECKPOINTS)
+        report(step, metrics, path)
 
     pace = Pace(step, tc["max_steps"])
     try:
@@ -382,13 +393,11 @@ def train_worker(config: dict) -> None:
             mlflow.end_run(status="FAILED")
         raise
     if state is not None and state["step"] >= tc["max_steps"]:
-        # the run had ended before this start, so the loop reported nothing: say its final metrics again
-        # (the same dev metrics, from the same weights) for a caller that lost the last report, such as a
-        # Tune trial resumed after an interrupt; no new checkpoint
-        final = {}
-        if rank == 0 and dev is not None and tc["task"] != "stt" and hasattr(model, "codebook"):
-            final = dev_metrics(model, dev[0], dev[1], dev[2], device, seed=tc["seed"])
-        ray.train.report({"step": step, **final})
+        # the run had ended before this start, so the loop reported nothing: report its final metrics again
+        # (the same dev metrics, from the same weights) with the checkpoint it ended on, for a caller that
+        # lost the last report, such as a Tune trial resumed after an interrupt; nothing is trained or saved
+        final = ckpt_dir / f"step-{step}.pt"
+        report(step, dev_report(step), final if rank == 0 and final.is_file() else None)
     if rank == 0:
         mlflow.end_run()
 

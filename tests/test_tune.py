@@ -121,6 +121,16 @@ def _sweep_cmd(tmp_path: Path, data: Path) -> list[str]:
             "--project-root", str(tmp_path)]
 
 
+def _wait_until_unchanged(read, quiet_s: float, deadline_s: float) -> None:
+    end, last, since = time.time() + deadline_s, read(), time.time()
+    while time.time() - since < quiet_s:
+        assert time.time() < end, "the trials' checkpoint folders kept changing after the sweep was stopped"
+        time.sleep(0.5)
+        now = read()
+        if now != last:
+            last, since = now, time.time()
+
+
 def _checkpoint_files(trial_dir: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in sorted((trial_dir / "checkpoints").glob("step-*.pt"))}
 
@@ -181,6 +191,8 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path_factory, tmp_pat
         assert "run the same command again to resume it" in log
     assert first.returncode != 0 and not (tmp_path / "tune.json").exists()
     _wait_for_train_actors_of_other_jobs_to_end(deadline_s=120)
+    # the state API can call a killed job's workers dead a moment before their processes stop writing
+    _wait_until_unchanged(lambda: [_checkpoint_files(trials / n) for n in names], quiet_s=5.0, deadline_s=120)
     finished = next(n for n in names if f"step-{max_steps}.pt" in _checkpoint_files(trials / n))
     stopped = next(n for n in names if n != finished)
     kept_finished = _checkpoint_files(trials / finished)
