@@ -165,8 +165,6 @@ def trial_driver(trial: dict, setup: dict) -> None:
         overrides=trial_overrides(tc, r, w),
         threads_per_worker=tc.cpus_per_worker,
     )
-    if config["eval_store"] is None:
-        raise FileNotFoundError(f"{setup['features']}/dev: the sweep needs a dev split to score trials on")
     config["run_name"] = name
     config["parent_run_id"] = setup["parent_run_id"]
     config["mlflow_tracking_uri"] = setup["mlflow_tracking_uri"]  # the parent's store, not this actor's env
