@@ -145,6 +145,36 @@ def _resumable_parent(work_dir: Path, fp: str, experiment_dir: Path, mlflow, exp
     return state["parent_run_id"]
 
 
+def _latest_write(directory: Path) -> float | None:
+    """When anything under ``directory`` was last written (the time an interrupted attempt last did work)."""
+    times = [f.stat().st_mtime for f in directory.rglob("*") if f.is_file()]
+    return max(times) if times else None
+
+
+def record_attempt(state_file: Path, started: float) -> list[dict]:
+    """Append this attempt (started at ``started``) to the sweep's ``attempts`` in ``state_file`` and
+    return them all. An earlier attempt that ended without saying when (SIGKILL, a lost node) is closed
+    at the last write under its work directory, and marked as estimated."""
+    state = json.loads(state_file.read_text())
+    attempts = state.setdefault("attempts", [])
+    if attempts and "seconds" not in attempts[-1]:
+        ended = _latest_write(state_file.parent)
+        attempts[-1]["seconds"] = round(max(0.0, (ended or attempts[-1]["started"]) - attempts[-1]["started"]), 1)
+        attempts[-1]["estimated"] = True
+    attempts.append({"started": round(started, 1)})
+    state_file.write_text(json.dumps(state, indent=2) + "\n")
+    return attempts
+
+
+def close_attempt(state_file: Path, ended: float) -> list[dict]:
+    """Give the running (last) attempt in ``state_file`` its duration; return every attempt."""
+    state = json.loads(state_file.read_text())
+    attempts = state["attempts"]
+    attempts[-1]["seconds"] = round(ended - attempts[-1]["started"], 1)
+    state_file.write_text(json.dumps(state, indent=2) + "\n")
+    return attempts
+
+
 def trial_driver(trial: dict, setup: dict) -> None:
     """One Tune trial: this trial's training config -> the TorchTrainer driver, reports forwarded to Tune."""
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -350,13 +380,15 @@ def run_sweep(
         else max(os.cpu_count() or 1, tc.max_concurrent_trials * per_trial)
     )
     t0 = time.time()
+    state_file = work_dir / "sweep.json"
     with mlflow.start_run(run_id=parent_id, run_name=None if parent_id else f"tune-{tc.system}") as parent:
         if parent_id is None:
             mlflow.log_params(tracking.flatten({"tune": tc.to_dict()}))
             state = {"fingerprint": fp, "parent_run_id": parent.info.run_id}
-            (work_dir / "sweep.json").write_text(json.dumps(state, indent=2) + "\n")
+            state_file.write_text(json.dumps(state, indent=2) + "\n")
         else:
             log.info("resuming the interrupted sweep in %s (MLflow run %s)", experiment_dir, parent_id)
+        record_attempt(state_file, t0)
         setup = {
             "params": params,
             "tune": tc.to_dict(),
@@ -406,6 +438,7 @@ def run_sweep(
         trials = collect_trials(grid, tc, work_dir)
         unfinished = [t["trial"] for t in trials if t["status"] == "unfinished"]
         if unfinished:  # Ray Tune returns, instead of raising, when a signal stops the sweep
+            close_attempt(state_file, time.time())
             mlflow.end_run("KILLED")
             raise SweepInterrupted(
                 f"the sweep stopped with {len(unfinished)} of {len(trials)} trials unfinished ({', '.join(unfinished)}); "
@@ -414,6 +447,7 @@ def run_sweep(
             )
         best = best_trial(trials)
         _close_children(mlflow, trials)
+        attempts = close_attempt(state_file, time.time())
         report = {
             "system": tc.system,
             "objective": {
@@ -450,7 +484,9 @@ def run_sweep(
             "best_objective": best["objective"] if best else None,
             "trials": trials,
             "mlflow_parent_run_id": parent.info.run_id,
-            "wall_seconds": round(time.time() - t0, 1),
+            # a resumed sweep's cost is every attempt's, not only the last one's
+            "wall_seconds": round(sum(a["seconds"] for a in attempts), 1),
+            "attempts": attempts,
         }
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".tmp")  # whole or not at all: the report stage trusts it

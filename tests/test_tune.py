@@ -217,9 +217,35 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path_factory, tmp_pat
     resumed = client.get_metric_history(run_ids[stopped], "train/resume_step")
     assert [int(m.value) for m in resumed] == [kept_stopped], resumed  # from its checkpoint, not from step 0
     assert client.get_run(parent).info.status == "FINISHED"
+    first_attempt, second_attempt = report["attempts"]
+    assert first_attempt["seconds"] > 0 and second_attempt["seconds"] > 0
+    assert first_attempt.get("estimated", False) == (stop == "kill")  # a killed driver could not say when it ended
+    assert report["wall_seconds"] == pytest.approx(first_attempt["seconds"] + second_attempt["seconds"], abs=0.1)
     children = client.search_runs([client.get_run(parent).info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{parent}'")
     assert sorted(r.info.run_id for r in children) == sorted(run_ids.values())
+
+
+def test_sweep_time_counts_every_attempt_and_estimates_a_killed_one(tmp_path):
+    """A resumed sweep's wall time is the sum of its attempts; an attempt that died without closing
+    itself ends at the last file it wrote."""
+    from ray_jobs.tune import close_attempt, record_attempt
+
+    state_file = tmp_path / "sweep.json"
+    state_file.write_text(json.dumps({"fingerprint": "f", "parent_run_id": "r"}))
+    record_attempt(state_file, 1000.0)
+    checkpoint = tmp_path / "trials" / "t" / "step-2.pt"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"x")
+    os.utime(checkpoint, (1040.0, 1040.0))
+    os.utime(state_file, (1000.0, 1000.0))
+    attempts = record_attempt(state_file, 2000.0)  # the first attempt was killed: nobody closed it
+    assert attempts[0] == {"started": 1000.0, "seconds": 40.0, "estimated": True}
+    assert attempts[1] == {"started": 2000.0}
+    attempts = close_attempt(state_file, 2030.5)
+    assert [a["seconds"] for a in attempts] == [40.0, 30.5]
+    assert json.loads(state_file.read_text())["attempts"] == attempts
+    assert json.loads(state_file.read_text())["fingerprint"] == "f"  # the rest of the state is kept
 
 
 def test_other_inputs_make_another_sweep(tmp_path_factory, tmp_path):
