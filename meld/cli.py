@@ -2,12 +2,16 @@
 
     meld synthesize --checkpoint models/meld/model.pt --prompt speaker.wav \\
         --text "the prompt's own words followed by the new words" --out out.wav
+    meld synthesize --checkpoint models/meld/model.pt --list utterances.tsv   # out TAB prompt TAB text
     meld transcribe --checkpoint models/meld_stt/model.pt a.wav b.flac --beam 5 [--ctc-weight 0.3]
     meld info models/meld/model.pt
 
 ``synthesize`` follows the paper's continuation protocol: the first ``--prompt-seconds`` of
 the prompt are the acoustic prompt, ``--text`` is the *full* transcript (the prompt's words
 and then the new ones), and the output is the vocoded prompt followed by the continuation.
+With ``--list`` it synthesises many utterances, ``--batch-size`` at a time through the batched,
+KV-cached generation, writing each batch before the next is generated; a line it cannot use is
+reported (file:line) and skipped, and the others are still written.
 Inference checkpoints (``model.pt`` written by the train stage) carry everything needed:
 weights, model kwargs, normalisation statistics, the BPE model and the reduction factor.
 
@@ -183,14 +187,14 @@ def _pcm16_extensions() -> list[str]:
     return sorted(f".{name.lower()}" for name in sf.available_formats() if sf.check_format(name, "PCM_16"))
 
 
-def _check_out(out: str) -> Path:
+def _check_out(out: str, label: str = "--out") -> Path:
     """``--out``, checked before any model work: an audio file that can be written where it points.
 
     A missing parent folder is fine (``write_audio`` creates it), as long as the nearest folder
     that exists takes new entries.
     """
     path = Path(out)
-    where = f"--out {out}"
+    where = f"{label} {out}"
     if path.is_dir():
         raise CLIError(f"{where}: is a folder; give a file name such as {path / 'out.wav'}")
     extensions = _pcm16_extensions()
@@ -210,7 +214,7 @@ def _check_out(out: str) -> Path:
     return path
 
 
-def _write_out(out: str, wav: np.ndarray, sample_rate: int) -> Path:
+def _write_out(out: str, wav: np.ndarray, sample_rate: int, label: str = "--out") -> Path:
     """Write the synthesis to ``--out``; if that fails anyway (disk full, a race), save it elsewhere first."""
     from meld.audio import write_audio
 
@@ -223,11 +227,11 @@ def _write_out(out: str, wav: np.ndarray, sample_rate: int) -> Path:
             kept = f"the audio is saved in {write_audio(rescue, wav, sample_rate)} instead"
         except Exception as rescue_err:
             kept = f"saving it to {tempfile.gettempdir()} failed too ({_first_line(rescue_err)})"
-        raise CLIError(f"--out {out}: cannot write the audio ({type(err).__name__}: {_first_line(err)}); "
+        raise CLIError(f"{label} {out}: cannot write the audio ({type(err).__name__}: {_first_line(err)}); "
                        f"{kept}") from err
 
 
-def _encode_text(tokenizer, text: str) -> list[int]:
+def _encode_text(tokenizer, text: str, label: str = "--text") -> list[int]:
     """``--text`` as BPE ids; refuses characters the model has no piece for instead of speaking <unk>."""
     unknown = tokenizer.unknown_characters(text)
     if unknown:
@@ -235,14 +239,14 @@ def _encode_text(tokenizer, text: str) -> list[int]:
 
         words = [w for w in text.split() if any(c in w or c in normalise_transcript(w) for c in unknown)]
         raise CLIError(
-            f"--text: characters not in the model's vocabulary: {', '.join(map(repr, unknown))} "
+            f"{label}: characters not in the model's vocabulary: {', '.join(map(repr, unknown))} "
             f"(in {', '.join(map(repr, words))}); spell numbers out (\"twenty\", not \"20\") and "
             "write other words in the letters it was trained on"
         )
     try:
         return tokenizer.encode(text)
     except ValueError as err:
-        raise CLIError(f"--text: {err}") from err
+        raise CLIError(f"{label}: {err}") from err
 
 
 def _check_vocoder_path(args: argparse.Namespace) -> None:
@@ -325,15 +329,79 @@ def _configure_decoding(model, compile_step: bool) -> None:
     configure_decoding(model, compile=compile_step)
 
 
-def cmd_synthesize(args: argparse.Namespace) -> int:
-    import torch
+@dataclass
+class SynthesisRequest:
+    """One utterance to synthesise, and where it was asked for (``where``: "" on the command line,
+    "list.tsv:3: " for a line of ``--list``), so every message can name it."""
 
-    from meld.features import FRAME_RATE, N_MELS
-    from meld.generate import tts_continue
+    where: str
+    text: str
+    prompt: str | None
+    out: str
+    out_label: str = "--out"
+    prompt_wav: np.ndarray | None = None  # 16 kHz, cut to what the prompt needs
+    text_ids: list[int] | None = None
 
-    # every check that needs no model comes first, so a typo costs no model load and no synthesis
-    if not args.text or not args.text.strip():
-        raise CLIError("--text is empty: give the full transcript (prompt words + new words)")
+
+@dataclass
+class Synthesis:
+    """What one request produced: the audio and how it came about."""
+
+    wav: np.ndarray
+    sample_rate: int
+    prompt_seconds: float
+    generated_seconds: float
+    hit_max_length: bool
+
+
+LIST_FIELDS = ("out", "prompt", "text")
+
+
+def read_synthesis_list(path: str | Path) -> tuple[list[SynthesisRequest], list[str]]:
+    """``--list``: one utterance per line, ``out<TAB>prompt<TAB>text`` (``-`` or nothing for no prompt;
+    blank lines and lines starting with ``#`` are skipped).
+
+    Returns:
+        The well-formed requests, and one message per malformed line (which is left out).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CLIError(f"--list {path}: no such file")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise CLIError(f"--list {path}: unreadable ({_first_line(err)})") from err
+    requests, errors, outs = [], [], {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        where = f"{path}:{number}: "
+        fields = line.split("\t")
+        if len(fields) != len(LIST_FIELDS):
+            errors.append(f"{where}expected {len(LIST_FIELDS)} tab-separated fields ({', '.join(LIST_FIELDS)}), "
+                          f"got {len(fields)}")
+            continue
+        out, prompt, text = (f.strip() for f in fields)
+        if not out:
+            errors.append(f"{where}no output file in the first field")
+            continue
+        key = str(Path(out).resolve())
+        if key in outs:
+            errors.append(f"{where}out {out} is line {outs[key]}'s output too")
+            continue
+        outs[key] = number
+        requests.append(SynthesisRequest(where, text, None if prompt in ("", "-") else prompt, out, "out"))
+    if not requests and not errors:
+        raise CLIError(f"--list {path}: no utterances (each line: {' TAB '.join(LIST_FIELDS)})")
+    return requests, errors
+
+
+def _check_synthesis_options(args: argparse.Namespace) -> None:
+    """Every option of ``synthesize`` that applies to all its utterances; no file is opened."""
+    if args.list is None and (args.text is None or args.out is None):
+        raise CLIError("give --text and --out (one utterance), or --list FILE (many)")
+    if args.list is not None and (args.text is not None or args.out is not None or args.prompt is not None):
+        raise CLIError("--list gives each utterance's out, prompt and text: drop --text, --out and --prompt")
     _check_finite(args, "--prompt-seconds", "--max-seconds", "--temperature", "--top-p", "--repetition-penalty")
     if args.prompt_seconds < 0:
         raise CLIError(f"--prompt-seconds must be >= 0, got {args.prompt_seconds}")
@@ -347,90 +415,213 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
         raise CLIError(f"--repetition-penalty must be >= 1, got {args.repetition_penalty}")
     if args.griffin_lim_iters < 1:
         raise CLIError(f"--griffin-lim-iters must be >= 1, got {args.griffin_lim_iters}")
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
     if not -(2**63) <= args.seed < 2**64:  # torch's seed range
         raise CLIError(f"--seed must fit in 64 bits, got {args.seed}")
-    _check_out(args.out)
+
+
+# a prompt file is cut to the prompt and this much more before it is kept: far beyond what the mel
+# frames (n_fft / 2) or a resampler's filter (milliseconds) see, and a long list holds no long files
+PROMPT_MARGIN_S = 1.0
+
+
+def _prepare_request(req: SynthesisRequest, prompt_seconds: float) -> None:
+    """The checks that need no model: text present, output writable, prompt audio readable."""
+    from meld.audio import SAMPLE_RATE
+
+    if not req.text or not req.text.strip():
+        raise CLIError("--text is empty: give the full transcript (prompt words + new words)" if not req.where
+                       else "the text is empty: give the full transcript (prompt words + new words)")
+    _check_out(req.out, req.out_label)
+    if req.prompt:
+        wav = _load_audio(req.prompt)
+        req.prompt_wav = wav[: int(round((prompt_seconds + PROMPT_MARGIN_S) * SAMPLE_RATE))]
+
+
+class _Outcome:
+    """Counts a list's refused and failed utterances; on the command line (one utterance) it raises instead."""
+
+    def __init__(self, batch_mode: bool):
+        self.batch_mode, self.refused, self.failed = batch_mode, 0, 0
+
+    def refuse(self, req: SynthesisRequest, err: CLIError | CLIFailure) -> None:
+        if not self.batch_mode:
+            raise err
+        from tqdm import tqdm
+
+        kind = "error" if isinstance(err, CLIError) else "failed"
+        tqdm.write(f"{PROG}: {kind}: {req.where}{err}", file=sys.stderr)  # above the progress bar, not through it
+        if isinstance(err, CLIError):
+            self.refused += 1
+        else:
+            self.failed += 1
+
+    def exit_code(self) -> int:
+        return EXIT_USER_ERROR if self.refused else EXIT_FAILURE if self.failed else 0
+
+
+def cmd_synthesize(args: argparse.Namespace) -> int:
+    import torch
+
+    from meld.progress import progress
+
+    # every check that needs no model comes first, so a typo costs no model load and no synthesis
+    _check_synthesis_options(args)
+    outcome = _Outcome(batch_mode=args.list is not None)
+    if args.list is None:
+        requests = [SynthesisRequest("", args.text, args.prompt, args.out)]
+    else:
+        requests, malformed = read_synthesis_list(args.list)
+        asked = len(requests) + len(malformed)
+        for message in malformed:
+            print(f"{PROG}: error: {message}", file=sys.stderr)
+        outcome.refused += len(malformed)
     _check_vocoder_path(args)
     device = _device(args.device)
-    prompt_wav = _load_audio(args.prompt) if args.prompt else None  # fail on bad audio before loading a model
+    ready = []
+    for req in requests:  # bad audio, an empty text or an unwritable output: found before loading a model
+        try:
+            _prepare_request(req, args.prompt_seconds)
+            ready.append(req)
+        except CLIError as err:
+            outcome.refuse(req, err)
+    if not ready:
+        raise CLIError(f"--list {args.list}: no utterance left to synthesise")
     ckpt = load_inference_checkpoint(args.checkpoint, device)
     if not hasattr(ckpt.model, "generate"):
         raise CLIError(f"{ckpt.path}: system {ckpt.state['system']!r} cannot synthesise speech")
-    text_ids = _encode_text(ckpt.tokenizer, args.text)
+    requests, ready = ready, []
+    for req in requests:
+        try:
+            req.text_ids = _encode_text(ckpt.tokenizer, req.text, "--text" if not req.where else "text")
+            ready.append(req)
+        except CLIError as err:
+            outcome.refuse(req, err)
     if _task(ckpt.state) == "stt":
         logging.getLogger(PROG).warning("%s was trained for STT only: its speech will be noise", ckpt.path)
+    if not ready:
+        return outcome.exit_code()
 
     if ckpt.state["system"] == "codec_lm":
-        _configure_decoding(ckpt.model, args.compile)
-        return _synthesize_codec(args, ckpt, prompt_wav, text_ids, device)
-    vocoder = _build_vocoder(args, device)  # before generation: a vocoder that won't load wastes no synthesis
+        synthesise = _codec_synthesiser(args, ckpt, device)
+    else:  # the vocoder is built before generation: one that won't load wastes no synthesis
+        synthesise = _mel_synthesiser(args, ckpt, _build_vocoder(args, device))
     _configure_decoding(ckpt.model, args.compile)
-    r = ckpt.reduction
-    prompt_raw = np.zeros((0, N_MELS), np.float32)
-    if prompt_wav is not None:
-        prompt_raw = prompt_log_mel(prompt_wav, args.prompt_seconds)
-        prompt_raw = prompt_raw[: (prompt_raw.shape[0] // r) * r]  # whole groups of r frames
-        if prompt_raw.shape[0] == 0 and args.prompt_seconds > 0:
-            logging.getLogger(PROG).warning(
-                "%s: prompt shorter than one frame group; generating without it", args.prompt
-            )
-    max_frames = max(1, int(round(args.max_seconds * FRAME_RATE)))
 
-    torch.manual_seed(args.seed)  # the mel encoder's test-time dropout draws from the global generator
-    t0 = time.perf_counter()
-    (cont,) = tts_continue(
-        ckpt.model,
-        [text_ids],
-        [ckpt.stats.normalise(prompt_raw)],
-        reduction=r,
-        max_frames=max_frames,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
-        test_time_dropout=not args.no_test_time_dropout,
-        batch_size=1,
-        seed=args.seed,
-    )
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    gen_s = time.perf_counter() - t0
-    if not np.isfinite(cont.frames).all():
-        raise CLIFailure("the model produced non-finite frames")
-    full_mel = np.concatenate([prompt_raw, ckpt.stats.denormalise(cont.frames)])  # (P + T, 80) raw log-mel
-    if full_mel.shape[0] == 0:
-        raise CLIFailure(
-            "the model stopped before producing any frame and there is no prompt: nothing to write"
-        )
-
-    t1 = time.perf_counter()
-    wav = vocoder(full_mel)
-    voc_s = time.perf_counter() - t1
-    out = _write_out(args.out, wav, vocoder.sample_rate)
-
-    prompt_seconds = prompt_raw.shape[0] / FRAME_RATE
-    generated_seconds = cont.frames.shape[0] / FRAME_RATE
-    total_seconds = wav.shape[0] / vocoder.sample_rate
-    print(
-        f"wrote {out}: {total_seconds:.2f} s at {vocoder.sample_rate} Hz "
-        f"(prompt {prompt_seconds:.2f} s + generated {generated_seconds:.2f} s)"
-    )
-    stop = f"max-length guard hit ({args.max_seconds:g} s)" if cont.hit_max_length else "<EOS>"
-    print(f"stopped by: {stop}")
-    if generated_seconds > 0:
-        rtf = (gen_s + voc_s) / generated_seconds
-        print(
-            f"real-time factor: {rtf:.3f} (model {gen_s:.2f} s + {vocoder.name} {voc_s:.2f} s "
-            f"for {generated_seconds:.2f} s generated, on {device})"
-        )
+    # One batch at a time, each written before the next is generated: a crash late in a long list keeps
+    # what was done. Batch k is seeded with seed + k, so it speaks the same whatever batches came before.
+    totals = {"model": 0.0, "decoder": 0.0, "generated": 0.0, "written": 0}
+    decoder_name = ""
+    bar = progress(total=len(ready), desc="synthesize", unit="utt", disable=not outcome.batch_mode)
+    for k, start in enumerate(range(0, len(ready), args.batch_size)):
+        chunk = ready[start : start + args.batch_size]
+        results, model_s, decoder_s, decoder_name = synthesise(chunk, args.seed + k)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        totals["model"] += model_s
+        totals["decoder"] += decoder_s
+        for req, result in zip(chunk, results):
+            if isinstance(result, CLIFailure):
+                outcome.refuse(req, result)
+                continue
+            try:
+                out = _write_out(req.out, result.wav, result.sample_rate, req.out_label)
+            except CLIError as err:
+                outcome.refuse(req, err)
+                continue
+            totals["generated"] += result.generated_seconds
+            totals["written"] += 1
+            _print_synthesis(out, result, args.max_seconds, one_line=outcome.batch_mode)
+        bar.update(len(chunk))
+    bar.close()
+    if outcome.batch_mode:
+        print(f"wrote {totals['written']} of {asked} utterances ({outcome.refused} refused, {outcome.failed} failed)")
+    if totals["generated"] > 0:
+        rtf = (totals["model"] + totals["decoder"]) / totals["generated"]
+        print(f"real-time factor: {rtf:.3f} (model {totals['model']:.2f} s + {decoder_name} {totals['decoder']:.2f} s "
+              f"for {totals['generated']:.2f} s generated, on {device})")
     else:
         print("real-time factor: n/a (nothing generated after the prompt)")
-    return 0
+    return outcome.exit_code()
 
 
-def _synthesize_codec(args: argparse.Namespace, ckpt: LoadedCheckpoint, prompt_wav: np.ndarray | None,
-                      text_ids: list[int], device: str) -> int:
-    """Codec-LM: the prompt is encoded, and the generated codes decoded, by the codec its training codes came from."""
+def _print_synthesis(out: Path, result: Synthesis, max_seconds: float, *, one_line: bool) -> None:
+    total = result.wav.shape[0] / result.sample_rate
+    stop = f"max-length guard hit ({max_seconds:g} s)" if result.hit_max_length else "<EOS>"
+    parts = f"prompt {result.prompt_seconds:.2f} s + generated {result.generated_seconds:.2f} s"
+    if one_line:
+        from tqdm import tqdm
+
+        tqdm.write(f"wrote {out}: {total:.2f} s ({parts}; stopped by {stop})", file=sys.stdout)
+    else:
+        print(f"wrote {out}: {total:.2f} s at {result.sample_rate} Hz ({parts})")
+        print(f"stopped by: {stop}")
+
+
+def _mel_synthesiser(args: argparse.Namespace, ckpt: LoadedCheckpoint, vocoder):
+    """Synthesis for the mel systems: ``(requests, seed) -> (results, model s, vocoder s, vocoder name)``,
+    each result a :class:`Synthesis` or the :class:`CLIFailure` that request met."""
+    import torch
+
+    from meld.features import FRAME_RATE, N_MELS
+    from meld.generate import tts_continue
+
+    r = ckpt.reduction
+    max_frames = max(1, int(round(args.max_seconds * FRAME_RATE)))
+
+    def synthesise(requests: list[SynthesisRequest], seed: int):
+        prompts = []
+        for req in requests:
+            raw = np.zeros((0, N_MELS), np.float32)
+            if req.prompt_wav is not None:
+                raw = prompt_log_mel(req.prompt_wav, args.prompt_seconds)
+                raw = raw[: (raw.shape[0] // r) * r]  # whole groups of r frames
+                if raw.shape[0] == 0 and args.prompt_seconds > 0:
+                    logging.getLogger(PROG).warning(
+                        "%s%s: prompt shorter than one frame group; generating without it", req.where, req.prompt
+                    )
+            prompts.append(raw)
+        torch.manual_seed(seed)  # the mel encoder's test-time dropout draws from the global generator
+        t0 = time.perf_counter()
+        conts = tts_continue(
+            ckpt.model,
+            [req.text_ids for req in requests],
+            [ckpt.stats.normalise(p) for p in prompts],
+            reduction=r,
+            max_frames=max_frames,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            repetition_penalty=args.repetition_penalty,
+            test_time_dropout=not args.no_test_time_dropout,
+            batch_size=len(requests),
+            seed=seed,
+        )
+        model_s = time.perf_counter() - t0
+        results, vocoder_s = [], 0.0
+        for raw, cont in zip(prompts, conts):
+            if not np.isfinite(cont.frames).all():
+                results.append(CLIFailure("the model produced non-finite frames"))
+                continue
+            full_mel = np.concatenate([raw, ckpt.stats.denormalise(cont.frames)])  # (P + T, 80) raw log-mel
+            if full_mel.shape[0] == 0:
+                results.append(CLIFailure(
+                    "the model stopped before producing any frame and there is no prompt: nothing to write"))
+                continue
+            t1 = time.perf_counter()
+            wav = vocoder(full_mel)
+            vocoder_s += time.perf_counter() - t1
+            results.append(Synthesis(wav, vocoder.sample_rate, raw.shape[0] / FRAME_RATE,
+                                     cont.frames.shape[0] / FRAME_RATE, cont.hit_max_length))
+        return results, model_s, vocoder_s, vocoder.name
+
+    return synthesise
+
+
+def _codec_synthesiser(args: argparse.Namespace, ckpt: LoadedCheckpoint, device: str):
+    """Codec-LM: the prompt is encoded, and the generated codes decoded, by the codec its training codes
+    came from. The same contract as :func:`_mel_synthesiser`."""
     from meld.audio import SAMPLE_RATE, resample
     from meld.codes import (
         CodecMismatch,
@@ -452,33 +643,36 @@ def _synthesize_codec(args: argparse.Namespace, ckpt: LoadedCheckpoint, prompt_w
         logging.getLogger(PROG).warning(
             "%s was trained on codes of a random DAC (codec_lm.codec_weights was null): its speech is noise", ckpt.path
         )
-    prompt_codes = np.zeros((0, codec.n_codebooks), np.int16)
-    if prompt_wav is not None and args.prompt_seconds > 0:
-        wav = resample(prompt_wav, SAMPLE_RATE, codec.sample_rate)
-        prompt_codes = encode_waveform(codec, wav[: int(round(args.prompt_seconds * codec.sample_rate))])
     max_frames = max(1, int(round(args.max_seconds * codec.frame_rate)))
-    t0 = time.perf_counter()
-    (cont,) = continue_codes(ckpt.model, [text_ids], [prompt_codes], max_frames=max_frames,
-                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, batch_size=1,
-                             seed=args.seed)
-    gen_s = time.perf_counter() - t0
-    codes = np.concatenate([prompt_codes.astype(np.int64), cont.codes])
-    if len(codes) == 0:
-        raise CLIFailure("the model stopped before producing any frame and there is no prompt: nothing to write")
-    t1 = time.perf_counter()
-    wav = decode_codes(codec, codes)
-    dec_s = time.perf_counter() - t1
-    out = _write_out(args.out, wav, codec.sample_rate)
-    prompt_seconds, generated_seconds = len(prompt_codes) / codec.frame_rate, len(cont.codes) / codec.frame_rate
-    print(f"wrote {out}: {wav.shape[0] / codec.sample_rate:.2f} s at {codec.sample_rate} Hz "
-          f"(prompt {prompt_seconds:.2f} s + generated {generated_seconds:.2f} s)")
-    print(f"stopped by: {f'max-length guard hit ({args.max_seconds:g} s)' if cont.hit_max_length else '<EOS>'}")
-    if generated_seconds > 0:
-        print(f"real-time factor: {(gen_s + dec_s) / generated_seconds:.3f} (model {gen_s:.2f} s + DAC decoder "
-              f"{dec_s:.2f} s for {generated_seconds:.2f} s generated, on {device})")
-    else:
-        print("real-time factor: n/a (nothing generated after the prompt)")
-    return 0
+
+    def synthesise(requests: list[SynthesisRequest], seed: int):
+        prompts = []
+        for req in requests:
+            codes = np.zeros((0, codec.n_codebooks), np.int16)
+            if req.prompt_wav is not None and args.prompt_seconds > 0:
+                wav = resample(req.prompt_wav, SAMPLE_RATE, codec.sample_rate)
+                codes = encode_waveform(codec, wav[: int(round(args.prompt_seconds * codec.sample_rate))])
+            prompts.append(codes)
+        t0 = time.perf_counter()
+        conts = continue_codes(ckpt.model, [req.text_ids for req in requests], prompts, max_frames=max_frames,
+                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                               batch_size=len(requests), seed=seed)
+        model_s = time.perf_counter() - t0
+        results, decoder_s = [], 0.0
+        for prompt, cont in zip(prompts, conts):
+            codes = np.concatenate([prompt.astype(np.int64), cont.codes])
+            if len(codes) == 0:
+                results.append(CLIFailure(
+                    "the model stopped before producing any frame and there is no prompt: nothing to write"))
+                continue
+            t1 = time.perf_counter()
+            wav = decode_codes(codec, codes)
+            decoder_s += time.perf_counter() - t1
+            results.append(Synthesis(wav, codec.sample_rate, len(prompt) / codec.frame_rate,
+                                     len(cont.codes) / codec.frame_rate, cont.hit_max_length))
+        return results, model_s, decoder_s, "DAC decoder"
+
+    return synthesise
 
 
 # --------------------------------------------------------------------------- transcribe
@@ -623,10 +817,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("synthesize", help="zero-shot TTS: continue an acoustic prompt speaking a text")
     s.add_argument("--checkpoint", required=True, help="inference checkpoint (model.pt)")
-    s.add_argument("--text", required=True, help="full transcript: the prompt's words, then the new words")
+    s.add_argument("--text", default=None, help="full transcript: the prompt's words, then the new words")
     s.add_argument("--prompt", default=None, help="audio file whose start is the acoustic prompt (any rate); "
                    "without it the model speaks the text from nothing, in whatever voice it draws")
-    s.add_argument("--out", required=True, help="output audio, 16 kHz 16-bit PCM: .wav, .flac, ... (by extension)")
+    s.add_argument("--out", default=None, help="output audio, 16 kHz 16-bit PCM: .wav, .flac, ... (by extension)")
+    s.add_argument(
+        "--list",
+        default=None,
+        metavar="FILE",
+        help="many utterances instead of --text/--prompt/--out: one per line, out TAB prompt TAB text "
+        "(prompt '-' for none; '#' comments); generated --batch-size at a time, a bad line reported and skipped",
+    )
+    s.add_argument("--batch-size", type=int, default=8,
+                   help="--list: utterances generated together, >= 1 (default %(default)s)")
     s.add_argument(
         "--prompt-seconds",
         type=float,
@@ -651,7 +854,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="guard on the generated speech after the prompt (default %(default)s)",
     )
     s.add_argument("--seed", type=int, default=_EVAL_DEFAULTS.seed,
-                   help="sampling seed: the same seed, text and prompt give the same speech (default %(default)s)")
+                   help="sampling seed: the same seed, text and prompt give the same speech (with --list: the same list, "
+                   "seed and --batch-size; batch k draws from seed + k) (default %(default)s)")
     s.add_argument(
         "--no-test-time-dropout",
         action="store_true",

@@ -433,3 +433,104 @@ def test_bad_options_are_one_line_errors_before_any_model_work(command, option, 
     assert main([*argv, option, value]) == 2
     err = capsys.readouterr().err
     assert option in err and value in err and str(missing) not in err and len(err.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------- synthesize --list
+
+FAST = ("--max-seconds", "0.4", "--griffin-lim-iters", "2", "--device", "cpu")
+
+
+def _list_argv(checkpoint, listing: Path, *extra: str) -> list[str]:
+    return ["synthesize", "--checkpoint", str(checkpoint), "--list", str(listing), *FAST, *extra]
+
+
+def test_synthesize_list_speaks_each_line_as_the_single_command_would(checkpoint, prompt_22k, tmp_path, capsys):
+    """Batch k of a list draws from seed + k: with one utterance per batch, line k is the single command
+    with --seed seed + k."""
+    text = "the quick brown fox jumps over the lazy dog"
+    listing = tmp_path / "utts.tsv"
+    listing.write_text(f"# out\tprompt\ttext\n{tmp_path / 'a.wav'}\t{prompt_22k}\t{text}\n\n"
+                       f"{tmp_path / 'b.flac'}\t-\t{text}\n")
+    assert main(_list_argv(checkpoint, listing, "--batch-size", "1", "--seed", "5")) == 0
+    printed = capsys.readouterr().out
+    assert "wrote 2 of 2 utterances (0 refused, 0 failed)" in printed and "real-time factor" in printed
+    assert main(_synth_argv(checkpoint, tmp_path / "a1.wav", text, *FAST, "--prompt", str(prompt_22k),
+                            "--seed", "5")) == 0
+    assert main(_synth_argv(checkpoint, tmp_path / "b1.wav", text, *FAST, "--seed", "6")) == 0
+    for batch, single in (("a.wav", "a1.wav"), ("b.flac", "b1.wav")):
+        np.testing.assert_allclose(sf.read(str(tmp_path / batch))[0], sf.read(str(tmp_path / single))[0],
+                                   rtol=0, atol=1.5 / 32768)
+
+
+def test_synthesize_list_reports_bad_lines_and_writes_the_rest(checkpoint, prompt_22k, tmp_path, capsys):
+    text = "a stitch in time saves nine"
+    good = [tmp_path / f"good{i}.wav" for i in range(3)]
+    lines = {
+        1: f"{good[0]}\t{prompt_22k}\t{text}",
+        2: f"{tmp_path / 'two_fields.wav'}\t{text}",
+        3: f"{tmp_path / 'empty.wav'}\t-\t  ",
+        4: f"{good[1]}\t{prompt_22k}\t{text}",
+        5: f"{tmp_path / 'absent_prompt.wav'}\t{tmp_path / 'absent.wav'}\t{text}",
+        6: f"{tmp_path / 'digits.wav'}\t-\tsaves 42",
+        7: f"{good[0]}\t-\t{text}",  # the same output as line 1
+        8: f"{tmp_path / 'song.mp3'}\t-\t{text}",
+        9: f"{good[2]}\t{prompt_22k}\t{text}",
+    }
+    listing = tmp_path / "utts.tsv"
+    listing.write_text("\n".join(lines.values()) + "\n")
+    assert main(_list_argv(checkpoint, listing, "--batch-size", "2")) == 2
+    captured = capsys.readouterr()
+    errors = [e for e in captured.err.strip().splitlines() if e.startswith("meld: ")]  # not the progress bar
+    assert sorted(int(e.split(f"{listing}:")[1].split(":")[0]) for e in errors) == [2, 3, 5, 6, 7, 8], errors
+    by_line = {int(e.split(f"{listing}:")[1].split(":")[0]): e for e in errors}
+    assert "3 tab-separated fields" in by_line[2] and "empty" in by_line[3] and "absent.wav" in by_line[5]
+    assert "text: characters" in by_line[6] and "'4', '2'" in by_line[6] and "line 1" in by_line[7] and ".mp3" in by_line[8]
+    assert all(sf.info(str(p)).frames > 0 for p in good)
+    assert not any((tmp_path / n).exists() for n in ("two_fields.wav", "empty.wav", "absent_prompt.wav",
+                                                     "digits.wav", "song.mp3"))
+    assert "wrote 3 of 9 utterances (6 refused, 0 failed)" in captured.out
+
+
+def test_synthesize_list_writes_each_batch_before_generating_the_next(checkpoint, prompt_22k, tmp_path, monkeypatch,
+                                                                      capsys):
+    import meld.generate
+
+    continue_, calls = meld.generate.tts_continue, []
+
+    def crashes_on_the_second_batch(model, texts, prompts, **kwargs):
+        calls.append(len(texts))
+        if len(calls) == 2:
+            raise RuntimeError("CUDA error: an illegal memory access")
+        return continue_(model, texts, prompts, **kwargs)
+
+    monkeypatch.setattr(meld.generate, "tts_continue", crashes_on_the_second_batch)
+    outs = [tmp_path / f"{i}.wav" for i in range(3)]
+    listing = tmp_path / "utts.tsv"
+    listing.write_text("".join(f"{o}\t{prompt_22k}\ta stitch in time saves nine\n" for o in outs))
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        main(_list_argv(checkpoint, listing, "--batch-size", "2"))
+    assert calls == [2, 1]
+    assert [o.exists() for o in outs] == [True, True, False]
+
+
+@pytest.mark.parametrize(
+    "extra, contents, message",
+    [
+        (("--text", "hi"), "o.wav\t-\thi\n", "drop --text"),
+        (("--batch-size", "0"), "o.wav\t-\thi\n", "--batch-size must be >= 1"),
+        ((), "", "no utterances"),
+        ((), "o.wav\thi\n", "no utterance left"),
+        ((), "o.mp3\t-\thi\n", "no utterance left"),
+    ],
+)
+def test_synthesize_list_errors_before_any_model_work(extra, contents, message, tmp_path, capsys):
+    listing = tmp_path / "utts.tsv"
+    listing.write_text(contents)
+    missing = tmp_path / "nope.pt"  # never opened: the list is refused first
+    assert main(_list_argv(missing, listing, *extra)) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(missing) not in err
+    assert main(["synthesize", "--checkpoint", str(missing), "--list", str(tmp_path / "absent.tsv")]) == 2
+    assert "absent.tsv: no such file" in capsys.readouterr().err
+    assert main(["synthesize", "--checkpoint", str(missing), "--text", "hi"]) == 2
+    assert "give --text and --out" in capsys.readouterr().err
