@@ -307,6 +307,18 @@ def test_cli_synthesizes_with_the_recorded_codec_and_asks_for_missing_weights(tr
     assert sr == 16_000 and 0.9 * 16_000 < wav.size <= 1.6 * 16_000  # 1 s prompt + at most 0.5 s generated
     assert "prompt 1.00 s" in capsys.readouterr().out
 
+    # --list: the same utterance batched with one without a prompt; batch 0 draws from the same seed
+    listing = tmp_path / "utts.tsv"
+    listing.write_text(f"{tmp_path / 'a.wav'}\t{audio}\tthe words of the prompt and more\n"
+                       f"{tmp_path / 'b.wav'}\t-\tthe words of the prompt and more\n")
+    list_argv = ["synthesize", "--checkpoint", str(trained["model"]), "--list", str(listing), "--prompt-seconds", "1",
+                 "--max-seconds", "0.5", "--device", "cpu"]
+    assert main([*list_argv, "--batch-size", "1"]) == 0
+    assert "wrote 2 of 2 utterances" in capsys.readouterr().out
+    np.testing.assert_allclose(sf.read(str(tmp_path / "a.wav"))[0], wav, rtol=0, atol=1.5 / 32768)
+    assert sf.info(str(tmp_path / "b.wav")).frames <= 0.6 * 16_000  # no prompt: at most 0.5 s generated
+    assert main([*list_argv, "--batch-size", "2"]) == 0  # both in one batch of the code generation
+
     # a checkpoint whose codes came from weights that are not on this machine: say what to give
     state = torch.load(trained["model"], weights_only=True)
     state["extra"]["codec"] = {**state["extra"]["codec"], "random": False, "weights": str(tmp_path / "gone.pth")}
