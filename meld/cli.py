@@ -559,6 +559,21 @@ def _print_synthesis(out: Path, result: Synthesis, max_seconds: float, *, one_li
         print(f"stopped by: {stop}")
 
 
+def _vocode_all(vocoder, mels: list[np.ndarray]) -> list[np.ndarray]:
+    """Vocode a batch's mels. Griffin-Lim is numpy FFTs, which release the GIL, and seeds each call
+    itself: threads give the same audio as one after another, on every core. A torch vocoder already
+    spreads one call over the cores, so it runs them in turn."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from meld.vocoder import GriffinLimVocoder
+
+    workers = min(len(mels), os.cpu_count() or 1)
+    if not isinstance(vocoder, GriffinLimVocoder) or workers < 2:
+        return [vocoder(m) for m in mels]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(vocoder, mels))
+
+
 def _mel_synthesiser(args: argparse.Namespace, ckpt: LoadedCheckpoint, vocoder):
     """Synthesis for the mel systems: ``(requests, seed) -> (results, model s, vocoder s, vocoder name)``,
     each result a :class:`Synthesis` or the :class:`CLIFailure` that request met."""
@@ -599,8 +614,8 @@ def _mel_synthesiser(args: argparse.Namespace, ckpt: LoadedCheckpoint, vocoder):
             seed=seed,
         )
         model_s = time.perf_counter() - t0
-        results, vocoder_s = [], 0.0
-        for raw, cont in zip(prompts, conts):
+        results, mels = [], {}
+        for i, (raw, cont) in enumerate(zip(prompts, conts)):
             if not np.isfinite(cont.frames).all():
                 results.append(CLIFailure("the model produced non-finite frames"))
                 continue
@@ -609,11 +624,15 @@ def _mel_synthesiser(args: argparse.Namespace, ckpt: LoadedCheckpoint, vocoder):
                 results.append(CLIFailure(
                     "the model stopped before producing any frame and there is no prompt: nothing to write"))
                 continue
-            t1 = time.perf_counter()
-            wav = vocoder(full_mel)
-            vocoder_s += time.perf_counter() - t1
-            results.append(Synthesis(wav, vocoder.sample_rate, raw.shape[0] / FRAME_RATE,
-                                     cont.frames.shape[0] / FRAME_RATE, cont.hit_max_length))
+            results.append(None)
+            mels[i] = full_mel
+        t1 = time.perf_counter()
+        wavs = _vocode_all(vocoder, list(mels.values()))
+        vocoder_s = time.perf_counter() - t1
+        for (i, full_mel), wav in zip(mels.items(), wavs):
+            cont = conts[i]
+            results[i] = Synthesis(wav, vocoder.sample_rate, (full_mel.shape[0] - cont.frames.shape[0]) / FRAME_RATE,
+                                   cont.frames.shape[0] / FRAME_RATE, cont.hit_max_length)
         return results, model_s, vocoder_s, vocoder.name
 
     return synthesise

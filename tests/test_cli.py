@@ -534,3 +534,17 @@ def test_synthesize_list_errors_before_any_model_work(extra, contents, message, 
     assert "absent.tsv: no such file" in capsys.readouterr().err
     assert main(["synthesize", "--checkpoint", str(missing), "--text", "hi"]) == 2
     assert "give --text and --out" in capsys.readouterr().err
+
+
+def test_vocoding_a_batch_in_threads_gives_the_audio_of_one_call_after_another(monkeypatch):
+    from meld.cli import _vocode_all
+    from meld.vocoder import GriffinLimVocoder
+
+    rng = np.random.default_rng(0)
+    mels = [rng.uniform(-8, -2, (n, N_MELS)).astype(np.float32) for n in (40, 25, 33)]
+    vocoder = GriffinLimVocoder(n_iter=3)
+    one_by_one = [vocoder(m) for m in mels]
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)  # threads even on a one-core runner
+    threaded = _vocode_all(vocoder, mels)
+    assert [w.shape for w in threaded] == [w.shape for w in one_by_one]
+    assert all(np.array_equal(a, b) for a, b in zip(threaded, one_by_one))
