@@ -46,7 +46,7 @@ from meld.models.backbone import configure_decoding
 from meld.progress import progress
 from meld.store import CodeStore, FeatureStore
 from meld.text import BPETokenizer, tokenizer_from_bytes
-from meld.training import load_model
+from meld.training import load_checkpoint, load_model
 
 log = logging.getLogger("meld.evaluate")
 SR = 16_000
@@ -338,6 +338,25 @@ def load_stt_model(path: str | Path, ctc_weight: float = 0.0, stats: NormStats |
     return STTModel(model, stats, tokenizer, reduction, ctc_weight)
 
 
+def load_stt_judge(path: str | None, ctc_weight: float, device: str) -> STTModel | None:
+    """``evaluate.stt_judge_model``: the MELD-STT judge, or None (logged) when there is none to use.
+
+    A checkpoint trained for TTS only is not a judge; it is also how a config run under ``dvc repro``
+    names no judge, since dvc.yaml lists the key as a dependency and DVC takes no null (the paper
+    config points it at ``models/meld/model.pt``, which the stage depends on anyway).
+    """
+    if not path:
+        return None
+    if not Path(path).is_file():
+        log.warning("evaluate.stt_judge_model %s does not exist: MELD-STT judge skipped", path)
+        return None
+    task = (load_checkpoint(path).get("extra") or {}).get("task")
+    if task == "tts":
+        log.info("evaluate.stt_judge_model %s was trained for TTS only: no MELD-STT judge", path)
+        return None
+    return load_stt_model(path, ctc_weight, device=device)
+
+
 def transcribe_mels(stt: STTModel, mels: list[np.ndarray], beam: int, batch_size: int,
                     tokens_per_second: float, progress_desc: str | None = None) -> list[str]:
     """Raw (denormalised) log-mel arrays -> text, through a MELD STT model (no vocoder)."""
@@ -470,14 +489,10 @@ def main(argv: list[str] | None = None) -> int:
         stt = load_stt_model(args.model, cfg.stt_ctc_weight, device=device)
         metrics["stt"] = evaluate_stt(stt, Path(args.features), cfg)
         metrics["stt_ctc_weight"] = stt.ctc_weight
-    stt_judge = None
-    if variants and cfg.stt_judge_model:
-        if Path(cfg.stt_judge_model).is_file():
-            stt_judge = load_stt_model(cfg.stt_judge_model, cfg.stt_ctc_weight, device=device)
-            metrics["stt_judge_model"] = cfg.stt_judge_model
-            metrics["stt_judge_ctc_weight"] = stt_judge.ctc_weight
-        else:
-            log.warning("evaluate.stt_judge_model %s does not exist: MELD-STT judge skipped", cfg.stt_judge_model)
+    stt_judge = load_stt_judge(cfg.stt_judge_model, cfg.stt_ctc_weight, device) if variants else None
+    if stt_judge is not None:
+        metrics["stt_judge_model"] = cfg.stt_judge_model
+        metrics["stt_judge_ctc_weight"] = stt_judge.ctc_weight
     all_rows = []
     spec = ScorerSpec(cfg.vocoder, cfg.vocoder_path, cfg.asr_judge, cfg.asr_judge_path, cfg.speaker_model,
                       cfg.speaker_model_path)

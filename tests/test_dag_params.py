@@ -4,6 +4,9 @@ worker counts, whose change would otherwise rerun hours of LibriSpeech preparati
 from __future__ import annotations
 
 import dataclasses
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,8 @@ import yaml
 
 from meld.config import CorpusConfig, FeaturesConfig
 
-DAG = yaml.safe_load((Path(__file__).resolve().parents[1] / "dvc.yaml").read_text())
+ROOT = Path(__file__).resolve().parents[1]
+DAG = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 SPEED_ONLY = {"num_workers"}
 
 
@@ -21,3 +25,17 @@ def test_a_data_stage_lists_every_key_of_its_section_but_the_worker_count(stage,
     listed = set(DAG["stages"][stage]["params"])
     keys = {f.name for f in dataclasses.fields(config)}
     assert listed == {f"{section}.{k}" for k in keys - SPEED_ONLY}
+
+
+@pytest.mark.parametrize("params", [ROOT / "params.yaml", ROOT / "configs" / "paper.yaml"], ids=lambda p: p.name)
+def test_dvc_renders_the_dag_with_each_shipped_params_file(params, tmp_path):
+    """`cp configs/paper.yaml params.yaml && dvc repro` must get past DVC's templating: a null where
+    dvc.yaml interpolates a path (evaluate.stt_judge_model once) made DVC stop with "unexpected error"."""
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    shutil.copy(params, tmp_path / "params.yaml")
+    dvc = [sys.executable, "-m", "dvc"]
+    subprocess.run([*dvc, "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
+    listed = subprocess.run([*dvc, "stage", "list"], cwd=tmp_path, capture_output=True, text=True)
+    assert listed.returncode == 0, listed.stderr
+    systems = yaml.safe_load(params.read_text())["systems"]
+    assert all(f"evaluate@{s}" in listed.stdout for s in systems), listed.stdout

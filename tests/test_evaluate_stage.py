@@ -51,3 +51,31 @@ def test_device_names_resolve_or_say_which_option_named_them():
             resolve_device(bad, "evaluate.device")
     with pytest.raises(ValueError, match=r"^--device cuda:\d+: "):
         resolve_device(f"cuda:{torch.cuda.device_count()}", "--device")  # one past the last GPU, or no CUDA
+
+
+@pytest.mark.parametrize("task, judged", [("tts", False), ("joint", True), ("stt", True)])
+def test_a_tts_only_checkpoint_is_no_meld_stt_judge_and_a_missing_one_is_skipped(task, judged, tmp_path, caplog):
+    """evaluate.stt_judge_model: a model trained for TTS only is no judge (how a config under dvc names
+    none, DVC taking no null); any model that learned STT is one."""
+    import logging
+
+    import numpy as np
+    import torch
+    from conftest import tiny_meld
+
+    from meld.features import N_MELS
+    from meld.text import BPETokenizer, train_bpe
+    from meld.training import save_checkpoint
+
+    bpe = train_bpe(["the quick brown fox", "jumps over the lazy dog"], tmp_path / "bpe", vocab_size=30)
+    model, kwargs = tiny_meld(reduction=2, n_text=BPETokenizer(bpe).vocab_size, codebook_size=16)
+    extra = {"reduction_factor": 2, "norm_mean": torch.zeros(N_MELS), "norm_std": torch.ones(N_MELS),
+             "bpe_model": torch.from_numpy(np.frombuffer(bpe.read_bytes(), dtype=np.uint8).copy()), "task": task}
+    path = save_checkpoint(tmp_path / "model.pt", system="meld", model=model, model_kwargs=kwargs, step=1, extra=extra)
+    with caplog.at_level(logging.INFO, logger="meld.evaluate"):
+        judge = evaluate.load_stt_judge(str(path), 0.0, "cpu")
+    assert (judge is not None) == judged
+    assert judged or "trained for TTS only: no MELD-STT judge" in caplog.text
+    assert evaluate.load_stt_judge(None, 0.0, "cpu") is None
+    assert evaluate.load_stt_judge(str(tmp_path / "absent.pt"), 0.0, "cpu") is None
+    assert "absent.pt does not exist" in caplog.text
