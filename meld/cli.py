@@ -462,8 +462,6 @@ class _Outcome:
 
 
 def cmd_synthesize(args: argparse.Namespace) -> int:
-    import torch
-
     from meld.progress import progress
 
     # every check that needs no model comes first, so a typo costs no model load and no synthesis
@@ -501,6 +499,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     if _task(ckpt.state) == "stt":
         logging.getLogger(PROG).warning("%s was trained for STT only: its speech will be noise", ckpt.path)
     if not ready:
+        print(f"wrote 0 of {asked} utterances ({outcome.refused} refused, 0 failed)")
         return outcome.exit_code()
 
     if ckpt.state["system"] == "codec_lm":
@@ -516,9 +515,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     bar = progress(total=len(ready), desc="synthesize", unit="utt", disable=not outcome.batch_mode)
     for k, start in enumerate(range(0, len(ready), args.batch_size)):
         chunk = ready[start : start + args.batch_size]
-        results, model_s, decoder_s, decoder_name = synthesise(chunk, args.seed + k)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        results, model_s, decoder_s, decoder_name = synthesise(chunk, args.seed + k)  # numpy out: synchronised
         totals["model"] += model_s
         totals["decoder"] += decoder_s
         for req, result in zip(chunk, results):
