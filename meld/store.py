@@ -13,8 +13,10 @@ frames in a code store. Also: the frame-budget bucketing batch sampler, sharded 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +27,31 @@ from meld.features import N_MELS, NormStats
 
 FEATURES_FILE = "frames.f32"
 CODES_FILE = "codes.i16"
+
+
+@contextlib.contextmanager
+def staged_folder(out: str | Path):
+    """A data stage's output folder, written whole or not at all.
+
+    Yields ``<out>.partial``, a fresh folder beside ``out``, to write into; when the block ends without
+    an error it replaces ``out`` (the previous contents go, stale splits included). On an error
+    ``out`` is left as it was and the partial folder is kept, so that its ``rejected.jsonl`` listings
+    (which the error may point to) can be read; the next run clears it. Under ``dvc repro`` DVC removes
+    ``out`` first anyway; this keeps a stage run by hand from leaving a new train split beside an old
+    dev split and old statistics.
+    """
+    out = Path(out)
+    staging = out.with_name(out.name + ".partial")
+    previous = out.with_name(out.name + ".previous")
+    for leftover in (staging, previous):  # from a run killed before or during the swap below
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    staging.mkdir(parents=True)
+    yield staging
+    if out.exists():
+        out.rename(previous)
+    staging.rename(out)
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 def write_store(folder: str | Path, items, rejected: list[dict], *, data_file: str = FEATURES_FILE,

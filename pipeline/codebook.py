@@ -18,7 +18,7 @@ import numpy as np
 from meld.codebook import assign, fit_kmeans, keep_probability, thinned_grouped_vectors
 from meld.config import CodebookConfig, load_section
 from meld.progress import progress
-from meld.store import FeatureStore, load_stats
+from meld.store import FeatureStore, load_stats, staged_folder
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +29,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     cfg = load_section(args.params, "codebook", CodebookConfig)
     features, out = Path(args.features), Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stats = load_stats(features / "stats.json")
     store = FeatureStore(features / "train")
     # one pass over the split, thinning as it reads: memory ~ max_vectors per reduction factor, not
@@ -41,6 +40,14 @@ def main(argv: list[str] | None = None) -> int:
         mel = stats.normalise(store[i])
         for r in cfg.reduction_factors:
             parts[r].append(thinned_grouped_vectors(mel, r, keep[r], rng))
+    with staged_folder(out) as work:  # every reduction factor's centroids of one run, or the old ones untouched
+        write_codebooks(parts, cfg, store, features, work)
+    return 0
+
+
+def write_codebooks(parts: dict[int, list[np.ndarray]], cfg: CodebookConfig, store: FeatureStore, features: Path,
+                    out: Path) -> None:
+    """Fit and save each reduction factor's centroids (``r{r}.npy``) and ``summary.json`` into ``out``."""
     summary = {}
     for r in cfg.reduction_factors:
         vectors = np.concatenate(parts.pop(r) or [np.empty((0, 0), np.float32)])
@@ -62,7 +69,6 @@ def main(argv: list[str] | None = None) -> int:
         # same centroids a new hash on every run, and DVC then retrained every system that uses them
         print(f"r={r}: {summary[f'r{r}']} ({time.perf_counter() - t0:.2f} s)")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    return 0
 
 
 if __name__ == "__main__":

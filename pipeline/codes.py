@@ -25,7 +25,7 @@ from meld.config import CodecLMConfig, FeaturesConfig, ModelConfig, read_params
 from meld.corpus import load_utterance, read_manifest
 from meld.models.codec_lm import codec_lm_kwargs
 from meld.progress import progress
-from meld.store import enforce_rejected_fraction, write_code_store
+from meld.store import enforce_rejected_fraction, staged_folder, write_code_store
 
 _WORKER_CODEC = None  # each encoding process's own codec (not picklable cheaply, not thread-safe)
 
@@ -115,18 +115,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"codes: {args.system}.codec_weights is null: encoding with a random DAC (width "
               f"{cfg.random_codec_width}, seed {cfg.random_codec_seed}); its codes carry no speech and "
               "evaluation will report the codec's weights as unavailable")
-    out.mkdir(parents=True, exist_ok=True)
     summaries = {}
     manifests = {split: read_manifest(corpus / split / "manifest.jsonl") for split in splits}
     workers = min(cfg.encode_workers, max(len(rows) for rows in manifests.values()))
     # one pool for every split: a spawned worker's start (torch import, codec build) costs seconds
-    with (get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(desc,)) if workers > 1
-          else contextlib.nullcontext(_InProcess(desc))) as pool:
+    with staged_folder(out) as work, (
+        get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(desc,)) if workers > 1
+        else contextlib.nullcontext(_InProcess(desc))
+    ) as pool:
         for split, rows in manifests.items():
-            summaries[split] = s = encode_split(rows, out, desc, features, pool, split)
+            summaries[split] = s = encode_split(rows, work, desc, features, pool, split)
             print(f"{split}: kept {s['kept']}, rejected {s['rejected']}, {s['minutes']:.1f} min of audio")
-    (out / CODEC_FILE).write_text(json.dumps(desc, indent=2))
-    (out / "summary.json").write_text(json.dumps(summaries, indent=2))
+        (work / CODEC_FILE).write_text(json.dumps(desc, indent=2))
+        (work / "summary.json").write_text(json.dumps(summaries, indent=2))
     return 0
 
 

@@ -21,7 +21,7 @@ from meld.config import FeaturesConfig, load_section
 from meld.corpus import load_utterance, read_manifest
 from meld.features import FRAME_RATE, RunningStats, log_mel
 from meld.progress import progress
-from meld.store import enforce_rejected_fraction, write_store
+from meld.store import enforce_rejected_fraction, staged_folder, write_store
 
 
 def extract_one(job: tuple[dict, float, float]) -> tuple[dict, np.ndarray | None, str | None]:
@@ -88,15 +88,18 @@ def main(argv: list[str] | None = None) -> int:
                          "or a train-* LibriSpeech subset)")
     summaries = {}
     stats = RunningStats()
-    for split in ["train"] + [s for s in splits if s != "train"]:
-        summaries[split] = process_split(read_manifest(corpus / split / "manifest.jsonl"), out, cfg, split,
-                                         stats if split == "train" else None)
-        s = summaries[split]
-        rejected = f" (reasons: {out / split / 'rejected.jsonl'})" if s["rejected"] else ""
-        print(f"{split}: kept {s['kept']}, rejected {s['rejected']}{rejected}, {s['hours'] * 60:.1f} min of audio")
-    norm = stats.finalise()
-    (out / "stats.json").write_text(json.dumps(norm.to_dict()))
-    (out / "summary.json").write_text(json.dumps(summaries, indent=2))
+    with staged_folder(out) as work:  # every split and the statistics of one run, or the old output untouched
+        for split in ["train"] + [s for s in splits if s != "train"]:
+            summaries[split] = process_split(read_manifest(corpus / split / "manifest.jsonl"), work, cfg, split,
+                                             stats if split == "train" else None)
+            s = summaries[split]
+            print(f"{split}: kept {s['kept']}, rejected {s['rejected']}, {s['hours'] * 60:.1f} min of audio")
+        norm = stats.finalise()
+        (work / "stats.json").write_text(json.dumps(norm.to_dict()))
+        (work / "summary.json").write_text(json.dumps(summaries, indent=2))
+    for split, s in summaries.items():
+        if s["rejected"]:
+            print(f"{split}: the rejected utterances and why: {out / split / 'rejected.jsonl'}")
     return 0
 
 

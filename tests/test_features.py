@@ -265,3 +265,52 @@ def test_the_stage_says_when_the_corpus_has_no_train_split(tmp_path):
     with pytest.raises(SystemExit, match="no split at all"):
         features.main(["--params", str(tmp_path / "params.yaml"), "--corpus", str(tmp_path / "nothing"),
                        "--out", str(tmp_path / "features")])
+
+
+def _corpus_split(root, split: str, n: int, corrupt: int = 0) -> None:
+    """A split of n short tones (the last ``corrupt`` files are not audio) with its manifest."""
+    import json
+
+    folder = root / split / "audio"
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        path = folder / f"{split}-{i}.wav"
+        if i >= n - corrupt:
+            path.write_bytes(b"not audio")
+        else:
+            t = np.arange(int(0.6 * SAMPLE_RATE)) / SAMPLE_RATE
+            sf.write(str(path), (0.1 * np.sin(2 * np.pi * (150 + 40 * i) * t)).astype(np.float32), SAMPLE_RATE)
+        rows.append({"id": f"{split}-{i}", "speaker": "s", "text": "a tone", "audio": f"audio/{path.name}",
+                     "duration": 0.6})
+    (root / split / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_a_failed_features_run_leaves_the_previous_output_whole(tmp_path):
+    """Every split and the statistics come from one run: a run that stops part-way (here: a dev split
+    over the rejection limit, after train was rewritten) keeps the previous output as it was, and
+    keeps its own rejection listing to read; a run that succeeds leaves no stale split behind."""
+    from pipeline import features
+
+    corpus, out = tmp_path / "corpus", tmp_path / "features"
+    _corpus_split(corpus, "train", 4)
+    _corpus_split(corpus, "dev", 2)
+    (tmp_path / "params.yaml").write_text("features: {num_workers: 1, max_rejected_fraction: 0.0}\n")
+    argv = ["--params", str(tmp_path / "params.yaml"), "--corpus", str(corpus), "--out", str(out)]
+    assert features.main(argv) == 0
+    first = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert {"train", "dev"} <= {p.parts[0] for p in first}
+
+    _corpus_split(corpus, "train", 3)  # another train split: other statistics
+    _corpus_split(corpus, "dev", 2, corrupt=1)
+    with pytest.raises(SystemExit, match=r"split 'dev' rejected 1/2") as stopped:
+        features.main(argv)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == first
+    listing = tmp_path / "features.partial" / "dev" / "rejected.jsonl"
+    assert str(listing) in str(stopped.value) and "dev-1" in listing.read_text()
+
+    shutil.rmtree(corpus / "dev")
+    assert features.main(argv) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["stats.json", "summary.json", "train"]  # no stale dev
+    assert len((out / "train" / "index.jsonl").read_text().splitlines()) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "features", "params.yaml"]  # nothing left over

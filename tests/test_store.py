@@ -137,3 +137,25 @@ def test_too_few_batches_for_the_workers_names_the_param_to_change():
     # 3 utterances that fit one 100-frame batch, for 2 workers
     with pytest.raises(ValueError, match=r"only 1 batches of 100 frames for 2 workers: lower train.frames_per_batch"):
         FrameBudgetSampler([30, 30, 30], frames_per_batch=100, rank=0, world_size=2)
+
+
+def test_a_staged_folder_replaces_the_output_whole_or_leaves_it_as_it_was(tmp_path):
+    from meld.store import staged_folder
+
+    out = tmp_path / "out"
+    (out / "stale").mkdir(parents=True)
+    (out / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError, match="stopped"), staged_folder(out) as work:
+        (work / "new.txt").write_text("half")
+        raise RuntimeError("stopped")
+    assert sorted(p.name for p in out.iterdir()) == ["old.txt", "stale"]
+    assert (tmp_path / "out.partial" / "new.txt").read_text() == "half"  # kept to read
+    (tmp_path / "out.previous").mkdir()  # as a run killed in the middle of its swap leaves it
+    with staged_folder(out) as work:
+        assert list(work.iterdir()) == []  # the earlier run's partial output is not carried over
+        (work / "new.txt").write_text("whole")
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with staged_folder(tmp_path / "fresh" / "deeper") as work:  # no previous output, no parent yet
+        (work / "x").write_text("x")
+    assert (tmp_path / "fresh" / "deeper" / "x").read_text() == "x"
