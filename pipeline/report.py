@@ -103,12 +103,19 @@ def silence_statement(all_metrics: list[dict]) -> list[str]:
     return out if len(out) > 2 else []
 
 
-def plot(all_metrics: list[dict], out: Path) -> list[dict]:
-    import matplotlib
+# (metric, its ground-truth reference in the same metrics, panel title); a None reference is drawn at 1
+PANELS = [
+    ("wer", "wer_ground_truth_vocoded", "judge WER (lower is better)"),
+    ("sim", "sim_ground_truth_continuation", "speaker SIM to the prompt (higher is better)"),
+    ("longest_silence_s", "ground_truth_longest_silence_s", "longest silence (s)"),
+    ("duration_ratio", None, "generated / ground-truth duration"),
+]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def plot_points(all_metrics: list[dict]) -> list[dict]:
+    """One row per (system or ablation, split) with the plotted metrics and their ground truths
+    (also reports/report_plots.json, which `dvc plots` reads)."""
+    keys = [k for metric, ref, _ in PANELS for k in (metric, ref) if k]
     points = []
     for m in all_metrics:
         if m.get("unavailable"):
@@ -116,17 +123,58 @@ def plot(all_metrics: list[dict], out: Path) -> list[dict]:
         for name, splits in [(m["system"], m.get("splits", {}))] + list(m.get("ablations", {}).items()):
             for split, s in splits.items():
                 if s:
-                    points.append({"system": name, "split": split, "wer": s.get("wer"), "sim": s.get("sim"),
-                                   "longest_silence_s": s.get("longest_silence_s"), "duration_ratio": s.get("duration_ratio")})
+                    points.append({"system": name, "split": split, **{k: s.get(k) for k in keys}})
+    return points
+
+
+def comparison_figure(points: list[dict]):
+    """Grouped horizontal bars: a row per system (ablations included), a colour per split, and each
+    split's ground truth as a dashed line of its colour, so a bar reads against what real speech scores."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import PercentFormatter
+
+    systems = list(dict.fromkeys(p["system"] for p in points))
+    splits = list(dict.fromkeys(p["split"] for p in points))
+    colours = {split: f"C{i}" for i, split in enumerate(splits)}
+    height = 0.8 / max(1, len(splits))
+    fig, axes = plt.subplots(2, 2, figsize=(13, 2.0 + 0.55 * max(1, len(systems)) * 2), squeeze=False)
+    for ax, (metric, reference, title) in zip(axes.flat, PANELS):
+        for j, split in enumerate(splits):
+            rows = [(systems.index(p["system"]), p[metric]) for p in points
+                    if p["split"] == split and p[metric] is not None]
+            offset = (j - (len(splits) - 1) / 2) * height
+            ax.barh([i + offset for i, _ in rows], [v for _, v in rows], height=height, color=colours[split],
+                    label=split)
+            truth = 1.0 if reference is None else next(
+                (p[reference] for p in points if p["split"] == split and p[reference] is not None), None)
+            if truth is not None:
+                ax.axvline(truth, color=colours[split], linestyle="--", linewidth=1.2,
+                           label=f"{split}: ground truth" if reference else f"{split}: same length")
+        ax.set_title(title, fontsize=10)
+        if not systems:
+            ax.text(0.5, 0.5, "no TTS results", ha="center", va="center", transform=ax.transAxes)
+            continue
+        ax.set_yticks(range(len(systems)), systems, fontsize=8)
+        ax.set_ylim(len(systems) - 0.5, -0.5)  # the first system on top
+        ax.grid(axis="x", alpha=0.3)
+        if metric == "wer":
+            ax.xaxis.set_major_formatter(PercentFormatter(1.0))
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=max(1, 2 * len(splits)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    return fig
+
+
+def plot(all_metrics: list[dict], out: Path) -> list[dict]:
+    """Draw ``out/tts_comparison.png``; returns the plotted points."""
+    import matplotlib.pyplot as plt
+
+    points = plot_points(all_metrics)
     out.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for ax, key, title in zip(axes, ["wer", "sim", "longest_silence_s"], ["judge WER", "speaker SIM to prompt", "longest silence (s)"]):
-        labels = [f"{p['system']}\n{p['split']}" for p in points if p[key] is not None]
-        values = [p[key] for p in points if p[key] is not None]
-        ax.bar(range(len(values)), values, color="tab:blue")
-        ax.set_xticks(range(len(values)), labels, rotation=60, ha="right", fontsize=7)
-        ax.set_title(title)
-    fig.tight_layout()
+    fig = comparison_figure(points)
     fig.savefig(out / "tts_comparison.png", dpi=90)
     plt.close(fig)
     return points

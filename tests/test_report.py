@@ -41,3 +41,35 @@ def test_an_early_stopped_best_trial_says_so(tmp_path):
     summary = _run(tmp_path, {"system": "meld", "task": "tts", "splits": {}, "complete": True},
                    tune={"best": best, "best_config": best["config"], "best_objective": 0.41})
     assert "objective 0.41 (stopped early by ASHA at step 8: no trial trained the full budget)" in summary
+
+
+def test_the_comparison_plot_draws_each_system_and_split_against_its_ground_truth():
+    import matplotlib.pyplot as plt
+
+    def split(wer, sim, gt_wer, gt_sim):
+        return {"wer": wer, "sim": sim, "longest_silence_s": 0.5, "duration_ratio": 1.1,
+                "wer_ground_truth_vocoded": gt_wer, "sim_ground_truth_continuation": gt_sim,
+                "ground_truth_longest_silence_s": 0.3}
+
+    metrics = [
+        {"system": "meld", "splits": {"test": split(0.2, 0.8, 0.1, 0.9), "test_unseen": split(0.3, 0.7, 0.15, 0.85)},
+         "ablations": {"meld (latent zeroed)": {"test": split(0.4, 0.6, 0.1, 0.9)}}},
+        {"system": "melle", "splits": {"test": split(0.25, 0.75, 0.1, 0.9)}, "ablations": {}},
+        {"system": "codec_lm", "unavailable": "not trained"},
+    ]
+    points = report.plot_points(metrics)
+    assert [(p["system"], p["split"]) for p in points] == [
+        ("meld", "test"), ("meld", "test_unseen"), ("meld (latent zeroed)", "test"), ("melle", "test")]
+    fig = report.comparison_figure(points)
+    wer_panel, sim_panel = fig.axes[0], fig.axes[1]
+    assert [t.get_text() for t in wer_panel.get_yticklabels()] == ["meld", "meld (latent zeroed)", "melle"]
+    for panel, key, truths in ((wer_panel, "wer", {0.1, 0.15}), (sim_panel, "sim", {0.9, 0.85})):
+        assert sorted(bar.get_width() for bar in panel.patches) == sorted(p[key] for p in points)
+        assert {round(line.get_xdata()[0], 6) for line in panel.get_lines()} == truths  # a dashed line per split
+    # the bars of one split share its colour, and the two splits differ
+    colours = {p["split"]: set() for p in points}
+    for bar, (_, split_name) in zip(wer_panel.patches, [(p["system"], p["split"]) for p in points
+                                                        if p["split"] == "test"] + [("meld", "test_unseen")]):
+        colours[split_name].add(bar.get_facecolor())
+    assert all(len(c) == 1 for c in colours.values()) and colours["test"] != colours["test_unseen"]
+    plt.close(fig)
