@@ -79,8 +79,10 @@ def plot_mels(path: Path, panels: list[tuple[str, np.ndarray]], prompt_frames_n:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(len(panels), 1, figsize=(10, 2.2 * len(panels)), squeeze=False)
+    longest = max(mel.shape[0] for _, mel in panels)
     for ax, (title, mel) in zip(axes[:, 0], panels):
         ax.imshow(mel.T, origin="lower", aspect="auto", cmap="magma", vmin=-5, vmax=1.5)
+        ax.set_xlim(-0.5, longest - 0.5)  # one time axis for every panel: a too long generation looks too long
         ax.axvline(prompt_frames_n, color="cyan", lw=1)
         ax.set_title(title, fontsize=9)
         ax.set_ylabel("mel bin")

@@ -79,3 +79,19 @@ def test_a_tts_only_checkpoint_is_no_meld_stt_judge_and_a_missing_one_is_skipped
     assert evaluate.load_stt_judge(None, 0.0, "cpu") is None
     assert evaluate.load_stt_judge(str(tmp_path / "absent.pt"), 0.0, "cpu") is None
     assert "absent.pt does not exist" in caplog.text
+
+
+def test_mel_plots_share_one_time_axis(tmp_path, monkeypatch):
+    """A generation three times too long must look three times too long beside its ground truth."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    closed = []
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: closed.append(fig))
+    path = evaluate.plot_mels(tmp_path / "m.png", [("ground truth", np.zeros((40, 80))), ("generated", np.zeros((120, 80)))],
+                              prompt_frames_n=10)
+    assert path.is_file()
+    (fig,) = closed
+    assert [ax.get_xlim() for ax in fig.axes] == [(-0.5, 119.5)] * 2
+    real_close(fig)
