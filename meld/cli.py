@@ -195,6 +195,13 @@ def _check_out(out: str, label: str = "--out") -> Path:
     """
     path = Path(out)
     where = f"{label} {out}"
+    try:
+        return _check_out_path(path, where)
+    except (OSError, ValueError) as err:  # a name too long for the file system, a NUL byte
+        raise CLIError(f"{where}: not a usable path ({_first_line(err)})") from err
+
+
+def _check_out_path(path: Path, where: str) -> Path:
     if path.is_dir():
         raise CLIError(f"{where}: is a folder; give a file name such as {path / 'out.wav'}")
     extensions = _pcm16_extensions()
@@ -368,7 +375,7 @@ def read_synthesis_list(path: str | Path) -> tuple[list[SynthesisRequest], list[
     if not path.is_file():
         raise CLIError(f"--list {path}: no such file")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a BOM from a Windows editor is no text
     except (OSError, UnicodeDecodeError) as err:
         raise CLIError(f"--list {path}: unreadable ({_first_line(err)})") from err
     requests, errors, outs = [], [], {}
@@ -385,7 +392,11 @@ def read_synthesis_list(path: str | Path) -> tuple[list[SynthesisRequest], list[
         if not out:
             errors.append(f"{where}no output file in the first field")
             continue
-        key = str(Path(out).resolve())
+        try:
+            key = str(Path(out).resolve())
+        except (OSError, ValueError) as err:  # a NUL byte, a name too long for the file system
+            errors.append(f"{where}out {out!r}: not a usable path ({_first_line(err)})")
+            continue
         if key in outs:
             errors.append(f"{where}out {out} is line {outs[key]}'s output too")
             continue
@@ -396,12 +407,16 @@ def read_synthesis_list(path: str | Path) -> tuple[list[SynthesisRequest], list[
     return requests, errors
 
 
-def _check_synthesis_options(args: argparse.Namespace) -> None:
-    """Every option of ``synthesize`` that applies to all its utterances; no file is opened."""
+def _check_synthesis_mode(args: argparse.Namespace) -> None:
+    """One utterance (``--text`` and ``--out``) or a list (``--list``), not both."""
     if args.list is None and (args.text is None or args.out is None):
         raise CLIError("give --text and --out (one utterance), or --list FILE (many)")
     if args.list is not None and (args.text is not None or args.out is not None or args.prompt is not None):
         raise CLIError("--list gives each utterance's out, prompt and text: drop --text, --out and --prompt")
+
+
+def _check_synthesis_options(args: argparse.Namespace) -> None:
+    """Every option of ``synthesize`` that applies to all its utterances; no file is opened."""
     _check_finite(args, "--prompt-seconds", "--max-seconds", "--temperature", "--top-p", "--repetition-penalty")
     if args.prompt_seconds < 0:
         raise CLIError(f"--prompt-seconds must be >= 0, got {args.prompt_seconds}")
@@ -426,17 +441,24 @@ def _check_synthesis_options(args: argparse.Namespace) -> None:
 PROMPT_MARGIN_S = 1.0
 
 
-def _prepare_request(req: SynthesisRequest, prompt_seconds: float) -> None:
-    """The checks that need no model: text present, output writable, prompt audio readable."""
-    from meld.audio import SAMPLE_RATE
-
+def _check_text_present(req: SynthesisRequest) -> None:
     if not req.text or not req.text.strip():
         raise CLIError("--text is empty: give the full transcript (prompt words + new words)" if not req.where
                        else "the text is empty: give the full transcript (prompt words + new words)")
-    _check_out(req.out, req.out_label)
+
+
+def _load_prompt(req: SynthesisRequest, prompt_seconds: float) -> None:
+    """Read the request's prompt audio, kept only up to the prompt and a margin."""
+    from meld.audio import SAMPLE_RATE
+
     if req.prompt:
         wav = _load_audio(req.prompt)
         req.prompt_wav = wav[: int(round((prompt_seconds + PROMPT_MARGIN_S) * SAMPLE_RATE))]
+
+
+def batch_seed(seed: int, k: int) -> int:
+    """Batch k's seed, ``seed + k`` wrapped into torch's seed range (``--seed`` may be 2**64 - 1)."""
+    return seed + k if seed + k < 2**64 else seed + k - 2**64
 
 
 class _Outcome:
@@ -460,42 +482,54 @@ class _Outcome:
     def exit_code(self) -> int:
         return EXIT_USER_ERROR if self.refused else EXIT_FAILURE if self.failed else 0
 
+    def keep(self, requests: list[SynthesisRequest], check) -> list[SynthesisRequest]:
+        """The requests that pass ``check`` (which raises :class:`CLIError`); the others are refused."""
+        kept = []
+        for req in requests:
+            try:
+                check(req)
+                kept.append(req)
+            except CLIError as err:
+                self.refuse(req, err)
+        return kept
+
 
 def cmd_synthesize(args: argparse.Namespace) -> int:
     from meld.progress import progress
 
-    # every check that needs no model comes first, so a typo costs no model load and no synthesis
-    _check_synthesis_options(args)
+    # every check that needs no model comes first, so a typo costs no model load and no synthesis; one
+    # utterance is checked in the order the command always had: text, options, --out, vocoder, device, audio
+    _check_synthesis_mode(args)
     outcome = _Outcome(batch_mode=args.list is not None)
     if args.list is None:
         requests = [SynthesisRequest("", args.text, args.prompt, args.out)]
+        asked = 1
     else:
         requests, malformed = read_synthesis_list(args.list)
         asked = len(requests) + len(malformed)
         for message in malformed:
             print(f"{PROG}: error: {message}", file=sys.stderr)
         outcome.refused += len(malformed)
+    if outcome.batch_mode:  # options first: they hold for every line
+        _check_synthesis_options(args)
+    requests = outcome.keep(requests, _check_text_present)
+    if not outcome.batch_mode:
+        _check_synthesis_options(args)
+    requests = outcome.keep(requests, lambda req: _check_out(req.out, req.out_label))
     _check_vocoder_path(args)
     device = _device(args.device)
-    ready = []
-    for req in requests:  # bad audio, an empty text or an unwritable output: found before loading a model
-        try:
-            _prepare_request(req, args.prompt_seconds)
-            ready.append(req)
-        except CLIError as err:
-            outcome.refuse(req, err)
-    if not ready:
+    requests = outcome.keep(requests, lambda req: _load_prompt(req, args.prompt_seconds))
+    if not requests:
+        print(f"wrote 0 of {asked} utterances ({outcome.refused} refused, 0 failed)")
         raise CLIError(f"--list {args.list}: no utterance left to synthesise")
     ckpt = load_inference_checkpoint(args.checkpoint, device)
     if not hasattr(ckpt.model, "generate"):
         raise CLIError(f"{ckpt.path}: system {ckpt.state['system']!r} cannot synthesise speech")
-    requests, ready = ready, []
-    for req in requests:
-        try:
-            req.text_ids = _encode_text(ckpt.tokenizer, req.text, "--text" if not req.where else "text")
-            ready.append(req)
-        except CLIError as err:
-            outcome.refuse(req, err)
+
+    def encode(req: SynthesisRequest) -> None:
+        req.text_ids = _encode_text(ckpt.tokenizer, req.text, "--text" if not req.where else "text")
+
+    ready = outcome.keep(requests, encode)
     if _task(ckpt.state) == "stt":
         logging.getLogger(PROG).warning("%s was trained for STT only: its speech will be noise", ckpt.path)
     if not ready:
@@ -515,7 +549,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     bar = progress(total=len(ready), desc="synthesize", unit="utt", disable=not outcome.batch_mode)
     for k, start in enumerate(range(0, len(ready), args.batch_size)):
         chunk = ready[start : start + args.batch_size]
-        results, model_s, decoder_s, decoder_name = synthesise(chunk, args.seed + k)  # numpy out: synchronised
+        results, model_s, decoder_s, decoder_name = synthesise(chunk, batch_seed(args.seed, k))  # numpy out: synced
         totals["model"] += model_s
         totals["decoder"] += decoder_s
         for req, result in zip(chunk, results):
@@ -564,7 +598,7 @@ def _vocode_all(vocoder, mels: list[np.ndarray]) -> list[np.ndarray]:
 
     from meld.vocoder import GriffinLimVocoder
 
-    workers = min(len(mels), os.cpu_count() or 1)
+    workers = min(len(mels), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     if not isinstance(vocoder, GriffinLimVocoder) or workers < 2:
         return [vocoder(m) for m in mels]
     with ThreadPoolExecutor(workers) as pool:

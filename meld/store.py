@@ -29,6 +29,16 @@ FEATURES_FILE = "frames.f32"
 CODES_FILE = "codes.i16"
 
 
+STAGE_MARKER = "summary.json"  # every data stage writes it last: a folder without it is not a stage's output
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
 @contextlib.contextmanager
 def staged_folder(out: str | Path):
     """A data stage's output folder, written whole or not at all.
@@ -39,19 +49,30 @@ def staged_folder(out: str | Path):
     (which the error may point to) can be read; the next run clears it. Under ``dvc repro`` DVC removes
     ``out`` first anyway; this keeps a stage run by hand from leaving a new train split beside an old
     dev split and old statistics.
+
+    ``out`` is resolved first, so a symlinked output folder is replaced where it really is (on its own
+    disk). A run killed between the swap's two renames leaves the old output as ``<out>.previous``;
+    the next run puts it back before anything else. A non-empty ``out`` without ``summary.json`` is
+    refused: it is not a stage's output, and replacing it would delete whatever it holds.
     """
-    out = Path(out)
+    out = Path(out).resolve()
     staging = out.with_name(out.name + ".partial")
     previous = out.with_name(out.name + ".previous")
-    for leftover in (staging, previous):  # from a run killed before or during the swap below
-        if leftover.exists():
-            shutil.rmtree(leftover)
+    if not out.exists() and previous.is_dir():  # killed mid-swap: the old output is the only whole one
+        previous.rename(out)
+    if out.is_dir() and any(out.iterdir()) and not (out / STAGE_MARKER).is_file():
+        raise SystemExit(f"{out} holds files that no run of this stage wrote (no {STAGE_MARKER}); the stage "
+                         "replaces its output folder whole: give --out a folder of its own")
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"{out} is a file; the stage writes a folder there")
+    for leftover in (staging, previous):  # from a run that failed, or was killed after its swap
+        _remove(leftover)
     staging.mkdir(parents=True)
     yield staging
     if out.exists():
         out.rename(previous)
     staging.rename(out)
-    shutil.rmtree(previous, ignore_errors=True)
+    _remove(previous)
 
 
 def write_store(folder: str | Path, items, rejected: list[dict], *, data_file: str = FEATURES_FILE,

@@ -179,13 +179,16 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing, truncated or not a MELD checkpoint."""
 
 
-def load_checkpoint(path: str | Path, map_location: str = "cpu") -> dict:
-    """Load a checkpoint without executing code (``weights_only=True``)."""
+def load_checkpoint(path: str | Path, map_location: str = "cpu", mmap: bool = False) -> dict:
+    """Load a checkpoint without executing code (``weights_only=True``).
+
+    ``mmap``: map the tensors instead of reading them, for a caller that only looks at the metadata.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:
         raise CheckpointError(f"{path}: unreadable or partial checkpoint ({err})") from err
     if not isinstance(state, dict) or "model" not in state or "system" not in state:

@@ -352,7 +352,9 @@ def load_stt_judge(path: str | None, ctc_weight: float, device: str) -> STTModel
     if not Path(path).is_file():
         log.warning("evaluate.stt_judge_model %s does not exist: MELD-STT judge skipped", path)
         return None
-    task = (load_checkpoint(path).get("extra") or {}).get("task")
+    # mapped, not read: only the task is wanted here (the paper model's checkpoint is ~0.7 GB); a
+    # checkpoint without one is a TTS model, as main() reads the evaluated model's
+    task = (load_checkpoint(path, mmap=True).get("extra") or {}).get("task", "tts")
     if task == "tts":
         log.info("evaluate.stt_judge_model %s was trained for TTS only: no MELD-STT judge", path)
         return None

@@ -450,7 +450,7 @@ def test_synthesize_list_speaks_each_line_as_the_single_command_would(checkpoint
     text = "the quick brown fox jumps over the lazy dog"
     listing = tmp_path / "utts.tsv"
     listing.write_text(f"# out\tprompt\ttext\n{tmp_path / 'a.wav'}\t{prompt_22k}\t{text}\n\n"
-                       f"{tmp_path / 'b.flac'}\t-\t{text}\n")
+                       f"{tmp_path / 'b.flac'}\t-\t{text}\n", encoding="utf-8-sig")  # a BOM before the comment
     assert main(_list_argv(checkpoint, listing, "--batch-size", "1", "--seed", "5")) == 0
     printed = capsys.readouterr().out
     assert "wrote 2 of 2 utterances (0 refused, 0 failed)" in printed and "real-time factor" in printed
@@ -475,20 +475,23 @@ def test_synthesize_list_reports_bad_lines_and_writes_the_rest(checkpoint, promp
         7: f"{good[0]}\t-\t{text}",  # the same output as line 1
         8: f"{tmp_path / 'song.mp3'}\t-\t{text}",
         9: f"{good[2]}\t{prompt_22k}\t{text}",
+        10: f"{tmp_path / ('x' * 300)}.wav\t-\t{text}",  # a name too long for the file system
+        11: f"{tmp_path}/nul\0.wav\t-\t{text}",
     }
     listing = tmp_path / "utts.tsv"
     listing.write_text("\n".join(lines.values()) + "\n")
     assert main(_list_argv(checkpoint, listing, "--batch-size", "2")) == 2
     captured = capsys.readouterr()
     errors = [e for e in captured.err.strip().splitlines() if e.startswith("meld: ")]  # not the progress bar
-    assert sorted(int(e.split(f"{listing}:")[1].split(":")[0]) for e in errors) == [2, 3, 5, 6, 7, 8], errors
+    assert sorted(int(e.split(f"{listing}:")[1].split(":")[0]) for e in errors) == [2, 3, 5, 6, 7, 8, 10, 11], errors
     by_line = {int(e.split(f"{listing}:")[1].split(":")[0]): e for e in errors}
     assert "3 tab-separated fields" in by_line[2] and "empty" in by_line[3] and "absent.wav" in by_line[5]
     assert "text: characters" in by_line[6] and "'4', '2'" in by_line[6] and "line 1" in by_line[7] and ".mp3" in by_line[8]
+    assert "not a usable path" in by_line[10] and "not a usable path" in by_line[11]
     assert all(sf.info(str(p)).frames > 0 for p in good)
     assert not any((tmp_path / n).exists() for n in ("two_fields.wav", "empty.wav", "absent_prompt.wav",
                                                      "digits.wav", "song.mp3"))
-    assert "wrote 3 of 9 utterances (6 refused, 0 failed)" in captured.out
+    assert "wrote 3 of 11 utterances (8 refused, 0 failed)" in captured.out
 
 
 def test_synthesize_list_writes_each_batch_before_generating_the_next(checkpoint, prompt_22k, tmp_path, monkeypatch,
@@ -537,14 +540,36 @@ def test_synthesize_list_errors_before_any_model_work(extra, contents, message, 
 
 
 def test_vocoding_a_batch_in_threads_gives_the_audio_of_one_call_after_another(monkeypatch):
+    import concurrent.futures
+
     from meld.cli import _vocode_all
     from meld.vocoder import GriffinLimVocoder
+
+    pools = []
+
+    class CountedPool(concurrent.futures.ThreadPoolExecutor):
+        def __init__(self, workers):
+            pools.append(workers)
+            super().__init__(workers)
+
+    monkeypatch.setattr(concurrent.futures, "ThreadPoolExecutor", CountedPool)
 
     rng = np.random.default_rng(0)
     mels = [rng.uniform(-8, -2, (n, N_MELS)).astype(np.float32) for n in (40, 25, 33)]
     vocoder = GriffinLimVocoder(n_iter=3)
     one_by_one = [vocoder(m) for m in mels]
-    monkeypatch.setattr(os, "cpu_count", lambda: 3)  # threads even on a one-core runner
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})  # threads even on a one-core runner
     threaded = _vocode_all(vocoder, mels)
+    assert pools == [3]  # one thread per utterance, as many as the cores allow
     assert [w.shape for w in threaded] == [w.shape for w in one_by_one]
     assert all(np.array_equal(a, b) for a, b in zip(threaded, one_by_one))
+
+
+def test_the_largest_seed_wraps_for_later_batches(checkpoint, prompt_22k, tmp_path, capsys):
+    from meld.cli import batch_seed
+
+    assert batch_seed(5, 2) == 7 and batch_seed(2**64 - 1, 1) == 0 and batch_seed(-3, 1) == -2
+    listing = tmp_path / "utts.tsv"
+    listing.write_text("".join(f"{tmp_path / n}\t{prompt_22k}\ta stitch in time saves nine\n" for n in ("a.wav", "b.wav")))
+    assert main(_list_argv(checkpoint, listing, "--batch-size", "1", "--seed", str(2**64 - 1))) == 0
+    assert "wrote 2 of 2 utterances" in capsys.readouterr().out

@@ -144,18 +144,56 @@ def test_a_staged_folder_replaces_the_output_whole_or_leaves_it_as_it_was(tmp_pa
 
     out = tmp_path / "out"
     (out / "stale").mkdir(parents=True)
-    (out / "old.txt").write_text("old")
+    (out / "summary.json").write_text("old")
     with pytest.raises(RuntimeError, match="stopped"), staged_folder(out) as work:
         (work / "new.txt").write_text("half")
         raise RuntimeError("stopped")
-    assert sorted(p.name for p in out.iterdir()) == ["old.txt", "stale"]
+    assert sorted(p.name for p in out.iterdir()) == ["stale", "summary.json"]
     assert (tmp_path / "out.partial" / "new.txt").read_text() == "half"  # kept to read
-    (tmp_path / "out.previous").mkdir()  # as a run killed in the middle of its swap leaves it
     with staged_folder(out) as work:
         assert list(work.iterdir()) == []  # the earlier run's partial output is not carried over
-        (work / "new.txt").write_text("whole")
-    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
+        (work / "summary.json").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == ["summary.json"] and (out / "summary.json").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     with staged_folder(tmp_path / "fresh" / "deeper") as work:  # no previous output, no parent yet
         (work / "x").write_text("x")
     assert (tmp_path / "fresh" / "deeper" / "x").read_text() == "x"
+
+
+def test_a_run_killed_in_the_middle_of_the_swap_loses_no_output(tmp_path):
+    from meld.store import staged_folder
+
+    out = tmp_path / "out"
+    (tmp_path / "out.previous").mkdir()  # the old output, renamed away just before the kill
+    (tmp_path / "out.previous" / "summary.json").write_text("old")
+    (tmp_path / "out.partial").mkdir()  # the new one, never swapped in
+    with pytest.raises(RuntimeError), staged_folder(out):
+        raise RuntimeError("this run fails too")
+    assert (out / "summary.json").read_text() == "old"  # put back before anything was cleared
+    assert not (tmp_path / "out.previous").exists()
+
+
+def test_a_symlinked_output_is_replaced_where_it_lives(tmp_path):
+    from meld.store import staged_folder
+
+    disk = tmp_path / "big_disk"
+    (disk / "features").mkdir(parents=True)
+    (disk / "features" / "summary.json").write_text("old")
+    (tmp_path / "data").mkdir()
+    link = tmp_path / "data" / "features"
+    link.symlink_to(disk / "features")
+    for run in ("first", "second"):
+        with staged_folder(link) as work:
+            (work / "summary.json").write_text(run)
+        assert link.is_symlink() and (link / "summary.json").read_text() == run
+        assert sorted(p.name for p in disk.iterdir()) == ["features"]
+        assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["features"]
+
+
+def test_a_folder_that_is_not_a_stages_output_is_not_replaced(tmp_path):
+    from meld.store import staged_folder
+
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="no summary.json"), staged_folder(tmp_path):
+        pass
+    assert (tmp_path / "notes.txt").read_text() == "mine"
