@@ -317,7 +317,11 @@ def test_cli_synthesizes_with_the_recorded_codec_and_asks_for_missing_weights(tr
     assert "wrote 2 of 2 utterances" in capsys.readouterr().out
     np.testing.assert_allclose(sf.read(str(tmp_path / "a.wav"))[0], wav, rtol=0, atol=1.5 / 32768)
     assert sf.info(str(tmp_path / "b.wav")).frames <= 0.6 * 16_000  # no prompt: at most 0.5 s generated
+    for name in ("a.wav", "b.wav"):
+        (tmp_path / name).unlink()
     assert main([*list_argv, "--batch-size", "2"]) == 0  # both in one batch of the code generation
+    assert "wrote 2 of 2 utterances" in capsys.readouterr().out
+    assert sf.info(str(tmp_path / "a.wav")).frames >= 0.9 * 16_000 and (tmp_path / "b.wav").is_file()
 
     # a checkpoint whose codes came from weights that are not on this machine: say what to give
     state = torch.load(trained["model"], weights_only=True)
