@@ -61,8 +61,9 @@ def staged_folder(out: str | Path):
     if not out.exists() and previous.is_dir():  # killed mid-swap: the old output is the only whole one
         previous.rename(out)
     if out.is_dir() and any(out.iterdir()) and not (out / STAGE_MARKER).is_file():
-        raise SystemExit(f"{out} holds files that no run of this stage wrote (no {STAGE_MARKER}); the stage "
-                         "replaces its output folder whole: give --out a folder of its own")
+        raise SystemExit(f"{out} holds files but no {STAGE_MARKER}, so it is not a finished output of this stage, "
+                         "and the stage replaces its output folder whole: give --out a folder of its own (or delete "
+                         "this one, if it is what an older, unfinished run of the stage left)")
     if out.exists() and not out.is_dir():
         raise SystemExit(f"{out} is a file; the stage writes a folder there")
     for leftover in (staging, previous):  # from a run that failed, or was killed after its swap
