@@ -542,7 +542,7 @@ def test_synthesize_list_errors_before_any_model_work(extra, contents, message, 
 def test_vocoding_a_batch_in_threads_gives_the_audio_of_one_call_after_another(monkeypatch):
     import concurrent.futures
 
-    from meld.cli import _vocode_all
+    from meld.cli.synthesize import _vocode_all
     from meld.vocoder import GriffinLimVocoder
 
     pools = []
@@ -566,7 +566,7 @@ def test_vocoding_a_batch_in_threads_gives_the_audio_of_one_call_after_another(m
 
 
 def test_the_largest_seed_wraps_for_later_batches(checkpoint, prompt_22k, tmp_path, capsys):
-    from meld.cli import batch_seed
+    from meld.cli.synthesize import batch_seed
 
     assert batch_seed(5, 2) == 7 and batch_seed(2**64 - 1, 1) == 0 and batch_seed(-3, 1) == -2
     listing = tmp_path / "utts.tsv"

@@ -1,183 +1,32 @@
-"""The ``meld`` command: synthesise speech, transcribe audio, inspect checkpoints.
-
-    meld synthesize --checkpoint models/meld/model.pt --prompt speaker.wav \\
-        --text "the prompt's own words followed by the new words" --out out.wav
-    meld synthesize --checkpoint models/meld/model.pt --list utterances.tsv   # out TAB prompt TAB text
-    meld transcribe --checkpoint models/meld_stt/model.pt a.wav b.flac --beam 5 [--ctc-weight 0.3]
-    meld info models/meld/model.pt
-
-``synthesize`` follows the paper's continuation protocol: the first ``--prompt-seconds`` of
-the prompt are the acoustic prompt, ``--text`` is the *full* transcript (the prompt's words
-and then the new ones), and the output is the vocoded prompt followed by the continuation.
-With ``--list`` it synthesises many utterances, ``--batch-size`` at a time through the batched,
-KV-cached generation, writing each batch before the next is generated; a line it cannot use is
-reported (file:line) and skipped, and the others are still written.
-Inference checkpoints (``model.pt`` written by the train stage) carry everything needed:
-weights, model kwargs, normalisation statistics, the BPE model and the reduction factor.
-
-User errors (missing or corrupt checkpoint, unreadable audio, empty text or text with characters
-the model's vocabulary lacks, an --out it cannot write, an option out of range) end with a one-line
-message on stderr and exit code 2, and are found before any model work where they can be; runtime
-failures exit with 1.
-"""
+"""``meld synthesize``: zero-shot TTS continuation, one utterance or a ``--list`` of them in batches."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from meld.config import EvaluateConfig
-from meld.devices import DEVICE_HELP, resolve_device
-
-PROG = "meld"
-EXIT_USER_ERROR = 2
-EXIT_FAILURE = 1
-
-# Sampling defaults are the evaluation's (paper) settings, so the CLI and the evaluation agree.
-_EVAL_DEFAULTS = EvaluateConfig()
-
-
-class CLIError(Exception):
-    """A user error: reported as one line, exit code 2."""
-
-
-class CLIFailure(Exception):
-    """The command ran but could not produce a result: reported as one line, exit code 1."""
-
-
-# --------------------------------------------------------------------------- checkpoint loading
-
-
-@dataclass
-class LoadedCheckpoint:
-    """An inference checkpoint, unpacked: model, tokenizer, normalisation and the raw state."""
-
-    path: Path
-    model: Any  # nn.Module
-    state: dict
-    reduction: int
-    stats: Any  # NormStats
-    tokenizer: Any  # BPETokenizer
-
-
-def _to_numpy(value, name: str, path: Path) -> np.ndarray:
-    try:
-        arr = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
-        return np.asarray(arr, dtype=np.float32)
-    except Exception as err:  # a wrong type in a hand-edited checkpoint
-        raise CLIError(f"{path}: checkpoint field extra.{name} is not an array ({err})") from err
-
-
-def _bpe_bytes(value) -> bytes:
-    if hasattr(value, "detach"):
-        return value.detach().cpu().numpy().astype(np.uint8).tobytes()
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value)
-    return np.asarray(value, dtype=np.uint8).tobytes()
-
-
-def _tokenizer(state: dict, path: Path):
-    from meld.text import tokenizer_from_bytes
-
-    extra = state.get("extra") or {}
-    if "bpe_model" not in extra:
-        raise CLIError(f"{path}: checkpoint holds no BPE model (extra.bpe_model); use an exported model.pt")
-    try:
-        return tokenizer_from_bytes(_bpe_bytes(extra["bpe_model"]))
-    except Exception as err:  # sentencepiece raises RuntimeError/OSError on corrupt protos
-        raise CLIError(f"{path}: the embedded BPE model is corrupt ({err})") from err
-
-
-def _checkpoint_error(path: Path, err: Exception) -> str:
-    """One line for a checkpoint that won't load (torch.load's own messages run to many lines)."""
-    if err.__cause__ is not None:  # torch.load itself failed: corrupt, truncated, or not a torch file
-        return f"{path}: unreadable or partial checkpoint ({type(err.__cause__).__name__}; corrupt, truncated or not a checkpoint)"
-    return _first_line(err)
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    if "loading state_dict" in text:  # torch lists every mismatched tensor, one per line
-        return "its weights do not match its model_kwargs"
-    return text.splitlines()[0] if text else type(err).__name__
-
-
-def load_inference_checkpoint(path: str | Path, device: str = "cpu") -> LoadedCheckpoint:
-    """Load an exported inference checkpoint, turning every failure into a :class:`CLIError`.
-
-    Args:
-        path: ``model.pt`` as written by the train stage's export.
-        device: torch device for the model.
-
-    Returns:
-        The model (eval mode, on ``device``), its state, reduction factor, stats and tokenizer.
-    """
-    from meld.features import N_MELS, NormStats
-    from meld.training import CheckpointError, load_model
-
-    path = Path(path)
-    try:
-        model, state = load_model(path, map_location="cpu")
-    except CheckpointError as err:
-        raise CLIError(_checkpoint_error(path, err)) from err
-    except Exception as err:  # unknown system, wrong kwargs, weights that don't fit the model
-        raise CLIError(
-            f"{path}: checkpoint does not rebuild into a model ({type(err).__name__}: {_first_line(err)})"
-        ) from err
-    extra = state.get("extra") or {}
-    if state["system"] == "codec_lm":  # speaks DAC codes: no mel normalisation, the codec is described instead
-        missing = [k for k in ("codec", "bpe_model") if k not in extra]
-        if missing:
-            raise CLIError(f"{path}: not an inference checkpoint (extra lacks {', '.join(missing)}); "
-                           "use the train stage's model.pt")
-        return LoadedCheckpoint(path, model.to(device), state, 1, None, _tokenizer(state, path))
-    missing = [k for k in ("reduction_factor", "norm_mean", "norm_std", "bpe_model") if k not in extra]
-    if missing:
-        raise CLIError(
-            f"{path}: not an inference checkpoint (extra lacks {', '.join(missing)}); use the train stage's model.pt"
-        )
-    reduction = int(extra["reduction_factor"])
-    mean = _to_numpy(extra["norm_mean"], "norm_mean", path)
-    std = _to_numpy(extra["norm_std"], "norm_std", path)
-    if mean.shape != (N_MELS,) or std.shape != (N_MELS,) or not (std > 0).all():
-        raise CLIError(f"{path}: normalisation statistics must be two ({N_MELS},) arrays with std > 0")
-    frame_dim = getattr(model, "frame_dim", N_MELS * reduction)
-    if reduction < 1 or frame_dim != N_MELS * reduction:
-        raise CLIError(
-            f"{path}: reduction factor {reduction} does not match the model's frame size {frame_dim}"
-        )
-    tokenizer = _tokenizer(state, path)
-    n_text = (state.get("model_kwargs") or {}).get("n_text")
-    if n_text is not None and tokenizer.vocab_size > int(n_text):
-        raise CLIError(f"{path}: the BPE model has {tokenizer.vocab_size} pieces, the model only {n_text}")
-    model = model.to(device)
-    return LoadedCheckpoint(path, model, state, reduction, NormStats(mean, std), tokenizer)
-
-
-def _device(name: str) -> str:
-    """``--device``, checked: a device torch has here, or a one-line :class:`CLIError`."""
-    try:
-        return resolve_device(name, "--device")
-    except ValueError as err:
-        raise CLIError(str(err)) from None
-
-
-def _check_finite(args: argparse.Namespace, *options: str) -> None:
-    """NaN and infinity pass every ``<``/``>`` range check: refuse them first, by option name."""
-    for option in options:
-        value = getattr(args, option.removeprefix("--").replace("-", "_"))
-        if value is not None and not math.isfinite(value):
-            raise CLIError(f"{option} must be a finite number, got {value}")
+from meld.cli.checkpoint import LoadedCheckpoint, load_inference_checkpoint
+from meld.cli.common import (
+    _EVAL_DEFAULTS,
+    EXIT_FAILURE,
+    EXIT_USER_ERROR,
+    PROG,
+    CLIError,
+    CLIFailure,
+    _check_finite,
+    _configure_decoding,
+    _device,
+    _first_line,
+    _task,
+)
 
 
 def _pcm16_extensions() -> list[str]:
@@ -297,12 +146,6 @@ def _load_audio(path: str | Path) -> np.ndarray:
         raise CLIError(str(err)) from err
 
 
-def _task(state: dict) -> str:
-    return str((state.get("extra") or {}).get("task", "unknown"))
-
-
-# --------------------------------------------------------------------------- synthesize
-
 
 def prompt_log_mel(wav: np.ndarray, prompt_seconds: float) -> np.ndarray:
     """Log-mel frames of the first ``prompt_seconds`` of a 16 kHz waveform.
@@ -322,18 +165,6 @@ def prompt_log_mel(wav: np.ndarray, prompt_seconds: float) -> np.ndarray:
     mel = log_mel(wav[: want * HOP_LENGTH + N_FFT // 2], SAMPLE_RATE)
     return mel[:want]
 
-
-COMPILE_HELP = ("torch.compile the decoding step (CUDA graphs on a GPU): a one-off compile, then fewer kernel "
-                "launches per step; for GPUs and long runs (no faster on a CPU, docs/results.md)")
-
-
-def _configure_decoding(model, compile_step: bool) -> None:
-    """``--compile``: decode through the compiled fixed-shape step (:func:`meld.models.backbone.configure_decoding`)."""
-    from meld.models.backbone import configure_decoding
-
-    if compile_step:
-        logging.getLogger(PROG).warning("--compile: compiling the decoding step first (tens of seconds on a CPU)")
-    configure_decoding(model, compile=compile_step)
 
 
 @dataclass
@@ -725,257 +556,3 @@ def _codec_synthesiser(args: argparse.Namespace, ckpt: LoadedCheckpoint, device:
     return synthesise
 
 
-# --------------------------------------------------------------------------- transcribe
-
-
-def cmd_transcribe(args: argparse.Namespace) -> int:
-    from meld.audio import SAMPLE_RATE, AudioError, load_audio
-    from meld.features import log_mel
-    from meld.generate import stt_beam_search
-
-    if args.beam < 1:
-        raise CLIError(f"--beam must be >= 1, got {args.beam}")
-    if args.max_tokens < 1:
-        raise CLIError(f"--max-tokens must be >= 1, got {args.max_tokens}")
-    if args.batch_size < 1:
-        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
-    _check_finite(args, "--ctc-weight")
-    if args.ctc_weight is not None and not 0.0 <= args.ctc_weight <= 1.0:
-        raise CLIError(f"--ctc-weight must be in [0, 1], got {args.ctc_weight}")
-    device = _device(args.device)
-    ckpt = load_inference_checkpoint(args.checkpoint, device)
-    if not all(hasattr(ckpt.model, m) for m in ("stt_prefix", "stt_step", "text_logprobs")):
-        raise CLIError(f"{ckpt.path}: system {ckpt.state['system']!r} cannot transcribe (no STT decoder)")
-    has_ctc = bool(getattr(ckpt.model, "stt_ctc", False))
-    ctc_weight = args.ctc_weight if args.ctc_weight is not None else (_EVAL_DEFAULTS.stt_ctc_weight if has_ctc else 0.0)
-    if ctc_weight > 0 and not has_ctc:
-        raise CLIError(f"--ctc-weight {ctc_weight:g}: {ckpt.path} was trained without a CTC head (args.stt_ctc); "
-                       "use --ctc-weight 0")
-    _configure_decoding(ckpt.model, args.compile)
-    log = logging.getLogger(PROG)
-    if _task(ckpt.state) == "tts":
-        log.warning("%s was trained for TTS only: its transcripts are not meaningful", ckpt.path)
-
-    def decode_and_print(paths: list[str], mels: list[np.ndarray]) -> None:
-        ids = stt_beam_search(
-            ckpt.model,
-            mels,
-            reduction=ckpt.reduction,
-            beam_size=args.beam,
-            max_tokens=args.max_tokens,
-            batch_size=args.batch_size,
-            ctc_weight=ctc_weight,
-        )
-        for p, hyp in zip(paths, ids):
-            print(f"{p}\t{ckpt.tokenizer.decode(hyp)}", flush=True)
-
-    # Each batch is printed as soon as it is decoded, so a crash late in a long list keeps what was
-    # done. Batches are the readable files taken batch_size at a time, as one call over them all would form.
-    paths, mels, failed = [], [], 0
-    for p in args.audio:
-        try:
-            wav = load_audio(p)
-        except AudioError as err:
-            print(f"{PROG}: error: {err}", file=sys.stderr)
-            failed += 1
-            continue
-        paths.append(p)
-        mels.append(ckpt.stats.normalise(log_mel(wav, SAMPLE_RATE)))
-        if len(mels) == args.batch_size:
-            decode_and_print(paths, mels)
-            paths, mels = [], []
-    if mels:
-        decode_and_print(paths, mels)
-    return EXIT_USER_ERROR if failed else 0
-
-
-# --------------------------------------------------------------------------- info
-
-
-def _human_size(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.1f} {unit}" if unit != "B" else f"{n} B"
-        size /= 1024
-    return f"{n} B"
-
-
-def cmd_info(args: argparse.Namespace) -> int:
-    from meld.models.builders import build_model, count_parameters
-    from meld.training import CheckpointError, load_checkpoint
-
-    path = Path(args.checkpoint)
-    try:
-        state = load_checkpoint(path)
-    except CheckpointError as err:
-        raise CLIError(_checkpoint_error(path, err)) from err
-    kwargs = state.get("model_kwargs") or {}
-    try:
-        model = build_model(state["system"], kwargs)
-        model.load_state_dict(state["model"])
-    except Exception as err:
-        raise CLIError(
-            f"{path}: checkpoint does not rebuild into a model ({type(err).__name__}: {_first_line(err)})"
-        ) from err
-    extra = state.get("extra") or {}
-    n_text = kwargs.get("n_text")
-    n_codes = kwargs.get("codebook_size", 0)
-    vocab = getattr(model, "vocab", None)
-    rows: list[tuple[str, Any]] = [
-        ("file", f"{path} ({_human_size(path.stat().st_size)})"),
-        ("system", state["system"]),
-        ("task", extra.get("task", "n/a")),
-        ("step", state.get("step", "n/a")),
-        ("parameters", f"{count_parameters(model):,}"),
-        ("reduction factor", extra.get("reduction_factor", "n/a")),
-        ("vocab: BPE (model)", n_text if n_text is not None else "n/a"),
-    ]
-    if "bpe_model" in extra:
-        try:
-            rows.append(("vocab: BPE (tokenizer)", _tokenizer(state, path).vocab_size))
-        except CLIError as err:
-            rows.append(("vocab: BPE (tokenizer)", f"unreadable ({err})"))
-    else:
-        rows.append(("vocab: BPE (tokenizer)", "n/a (no embedded BPE model: not an inference checkpoint)"))
-    rows.append(("vocab: codebook", n_codes))
-    if vocab is not None:
-        rows.append(("vocab: union", vocab.size))
-    rows.append(("normalisation stats", "yes" if "norm_mean" in extra and "norm_std" in extra else "no"))
-    if "codec" in extra:  # codec_lm: which codec its codes came from
-        codec = extra["codec"]
-        rows.append(("codec", f"random DAC (seed {codec.get('seed')}): codes carry no speech" if codec.get("random")
-                     else f"DAC weights {codec.get('weights')}"))
-    rows.append(("fingerprint", extra.get("fingerprint", "n/a")))
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print(f"{k:<{width}}  {v}")
-    print("model kwargs:")
-    for k in sorted(kwargs):
-        print(f"  {k} = {kwargs[k]}")
-    return 0
-
-
-# --------------------------------------------------------------------------- parser
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    sub = p.add_subparsers(dest="command", required=True, metavar="{synthesize,transcribe,info}")
-
-    s = sub.add_parser("synthesize", help="zero-shot TTS: continue an acoustic prompt speaking a text")
-    s.add_argument("--checkpoint", required=True, help="inference checkpoint (model.pt)")
-    s.add_argument("--text", default=None, help="full transcript: the prompt's words, then the new words")
-    s.add_argument("--prompt", default=None, help="audio file whose start is the acoustic prompt (any rate); "
-                   "without it the model speaks the text from nothing, in whatever voice it draws")
-    s.add_argument("--out", default=None, help="output audio, 16 kHz 16-bit PCM: .wav, .flac, ... (by extension)")
-    s.add_argument(
-        "--list",
-        default=None,
-        metavar="FILE",
-        help="many utterances instead of --text/--prompt/--out: one per line, out TAB prompt TAB text "
-        "(prompt '-' for none; '#' comments); generated --batch-size at a time, a bad line reported and skipped",
-    )
-    s.add_argument("--batch-size", type=int, default=8,
-                   help="--list: utterances generated together, >= 1 (default %(default)s)")
-    s.add_argument(
-        "--prompt-seconds",
-        type=float,
-        default=_EVAL_DEFAULTS.prompt_seconds,
-        help="seconds of the prompt file to use (default %(default)s)",
-    )
-    s.add_argument("--temperature", type=float, default=_EVAL_DEFAULTS.temperature,
-                   help="> 0: sampling temperature over the codes (default %(default)s, as the evaluation)")
-    s.add_argument("--top-k", type=int, default=_EVAL_DEFAULTS.top_k, help="0 disables (default %(default)s)")
-    s.add_argument("--top-p", type=float, default=_EVAL_DEFAULTS.top_p,
-                   help="nucleus sampling mass in (0, 1] (default %(default)s)")
-    s.add_argument(
-        "--repetition-penalty",
-        type=float,
-        default=_EVAL_DEFAULTS.repetition_penalty,
-        help=">= 1; 1 disables (default %(default)s)",
-    )
-    s.add_argument(
-        "--max-seconds",
-        type=float,
-        default=20.0,
-        help="guard on the generated speech after the prompt (default %(default)s)",
-    )
-    s.add_argument("--seed", type=int, default=_EVAL_DEFAULTS.seed,
-                   help="sampling seed: the same seed, text and prompt give the same speech (with --list: the same list, "
-                   "seed and --batch-size; batch k draws from seed + k) (default %(default)s)")
-    s.add_argument(
-        "--no-test-time-dropout",
-        action="store_true",
-        help="turn off the mel encoder's dropout at inference (the paper keeps it on)",
-    )
-    s.add_argument("--vocoder", choices=("griffin_lim", "hifigan"), default=_EVAL_DEFAULTS.vocoder,
-                   help="mel -> waveform (default %(default)s; hifigan needs --vocoder-path)")
-    s.add_argument(
-        "--vocoder-path",
-        default=None,
-        help="SpeechT5 HiFi-GAN folder; one that won't load is an error (without it, hifigan uses "
-        "evaluate.vocoder_path if set, else falls back to Griffin-Lim with a warning)",
-    )
-    s.add_argument("--griffin-lim-iters", type=int, default=32, help=">= 1 (default %(default)s)")
-    s.add_argument(
-        "--codec-weights",
-        default=None,
-        help="codec_lm checkpoints: DAC weights file, when not at the path recorded in the checkpoint",
-    )
-    s.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default %(default)s)")
-    s.add_argument(
-        "--compile",
-        action="store_true",
-        help=COMPILE_HELP,
-    )
-    s.set_defaults(func=cmd_synthesize)
-
-    t = sub.add_parser("transcribe", help="STT: transcribe audio files with beam search")
-    t.add_argument("--checkpoint", required=True, help="inference checkpoint (model.pt)")
-    t.add_argument("audio", nargs="+", help="audio files (any format libsndfile reads, any rate)")
-    t.add_argument("--beam", type=int, default=5, help="beam size; 1 is greedy (default %(default)s)")
-    t.add_argument("--max-tokens", type=int, default=200, help="BPE tokens per transcript at most (default %(default)s)")
-    t.add_argument(
-        "--ctc-weight",
-        type=float,
-        default=None,
-        help="weight of the CTC prefix score in a hybrid CTC/attention beam search, in [0, 1]; 0: the decoder "
-        f"alone (default {_EVAL_DEFAULTS.stt_ctc_weight:g} for a checkpoint trained with a CTC head, else 0)",
-    )
-    t.add_argument("--batch-size", type=int, default=8, help="files decoded together, >= 1 (default %(default)s)")
-    t.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default %(default)s)")
-    t.add_argument(
-        "--compile",
-        action="store_true",
-        help=COMPILE_HELP,
-    )
-    t.set_defaults(func=cmd_transcribe)
-
-    i = sub.add_parser("info", help="describe a checkpoint")
-    i.add_argument("checkpoint", help="an inference checkpoint (models/<system>/model.pt)")
-    i.set_defaults(func=cmd_info)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the ``meld`` command; returns the exit code (0 ok, 1 failure, 2 user error)."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(levelname)s: %(message)s")
-    try:
-        return int(args.func(args))
-    except CLIError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except CLIFailure as err:
-        print(f"{PROG}: failed: {err}", file=sys.stderr)
-        return EXIT_FAILURE
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

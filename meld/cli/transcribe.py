@@ -1,0 +1,84 @@
+"""``meld transcribe``: beam-search STT of audio files, printed batch by batch."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import numpy as np
+
+from meld.cli.checkpoint import load_inference_checkpoint
+from meld.cli.common import (
+    _EVAL_DEFAULTS,
+    EXIT_USER_ERROR,
+    PROG,
+    CLIError,
+    _check_finite,
+    _configure_decoding,
+    _device,
+    _task,
+)
+
+
+def cmd_transcribe(args: argparse.Namespace) -> int:
+    from meld.audio import SAMPLE_RATE, AudioError, load_audio
+    from meld.features import log_mel
+    from meld.generate import stt_beam_search
+
+    if args.beam < 1:
+        raise CLIError(f"--beam must be >= 1, got {args.beam}")
+    if args.max_tokens < 1:
+        raise CLIError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
+    _check_finite(args, "--ctc-weight")
+    if args.ctc_weight is not None and not 0.0 <= args.ctc_weight <= 1.0:
+        raise CLIError(f"--ctc-weight must be in [0, 1], got {args.ctc_weight}")
+    device = _device(args.device)
+    ckpt = load_inference_checkpoint(args.checkpoint, device)
+    if not all(hasattr(ckpt.model, m) for m in ("stt_prefix", "stt_step", "text_logprobs")):
+        raise CLIError(f"{ckpt.path}: system {ckpt.state['system']!r} cannot transcribe (no STT decoder)")
+    has_ctc = bool(getattr(ckpt.model, "stt_ctc", False))
+    ctc_weight = args.ctc_weight if args.ctc_weight is not None else (_EVAL_DEFAULTS.stt_ctc_weight if has_ctc else 0.0)
+    if ctc_weight > 0 and not has_ctc:
+        raise CLIError(f"--ctc-weight {ctc_weight:g}: {ckpt.path} was trained without a CTC head (args.stt_ctc); "
+                       "use --ctc-weight 0")
+    _configure_decoding(ckpt.model, args.compile)
+    log = logging.getLogger(PROG)
+    if _task(ckpt.state) == "tts":
+        log.warning("%s was trained for TTS only: its transcripts are not meaningful", ckpt.path)
+
+    def decode_and_print(paths: list[str], mels: list[np.ndarray]) -> None:
+        ids = stt_beam_search(
+            ckpt.model,
+            mels,
+            reduction=ckpt.reduction,
+            beam_size=args.beam,
+            max_tokens=args.max_tokens,
+            batch_size=args.batch_size,
+            ctc_weight=ctc_weight,
+        )
+        for p, hyp in zip(paths, ids):
+            print(f"{p}\t{ckpt.tokenizer.decode(hyp)}", flush=True)
+
+    # Each batch is printed as soon as it is decoded, so a crash late in a long list keeps what was
+    # done. Batches are the readable files taken batch_size at a time, as one call over them all would form.
+    paths, mels, failed = [], [], 0
+    for p in args.audio:
+        try:
+            wav = load_audio(p)
+        except AudioError as err:
+            print(f"{PROG}: error: {err}", file=sys.stderr)
+            failed += 1
+            continue
+        paths.append(p)
+        mels.append(ckpt.stats.normalise(log_mel(wav, SAMPLE_RATE)))
+        if len(mels) == args.batch_size:
+            decode_and_print(paths, mels)
+            paths, mels = [], []
+    if mels:
+        decode_and_print(paths, mels)
+    return EXIT_USER_ERROR if failed else 0
+
+
