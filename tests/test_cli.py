@@ -573,3 +573,21 @@ def test_the_largest_seed_wraps_for_later_batches(checkpoint, prompt_22k, tmp_pa
     listing.write_text("".join(f"{tmp_path / n}\t{prompt_22k}\ta stitch in time saves nine\n" for n in ("a.wav", "b.wav")))
     assert main(_list_argv(checkpoint, listing, "--batch-size", "1", "--seed", str(2**64 - 1))) == 0
     assert "wrote 2 of 2 utterances" in capsys.readouterr().out
+
+
+def test_transcribe_reads_a_list_after_the_files_given(checkpoint, prompt_22k, audio_16k, tmp_path, capsys):
+    listing = tmp_path / "audio.txt"
+    too_long = tmp_path / ("x" * 300 + ".wav")  # the file system refuses the name itself
+    listing.write_text(f"# test set\n{prompt_22k}\n\n{tmp_path / 'absent.wav'}\n{too_long}\n{audio_16k}\n",
+                       encoding="utf-8-sig")
+    assert _transcribe(checkpoint, audio_16k, "--list", listing, "--beam", "1", "--max-tokens", "4") == 2
+    captured = capsys.readouterr()
+    assert [line.split("\t")[0] for line in captured.out.splitlines()] == [str(audio_16k), str(prompt_22k),
+                                                                          str(audio_16k)]
+    errors = captured.err.strip().splitlines()
+    assert len(errors) == 2 and "absent.wav: no such audio file" in errors[0] and "not a usable path" in errors[1]
+    missing = tmp_path / "nope.pt"  # the list and the sources are checked before the model is opened
+    assert main(["transcribe", "--checkpoint", str(missing), "--list", str(tmp_path / "none.txt")]) == 2
+    assert "none.txt: no such file" in capsys.readouterr().err
+    assert main(["transcribe", "--checkpoint", str(missing)]) == 2
+    assert "no audio to transcribe" in capsys.readouterr().err

@@ -4,6 +4,7 @@
         --text "the prompt's own words followed by the new words" --out out.wav
     meld synthesize --checkpoint models/meld/model.pt --list utterances.tsv   # out TAB prompt TAB text
     meld transcribe --checkpoint models/meld_stt/model.pt a.wav b.flac --beam 5 [--ctc-weight 0.3]
+    meld transcribe --checkpoint models/meld_stt/model.pt --list audio_paths.txt   # one path per line
     meld info models/meld/model.pt
 
 ``synthesize`` follows the paper's continuation protocol: the first ``--prompt-seconds`` of
@@ -118,7 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("transcribe", help="STT: transcribe audio files with beam search")
     t.add_argument("--checkpoint", required=True, help="inference checkpoint (model.pt)")
-    t.add_argument("audio", nargs="+", help="audio files (any format libsndfile reads, any rate)")
+    t.add_argument("audio", nargs="*", help="audio files (any format libsndfile reads, any rate)")
+    t.add_argument("--list", default=None, metavar="FILE",
+                   help="more audio files, one path per line ('#' comments), transcribed after those given above")
     t.add_argument("--beam", type=int, default=5, help="beam size; 1 is greedy (default %(default)s)")
     t.add_argument("--max-tokens", type=int, default=200, help="BPE tokens per transcript at most (default %(default)s)")
     t.add_argument(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -17,8 +18,21 @@ from meld.cli.common import (
     _check_finite,
     _configure_decoding,
     _device,
+    _first_line,
     _task,
 )
+
+
+def read_audio_list(path: str | Path) -> list[str]:
+    """``--list``: audio paths, one per line; blank lines and ``#`` comments skipped (a BOM too)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CLIError(f"--list {path}: no such file")
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise CLIError(f"--list {path}: unreadable ({_first_line(err)})") from err
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
 def cmd_transcribe(args: argparse.Namespace) -> int:
@@ -35,6 +49,9 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     _check_finite(args, "--ctc-weight")
     if args.ctc_weight is not None and not 0.0 <= args.ctc_weight <= 1.0:
         raise CLIError(f"--ctc-weight must be in [0, 1], got {args.ctc_weight}")
+    audio = list(args.audio) + (read_audio_list(args.list) if args.list else [])
+    if not audio:
+        raise CLIError("no audio to transcribe: give audio files, or --list FILE with one path per line")
     device = _device(args.device)
     ckpt = load_inference_checkpoint(args.checkpoint, device)
     if not all(hasattr(ckpt.model, m) for m in ("stt_prefix", "stt_step", "text_logprobs")):
@@ -65,11 +82,12 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     # Each batch is printed as soon as it is decoded, so a crash late in a long list keeps what was
     # done. Batches are the readable files taken batch_size at a time, as one call over them all would form.
     paths, mels, failed = [], [], 0
-    for p in args.audio:
+    for p in audio:
         try:
             wav = load_audio(p)
-        except AudioError as err:
-            print(f"{PROG}: error: {err}", file=sys.stderr)
+        except (AudioError, OSError, ValueError) as err:  # and a path the file system refuses
+            message = err if isinstance(err, AudioError) else f"{p}: not a usable path ({_first_line(err)})"
+            print(f"{PROG}: error: {message}", file=sys.stderr)
             failed += 1
             continue
         paths.append(p)
