@@ -43,6 +43,12 @@ from meld.cli.transcribe import cmd_transcribe
 from meld.devices import DEVICE_HELP
 
 
+def _add_decoding_options(parser: argparse.ArgumentParser) -> None:
+    """Where and how a subcommand that runs a model decodes: ``--device`` and ``--compile``."""
+    parser.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default %(default)s)")
+    parser.add_argument("--compile", action="store_true", help=COMPILE_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -109,12 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="codec_lm checkpoints: DAC weights file, when not at the path recorded in the checkpoint",
     )
-    s.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default %(default)s)")
-    s.add_argument(
-        "--compile",
-        action="store_true",
-        help=COMPILE_HELP,
-    )
+    _add_decoding_options(s)
     s.set_defaults(func=cmd_synthesize)
 
     t = sub.add_parser("transcribe", help="STT: transcribe audio files with beam search")
@@ -132,12 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"alone (default {_EVAL_DEFAULTS.stt_ctc_weight:g} for a checkpoint trained with a CTC head, else 0)",
     )
     t.add_argument("--batch-size", type=int, default=8, help="files decoded together, >= 1 (default %(default)s)")
-    t.add_argument("--device", default="auto", help=f"{DEVICE_HELP} (default %(default)s)")
-    t.add_argument(
-        "--compile",
-        action="store_true",
-        help=COMPILE_HELP,
-    )
+    _add_decoding_options(t)
     t.set_defaults(func=cmd_transcribe)
 
     i = sub.add_parser("info", help="describe a checkpoint")

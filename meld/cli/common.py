@@ -26,6 +26,19 @@ class CLIFailure(Exception):
     """The command ran but could not produce a result: reported as one line, exit code 1."""
 
 
+def read_list_lines(path: str | Path) -> list[tuple[int, str]]:
+    """A ``--list`` file's entries as (line number, line): blank lines and ``#`` comments skipped, read
+    as UTF-8 with an optional BOM (a Windows editor's BOM is not part of the first line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CLIError(f"--list {path}: no such file")
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise CLIError(f"--list {path}: unreadable ({_first_line(err)})") from err
+    return [(n, line) for n, line in enumerate(lines, 1) if line.strip() and not line.lstrip().startswith("#")]
+
+
 
 def _checkpoint_error(path: Path, err: Exception) -> str:
     """One line for a checkpoint that won't load (torch.load's own messages run to many lines)."""

@@ -26,6 +26,7 @@ from meld.cli.common import (
     _device,
     _first_line,
     _task,
+    read_list_lines,
 )
 
 
@@ -203,16 +204,8 @@ def read_synthesis_list(path: str | Path) -> tuple[list[SynthesisRequest], list[
         The well-formed requests, and one message per malformed line (which is left out).
     """
     path = Path(path)
-    if not path.is_file():
-        raise CLIError(f"--list {path}: no such file")
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a BOM from a Windows editor is no text
-    except (OSError, UnicodeDecodeError) as err:
-        raise CLIError(f"--list {path}: unreadable ({_first_line(err)})") from err
     requests, errors, outs = [], [], {}
-    for number, line in enumerate(lines, 1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
+    for number, line in read_list_lines(path):
         where = f"{path}:{number}: "
         fields = line.split("\t")
         if len(fields) != len(LIST_FIELDS):

@@ -20,19 +20,13 @@ from meld.cli.common import (
     _device,
     _first_line,
     _task,
+    read_list_lines,
 )
 
 
 def read_audio_list(path: str | Path) -> list[str]:
     """``--list``: audio paths, one per line; blank lines and ``#`` comments skipped (a BOM too)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CLIError(f"--list {path}: no such file")
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise CLIError(f"--list {path}: unreadable ({_first_line(err)})") from err
-    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    return [line.strip() for _, line in read_list_lines(path)]
 
 
 def cmd_transcribe(args: argparse.Namespace) -> int:
