@@ -169,6 +169,7 @@ def continue_codes(
     top_p: float,
     batch_size: int = 8,
     seed: int = 0,
+    first_batch: int = 0,
     progress_desc: str | None = None,
 ) -> list[CodeContinuation]:
     """Continue each code prompt ((P, K) integer codes, P may be 0) speaking its full transcript.
@@ -181,18 +182,20 @@ def continue_codes(
         max_frames: guard in code frames (per utterance or one for all): each utterance stops at its
             own, whichever utterances share its batch.
         batch_size: utterances generated together (finished ones leave the batch).
+        seed, first_batch: batch k is seeded ``batch_seed(seed, first_batch + k)``, as in ``tts_continue``.
         progress_desc: show a progress bar over the utterances under this label (None: none).
     """
+    from meld.generate import batch_seed
     from meld.progress import progress
 
     device = next(model.parameters()).device
-    g = torch.Generator(device=device).manual_seed(seed)
     if isinstance(max_frames, int):
         max_frames = [max_frames] * len(texts)
     K = model.n_levels
     out: list[CodeContinuation] = []
     bar = progress(total=len(texts), desc=progress_desc, unit="utt", disable=progress_desc is None)
-    for s in range(0, len(texts), batch_size):
+    for k, s in enumerate(range(0, len(texts), batch_size), start=first_batch):
+        g = torch.Generator(device=device).manual_seed(batch_seed(seed, k))
         chunk_prompts, chunk_texts = prompts[s : s + batch_size], texts[s : s + batch_size]
         B = len(chunk_prompts)
         P = max(p.shape[0] for p in chunk_prompts)

@@ -532,6 +532,7 @@ _EVALUATE_RULES: dict[str, Rule] = {
     "kv_cache_dtype": _rule(lambda v: v in KV_CACHE_DTYPES, "float32 or bfloat16"),
     "device": _rule(lambda v: isinstance(v, str) and DEVICE_PATTERN.fullmatch(v) is not None, f"one of {DEVICE_HELP}"),
     "score_workers": _POSITIVE,
+    "decode_workers": _POSITIVE,
 }
 
 
@@ -568,6 +569,7 @@ class EvaluateConfig(Section):
     compile_decoding: bool = False  # torch.compile the TTS decoding step (CUDA graphs on GPU): backbone.configure_decoding
     device: str = "cpu"  # of the evaluated model and the MELD-STT judge (the vocoder and judges run in score_workers on CPU)
     score_workers: int = 2  # processes running vocoder + judges (the slow part), capped at the CPU count
+    decode_workers: int = 1  # > 1: TTS/STT decoding sharded over this many Ray actors, one GPU (cuda) or core (cpu) each
     seed: int = 0
 
     def validate(self) -> None:
@@ -595,6 +597,11 @@ class EvaluateConfig(Section):
             for i, split in enumerate(getattr(self, key)):
                 _one_of(f"evaluate.{key}[{i}]", split, splits)
             _check_unique(f"evaluate.{key}", getattr(self, key))
+        if self.decode_workers > 1 and self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(
+                f"evaluate.decode_workers={self.decode_workers} shards decoding over Ray actors, one device each, "
+                f"chosen by Ray: evaluate.device must be auto, cpu or cuda, got {self.device}"
+            )
         if "" in self.judge_exclude_prefixes:  # every speaker id starts with ""
             raise ConfigError(
                 f"evaluate.judge_exclude_prefixes must not hold an empty prefix (it would exclude every speaker "

@@ -21,6 +21,11 @@ from meld.progress import progress
 from meld.store import collate
 
 
+def batch_seed(seed: int, k: int) -> int:
+    """Batch k's seed, ``seed + k`` wrapped into torch's seed range (a seed may be 2**64 - 1)."""
+    return seed + k if seed + k < 2**64 else seed + k - 2**64
+
+
 @dataclass
 class Continuation:
     frames: np.ndarray  # (T, 80) normalised frames generated after the prompt
@@ -44,6 +49,7 @@ def tts_continue(
     zero_latent: bool = False,
     batch_size: int = 8,
     seed: int = 0,
+    first_batch: int = 0,
     kv_cache_dtype: str = "float32",
     progress_desc: str | None = None,
 ) -> list[Continuation]:
@@ -54,18 +60,22 @@ def tts_continue(
         max_frames: guard in 80-dim frames (per utterance or one for all): each utterance stops at its
             own, whichever utterances share its batch, and returns at most that many frames.
         batch_size: utterances generated together (finished ones leave the batch).
+        seed, first_batch: batch k of this call draws from its own generator, seeded
+            :func:`batch_seed` (seed, first_batch + k): a list split at batch boundaries and generated
+            in parts (``first_batch`` = the part's first batch in the whole list, as the sharded
+            evaluation does) gives the same output as the whole list in one call.
         kv_cache_dtype: ``float32`` or ``bfloat16`` (:func:`meld.models.backbone.check_cache_dtype`).
         progress_desc: show a progress bar over the utterances under this label (None: none).
     """
     cache_dtype = check_cache_dtype(kv_cache_dtype)
     device = next(model.parameters()).device
-    g = torch.Generator(device=device).manual_seed(seed)
-    torch.manual_seed(seed)  # test-time dropout draws from the global generator: seed it too
     if isinstance(max_frames, int):
         max_frames = [max_frames] * len(texts)
     out: list[Continuation] = []
     bar = progress(total=len(texts), desc=progress_desc, unit="utt", disable=progress_desc is None)
-    for s in range(0, len(texts), batch_size):
+    for k, s in enumerate(range(0, len(texts), batch_size), start=first_batch):
+        g = torch.Generator(device=device).manual_seed(batch_seed(seed, k))
+        torch.manual_seed(batch_seed(seed, k))  # test-time dropout draws from the global generator: seed it too
         chunk = slice(s, s + batch_size)
         ps = [p[: (p.shape[0] // reduction) * reduction] for p in prompts[chunk]]  # whole groups only
         lens = [p.shape[0] for p in ps]
@@ -336,4 +346,4 @@ def prompt_frames(mel: np.ndarray, prompt_seconds: float, frame_rate: float = 62
     return min(mel.shape[0], int(round(prompt_seconds * frame_rate)))
 
 
-__all__ = ["Continuation", "tts_continue", "stt_beam_search", "CTCPrefixScorer", "prompt_frames", "group_frames"]
+__all__ = ["Continuation", "batch_seed", "tts_continue", "stt_beam_search", "CTCPrefixScorer", "prompt_frames", "group_frames"]

@@ -295,8 +295,9 @@ def collate(
     grouped = [math.ceil(m.shape[0] / reduction) for m in mels]
     T = max(grouped)
     mel = torch.zeros(B, T * reduction, N_MELS)
+    rows = mel.numpy()  # the same memory; numpy copies read-only arrays (mapped, or Ray's) without a warning
     for b, m in enumerate(mels):
-        mel[b, : m.shape[0]] = torch.from_numpy(np.asarray(m, dtype=np.float32))
+        rows[b, : m.shape[0]] = m
     mel = mel.reshape(B, T, N_MELS * reduction)  # (B, T', 80r)
     return {"mel": mel, "mel_len": torch.tensor(grouped, dtype=torch.long), **pad_texts(texts)}
 

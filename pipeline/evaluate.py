@@ -52,6 +52,36 @@ log = logging.getLogger("meld.evaluate")
 SR = 16_000
 
 
+class Decoding:
+    """Where the evaluation decodes: here, with the models loaded in this process, or sharded over a
+    :class:`ray_jobs.decode_pool.DecodePool` (``evaluate.decode_workers`` > 1), whose actors load the
+    same checkpoints on their own devices. Either way the outputs are the same.
+
+    ``checkpoint`` and ``compile`` are the evaluated model's (``compile_decoding`` applies to its TTS
+    decoding only, as in this process); an STT model names its own checkpoint.
+    """
+
+    def __init__(self, pool=None, checkpoint: str = "", compile: bool = False):
+        self.pool, self.checkpoint, self.compile = pool, str(checkpoint), compile
+
+    def generate(self, decode, model, items: dict[str, list], *, batch_size: int, progress_desc: str | None = None,
+                 **options):
+        """``decode`` (``tts_continue`` or ``continue_codes``) with the evaluated model; ``items``: its
+        per-utterance arguments (texts, prompts, max_frames), ``options`` the rest."""
+        if self.pool is None:
+            return decode(model, **items, batch_size=batch_size, progress_desc=progress_desc, **options)
+        return self.pool.map(decode.__name__, self.checkpoint, items, options, batch_size=batch_size,
+                             compile=self.compile, progress_desc=progress_desc)
+
+    def transcribe(self, stt: STTModel, mels: list[np.ndarray], *, batch_size: int,
+                   progress_desc: str | None = None, **options) -> list[list[int]]:
+        """``stt_beam_search`` of normalised mels with ``stt``'s model."""
+        if self.pool is None:
+            return stt_beam_search(stt.model, mels, batch_size=batch_size, progress_desc=progress_desc, **options)
+        return self.pool.map("stt_beam_search", stt.path, {"mels": mels}, options, batch_size=batch_size,
+                             progress_desc=progress_desc)
+
+
 def choose_utterances(store: FeatureStore, cfg: EvaluateConfig, split: str) -> list[int]:
     """Indices of up to N utterances of the allowed length, spread over speakers, deterministic.
 
@@ -115,7 +145,8 @@ def generation_row(split: str, meta: dict, generation: int, *, gen_s: float, tru
 
 def evaluate_split(model, state, stats: NormStats, tok, store: FeatureStore, audio_paths: dict, cfg: EvaluateConfig,
                    split: str, scorer: ScoringPool, judge_exclude: tuple[str, ...], out: Path,
-                   variant: dict, references: dict[int, dict], stt_judge=None) -> tuple[dict, list[dict]]:
+                   variant: dict, references: dict[int, dict], stt_judge=None,
+                   decoding: Decoding | None = None) -> tuple[dict, list[dict]]:
     """One split under one decoding variant. ``references`` caches the ground-truth scores per utterance
     index across variants (they do not depend on the variant); missing ones are scored and added."""
     r = int(state["extra"]["reduction_factor"])
@@ -134,12 +165,13 @@ def evaluate_split(model, state, stats: NormStats, tok, store: FeatureStore, aud
             prompts.append(stats.normalise(mel[:p]))
             guards.append(int(math.ceil(cfg.max_length_factor * (mel.shape[0] - p))))
             refs.append((i, p))
+    decoding = decoding or Decoding()
     t0 = time.perf_counter()
-    conts = tts_continue(model, texts, prompts, reduction=r, max_frames=guards, temperature=cfg.temperature,
-                         top_k=cfg.top_k, top_p=cfg.top_p,
-                         repetition_penalty=variant.get("repetition_penalty", cfg.repetition_penalty),
-                         zero_latent=variant.get("zero_latent", False), batch_size=cfg.batch_size, seed=cfg.seed,
-                         kv_cache_dtype=cfg.kv_cache_dtype, progress_desc=f"generate {split}")
+    conts = decoding.generate(tts_continue, model, {"texts": texts, "prompts": prompts, "max_frames": guards},
+                              reduction=r, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                              repetition_penalty=variant.get("repetition_penalty", cfg.repetition_penalty),
+                              zero_latent=variant.get("zero_latent", False), batch_size=cfg.batch_size, seed=cfg.seed,
+                              kv_cache_dtype=cfg.kv_cache_dtype, progress_desc=f"generate {split}")
     compute_s = time.perf_counter() - t0
 
     # a different speaker's real utterance for each prompt: the SIM floor
@@ -175,7 +207,7 @@ def evaluate_split(model, state, stats: NormStats, tok, store: FeatureStore, aud
     gen_audio_s = sum(r["generated_seconds"] for r in rows)
     summary = summarise(rows, compute_s, gen_audio_s)
     if stt_judge is not None:
-        summary.update(score_with_stt_judge(stt_judge, rows, store, chosen, cfg.stt_max_tokens_per_second))
+        summary.update(score_with_stt_judge(stt_judge, rows, store, chosen, cfg.stt_max_tokens_per_second, decoding))
     for r in rows:
         r.pop("_mel", None)
     return summary, rows
@@ -186,7 +218,7 @@ RANDOM_CODEC_NOTE = ("codec weights unavailable: the codes come from a randomly 
 
 
 def evaluate_codec_system(model, state: dict, cfg: EvaluateConfig, system: str, codes_dir: Path, corpus: Path,
-                          out: Path) -> tuple[dict, list[dict]]:
+                          out: Path, decoding: Decoding | None = None) -> tuple[dict, list[dict]]:
     """Codec-LM: TTS continuation of code prompts, decoded by the codec that made the codes, scored like the rest.
 
     Prompt = the first ``prompt_seconds`` of an utterance's codes + its full transcript; the codec decodes
@@ -216,6 +248,7 @@ def evaluate_codec_system(model, state: dict, cfg: EvaluateConfig, system: str, 
         log.warning("%s: %s", system, RANDOM_CODEC_NOTE)
     spec = ScorerSpec(cfg.vocoder, cfg.vocoder_path, cfg.asr_judge, cfg.asr_judge_path, cfg.speaker_model,
                       cfg.speaker_model_path)
+    decoding = decoding or Decoding()
     all_rows: list[dict] = []
     hop, rate = codec.hop_length, float(desc["frame_rate"])
     judge_exclude = tuple(cfg.judge_exclude_prefixes)
@@ -239,9 +272,10 @@ def evaluate_codec_system(model, state: dict, cfg: EvaluateConfig, system: str, 
                     guards.append(int(math.ceil(cfg.max_length_factor * (len(codes) - p))))
                     refs.append((i, p))
             t0 = time.perf_counter()
-            conts = continue_codes(model, texts, prompts, max_frames=guards, temperature=cfg.temperature,
-                                   top_k=cfg.top_k, top_p=cfg.top_p, batch_size=cfg.batch_size, seed=cfg.seed,
-                                   progress_desc=f"generate {split}")
+            conts = decoding.generate(continue_codes, model,
+                                      {"texts": texts, "prompts": prompts, "max_frames": guards},
+                                      temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                                      batch_size=cfg.batch_size, seed=cfg.seed, progress_desc=f"generate {split}")
             compute_s = time.perf_counter() - t0
             wavs = [decode_codes(codec, np.concatenate([store[i][:p], c.codes])) for c, (i, p) in zip(conts, refs)]
             if random_codec:
@@ -301,6 +335,7 @@ class STTModel(NamedTuple):
     """A loaded STT checkpoint and how it decodes."""
 
     model: torch.nn.Module
+    path: str  # its checkpoint, which a sharded decoding's actors load
     stats: NormStats
     tokenizer: BPETokenizer
     reduction: int
@@ -337,7 +372,7 @@ def load_stt_model(path: str | Path, ctc_weight: float = 0.0, stats: NormStats |
                          "checkpoint?): pass the features' stats.json and the BPE model it was trained with")
     reduction = (int(extra["reduction_factor"]) if "reduction_factor" in extra
                  else int(state["model_kwargs"]["frame_dim"]) // N_MELS)
-    return STTModel(model, stats, tokenizer, reduction, ctc_weight)
+    return STTModel(model, str(path), stats, tokenizer, reduction, ctc_weight)
 
 
 def load_stt_judge(path: str | None, ctc_weight: float, device: str) -> STTModel | None:
@@ -362,21 +397,23 @@ def load_stt_judge(path: str | None, ctc_weight: float, device: str) -> STTModel
 
 
 def transcribe_mels(stt: STTModel, mels: list[np.ndarray], beam: int, batch_size: int,
-                    tokens_per_second: float, progress_desc: str | None = None) -> list[str]:
+                    tokens_per_second: float, progress_desc: str | None = None,
+                    decoding: Decoding | None = None) -> list[str]:
     """Raw (denormalised) log-mel arrays -> text, through a MELD STT model (no vocoder)."""
-    ids = stt_beam_search(stt.model, [stt.stats.normalise(m) for m in mels], reduction=stt.reduction,
-                          beam_size=beam, max_tokens=400, max_tokens_per_second=tokens_per_second,
-                          batch_size=batch_size, ctc_weight=stt.ctc_weight, progress_desc=progress_desc)
+    ids = (decoding or Decoding()).transcribe(
+        stt, [stt.stats.normalise(m) for m in mels], reduction=stt.reduction, beam_size=beam, max_tokens=400,
+        max_tokens_per_second=tokens_per_second, batch_size=batch_size, ctc_weight=stt.ctc_weight,
+        progress_desc=progress_desc)
     return [stt.tokenizer.decode(i) for i in ids]
 
 
 def score_with_stt_judge(stt, rows: list[dict], store: FeatureStore, chosen: list[int],
-                         tokens_per_second: float) -> dict:
+                         tokens_per_second: float, decoding: Decoding | None = None) -> dict:
     """WER of the generated mel frames (and of the ground truth) read by MELD's own STT model."""
     hyps = transcribe_mels(stt, [r["_mel"] for r in rows], beam=5, batch_size=8, tokens_per_second=tokens_per_second,
-                           progress_desc="STT judge: generations")
+                           progress_desc="STT judge: generations", decoding=decoding)
     gt_hyps = transcribe_mels(stt, [store[i] for i in chosen], beam=5, batch_size=8, tokens_per_second=tokens_per_second,
-                              progress_desc="STT judge: ground truth")
+                              progress_desc="STT judge: ground truth", decoding=decoding)
     w = wer_details([r["text"] for r in rows], hyps)
     g = wer_details([store.index[i]["text"] for i in chosen], gt_hyps)
     for r, h in zip(rows, hyps):
@@ -384,7 +421,7 @@ def score_with_stt_judge(stt, rows: list[dict], store: FeatureStore, chosen: lis
     return {"wer_meld_stt_judge": w["wer"], "wer_ground_truth_meld_stt_judge": g["wer"]}
 
 
-def evaluate_stt(stt, features: Path, cfg: EvaluateConfig) -> dict:
+def evaluate_stt(stt, features: Path, cfg: EvaluateConfig, decoding: Decoding | None = None) -> dict:
     """STT WER (beam search) per split, on up to stt_max_utterances utterances each."""
     out = {}
     for split in cfg.stt_splits:
@@ -394,7 +431,8 @@ def evaluate_stt(stt, features: Path, cfg: EvaluateConfig) -> dict:
         store = FeatureStore(features / split)
         idx = list(range(min(len(store), cfg.stt_max_utterances)))
         hyps = transcribe_mels(stt, [store[i] for i in idx], beam=cfg.stt_beam_size, batch_size=cfg.batch_size,
-                               tokens_per_second=cfg.stt_max_tokens_per_second, progress_desc=f"STT {split}")
+                               tokens_per_second=cfg.stt_max_tokens_per_second, progress_desc=f"STT {split}",
+                               decoding=decoding)
         refs = [store.index[i]["text"] for i in idx]
         speakers = [store.index[i].get("speaker", "?") for i in idx]
         per_speaker = {s: wer_details([r for r, k in zip(refs, speakers) if k == s],
@@ -461,13 +499,27 @@ def main(argv: list[str] | None = None) -> int:
             have = sorted(p.parent.name for p in Path(args.features).glob("*/index.jsonl"))
             raise SystemExit(f"evaluate.splits: {missing} not in {args.features} / {args.corpus} "
                              f"(this corpus has {have})")
+    if cfg.decode_workers > 1:  # the actors decode on the cluster's devices; this process needs none
+        from ray_jobs.decode_pool import DecodePool
+
+        try:
+            with DecodePool(cfg.decode_workers, cfg.device) as pool:
+                return evaluate(args, params, cfg, "cpu", Decoding(pool, args.model, cfg.compile_decoding))
+        except ValueError as err:  # too few GPUs or cores in the cluster: said before any model loads
+            raise SystemExit(f"evaluate: {err}") from None
     try:  # before the model loads: a GPU-less node fails in a second, not after loading
         device = resolve_device(cfg.device, "evaluate.device")
     except ValueError as err:
         raise SystemExit(f"evaluate: {err}") from None
+    return evaluate(args, params, cfg, device, Decoding())
+
+
+def evaluate(args: argparse.Namespace, params: dict, cfg: EvaluateConfig, device: str, decoding: Decoding) -> int:
+    """The stage's work once its inputs are checked: ``device`` holds this process's models, ``decoding``
+    says where they decode."""
     model, state = load_model(args.model)
     model.to(device)
-    log.info("evaluating on %s", device)
+    log.info("evaluating on %s", device if decoding.pool is None else f"{cfg.decode_workers} Ray actors ({cfg.device})")
     configure_decoding(model, compile=cfg.compile_decoding)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -475,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.codes:
             raise SystemExit("evaluate: codec_lm is scored on DAC codes: give --codes (the codes stage's output)")
         metrics, all_rows = evaluate_codec_system(model, state, cfg, args.system, Path(args.codes),
-                                                  Path(args.corpus), out)
+                                                  Path(args.corpus), out, decoding)
         return write_results(args, params, metrics, all_rows, out)
     extra = state["extra"]
     stats = NormStats(extra["norm_mean"].numpy(), extra["norm_std"].numpy())
@@ -491,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
                      "asr_judge": None, "splits": {}, "ablations": {}}
     if task in ("stt", "joint"):
         stt = load_stt_model(args.model, cfg.stt_ctc_weight, device=device)
-        metrics["stt"] = evaluate_stt(stt, Path(args.features), cfg)
+        metrics["stt"] = evaluate_stt(stt, Path(args.features), cfg, decoding)
         metrics["stt_ctc_weight"] = stt.ctc_weight
     stt_judge = load_stt_judge(cfg.stt_judge_model, cfg.stt_ctc_weight, device) if variants else None
     if stt_judge is not None:
@@ -511,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
                 audio = {r["id"]: r["audio_path"] for r in read_manifest(Path(args.corpus) / split / "manifest.jsonl")}
                 summary, rows = evaluate_split(model, state, stats, tok, store, audio, cfg, split, scorer,
                                                tuple(cfg.judge_exclude_prefixes), out, variant, references[split],
-                                               stt_judge if variant["name"] == args.system else None)
+                                               stt_judge if variant["name"] == args.system else None, decoding)
                 for r in rows:
                     r["variant"] = variant["name"]
                 all_rows += rows

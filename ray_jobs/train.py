@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ray_jobs.cluster import init_ray
+
 # The training loop reports through this logger, not print(): in a Ray Train worker, Ray 2.60's
 # print patch both tees a print to the (wrapped) stdout and logs it to the console handler, so every
 # printed line reached the driver twice; a logged line reaches it once (and the worker's app log).
@@ -539,38 +541,6 @@ def _mark_mlflow_run_failed(config: dict, err: BaseException) -> None:
             client.set_terminated(run_id, status="FAILED")
     except Exception as mark_err:  # the training error matters more than this bookkeeping
         log.warning("could not mark the MLflow run of %s FAILED: %s", config["checkpoint_dir"], mark_err)
-
-
-def init_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster in RAY_ADDRESS (as under ``ray job submit``), else start a local one on 127.0.0.1."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
-    else:
-        # The dashboard (bound to localhost) serves the State API, which Train V2's placement-group cleaner
-        # uses to notice a killed controller (e.g. a trial ASHA stopped); without it that run's worker CPUs
-        # never return. Its URL goes to every worker through the environment, since auto-detection fails
-        # when another Ray instance runs on the machine. Started when ray[default] is installed.
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        before = os.environ.get("RAY_API_SERVER_ADDRESS")
-        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # inherited by the raylet's workers
-        try:
-            # address="local": without it ray.init joins the last `ray start` cluster on this machine (and
-            # refuses num_cpus there), so a researcher's own head would break or capture every stage
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=None, dashboard_host="127.0.0.1",
-                     dashboard_port=port, log_to_driver=True, _node_ip_address="127.0.0.1", configure_logging=False)
-        finally:  # not by this process's own subprocesses, which may talk to another cluster
-            if before is None:
-                os.environ.pop("RAY_API_SERVER_ADDRESS")
-            else:
-                os.environ["RAY_API_SERVER_ADDRESS"] = before
 
 
 def _merge(base: dict, over: dict) -> dict:

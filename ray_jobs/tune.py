@@ -357,7 +357,7 @@ def run_sweep(
     from ray.tune.schedulers import FIFOScheduler
 
     from meld import tracking
-    from ray_jobs.train import init_ray
+    from ray_jobs.cluster import init_ray
 
     tc = TuneConfig.from_dict(params.get("tune"), "tune")
     if tc.system not in (params.get("systems") or [tc.system]):

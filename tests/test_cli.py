@@ -566,7 +566,7 @@ def test_vocoding_a_batch_in_threads_gives_the_audio_of_one_call_after_another(m
 
 
 def test_the_largest_seed_wraps_for_later_batches(checkpoint, prompt_22k, tmp_path, capsys):
-    from meld.cli.synthesize import batch_seed
+    from meld.generate import batch_seed
 
     assert batch_seed(5, 2) == 7 and batch_seed(2**64 - 1, 1) == 0 and batch_seed(-3, 1) == -2
     listing = tmp_path / "utts.tsv"

@@ -116,7 +116,7 @@ def make_tiny_data(tmp_path_factory) -> Path:
 def ensure_ray() -> None:
     """One local 2-CPU Ray cluster for the whole test session (a start costs ~15 s on 2 cores);
     it shuts down when the test process exits."""
-    from ray_jobs.train import init_ray
+    from ray_jobs.cluster import init_ray
 
     init_ray(num_cpus=2)
 

@@ -189,3 +189,45 @@ def test_whole_dag_runs_and_reruns_only_what_changed(tmp_path):
         assert child.info.run_id == t["mlflow_run_id"] and child.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert child.data.params["tune.reduction_factor"] == str(t["config"]["reduction_factor"])
         assert "dev/mse_pre_greedy" in child.data.metrics and child.info.status != "RUNNING"
+
+    # The evaluation sharded over two Ray actors (evaluate.decode_workers, as over a cluster's GPUs)
+    # scores what the stage's own process did: TTS, its STT judge and the STT test split. The same
+    # tokens and texts; frames to float rounding, as the stage ran 2 torch threads and an actor runs 1
+    # (test_decode_pool.py shows bit-equality at equal thread counts)
+    sharded = yaml.safe_load((work / "params.yaml").read_text())
+    sharded["evaluate"]["decode_workers"] = 2
+    (work / "sharded.yaml").write_text(yaml.safe_dump(sharded))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.evaluate", "--params", "sharded.yaml", "--system", "meld_joint",
+         "--model", "models/meld_joint/model.pt", "--features", "data/features", "--corpus", "data/corpus",
+         "--out", str(tmp_path / "sharded"), "--metrics", str(tmp_path / "sharded.json")],
+        cwd=work, env={**env, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}, capture_output=True, text=True,
+        timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    assert "decoding sharded over 2 Ray actors" in proc.stderr
+    assert ("evaluate", "meld_joint") in _stage_drivers().values()  # it ran on the session's cluster
+    rows = [json.loads(line) for line in (work / "eval" / "meld_joint" / "generations.jsonl").read_text().splitlines()]
+    pool_rows = [json.loads(line) for line in (tmp_path / "sharded" / "generations.jsonl").read_text().splitlines()]
+    _assert_same_to_rounding(pool_rows, rows)
+    by_stage, by_pool = (json.loads(p.read_text()) for p in (work / "metrics" / "meld_joint.json", tmp_path / "sharded.json"))
+    for m in (by_stage, by_pool):
+        for split in m["splits"].values():
+            split.pop("rtf")  # wall time
+    _assert_same_to_rounding(by_pool, by_stage)
+
+
+def _assert_same_to_rounding(got, want, where: str = "") -> None:
+    """Equal structure, strings, ints and booleans; floats within 1e-6 relative."""
+    assert type(got) is type(want), f"{where}: {got!r} vs {want!r}"
+    if isinstance(want, dict):
+        assert got.keys() == want.keys(), where
+        for k in want:
+            _assert_same_to_rounding(got[k], want[k], f"{where}.{k}")
+    elif isinstance(want, list):
+        assert len(got) == len(want), where
+        for i, (a, b) in enumerate(zip(got, want)):
+            _assert_same_to_rounding(a, b, f"{where}[{i}]")
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-9), where
+    else:
+        assert got == want, where

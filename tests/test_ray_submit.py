@@ -176,7 +176,7 @@ def test_a_stage_without_ray_address_starts_its_own_cluster_beside_a_ray_start_h
         (temp / "ray" / "ray_current_cluster").write_text(ray_head["gcs"])  # as `ray start` writes it
         code = (
             "import ray\n"
-            "from ray_jobs.train import init_ray\n"
+            "from ray_jobs.cluster import init_ray\n"
             "init_ray(num_cpus=1)\n"
             "print('cluster', ray.get_runtime_context().gcs_address, ray.cluster_resources()['CPU'])\n"
         )

@@ -280,11 +280,6 @@ def _load_prompt(req: SynthesisRequest, prompt_seconds: float) -> None:
         req.prompt_wav = wav[: int(round((prompt_seconds + PROMPT_MARGIN_S) * SAMPLE_RATE))]
 
 
-def batch_seed(seed: int, k: int) -> int:
-    """Batch k's seed, ``seed + k`` wrapped into torch's seed range (``--seed`` may be 2**64 - 1)."""
-    return seed + k if seed + k < 2**64 else seed + k - 2**64
-
-
 class _Outcome:
     """Counts a list's refused and failed utterances; on the command line (one utterance) it raises instead."""
 
@@ -370,6 +365,8 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     # what was done. Batch k is seeded with seed + k, so it speaks the same whatever batches came before.
     totals = {"model": 0.0, "decoder": 0.0, "generated": 0.0, "written": 0}
     decoder_name = ""
+    from meld.generate import batch_seed
+
     bar = progress(total=len(ready), desc="synthesize", unit="utt", disable=not outcome.batch_mode)
     for k, start in enumerate(range(0, len(ready), args.batch_size)):
         chunk = ready[start : start + args.batch_size]
@@ -432,8 +429,6 @@ def _vocode_all(vocoder, mels: list[np.ndarray]) -> list[np.ndarray]:
 def _mel_synthesiser(args: argparse.Namespace, ckpt: LoadedCheckpoint, vocoder):
     """Synthesis for the mel systems: ``(requests, seed) -> (results, model s, vocoder s, vocoder name)``,
     each result a :class:`Synthesis` or the :class:`CLIFailure` that request met."""
-    import torch
-
     from meld.features import FRAME_RATE, N_MELS
     from meld.generate import tts_continue
 
@@ -452,7 +447,6 @@ def _mel_synthesiser(args: argparse.Namespace, ckpt: LoadedCheckpoint, vocoder):
                         "%s%s: prompt shorter than one frame group; generating without it", req.where, req.prompt
                     )
             prompts.append(raw)
-        torch.manual_seed(seed)  # the mel encoder's test-time dropout draws from the global generator
         t0 = time.perf_counter()
         conts = tts_continue(
             ckpt.model,

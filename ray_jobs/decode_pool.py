@@ -1,0 +1,166 @@
+"""The evaluation's decoding, sharded over Ray actors: one per GPU (or per CPU core).
+
+``evaluate.decode_workers`` > 1 makes ``pipeline.evaluate`` hand its TTS generations and STT beam
+searches to a :class:`DecodePool` instead of running them in its own process on one device. The
+list of utterances is cut at batch boundaries into tasks of whole batches; each actor loads the
+checkpoint once (from its path: on a multi-node cluster it must sit on storage every node reads, as
+Ray Train's checkpoints do) and takes the next task as soon as it is free, so long and short batches
+even out across devices. Results come back in the list's order.
+
+The output is the same as decoding the whole list in one process: a batch holds the same
+utterances whichever actor runs it, and TTS batch k is seeded ``batch_seed(seed, k)`` by its index
+in the whole list (``first_batch``), not by what the actor ran before.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+from collections import deque
+from pathlib import Path
+
+log = logging.getLogger("meld.decode_pool")
+
+# what a pool can run: name -> (module, function); each takes (model, **items, batch_size=..., **options)
+DECODERS = {
+    "tts_continue": ("meld.generate", "tts_continue"),
+    "continue_codes": ("meld.codes", "continue_codes"),
+    "stt_beam_search": ("meld.generate", "stt_beam_search"),
+}
+SEEDED = {"tts_continue", "continue_codes"}  # take first_batch: their batches are seeded by index
+TASKS_PER_WORKER = 4  # tasks a list is cut into per actor: enough to even out uneven batches
+
+
+class _Decoder:
+    """One actor: a device, the models it has loaded (by checkpoint path and compile flag), and a decode call."""
+
+    def __init__(self, device: str, threads: int):
+        import torch
+
+        torch.set_num_threads(threads)
+        self.device = device
+        self.models: dict[tuple[str, bool], object] = {}
+
+    def run(self, function: str, checkpoint: str, compile: bool, items: dict[str, list], options: dict) -> list:
+        module, name = DECODERS[function]
+        decode = getattr(importlib.import_module(module), name)
+        return decode(self._model(checkpoint, compile), **items, **options)
+
+    def _model(self, checkpoint: str, compile: bool):
+        key = (checkpoint, compile)
+        if key not in self.models:
+            from meld.models.backbone import configure_decoding
+            from meld.training import load_model
+
+            model, _ = load_model(checkpoint)
+            model.to(self.device)
+            if compile:
+                configure_decoding(model, compile=True)
+            self.models[key] = model
+        return self.models[key]
+
+
+class DecodePool:
+    """``workers`` decoding actors on ``device`` (``cpu``: one core each; ``cuda``: one GPU each; ``auto``:
+    GPUs when the Ray cluster has them).
+
+    Joins the Ray cluster in RAY_ADDRESS (under ``ray job submit``) or starts a local one, and
+    refuses at once, with the numbers, a pool the cluster has too few GPUs or CPUs for (Ray would
+    otherwise wait for them forever). Use as a context manager; leaving it kills the actors, and
+    shuts down a local Ray it started.
+    """
+
+    def __init__(self, workers: int, device: str):
+        import ray
+
+        from ray_jobs.cluster import init_ray
+
+        if workers < 1:
+            raise ValueError(f"decode_workers must be >= 1, got {workers}")
+        if device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"decoding sharded over {workers} workers needs device auto, cpu or cuda (one GPU "
+                             f"per worker, chosen by Ray), not {device}")
+        self._started_ray = not ray.is_initialized()
+        init_ray()
+        # auto: GPUs when the cluster has any (the driver's own node may have none)
+        kind = device if device != "auto" else ("cuda" if ray.cluster_resources().get("GPU", 0) >= 1 else "cpu")
+        resource = "GPU" if kind == "cuda" else "CPU"
+        have = int(ray.cluster_resources().get(resource, 0))
+        if have < workers:
+            self.close()
+            raise ValueError(f"decode_workers={workers} needs {workers} {resource}s, one per worker; the Ray "
+                             f"cluster has {have}: lower evaluate.decode_workers")
+        options = {"num_gpus": 1, "num_cpus": 1} if kind == "cuda" else {"num_cpus": 1}
+        actor = ray.remote(**options)(_Decoder)
+        # inside a GPU actor Ray narrows CUDA_VISIBLE_DEVICES to its own GPU: "cuda" is that one
+        self.actors = [actor.remote(kind, 1) for _ in range(workers)]
+        self.workers = workers
+        self.tasks_run = [0] * workers  # tasks each actor has run, for the log and the tests
+        log.info("decoding sharded over %d Ray actors (%s)", workers, "one GPU each" if kind == "cuda" else "one core each")
+
+    def map(self, function: str, checkpoint: str, items: dict[str, list], options: dict, *, batch_size: int,
+            compile: bool = False, progress_desc: str | None = None) -> list:
+        """``function(model, **items, batch_size=batch_size, **options)`` over the whole lists, sharded.
+
+        Args:
+            function: a key of :data:`DECODERS`.
+            checkpoint: the model's checkpoint path, as every actor can read it.
+            items: the function's per-utterance arguments (texts, prompts, max_frames, ...): equally long
+                lists, cut at batch boundaries.
+            options: its other keyword arguments, the same for every task (no ``progress_desc``: the
+                pool shows the bar).
+            compile: decode through the compiled step (``configure_decoding(compile=True)``).
+        """
+        import ray
+
+        from meld.progress import progress
+
+        if function not in DECODERS:
+            raise ValueError(f"unknown decoder {function!r}; one of {sorted(DECODERS)}")
+        n = len(next(iter(items.values())))
+        if any(len(v) != n for v in items.values()):
+            raise ValueError(f"{function}: per-utterance lists of different lengths "
+                             f"{ {k: len(v) for k, v in items.items()} }")
+        checkpoint = str(Path(checkpoint).resolve())  # an actor's working directory need not be this one
+        batches = math.ceil(n / batch_size)
+        per_task = max(1, math.ceil(batches / (TASKS_PER_WORKER * self.workers)))  # batches per task
+        queue = deque(range(0, batches, per_task))  # each task's first batch
+        results: dict[int, list] = {}
+        pending: dict = {}
+        idle = list(range(len(self.actors)))  # actor indices
+        bar = progress(total=n, desc=progress_desc, unit="utt", disable=progress_desc is None)
+        try:
+            while queue or pending:
+                while queue and idle:
+                    first = queue.popleft()
+                    lo, hi = first * batch_size, min(n, (first + per_task) * batch_size)
+                    call = dict(options, batch_size=batch_size, **({"first_batch": first} if function in SEEDED else {}))
+                    actor = idle.pop()
+                    ref = self.actors[actor].run.remote(function, checkpoint, compile,
+                                                        {k: v[lo:hi] for k, v in items.items()}, call)
+                    pending[ref] = (first, actor, hi - lo)
+                (done,), _ = ray.wait(list(pending), num_returns=1)
+                first, actor, size = pending.pop(done)
+                results[first] = ray.get(done)  # a failed task raises here, with the actor's traceback
+                self.tasks_run[actor] += 1
+                idle.append(actor)
+                bar.update(size)
+        finally:
+            bar.close()
+        return [item for first in sorted(results) for item in results[first]]
+
+    def close(self) -> None:
+        import ray
+
+        for actor in getattr(self, "actors", []):
+            ray.kill(actor)
+        self.actors = []
+        if self._started_ray and ray.is_initialized():
+            ray.shutdown()
+
+    def __enter__(self) -> DecodePool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,129 @@
+"""Sharded evaluation decoding (evaluate.decode_workers): a list decoded in parts, or over Ray actors,
+gives what one call over the whole list gives."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import tiny_meld
+
+from meld.codes import continue_codes
+from meld.generate import stt_beam_search, tts_continue
+from meld.training import save_checkpoint
+
+REDUCTION = 2
+BATCH = 2
+
+
+def _tts_inputs(n: int = 7):
+    rng = np.random.default_rng(0)
+    texts = [list(rng.integers(1, 20, 3 + i % 4)) for i in range(n)]
+    prompts = [rng.standard_normal((2 * (1 + i % 3), 80)).astype(np.float32) for i in range(n)]
+    return texts, prompts
+
+
+# sampled, with test-time dropout: every batch draws from the random generators
+GUARDS = [12, 20, 8, 16, 10, 14, 6]  # 80-dim frames, one per utterance
+TTS_OPTIONS = dict(reduction=REDUCTION, temperature=1.0, top_k=8, top_p=0.95, repetition_penalty=1.2, seed=3)
+
+
+def _same_continuations(a, b) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.codes == y.codes and x.hit_max_length == y.hit_max_length
+        np.testing.assert_array_equal(x.frames, y.frames)
+
+
+def test_a_list_generated_in_parts_at_batch_boundaries_equals_the_whole_list(one_thread):
+    model, _ = tiny_meld(reduction=REDUCTION, encoder_dropout=0.5)
+    model.eval()
+    texts, prompts = _tts_inputs()
+    whole = tts_continue(model, texts, prompts, max_frames=GUARDS, batch_size=BATCH, **TTS_OPTIONS)
+    # batches 0-1 and 2-3 of the same list, each part told where it starts
+    first = tts_continue(model, texts[:4], prompts[:4], max_frames=GUARDS[:4], batch_size=BATCH, first_batch=0,
+                         **TTS_OPTIONS)
+    rest = tts_continue(model, texts[4:], prompts[4:], max_frames=GUARDS[4:], batch_size=BATCH, first_batch=2,
+                        **TTS_OPTIONS)
+    _same_continuations(first + rest, whole)
+    # the part's seeds come from its place in the list: told it starts at batch 0, it speaks otherwise
+    misplaced = tts_continue(model, texts[4:], prompts[4:], max_frames=GUARDS[4:], batch_size=BATCH, first_batch=0,
+                             **TTS_OPTIONS)
+    assert [c.codes for c in misplaced] != [c.codes for c in rest]
+
+
+def test_a_code_list_generated_in_parts_equals_the_whole_list(one_thread):
+    from test_codec_lm import K, N, tiny_codec_lm
+
+    model, _ = tiny_codec_lm()
+    model.eval()
+    rng = np.random.default_rng(1)
+    texts = [list(rng.integers(1, 20, 4)) for _ in range(5)]
+    prompts = [rng.integers(0, N, (n, K)) for n in (3, 2, 4, 1, 3)]
+    options = dict(max_frames=9, temperature=1.0, top_k=8, top_p=0.95, seed=5)
+    whole = continue_codes(model, texts, prompts, batch_size=BATCH, **options)
+    parts = (continue_codes(model, texts[:2], prompts[:2], batch_size=BATCH, first_batch=0, **options)
+             + continue_codes(model, texts[2:], prompts[2:], batch_size=BATCH, first_batch=1, **options))
+    for a, b in zip(parts, whole):
+        np.testing.assert_array_equal(a.codes, b.codes)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    model, kwargs = tiny_meld(reduction=REDUCTION, encoder_dropout=0.5)
+    path = tmp_path_factory.mktemp("pool") / "model.pt"
+    return save_checkpoint(path, system="meld", model=model, model_kwargs=kwargs, extra={"task": "joint"}), model
+
+
+def test_decoding_sharded_over_ray_actors_equals_one_process(tiny_checkpoint, one_thread):
+    from test_faults import ensure_ray
+
+    from ray_jobs.decode_pool import DecodePool
+
+    ensure_ray()  # the session's 2-CPU cluster: two one-core actors
+    path, model = tiny_checkpoint
+    model.eval()
+    texts, prompts = _tts_inputs()
+    rng = np.random.default_rng(2)
+    mels = [rng.standard_normal((2 * n, 80)).astype(np.float32) for n in (9, 5, 12, 7, 10)]
+    stt_options = dict(reduction=REDUCTION, beam_size=2, max_tokens=6)
+    local_tts = tts_continue(model, texts, prompts, max_frames=GUARDS, batch_size=BATCH, **TTS_OPTIONS)
+    local_stt = stt_beam_search(model, mels, batch_size=BATCH, **stt_options)
+    with DecodePool(2, "cpu") as pool:
+        tts_items = {"texts": texts, "prompts": prompts, "max_frames": GUARDS}
+        sharded_tts = pool.map("tts_continue", str(path), tts_items, TTS_OPTIONS, batch_size=BATCH)
+        assert sum(pool.tasks_run) == 4 and min(pool.tasks_run) >= 1  # 4 batches, one task each, on both actors
+        sharded_stt = pool.map("stt_beam_search", str(path), {"mels": mels}, stt_options, batch_size=BATCH)
+        with pytest.raises(ValueError, match="lists of different lengths"):
+            pool.map("tts_continue", str(path), tts_items | {"prompts": prompts[:3]}, TTS_OPTIONS, batch_size=BATCH)
+    _same_continuations(sharded_tts, local_tts)
+    assert sharded_stt == local_stt
+
+
+def test_a_pool_the_cluster_cannot_hold_is_refused_with_the_numbers():
+    import ray
+    from test_faults import ensure_ray
+
+    from ray_jobs.decode_pool import DecodePool
+
+    ensure_ray()
+    cpus = int(ray.cluster_resources()["CPU"])
+    with pytest.raises(ValueError, match=f"needs {cpus + 1} CPUs, one per worker; the Ray cluster has {cpus}"):
+        DecodePool(cpus + 1, "cpu")
+    if not ray.cluster_resources().get("GPU"):
+        with pytest.raises(ValueError, match="needs 2 GPUs, one per worker; the Ray cluster has 0"):
+            DecodePool(2, "cuda")
+    for device in ("cuda:1", "mps"):  # one named device cannot be sharded over
+        with pytest.raises(ValueError, match=f"needs device auto, cpu or cuda .* not {device}"):
+            DecodePool(2, device)
+    assert ray.is_initialized()  # the session's cluster: a refused pool does not shut down what it joined
+
+
+def test_decode_workers_is_checked_with_the_device():
+    from meld.config import ConfigError, EvaluateConfig
+
+    EvaluateConfig.from_dict({"decode_workers": 4, "device": "cuda"}, "evaluate")
+    with pytest.raises(ConfigError, match="evaluate.device must be auto, cpu or cuda, got cuda:1"):
+        EvaluateConfig.from_dict({"decode_workers": 4, "device": "cuda:1"}, "evaluate")
+    with pytest.raises(ConfigError, match="evaluate.decode_workers"):
+        EvaluateConfig.from_dict({"decode_workers": 0}, "evaluate")
+    EvaluateConfig.from_dict({"decode_workers": 1, "device": "mps"}, "evaluate")  # one device, no sharding
