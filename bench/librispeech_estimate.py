@@ -20,7 +20,7 @@ What it assumes (flags, printed with the estimate): LibriSpeech's size (960.9 h 
 281,241 utterances; 62.5 frames per second), the paper's 201k steps of 50k frames, the GPUs' bf16
 peak and the model FLOP utilisation (MFU) a run reaches on them, the all-reduce bandwidth between
 GPUs and their memory bandwidth, the shared storage's read bandwidth, CPU cores per worker for the
-feature stage, and the evaluation's GPU decode speed (one GPU per system's evaluate stage). No GPU was
+feature stage, and the evaluation's GPU decode speed (sharded over evaluate.decode_workers GPUs). No GPU was
 measured: the training and evaluation rows are only as good as ``--mfu`` and ``--decode-ms``.
 
 Run (from the repository root, after ``dvc repro bpe codebook``):
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -240,15 +241,20 @@ def main(argv=None) -> int:
                  f"{args.gpus} x {args.gpu_tflops:g} TFLOPS = {compute_s * 1e3:.1f} ms; all-reduce of "
                  f"{grad_bytes / 1e6:.0f} MB at {args.allreduce_gbs:g} GB/s = {allreduce_s * 1e3:.1f} ms; step = forward "
                  f"+ max(backward, all-reduce) + AdamW ({optimiser_s * 1e3:.1f} ms) = {step_s * 1e3:.1f} ms (assumed)"))
-    # evaluation: one evaluate stage per system, one process on one GPU (evaluate.device). MELD: 1,000
-    # test utterances x the generations x (the system + its 2 Table-5 ablations), <= 10 s at r=1 (625 steps)
+    # evaluation: MELD's evaluate stage (paper.yaml's only system; DVC runs stages one after another).
+    # 1,000 test utterances x the generations x (the system + its 2 Table-5 ablations), <= 10 s at r=1
+    # (625 steps), in batches of evaluate.batch_size sharded over evaluate.decode_workers GPUs
     ev = paper_config()["evaluate"]
     variants = 3 if ev.get("ablations", True) else 1
     generations = int(ev.get("generations", 3)) * 1000 * variants
-    rows.append((f"evaluate MELD TTS ({generations:,} generations, batch 16, one GPU)",
-                 generations / 16 * 625 * args.decode_ms / 1e3,
+    batch = int(ev.get("batch_size", 16))
+    workers = max(1, min(int(ev.get("decode_workers", 1)), args.gpus))
+    batches_per_worker = math.ceil(math.ceil(generations / batch) / workers)
+    rows.append((f"evaluate MELD TTS ({generations:,} generations, batch {batch}, {workers} GPU{'s' if workers > 1 else ''})",
+                 batches_per_worker * 625 * args.decode_ms / 1e3,
                  f"1,000 utt x {ev.get('generations', 3)} generations x {variants} variants; {args.decode_ms:g} ms per "
-                 "batched decoding step (assumed), 625 steps per 10 s; each other system's stage on its own GPU"))
+                 f"batched decoding step (assumed), 625 steps per 10 s; {batches_per_worker} batches per GPU "
+                 f"(evaluate.decode_workers: {workers}; bench/decode_pool.py measures the sharding)"))
     total = sum(s for _, s, _ in rows)
 
     print(f"\n| stage | estimate on {args.gpus} GPUs | basis |")
