@@ -217,7 +217,7 @@ def test_whole_dag_runs_and_reruns_only_what_changed(tmp_path):
 
 
 def _assert_same_to_rounding(got, want, where: str = "") -> None:
-    """Equal structure, strings, ints and booleans; floats within 1e-6 relative."""
+    """Equal structure, strings, ints and booleans; floats within 1e-6 relative (NaN equals NaN)."""
     assert type(got) is type(want), f"{where}: {got!r} vs {want!r}"
     if isinstance(want, dict):
         assert got.keys() == want.keys(), where
@@ -228,6 +228,6 @@ def _assert_same_to_rounding(got, want, where: str = "") -> None:
         for i, (a, b) in enumerate(zip(got, want)):
             _assert_same_to_rounding(a, b, f"{where}[{i}]")
     elif isinstance(want, float):
-        assert got == pytest.approx(want, rel=1e-6, abs=1e-9), where
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-9, nan_ok=True), where
     else:
         assert got == want, where
