@@ -503,10 +503,11 @@ def main(argv: list[str] | None = None) -> int:
         from ray_jobs.decode_pool import DecodePool
 
         try:
-            with DecodePool(cfg.decode_workers, cfg.device) as pool:
-                return evaluate(args, params, cfg, "cpu", Decoding(pool, args.model, cfg.compile_decoding))
+            pool = DecodePool(cfg.decode_workers, cfg.device)
         except ValueError as err:  # too few GPUs or cores in the cluster: said before any model loads
             raise SystemExit(f"evaluate: {err}") from None
+        with pool:  # (an error in the evaluation itself keeps its traceback)
+            return evaluate(args, params, cfg, "cpu", Decoding(pool, args.model, cfg.compile_decoding))
     try:  # before the model loads: a GPU-less node fails in a second, not after loading
         device = resolve_device(cfg.device, "evaluate.device")
     except ValueError as err:

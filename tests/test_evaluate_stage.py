@@ -1,4 +1,5 @@
-"""The evaluate stage's checks before any work: every TTS split it is asked for must exist, and its device."""
+"""The evaluate stage's checks before any work: every TTS split it is asked for must exist, its device, and
+the Ray cluster's room for its decoding pool."""
 
 from __future__ import annotations
 
@@ -37,6 +38,26 @@ def test_a_device_this_machine_lacks_stops_before_the_model_loads(tmp_path):
         evaluate.main(["--params", str(params), "--system", "meld", "--model", str(tmp_path / "no-model.pt"),
                        "--features", str(tmp_path / "features"), "--corpus", str(tmp_path / "corpus"),
                        "--out", str(tmp_path / "eval"), "--metrics", str(tmp_path / "metrics.json")])
+
+
+def test_a_decode_pool_the_cluster_cannot_hold_stops_before_the_model_loads(tmp_path):
+    import ray
+    from test_faults import ensure_ray
+
+    ensure_ray()  # the session's cluster, which the stage joins (as under `ray job submit`)
+    cpus = int(ray.cluster_resources()["CPU"])
+    (tmp_path / "features" / "test").mkdir(parents=True)
+    (tmp_path / "features" / "test" / "index.jsonl").write_text("")
+    (tmp_path / "corpus" / "test").mkdir(parents=True)
+    (tmp_path / "corpus" / "test" / "manifest.jsonl").write_text("")
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"evaluate": {"splits": ["test"], "decode_workers": cpus + 1}}))
+    with pytest.raises(SystemExit, match=f"evaluate: decode_workers={cpus + 1} needs {cpus + 1} CPUs, one per "
+                                         f"worker; the Ray cluster has {cpus}: lower evaluate.decode_workers"):
+        evaluate.main(["--params", str(params), "--system", "meld", "--model", str(tmp_path / "no-model.pt"),
+                       "--features", str(tmp_path / "features"), "--corpus", str(tmp_path / "corpus"),
+                       "--out", str(tmp_path / "eval"), "--metrics", str(tmp_path / "metrics.json")])
+    assert not (tmp_path / "eval").exists()
 
 
 def test_device_names_resolve_or_say_which_option_named_them():
