@@ -65,13 +65,20 @@ class Decoding:
         self.pool, self.checkpoint, self.compile = pool, str(checkpoint), compile
 
     def generate(self, decode, model, items: dict[str, list], *, batch_size: int, progress_desc: str | None = None,
-                 **options):
+                 **options) -> tuple[list, float]:
         """``decode`` (``tts_continue`` or ``continue_codes``) with the evaluated model; ``items``: its
-        per-utterance arguments (texts, prompts, max_frames), ``options`` the rest."""
+        per-utterance arguments (texts, prompts, max_frames), ``options`` the rest.
+
+        Returns the outputs and the device-seconds they took: the wall time here, the actors' decoding
+        time summed in a pool, so that a real-time factor means one device's whatever the pool's size.
+        """
         if self.pool is None:
-            return decode(model, **items, batch_size=batch_size, progress_desc=progress_desc, **options)
-        return self.pool.map(decode.__name__, self.checkpoint, items, options, batch_size=batch_size,
-                             compile=self.compile, progress_desc=progress_desc)
+            start = time.perf_counter()
+            out = decode(model, **items, batch_size=batch_size, progress_desc=progress_desc, **options)
+            return out, time.perf_counter() - start
+        out = self.pool.map(decode.__name__, self.checkpoint, items, options, batch_size=batch_size,
+                            compile=self.compile, progress_desc=progress_desc)
+        return out, self.pool.device_seconds
 
     def transcribe(self, stt: STTModel, mels: list[np.ndarray], *, batch_size: int,
                    progress_desc: str | None = None, **options) -> list[list[int]]:
@@ -166,13 +173,12 @@ def evaluate_split(model, state, stats: NormStats, tok, store: FeatureStore, aud
             guards.append(int(math.ceil(cfg.max_length_factor * (mel.shape[0] - p))))
             refs.append((i, p))
     decoding = decoding or Decoding()
-    t0 = time.perf_counter()
-    conts = decoding.generate(tts_continue, model, {"texts": texts, "prompts": prompts, "max_frames": guards},
-                              reduction=r, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                              repetition_penalty=variant.get("repetition_penalty", cfg.repetition_penalty),
-                              zero_latent=variant.get("zero_latent", False), batch_size=cfg.batch_size, seed=cfg.seed,
-                              kv_cache_dtype=cfg.kv_cache_dtype, progress_desc=f"generate {split}")
-    compute_s = time.perf_counter() - t0
+    conts, compute_s = decoding.generate(
+        tts_continue, model, {"texts": texts, "prompts": prompts, "max_frames": guards}, reduction=r,
+        temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+        repetition_penalty=variant.get("repetition_penalty", cfg.repetition_penalty),
+        zero_latent=variant.get("zero_latent", False), batch_size=cfg.batch_size, seed=cfg.seed,
+        kv_cache_dtype=cfg.kv_cache_dtype, progress_desc=f"generate {split}")
 
     # a different speaker's real utterance for each prompt: the SIM floor
     speakers = [store.index[i]["speaker"] for i in chosen]
@@ -271,12 +277,10 @@ def evaluate_codec_system(model, state: dict, cfg: EvaluateConfig, system: str, 
                     prompts.append(codes[:p])
                     guards.append(int(math.ceil(cfg.max_length_factor * (len(codes) - p))))
                     refs.append((i, p))
-            t0 = time.perf_counter()
-            conts = decoding.generate(continue_codes, model,
-                                      {"texts": texts, "prompts": prompts, "max_frames": guards},
-                                      temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                                      batch_size=cfg.batch_size, seed=cfg.seed, progress_desc=f"generate {split}")
-            compute_s = time.perf_counter() - t0
+            conts, compute_s = decoding.generate(
+                continue_codes, model, {"texts": texts, "prompts": prompts, "max_frames": guards},
+                temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, batch_size=cfg.batch_size,
+                seed=cfg.seed, progress_desc=f"generate {split}")
             wavs = [decode_codes(codec, np.concatenate([store[i][:p], c.codes])) for c, (i, p) in zip(conts, refs)]
             if random_codec:
                 gt_of = {i: {"gt_vocoded": decode_codes(codec, store[i])} for i in chosen}
@@ -470,7 +474,7 @@ def summarise(rows: list[dict], compute_s: float, gen_audio_s: float) -> dict:
         "longest_silence_s": _mean([r["longest_silence_s"] for r in rows]),
         "ground_truth_longest_silence_s": _mean([r["gt_longest_silence_s"] for r in rows]),
         "max_length_hits": sum(bool(r["hit_max_length"]) for r in rows),
-        "rtf": compute_s / gen_audio_s if gen_audio_s else None,
+        "rtf": compute_s / gen_audio_s if gen_audio_s else None,  # device-seconds per second generated
     })
     return m
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import logging
 import math
+import time
 from collections import deque
 from pathlib import Path
 
@@ -42,10 +43,14 @@ class _Decoder:
         self.device = device
         self.models: dict[tuple[str, bool], object] = {}
 
-    def run(self, function: str, checkpoint: str, compile: bool, items: dict[str, list], options: dict) -> list:
+    def run(self, function: str, checkpoint: str, compile: bool, items: dict[str, list], options: dict
+            ) -> tuple[list, float]:
+        """The decoded items and the seconds the decoding took here (model loading left out)."""
         module, name = DECODERS[function]
         decode = getattr(importlib.import_module(module), name)
-        return decode(self._model(checkpoint, compile), **items, **options)
+        model = self._model(checkpoint, compile)
+        start = time.perf_counter()
+        return decode(model, **items, **options), time.perf_counter() - start
 
     def _model(self, checkpoint: str, compile: bool):
         key = (checkpoint, compile)
@@ -97,11 +102,14 @@ class DecodePool:
         self.actors = [actor.remote(kind, 1) for _ in range(workers)]
         self.workers = workers
         self.tasks_run = [0] * workers  # tasks each actor has run, for the log and the tests
+        self.device_seconds = 0.0  # decoding time summed over the actors, of the last map()
         log.info("decoding sharded over %d Ray actors (%s)", workers, "one GPU each" if kind == "cuda" else "one core each")
 
     def map(self, function: str, checkpoint: str, items: dict[str, list], options: dict, *, batch_size: int,
             compile: bool = False, progress_desc: str | None = None) -> list:
         """``function(model, **items, batch_size=batch_size, **options)`` over the whole lists, sharded.
+        Afterwards :attr:`device_seconds` holds the decoding time summed over the actors (what one
+        device would have spent, for a real-time factor that does not shrink with the pool).
 
         Args:
             function: a key of :data:`DECODERS`.
@@ -127,6 +135,7 @@ class DecodePool:
         per_task = max(1, math.ceil(batches / (TASKS_PER_WORKER * self.workers)))  # batches per task
         queue = deque(range(0, batches, per_task))  # each task's first batch
         results: dict[int, list] = {}
+        self.device_seconds = 0.0
         pending: dict = {}
         idle = list(range(len(self.actors)))  # actor indices
         bar = progress(total=n, desc=progress_desc, unit="utt", disable=progress_desc is None)
@@ -142,7 +151,8 @@ class DecodePool:
                     pending[ref] = (first, actor, hi - lo)
                 (done,), _ = ray.wait(list(pending), num_returns=1)
                 first, actor, size = pending.pop(done)
-                results[first] = ray.get(done)  # a failed task raises here, with the actor's traceback
+                results[first], seconds = ray.get(done)  # a failed task raises here, with the actor's traceback
+                self.device_seconds += seconds
                 self.tasks_run[actor] += 1
                 idle.append(actor)
                 bar.update(size)

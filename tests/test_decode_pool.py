@@ -3,6 +3,8 @@ gives what one call over the whole list gives."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from conftest import tiny_meld
@@ -90,7 +92,11 @@ def test_decoding_sharded_over_ray_actors_equals_one_process(tiny_checkpoint, on
     local_stt = stt_beam_search(model, mels, batch_size=BATCH, **stt_options)
     with DecodePool(2, "cpu") as pool:
         tts_items = {"texts": texts, "prompts": prompts, "max_frames": GUARDS}
+        start = time.perf_counter()
         sharded_tts = pool.map("tts_continue", str(path), tts_items, TTS_OPTIONS, batch_size=BATCH)
+        wall = time.perf_counter() - start
+        # each actor's decoding lies within the map's wall time: the sum is at most workers x wall
+        assert 0 < pool.device_seconds <= 2 * wall
         assert sum(pool.tasks_run) == 4 and min(pool.tasks_run) >= 1  # 4 batches, one task each, on both actors
         sharded_stt = pool.map("stt_beam_search", str(path), {"mels": mels}, stt_options, batch_size=BATCH)
         with pytest.raises(ValueError, match="lists of different lengths"):
