@@ -200,8 +200,9 @@ def continue_codes(
         B = len(chunk_prompts)
         P = max(p.shape[0] for p in chunk_prompts)
         prompt = torch.zeros(B, P, K, dtype=torch.long)  # (B, P, K), padding masked by prompt_len
+        rows = prompt.numpy()  # the same memory; numpy copies read-only arrays (Ray's) without a warning
         for b, p in enumerate(chunk_prompts):
-            prompt[b, : p.shape[0]] = torch.from_numpy(np.asarray(p, dtype=np.int64))
+            rows[b, : p.shape[0]] = p
         L = max(1, max(len(t) for t in chunk_texts))
         text = torch.zeros(B, L, dtype=torch.long)
         for b, t in enumerate(chunk_texts):

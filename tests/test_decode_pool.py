@@ -105,6 +105,30 @@ def test_decoding_sharded_over_ray_actors_equals_one_process(tiny_checkpoint, on
     assert sharded_stt == local_stt
 
 
+def test_code_generation_sharded_over_ray_actors_equals_one_process(tmp_path, one_thread):
+    from test_codec_lm import K, N, tiny_codec_lm
+    from test_faults import ensure_ray
+
+    from meld.models.codec_lm import CodecLM
+    from ray_jobs.decode_pool import DecodePool
+
+    ensure_ray()
+    model, kwargs = tiny_codec_lm()
+    path = save_checkpoint(tmp_path / "codec_lm.pt", system=CodecLM.system, model=model, model_kwargs=kwargs)
+    model.eval()
+    rng = np.random.default_rng(4)
+    items = {"texts": [list(rng.integers(1, 20, 4)) for _ in range(5)],
+             "prompts": [rng.integers(0, N, (n, K)) for n in (3, 2, 4, 1, 3)], "max_frames": [9, 4, 7, 9, 5]}
+    options = dict(temperature=1.0, top_k=8, top_p=0.95, seed=5)
+    local = continue_codes(model, **items, batch_size=BATCH, **options)
+    with DecodePool(2, "cpu") as pool:
+        sharded = pool.map("continue_codes", str(path), items, options, batch_size=BATCH)
+    assert len(sharded) == len(local)
+    for a, b in zip(sharded, local):
+        np.testing.assert_array_equal(a.codes, b.codes)
+        assert a.hit_max_length == b.hit_max_length
+
+
 def test_a_pool_the_cluster_cannot_hold_is_refused_with_the_numbers():
     import ray
     from test_faults import ensure_ray
