@@ -264,7 +264,7 @@ def main(argv=None) -> int:
     print(f"| **total, without the download** | **{hms(total)}** | |")
     print("\nNot included: downloading LibriSpeech (~60 GB; bandwidth-bound), the BPE stage (SentencePiece on\n"
           "281k transcripts, minutes), the tune sweep (each trial a shortened training run: its steps x the step above),\n"
-          "STT decoding and the judges (Whisper, WavLM) in evaluation.")
+          "STT decoding and the judges (Whisper, WavLM; on GPUs with evaluate.score_device, speed unmeasured) in evaluation.")
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = {"benchmark": "librispeech_estimate", "machine": info | {"load_average_at_end": load_average()},

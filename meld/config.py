@@ -532,6 +532,8 @@ _EVALUATE_RULES: dict[str, Rule] = {
     "kv_cache_dtype": _rule(lambda v: v in KV_CACHE_DTYPES, "float32 or bfloat16"),
     "device": _rule(lambda v: isinstance(v, str) and DEVICE_PATTERN.fullmatch(v) is not None, f"one of {DEVICE_HELP}"),
     "score_workers": _POSITIVE,
+    "score_device": _rule(lambda v: isinstance(v, str) and DEVICE_PATTERN.fullmatch(v) is not None and v != "mps",
+                          "one of auto, cpu, cuda, cuda:N"),
     "decode_workers": _POSITIVE,
 }
 
@@ -570,6 +572,7 @@ class EvaluateConfig(Section):
     device: str = "cpu"  # of the evaluated model and the MELD-STT judge (the vocoder and judges run in score_workers on CPU)
     score_workers: int = 2  # processes running vocoder + judges (the slow part), capped at the CPU count
     decode_workers: int = 1  # > 1: TTS/STT decoding sharded over this many Ray actors, one GPU (cuda) or core (cpu) each
+    score_device: str = "cpu"  # of HiFi-GAN, Whisper and WavLM in the score_workers (cuda: the node's GPUs in turn)
     seed: int = 0
 
     def validate(self) -> None:

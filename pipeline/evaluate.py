@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -253,14 +254,15 @@ def evaluate_codec_system(model, state: dict, cfg: EvaluateConfig, system: str, 
         metrics["pipeline_check"] = {}  # what ran, not how good it is
         log.warning("%s: %s", system, RANDOM_CODEC_NOTE)
     spec = ScorerSpec(cfg.vocoder, cfg.vocoder_path, cfg.asr_judge, cfg.asr_judge_path, cfg.speaker_model,
-                      cfg.speaker_model_path)
+                      cfg.speaker_model_path, cfg.score_device)
     decoding = decoding or Decoding()
     all_rows: list[dict] = []
     hop, rate = codec.hop_length, float(desc["frame_rate"])
     judge_exclude = tuple(cfg.judge_exclude_prefixes)
     with contextlib.nullcontext() if random_codec else ScoringPool(spec, cfg.score_workers) as scorer:
         if scorer is not None:
-            metrics["asr_judge"] = scorer.describe()["asr_judge"]
+            built = scorer.describe()
+            metrics["asr_judge"], metrics["score_device"] = built["asr_judge"], built["device"]
         for split in cfg.splits:
             store = CodeStore(codes_dir / split, desc["n_levels"])
             audio = {r["id"]: r["audio_path"] for r in read_manifest(corpus / split / "manifest.jsonl")}
@@ -503,6 +505,10 @@ def main(argv: list[str] | None = None) -> int:
             have = sorted(p.parent.name for p in Path(args.features).glob("*/index.jsonl"))
             raise SystemExit(f"evaluate.splits: {missing} not in {args.features} / {args.corpus} "
                              f"(this corpus has {have})")
+    try:  # the judges' device: auto resolved, a missing one refused before any work
+        cfg = dataclasses.replace(cfg, score_device=resolve_device(cfg.score_device, "evaluate.score_device"))
+    except ValueError as err:
+        raise SystemExit(f"evaluate: {err}") from None
     if cfg.decode_workers > 1:  # the actors decode on the cluster's devices; this process needs none
         from ray_jobs.decode_pool import DecodePool
 
@@ -556,11 +562,12 @@ def evaluate(args: argparse.Namespace, params: dict, cfg: EvaluateConfig, device
         metrics["stt_judge_ctc_weight"] = stt_judge.ctc_weight
     all_rows = []
     spec = ScorerSpec(cfg.vocoder, cfg.vocoder_path, cfg.asr_judge, cfg.asr_judge_path, cfg.speaker_model,
-                      cfg.speaker_model_path)
+                      cfg.speaker_model_path, cfg.score_device)
     with ScoringPool(spec, cfg.score_workers) if variants else contextlib.nullcontext() as scorer:
         if scorer is not None:
             built = scorer.describe()
             metrics["vocoder"], metrics["asr_judge"] = built["vocoder"], built["asr_judge"]
+            metrics["score_device"] = built["device"]
         references: dict[str, dict[int, dict]] = {split: {} for split in cfg.splits}  # shared by the variants
         for variant in variants:
             for split in cfg.splits:

@@ -157,3 +157,5 @@ def test_decode_workers_is_checked_with_the_device():
     with pytest.raises(ConfigError, match="evaluate.decode_workers"):
         EvaluateConfig.from_dict({"decode_workers": 0}, "evaluate")
     EvaluateConfig.from_dict({"decode_workers": 1, "device": "mps"}, "evaluate")  # one device, no sharding
+    with pytest.raises(ConfigError, match="evaluate.score_device"):  # the judges' backends take no mps
+        EvaluateConfig.from_dict({"score_device": "mps"}, "evaluate")

@@ -40,6 +40,20 @@ def test_a_device_this_machine_lacks_stops_before_the_model_loads(tmp_path):
                        "--out", str(tmp_path / "eval"), "--metrics", str(tmp_path / "metrics.json")])
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_judges_on_a_device_this_machine_lacks_stop_before_the_model_loads(tmp_path):
+    (tmp_path / "features" / "test").mkdir(parents=True)
+    (tmp_path / "features" / "test" / "index.jsonl").write_text("")
+    (tmp_path / "corpus" / "test").mkdir(parents=True)
+    (tmp_path / "corpus" / "test" / "manifest.jsonl").write_text("")
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"evaluate": {"splits": ["test"], "score_device": "cuda"}}))
+    with pytest.raises(SystemExit, match="evaluate.score_device cuda: CUDA is not available on this machine"):
+        evaluate.main(["--params", str(params), "--system", "meld", "--model", str(tmp_path / "no-model.pt"),
+                       "--features", str(tmp_path / "features"), "--corpus", str(tmp_path / "corpus"),
+                       "--out", str(tmp_path / "eval"), "--metrics", str(tmp_path / "metrics.json")])
+
+
 def test_a_decode_pool_the_cluster_cannot_hold_stops_before_the_model_loads(tmp_path):
     import ray
     from test_faults import ensure_ray

@@ -285,6 +285,16 @@ def test_duration_ratio_and_real_time_factor():
 # --------------------------------------------------------------------------- scoring pool
 
 
+def test_scoring_workers_take_the_gpus_in_turn():
+    from meld.evaluation.scoring import worker_devices
+
+    assert worker_devices("cuda", 5, 2) == ["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:0"]
+    assert worker_devices("cuda:3", 2, 8) == ["cuda:3", "cuda:3"]  # one named GPU is every worker's
+    assert worker_devices("cpu", 3, 8) == ["cpu"] * 3
+    with pytest.raises(ValueError, match="no CUDA device"):
+        worker_devices("cuda", 2, 0)
+
+
 def test_scoring_pool_workers_match_the_calling_process(flite):
     """Two spawned scoring workers give the same transcripts, SIM and silences as in-process scoring,
     in input order, and a speaker the judge is told to skip gets no transcript."""
@@ -299,7 +309,7 @@ def test_scoring_pool_workers_match_the_calling_process(flite):
     for workers in (1, 2):
         with ScoringPool(spec, workers) as pool:
             assert pool.describe() == {"vocoder": "griffin_lim", "asr_judge": "pocketsphinx",
-                                       "speaker_model": "resemblyzer"}
+                                       "speaker_model": "resemblyzer", "device": "cpu"}
             gt = list(pool.map_references(refs))
             gens = [GenerationItem(m, 60, judged, g["prompt_emb"])
                     for m, judged, g in zip(mels, (True, False), gt)]

@@ -128,8 +128,10 @@ class WhisperJudge(ASRJudge):
             self.backend = "faster_whisper"
             from faster_whisper import WhisperModel
 
+            kind, _, index = device.partition(":")  # CTranslate2 takes "cuda" and the GPU's index apart
             self._model = WhisperModel(
-                str(self.path), device=device, compute_type="int8" if device == "cpu" else "float16"
+                str(self.path), device=kind, device_index=int(index or 0),
+                compute_type="int8" if kind == "cpu" else "float16",
             )
         elif (self.path / "config.json").is_file():
             self.backend = "transformers"

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import queue
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ class ScorerSpec:
     asr_judge_path: str | None
     speaker_model: str | None
     speaker_model_path: str | None
+    device: str = "cpu"  # of HiFi-GAN, Whisper and the speaker encoder: cpu, cuda (one GPU per worker, in turn) or cuda:N
 
 
 @dataclass(frozen=True)
@@ -79,21 +81,24 @@ class GenerationItem:
 class Scorer:
     """The vocoder and judges of one process."""
 
-    def __init__(self, spec: ScorerSpec):
+    def __init__(self, spec: ScorerSpec, device: str | None = None):
+        """``device``: this scorer's own (one of :func:`worker_devices`); default ``spec.device``."""
         from meld.evaluation.asr import build_asr_judge
         from meld.evaluation.speaker import build_speaker_embedder
         from meld.vocoder import build_vocoder
 
-        self.vocoder = build_vocoder(spec.vocoder, spec.vocoder_path)
-        self.judge = build_asr_judge(spec.asr_judge, spec.asr_judge_path) if spec.asr_judge else None
+        self.device = device or spec.device
+        self.vocoder = build_vocoder(spec.vocoder, spec.vocoder_path, device=self.device)
+        self.judge = build_asr_judge(spec.asr_judge, spec.asr_judge_path, device=self.device) if spec.asr_judge else None
         self.embedder = (
-            build_speaker_embedder(spec.speaker_model, spec.speaker_model_path) if spec.speaker_model else None
+            build_speaker_embedder(spec.speaker_model, spec.speaker_model_path, device=self.device)
+            if spec.speaker_model else None
         )
 
     def describe(self) -> dict:
         """What was actually built (a missing backend leaves its judge out, with a logged message)."""
         return {"vocoder": self.vocoder.name, "asr_judge": self.judge.name if self.judge else None,
-                "speaker_model": self.embedder.name if self.embedder else None}
+                "speaker_model": self.embedder.name if self.embedder else None, "device": self.device}
 
     def reference(self, item: ReferenceItem) -> dict:
         """Ground-truth scores of one utterance (keys present only where the backend exists)."""
@@ -135,12 +140,26 @@ class Scorer:
 _WORKER_SCORER: Scorer | None = None
 
 
-def _init_worker(spec: ScorerSpec) -> None:
+def worker_devices(device: str, workers: int, gpus: int) -> list[str]:
+    """Each scoring worker's device: ``cuda`` spreads the workers over the node's ``gpus`` GPUs in turn
+    (worker k on ``cuda:k mod gpus``); any other device (``cpu``, ``cuda:N``) is every worker's."""
+    if device != "cuda":
+        return [device] * workers
+    if gpus < 1:
+        raise ValueError("scoring on cuda, but this machine has no CUDA device")
+    return [f"cuda:{k % gpus}" for k in range(workers)]
+
+
+def _init_worker(spec: ScorerSpec, devices) -> None:
     global _WORKER_SCORER
     import torch
 
     torch.set_num_threads(1)  # one core per worker: the pool is the parallelism
-    _WORKER_SCORER = Scorer(spec)
+    try:  # each worker takes the next device of the queue (filled before any worker starts)
+        device = devices.get(timeout=60)
+    except queue.Empty:  # more workers than devices queued (never, unless one was replaced): spec's own
+        device = spec.device
+    _WORKER_SCORER = Scorer(spec, device)
 
 
 def _describe() -> dict:
@@ -158,6 +177,7 @@ def _score_generation(item: GenerationItem) -> dict:
 class ScoringPool:
     """``workers`` processes (spawned, so no torch/OpenMP state is forked), or the calling process when 1.
 
+    With ``spec.device`` ``cuda`` the workers take the machine's GPUs in turn (:func:`worker_devices`).
     Results come back in input order. Use as a context manager so the workers are shut down.
     """
 
@@ -167,13 +187,21 @@ class ScoringPool:
         self.spec, self.workers = spec, min(workers, os.cpu_count() or 1)
         self._local: Scorer | None = None
         self._pool: ProcessPoolExecutor | None = None
+        gpus = 0
+        if spec.device == "cuda":
+            import torch
+
+            gpus = torch.cuda.device_count()
+        devices = worker_devices(spec.device, self.workers, gpus)
         if self.workers == 1:
-            self._local = Scorer(spec)
+            self._local = Scorer(spec, devices[0])
         else:
-            self._pool = ProcessPoolExecutor(
-                self.workers, mp_context=multiprocessing.get_context("spawn"),
-                initializer=_init_worker, initargs=(spec,),
-            )
+            context = multiprocessing.get_context("spawn")
+            handed_out = context.Queue()
+            for device in devices:
+                handed_out.put(device)
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_init_worker,
+                                             initargs=(spec, handed_out))
 
     def describe(self) -> dict:
         """The backends a worker built: {vocoder, asr_judge, speaker_model} names (None when missing)."""
