@@ -248,13 +248,15 @@ def main(argv=None) -> int:
     variants = 3 if ev.get("ablations", True) else 1
     generations = int(ev.get("generations", 3)) * 1000 * variants
     batch = int(ev.get("batch_size", 16))
-    workers = max(1, min(int(ev.get("decode_workers", 1)), args.gpus))
+    asked = int(ev.get("decode_workers", 1))
+    workers = max(1, min(asked, args.gpus))  # the stage itself would refuse more actors than GPUs
     batches_per_worker = math.ceil(math.ceil(generations / batch) / workers)
     rows.append((f"evaluate MELD TTS ({generations:,} generations, batch {batch}, {workers} GPU{'s' if workers > 1 else ''})",
                  batches_per_worker * 625 * args.decode_ms / 1e3,
                  f"1,000 utt x {ev.get('generations', 3)} generations x {variants} variants; {args.decode_ms:g} ms per "
                  f"batched decoding step (assumed), 625 steps per 10 s; {batches_per_worker} batches per GPU "
-                 f"(evaluate.decode_workers: {workers}; bench/decode_pool.py measures the sharding)"))
+                 f"(evaluate.decode_workers: {asked}{f', capped at --gpus {args.gpus}' if asked > args.gpus else ''}; "
+                 "bench/decode_pool.py measures the sharding)"))
     total = sum(s for _, s, _ in rows)
 
     print(f"\n| stage | estimate on {args.gpus} GPUs | basis |")

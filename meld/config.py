@@ -569,7 +569,7 @@ class EvaluateConfig(Section):
     batch_size: int = 8
     kv_cache_dtype: str = "float32"  # or bfloat16: faster batched decoding on CPU, slightly different samples
     compile_decoding: bool = False  # torch.compile the TTS decoding step (CUDA graphs on GPU): backbone.configure_decoding
-    device: str = "cpu"  # of the evaluated model and the MELD-STT judge (the vocoder and judges run in score_workers on CPU)
+    device: str = "cpu"  # of the evaluated model and the MELD-STT judge (the vocoder and judges: score_device)
     score_workers: int = 2  # processes running vocoder + judges (the slow part), capped at the CPU count
     decode_workers: int = 1  # > 1: TTS/STT decoding sharded over this many Ray actors, one GPU (cuda) or core (cpu) each
     score_device: str = "cpu"  # of HiFi-GAN, Whisper and WavLM in the score_workers (cuda: the node's GPUs in turn)

@@ -261,8 +261,7 @@ def evaluate_codec_system(model, state: dict, cfg: EvaluateConfig, system: str, 
     judge_exclude = tuple(cfg.judge_exclude_prefixes)
     with contextlib.nullcontext() if random_codec else ScoringPool(spec, cfg.score_workers) as scorer:
         if scorer is not None:
-            built = scorer.describe()
-            metrics["asr_judge"], metrics["score_device"] = built["asr_judge"], built["device"]
+            metrics["asr_judge"], metrics["score_device"] = scorer.describe()["asr_judge"], cfg.score_device
         for split in cfg.splits:
             store = CodeStore(codes_dir / split, desc["n_levels"])
             audio = {r["id"]: r["audio_path"] for r in read_manifest(corpus / split / "manifest.jsonl")}
@@ -510,11 +509,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         raise SystemExit(f"evaluate: {err}") from None
     if cfg.decode_workers > 1:  # the actors decode on the cluster's devices; this process needs none
-        from ray_jobs.decode_pool import DecodePool
+        from ray_jobs.decode_pool import DecodePool, PoolRefused
 
         try:
             pool = DecodePool(cfg.decode_workers, cfg.device)
-        except ValueError as err:  # too few GPUs or cores in the cluster: said before any model loads
+        except PoolRefused as err:  # too few GPUs or cores in the cluster: said before any model loads
             raise SystemExit(f"evaluate: {err}") from None
         with pool:  # (an error in the evaluation itself keeps its traceback)
             return evaluate(args, params, cfg, "cpu", Decoding(pool, args.model, cfg.compile_decoding))
@@ -567,7 +566,7 @@ def evaluate(args: argparse.Namespace, params: dict, cfg: EvaluateConfig, device
         if scorer is not None:
             built = scorer.describe()
             metrics["vocoder"], metrics["asr_judge"] = built["vocoder"], built["asr_judge"]
-            metrics["score_device"] = built["device"]
+            metrics["score_device"] = cfg.score_device  # resolved: the workers' devices are this, or its GPUs in turn
         references: dict[str, dict[int, dict]] = {split: {} for split in cfg.splits}  # shared by the variants
         for variant in variants:
             for split in cfg.splits:

@@ -31,6 +31,11 @@ DECODERS = {
 }
 SEEDED = {"tts_continue", "continue_codes"}  # take first_batch: their batches are seeded by index
 TASKS_PER_WORKER = 4  # tasks a list is cut into per actor: enough to even out uneven batches
+START_TIMEOUT_S = 300.0  # how long every actor may take to be placed and started before the pool gives up
+
+
+class PoolRefused(ValueError):
+    """The cluster cannot hold the pool: too few GPUs or cores in all, or not free within the start timeout."""
 
 
 class _Decoder:
@@ -42,6 +47,10 @@ class _Decoder:
         torch.set_num_threads(threads)
         self.device = device
         self.models: dict[tuple[str, bool], object] = {}
+
+    def ready(self) -> bool:
+        """Answers once the actor is placed and constructed (the pool waits for every actor's answer)."""
+        return True
 
     def run(self, function: str, checkpoint: str, compile: bool, items: dict[str, list], options: dict
             ) -> tuple[list, float]:
@@ -70,13 +79,14 @@ class DecodePool:
     """``workers`` decoding actors on ``device`` (``cpu``: one core each; ``cuda``: one GPU each; ``auto``:
     GPUs when the Ray cluster has them).
 
-    Joins the Ray cluster in RAY_ADDRESS (under ``ray job submit``) or starts a local one, and
-    refuses at once, with the numbers, a pool the cluster has too few GPUs or CPUs for (Ray would
-    otherwise wait for them forever). Use as a context manager; leaving it kills the actors, and
-    shuts down a local Ray it started.
+    Joins the Ray cluster in RAY_ADDRESS (under ``ray job submit``) or starts a local one. Refuses
+    (:class:`PoolRefused`), with the numbers, a pool the cluster has too few GPUs or CPUs for in all,
+    at once, and one whose actors are not all placed within ``start_timeout_s`` (other jobs hold the
+    devices): Ray would otherwise keep a task for an actor that never starts and wait forever. Use
+    as a context manager; leaving it kills the actors, and shuts down a local Ray it started.
     """
 
-    def __init__(self, workers: int, device: str):
+    def __init__(self, workers: int, device: str, start_timeout_s: float = START_TIMEOUT_S):
         import ray
 
         from ray_jobs.cluster import init_ray
@@ -94,12 +104,19 @@ class DecodePool:
         have = int(ray.cluster_resources().get(resource, 0))
         if have < workers:
             self.close()
-            raise ValueError(f"decode_workers={workers} needs {workers} {resource}s, one per worker; the Ray "
-                             f"cluster has {have}: lower evaluate.decode_workers")
+            raise PoolRefused(f"decode_workers={workers} needs {workers} {resource}s, one per worker; the Ray "
+                              f"cluster has {have}: lower evaluate.decode_workers")
         options = {"num_gpus": 1, "num_cpus": 1} if kind == "cuda" else {"num_cpus": 1}
         actor = ray.remote(**options)(_Decoder)
         # inside a GPU actor Ray narrows CUDA_VISIBLE_DEVICES to its own GPU: "cuda" is that one
         self.actors = [actor.remote(kind, 1) for _ in range(workers)]
+        started, _ = ray.wait([a.ready.remote() for a in self.actors], num_returns=workers, timeout=start_timeout_s)
+        if len(started) < workers:
+            free = ray.available_resources().get(resource, 0)
+            self.close()
+            raise PoolRefused(f"decode_workers={workers}: only {len(started)} of {workers} actors started within "
+                              f"{start_timeout_s:g} s; the cluster has {have} {resource}s, {free:g} free now (other "
+                              "jobs hold the rest): lower evaluate.decode_workers or free them")
         self.workers = workers
         self.tasks_run = [0] * workers  # tasks each actor has run, for the log and the tests
         self.device_seconds = 0.0  # decoding time summed over the actors, of the last map()

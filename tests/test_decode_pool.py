@@ -133,11 +133,11 @@ def test_a_pool_the_cluster_cannot_hold_is_refused_with_the_numbers():
     import ray
     from test_faults import ensure_ray
 
-    from ray_jobs.decode_pool import DecodePool
+    from ray_jobs.decode_pool import DecodePool, PoolRefused
 
     ensure_ray()
     cpus = int(ray.cluster_resources()["CPU"])
-    with pytest.raises(ValueError, match=f"needs {cpus + 1} CPUs, one per worker; the Ray cluster has {cpus}"):
+    with pytest.raises(PoolRefused, match=f"needs {cpus + 1} CPUs, one per worker; the Ray cluster has {cpus}"):
         DecodePool(cpus + 1, "cpu")
     if not ray.cluster_resources().get("GPU"):
         with pytest.raises(ValueError, match="needs 2 GPUs, one per worker; the Ray cluster has 0"):
@@ -146,6 +146,32 @@ def test_a_pool_the_cluster_cannot_hold_is_refused_with_the_numbers():
         with pytest.raises(ValueError, match=f"needs device auto, cpu or cuda .* not {device}"):
             DecodePool(2, device)
     assert ray.is_initialized()  # the session's cluster: a refused pool does not shut down what it joined
+
+
+def test_a_pool_whose_actors_cannot_all_start_is_refused_not_left_waiting():
+    """Enough CPUs in all, but another job holds one: the pool must not hand a task to an actor that
+    never starts (its map would wait forever); it gives up after its start timeout, with the numbers."""
+    import ray
+    from test_faults import ensure_ray
+
+    from ray_jobs.decode_pool import DecodePool, PoolRefused
+
+    ensure_ray()
+    cpus = int(ray.cluster_resources()["CPU"])
+
+    @ray.remote(num_cpus=cpus - 1)
+    class Holder:
+        def ready(self) -> bool:
+            return True
+
+    holder = Holder.remote()  # leaves one CPU free
+    try:
+        ray.get(holder.ready.remote())
+        with pytest.raises(PoolRefused, match=f"only 1 of 2 actors started within 2 s; the cluster has {cpus} CPUs, "
+                                              "0 free now"):
+            DecodePool(2, "cpu", start_timeout_s=2)
+    finally:
+        ray.kill(holder)
 
 
 def test_decode_workers_is_checked_with_the_device():

@@ -295,6 +295,30 @@ def test_scoring_workers_take_the_gpus_in_turn():
         worker_devices("cuda", 2, 0)
 
 
+def _device_after_a_while(_) -> str:
+    """A scoring worker's device, slowly enough that both workers of a pool take some of the calls."""
+    import time
+
+    from meld.evaluation import scoring
+
+    time.sleep(0.2)
+    return scoring._WORKER_SCORER.device
+
+
+def test_each_scoring_worker_builds_on_the_device_handed_to_it(monkeypatch):
+    """The pool hands worker_devices' list out one device per spawned worker (through a queue): two
+    workers, two devices, each used by one (Griffin-Lim alone: the names need not be real devices)."""
+    from meld.evaluation import scoring
+
+    monkeypatch.setattr(scoring, "worker_devices", lambda device, workers, gpus: ["gpu-a", "gpu-b"][:workers])
+    spec = scoring.ScorerSpec("griffin_lim", None, None, None, None, None)
+    with scoring.ScoringPool(spec, 2) as pool:
+        if pool.workers < 2:
+            pytest.skip("one core: the pool runs in-process")
+        seen = set(pool._pool.map(_device_after_a_while, range(12)))
+    assert seen == {"gpu-a", "gpu-b"}
+
+
 def test_scoring_pool_workers_match_the_calling_process(flite):
     """Two spawned scoring workers give the same transcripts, SIM and silences as in-process scoring,
     in input order, and a speaker the judge is told to skip gets no transcript."""
