@@ -8,50 +8,39 @@ import yaml
 
 from pipeline import evaluate
 
-
-def test_a_split_missing_from_the_corpus_stops_before_any_generation(tmp_path):
-    for split in ("test",):  # the corpus has test, not test_other
-        (tmp_path / "features" / split).mkdir(parents=True)
-        (tmp_path / "features" / split / "index.jsonl").write_text("")
-        (tmp_path / "corpus" / split).mkdir(parents=True)
-        (tmp_path / "corpus" / split / "manifest.jsonl").write_text("")
-    params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"evaluate": {"splits": ["test", "test_other"]}}))
-    with pytest.raises(SystemExit, match=r"evaluate.splits: \['test_other'\] not in .*this corpus has \['test'\]"):
-        evaluate.main(["--params", str(params), "--system", "meld", "--model", str(tmp_path / "no-model.pt"),
-                       "--features", str(tmp_path / "features"), "--corpus", str(tmp_path / "corpus"),
-                       "--out", str(tmp_path / "eval"), "--metrics", str(tmp_path / "metrics.json")])
-    assert not (tmp_path / "eval").exists()  # nothing started (the model does not even exist)
+NO_CUDA = pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine without CUDA")
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine without CUDA")
-def test_a_device_this_machine_lacks_stops_before_the_model_loads(tmp_path):
-    for split in ("test",):
-        (tmp_path / "features" / split).mkdir(parents=True)
-        (tmp_path / "features" / split / "index.jsonl").write_text("")
-        (tmp_path / "corpus" / split).mkdir(parents=True)
-        (tmp_path / "corpus" / split / "manifest.jsonl").write_text("")
-    params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"evaluate": {"splits": ["test"], "device": "cuda"}}))
-    # the model file does not exist: an error about the device, not the file, shows the order of the checks
-    with pytest.raises(SystemExit, match="evaluate.device cuda: CUDA is not available on this machine"):
-        evaluate.main(["--params", str(params), "--system", "meld", "--model", str(tmp_path / "no-model.pt"),
-                       "--features", str(tmp_path / "features"), "--corpus", str(tmp_path / "corpus"),
-                       "--out", str(tmp_path / "eval"), "--metrics", str(tmp_path / "metrics.json")])
-
-
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine without CUDA")
-def test_judges_on_a_device_this_machine_lacks_stop_before_the_model_loads(tmp_path):
+def _run_stage(tmp_path, evaluate_params: dict) -> None:
+    """The stage on an empty corpus that has a test split only, with no model file at all: an error
+    about anything else shows that it is checked before the model loads."""
     (tmp_path / "features" / "test").mkdir(parents=True)
     (tmp_path / "features" / "test" / "index.jsonl").write_text("")
     (tmp_path / "corpus" / "test").mkdir(parents=True)
     (tmp_path / "corpus" / "test" / "manifest.jsonl").write_text("")
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"evaluate": {"splits": ["test"], "score_device": "cuda"}}))
+    params.write_text(yaml.safe_dump({"evaluate": evaluate_params}))
+    evaluate.main(["--params", str(params), "--system", "meld", "--model", str(tmp_path / "no-model.pt"),
+                   "--features", str(tmp_path / "features"), "--corpus", str(tmp_path / "corpus"),
+                   "--out", str(tmp_path / "eval"), "--metrics", str(tmp_path / "metrics.json")])
+
+
+def test_a_split_missing_from_the_corpus_stops_before_any_generation(tmp_path):
+    with pytest.raises(SystemExit, match=r"evaluate.splits: \['test_other'\] not in .*this corpus has \['test'\]"):
+        _run_stage(tmp_path, {"splits": ["test", "test_other"]})
+    assert not (tmp_path / "eval").exists()  # nothing started
+
+
+@NO_CUDA
+def test_a_device_this_machine_lacks_stops_before_the_model_loads(tmp_path):
+    with pytest.raises(SystemExit, match="evaluate.device cuda: CUDA is not available on this machine"):
+        _run_stage(tmp_path, {"splits": ["test"], "device": "cuda"})
+
+
+@NO_CUDA
+def test_judges_on_a_device_this_machine_lacks_stop_before_the_model_loads(tmp_path):
     with pytest.raises(SystemExit, match="evaluate.score_device cuda: CUDA is not available on this machine"):
-        evaluate.main(["--params", str(params), "--system", "meld", "--model", str(tmp_path / "no-model.pt"),
-                       "--features", str(tmp_path / "features"), "--corpus", str(tmp_path / "corpus"),
-                       "--out", str(tmp_path / "eval"), "--metrics", str(tmp_path / "metrics.json")])
+        _run_stage(tmp_path, {"splits": ["test"], "score_device": "cuda"})
 
 
 def test_a_decode_pool_the_cluster_cannot_hold_stops_before_the_model_loads(tmp_path):
@@ -60,17 +49,9 @@ def test_a_decode_pool_the_cluster_cannot_hold_stops_before_the_model_loads(tmp_
 
     ensure_ray()  # the session's cluster, which the stage joins (as under `ray job submit`)
     cpus = int(ray.cluster_resources()["CPU"])
-    (tmp_path / "features" / "test").mkdir(parents=True)
-    (tmp_path / "features" / "test" / "index.jsonl").write_text("")
-    (tmp_path / "corpus" / "test").mkdir(parents=True)
-    (tmp_path / "corpus" / "test" / "manifest.jsonl").write_text("")
-    params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"evaluate": {"splits": ["test"], "decode_workers": cpus + 1}}))
     with pytest.raises(SystemExit, match=f"evaluate: decode_workers={cpus + 1} needs {cpus + 1} CPUs, one per "
                                          f"worker; the Ray cluster has {cpus}: lower evaluate.decode_workers"):
-        evaluate.main(["--params", str(params), "--system", "meld", "--model", str(tmp_path / "no-model.pt"),
-                       "--features", str(tmp_path / "features"), "--corpus", str(tmp_path / "corpus"),
-                       "--out", str(tmp_path / "eval"), "--metrics", str(tmp_path / "metrics.json")])
+        _run_stage(tmp_path, {"splits": ["test"], "decode_workers": cpus + 1})
     assert not (tmp_path / "eval").exists()
 
 
