@@ -118,7 +118,7 @@ class DecodePool:
                               f"{start_timeout_s:g} s; the cluster has {have} {resource}s, {free:g} free now (other "
                               "jobs hold the rest): lower evaluate.decode_workers or free them")
         self.workers = workers
-        self.tasks_run = [0] * workers  # tasks each actor has run, for the log and the tests
+        self.tasks_run = [0] * workers  # tasks each actor has run (bench.decode_pool shows them; tests check them)
         self.device_seconds = 0.0  # decoding time summed over the actors, of the last map()
         log.info("decoding sharded over %d Ray actors (%s)", workers, "one GPU each" if kind == "cuda" else "one core each")
 
