@@ -1,10 +1,10 @@
 """The whole DAG on a debug-sized params file, for real: DVC, a local Ray cluster, MLflow.
 
 Runs in a copy of the project's code in a temporary folder, so the repository's own
-outputs are never touched. Checks: every stage's outputs (the sweep included), a second `dvc repro`
-reruns nothing, and a training parameter change reruns only train -> evaluate -> report. The first
-repro's stages join the test session's Ray cluster (as under ``ray job submit``); the third starts its
-own, as a plain ``dvc repro`` does.
+outputs are never touched. Checks: every stage's outputs (the sweep included), no file written outside
+the stages' outs, a second `dvc repro` reruns nothing, and a training parameter change reruns only
+train -> evaluate -> report. The first repro's stages join the test session's Ray cluster (as under
+``ray job submit``); the third starts its own, as a plain ``dvc repro`` does.
 """
 
 from __future__ import annotations
@@ -154,6 +154,8 @@ def test_whole_dag_runs_and_reruns_only_what_changed(tmp_path):
     assert sweep["best"] == min(done, key=lambda t: t["objective"]) and sweep["best_config"] == sweep["best"]["config"]
     assert sweep["objective"]["metric"] == "dev/mse_pre_greedy" and sweep["scheduler"]["name"] == "asha"
 
+    assert _files_no_stage_owns(work) == []
+
     second = _repro(work, env)
     assert _stages_run(second) == set(), second[-2000:]
 
@@ -214,6 +216,24 @@ def test_whole_dag_runs_and_reruns_only_what_changed(tmp_path):
         for split in m["splits"].values():
             split.pop("rtf")  # wall time
     _assert_same_to_rounding(by_pool, by_stage)
+
+
+# what a repro may write outside the stages' outs: the code (its bytecode), DVC's own files, MLflow's
+# store and artifacts, and the sweep's work directory (kept between runs so that a stopped sweep resumes)
+NOT_AN_OUT = ("meld", "pipeline", "ray_jobs", ".dvc", "mlartifacts", "ray_results",
+              "params.yaml", "dvc.yaml", "dvc.lock", ".dvcignore", "mlflow.db")
+
+
+def _files_no_stage_owns(work: Path) -> list[str]:
+    """Files under the project that no stage lists as an out: DVC neither caches nor checks them, so a
+    stage writing one leaves it stale after the next change (or another stage's out then holds it)."""
+    lock = yaml.safe_load((work / "dvc.lock").read_text())["stages"]
+    owned = [out["path"] for stage in lock.values() for out in stage.get("outs", [])]
+    stray = []
+    for path in sorted(p.relative_to(work).as_posix() for p in work.rglob("*") if p.is_file()):
+        if path.split("/")[0] not in NOT_AN_OUT and not any(path == o or path.startswith(o + "/") for o in owned):
+            stray.append(path)
+    return stray
 
 
 def _assert_same_to_rounding(got, want, where: str = "") -> None:
