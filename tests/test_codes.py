@@ -143,6 +143,22 @@ def test_codes_stage_encodes_every_split_and_rejects_bad_input(project):
     np.testing.assert_array_equal(CodeStore(codes / "dev", K)[0], encode_waveform(codec, load_audio(row["audio"])))
 
 
+def test_the_worker_count_changes_how_fast_not_the_codes(project, tmp_path):
+    """dvc.yaml leaves ``encode_workers`` out of the codes stage's params, so that a new worker count
+    does not re-encode the corpus (hours on LibriSpeech): every worker encodes one utterance at a time
+    in one torch thread, so two processes write the same bytes as one."""
+    from pipeline import codes
+
+    params = _params(tmp_path, encode_workers=2)
+    assert codes.main(["--params", str(params), "--corpus", str(project["corpus"]), "--out", str(tmp_path / "codes")]) == 0
+    one, two = project["codes"], tmp_path / "codes"
+    written = sorted(p.relative_to(one).as_posix() for p in one.rglob("*") if p.is_file())
+    assert written == sorted(p.relative_to(two).as_posix() for p in two.rglob("*") if p.is_file())
+    assert "train/codes.i16" in written
+    for name in written:
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+
+
 @pytest.fixture(scope="module")
 def weights_codes(project, tmp_path_factory) -> Path:
     """The codes stage with ``codec_weights`` = the random codec saved in DAC's release format."""

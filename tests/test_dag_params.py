@@ -1,5 +1,6 @@
 """dvc.yaml's data stages list their params key by key: every key that shapes the output, and not the
-worker counts, whose change would otherwise rerun hours of LibriSpeech preparation for the same bytes."""
+worker counts, whose change would otherwise rerun hours of LibriSpeech preparation (or DAC encoding)
+for the same bytes."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from meld.config import CorpusConfig, FeaturesConfig
+from meld.config import CodecLMConfig, CorpusConfig, FeaturesConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DAG = yaml.safe_load((ROOT / "dvc.yaml").read_text())
@@ -25,6 +26,14 @@ def test_a_data_stage_lists_every_key_of_its_section_but_the_worker_count(stage,
     listed = set(DAG["stages"][stage]["params"])
     keys = {f.name for f in dataclasses.fields(config)}
     assert listed == {f"{section}.{k}" for k in keys - SPEED_ONLY}
+
+
+def test_the_codes_stage_lists_the_codec_keys_but_the_worker_count():
+    """Of a codec system's section, the codes stage uses the codec's keys (its model and train keys are
+    the training stage's); `encode_workers` is left out like num_workers above."""
+    listed = {p.removeprefix("${item}.") for p in DAG["stages"]["codes"]["do"]["params"] if p.startswith("${item}.")}
+    keys = {f.name for f in dataclasses.fields(CodecLMConfig)}
+    assert listed == keys - {"model", "train", "encode_workers"}
 
 
 @pytest.mark.parametrize("params", [ROOT / "params.yaml", ROOT / "configs" / "paper.yaml"], ids=lambda p: p.name)
