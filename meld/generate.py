@@ -74,8 +74,9 @@ def tts_continue(
     out: list[Continuation] = []
     bar = progress(total=len(texts), desc=progress_desc, unit="utt", disable=progress_desc is None)
     for k, s in enumerate(range(0, len(texts), batch_size), start=first_batch):
-        g = torch.Generator(device=device).manual_seed(batch_seed(seed, k))
-        torch.manual_seed(batch_seed(seed, k))  # test-time dropout draws from the global generator: seed it too
+        batch = batch_seed(seed, k)
+        g = torch.Generator(device=device).manual_seed(batch)
+        torch.manual_seed(batch)  # test-time dropout draws from the global generator: seed it too
         chunk = slice(s, s + batch_size)
         ps = [p[: (p.shape[0] // reduction) * reduction] for p in prompts[chunk]]  # whole groups only
         lens = [p.shape[0] for p in ps]

@@ -90,6 +90,8 @@ class Decoding:
                              progress_desc=progress_desc)
 
 
+IN_PROCESS = Decoding()  # no pool: decodes with the models of this process (holds no state)
+
 def choose_utterances(store: FeatureStore, cfg: EvaluateConfig, split: str) -> list[int]:
     """Indices of up to N utterances of the allowed length, spread over speakers, deterministic.
 
@@ -154,7 +156,7 @@ def generation_row(split: str, meta: dict, generation: int, *, gen_s: float, tru
 def evaluate_split(model, state, stats: NormStats, tok, store: FeatureStore, audio_paths: dict, cfg: EvaluateConfig,
                    split: str, scorer: ScoringPool, judge_exclude: tuple[str, ...], out: Path,
                    variant: dict, references: dict[int, dict], stt_judge=None,
-                   decoding: Decoding | None = None) -> tuple[dict, list[dict]]:
+                   decoding: Decoding = IN_PROCESS) -> tuple[dict, list[dict]]:
     """One split under one decoding variant. ``references`` caches the ground-truth scores per utterance
     index across variants (they do not depend on the variant); missing ones are scored and added."""
     r = int(state["extra"]["reduction_factor"])
@@ -173,7 +175,6 @@ def evaluate_split(model, state, stats: NormStats, tok, store: FeatureStore, aud
             prompts.append(stats.normalise(mel[:p]))
             guards.append(int(math.ceil(cfg.max_length_factor * (mel.shape[0] - p))))
             refs.append((i, p))
-    decoding = decoding or Decoding()
     conts, compute_s = decoding.generate(
         tts_continue, model, {"texts": texts, "prompts": prompts, "max_frames": guards}, reduction=r,
         temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
@@ -225,7 +226,7 @@ RANDOM_CODEC_NOTE = ("codec weights unavailable: the codes come from a randomly 
 
 
 def evaluate_codec_system(model, state: dict, cfg: EvaluateConfig, system: str, codes_dir: Path, corpus: Path,
-                          out: Path, decoding: Decoding | None = None) -> tuple[dict, list[dict]]:
+                          out: Path, decoding: Decoding = IN_PROCESS) -> tuple[dict, list[dict]]:
     """Codec-LM: TTS continuation of code prompts, decoded by the codec that made the codes, scored like the rest.
 
     Prompt = the first ``prompt_seconds`` of an utterance's codes + its full transcript; the codec decodes
@@ -255,7 +256,6 @@ def evaluate_codec_system(model, state: dict, cfg: EvaluateConfig, system: str, 
         log.warning("%s: %s", system, RANDOM_CODEC_NOTE)
     spec = ScorerSpec(cfg.vocoder, cfg.vocoder_path, cfg.asr_judge, cfg.asr_judge_path, cfg.speaker_model,
                       cfg.speaker_model_path, cfg.score_device)
-    decoding = decoding or Decoding()
     all_rows: list[dict] = []
     hop, rate = codec.hop_length, float(desc["frame_rate"])
     judge_exclude = tuple(cfg.judge_exclude_prefixes)
@@ -403,9 +403,9 @@ def load_stt_judge(path: str | None, ctc_weight: float, device: str) -> STTModel
 
 def transcribe_mels(stt: STTModel, mels: list[np.ndarray], beam: int, batch_size: int,
                     tokens_per_second: float, progress_desc: str | None = None,
-                    decoding: Decoding | None = None) -> list[str]:
+                    decoding: Decoding = IN_PROCESS) -> list[str]:
     """Raw (denormalised) log-mel arrays -> text, through a MELD STT model (no vocoder)."""
-    ids = (decoding or Decoding()).transcribe(
+    ids = decoding.transcribe(
         stt, [stt.stats.normalise(m) for m in mels], reduction=stt.reduction, beam_size=beam, max_tokens=400,
         max_tokens_per_second=tokens_per_second, batch_size=batch_size, ctc_weight=stt.ctc_weight,
         progress_desc=progress_desc)
@@ -413,7 +413,7 @@ def transcribe_mels(stt: STTModel, mels: list[np.ndarray], beam: int, batch_size
 
 
 def score_with_stt_judge(stt, rows: list[dict], store: FeatureStore, chosen: list[int],
-                         tokens_per_second: float, decoding: Decoding | None = None) -> dict:
+                         tokens_per_second: float, decoding: Decoding = IN_PROCESS) -> dict:
     """WER of the generated mel frames (and of the ground truth) read by MELD's own STT model."""
     hyps = transcribe_mels(stt, [r["_mel"] for r in rows], beam=5, batch_size=8, tokens_per_second=tokens_per_second,
                            progress_desc="STT judge: generations", decoding=decoding)
@@ -426,7 +426,7 @@ def score_with_stt_judge(stt, rows: list[dict], store: FeatureStore, chosen: lis
     return {"wer_meld_stt_judge": w["wer"], "wer_ground_truth_meld_stt_judge": g["wer"]}
 
 
-def evaluate_stt(stt, features: Path, cfg: EvaluateConfig, decoding: Decoding | None = None) -> dict:
+def evaluate_stt(stt, features: Path, cfg: EvaluateConfig, decoding: Decoding = IN_PROCESS) -> dict:
     """STT WER (beam search) per split, on up to stt_max_utterances utterances each."""
     out = {}
     for split in cfg.stt_splits:
@@ -521,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(cfg.device, "evaluate.device")
     except ValueError as err:
         raise SystemExit(f"evaluate: {err}") from None
-    return evaluate(args, params, cfg, device, Decoding())
+    return evaluate(args, params, cfg, device, IN_PROCESS)
 
 
 def evaluate(args: argparse.Namespace, params: dict, cfg: EvaluateConfig, device: str, decoding: Decoding) -> int:

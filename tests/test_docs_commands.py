@@ -18,6 +18,7 @@ from meld import config
 
 ROOT = Path(__file__).resolve().parents[1]
 HOW_TO = [ROOT / "README.md", ROOT / "docs" / "scaling.md", ROOT / "bench" / "README.md"]
+TEXTS = [p.read_text() for p in HOW_TO]
 SECTIONS = {"corpus": config.CorpusConfig, "features": config.FeaturesConfig, "codebook": config.CodebookConfig,
             "bpe": config.BPEConfig, "model": config.ModelConfig, "train": config.TrainConfig,
             "evaluate": config.EvaluateConfig, "tune": config.TuneConfig}
@@ -47,13 +48,13 @@ def documented_params(texts: list[str]) -> set[tuple[str, str]]:
     return keys
 
 
-COMMANDS = documented_commands([p.read_text() for p in HOW_TO])
+COMMANDS = documented_commands(TEXTS)
 
 
 def test_the_docs_show_commands_and_keys_to_check():
     """The extraction itself finds what the README plainly shows (else every check below passes on nothing)."""
     assert "--list" in COMMANDS["meld.cli synthesize"] and "ray_jobs.train" in COMMANDS
-    assert ("evaluate", "decode_workers") in documented_params([p.read_text() for p in HOW_TO])
+    assert ("evaluate", "decode_workers") in documented_params(TEXTS)
     shown = documented_commands(["`python -m bench.kmeans --threads 1 \\\n  --no-such-flag` | `meld info x`"])
     assert shown == {"bench.kmeans": {"--threads", "--no-such-flag"}, "meld.cli info": set()}
 
@@ -68,6 +69,6 @@ def test_a_documented_command_accepts_the_flags_shown(command):
 
 
 def test_every_params_key_the_docs_name_exists():
-    named = documented_params([p.read_text() for p in HOW_TO])
+    named = documented_params(TEXTS)
     unknown = sorted(f"{s}.{k}" for s, k in named if k not in {f.name for f in dataclasses.fields(SECTIONS[s])})
     assert not unknown, f"the docs name params keys their sections do not have: {unknown}"
