@@ -32,9 +32,9 @@ MLflow: one parent run ``tune-<system>``; every trial's training run is its chil
 An interrupted sweep (Ctrl-C, ``ray job stop``, a lost driver) writes no report and resumes when the
 same command runs again with the same inputs (:func:`sweep_fingerprint`): finished trials are kept,
 unfinished ones continue from their own training checkpoints, under the same MLflow parent run.
-Other inputs, or ``--restart``, start it over. ASHA's rung records from before the interruption are
-not restored (Ray Tune pickles the scheduler when the sweep starts), so the trials that resume are
-compared only with results reported after it (docs/decisions.md).
+Other inputs, or ``--restart``, start it over. ASHA's rung records are kept in the work directory
+(:mod:`ray_jobs.asha`), so the trials that resume are compared with every result reported before the
+interruption too, as in an uninterrupted sweep.
 """
 
 from __future__ import annotations
@@ -81,7 +81,8 @@ def sweep_fingerprint(params: dict, tc: TuneConfig, *, features: str, bpe: str, 
                       project_root: str) -> str:
     """What makes two runs the same sweep: the tune section, every trial's training fingerprint (its
     model, training settings, input bytes and training code), the dev split that scores it, this
-    file and the MLflow experiment. Building each trial's config here also finds a missing codebook
+    file and the scheduler's (ray_jobs/asha.py: its records must be read as they were written) and the
+    MLflow experiment. Building each trial's config here also finds a missing codebook
     or dev split, or a system with no TTS objective, before Ray starts."""
     from meld.training import fingerprint
     from ray_jobs.train import build_config, files_digest
@@ -106,7 +107,7 @@ def sweep_fingerprint(params: dict, tc: TuneConfig, *, features: str, bpe: str, 
         "tune": tc.to_dict(),
         "trials": trials,
         "dev": files_digest([dev]),
-        "sweep_code": files_digest([Path(__file__)]),
+        "sweep_code": files_digest([Path(__file__), Path(__file__).with_name("asha.py")]),
         "experiment": params.get("mlflow", {}).get("experiment", "meld"),
     })
 
@@ -212,35 +213,19 @@ def trial_driver(trial: dict, setup: dict) -> None:
     )
 
 
-def recording_asha(stops_file: Path, **kwargs):
-    """ASHA that also appends each trial it stops to ``stops_file`` (JSON lines: the trial's knobs and
-    step). Tune ends a trial the same way whether ASHA stopped it or a signal interrupted the sweep;
-    this record tells an early-stopped trial from an unfinished one. A file, not memory: Ray Tune
-    restores the scheduler from a pickle, and the record must outlive the interruption."""
-    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
-
-    class RecordingASHA(ASHAScheduler):
-        def on_trial_result(self, tune_controller, trial, result):
-            decision = super().on_trial_result(tune_controller, trial, result)
-            if decision == TrialScheduler.STOP:
-                row = {"reduction_factor": int(trial.config["reduction_factor"]),
-                       "slowness_weight": float(trial.config["slowness_weight"]), "step": int(result["step"])}
-                with open(stops_file, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-            return decision
-
-    return RecordingASHA(**kwargs)
+ASHA_RECORDS = "asha.jsonl"  # in the work directory: ASHA's rung records (ray_jobs/asha.py)
 
 
-def _asha_stops(stops_file: Path) -> dict[tuple[int, float], set[int]]:
-    """(r, w) -> the steps at which ASHA stopped that trial (more than one when a stop was lost in an
-    interrupt: Tune's saved state, older than the stop, restored the trial as running)."""
+def _asha_stops(records_file: Path) -> dict[tuple[int, float], set[int]]:
+    """(r, w) -> the steps at which ASHA stopped that trial. Tune ends a trial the same way whether
+    ASHA stopped it or a signal interrupted the sweep; this record tells the two apart."""
+    from ray_jobs.asha import read_records
+
     stops: dict[tuple[int, float], set[int]] = {}
-    if stops_file.is_file():
-        for line in stops_file.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                stops.setdefault((row["reduction_factor"], row["slowness_weight"]), set()).add(row["step"])
+    for row in read_records(records_file):
+        if row["stopped"]:
+            knobs = row["config"]
+            stops.setdefault((int(knobs["reduction_factor"]), float(knobs["slowness_weight"])), set()).add(row["step"])
     return stops
 
 
@@ -256,8 +241,8 @@ def collect_trials(grid, tc: TuneConfig, work_dir: Path) -> list[dict]:
     """One row per trial: its knobs, objective (last reported value), steps, status and MLflow run.
 
     Status: ``completed`` (trained ``max_steps``), ``error``, ``early_stopped`` (ASHA stopped it:
-    :func:`recording_asha`'s record) or ``unfinished`` (neither: the sweep was interrupted)."""
-    stopped = _asha_stops(work_dir / "asha_stops.jsonl")
+    the scheduler's record) or ``unfinished`` (neither: the sweep was interrupted)."""
+    stopped = _asha_stops(work_dir / ASHA_RECORDS)
     rows = []
     for result in grid:
         cfg = result.config or {}
@@ -401,13 +386,15 @@ def run_sweep(
             "mlflow_tracking_uri": mlflow.get_tracking_uri(),
         }
         if tc.scheduler == "asha":
-            scheduler = recording_asha(
-                work_dir / "asha_stops.jsonl",
+            from ray_jobs.asha import ResumableASHA
+
+            scheduler = ResumableASHA(
+                work_dir / ASHA_RECORDS,
+                key_params=("reduction_factor", "slowness_weight"),
                 time_attr="step",
                 max_t=tc.max_steps,
                 grace_period=tc.grace_period,
                 reduction_factor=tc.asha_reduction,
-                stop_last_trials=False,
             )
         else:
             scheduler = FIFOScheduler()

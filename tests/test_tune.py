@@ -151,8 +151,8 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path_factory, tmp_pat
     import ray
 
     max_steps = 16  # the second trial's remaining steps leave the interrupt time to land mid-trial
-    # ASHA's one rung at step 8 stops nothing before the interrupt (step 2), and after it holds only the
-    # resumed trial (Tune restores the scheduler as it was when the sweep started), so both complete
+    # ASHA's rungs at steps 8 and 16: the finished trial's records there are written before the interrupt
+    # (step 2 of the other), and the resumed trial is judged against them at step 8
     tune = {**TINY_PARAMS["tune"], "scheduler": "asha", "grace_period": 8, "asha_reduction": 2,
             "max_steps": max_steps, "eval_every": 2, "max_concurrent_trials": 1, "max_failures": 0}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({**TINY_PARAMS, "tune": tune}))
@@ -209,7 +209,17 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path_factory, tmp_pat
     report = json.loads((tmp_path / "tune.json").read_text())
     assert report["mlflow_parent_run_id"] == parent
     assert sorted(t["trial"] for t in report["trials"]) == sorted(names)
-    assert all(t["status"] == "completed" and t["steps"] == max_steps for t in report["trials"]), report["trials"]
+    from ray_jobs.asha import read_records
+
+    rows = {(trial_name("meld", r["config"]["reduction_factor"], r["config"]["slowness_weight"]), r["rung"]): r
+            for r in read_records(tmp_path / "work" / "asha.jsonl")}
+    assert sorted(rows) == sorted([(finished, 8), (finished, 16), (stopped, 8)] + [(stopped, 16)] * (
+        not rows[(stopped, 8)]["stopped"])), rows
+    # the resumed trial was compared with the finished trial's result from before the interruption
+    assert rows[(stopped, 8)]["stopped"] == (rows[(stopped, 8)]["objective"] > rows[(finished, 8)]["objective"])
+    status = {t["trial"]: (t["status"], t["steps"]) for t in report["trials"]}
+    assert status[finished] == ("completed", max_steps)
+    assert status[stopped] == (("early_stopped", 8) if rows[(stopped, 8)]["stopped"] else ("completed", max_steps))
     assert {t["trial"]: t["mlflow_run_id"] for t in report["trials"]} == run_ids  # the same runs, continued
     assert _checkpoint_files(trials / finished) == kept_finished  # the finished trial was not trained again
     client = MlflowClient(uri)
@@ -278,19 +288,19 @@ def test_asha_stops_are_recorded_and_tell_early_stopped_from_unfinished(tmp_path
 
     import pandas as pd
 
-    from ray_jobs.tune import collect_trials, recording_asha
+    from ray_jobs.asha import ResumableASHA
+    from ray_jobs.tune import ASHA_RECORDS, collect_trials
 
     tc = TuneConfig.from_dict({**TINY_PARAMS["tune"], "max_steps": 4, "slowness_weights": [0.0, 0.5, 0.9, 1.5]},
                               "tune")
-    asha = recording_asha(tmp_path / "asha_stops.jsonl", time_attr="step", metric=tc.metric, mode="min",
-                          max_t=tc.max_steps, grace_period=1, reduction_factor=2, stop_last_trials=False)
+    asha = ResumableASHA(tmp_path / ASHA_RECORDS, key_params=("reduction_factor", "slowness_weight"),
+                         time_attr="step", metric=tc.metric, mode="min", max_t=tc.max_steps, grace_period=1,
+                         reduction_factor=2)
 
     def trial(w: float):
         return SimpleNamespace(trial_id=f"t{w}", config={"reduction_factor": 1, "slowness_weight": w})
 
     good, bad = trial(0.0), trial(0.5)
-    for t in (good, bad):
-        asha.on_trial_add(None, t)
     assert asha.on_trial_result(None, good, {"step": 1, tc.metric: 1.0}) == "CONTINUE"
     assert asha.on_trial_result(None, bad, {"step": 1, tc.metric: 5.0}) == "STOP"  # the worse half at rung 1
 

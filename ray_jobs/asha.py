@@ -1,0 +1,166 @@
+"""Asynchronous successive halving (ASHA, one bracket) whose rung records outlive an interrupted sweep.
+
+Ray Tune's own ``ASHAScheduler`` keeps its rungs in memory, and ``Tuner.restore`` brings back the
+scheduler pickled when the sweep *started*: a resumed sweep forgets every result reported before the
+interruption, so the trials that resume are compared only with one another (and a trial whose stop was
+lost in the interrupt trains on past it). This scheduler keeps each rung record as a line of a JSON
+file in the sweep's work directory and reads the file again whenever it is unpickled, so a resumed
+sweep decides as the uninterrupted one would have.
+
+The algorithm is ASHA's (Li et al., 2020) as Ray Tune implements it with ``brackets=1`` and
+``stop_last_trials=False``: rungs at ``grace_period * reduction_factor**k`` up to ``max_t``; the first
+report of a trial at or past a rung's step is compared with the results earlier trials reported there
+and stopped when it falls outside the best ``1 / reduction_factor`` of them (the percentile cut of
+numpy's linear interpolation); only the highest rung a report has reached counts. Two deliberate
+differences: a trial reporting a non-finite objective (a diverged run) is stopped at its rung, where
+Ray's would let it train on; and a trial reporting again at a rung it has a record for (it resumed from
+a checkpoint older than its stop) gets the recorded answer again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+
+log = logging.getLogger("meld.tune")
+
+
+def rung_steps(grace_period: int, max_t: int, reduction_factor: float) -> list[float]:
+    """The rungs' steps, lowest first: grace_period, x reduction_factor, ... while <= max_t."""
+    if not (0 < grace_period <= max_t) or reduction_factor <= 1:
+        raise ValueError(
+            f"ASHA needs 0 < grace_period <= max_t and reduction_factor > 1, got grace_period={grace_period}, "
+            f"max_t={max_t}, reduction_factor={reduction_factor}"
+        )
+    steps, step = [], grace_period
+    while step <= max_t:
+        steps.append(step)
+        step *= reduction_factor
+    return steps
+
+
+class ResumableASHA(FIFOScheduler):
+    """ASHA over ``time_attr`` whose rung records are appended to ``records_file``.
+
+    A trial is known by the values of ``key_params`` in its config (the sweep's knobs), not by Tune's
+    trial id, so the file reads on its own and a record stays attached to its trial across restores.
+    Each line: ``{"config": {...}, "rung": step, "step": reported step, "objective": value, "stopped": bool}``.
+    """
+
+    def __init__(self, records_file: str | Path, *, key_params: tuple[str, ...], time_attr: str, max_t: int,
+                 grace_period: int, reduction_factor: float, metric: str | None = None, mode: str | None = None):
+        super().__init__()
+        self.records_file = Path(records_file)
+        self.key_params = tuple(key_params)
+        self.time_attr = time_attr
+        self.max_t = max_t
+        self.reduction_factor = reduction_factor
+        self.rungs = rung_steps(grace_period, max_t, reduction_factor)
+        self._metric, self._mode = None, None  # TrialScheduler's fields (its `metric` property)
+        self.set_search_properties(metric, mode)
+        self._records: dict[float, dict[str, dict]] | None = None  # rung -> trial key -> record; read lazily
+
+    # Tune pickles the scheduler (at the sweep's start) and restores that pickle on resume: the records
+    # are never part of it, so a restored scheduler reads them from the file, which has them all.
+    def __getstate__(self):
+        return {**self.__dict__, "_records": None}
+
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec) -> bool:
+        if (self._metric and metric and metric != self._metric) or (self._mode and mode and mode != self._mode):
+            return False  # set twice, differently: Tune reports the conflict
+        if mode is not None and mode not in ("min", "max"):
+            raise ValueError(f"ASHA's mode must be 'min' or 'max', got {mode!r}")
+        self._metric = metric or self._metric
+        self._mode = mode or self._mode
+        return True
+
+    def trial_key(self, config: dict) -> str:
+        missing = [k for k in self.key_params if k not in config]
+        if missing:
+            raise KeyError(f"ASHA keys trials by {list(self.key_params)}, but a trial's config lacks {missing}")
+        return json.dumps({k: config[k] for k in self.key_params}, sort_keys=True)
+
+    def records(self) -> dict[float, dict[str, dict]]:
+        if self._records is None:
+            self._records = {rung: {} for rung in self.rungs}
+            rows = read_records(self.records_file)
+            if self.records_file.is_file() and not self.records_file.read_text().endswith("\n"):
+                # drop the cut-off line now, or the next record would be appended to it
+                self.records_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
+            for row in rows:
+                if row["rung"] in self._records:
+                    self._records[row["rung"]][self.trial_key(row["config"])] = row
+        return self._records
+
+    def cutoff(self, rung: float) -> float | None:
+        """The objective a trial must reach (at or below for ``min``) not to be stopped at ``rung``."""
+        sign = 1.0 if self._mode == "max" else -1.0
+        scores = [sign * r["objective"] for r in self.records()[rung].values() if math.isfinite(r["objective"])]
+        if not scores:
+            return None
+        return sign * float(np.percentile(scores, (1 - 1 / self.reduction_factor) * 100))
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        return self._judge(trial, result, final=False)
+
+    def on_trial_complete(self, tune_controller, trial, result: dict):
+        if result:
+            self._judge(trial, result, final=True)  # its last result counts at its rung, as in Ray's ASHA
+
+    def _judge(self, trial, result: dict, final: bool) -> str:
+        if self._metric is None or self._mode is None:
+            raise ValueError("ASHA needs a metric and a mode: pass them here or to tune.TuneConfig")
+        if self.time_attr not in result or self._metric not in result:
+            return TrialScheduler.CONTINUE
+        step = result[self.time_attr]
+        reached = [rung for rung in self.rungs if step >= rung]
+        if not reached:
+            return TrialScheduler.CONTINUE
+        rung, key = reached[-1], self.trial_key(trial.config)
+        recorded = self.records()[rung]
+        if key in recorded:
+            return TrialScheduler.STOP if recorded[key]["stopped"] and not final else TrialScheduler.CONTINUE
+        objective = float(result[self._metric])
+        cutoff = self.cutoff(rung)
+        worse = cutoff is not None and (objective > cutoff if self._mode == "min" else objective < cutoff)
+        # a trial at max_t has finished: there is nothing left to stop
+        stopped = not final and step < self.max_t and (worse or not math.isfinite(objective))
+        row = {"config": {k: trial.config[k] for k in self.key_params}, "rung": rung, "step": step,
+               "objective": objective, "stopped": stopped}
+        recorded[key] = row
+        with open(self.records_file, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if stopped:
+            log.info("ASHA stops %s at step %s: %s %.4g, the rung's cutoff %s", key, step, self._metric, objective,
+                     "none (not finite)" if cutoff is None else f"{cutoff:.4g}")
+        return TrialScheduler.STOP if stopped else TrialScheduler.CONTINUE
+
+    def debug_string(self) -> str:
+        cuts = ", ".join(f"step {rung:g}: {len(self.records()[rung])} trials, cutoff {self.cutoff(rung)}"
+                         for rung in self.rungs)
+        return f"ASHA (records in {self.records_file.name}): {cuts}"
+
+
+def read_records(records_file: Path) -> list[dict]:
+    """The file's rows, oldest first. A last line cut off by a killed driver is skipped with a warning
+    (the result it held is judged again when the trial reports it again); any other bad line is an error."""
+    if not records_file.is_file():
+        return []
+    lines = records_file.read_text().splitlines()
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                log.warning("%s: its last line is incomplete (a driver killed while writing it); skipped", records_file)
+            else:
+                raise ValueError(f"{records_file}, line {i + 1}: not a JSON record ({e})") from e
+    return rows

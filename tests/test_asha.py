@@ -1,0 +1,189 @@
+"""ray_jobs/asha.py: ASHA's decisions, as Ray Tune's ASHAScheduler makes them, kept across a restore."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("ray.tune")
+
+from ray import cloudpickle  # noqa: E402  (what Tune pickles its scheduler with)
+from ray.tune.schedulers import ASHAScheduler  # noqa: E402
+
+from ray_jobs.asha import ResumableASHA, read_records, rung_steps  # noqa: E402
+
+METRIC = "dev/mse"
+
+
+def trial(i: int):
+    """What a scheduler reads of a Tune trial: its id and config."""
+    return SimpleNamespace(trial_id=f"trial_{i:05d}", config={"w": i / 10, "r": 1 + i % 2})
+
+
+def ours(tmp_path, name="asha.jsonl", **kw):
+    return ResumableASHA(tmp_path / name, key_params=("r", "w"), time_attr="step", metric=METRIC, mode="min", **kw)
+
+
+def rays(**kw):
+    return ASHAScheduler(time_attr="step", metric=METRIC, mode="min", stop_last_trials=False, **kw)
+
+
+def asynchronous_reports(seed: int, trials: int, max_t: int, every: int) -> list[tuple[int, int, float]]:
+    """(trial, step, objective) in an interleaved order, each trial's steps ascending; each trial has its
+    own level and noise, so rungs see both clear and close calls."""
+    rng = random.Random(seed)
+    pending = {i: [(s, rng.uniform(1, 3) + 2 / s + rng.gauss(0, 0.1)) for s in range(every, max_t + 1, every)]
+               for i in range(trials)}
+    order = []
+    while pending:
+        i = rng.choice(sorted(pending))
+        step, value = pending[i].pop(0)
+        order.append((i, step, value))
+        if not pending[i]:
+            del pending[i]
+    return order
+
+
+def replay(scheduler, reports, stopped: set[int]) -> list[tuple[int, int, str]]:
+    """Feed reports to a scheduler as Tune would (a stopped trial reports no more); its decisions."""
+    decisions = []
+    for i, step, value in reports:
+        if i in stopped:
+            continue
+        decision = scheduler.on_trial_result(None, trial(i), {"step": step, METRIC: value})
+        decisions.append((i, step, decision))
+        if decision == "STOP":
+            stopped.add(i)
+    return decisions
+
+
+def test_rungs_are_grace_period_times_powers_of_the_reduction_factor():
+    assert rung_steps(1, 16, 2) == [1, 2, 4, 8, 16]
+    assert rung_steps(8, 20, 2) == [8, 16]
+    assert rung_steps(2, 54, 3) == [2, 6, 18, 54]
+    for bad in ((0, 16, 2), (32, 16, 2), (1, 16, 1)):
+        with pytest.raises(ValueError, match="grace_period"):
+            rung_steps(*bad)
+
+
+@pytest.mark.parametrize("grace,max_t,rf,every", [(1, 16, 2, 1), (2, 54, 3, 2), (4, 32, 2, 3), (8, 16, 2, 2)])
+@pytest.mark.parametrize("seed", range(4))
+def test_decisions_equal_ray_tunes_asha(tmp_path, grace, max_t, rf, every, seed):
+    """Uninterrupted, it stops the same trials at the same reports as Ray Tune's ASHAScheduler (one
+    bracket, stop_last_trials=False), below max_t where a stop still means something."""
+    reports = asynchronous_reports(seed, trials=12, max_t=max_t, every=every)
+    reference, scheduler = rays(max_t=max_t, grace_period=grace, reduction_factor=rf), ours(
+        tmp_path, max_t=max_t, grace_period=grace, reduction_factor=rf)
+    for i in range(12):
+        reference.on_trial_add(None, trial(i))
+    expected = [d for d in replay(reference, reports, set()) if d[1] < max_t]
+    got = [d for d in replay(scheduler, reports, set()) if d[1] < max_t]
+    assert got == expected
+    assert any(d == "STOP" for _, _, d in got), "a sequence that stops nothing shows nothing"
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("cut", [0.25, 0.5, 0.75])
+def test_a_restored_scheduler_decides_as_the_uninterrupted_one(tmp_path, seed, cut):
+    """Tune restores the scheduler it pickled when the sweep started. Ours, so restored, reads the rung
+    records written before the interruption and decides every later report as if nothing had happened."""
+    grace, max_t, rf = 2, 32, 2
+    reports = asynchronous_reports(seed, trials=10, max_t=max_t, every=2)
+    cut = int(len(reports) * cut)
+
+    uninterrupted = replay(ours(tmp_path, "whole.jsonl", max_t=max_t, grace_period=grace, reduction_factor=rf),
+                           reports, set())
+    at_start = ours(tmp_path, max_t=max_t, grace_period=grace, reduction_factor=rf)
+    pickled = cloudpickle.dumps(at_start)
+    stopped: set[int] = set()
+    before = replay(at_start, reports[:cut], stopped)
+    after = replay(cloudpickle.loads(pickled), reports[cut:], stopped)
+    assert before + after == uninterrupted
+    assert read_records(tmp_path / "asha.jsonl") == read_records(tmp_path / "whole.jsonl")
+
+
+def test_ray_tunes_own_asha_forgets_its_rungs_when_restored(tmp_path):
+    """Why ray_jobs/asha.py exists: restored from its pickle at the sweep's start, Ray Tune's ASHA lets a
+    trial through that the results reported before the interruption would have stopped."""
+    kw = {"max_t": 8, "grace_period": 2, "reduction_factor": 2}
+    ray_asha, our_asha = rays(**kw), ours(tmp_path, **kw)
+    for t in (trial(0), trial(1)):
+        ray_asha.on_trial_add(None, t)
+    ray_pickle, our_pickle = cloudpickle.dumps(ray_asha), cloudpickle.dumps(our_asha)
+    for scheduler in (ray_asha, our_asha):
+        assert scheduler.on_trial_result(None, trial(0), {"step": 2, METRIC: 1.0}) == "CONTINUE"
+    ray_restored, our_restored = cloudpickle.loads(ray_pickle), cloudpickle.loads(our_pickle)
+    assert ray_restored.on_trial_result(None, trial(1), {"step": 2, METRIC: 5.0}) == "CONTINUE"
+    assert our_restored.on_trial_result(None, trial(1), {"step": 2, METRIC: 5.0}) == "STOP"
+
+
+def test_a_trial_resumed_from_before_its_stop_is_stopped_again(tmp_path):
+    """A stop lost in the interrupt (Tune's state older than it) brings the trial back from an older
+    checkpoint; when it reaches the rung again it gets the recorded answer, not a new comparison."""
+    scheduler = ours(tmp_path, max_t=8, grace_period=2, reduction_factor=2)
+    good, bad = trial(0), trial(1)
+    assert scheduler.on_trial_result(None, good, {"step": 2, METRIC: 1.0}) == "CONTINUE"
+    assert scheduler.on_trial_result(None, bad, {"step": 2, METRIC: 5.0}) == "STOP"
+    restored = cloudpickle.loads(cloudpickle.dumps(ours(tmp_path, max_t=8, grace_period=2, reduction_factor=2)))
+    assert restored.on_trial_result(None, bad, {"step": 2, METRIC: 0.5}) == "STOP"  # better now, same answer
+    assert restored.on_trial_result(None, good, {"step": 3, METRIC: 9.0}) == "CONTINUE"  # still at rung 2: passed
+    assert [r["stopped"] for r in read_records(tmp_path / "asha.jsonl")] == [False, True]
+
+
+def test_a_diverged_trial_is_stopped_and_does_not_move_the_cutoff(tmp_path):
+    scheduler = ours(tmp_path, max_t=8, grace_period=2, reduction_factor=2)
+    assert scheduler.on_trial_result(None, trial(0), {"step": 2, METRIC: math.nan}) == "STOP"  # first at its rung
+    assert scheduler.cutoff(2) is None
+    assert scheduler.on_trial_result(None, trial(1), {"step": 2, METRIC: 3.0}) == "CONTINUE"
+    assert scheduler.on_trial_result(None, trial(2), {"step": 2, METRIC: math.inf}) == "STOP"
+    assert scheduler.cutoff(2) == 3.0
+    assert scheduler.on_trial_result(None, trial(3), {"step": 2, METRIC: 2.0}) == "CONTINUE"
+    assert scheduler.cutoff(2) == pytest.approx(2.5)  # the median of the finite ones at rf=2
+
+
+def test_max_mode_keeps_the_higher_half(tmp_path):
+    scheduler = ResumableASHA(tmp_path / "a.jsonl", key_params=("r", "w"), time_attr="step", max_t=8,
+                              grace_period=2, reduction_factor=2)
+    assert scheduler.set_search_properties("acc", "max")  # what tune.TuneConfig(metric, mode) does
+    assert scheduler.on_trial_result(None, trial(0), {"step": 2, "acc": 0.5}) == "CONTINUE"
+    assert scheduler.on_trial_result(None, trial(1), {"step": 2, "acc": 0.9}) == "CONTINUE"
+    assert scheduler.on_trial_result(None, trial(2), {"step": 2, "acc": 0.6}) == "STOP"
+    assert not scheduler.set_search_properties("loss", None)  # a second, different metric is refused
+
+
+def test_reports_without_the_metric_or_below_the_first_rung_continue_unrecorded(tmp_path):
+    scheduler = ours(tmp_path, max_t=8, grace_period=2, reduction_factor=2)
+    assert scheduler.on_trial_result(None, trial(0), {"step": 1, METRIC: 1.0}) == "CONTINUE"
+    assert scheduler.on_trial_result(None, trial(0), {"step": 2, "train/loss": 1.0}) == "CONTINUE"
+    assert read_records(tmp_path / "asha.jsonl") == []
+
+
+def test_a_record_cut_off_by_a_killed_driver_is_dropped_and_the_file_stays_readable(tmp_path):
+    scheduler = ours(tmp_path, max_t=8, grace_period=2, reduction_factor=2)
+    scheduler.on_trial_result(None, trial(0), {"step": 2, METRIC: 1.0})
+    records = tmp_path / "asha.jsonl"
+    records.write_text(records.read_text() + '{"config": {"r": 2, "w": 0.1}, "ru')  # killed mid-write
+    restored = cloudpickle.loads(cloudpickle.dumps(ours(tmp_path, max_t=8, grace_period=2, reduction_factor=2)))
+    assert restored.on_trial_result(None, trial(1), {"step": 2, METRIC: 2.0}) == "STOP"  # compared with trial 0
+    assert [r["config"] for r in read_records(records)] == [trial(0).config, trial(1).config]
+    records.write_text('{"config": {}}\nnot json\n{"config": {}}\n')
+    with pytest.raises(ValueError, match=r"asha.jsonl, line 2: not a JSON record"):
+        read_records(records)
+
+
+def test_a_trial_config_without_the_key_params_is_named(tmp_path):
+    scheduler = ours(tmp_path, max_t=8, grace_period=2, reduction_factor=2)
+    with pytest.raises(KeyError, match=r"lacks \['w'\]"):
+        scheduler.on_trial_result(None, SimpleNamespace(config={"r": 1}), {"step": 2, METRIC: 1.0})
+
+
+def test_records_read_back_as_written(tmp_path):
+    scheduler = ours(tmp_path, max_t=8, grace_period=2, reduction_factor=2)
+    scheduler.on_trial_result(None, trial(3), {"step": 4, METRIC: 1.5})
+    (row,) = [json.loads(line) for line in (tmp_path / "asha.jsonl").read_text().splitlines()]
+    assert row == {"config": {"r": 2, "w": 0.3}, "rung": 4, "step": 4, "objective": 1.5, "stopped": False}
+    assert "step 4: 1 trials" in scheduler.debug_string()
