@@ -1,6 +1,6 @@
-"""dvc.yaml's data stages list their params key by key: every key that shapes the output, and not the
-worker counts, whose change would otherwise rerun hours of LibriSpeech preparation (or DAC encoding)
-for the same bytes."""
+"""dvc.yaml's data and evaluation stages list their params key by key: every key that shapes the
+output, and not the worker counts, whose change would otherwise rerun hours of LibriSpeech preparation,
+DAC encoding or evaluation for the same results."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from meld.config import CodecLMConfig, CorpusConfig, FeaturesConfig
+from meld.config import CodecLMConfig, CorpusConfig, EvaluateConfig, FeaturesConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DAG = yaml.safe_load((ROOT / "dvc.yaml").read_text())
@@ -34,6 +34,36 @@ def test_the_codes_stage_lists_the_codec_keys_but_the_worker_count():
     listed = {p.removeprefix("${item}.") for p in DAG["stages"]["codes"]["do"]["params"] if p.startswith("${item}.")}
     keys = {f.name for f in dataclasses.fields(CodecLMConfig)}
     assert listed == keys - {"model", "train", "encode_workers"}
+
+
+@pytest.mark.parametrize("stage", ["evaluate", "evaluate_codec"])
+def test_the_evaluate_stages_list_every_evaluate_key_but_the_process_counts(stage):
+    """score_workers and decode_workers: the same transcripts, tokens and scores to float rounding
+    (tests/test_evaluation.py, tests/test_decode_pool.py, the e2e DAG test)."""
+    listed = {p for p in DAG["stages"][stage]["do"]["params"]}
+    keys = {f.name for f in dataclasses.fields(EvaluateConfig)}
+    assert listed == {f"evaluate.{k}" for k in keys - {"score_workers", "decode_workers"}} | {"mlflow.experiment"}
+
+
+def _listed_params() -> set[str]:
+    """Every ``section.key`` or ``section`` a stage lists (not the per-system ``${item}`` ones)."""
+    stages = [body.get("do", body) for body in DAG["stages"].values()]
+    return {p for body in stages for p in body.get("params", []) if isinstance(p, str) and "${" not in p}
+
+
+@pytest.mark.parametrize("params", [ROOT / "params.yaml", ROOT / "configs" / "paper.yaml"], ids=lambda p: p.name)
+def test_each_shipped_params_file_holds_every_param_a_stage_lists(params):
+    """DVC stops with "missing params" for a listed key the file lacks, even one the code has a default for."""
+    values = yaml.safe_load(params.read_text())
+    missing = []
+    for name in sorted(_listed_params()):
+        node = values
+        for part in name.split("."):
+            if not isinstance(node, dict) or part not in node:
+                missing.append(name)
+                break
+            node = node[part]
+    assert missing == []
 
 
 @pytest.mark.parametrize("params", [ROOT / "params.yaml", ROOT / "configs" / "paper.yaml"], ids=lambda p: p.name)

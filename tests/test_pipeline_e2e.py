@@ -20,10 +20,17 @@ from pathlib import Path
 
 import pytest
 import yaml
+from meld.config import EvaluateConfig
 from test_faults import ensure_ray
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+
+
+def _defaults(config) -> dict:
+    """A config section's every key at its default, as YAML can hold it (lists, not tuples)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in config().to_dict().items()}
+
 
 DEBUG_PARAMS = {
     # the joint MELD is TTS and STT in one model, so one train and one evaluate stage cover both tasks
@@ -59,7 +66,9 @@ DEBUG_PARAMS = {
              "eval_every": 1, "frames_per_batch": 800, "num_workers_per_trial": 1, "cpus_per_worker": 1,
              "max_concurrent_trials": 1, "scheduler": "asha", "grace_period": 1, "asha_reduction": 2,
              "metric": "dev/mse_pre_greedy", "max_failures": 0},
-    "evaluate": {"splits": ["test_unseen"], "utterances_per_split": 1, "generations": 1, "prompt_seconds": 1.0,
+    # dvc.yaml lists the evaluate keys one by one too (not the process counts): DVC wants each in the file
+    "evaluate": {**_defaults(EvaluateConfig),
+                 "splits": ["test_unseen"], "utterances_per_split": 1, "generations": 1, "prompt_seconds": 1.0,
                  "min_seconds": 1.5, "max_seconds": 12.0, "max_length_factor": 1.5, "audio_samples": 1,
                  "ablations": False, "batch_size": 2, "score_workers": 1, "stt_splits": ["test"], "stt_beam_size": 2,
                  "stt_judge_model": "models/meld_joint/model.pt"},
@@ -172,6 +181,20 @@ def test_whole_dag_runs_and_reruns_only_what_changed(tmp_path):
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     status = subprocess.run([str(BIN / "dvc"), "status"], cwd=work, env=env, capture_output=True, text=True).stdout
     assert "train@meld_joint:" in status and "tune:" in status and "train@mel_lm:" not in status, status
+    # the evaluation's process counts change how fast, not what (the sharded run below shows it), so no
+    # stage is stale for them; any other evaluate key makes every evaluation stale, and nothing else
+    del params["meld_joint"]["train"]["lr"]
+    params["evaluate"].update(score_workers=2, decode_workers=2)
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    status = subprocess.run([str(BIN / "dvc"), "status"], cwd=work, env=env, capture_output=True, text=True).stdout
+    assert "up to date" in status, status
+    params["evaluate"]["top_k"] = 5
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    status = subprocess.run([str(BIN / "dvc"), "status"], cwd=work, env=env, capture_output=True, text=True).stdout
+    stale = set(re.findall(r"^(\S+):$", status, re.M))
+    assert stale == {"evaluate@meld_joint", "evaluate@mel_lm"}, status
+    params["evaluate"].update(top_k=DEBUG_PARAMS["evaluate"]["top_k"], score_workers=1, decode_workers=1)
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
 
     import mlflow
 
