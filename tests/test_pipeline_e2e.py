@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from meld.config import EvaluateConfig
 from test_faults import ensure_ray
+
+from meld.config import EvaluateConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
