@@ -196,10 +196,20 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu", mmap: bool = Fa
     return state
 
 
-def load_model(path: str | Path, map_location: str = "cpu") -> tuple[nn.Module, dict]:
-    """Rebuild a model from a checkpoint's stored kwargs and load its weights; returns (model, state)."""
+def load_model(path: str | Path, map_location: str = "cpu", *, weights: bool = True) -> tuple[nn.Module, dict]:
+    """Rebuild a model from a checkpoint's stored kwargs and load its weights; returns (model, state).
+
+    ``weights=False``: the model's structure and attributes only, its tensors on the ``meta`` device and
+    the checkpoint mapped, not read, for a process that hands the decoding to others (the evaluation
+    over a :class:`ray_jobs.decode_pool.DecodePool`) and reads only the state's metadata and extras.
+    """
     from meld.models.builders import build_model
 
+    if not weights:
+        state = load_checkpoint(path, map_location="cpu", mmap=True)
+        with torch.device("meta"):
+            model = build_model(state["system"], state["model_kwargs"])
+        return model.eval(), state
     state = load_checkpoint(path, map_location)
     model = build_model(state["system"], state["model_kwargs"])
     model.load_state_dict(state["model"])

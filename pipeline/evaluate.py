@@ -348,7 +348,7 @@ class STTModel(NamedTuple):
 
 
 def load_stt_model(path: str | Path, ctc_weight: float = 0.0, stats: NormStats | None = None,
-                   tokenizer: BPETokenizer | None = None, device: str = "cpu") -> STTModel:
+                   tokenizer: BPETokenizer | None = None, device: str = "cpu", *, weights: bool = True) -> STTModel:
     """An STT-capable checkpoint, ready for :func:`transcribe_mels`.
 
     Args:
@@ -358,9 +358,12 @@ def load_stt_model(path: str | Path, ctc_weight: float = 0.0, stats: NormStats |
             neither: the features' normalisation and the BPE model it was trained with. A finished
             ``model.pt`` carries its own, and they win.
         device: where the model decodes (a resolved torch device, :func:`meld.devices.resolve_device`).
+        weights: False when a :class:`Decoding` pool decodes (it loads ``path`` itself): the model's
+            structure only (``load_model(weights=False)``), no weights read or held here.
     """
-    model, state = load_model(path)
-    model.to(device)
+    model, state = load_model(path, weights=weights)
+    if weights:
+        model.to(device)
     if not hasattr(model, "stt_prefix"):
         raise SystemExit(f"evaluate: {path} is a {model.system} model, which cannot transcribe")
     if ctc_weight > 0 and not getattr(model, "stt_ctc", False):
@@ -380,7 +383,7 @@ def load_stt_model(path: str | Path, ctc_weight: float = 0.0, stats: NormStats |
     return STTModel(model, str(path), stats, tokenizer, reduction, ctc_weight)
 
 
-def load_stt_judge(path: str | None, ctc_weight: float, device: str) -> STTModel | None:
+def load_stt_judge(path: str | None, ctc_weight: float, device: str, *, weights: bool = True) -> STTModel | None:
     """``evaluate.stt_judge_model``: the MELD-STT judge, or None (logged) when there is none to use.
 
     A checkpoint trained for TTS only is not a judge; it is also how a config run under ``dvc repro``
@@ -398,7 +401,7 @@ def load_stt_judge(path: str | None, ctc_weight: float, device: str) -> STTModel
     if task == "tts":
         log.info("evaluate.stt_judge_model %s was trained for TTS only: no MELD-STT judge", path)
         return None
-    return load_stt_model(path, ctc_weight, device=device)
+    return load_stt_model(path, ctc_weight, device=device, weights=weights)
 
 
 def transcribe_mels(stt: STTModel, mels: list[np.ndarray], beam: int, batch_size: int,
@@ -527,10 +530,14 @@ def main(argv: list[str] | None = None) -> int:
 def evaluate(args: argparse.Namespace, params: dict, cfg: EvaluateConfig, device: str, decoding: Decoding) -> int:
     """The stage's work once its inputs are checked: ``device`` holds this process's models, ``decoding``
     says where they decode."""
-    model, state = load_model(args.model)
-    model.to(device)
-    log.info("evaluating on %s", device if decoding.pool is None else f"{cfg.decode_workers} Ray actors ({cfg.device})")
-    configure_decoding(model, compile=cfg.compile_decoding)
+    # with a pool the actors load and run the models; here only their structure and extras are needed,
+    # so no weights are read (~0.75 GB per model at the paper's size, three models with the judges)
+    weights = decoding.pool is None
+    model, state = load_model(args.model, weights=weights)
+    if weights:
+        model.to(device)
+        configure_decoding(model, compile=cfg.compile_decoding)
+    log.info("evaluating on %s", device if weights else f"{cfg.decode_workers} Ray actors ({cfg.device})")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if model.system == "codec_lm":  # scored on DAC codes through its own codec, not on mel frames
@@ -552,10 +559,10 @@ def evaluate(args: argparse.Namespace, params: dict, cfg: EvaluateConfig, device
     metrics: dict = {"system": args.system, "task": task, "step": int(state["step"]), "vocoder": None,
                      "asr_judge": None, "splits": {}, "ablations": {}}
     if task in ("stt", "joint"):
-        stt = load_stt_model(args.model, cfg.stt_ctc_weight, device=device)
+        stt = load_stt_model(args.model, cfg.stt_ctc_weight, device=device, weights=weights)
         metrics["stt"] = evaluate_stt(stt, Path(args.features), cfg, decoding)
         metrics["stt_ctc_weight"] = stt.ctc_weight
-    stt_judge = load_stt_judge(cfg.stt_judge_model, cfg.stt_ctc_weight, device) if variants else None
+    stt_judge = load_stt_judge(cfg.stt_judge_model, cfg.stt_ctc_weight, device, weights=weights) if variants else None
     if stt_judge is not None:
         metrics["stt_judge_model"] = cfg.stt_judge_model
         metrics["stt_judge_ctc_weight"] = stt_judge.ctc_weight

@@ -111,3 +111,30 @@ def test_mel_plots_share_one_time_axis(tmp_path, monkeypatch):
     (fig,) = closed
     assert [ax.get_xlim() for ax in fig.axes] == [(-0.5, 119.5)] * 2
     real_close(fig)
+
+
+@pytest.mark.parametrize("system", ["meld", "meld_joint", "melle", "mel_lm", "dmel", "codec_lm"])
+def test_a_model_loaded_without_weights_is_the_same_model_holding_no_tensor(tmp_path, system):
+    """What the evaluation's own process loads when a decoding pool runs the models: the same structure,
+    attributes and extras as a full load, every parameter and buffer on the meta device (no memory)."""
+    from test_faults import TINY_PARAMS
+
+    from meld.config import ModelConfig
+    from meld.models.builders import build_model, system_kwargs
+    from meld.training import load_model, save_checkpoint
+
+    kwargs = system_kwargs(system, ModelConfig.from_dict(TINY_PARAMS["model"], "model"), n_text=20, codebook_size=16)
+    path = save_checkpoint(tmp_path / "model.pt", system=system, model=build_model(system, kwargs),
+                           model_kwargs=kwargs, step=7, extra={"task": "tts", "norm_mean": __import__("torch").ones(80)})
+    full, full_state = load_model(path)
+    bare, bare_state = load_model(path, weights=False)
+    assert type(bare) is type(full) and bare.system == full.system and not bare.training
+    assert bare_state["system"] == system
+    tensors = dict(bare.named_parameters()) | dict(bare.named_buffers())
+    assert tensors and all(t.is_meta for t in tensors.values())
+    assert {n: t.shape for n, t in tensors.items()} == {
+        n: t.shape for n, t in (dict(full.named_parameters()) | dict(full.named_buffers())).items()}
+    for attr in ("reduction_factor", "frame_dim", "stt_ctc", "n_levels"):
+        assert getattr(bare, attr, None) == getattr(full, attr, None), attr
+    assert bare_state["step"] == 7 and bare_state["model_kwargs"] == kwargs
+    assert (bare_state["extra"]["norm_mean"].numpy() == full_state["extra"]["norm_mean"].numpy()).all()
