@@ -136,8 +136,8 @@ class ResumableASHA(FIFOScheduler):
         with open(self.records_file, "a") as f:
             f.write(json.dumps(row) + "\n")
         if stopped:
-            log.info("ASHA stops %s at step %s: %s %.4g, the rung's cutoff %s", key, step, self._metric, objective,
-                     "none (not finite)" if cutoff is None else f"{cutoff:.4g}")
+            why = "not finite" if not math.isfinite(objective) else f"worse than the rung's cutoff {cutoff:.4g}"
+            log.info("ASHA stops %s at step %s: %s %.4g, %s", key, step, self._metric, objective, why)
         return TrialScheduler.STOP if stopped else TrialScheduler.CONTINUE
 
     def debug_string(self) -> str:
