@@ -661,14 +661,18 @@ def files_digest(paths: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def _code_digest() -> str:
-    """SHA-256 over the training code (the ``meld`` package and this driver): after a code change
-    that made DVC rerun the train stage, a finished run's checkpoint must not be resumed and
-    exported as if it were the new code's model."""
-    import meld
+def _code_digest(root: Path | None = None) -> str:
+    """SHA-256 over the code training runs: this driver and every module it imports, followed through
+    meld/ and ray_jobs/ (:func:`meld.codedeps.code_closure`, the rule dvc.yaml's train deps are held
+    to). After a code change that made DVC rerun the train stage, a finished run's checkpoint must not
+    be resumed and exported as if it were the new code's model; a change to code training does not run
+    (the evaluation, the CLI, the corpus) leaves an interrupted run resumable.
 
-    files = sorted(Path(meld.__file__).parent.rglob("*.py")) + [Path(__file__)]
-    return files_digest(files)
+    ``root``: the repository (default: this checkout)."""
+    from meld.codedeps import REPO_ROOT, code_closure
+
+    root = root or REPO_ROOT
+    return files_digest(sorted(code_closure(root / "ray_jobs" / "train.py", root)))
 
 
 def _check_init_from(path: str | Path, system: str, model_kwargs: dict, checkpoint_dir: Path) -> Path:

@@ -309,6 +309,31 @@ def test_other_input_bytes_make_another_configuration(data, tmp_path):
     assert fingerprint_with(other) != fingerprint_with(data / "codebook")
 
 
+def test_the_code_fingerprint_follows_the_code_training_runs(tmp_path):
+    """A change to a module training imports makes another configuration (its checkpoints are not
+    resumed); a change to code it does not run (the evaluation, the CLI) leaves an interrupted run
+    resumable. On a copy of the repository's code, so the files can be edited."""
+    from ray_jobs.train import _code_digest
+
+    root = Path(__file__).resolve().parents[1]
+    for package in ("meld", "pipeline", "ray_jobs"):
+        shutil.copytree(root / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    assert _code_digest() == _code_digest(tmp_path)  # the same bytes: the same digest, wherever they lie
+    base = _code_digest(tmp_path)
+
+    def edited(path: str) -> str:
+        with open(tmp_path / path, "a") as f:
+            f.write("\n# edited\n")
+        return _code_digest(tmp_path)
+
+    assert edited("meld/evaluation/scoring.py") == base
+    assert edited("meld/cli/synthesize.py") == base
+    assert edited("meld/generate.py") == base
+    changed = edited("meld/models/backbone.py")  # imported inside the model modules
+    assert changed != base
+    assert edited("ray_jobs/train.py") != changed
+
+
 @pytest.mark.slow
 def test_another_configuration_sets_the_old_checkpoints_aside(crashed_run, tmp_path):
     """A changed parameter starts a new run and moves the old checkpoints to stale/<fingerprint>/,
