@@ -180,6 +180,17 @@ def plot(all_metrics: list[dict], out: Path) -> list[dict]:
     return points
 
 
+def asha_rungs(scheduler: dict) -> str | None:
+    """One line on the sweep's ASHA rungs that trials reached: how many reported, how many it stopped,
+    and the objective a further trial would have needed there (None for a FIFO sweep)."""
+    reached = [r for r in scheduler.get("rungs") or [] if r["trials"]]
+    if not reached:
+        return None
+    parts = [f"step {r['step']}: {r['trials']} trials, {len(r['stopped'])} stopped"
+             + (f" (cutoff {r['cutoff']:.4g})" if r["cutoff"] is not None else "") for r in reached]
+    return "ASHA rungs: " + "; ".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--params", default="params.yaml")
@@ -228,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
             summary = f"best trial: `{best['config']}` objective {best['objective']:.4g}{note}"
         else:
             summary = "no trial produced a finite objective"
-        lines += ["", "## Ray Tune sweep", "", summary, "", "![sweep](tune.png)"]
+        rungs = asha_rungs(tune.get("scheduler") or {})
+        lines += ["", "## Ray Tune sweep", "", summary, *(["", rungs] if rungs else []), "", "![sweep](tune.png)"]
     lines += ["", "![TTS comparison](plots/tts_comparison.png)", ""]
     (out / "summary.md").write_text("\n".join(lines))
     print("\n".join(lines))

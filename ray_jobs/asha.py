@@ -140,6 +140,13 @@ class ResumableASHA(FIFOScheduler):
             log.info("ASHA stops %s at step %s: %s %.4g, %s", key, step, self._metric, objective, why)
         return TrialScheduler.STOP if stopped else TrialScheduler.CONTINUE
 
+    def summary(self) -> list[dict]:
+        """Per rung, lowest first: its step, how many trials reported there, the objective a further
+        trial would have to reach there (None: no finite result yet) and the trials stopped there."""
+        return [{"step": rung, "trials": len(self.records()[rung]), "cutoff": self.cutoff(rung),
+                 "stopped": [r["config"] for r in self.records()[rung].values() if r["stopped"]]}
+                for rung in self.rungs]
+
     def debug_string(self) -> str:
         cuts = ", ".join(f"step {rung:g}: {len(self.records()[rung])} trials, cutoff {self.cutoff(rung)}"
                          for rung in self.rungs)

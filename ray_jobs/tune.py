@@ -216,6 +216,16 @@ def trial_driver(trial: dict, setup: dict) -> None:
 ASHA_RECORDS = "asha.jsonl"  # in the work directory: ASHA's rung records (ray_jobs/asha.py)
 
 
+def asha(tc: TuneConfig, work_dir: Path, **metric_mode):
+    """The sweep's ASHA, its rung records in the work directory (a new one reads those already there).
+    Tune passes it the metric and mode of its TuneConfig; a copy read for the report is given them."""
+    from ray_jobs.asha import ResumableASHA
+
+    return ResumableASHA(work_dir / ASHA_RECORDS, key_params=("reduction_factor", "slowness_weight"),
+                         time_attr="step", max_t=tc.max_steps, grace_period=tc.grace_period,
+                         reduction_factor=tc.asha_reduction, **metric_mode)
+
+
 def _asha_stops(records_file: Path) -> dict[tuple[int, float], set[int]]:
     """(r, w) -> the steps at which ASHA stopped that trial. Tune ends a trial the same way whether
     ASHA stopped it or a signal interrupted the sweep; this record tells the two apart."""
@@ -385,19 +395,7 @@ def run_sweep(
             "parent_run_id": parent.info.run_id,
             "mlflow_tracking_uri": mlflow.get_tracking_uri(),
         }
-        if tc.scheduler == "asha":
-            from ray_jobs.asha import ResumableASHA
-
-            scheduler = ResumableASHA(
-                work_dir / ASHA_RECORDS,
-                key_params=("reduction_factor", "slowness_weight"),
-                time_attr="step",
-                max_t=tc.max_steps,
-                grace_period=tc.grace_period,
-                reduction_factor=tc.asha_reduction,
-            )
-        else:
-            scheduler = FIFOScheduler()
+        scheduler = asha(tc, work_dir) if tc.scheduler == "asha" else FIFOScheduler()
         # A trial (Tune's default: 1 CPU) only runs the driver; the Train workers request their own CPUs/GPUs,
         # and max_concurrent_trials keeps Tune from starting more worker groups than the cluster holds.
         trainable = tune.with_parameters(trial_driver, setup=setup)
@@ -460,6 +458,9 @@ def run_sweep(
                 "max_t": tc.max_steps,
                 "grace_period": tc.grace_period,
                 "reduction_factor": tc.asha_reduction,
+                # each rung's trials, the objective a further trial would need there, and whom it stopped
+                **({"rungs": asha(tc, work_dir, metric=tc.metric, mode="min").summary()}
+                   if tc.scheduler == "asha" else {}),
             },
             "budget": {
                 "max_steps": tc.max_steps,

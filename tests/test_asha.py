@@ -187,3 +187,16 @@ def test_records_read_back_as_written(tmp_path):
     (row,) = [json.loads(line) for line in (tmp_path / "asha.jsonl").read_text().splitlines()]
     assert row == {"config": {"r": 2, "w": 0.3}, "rung": 4, "step": 4, "objective": 1.5, "stopped": False}
     assert "step 4: 1 trials" in scheduler.debug_string()
+
+
+def test_the_summary_lists_each_rungs_trials_cutoff_and_stops(tmp_path):
+    scheduler = ours(tmp_path, max_t=8, grace_period=2, reduction_factor=2)
+    for i, value in enumerate((1.0, 3.0, 2.0)):
+        scheduler.on_trial_result(None, trial(i), {"step": 2, METRIC: value})
+    scheduler.on_trial_result(None, trial(0), {"step": 4, METRIC: 0.5})
+    read_back = cloudpickle.loads(cloudpickle.dumps(ours(tmp_path, max_t=8, grace_period=2, reduction_factor=2)))
+    assert read_back.summary() == [
+        {"step": 2, "trials": 3, "cutoff": 2.0, "stopped": [trial(1).config]},  # 3.0 was worse than 1.0
+        {"step": 4, "trials": 1, "cutoff": 0.5, "stopped": []},
+        {"step": 8, "trials": 0, "cutoff": None, "stopped": []},
+    ]

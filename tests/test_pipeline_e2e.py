@@ -163,6 +163,7 @@ def test_whole_dag_runs_and_reruns_only_what_changed(tmp_path):
     done = [t for t in trials if t["status"] == "completed"]
     assert sweep["best"] == min(done, key=lambda t: t["objective"]) and sweep["best_config"] == sweep["best"]["config"]
     assert sweep["objective"]["metric"] == "dev/mse_pre_greedy" and sweep["scheduler"]["name"] == "asha"
+    assert [(r["step"], r["trials"]) for r in sweep["scheduler"]["rungs"]][0] == (1, 2)  # both trials reached rung 1
 
     assert _files_no_stage_owns(work) == []
 

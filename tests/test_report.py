@@ -43,6 +43,22 @@ def test_an_early_stopped_best_trial_says_so(tmp_path):
     assert "objective 0.41 (stopped early by ASHA at step 8: no trial trained the full budget)" in summary
 
 
+def test_the_sweep_section_lists_the_asha_rungs_trials_reached(tmp_path):
+    best = {"config": {"slowness_weight": 0.0, "reduction_factor": 2}, "objective": 0.57, "status": "completed",
+            "steps": 16}
+    rungs = [{"step": 8, "trials": 8, "cutoff": 0.99224, "stopped": [{"reduction_factor": 2, "slowness_weight": 0.1}] * 3},
+             {"step": 16, "trials": 5, "cutoff": 0.9834, "stopped": []}, {"step": 32, "trials": 0, "cutoff": None,
+                                                                             "stopped": []}]
+    summary = _run(tmp_path, {"system": "meld", "task": "tts", "splits": {}, "complete": True},
+                   tune={"best": best, "scheduler": {"name": "asha", "rungs": rungs}})
+    assert "ASHA rungs: step 8: 8 trials, 3 stopped (cutoff 0.9922); step 16: 5 trials, 0 stopped (cutoff 0.9834)\n" \
+        in summary
+    (tmp_path / "fifo").mkdir()
+    fifo = _run(tmp_path / "fifo", {"system": "meld", "task": "tts", "splits": {}, "complete": True},
+                tune={"best": best, "scheduler": {"name": "fifo"}})
+    assert "ASHA rungs" not in fifo
+
+
 def test_the_comparison_plot_draws_each_system_and_split_against_its_ground_truth():
     import matplotlib.pyplot as plt
 

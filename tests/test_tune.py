@@ -217,6 +217,8 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path_factory, tmp_pat
         not rows[(stopped, 8)]["stopped"])), rows
     # the resumed trial was compared with the finished trial's result from before the interruption
     assert rows[(stopped, 8)]["stopped"] == (rows[(stopped, 8)]["objective"] > rows[(finished, 8)]["objective"])
+    rung8 = report["scheduler"]["rungs"][0]  # the report shows the rung the decision was made at
+    assert rung8["step"] == 8 and rung8["trials"] == 2 and bool(rung8["stopped"]) == rows[(stopped, 8)]["stopped"]
     status = {t["trial"]: (t["status"], t["steps"]) for t in report["trials"]}
     assert status[finished] == ("completed", max_steps)
     assert status[stopped] == (("early_stopped", 8) if rows[(stopped, 8)]["stopped"] else ("completed", max_steps))
