@@ -88,9 +88,8 @@ class ResumableASHA(FIFOScheduler):
     def records(self) -> dict[float, dict[str, dict]]:
         if self._records is None:
             self._records = {rung: {} for rung in self.rungs}
-            rows = read_records(self.records_file)
-            if self.records_file.is_file() and not self.records_file.read_text().endswith("\n"):
-                # drop the cut-off line now, or the next record would be appended to it
+            rows, cut_off = _read(self.records_file)
+            if cut_off:  # drop the cut-off line now, or the next record would be appended to it
                 self.records_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
             for row in rows:
                 if row["rung"] in self._records:
@@ -156,9 +155,15 @@ class ResumableASHA(FIFOScheduler):
 def read_records(records_file: Path) -> list[dict]:
     """The file's rows, oldest first. A last line cut off by a killed driver is skipped with a warning
     (the result it held is judged again when the trial reports it again); any other bad line is an error."""
+    return _read(records_file)[0]
+
+
+def _read(records_file: Path) -> tuple[list[dict], bool]:
+    """:func:`read_records`, and whether the file ends in a cut-off line (read once)."""
     if not records_file.is_file():
-        return []
-    lines = records_file.read_text().splitlines()
+        return [], False
+    text = records_file.read_text()
+    lines = text.splitlines()
     rows = []
     for i, line in enumerate(lines):
         if not line.strip():
@@ -170,4 +175,4 @@ def read_records(records_file: Path) -> list[dict]:
                 log.warning("%s: its last line is incomplete (a driver killed while writing it); skipped", records_file)
             else:
                 raise ValueError(f"{records_file}, line {i + 1}: not a JSON record ({e})") from e
-    return rows
+    return rows, bool(text) and not text.endswith("\n")

@@ -17,7 +17,9 @@ from meld.config import CodecLMConfig, CorpusConfig, EvaluateConfig, FeaturesCon
 
 ROOT = Path(__file__).resolve().parents[1]
 DAG = yaml.safe_load((ROOT / "dvc.yaml").read_text())
-SPEED_ONLY = {"num_workers"}
+# per section, the keys that set how many processes do the work, not what it gives: left out of the stage's params
+PROCESS_COUNTS = {"corpus": {"num_workers"}, "features": {"num_workers"}, "codec_lm": {"encode_workers"},
+                  "evaluate": {"score_workers", "decode_workers"}}
 
 
 @pytest.mark.parametrize(("stage", "section", "config"), [("corpus", "corpus", CorpusConfig),
@@ -25,7 +27,7 @@ SPEED_ONLY = {"num_workers"}
 def test_a_data_stage_lists_every_key_of_its_section_but_the_worker_count(stage, section, config):
     listed = set(DAG["stages"][stage]["params"])
     keys = {f.name for f in dataclasses.fields(config)}
-    assert listed == {f"{section}.{k}" for k in keys - SPEED_ONLY}
+    assert listed == {f"{section}.{k}" for k in keys - PROCESS_COUNTS[section]}
 
 
 def test_the_codes_stage_lists_the_codec_keys_but_the_worker_count():
@@ -33,16 +35,16 @@ def test_the_codes_stage_lists_the_codec_keys_but_the_worker_count():
     the training stage's); `encode_workers` is left out like num_workers above."""
     listed = {p.removeprefix("${item}.") for p in DAG["stages"]["codes"]["do"]["params"] if p.startswith("${item}.")}
     keys = {f.name for f in dataclasses.fields(CodecLMConfig)}
-    assert listed == keys - {"model", "train", "encode_workers"}
+    assert listed == keys - {"model", "train"} - PROCESS_COUNTS["codec_lm"]
 
 
 @pytest.mark.parametrize("stage", ["evaluate", "evaluate_codec"])
 def test_the_evaluate_stages_list_every_evaluate_key_but_the_process_counts(stage):
     """score_workers and decode_workers: the same transcripts, tokens and scores to float rounding
     (tests/test_evaluation.py, tests/test_decode_pool.py, the e2e DAG test)."""
-    listed = {p for p in DAG["stages"][stage]["do"]["params"]}
+    listed = set(DAG["stages"][stage]["do"]["params"])
     keys = {f.name for f in dataclasses.fields(EvaluateConfig)}
-    assert listed == {f"evaluate.{k}" for k in keys - {"score_workers", "decode_workers"}} | {"mlflow.experiment"}
+    assert listed == {f"evaluate.{k}" for k in keys - PROCESS_COUNTS["evaluate"]} | {"mlflow.experiment"}
 
 
 def _listed_params() -> set[str]:

@@ -89,6 +89,10 @@ def _repro(cwd: Path, env: dict) -> str:
     return out
 
 
+def _status(cwd: Path, env: dict) -> str:
+    return subprocess.run([str(BIN / "dvc"), "status"], cwd=cwd, env=env, capture_output=True, text=True).stdout
+
+
 def _stage_drivers() -> dict[str, tuple[str, str]]:
     """{job id: (stage script, --system)} of the pipeline stages that ran as Ray drivers on this session's cluster."""
     import ray
@@ -181,18 +185,18 @@ def test_whole_dag_runs_and_reruns_only_what_changed(tmp_path):
     # MELD's own training settings are also the sweep's starting point, so they make the sweep stale too
     params["meld_joint"]["train"]["lr"] = 0.002
     (work / "params.yaml").write_text(yaml.safe_dump(params))
-    status = subprocess.run([str(BIN / "dvc"), "status"], cwd=work, env=env, capture_output=True, text=True).stdout
+    status = _status(work, env)
     assert "train@meld_joint:" in status and "tune:" in status and "train@mel_lm:" not in status, status
     # the evaluation's process counts change how fast, not what (the sharded run below shows it), so no
     # stage is stale for them; any other evaluate key makes every evaluation stale, and nothing else
     del params["meld_joint"]["train"]["lr"]
     params["evaluate"].update(score_workers=2, decode_workers=2)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
-    status = subprocess.run([str(BIN / "dvc"), "status"], cwd=work, env=env, capture_output=True, text=True).stdout
+    status = _status(work, env)
     assert "up to date" in status, status
     params["evaluate"]["top_k"] = 5
     (work / "params.yaml").write_text(yaml.safe_dump(params))
-    status = subprocess.run([str(BIN / "dvc"), "status"], cwd=work, env=env, capture_output=True, text=True).stdout
+    status = _status(work, env)
     stale = set(re.findall(r"^(\S+):$", status, re.M))
     assert stale == {"evaluate@meld_joint", "evaluate@mel_lm"}, status
     params["evaluate"].update(top_k=DEBUG_PARAMS["evaluate"]["top_k"], score_workers=1, decode_workers=1)
