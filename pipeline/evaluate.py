@@ -25,6 +25,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import re
 import sys
 import time
@@ -47,7 +48,7 @@ from meld.models.backbone import configure_decoding
 from meld.progress import progress
 from meld.store import CodeStore, FeatureStore
 from meld.text import BPETokenizer, tokenizer_from_bytes
-from meld.training import load_checkpoint, load_model
+from meld.training import load_checkpoint, load_model, weight_sharing_copy
 
 log = logging.getLogger("meld.evaluate")
 SR = 16_000
@@ -364,6 +365,12 @@ def load_stt_model(path: str | Path, ctc_weight: float = 0.0, stats: NormStats |
     model, state = load_model(path, weights=weights)
     if weights:
         model.to(device)
+    return stt_model(model, state, path, ctc_weight, stats, tokenizer)
+
+
+def stt_model(model: torch.nn.Module, state: dict, path: str | Path, ctc_weight: float = 0.0,
+              stats: NormStats | None = None, tokenizer: BPETokenizer | None = None) -> STTModel:
+    """:func:`load_stt_model` for a model already loaded (with its ``state``) from ``path``."""
     if not hasattr(model, "stt_prefix"):
         raise SystemExit(f"evaluate: {path} is a {model.system} model, which cannot transcribe")
     if ctc_weight > 0 and not getattr(model, "stt_ctc", False):
@@ -383,18 +390,25 @@ def load_stt_model(path: str | Path, ctc_weight: float = 0.0, stats: NormStats |
     return STTModel(model, str(path), stats, tokenizer, reduction, ctc_weight)
 
 
-def load_stt_judge(path: str | None, ctc_weight: float, device: str, *, weights: bool = True) -> STTModel | None:
+def load_stt_judge(path: str | None, ctc_weight: float, device: str, *, weights: bool = True,
+                   evaluated: STTModel | None = None) -> STTModel | None:
     """``evaluate.stt_judge_model``: the MELD-STT judge, or None (logged) when there is none to use.
 
     A checkpoint trained for TTS only is not a judge; it is also how a config run under ``dvc repro``
     names no judge, since dvc.yaml lists the key as a dependency and DVC takes no null (the paper
     config points it at ``models/meld/model.pt``, which the stage depends on anyway).
+
+    ``evaluated``: the evaluated model's STT side (a joint model's), which is the judge, not loaded
+    again, when ``path`` is its checkpoint: it decodes as the judge would (the same file, the same
+    ``ctc_weight``), and a second copy of the paper model's weights is 0.72 GB.
     """
     if not path:
         return None
     if not Path(path).is_file():
         log.warning("evaluate.stt_judge_model %s does not exist: MELD-STT judge skipped", path)
         return None
+    if evaluated is not None and Path(evaluated.path).is_file() and os.path.samefile(path, evaluated.path):
+        return evaluated
     # mapped, not read: only the task is wanted here (the paper model's checkpoint is ~0.7 GB); a
     # checkpoint without one is a TTS model, as main() reads the evaluated model's
     task = (load_checkpoint(path, mmap=True).get("extra") or {}).get("task", "tts")
@@ -534,8 +548,14 @@ def evaluate(args: argparse.Namespace, params: dict, cfg: EvaluateConfig, device
     # so no weights are read (~0.75 GB per model at the paper's size, three models with the judges)
     weights = decoding.pool is None
     model, state = load_model(args.model, weights=weights)
+    task = state["extra"].get("task", "tts")
     if weights:
         model.to(device)
+    # a joint or STT model's STT side decodes with the default step whatever the TTS side's settings,
+    # which are kept per module: the same weights under modules of its own (made after the move to
+    # the device, which replaces buffers), not a second load of the checkpoint
+    stt_side = weight_sharing_copy(model) if task in ("stt", "joint") else None
+    if weights:
         configure_decoding(model, compile=cfg.compile_decoding)
     log.info("evaluating on %s", device if weights else f"{cfg.decode_workers} Ray actors ({cfg.device})")
     out = Path(args.out)
@@ -550,7 +570,6 @@ def evaluate(args: argparse.Namespace, params: dict, cfg: EvaluateConfig, device
     stats = NormStats(extra["norm_mean"].numpy(), extra["norm_std"].numpy())
     tok = tokenizer_from_bytes(bytes(extra["bpe_model"].numpy().tobytes()))
 
-    task = extra.get("task", "tts")
     variants = [{"name": args.system}] if task in ("tts", "joint") else []
     if model.system == "meld" and task == "tts":  # the paper's Table-5 ablations are of the TTS model
         variants += [{"name": f"{args.system} (no repetition penalty)", "repetition_penalty": 1.0, "suffix": ".no_rep"},
@@ -559,10 +578,13 @@ def evaluate(args: argparse.Namespace, params: dict, cfg: EvaluateConfig, device
     metrics: dict = {"system": args.system, "task": task, "step": int(state["step"]), "vocoder": None,
                      "asr_judge": None, "splits": {}, "ablations": {}}
     if task in ("stt", "joint"):
-        stt = load_stt_model(args.model, cfg.stt_ctc_weight, device=device, weights=weights)
+        stt = stt_model(stt_side, state, args.model, cfg.stt_ctc_weight)
         metrics["stt"] = evaluate_stt(stt, Path(args.features), cfg, decoding)
         metrics["stt_ctc_weight"] = stt.ctc_weight
-    stt_judge = load_stt_judge(cfg.stt_judge_model, cfg.stt_ctc_weight, device, weights=weights) if variants else None
+    else:
+        stt = None
+    stt_judge = (load_stt_judge(cfg.stt_judge_model, cfg.stt_ctc_weight, device, weights=weights, evaluated=stt)
+                 if variants else None)
     if stt_judge is not None:
         metrics["stt_judge_model"] = cfg.stt_judge_model
         metrics["stt_judge_ctc_weight"] = stt_judge.ctc_weight

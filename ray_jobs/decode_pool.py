@@ -65,10 +65,14 @@ class _Decoder:
         key = (checkpoint, compile)
         if key not in self.models:
             from meld.models.backbone import configure_decoding
-            from meld.training import load_model
+            from meld.training import load_model, weight_sharing_copy
 
-            model, _ = load_model(checkpoint)
-            model.to(self.device)
+            other = self.models.get((checkpoint, not compile))
+            if other is not None:  # a joint model's TTS (compiled) and STT sides: one set of weights
+                model = weight_sharing_copy(other)
+            else:
+                model, _ = load_model(checkpoint)
+                model.to(self.device)
             if compile:
                 configure_decoding(model, compile=True)
             self.models[key] = model

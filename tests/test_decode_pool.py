@@ -105,6 +105,24 @@ def test_decoding_sharded_over_ray_actors_equals_one_process(tiny_checkpoint, on
     assert sharded_stt == local_stt
 
 
+@pytest.mark.parametrize("first", [False, True])
+def test_an_actor_decoding_one_checkpoint_two_ways_holds_one_set_of_weights(tiny_checkpoint, first):
+    """A joint model's TTS side compiled (``evaluate.compile_decoding``) and its STT side not: two
+    modules with their own decoding settings over the same tensors, whichever is asked for first."""
+    from meld.models.backbone import Backbone
+    from ray_jobs.decode_pool import _Decoder
+
+    path, _ = tiny_checkpoint
+    actor = _Decoder("cpu", 1)
+    a, b = actor._model(str(path), first), actor._model(str(path), not first)
+    compiled, plain = (a, b) if first else (b, a)
+    assert compiled is not plain and actor._model(str(path), first) is a
+    assert [id(t) for t in compiled.parameters()] == [id(t) for t in plain.parameters()]
+    assert all(m._compiled_step is not None for m in compiled.modules() if isinstance(m, Backbone))
+    assert all(m._compiled_step is None and not m.fixed_shape_decoding
+               for m in plain.modules() if isinstance(m, Backbone))
+
+
 def test_code_generation_sharded_over_ray_actors_equals_one_process(tmp_path, one_thread):
     from test_codec_lm import K, N, tiny_codec_lm
     from test_faults import ensure_ray

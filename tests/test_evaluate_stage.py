@@ -3,6 +3,9 @@ the Ray cluster's room for its decoding pool."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -92,6 +95,11 @@ def test_a_tts_only_checkpoint_is_no_meld_stt_judge_and_a_missing_one_is_skipped
         judge = evaluate.load_stt_judge(str(path), 0.0, "cpu")
     assert (judge is not None) == judged
     assert judged or "trained for TTS only: no MELD-STT judge" in caplog.text
+    if judged:  # the evaluated model's own STT side is the judge when it is the same file, however named
+        evaluated = evaluate.load_stt_model(path)
+        assert evaluate.load_stt_judge(str(tmp_path / "." / "model.pt"), 0.0, "cpu", evaluated=evaluated) is evaluated
+        other = Path(shutil.copyfile(path, tmp_path / "other.pt"))  # the same bytes, another file: loaded
+        assert evaluate.load_stt_judge(str(other), 0.0, "cpu", evaluated=evaluated).path == str(other)
     assert evaluate.load_stt_judge(None, 0.0, "cpu") is None
     assert evaluate.load_stt_judge(str(tmp_path / "absent.pt"), 0.0, "cpu") is None
     assert "absent.pt does not exist" in caplog.text
