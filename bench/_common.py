@@ -96,8 +96,21 @@ def current_rss() -> int:
 
 
 def peak_rss() -> int:
-    """High-water RSS of this process so far, in bytes (``ru_maxrss`` is in KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """High-water RSS of this process so far, in bytes.
+
+    Linux's ``VmHWM`` (/proc/self/status), which starts afresh at ``exec``. Not ``ru_maxrss``: Linux
+    carries it over from the parent that started the process, so a fresh process per cell reported
+    at least its parent's RSS (bench.model_loading's parent, having written a 0.7 GB checkpoint, made
+    every row's peak 0.7 GB too high). ``ru_maxrss`` only where there is no /proc.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def fmt(v, digits: int = 3) -> str:

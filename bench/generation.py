@@ -20,7 +20,7 @@ cost grows linearly with the prefix; the tiny config's full runs check this). Th
 ``extrapolated``.
 
 Reported per row: steps/s (grouped frames per second per batch), utterances/s, RTF (compute
-seconds / seconds of audio produced, whole batch), per-step medians, peak memory = ``ru_maxrss``
+seconds / seconds of audio produced, whole batch), per-step medians, peak memory = the high-water RSS (``VmHWM``)
 of a fresh process per cell minus its RSS just before the timed runs (model, inputs and a
 warm-up already resident), and the memory-bandwidth floor of a decode step = bytes of the
 weights a step reads (everything but the token embedding, codebook and postnet) / read
@@ -699,7 +699,7 @@ def main(argv=None) -> int:
         "floor incl. KV = (weights + the fp32 keys/values a cached step reads, averaged over the run) / bandwidth "
         "(loose: part of the cache can stay in L3)"
     )
-    print("peak RSS Δ = ru_maxrss of a fresh process per cell minus its RSS just before the timed runs")
+    print("peak RSS Δ = high-water RSS (VmHWM) of a fresh process per cell minus its RSS just before the timed runs")
     info["load_average_at_end"] = load_average()
     path = write_result(
         args.out,
@@ -720,7 +720,7 @@ def main(argv=None) -> int:
             "extrapolation_check": checks,
             "unmeasured": [] if args.paper_full_b16 and not q else ["paper full b16"],
             "seconds": time.perf_counter() - t_all,
-            "memory_method": "ru_maxrss (fresh process per cell) minus RSS before the timed runs",
+            "memory_method": "VmHWM (fresh process per cell) minus RSS before the timed runs",
         },
     )
     print(f"wrote {path.relative_to(ROOT)} in {time.perf_counter() - t_all:.0f} s")

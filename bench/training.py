@@ -14,7 +14,7 @@ What it measures:
   timing the collate (``TrainingData.batch``) and ``meld.training.train_step`` separately, after
   untimed warm-up steps;
 * frames/s: real (unpadded) mel frames per second of step + collate time (also grouped and padded
-  frames/s), seconds per step, and peak memory = ``ru_maxrss`` of a fresh process per config minus
+  frames/s), seconds per step, and peak memory = the high-water RSS (``VmHWM``) of a fresh process per config minus
   its RSS after building model and optimiser (so activations, gradients and the AdamW moments,
   which AdamW allocates at the first step, all count).
 
@@ -270,7 +270,7 @@ def main(argv=None) -> int:
             ],
         )
     )
-    print("peak RSS Δ = ru_maxrss of a fresh process minus its RSS after building model + optimiser")
+    print("peak RSS Δ = high-water RSS (VmHWM) of a fresh process minus its RSS after building model + optimiser")
     info["load_average_at_end"] = load_average()
     path = write_result(
         args.out,
@@ -282,7 +282,7 @@ def main(argv=None) -> int:
             "sampler": samp,
             "rows": rows,
             "seconds": time.perf_counter() - t_all,
-            "memory_method": "ru_maxrss (fresh process per config) minus RSS after model+optimiser",
+            "memory_method": "VmHWM (fresh process per config) minus RSS after model+optimiser",
         },
     )
     print(f"wrote {path.relative_to(ROOT)} in {time.perf_counter() - t_all:.0f} s")
