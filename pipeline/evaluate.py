@@ -577,12 +577,10 @@ def evaluate(args: argparse.Namespace, params: dict, cfg: EvaluateConfig, device
         variants = variants if cfg.ablations else variants[:1]
     metrics: dict = {"system": args.system, "task": task, "step": int(state["step"]), "vocoder": None,
                      "asr_judge": None, "splits": {}, "ablations": {}}
-    if task in ("stt", "joint"):
-        stt = stt_model(stt_side, state, args.model, cfg.stt_ctc_weight)
+    stt = stt_model(stt_side, state, args.model, cfg.stt_ctc_weight) if stt_side is not None else None
+    if stt is not None:
         metrics["stt"] = evaluate_stt(stt, Path(args.features), cfg, decoding)
         metrics["stt_ctc_weight"] = stt.ctc_weight
-    else:
-        stt = None
     stt_judge = (load_stt_judge(cfg.stt_judge_model, cfg.stt_ctc_weight, device, weights=weights, evaluated=stt)
                  if variants else None)
     if stt_judge is not None:
