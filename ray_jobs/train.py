@@ -292,7 +292,8 @@ def train_worker(config: dict) -> None:
         if rank == 0 and source != str(ckpt_dir):  # Ray's copy: the stage exports from the folder
             write_checkpoint_state(ckpt_dir / f"step-{step}.pt", state)
     elif tc.get("init_from"):  # weights only: the optimiser and schedule start afresh
-        model.load_state_dict(load_checkpoint(tc["init_from"])["model"])
+        # mapped: of a training checkpoint only the weights are read, not the optimiser's two copies more
+        model.load_state_dict(load_checkpoint(tc["init_from"], mmap=True)["model"])
         if "codebook" in config:  # this run's data decides what the codes mean
             model.set_codebook(torch.from_numpy(np.load(config["codebook"])))
         log.info(f"[rank {rank}] {system} starts from the weights of {tc['init_from']}")
@@ -689,7 +690,7 @@ def _check_init_from(path: str | Path, system: str, model_kwargs: dict, checkpoi
     if path.parent == Path(checkpoint_dir).resolve():
         raise ValueError(f"train.init_from: {path} is one of this run's own checkpoints, which a new configuration "
                          f"sets aside before it starts; copy it out first (e.g. cp {path} {path.parent.parent}/init.pt)")
-    state = load_checkpoint(path)
+    state = load_checkpoint(path, mmap=True)  # its shapes are checked, its values not read
     if model_class(state["system"]) is not model_class(system):
         raise ValueError(f"train.init_from: {path} holds a {state['system']} model; {system} cannot start from it")
     import torch
