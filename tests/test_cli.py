@@ -234,6 +234,20 @@ def test_corrupt_checkpoint_is_a_one_line_error(kind, checkpoint, tmp_path, caps
         assert str(bad) in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+def test_weights_that_do_not_fit_the_stored_settings_are_a_one_line_error(checkpoint, tmp_path, audio_16k, capsys):
+    """A checkpoint whose kwargs were edited (or whose weights came from another run) names the weights."""
+    state = torch.load(checkpoint, weights_only=True)
+    state["model_kwargs"] = {**state["model_kwargs"], "d_model": 2 * state["model_kwargs"]["d_model"]}
+    bad = tmp_path / "misfit.pt"
+    torch.save(state, bad)
+    for argv in (["info", str(bad)], _synth_argv(bad, tmp_path / "o.wav", "hi"),
+                 ["transcribe", "--checkpoint", str(bad), str(audio_16k)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"{bad}: checkpoint does not rebuild into a model (RuntimeError" in err, err
+        assert "its weights do not match its model_kwargs" in err and len(err.strip().splitlines()) == 1
+
+
 def test_training_checkpoint_is_not_an_inference_checkpoint(tmp_path, capsys):
     model, kwargs = tiny_meld(reduction=1)
     path = save_checkpoint(tmp_path / "step-1.pt", system="meld", model=model, model_kwargs=kwargs, step=1)

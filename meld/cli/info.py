@@ -20,22 +20,19 @@ def _human_size(n: int) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from meld.models.builders import build_model, count_parameters
-    from meld.training import CheckpointError, load_checkpoint
+    from meld.models.builders import count_parameters
+    from meld.training import CheckpointError, load_model
 
     path = Path(args.checkpoint)
-    try:
-        state = load_checkpoint(path)
+    try:  # the weights loaded too, so that a checkpoint whose weights do not fit its model says so here
+        model, state = load_model(path)
     except CheckpointError as err:
         raise CLIError(_checkpoint_error(path, err)) from err
-    kwargs = state.get("model_kwargs") or {}
-    try:
-        model = build_model(state["system"], kwargs)
-        model.load_state_dict(state["model"])
     except Exception as err:
         raise CLIError(
             f"{path}: checkpoint does not rebuild into a model ({type(err).__name__}: {_first_line(err)})"
         ) from err
+    kwargs = state.get("model_kwargs") or {}
     extra = state.get("extra") or {}
     n_text = kwargs.get("n_text")
     n_codes = kwargs.get("codebook_size", 0)
