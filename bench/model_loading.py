@@ -10,7 +10,7 @@ loaded in a fresh process per row (so one row's peak does not leak into the next
 * ``load_model``: the file mapped, the weights copied into the model, the state returned without them;
 * ``load_model(weights=False)``: structure only, on the meta device (the pooled evaluation's process);
 * ``evaluate, in-process``: what the evaluate stage loads for a joint model judged by itself
-  (``evaluate.stt_judge_model`` naming the evaluated checkpoint, as configs/paper.yaml does): the
+  (``evaluate.stt_judge_model`` naming the evaluated checkpoint, as the e2e test's params do): the
   model, its STT side as a :func:`meld.training.weight_sharing_copy`, the judge the same STT side;
 * ``evaluate, each loaded``: the same three models each loaded from the file (the stage before).
 
