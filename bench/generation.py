@@ -20,11 +20,11 @@ cost grows linearly with the prefix; the tiny config's full runs check this). Th
 ``extrapolated``.
 
 Reported per row: steps/s (grouped frames per second per batch), utterances/s, RTF (compute
-seconds / seconds of audio produced, whole batch), per-step medians, peak memory = the high-water RSS (``VmHWM``)
-of a fresh process per cell minus its RSS just before the timed runs (model, inputs and a
-warm-up already resident), and the memory-bandwidth floor of a decode step = bytes of the
-weights a step reads (everything but the token embedding, codebook and postnet) / read
-bandwidth (best of a large ``torch.sum`` with the configured threads and with one thread,
+seconds / seconds of audio produced, whole batch), per-step medians, peak memory = the
+high-water RSS (``VmHWM``) of a fresh process per cell minus its RSS just before the timed runs
+(model, inputs and a warm-up already resident), and the memory-bandwidth floor of a decode step
+= bytes of the weights a step reads (everything but the token embedding, codebook and postnet) /
+read bandwidth (best of a large ``torch.sum`` with the configured threads and with one thread,
 measured in the same run); ``floor incl. KV`` adds the keys/values a cached step reads (at batch
 16 they outweigh the tiny model's weights several times over).
 

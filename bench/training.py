@@ -14,8 +14,8 @@ What it measures:
   timing the collate (``TrainingData.batch``) and ``meld.training.train_step`` separately, after
   untimed warm-up steps;
 * frames/s: real (unpadded) mel frames per second of step + collate time (also grouped and padded
-  frames/s), seconds per step, and peak memory = the high-water RSS (``VmHWM``) of a fresh process per config minus
-  its RSS after building model and optimiser (so activations, gradients and the AdamW moments,
+  frames/s), seconds per step, and peak memory = the high-water RSS (``VmHWM``) of a fresh process
+  per config minus its RSS after building model and optimiser (so activations, gradients and the AdamW moments,
   which AdamW allocates at the first step, all count).
 
 Run (from the repository root):

@@ -551,12 +551,11 @@ def evaluate(args: argparse.Namespace, params: dict, cfg: EvaluateConfig, device
     task = state["extra"].get("task", "tts")
     if weights:
         model.to(device)
-    # a joint or STT model's STT side decodes with the default step whatever the TTS side's settings,
-    # which are kept per module: the same weights under modules of its own (made after the move to
-    # the device, which replaces buffers), not a second load of the checkpoint
-    stt_side = weight_sharing_copy(model) if task in ("stt", "joint") else None
-    if weights:
         configure_decoding(model, compile=cfg.compile_decoding)
+    # a joint or STT model's STT side decodes with the default step whatever the TTS side's settings,
+    # which are kept per module: the same weights under modules of their own, settings reset, not a
+    # second load of the checkpoint (made after the move to the device, which replaces buffers)
+    stt_side = weight_sharing_copy(model) if task in ("stt", "joint") else None
     log.info("evaluating on %s", device if weights else f"{cfg.decode_workers} Ray actors ({cfg.device})")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
