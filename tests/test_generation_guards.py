@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_meld
+from conftest import ScheduledStop, tiny_batch, tiny_meld
 from test_dmel import tiny_dmel
 from test_mel_lm import tiny_mel_lm
 from test_melle import tiny_melle
@@ -53,6 +53,27 @@ def test_each_utterance_stops_at_its_own_guard_whatever_its_batch(system):
     assert [c.hit_max_length for c in runs[3]] == [True, True, True]
     if system == "meld":
         assert [len(c.codes) for c in runs[3]] == [5, 20, 0]  # grouped frames: ceil(guard / r)
+
+
+
+@pytest.mark.parametrize("system", ["mel_lm", "melle", "dmel"])
+def test_an_own_guard_after_the_longest_guarded_row_has_stopped(system):
+    """The row with the batch's longest guard says stop first; a later step is another row's own
+    guard. That row stops there, and the loop ends with no row left (dMel used to assume the
+    longest-guarded row was still in the batch and crashed)."""
+    build = {"mel_lm": tiny_mel_lm, "melle": tiny_melle, "dmel": tiny_dmel}[system]
+    model, _ = build()
+    stop = ScheduledStop({1})  # the batch's first row (guard 10) stops at its second step
+    if system == "dmel":
+        model.eos_head = stop
+    else:
+        model.stop_head = stop
+    model.eval()
+    b = tiny_batch(B=2, T=4)
+    out = model.generate(b["text"], b["text_len"], b["mel"], b["mel_len"], max_frames=[10, 3], top_k=1,
+                         zero_latent=system == "melle")
+    assert [f.shape[0] for f in out.frames] == [1, 3]
+    assert out.hit_max_length == [False, True]
 
 
 def test_each_codec_continuation_stops_at_its_own_guard_whatever_its_batch():

@@ -282,11 +282,14 @@ class DMel(nn.Module):
                 break
             if step in own_guards:  # rows whose own guard (below the batch's) this is stop here, as alone
                 done = [limits[i] == step for i in rows.rows_of]
-                for i, d in zip(rows.rows_of, done):
-                    hit_max[i] = hit_max[i] or d
-                idx = rows.leave(done, step)
-                h_last, next_pos = h_last[idx], next_pos[idx]  # a row with the batch's guard stays
-                cache.select(idx)
+                if any(done):
+                    for i, d in zip(rows.rows_of, done):
+                        hit_max[i] = hit_max[i] or d
+                    idx = rows.leave(done, step)
+                    if idx is None:  # the rows with longer guards have already said <EOS>
+                        break
+                    h_last, next_pos = h_last[idx], next_pos[idx]
+                    cache.select(idx)
             b = h_last.shape[0]
             eos_logit = self.eos_head(h_last)  # (b, 1)
             two_way = torch.cat([torch.zeros_like(eos_logit), eos_logit], dim=-1)  # (b, 2): frame, <EOS>
