@@ -170,6 +170,7 @@ def continue_codes(
     batch_size: int = 8,
     seed: int = 0,
     first_batch: int = 0,
+    kv_cache_dtype: str = "float32",
     progress_desc: str | None = None,
 ) -> list[CodeContinuation]:
     """Continue each code prompt ((P, K) integer codes, P may be 0) speaking its full transcript.
@@ -183,10 +184,14 @@ def continue_codes(
             own, whichever utterances share its batch.
         batch_size: utterances generated together (finished ones leave the batch).
         seed, first_batch: batch k is seeded ``batch_seed(seed, first_batch + k)``, as in ``tts_continue``.
+        kv_cache_dtype: ``float32`` or ``bfloat16`` (:func:`meld.models.backbone.check_cache_dtype`).
         progress_desc: show a progress bar over the utterances under this label (None: none).
     """
     from meld.generate import batch_seed
+    from meld.models.backbone import check_cache_dtype
     from meld.progress import progress
+
+    cache_dtype = check_cache_dtype(kv_cache_dtype)
 
     device = next(model.parameters()).device
     if isinstance(max_frames, int):
@@ -211,7 +216,7 @@ def continue_codes(
             text.to(device), torch.tensor([len(t) for t in chunk_texts], device=device), prompt.to(device),
             torch.tensor([p.shape[0] for p in chunk_prompts], device=device),
             max_frames=[max(1, math.ceil(m)) for m in max_frames[s : s + batch_size]], temperature=temperature,
-            top_k=top_k, top_p=top_p, generator=g,
+            top_k=top_k, top_p=top_p, generator=g, kv_cache_dtype=cache_dtype,
         )
         out += [CodeContinuation(codes.cpu().numpy(), hit) for codes, hit in zip(gen.frames, gen.hit_max_length)]
         bar.update(len(chunk_texts))

@@ -282,7 +282,7 @@ def evaluate_codec_system(model, state: dict, cfg: EvaluateConfig, system: str, 
             conts, compute_s = decoding.generate(
                 continue_codes, model, {"texts": texts, "prompts": prompts, "max_frames": guards},
                 temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, batch_size=cfg.batch_size,
-                seed=cfg.seed, progress_desc=f"generate {split}")
+                seed=cfg.seed, kv_cache_dtype=cfg.kv_cache_dtype, progress_desc=f"generate {split}")
             wavs = [decode_codes(codec, np.concatenate([store[i][:p], c.codes])) for c, (i, p) in zip(conts, refs)]
             if random_codec:
                 gt_of = {i: {"gt_vocoded": decode_codes(codec, store[i])} for i in chosen}

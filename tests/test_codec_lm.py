@@ -185,3 +185,33 @@ def test_random_dac_encode_decode_shapes_and_weight_loading(tmp_path):
     loaded = DACCodec.load(tmp_path / "weights.pth")
     assert torch.equal(loaded.encode(wav), codes)
 
+
+
+def test_code_continuation_decodes_over_the_cache_dtype_it_is_given(monkeypatch):
+    """`evaluate.kv_cache_dtype` reaches Codec-LM's cache through `continue_codes` (it used to be
+    dropped there, so a bf16 evaluation of a codec system decoded in fp32), and a bad name is refused."""
+    import numpy as np
+
+    from meld.codes import continue_codes
+
+    model, _ = tiny_codec_lm()
+    model.eval()
+    seen = []
+    prefill = model.backbone.prefill
+
+    def recording_prefill(*args, **kwargs):
+        h, cache, pos = prefill(*args, **kwargs)
+        seen.append(cache.kv.dtype)
+        return h, cache, pos
+
+    monkeypatch.setattr(model.backbone, "prefill", recording_prefill)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, N, (n, K)) for n in (3, 0)]
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        seen.clear()
+        out = continue_codes(model, [[1, 2, 3], [4, 5]], prompts, max_frames=3, temperature=1.0, top_k=1,
+                             top_p=1.0, kv_cache_dtype=name)
+        assert seen == [dtype] and all(c.codes.shape[1] == K for c in out)
+    with pytest.raises(ValueError, match="KV cache dtype must be one of"):
+        continue_codes(model, [[1]], prompts[:1], max_frames=2, temperature=1.0, top_k=1, top_p=1.0,
+                       kv_cache_dtype="float16")
