@@ -51,7 +51,9 @@ def repetition_penalty(logits: torch.Tensor, previous_candidates: torch.Tensor |
         logits: (B, V).
         previous_candidates: (B, V) bool, the tokens that were top-k candidates at the previous step.
         penalty: >= 1; 1 disables. Applied as ``logit - log(penalty)``, which scales the
-            probability by 1/penalty whatever the logit's sign.
+            probability by 1/penalty whatever the logit's sign. The temperature divides the logits
+            afterwards (the order CTRL and most samplers use), so at temperature T the factor is
+            ``penalty ** (1 / T)``; the shipped configs sample at T = 1.
     """
     if previous_candidates is None or penalty == 1.0:
         return logits
