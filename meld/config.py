@@ -186,6 +186,31 @@ def read_params(path: str | Path) -> dict:
     return data
 
 
+# what a stage's user can mend (params, corpus, audio, codec weights, checkpoints, missing files), by
+# module and class: looked up in sys.modules, so that reporting them imports nothing
+INPUT_ERRORS = (("meld.config", "ConfigError"), ("meld.corpus.librispeech", "LibriSpeechError"),
+                ("meld.corpus.mini", "VoiceUnavailableError"), ("meld.audio", "AudioError"),
+                ("meld.codes", "CodecMismatch"), ("meld.training", "CheckpointError"), ("builtins", "FileNotFoundError"))
+
+
+def run_stage(name: str, main: Callable[[], int]) -> int:
+    """Run a DVC stage script's ``main`` (its ``__main__`` entry; tests call ``main`` itself).
+
+    Input the stage cannot use ends it with one line, ``<stage>: <what and where>``, and exit status 1
+    instead of a traceback of the stage's internals; any other error keeps its traceback (a bug).
+    """
+    import sys
+
+    try:
+        return main()
+    except Exception as err:
+        kinds = [getattr(sys.modules.get(module), cls, None) for module, cls in INPUT_ERRORS]
+        if not isinstance(err, tuple(k for k in kinds if isinstance(k, type))):
+            raise
+        print(f"{name}: {err}", file=sys.stderr)
+        return 1
+
+
 def load_section(path: str | Path, name: str, cls):
     """Load one section of a params file into its dataclass."""
     params = read_params(path)
@@ -316,7 +341,9 @@ _CODEBOOK_RULES: dict[str, Rule] = {
     "size": _POSITIVE,
     "niter": _at_least(0, " (0: the seeding alone)"),
     "max_points_per_centroid": _POSITIVE,
-    "seed": _at_least(0, " (numpy's default_rng takes no negative seed)"),
+    # numpy's default_rng takes no negative seed, faiss's k-means no seed past a C int (it used to fail
+    # there, after the stage had read every training frame)
+    "seed": _rule(lambda v: 0 <= v < 2**31, "in [0, 2**31)"),
 }
 
 
@@ -414,7 +441,17 @@ class ModelConfig(Section):
 TRAIN_TASKS = ("tts", "stt", "joint")
 
 
+# every loss a system's compute_losses returns, without its "loss/" namespace (tests/test_configs.py
+# checks each system's against it); a weight under another name would be ignored, and the loss the
+# user meant would count at weight 1
+LOSS_NAMES = frozenset({"ce", "mse_pre", "mse_post", "slowness", "stt_ce", "stt_ctc", "ce_codes", "ce_channels",
+                        "eos", "stop", "l1_pre", "l1_post", "kl", "flux"})
+
+
 def _check_loss_weights(where: str, weights: Mapping[str, float]) -> None:
+    unknown = sorted(set(weights) - LOSS_NAMES)
+    if unknown:
+        raise ConfigError(f"{where}: unknown loss name(s) {unknown}; the systems' losses are {sorted(LOSS_NAMES)}")
     for name, w in weights.items():
         _finite_number(0)(f"{where}.{name}", w)
 

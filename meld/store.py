@@ -13,10 +13,8 @@ frames in a code store. Also: the frame-budget bucketing batch sampler, sharded 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,53 +25,6 @@ from meld.features import N_MELS, NormStats
 
 FEATURES_FILE = "frames.f32"
 CODES_FILE = "codes.i16"
-
-
-STAGE_MARKER = "summary.json"  # every data stage writes it last: a folder without it is not a stage's output
-
-
-def _remove(path: Path) -> None:
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.exists():
-        shutil.rmtree(path)
-
-
-@contextlib.contextmanager
-def staged_folder(out: str | Path):
-    """A data stage's output folder, written whole or not at all.
-
-    Yields ``<out>.partial``, a fresh folder beside ``out``, to write into; when the block ends without
-    an error it replaces ``out`` (the previous contents go, stale splits included). On an error
-    ``out`` is left as it was and the partial folder is kept, so that its ``rejected.jsonl`` listings
-    (which the error may point to) can be read; the next run clears it. Under ``dvc repro`` DVC removes
-    ``out`` first anyway; this keeps a stage run by hand from leaving a new train split beside an old
-    dev split and old statistics.
-
-    ``out`` is resolved first, so a symlinked output folder is replaced where it really is (on its own
-    disk). A run killed between the swap's two renames leaves the old output as ``<out>.previous``;
-    the next run puts it back before anything else. A non-empty ``out`` without ``summary.json`` is
-    refused: it is not a stage's output, and replacing it would delete whatever it holds.
-    """
-    out = Path(out).resolve()
-    staging = out.with_name(out.name + ".partial")
-    previous = out.with_name(out.name + ".previous")
-    if not out.exists() and previous.is_dir():  # killed mid-swap: the old output is the only whole one
-        previous.rename(out)
-    if out.is_dir() and any(out.iterdir()) and not (out / STAGE_MARKER).is_file():
-        raise SystemExit(f"{out} holds files but no {STAGE_MARKER}, so it is not a finished output of this stage, "
-                         "and the stage replaces its output folder whole: give --out a folder of its own (or delete "
-                         "this one, if it is what an older, unfinished run of the stage left)")
-    if out.exists() and not out.is_dir():
-        raise SystemExit(f"{out} is a file; the stage writes a folder there")
-    for leftover in (staging, previous):  # from a run that failed, or was killed after its swap
-        _remove(leftover)
-    staging.mkdir(parents=True)
-    yield staging
-    if out.exists():
-        out.rename(previous)
-    staging.rename(out)
-    _remove(previous)
 
 
 def write_store(folder: str | Path, items, rejected: list[dict], *, data_file: str = FEATURES_FILE,

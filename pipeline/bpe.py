@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from meld.config import BPEConfig, load_section
+from meld.config import BPEConfig, load_section, run_stage
 from meld.corpus import read_manifest
 from meld.text import BPETokenizer, normalise_transcript, train_bpe
 
@@ -37,4 +37,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage("bpe", main))

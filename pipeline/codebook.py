@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from meld.codebook import assign, fit_kmeans, keep_probability, thinned_grouped_vectors
-from meld.config import CodebookConfig, load_section
+from meld.config import CodebookConfig, load_section, run_stage
 from meld.progress import progress
-from meld.store import FeatureStore, load_stats, staged_folder
+from meld.staging import staged_folder
+from meld.store import FeatureStore, load_stats
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,11 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     keep = {r: keep_probability(store.lengths, r, cfg.max_vectors) for r in cfg.reduction_factors}
     rng = np.random.default_rng(cfg.seed)
     parts: dict[int, list[np.ndarray]] = {r: [] for r in cfg.reduction_factors}
-    for i in progress(range(len(store)), desc="codebook: read frames", unit="utt"):
-        mel = stats.normalise(store[i])
-        for r in cfg.reduction_factors:
-            parts[r].append(thinned_grouped_vectors(mel, r, keep[r], rng))
-    with staged_folder(out) as work:  # every reduction factor's centroids of one run, or the old ones untouched
+    # every reduction factor's centroids of one run, or the old ones untouched; entered before the
+    # read so that an --out the stage must not replace is refused before the long part
+    with staged_folder(out, holds="r*.npy", inputs=[features]) as work:
+        for i in progress(range(len(store)), desc="codebook: read frames", unit="utt"):
+            mel = stats.normalise(store[i])
+            for r in cfg.reduction_factors:
+                parts[r].append(thinned_grouped_vectors(mel, r, keep[r], rng))
         write_codebooks(parts, cfg, store, features, work)
     return 0
 
@@ -72,4 +75,4 @@ def write_codebooks(parts: dict[int, list[np.ndarray]], cfg: CodebookConfig, sto
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage("codebook", main))

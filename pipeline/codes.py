@@ -21,11 +21,12 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from meld.codes import CODEC_FILE, build_codec, codec_from_description, encode_waveform
-from meld.config import CodecLMConfig, FeaturesConfig, ModelConfig, read_params
+from meld.config import CodecLMConfig, FeaturesConfig, ModelConfig, read_params, run_stage
 from meld.corpus import load_utterance, read_manifest
 from meld.models.codec_lm import codec_lm_kwargs
 from meld.progress import progress
-from meld.store import enforce_rejected_fraction, staged_folder, write_code_store
+from meld.staging import staged_folder
+from meld.store import enforce_rejected_fraction, write_code_store
 
 _WORKER_CODEC = None  # each encoding process's own codec (not picklable cheaply, not thread-safe)
 
@@ -97,8 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="data/codes/codec_lm", help="this system's code store (data/codes/<system> in the DAG)")
     args = p.parse_args(argv)
     params = read_params(args.params)
-    cfg = CodecLMConfig.from_dict(params.get(args.system), args.system)
-    features = FeaturesConfig.from_dict(params.get("features"), "features")
+    for section in (args.system, "features"):
+        if section not in params:
+            raise SystemExit(f"codes: {args.params} has no '{section}' section")
+    cfg = CodecLMConfig.from_dict(params[args.system], args.system)
+    features = FeaturesConfig.from_dict(params["features"], "features")
     corpus, out = Path(args.corpus), Path(args.out)
     splits = sorted(d.name for d in corpus.iterdir() if (d / "manifest.jsonl").is_file()) if corpus.is_dir() else []
     if "train" not in splits:
@@ -119,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     manifests = {split: read_manifest(corpus / split / "manifest.jsonl") for split in splits}
     workers = min(cfg.encode_workers, max(len(rows) for rows in manifests.values()))
     # one pool for every split: a spawned worker's start (torch import, codec build) costs seconds
-    with staged_folder(out) as work, (
+    with staged_folder(out, holds=CODEC_FILE, inputs=[corpus]) as work, (
         get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(desc,)) if workers > 1
         else contextlib.nullcontext(_InProcess(desc))
     ) as pool:
@@ -132,4 +136,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage("codes", main))

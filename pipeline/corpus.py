@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 
-import yaml
-
-from meld.config import CorpusConfig
+from meld.config import CorpusConfig, FeaturesConfig, load_section, read_params, run_stage
 from meld.corpus import read_manifest
+from meld.staging import staged_folder
 
 
 def summarise(out_dir: Path) -> dict:
@@ -40,8 +40,13 @@ def summarise(out_dir: Path) -> dict:
     }
 
 
-def build_corpus(cfg: CorpusConfig, out_dir: Path) -> dict:
-    """Build the corpus ``cfg`` names into ``out_dir``; returns the summary (also written as summary.json)."""
+def build_corpus(cfg: CorpusConfig, out_dir: Path, max_rejected_fraction: float = 0.05) -> dict:
+    """Build the corpus ``cfg`` names into ``out_dir``; returns the summary (also written as summary.json).
+
+    ``max_rejected_fraction`` (``features.max_rejected_fraction``, the limit the features and codes
+    stages apply too) bounds the LibriSpeech utterances a split may lose to unreadable audio or a
+    missing transcript; the mini corpus rejects nothing.
+    """
     if cfg.name == "mini":
         from meld.corpus.mini import build_mini_corpus
 
@@ -63,6 +68,7 @@ def build_corpus(cfg: CorpusConfig, out_dir: Path) -> dict:
             out_dir=out_dir,
             subsets=list(cfg.librispeech_subsets),
             download=cfg.librispeech_download,
+            max_rejected_fraction=max_rejected_fraction,
         )
     summary = {"corpus": cfg.name, **summarise(out_dir)}
     if not summary["splits"]:
@@ -77,11 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="corpus folder (data/corpus)")
     args = parser.parse_args(argv)
 
-    with open(args.params, encoding="utf-8") as f:
-        params = yaml.safe_load(f) or {}
-    cfg = CorpusConfig.from_dict(params.get("corpus", {}), "corpus")
-    args.out.mkdir(parents=True, exist_ok=True)
-    summary = build_corpus(cfg, args.out)
+    cfg = load_section(args.params, "corpus", CorpusConfig)
+    limit = FeaturesConfig.from_dict(read_params(args.params).get("features", {}), "features").max_rejected_fraction
+    inputs = [Path(cfg.librispeech_root)] if cfg.name == "librispeech" else []
+    # the whole corpus of one run, or the old one untouched: a killed or failed run used to leave a
+    # new train split beside an older run's dev and test, which the features stage then read
+    with staged_folder(args.out, holds="*/manifest.jsonl", inputs=inputs) as work:
+        summary = build_corpus(cfg, work, limit)
 
     print(f"corpus {cfg.name} -> {args.out}")
     for split, s in summary["splits"].items():
@@ -93,4 +101,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(run_stage("corpus", main))

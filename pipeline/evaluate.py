@@ -37,7 +37,7 @@ import torch
 
 from meld.audio import write_audio
 from meld.codes import CODEC_FILE, codec_from_description, continue_codes, decode_codes, prompt_code_frames
-from meld.config import EvaluateConfig, read_params
+from meld.config import EvaluateConfig, read_params, run_stage
 from meld.corpus import read_manifest
 from meld.devices import resolve_device
 from meld.evaluation.metrics import duration_ratio, wer_details
@@ -659,4 +659,4 @@ def write_results(args, params: dict, metrics: dict, all_rows: list[dict], out: 
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage("evaluate", main))

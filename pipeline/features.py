@@ -17,11 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from meld.config import FeaturesConfig, load_section
+from meld.config import FeaturesConfig, load_section, run_stage
 from meld.corpus import load_utterance, read_manifest
 from meld.features import FRAME_RATE, RunningStats, log_mel
 from meld.progress import progress
-from meld.store import enforce_rejected_fraction, staged_folder, write_store
+from meld.staging import staged_folder
+from meld.store import enforce_rejected_fraction, write_store
 
 
 def extract_one(job: tuple[dict, float, float]) -> tuple[dict, np.ndarray | None, str | None]:
@@ -88,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
                          "or a train-* LibriSpeech subset)")
     summaries = {}
     stats = RunningStats()
-    with staged_folder(out) as work:  # every split and the statistics of one run, or the old output untouched
+    # every split and the statistics of one run, or the old output untouched
+    with staged_folder(out, holds="stats.json", inputs=[corpus]) as work:
         for split in ["train"] + [s for s in splits if s != "train"]:
             summaries[split] = process_split(read_manifest(corpus / split / "manifest.jsonl"), work, cfg, split,
                                              stats if split == "train" else None)
@@ -104,4 +106,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage("features", main))

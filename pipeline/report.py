@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from meld.config import read_params
+from meld.config import read_params, run_stage
 
 TTS_COLUMNS = [
     ("WER", "wer", "{:.1%}"), ("GT-WER (vocoded)", "wer_ground_truth_vocoded", "{:.1%}"),
@@ -248,4 +248,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage("report", main))

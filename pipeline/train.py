@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import sys
 
+from meld.config import run_stage
 from ray_jobs.train import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage("train", main))

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import sys
 
+from meld.config import run_stage
 from ray_jobs.tune import main
 
 __all__ = ["main"]
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage("tune", main))

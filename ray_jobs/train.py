@@ -827,4 +827,6 @@ def log_model_artifact(config: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from meld.config import run_stage
+
+    sys.exit(run_stage("train", main))

@@ -553,4 +553,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from meld.config import run_stage
+
+    sys.exit(run_stage("tune", main))

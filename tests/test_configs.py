@@ -80,6 +80,7 @@ BAD_VALUES = [
     ("codebook", {"size": 256, "max_vectors": 100}, "codebook.max_vectors"),
     ("codebook", {"max_points_per_centroid": 0}, "codebook.max_points_per_centroid"),
     ("codebook", {"seed": -1}, "codebook.seed"),
+    ("codebook", {"seed": 2**31}, "codebook.seed"),  # faiss takes a C int
     ("bpe", {"vocab_size": 0}, "bpe.vocab_size"),
     ("bpe", {"vocab_size": 2}, "bpe.vocab_size"),
     ("model", {"d_model": 0}, "model.d_model"),
@@ -120,6 +121,7 @@ BAD_VALUES = [
     ("train", {"log_every": 0}, "train.log_every"),
     ("train", {"loss_weights": {"ce": 1.0, "slowness": -0.2}}, "train.loss_weights.slowness"),
     ("train", {"loss_weights": {"ce": NAN}}, "train.loss_weights.ce"),
+    ("train", {"loss_weights": {"ce": 1.0, "slownes": 0.0}}, "train.loss_weights: unknown loss name"),
     ("train", {"task": "asr"}, "train.task"),
     ("train", {"stt_warmup_steps": -1}, "train.stt_warmup_steps"),
     # codec_lm: its builder's arguments, and its model/train overrides under the shared sections' rules
@@ -239,3 +241,29 @@ def test_paper_config_is_about_200m_parameters_and_trains_one_step():
     losses = model.compute_losses(batch, "tts")
     sum(losses.values()).backward()
     assert model.backbone.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_a_stage_reports_input_it_cannot_use_in_one_line_and_bugs_with_their_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    from meld.config import run_stage
+
+    (tmp_path / "params.yaml").write_text("features:\n  max_rejected_fraction: 5\n")
+    done = subprocess.run([sys.executable, "-m", "pipeline.features", "--params", str(tmp_path / "params.yaml"),
+                           "--corpus", str(tmp_path / "corpus"), "--out", str(tmp_path / "features")],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == ["features: features.max_rejected_fraction must be in [0, 1], got 5.0"]
+    assert not (tmp_path / "features").exists()
+
+    def missing_file():
+        raise FileNotFoundError(f"{tmp_path / 'stats.json'}: no normalisation statistics")
+
+    assert run_stage("codebook", missing_file) == 1
+
+    def bug():
+        raise KeyError("a bug")
+
+    with pytest.raises(KeyError):
+        run_stage("codebook", bug)

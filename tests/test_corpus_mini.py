@@ -188,32 +188,61 @@ def test_stage_script_end_to_end(tmp_path, tiny_corpus):
 
 
 def test_stage_script_librispeech_branch(tmp_path, monkeypatch):
-    """name: librispeech hands its four settings to prepare_librispeech (stubbed: no network here)."""
+    """name: librispeech hands its settings to prepare_librispeech (stubbed: no network here), which
+    writes into a staging folder: a run that fails leaves the last whole corpus as it was, and a run
+    with fewer subsets leaves no split of the one before."""
     import meld.corpus.librispeech as librispeech
     from meld.corpus import write_manifest
+    from meld.corpus.librispeech import LibriSpeechError
     from pipeline.corpus import main
 
     calls = []
 
-    def fake_prepare(root, out_dir, subsets, download):
-        calls.append((root, out_dir, subsets, download))
+    def fake_prepare(root, out_dir, subsets, download, max_rejected_fraction):
+        calls.append((root, out_dir, subsets, download, max_rejected_fraction))
         row = {"id": "19-198-0001", "speaker": "19", "text": "HELLO", "audio": "a.flac", "duration": 3600.0}
-        return {"dev": write_manifest([row], out_dir / "dev" / "manifest.jsonl")}
+        counts = {}
+        for subset in subsets:
+            split = subset.replace("-clean", "")
+            counts[split] = write_manifest([row], out_dir / split / "manifest.jsonl")
+        if "fail" in str(root):
+            raise LibriSpeechError("split 'test': 3 of 4 utterances rejected")
+        return counts
 
     monkeypatch.setattr(librispeech, "prepare_librispeech", fake_prepare)
-    params = {
-        "corpus": {
-            "name": "librispeech",
-            "librispeech_root": str(tmp_path / "ls"),
-            "librispeech_subsets": ["dev-clean"],
-        }
-    }
-    (tmp_path / "params.yaml").write_text(json.dumps(params))
+
+    def run(root, subsets):
+        params = {"corpus": {"name": "librispeech", "librispeech_root": str(tmp_path / root),
+                             "librispeech_subsets": subsets},
+                  "features": {"max_rejected_fraction": 0.02}}
+        (tmp_path / "params.yaml").write_text(json.dumps(params))
+        return main(["--params", str(tmp_path / "params.yaml"), "--out", str(out)])
+
     out = tmp_path / "corpus"
-    assert main(["--params", str(tmp_path / "params.yaml"), "--out", str(out)]) == 0
-    assert calls == [(tmp_path / "ls", out, ["dev-clean"], False)]
+    assert run("ls", ["dev-clean", "test-clean"]) == 0
+    staging = out.resolve().with_name("corpus.partial")
+    assert calls == [(tmp_path / "ls", staging, ["dev-clean", "test-clean"], False, 0.02)]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["corpus"] == "librispeech" and summary["total_hours"] == 1.0
+    assert summary["corpus"] == "librispeech" and summary["total_hours"] == 2.0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    with pytest.raises(LibriSpeechError):  # fails after writing a new dev manifest
+        run("fail", ["dev-clean", "test-clean"])
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+    assert run("ls", ["dev-clean"]) == 0
+    assert sorted(p.parent.name for p in out.glob("*/manifest.jsonl")) == ["dev"]  # test/ went with the old run
+    assert list(json.loads((out / "summary.json").read_text())["splits"]) == ["dev"]
+
+
+def test_the_stage_refuses_a_params_file_without_a_corpus_section(tmp_path):
+    from meld.config import ConfigError
+    from pipeline.corpus import main
+
+    (tmp_path / "params.yaml").write_text(json.dumps({"copus": {"name": "mini"}}))
+    with pytest.raises(ConfigError, match="no 'corpus' section"):
+        main(["--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "corpus")])
+    assert not (tmp_path / "corpus").exists()
 
 
 def test_a_manifest_row_without_audio_names_the_file_and_line(tmp_path):

@@ -53,3 +53,15 @@ def test_a_joint_run_with_the_front_end_is_not_declared_because_its_warm_up_is_t
     losses = with_frontend.compute_losses(tiny_batch(), "tts", generator=torch.Generator().manual_seed(0))
     sum(losses.values()).backward()
     assert any(p.grad is None for p in with_frontend.stt_frontend.parameters())
+
+
+@pytest.mark.parametrize("system,task", CASES + [("meld_ctc", "stt")])
+def test_every_loss_a_system_returns_is_a_name_train_loss_weights_accepts(system, task):
+    """`train.loss_weights` refuses names outside LOSS_NAMES (a misspelt one used to be ignored, so the
+    loss meant counted at weight 1): every loss a system returns must be among them."""
+    from meld.config import LOSS_NAMES
+
+    model, batch = (tiny_meld(stt_ctc=True)[0], tiny_batch()) if system == "meld_ctc" else _model_and_batch(system)
+    losses = model.compute_losses(batch, task, generator=torch.Generator().manual_seed(0))
+    names = {k.split("/", 1)[1] for k in losses}
+    assert names and names <= LOSS_NAMES, names - LOSS_NAMES

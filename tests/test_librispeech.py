@@ -480,3 +480,87 @@ def test_bad_utterances_are_listed_and_bounded(tmp_path):
     assert [r["id"] for r in rejected] == [broken] and "unreadable audio" in rejected[0]["reason"]
     with pytest.raises(ls.LibriSpeechError, match="1 of 6 utterances rejected"):
         ls.prepare_librispeech(tmp_path, tmp_path / "c2", ["dev-clean"], download=False, progress=False)
+
+
+def _read_listing(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_flac_without_transcript_line_is_rejected(tmp_path):
+    expected = _make_subset(tmp_path / "LibriSpeech", "dev-clean")
+    chapter = tmp_path / "LibriSpeech" / "dev-clean" / "26" / "495"
+    trans = chapter / "26-495.trans.txt"
+    orphan, kept = "26-495-0001", "26-495-0000"
+    # The orphan's line goes; a line for a clip that is not there comes in its place.
+    trans.write_text(f"{kept} {expected[kept]['text']}\n26-495-0007 NO AUDIO FOR THIS LINE\n")
+    counts = ls.prepare_librispeech(
+        tmp_path,
+        tmp_path / "corpus",
+        ["dev-clean"],
+        download=False,
+        max_rejected_fraction=0.5,
+        progress=False,
+    )
+    assert counts == {"dev": 5}
+    assert orphan not in {r["id"] for r in read_manifest(tmp_path / "corpus" / "dev" / "manifest.jsonl")}
+    reasons = {r["id"]: r for r in _read_listing(tmp_path / "corpus" / "dev" / "rejected.jsonl")}
+    assert sorted(reasons) == ["26-495-0001", "26-495-0007"]
+    assert reasons[orphan]["reason"] == "no line in transcript 26-495.trans.txt"
+    assert Path(reasons[orphan]["audio"]) == chapter / f"{orphan}.flac"
+    assert reasons["26-495-0007"]["reason"] == "audio file missing"
+    # Without a list to collect them, the orphan stops the reading and is named.
+    trans.write_text(f"{kept} {expected[kept]['text']}\n")
+    with pytest.raises(ls.LibriSpeechError, match=f"{orphan} .*no line in transcript 26-495.trans.txt"):
+        list(ls.read_librispeech_folder(tmp_path, "dev-clean"))
+
+
+def test_rejection_limit_comes_from_the_argument(tmp_path):
+    expected = _make_subset(tmp_path / "LibriSpeech", "dev-clean")
+    expected[sorted(expected)[1]]["path"].write_bytes(b"not a flac file")  # 1 of 6 rejected: 16.7 %
+
+    def prepare(out: str, fraction: float) -> dict[str, int]:
+        return ls.prepare_librispeech(
+            tmp_path,
+            tmp_path / out,
+            ["dev-clean"],
+            download=False,
+            max_rejected_fraction=fraction,
+            progress=False,
+        )
+
+    assert prepare("c1", 0.2) == {"dev": 5}
+    tripped = r"1 of 6 utterances rejected \(16.7%\), more than max_rejected_fraction=10.0%"
+    with pytest.raises(ls.LibriSpeechError, match=tripped):
+        prepare("c2", 0.1)
+    for bad in (1.5, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="max_rejected_fraction must lie in"):
+            prepare("c3", bad)
+    assert not (tmp_path / "c3").exists()
+
+
+def test_tripped_limit_writes_the_full_listing(tmp_path):
+    expected = _make_subset(tmp_path / "LibriSpeech", "dev-clean")
+    chapter = tmp_path / "LibriSpeech" / "dev-clean" / "19" / "198"
+    # Six clips the transcript does not name: more than the five an error message shows.
+    orphans = [f"19-198-{n:04d}" for n in range(10, 16)]
+    for utt in orphans:
+        (chapter / f"{utt}.flac").write_bytes(expected["19-198-0000"]["path"].read_bytes())
+    out = tmp_path / "corpus"
+    with pytest.raises(ls.LibriSpeechError) as caught:
+        ls.prepare_librispeech(tmp_path, out, ["dev-clean"], download=False, progress=False)
+    listing = out / "dev" / "rejected.jsonl"
+    message = str(caught.value)
+    assert "6 of 12 utterances rejected" in message and "max_rejected_fraction=1.0%" in message
+    assert f"all 6 listed in {listing}" in message
+    rows = _read_listing(listing)
+    assert [r["id"] for r in rows] == orphans
+    assert all(set(r) == {"id", "audio", "reason"} and Path(r["audio"]).is_file() for r in rows)
+    assert not (out / "dev" / "manifest.jsonl").exists()
+
+    # A split with nothing usable names its listing too.
+    for want in expected.values():
+        want["path"].write_bytes(b"not a flac file")
+    empty = f"no usable utterances \\(12 rejected, listed in {re.escape(str(listing))}\\)"
+    with pytest.raises(ls.LibriSpeechError, match=empty):
+        ls.prepare_librispeech(tmp_path, out, ["dev-clean"], download=False, progress=False)
+    assert len(_read_listing(listing)) == 12

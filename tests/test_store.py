@@ -140,7 +140,7 @@ def test_too_few_batches_for_the_workers_names_the_param_to_change():
 
 
 def test_a_staged_folder_replaces_the_output_whole_or_leaves_it_as_it_was(tmp_path):
-    from meld.store import staged_folder
+    from meld.staging import staged_folder
 
     out = tmp_path / "out"
     (out / "stale").mkdir(parents=True)
@@ -161,7 +161,7 @@ def test_a_staged_folder_replaces_the_output_whole_or_leaves_it_as_it_was(tmp_pa
 
 
 def test_a_run_killed_in_the_middle_of_the_swap_loses_no_output(tmp_path):
-    from meld.store import staged_folder
+    from meld.staging import staged_folder
 
     out = tmp_path / "out"
     (tmp_path / "out.previous").mkdir()  # the old output, renamed away just before the kill
@@ -174,7 +174,7 @@ def test_a_run_killed_in_the_middle_of_the_swap_loses_no_output(tmp_path):
 
 
 def test_a_symlinked_output_is_replaced_where_it_lives(tmp_path):
-    from meld.store import staged_folder
+    from meld.staging import staged_folder
 
     disk = tmp_path / "big_disk"
     (disk / "features").mkdir(parents=True)
@@ -191,9 +191,33 @@ def test_a_symlinked_output_is_replaced_where_it_lives(tmp_path):
 
 
 def test_a_folder_that_is_not_a_stages_output_is_not_replaced(tmp_path):
-    from meld.store import staged_folder
+    from meld.staging import staged_folder
 
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(SystemExit, match="no summary.json"), staged_folder(tmp_path):
         pass
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_another_stages_output_and_the_stages_own_inputs_are_not_replaced(tmp_path):
+    """Every data stage writes a summary.json, so a codebook run given the feature store as --out
+    used to replace it: the stage's own files (``holds``) and its inputs tell them apart."""
+    from meld.staging import staged_folder
+
+    features = tmp_path / "features"
+    (features / "train").mkdir(parents=True)
+    for name in ("summary.json", "stats.json", "train/index.jsonl"):
+        (features / name).write_text(name)
+    before = sorted(p.relative_to(features) for p in features.rglob("*"))
+    with pytest.raises(SystemExit, match="output of another stage .* no r\\*.npy"), \
+            staged_folder(features, holds="r*.npy"):
+        pass
+    for out in (features, features / "codebook", tmp_path):  # the input, inside it, around it
+        with pytest.raises(SystemExit, match="where the stage reads"), \
+                staged_folder(out, holds="r*.npy", inputs=[features]):
+            pass
+    assert sorted(p.relative_to(features) for p in features.rglob("*")) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["features"]  # no partial folder either
+    with staged_folder(features, holds="stats.json", inputs=[tmp_path / "corpus"]) as work:  # its own output
+        (work / "summary.json").write_text("new")
+    assert (features / "summary.json").read_text() == "new"

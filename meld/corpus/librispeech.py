@@ -451,9 +451,9 @@ def read_librispeech_folder(
         root: corpus root (see above).
         subset: e.g. ``"dev-clean"``.
         manifest_dir: rows' ``audio`` is made relative to this folder; absolute when None.
-        rejected: when a list is given, utterances with missing or unreadable audio, empty text or a
-            malformed id are appended to it as ``{id, audio, reason}`` and skipped; when None they
-            raise :class:`LibriSpeechError`.
+        rejected: when a list is given, utterances with missing or unreadable audio, empty text, a
+            malformed id, or a FLAC file that no transcript line names are appended to it as
+            ``{id, audio, reason}`` and skipped; when None they raise :class:`LibriSpeechError`.
 
     Yields:
         ``{id, speaker, text, audio, duration}`` rows (duration in seconds, from the FLAC header).
@@ -480,10 +480,12 @@ def read_librispeech_folder(
                 continue
             n_transcripts += 1
             lines = trans.read_text(encoding="utf-8").splitlines()
+            listed: set[str] = set()
             for line in lines:
                 if not line.strip():
                     continue
                 utt_id, _, text = line.strip().partition(" ")
+                listed.add(utt_id)
                 text = text.strip()
                 audio = chapter_dir / f"{utt_id}.flac"
                 match = _UTTERANCE_ID.match(utt_id)
@@ -516,6 +518,11 @@ def read_librispeech_folder(
                     "audio": os.path.relpath(path, base) if base is not None else path,
                     "duration": round(info.frames / info.samplerate, 4),
                 }
+            # A clip its transcript does not name has no text to train on; listing it keeps a truncated
+            # or mismatched transcript from shrinking the corpus unnoticed.
+            for flac in sorted(chapter_dir.glob("*.flac")):
+                if flac.stem not in listed:
+                    reject(flac.stem, flac, f"no line in transcript {trans.name}")
     if n_transcripts == 0:
         raise LibriSpeechError(
             f"{subset_dir} holds no <speaker>/<chapter>/<speaker>-<chapter>.trans.txt files: not a LibriSpeech subset folder"
@@ -580,7 +587,8 @@ def prepare_librispeech(
         download: fetch missing archives from ``base_url``.
         base_url: mirror of openslr resource 12 (``<base_url>/<subset>.tar.gz``).
         keep_archives: keep the .tar.gz after extraction (else it is deleted).
-        max_rejected_fraction: fail when a split rejects more than this fraction of its utterances.
+        max_rejected_fraction: fail when a split rejects more than this fraction of its utterances
+            (``rejected.jsonl`` is written first, so it lists them all).
         chunk_size: download read size in bytes.
         progress: show tqdm progress bars.
         opener: urllib opener for the downloads.
@@ -589,10 +597,11 @@ def prepare_librispeech(
         Number of manifest rows per split written.
 
     Raises:
-        ValueError: unknown or no subsets.
+        ValueError: unknown or no subsets, or ``max_rejected_fraction`` outside [0, 1].
         FileNotFoundError: a subset is neither extracted nor archived under ``root`` and ``download`` is off.
         DownloadError / ChecksumError / UnsafeArchiveError: from fetching and extracting.
-        LibriSpeechError: too many rejected utterances, duplicate ids, or an empty split.
+        LibriSpeechError: too many rejected utterances or an empty split (the message names the
+            split's ``rejected.jsonl``), or duplicate ids.
     """
     root, out_dir = Path(root), Path(out_dir)
     if not subsets:
@@ -600,6 +609,9 @@ def prepare_librispeech(
     unknown = [s for s in subsets if s not in LIBRISPEECH_MD5]
     if unknown:
         raise ValueError(f"unknown LibriSpeech subsets {unknown}; known: {sorted(LIBRISPEECH_MD5)}")
+    # Checked before any download, which can take hours; NaN fails the comparison too.
+    if not 0.0 <= max_rejected_fraction <= 1.0:
+        raise ValueError(f"max_rejected_fraction must lie in [0, 1], got {max_rejected_fraction}")
     # Canonical order, so that the concatenated training manifest does not depend on the list order.
     wanted = [s for s in LIBRISPEECH_MD5 if s in set(subsets)]
 
@@ -643,17 +655,24 @@ def prepare_librispeech(
                     raise LibriSpeechError(f"utterance id {row['id']} occurs twice in split {split!r}")
                 seen.add(row["id"])
                 rows.append(row)
+        # The listing is written before the checks below, so that a split they stop still shows every
+        # rejected utterance and why, not only the few an error message can name.
+        listing = split_dir / "rejected.jsonl"
+        split_dir.mkdir(parents=True, exist_ok=True)
+        with open(listing, "w", encoding="utf-8") as f:
+            for item in rejected:
+                f.write(json.dumps(item, ensure_ascii=False) + "\n")
         total = len(rows) + len(rejected)
         if not rows:
-            raise LibriSpeechError(f"split {split!r} has no usable utterances ({len(rejected)} rejected)")
+            raise LibriSpeechError(
+                f"split {split!r} has no usable utterances ({len(rejected)} rejected, listed in {listing})"
+            )
         if len(rejected) > max_rejected_fraction * total:
             examples = "; ".join(f"{r['id']}: {r['reason']}" for r in rejected[:5])
             raise LibriSpeechError(
-                f"split {split!r}: {len(rejected)} of {total} utterances rejected, more than "
-                f"{max_rejected_fraction:.1%} (e.g. {examples})"
+                f"split {split!r}: {len(rejected)} of {total} utterances rejected "
+                f"({len(rejected) / total:.1%}), more than max_rejected_fraction={max_rejected_fraction:.1%}; first: {examples}; "
+                f"all {len(rejected)} listed in {listing}"
             )
         counts[split] = write_manifest(rows, split_dir / "manifest.jsonl")
-        with open(split_dir / "rejected.jsonl", "w", encoding="utf-8") as f:
-            for item in rejected:
-                f.write(json.dumps(item, ensure_ascii=False) + "\n")
     return counts
