@@ -1,7 +1,8 @@
 """Transcript normalisation and the SentencePiece BPE tokenizer shared by every system.
 
 The normaliser is also what WER is computed on: lower case, ASCII letters, digits and
-apostrophes kept, every other character a word break, runs of spaces collapsed.
+apostrophes kept (curly ones made straight), every other character a word break, runs of spaces
+collapsed.
 """
 
 from __future__ import annotations
@@ -13,17 +14,30 @@ from pathlib import Path
 
 _NOT_WORD = re.compile(r"[^a-z0-9' ]+")
 _SPACES = re.compile(r"\s+")
+# typographic apostrophes (Whisper writes "don’t"): the ASCII fold would delete them, joining "don" and "t"
+_APOSTROPHES = frozenset("\u2018\u2019\u201b\u02bc")
+
+
+def _fold_punctuation(ch: str) -> str:
+    """One character before the ASCII fold: an apostrophe made straight, any other punctuation,
+    symbol or space (Unicode categories P*, S*, Z*: dashes, curly quotes, no-break spaces) a space.
+    Most of these have no ASCII decomposition, so the fold would delete them and join the words
+    around them ("hello—world" -> "helloworld")."""
+    if ch in _APOSTROPHES:
+        return "'"
+    return " " if ch != "'" and unicodedata.category(ch)[0] in "PSZ" else ch
 
 
 def normalise_transcript(text: str) -> str:
     """Canonical form of a transcript: 'Hello,  World!' -> 'hello world'.
 
-    Accents are folded to ASCII (NFKD), quotes that wrap words are dropped, and
-    apostrophes inside words are kept ("don't").
+    Accents are folded to ASCII (NFKD), punctuation of any script breaks words, quotes that wrap
+    words are dropped, and apostrophes inside words are kept ("don't", "don’t").
     """
     if not isinstance(text, str):
         raise TypeError(f"transcript must be a string, got {type(text).__name__}")
-    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii").lower()
+    text = "".join(map(_fold_punctuation, unicodedata.normalize("NFKD", text)))
+    text = text.encode("ascii", "ignore").decode("ascii").lower()
     text = _NOT_WORD.sub(" ", text)
     words = [w.strip("'") for w in text.split()]
     return _SPACES.sub(" ", " ".join(w for w in words if w)).strip()
@@ -70,8 +84,9 @@ class BPETokenizer:
         known: dict[str, bool] = {}
         found: dict[str, None] = {}  # an ordered set
         for ch in text:
-            # an apostrophe survives only inside a word, so it is judged on the whole text
-            folded = ("'" if "'" in norm else "") if ch == "'" else normalise_transcript(ch)
+            # an apostrophe (straight or curly) survives only inside a word, so it is judged on the whole text
+            apostrophe = _fold_punctuation(ch) == "'"
+            folded = ("'" if "'" in norm else "") if apostrophe else normalise_transcript(ch)
             if not folded and ch.isalnum():
                 found[ch] = None
             for c in folded:

@@ -132,16 +132,18 @@ class GriffinLimVocoder(Vocoder):
         angles = np.exp(2j * np.pi * rng.random(magnitude.shape, dtype=np.float32))  # complex64
         # Fast Griffin-Lim (Perraudin et al. 2013), as librosa.griffinlim; written out because
         # librosa's version can't return T * hop samples for T frames (it re-analyses at that length).
+        # istft makes (T - 1) * hop samples of T frames, which re-analyse to T frames; a single frame
+        # would make none, and an empty signal has no STFT, so it gets one hop (re-analysed to 2 frames)
+        frames = log_mel.shape[0]
+        analysed = max(frames - 1, 1) * HOP_LENGTH
         rebuilt = np.zeros_like(angles)
         for _ in range(self.n_iter):
             previous = rebuilt
-            inverse = librosa.istft(magnitude * angles, **stft)  # (T - 1) * hop samples
-            rebuilt = librosa.stft(inverse, pad_mode="reflect", **stft)  # (513, T)
+            inverse = librosa.istft(magnitude * angles, length=analysed, **stft)
+            rebuilt = librosa.stft(inverse, pad_mode="reflect", **stft)[:, :frames]  # (513, T)
             angles = rebuilt - (self.momentum / (1.0 + self.momentum)) * previous
             angles /= np.abs(angles) + 1e-16
-        wav = librosa.istft(
-            magnitude * angles, length=log_mel.shape[0] * HOP_LENGTH, **stft
-        )  # T * hop samples
+        wav = librosa.istft(magnitude * angles, length=frames * HOP_LENGTH, **stft)  # T * hop samples
         return wav.astype(np.float32)
 
 

@@ -18,7 +18,8 @@ from meld.config import read_params, run_stage
 TTS_COLUMNS = [
     ("WER", "wer", "{:.1%}"), ("GT-WER (vocoded)", "wer_ground_truth_vocoded", "{:.1%}"),
     ("WER MELD-STT judge", "wer_meld_stt_judge", "{:.1%}"), ("GT-WER MELD-STT", "wer_ground_truth_meld_stt_judge", "{:.1%}"),
-    ("S/D/I", None, None), ("SIM", "sim", "{:.3f}"), ("SIM GT cont.", "sim_ground_truth_continuation", "{:.3f}"),
+    ("S/D/I", None, None), ("SIM", "sim", "{:.3f}"), ("SIM n", None, None),
+    ("SIM GT cont.", "sim_ground_truth_continuation", "{:.3f}"),
     ("SIM other spk.", "sim_other_speaker", "{:.3f}"),
     ("SIM other spk. (vocoded)", "sim_other_speaker_vocoded", "{:.3f}"), ("dur. ratio", "duration_ratio", "{:.2f}"),
     ("gen. min / GT min", None, None), ("longest sil. (s)", "longest_silence_s", "{:.2f}"),
@@ -30,6 +31,8 @@ TTS_COLUMNS = [
 def _cell(m: dict, key: str | None, fmt: str | None, title: str) -> str:
     if title == "S/D/I":
         return f"{m['substitutions']}/{m['deletions']}/{m['insertions']}" if "substitutions" in m else "–"
+    if title == "SIM n":  # generations SIM averages over / all of them (older metrics files lack the count)
+        return f"{m['sim_generations']}/{m['generations']}" if "sim_generations" in m else "–"
     if title == "gen. min / GT min":
         return f"{m.get('generated_minutes', 0):.2f} / {m.get('ground_truth_minutes', 0):.2f}"
     v = m.get(key)
@@ -104,6 +107,7 @@ def silence_statement(all_metrics: list[dict]) -> list[str]:
 
 
 # (metric, its ground-truth reference in the same metrics, panel title); a None reference is drawn at 1
+# for every row, a real one per row: systems' references differ (Codec-LM's ground truth goes through its codec)
 PANELS = [
     ("wer", "wer_ground_truth_vocoded", "judge WER (lower is better)"),
     ("sim", "sim_ground_truth_continuation", "speaker SIM to the prompt (higher is better)"),
@@ -128,8 +132,9 @@ def plot_points(all_metrics: list[dict]) -> list[dict]:
 
 
 def comparison_figure(points: list[dict]):
-    """Grouped horizontal bars: a row per system (ablations included), a colour per split, and each
-    split's ground truth as a dashed line of its colour, so a bar reads against what real speech scores."""
+    """Grouped horizontal bars: a row per system (ablations included), a colour per split, and on each
+    bar a black tick at its own system's ground truth for that split, so a bar reads against what real
+    speech scores through that system's vocoder or codec (a None reference: one dashed line at 1)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -148,22 +153,27 @@ def comparison_figure(points: list[dict]):
             offset = (j - (len(splits) - 1) / 2) * height
             ax.barh([i + offset for i, _ in rows], [v for _, v in rows], height=height, color=colours[split],
                     label=split)
-            truth = 1.0 if reference is None else next(
-                (p[reference] for p in points if p["split"] == split and p[reference] is not None), None)
-            if truth is not None:
-                ax.axvline(truth, color=colours[split], linestyle="--", linewidth=1.2,
-                           label=f"{split}: ground truth" if reference else f"{split}: same length")
+            if reference is None:
+                continue
+            truths = [(p[reference], systems.index(p["system"]) + offset) for p in points
+                      if p["split"] == split and p[metric] is not None and p[reference] is not None]
+            if truths:
+                ax.plot([x for x, _ in truths], [y for _, y in truths], linestyle="none", marker="|", color="black",
+                        markersize=max(6.0, 40 * height), markeredgewidth=2, label="ground truth (each row's own)")
         ax.set_title(title, fontsize=10)
         if not systems:
             ax.text(0.5, 0.5, "no TTS results", ha="center", va="center", transform=ax.transAxes)
             continue
+        if reference is None:
+            ax.axvline(1.0, color="grey", linestyle="--", linewidth=1.2)  # the same length as the ground truth
         ax.set_yticks(range(len(systems)), systems, fontsize=8)
         ax.set_ylim(len(systems) - 0.5, -0.5)  # the first system on top
         ax.grid(axis="x", alpha=0.3)
         if metric == "wer":
             ax.xaxis.set_major_formatter(PercentFormatter(1.0))
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=max(1, 2 * len(splits)), fontsize=8, frameon=False)
+    legend = dict(zip(labels, handles))  # the ground-truth ticks once, not once per split
+    fig.legend(legend.values(), legend.keys(), loc="lower center", ncol=len(splits) + 1, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     return fig
 
@@ -221,7 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     lines = ["# MELD toolkit: comparison", "",
              "Zero-shot TTS continuation (3 s prompt + full transcript); judge = external ASR on",
              "[true prompt + continuation] through the vocoder; GT-WER = the ground truth through the same vocoder.",
-             "SIM = speaker-embedding cosine between the real prompt and the continuation.", "",
+             "SIM = speaker-embedding cosine between the real prompt and the continuation, averaged over the",
+             "generations whose prompt and continuation each last at least 0.5 s (a shorter clip's speaker",
+             "embedding means little): SIM n = those / all generations; 0 with evaluate.prompt_seconds 0 (no prompt,",
+             "no speaker to compare to). Speakers in evaluate.judge_exclude_prefixes are left out of every WER",
+             "column, so the external judge's and MELD-STT's columns read the same utterances.", "",
              "## TTS", ""] + tts_table(metrics)
     lines += ["", *silence_statement(metrics)]
     stt = stt_table(metrics)

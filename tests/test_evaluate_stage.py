@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from meld.config import EvaluateConfig
+from meld.store import FeatureStore
 from pipeline import evaluate
 
 NO_CUDA = pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine without CUDA")
@@ -72,12 +74,11 @@ def test_device_names_resolve_or_say_which_option_named_them():
         resolve_device(f"cuda:{torch.cuda.device_count()}", "--device")  # one past the last GPU, or no CUDA
 
 
-@pytest.mark.parametrize("task, judged", [("tts", False), ("joint", True), ("stt", True)])
-def test_a_tts_only_checkpoint_is_no_meld_stt_judge_and_a_missing_one_is_skipped(task, judged, tmp_path, caplog):
-    """evaluate.stt_judge_model: a model trained for TTS only is no judge (how a config under dvc names
-    none, DVC taking no null); any model that learned STT is one."""
-    import logging
+SENTENCES = ["the quick brown fox jumps over the lazy dog", "she wrote a long letter to her mother"]
 
+
+def _tiny_checkpoint(folder: Path, task: str) -> Path:
+    """A tiny random MELD (r = 2) saved as a finished model: its BPE model and statistics inside."""
     import numpy as np
     import torch
     from conftest import tiny_meld
@@ -86,11 +87,33 @@ def test_a_tts_only_checkpoint_is_no_meld_stt_judge_and_a_missing_one_is_skipped
     from meld.text import BPETokenizer, train_bpe
     from meld.training import save_checkpoint
 
-    bpe = train_bpe(["the quick brown fox", "jumps over the lazy dog"], tmp_path / "bpe", vocab_size=30)
+    bpe = train_bpe(SENTENCES, folder / "bpe", vocab_size=30)
     model, kwargs = tiny_meld(reduction=2, n_text=BPETokenizer(bpe).vocab_size, codebook_size=16)
     extra = {"reduction_factor": 2, "norm_mean": torch.zeros(N_MELS), "norm_std": torch.ones(N_MELS),
              "bpe_model": torch.from_numpy(np.frombuffer(bpe.read_bytes(), dtype=np.uint8).copy()), "task": task}
-    path = save_checkpoint(tmp_path / "model.pt", system="meld", model=model, model_kwargs=kwargs, step=1, extra=extra)
+    return save_checkpoint(folder / "model.pt", system="meld", model=model, model_kwargs=kwargs, step=1, extra=extra)
+
+
+def _feature_store(folder: Path, utterances: list[tuple[str, str, int]]) -> FeatureStore:
+    """A feature store of random log-mels: (speaker, text, frames) per utterance, ids in that order."""
+    import numpy as np
+
+    from meld.features import FRAME_RATE, N_MELS
+    from meld.store import write_store
+
+    rng = np.random.default_rng(0)
+    write_store(folder, [({"id": f"u{k:02d}", "speaker": spk, "text": text, "duration": n / FRAME_RATE},
+                          rng.normal(-2.0, 1.0, (n, N_MELS))) for k, (spk, text, n) in enumerate(utterances)], [])
+    return FeatureStore(folder)
+
+
+@pytest.mark.parametrize("task, judged", [("tts", False), ("joint", True), ("stt", True)])
+def test_a_tts_only_checkpoint_is_no_meld_stt_judge_and_a_missing_one_is_skipped(task, judged, tmp_path, caplog):
+    """evaluate.stt_judge_model: a model trained for TTS only is no judge (how a config under dvc names
+    none, DVC taking no null); any model that learned STT is one."""
+    import logging
+
+    path = _tiny_checkpoint(tmp_path, task)
     with caplog.at_level(logging.INFO, logger="meld.evaluate"):
         judge = evaluate.load_stt_judge(str(path), 0.0, "cpu")
     assert (judge is not None) == judged
@@ -105,7 +128,7 @@ def test_a_tts_only_checkpoint_is_no_meld_stt_judge_and_a_missing_one_is_skipped
     assert "absent.pt does not exist" in caplog.text
 
 
-def test_mel_plots_share_one_time_axis(tmp_path, monkeypatch):
+def test_mel_plots_share_one_time_axis_and_say_where_the_prompt_ends(tmp_path, monkeypatch):
     """A generation three times too long must look three times too long beside its ground truth."""
     import matplotlib.pyplot as plt
     import numpy as np
@@ -116,9 +139,14 @@ def test_mel_plots_share_one_time_axis(tmp_path, monkeypatch):
     path = evaluate.plot_mels(tmp_path / "m.png", [("ground truth", np.zeros((40, 80))), ("generated", np.zeros((120, 80)))],
                               prompt_frames_n=10)
     assert path.is_file()
-    (fig,) = closed
+    evaluate.plot_mels(tmp_path / "n.png", [("generated", np.zeros((120, 80)))], prompt_frames_n=0)
+    (fig, no_prompt) = closed
     assert [ax.get_xlim() for ax in fig.axes] == [(-0.5, 119.5)] * 2
+    # the line's label says where it is (10 frames of 16 ms), whatever evaluate.prompt_seconds is
+    assert "end of the 0.16 s prompt" in fig.axes[-1].get_xlabel()
+    assert "no prompt" in no_prompt.axes[-1].get_xlabel() and " s prompt" not in no_prompt.axes[-1].get_xlabel()
     real_close(fig)
+    real_close(no_prompt)
 
 
 @pytest.mark.parametrize("system", ["meld", "meld_joint", "melle", "mel_lm", "dmel", "codec_lm"])
@@ -146,3 +174,145 @@ def test_a_model_loaded_without_weights_is_the_same_model_holding_no_tensor(tmp_
         assert getattr(bare, attr, None) == getattr(full, attr, None), attr
     assert bare_state["step"] == 7 and bare_state["model_kwargs"] == kwargs
     assert (bare_state["extra"]["norm_mean"].numpy() == full_state["extra"]["norm_mean"].numpy()).all()
+
+
+@pytest.mark.parametrize("prompt_seconds", [0.0, 0.01])  # none, and one that rounds to no r = 2 step
+def test_a_split_without_a_prompt_is_scored_with_no_sim(prompt_seconds, tmp_path):
+    """evaluate.prompt_seconds 0 is documented as "no prompt" and passes the config checks; it used to fail
+    in scoring after the split's generation (an empty prompt reached the speaker embedder). Now the split
+    is scored, and SIM, with no speaker to compare to, is None over 0 generations."""
+    import subprocess
+
+    import numpy as np
+
+    from meld.audio import SAMPLE_RATE, load_audio
+    from meld.evaluation.scoring import ScorerSpec, ScoringPool
+    from meld.features import NormStats, log_mel
+    from meld.store import write_store
+    from meld.text import BPETokenizer
+    from meld.training import load_model
+
+    if shutil.which("flite") is None:
+        pytest.skip("flite is not installed")
+    items, audio = [], {}
+    for k, (voice, text) in enumerate(zip(("slt", "rms"), SENTENCES)):
+        wav_path = tmp_path / f"{voice}.wav"
+        subprocess.run(["flite", "-voice", voice, "-t", text, "-o", str(wav_path)], check=True)
+        wav = load_audio(wav_path)
+        items.append(({"id": f"u{k}", "speaker": f"flite-{voice}", "text": text, "duration": wav.size / SAMPLE_RATE},
+                      log_mel(wav, SAMPLE_RATE)))
+        audio[f"u{k}"] = str(wav_path)
+    write_store(tmp_path / "test", items, [])
+    model, state = load_model(_tiny_checkpoint(tmp_path, "tts"))
+    cfg = EvaluateConfig.from_dict({"splits": ["test"], "utterances_per_split": 2, "generations": 1,
+                                    "prompt_seconds": prompt_seconds, "min_seconds": 1.0, "max_length_factor": 0.5,
+                                    "audio_samples": 1}, "evaluate")
+    spec = ScorerSpec("griffin_lim", None, None, None, "resemblyzer", None)
+    with ScoringPool(spec, 1) as scorer:
+        summary, rows = evaluate.evaluate_split(
+            model, state, NormStats(np.zeros(80), np.ones(80)), BPETokenizer(tmp_path / "bpe.model"),
+            FeatureStore(tmp_path / "test"), audio, cfg, "test", scorer, (), tmp_path / "eval", {"name": "meld"}, {})
+    assert summary["generations"] == len(rows) == 2
+    assert summary["sim"] is None and summary["sim_generations"] == 0
+    assert summary["sim_ground_truth_continuation"] is None  # not a too-short continuation: no prompt speaker
+    assert all("sim" not in r for r in rows) and summary["duration_ratio"] is not None
+
+
+def test_the_summary_counts_the_generations_sim_averages_over():
+    """SIM leaves out generations under the 0.5 s floor; the summary says over how many it averaged."""
+    rows = [{"id": f"u{k}", "text": "a b", "generated_seconds": 1.0, "true_continuation_seconds": 1.0,
+             "duration_ratio": 1.0, "longest_silence_s": 0.0, "gt_longest_silence_s": 0.0, "hit_max_length": False,
+             **({"sim": sim} if sim is not None else {})} for k, sim in enumerate([0.5, None, 0.7, None])]
+    summary = evaluate.summarise(rows, 1.0, 4.0)
+    assert summary["sim_generations"] == 2 and summary["generations"] == 4
+    assert summary["sim"] == pytest.approx(0.6)
+
+
+@pytest.mark.parametrize("n", [2, 4, 7])
+def test_stt_wer_covers_as_many_speakers_as_its_utterances_allow(n, tmp_path):
+    """A store's rows are grouped by speaker: the first N rows held one or two speakers, and the STT
+    WER-by-speaker table silently left the others out. Now N utterances cover min(N, speakers)."""
+    speakers = ["espeak-f2", "flite-kal", "flite-rms", "flite-slt"]
+    utterances = [(spk, SENTENCES[k % 2], 8 + k) for spk in speakers for k in range(3)]
+    _feature_store(tmp_path / "features" / "test", utterances)
+    stt = evaluate.load_stt_model(_tiny_checkpoint(tmp_path, "joint"))
+    cfg = EvaluateConfig.from_dict({"stt_splits": ["test"], "stt_max_utterances": n, "stt_beam_size": 1}, "evaluate")
+    out = evaluate.evaluate_stt(stt, tmp_path / "features", cfg)["test"]
+    assert out["utterances"] == n and len(out["per_speaker"]) == min(n, len(speakers))
+
+
+def test_tts_utterances_spread_over_speakers_judged_ones_first(tmp_path):
+    """The same spreading for TTS (evaluate.utterances_per_split), the ASR judge's speakers first."""
+    speakers = ["espeak-f2", "espeak-m3", "flite-kal", "flite-rms", "flite-slt"]
+    store = _feature_store(tmp_path / "test", [(spk, SENTENCES[0], 300) for spk in speakers for _ in range(2)])
+    for n in (2, 3, 5, 8):
+        cfg = EvaluateConfig.from_dict({"utterances_per_split": n}, "evaluate")
+        chosen = [store.index[i]["speaker"] for i in evaluate.choose_utterances(store, cfg, "test")]
+        assert len(chosen) == n and len(set(chosen)) == min(n, len(speakers))
+        judged_first = [s for s in chosen[:3] if not s.startswith("espeak-")]
+        assert len(judged_first) == min(n, 3)
+
+
+def test_the_meld_stt_judge_reads_the_utterances_the_external_judge_reads(tmp_path, monkeypatch):
+    """The report puts "WER MELD-STT judge" beside the external judge's "WER", which leaves out the
+    judge_exclude_prefixes speakers; the MELD-STT columns used to read every row, so the two compared
+    different utterances. Both now read the same ones."""
+    store = _feature_store(tmp_path / "test", [("flite-slt", SENTENCES[0], 10), ("espeak-f2", SENTENCES[1], 12),
+                                                ("flite-rms", SENTENCES[1], 14)])
+    stt = evaluate.load_stt_model(_tiny_checkpoint(tmp_path, "joint"))
+    rows = [{"speaker": r["speaker"], "text": r["text"], "_mel": store[i]} for i, r in enumerate(store.index)]
+    read = []
+    transcribe = evaluate.transcribe_mels
+
+    def recording(stt, mels, **kwargs):
+        read.append(sorted(m.shape[0] for m in mels))
+        return transcribe(stt, mels, **kwargs)
+
+    monkeypatch.setattr(evaluate, "transcribe_mels", recording)
+    scores = evaluate.score_with_stt_judge(stt, rows, store, [0, 1, 2], 10.0, ("espeak-",))
+    assert set(scores) == {"wer_meld_stt_judge", "wer_ground_truth_meld_stt_judge"}
+    assert read == [[10, 14], [10, 14]]  # generations, then ground truth: the flite speakers only
+    assert ["stt_judge_hyp" in r for r in rows] == [True, False, True]
+    read.clear()
+    assert evaluate.score_with_stt_judge(stt, rows[1:2], store, [1], 10.0, ("espeak-",)) == {} and read == []
+
+
+@pytest.mark.parametrize("random_codec", [False, True])
+def test_a_codec_split_without_eligible_utterances_is_kept_empty(random_codec, tmp_path):
+    """As for the mel systems, a split with no utterance within min_seconds..max_seconds stays in the
+    metrics as {}, so that the report names it instead of dropping it."""
+    import json
+
+    import numpy as np
+    import torch
+    from test_codec_lm import tiny_codec_lm
+
+    from meld.codes import CODEC_FILE, build_codec
+    from meld.models.codec_lm import DACCodec
+    from meld.store import write_code_store
+    from meld.text import train_bpe
+
+    levels, size = 4, 16
+    weights = None
+    if not random_codec:
+        kwargs = dict(encoder_dim=4, decoder_dim=32, n_codebooks=levels, codebook_size=size, codebook_dim=8)
+        torch.manual_seed(0)
+        weights = tmp_path / "weights.pth"
+        torch.save({"state_dict": DACCodec(**kwargs).state_dict(),
+                    "metadata": {"kwargs": {**kwargs, "sample_rate": 16000}}}, weights)
+    _, desc = build_codec(weights, n_levels=levels, codebook_size=size, random_width=4, seed=0)
+    codes = tmp_path / "codes"
+    codes.mkdir()
+    (codes / CODEC_FILE).write_text(json.dumps(desc))
+    write_code_store(codes / "test", [({"id": "u0", "speaker": "flite-slt", "text": SENTENCES[0], "duration": 0.2},
+                                       np.zeros((10, levels), np.int16))], [])
+    (tmp_path / "corpus" / "test").mkdir(parents=True)
+    (tmp_path / "corpus" / "test" / "manifest.jsonl").write_text(json.dumps({"id": "u0", "audio": "u0.wav"}) + "\n")
+    bpe = train_bpe(SENTENCES, tmp_path / "bpe", vocab_size=30)
+    state = {"step": 1, "extra": {"codec": desc, "bpe_model": torch.from_numpy(
+        np.frombuffer(bpe.read_bytes(), dtype=np.uint8).copy())}}
+    cfg = EvaluateConfig.from_dict({"splits": ["test"], "prompt_seconds": 0.5, "min_seconds": 1.0, "score_workers": 1},
+                                   "evaluate")
+    metrics, rows = evaluate.evaluate_codec_system(tiny_codec_lm(n_text=30)[0], state, cfg, "codec_lm", codes,
+                                                   tmp_path / "corpus", tmp_path / "eval")
+    assert metrics["pipeline_check" if random_codec else "splits"] == {"test": {}} and rows == []

@@ -246,6 +246,27 @@ def test_wer_details_normalises_and_validates():
         wer_details([], [])
 
 
+def test_wer_normaliser_breaks_words_at_any_punctuation_and_keeps_curly_apostrophes():
+    """What Whisper writes: typographic dashes, quotes, ellipses and spaces have no ASCII form, and the
+    fold to ASCII used to delete them, joining the words on either side ("hello—world" scored 100%)."""
+    import unicodedata
+
+    assert wer_details(["hello world"], ["hello\u2014world"])["wer"] == 0.0  # em dash
+    assert wer_details(["don't go"], ["don\u2019t go"])["wer"] == 0.0  # right single quotation mark
+    assert wer_details(["don't go"], ["don\u2018t go"])["wer"] == 0.0
+    assert wer_details(["she said hello"], ["She said \u201cHello\u201d\u2026"])["wer"] == 0.0
+    assert normalise_transcript("\u2018quoted\u2019 rock \u2019n\u2019 roll") == "quoted rock n roll"
+    assert normalise_transcript("Caf\u00e9 na\u00efve") == "cafe naive"  # accents still fold
+    # every punctuation, symbol and space character of Latin-1, General Punctuation (dashes, quotes,
+    # ellipsis, thin and no-break spaces) and CJK punctuation breaks words as ASCII punctuation does;
+    # only apostrophes join
+    breaks = [chr(c) for c in (*range(0xA0, 0x100), *range(0x2000, 0x2070), 0x3000, 0x3001, 0x3002)
+              if unicodedata.category(chr(c))[0] in "PSZ" and chr(c) not in "\u2018\u2019\u201b"]
+    assert len(breaks) > 100 and {"\u00a0", "\u2010", "\u2015", "\u201c", "\u2026"} <= set(breaks)
+    for ch in breaks:
+        assert normalise_transcript(f"hello{ch}world") == "hello world", hex(ord(ch))
+
+
 def _tone(seconds: float) -> np.ndarray:
     t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
     return (0.5 * np.sin(2 * np.pi * 220.0 * t)).astype(np.float32)
@@ -351,3 +372,24 @@ def test_scoring_pool_workers_match_the_calling_process(flite):
     assert gt1[0]["sim_gt_cont"] > gt1[0]["sim_other"]
     # like for like: the vocoded true continuation beats the vocoded other speaker too
     assert gt1[0]["sim_gt_cont"] > gt1[0]["sim_other_vocoded"] and "sim_other_vocoded" in gt1[1]
+
+
+def test_a_prompt_too_short_for_a_speaker_embedding_gets_no_sim(flite):
+    """evaluate.prompt_seconds 0 ("no prompt"), or a prompt that rounds to no model step, used to reach the
+    speaker embedder as an empty waveform and fail after the whole split's generation: with no prompt
+    there is no speaker to compare to, so the item gets no embedding and its generations no SIM, under
+    the floor that already applies to a continuation."""
+    from meld.evaluation.scoring import MIN_SIM_SAMPLES, GenerationItem, ReferenceItem, Scorer, ScorerSpec
+    from meld.features import HOP_LENGTH
+
+    paths = [str(flite("slt", "a")), str(flite("rms", "b"))]
+    mel = log_mel(*sf.read(paths[0], dtype="float32"))
+    scorer = Scorer(ScorerSpec("griffin_lim", None, None, None, "resemblyzer", None))
+    sim_keys = {"prompt_emb", "sim_gt_cont", "sim_other"}
+    floor_frames = -(-MIN_SIM_SAMPLES // HOP_LENGTH)  # the shortest prompt of at least MIN_SIM_SAMPLES
+    for prompt_frames, has_speaker in ((0, False), (floor_frames - 1, False), (floor_frames, True)):
+        gt = scorer.reference(ReferenceItem(paths[0], mel, prompt_frames, paths[1], judged=True))
+        assert sim_keys & gt.keys() == (sim_keys if has_speaker else set()), prompt_frames
+        assert gt["gt_vocoded"].size == mel.shape[0] * HOP_LENGTH  # the rest is scored all the same
+        gen = scorer.generation(GenerationItem(mel, prompt_frames, True, gt.get("prompt_emb")))
+        assert ("sim" in gen) == has_speaker and gen["wav"].size == mel.shape[0] * HOP_LENGTH

@@ -59,6 +59,18 @@ def test_the_sweep_section_lists_the_asha_rungs_trials_reached(tmp_path):
     assert "ASHA rungs" not in fifo
 
 
+def test_the_sim_column_says_over_how_many_generations_it_averages(tmp_path):
+    """SIM leaves out generations under the 0.5 s floor (all of them without a prompt): the table
+    shows the count beside the mean, and the text says what the floor is."""
+    split = {"utterances": 2, "generations": 4, "sim": 0.61, "sim_generations": 3, "duration_ratio": 1.0}
+    summary = _run(tmp_path, {"system": "meld", "task": "tts", "splits": {"test": split}, "ablations": {},
+                              "complete": True})
+    head, row = [line for line in summary.splitlines() if line.startswith("| ")][:2]
+    cells = dict(zip(head.split(" | "), row.split(" | ")))
+    assert cells["SIM"] == "0.610" and cells["SIM n"] == "3/4"
+    assert "at least 0.5 s" in summary and "SIM n = those / all generations" in summary
+
+
 def test_the_comparison_plot_draws_each_system_and_split_against_its_ground_truth():
     import matplotlib.pyplot as plt
 
@@ -67,21 +79,27 @@ def test_the_comparison_plot_draws_each_system_and_split_against_its_ground_trut
                 "wer_ground_truth_vocoded": gt_wer, "sim_ground_truth_continuation": gt_sim,
                 "ground_truth_longest_silence_s": 0.3}
 
+    # codec_lm's ground truth goes through its codec, not the vocoder: references of its own
     metrics = [
         {"system": "meld", "splits": {"test": split(0.2, 0.8, 0.1, 0.9), "test_unseen": split(0.3, 0.7, 0.15, 0.85)},
          "ablations": {"meld (latent zeroed)": {"test": split(0.4, 0.6, 0.1, 0.9)}}},
-        {"system": "melle", "splits": {"test": split(0.25, 0.75, 0.1, 0.9)}, "ablations": {}},
-        {"system": "codec_lm", "unavailable": "not trained"},
+        {"system": "codec_lm", "splits": {"test": split(0.25, 0.75, 0.3, 0.7)}, "ablations": {}},
+        {"system": "melle", "unavailable": "not trained"},
     ]
     points = report.plot_points(metrics)
     assert [(p["system"], p["split"]) for p in points] == [
-        ("meld", "test"), ("meld", "test_unseen"), ("meld (latent zeroed)", "test"), ("melle", "test")]
+        ("meld", "test"), ("meld", "test_unseen"), ("meld (latent zeroed)", "test"), ("codec_lm", "test")]
     fig = report.comparison_figure(points)
     wer_panel, sim_panel = fig.axes[0], fig.axes[1]
-    assert [t.get_text() for t in wer_panel.get_yticklabels()] == ["meld", "meld (latent zeroed)", "melle"]
-    for panel, key, truths in ((wer_panel, "wer", {0.1, 0.15}), (sim_panel, "sim", {0.9, 0.85})):
+    systems = ["meld", "meld (latent zeroed)", "codec_lm"]
+    assert [t.get_text() for t in wer_panel.get_yticklabels()] == systems
+    for panel, key, reference in ((wer_panel, "wer", "wer_ground_truth_vocoded"),
+                                  (sim_panel, "sim", "sim_ground_truth_continuation")):
         assert sorted(bar.get_width() for bar in panel.patches) == sorted(p[key] for p in points)
-        assert {round(line.get_xdata()[0], 6) for line in panel.get_lines()} == truths  # a dashed line per split
+        # each bar's own system's ground truth, on the bar's own row: (reference, row) per point
+        ticks = sorted((round(x, 6), round(y)) for line in panel.get_lines()
+                       for x, y in zip(line.get_xdata(), line.get_ydata()))
+        assert ticks == sorted((p[reference], systems.index(p["system"])) for p in points)
     # the bars of one split share its colour, and the two splits differ
     colours = {p["split"]: set() for p in points}
     for bar, (_, split_name) in zip(wer_panel.patches, [(p["system"], p["split"]) for p in points

@@ -9,7 +9,7 @@ thread-safe). With one worker everything runs in the calling process.
 Two kinds of work items:
 
 - :class:`ReferenceItem`: one real utterance: the ground truth through the vocoder (the judge's
-  floor), the 3 s prompt's speaker embedding, and SIM floors (ground-truth continuation, a
+  floor), the prompt's speaker embedding (none for a prompt under ``MIN_SIM_SAMPLES``), and SIM floors (ground-truth continuation, a
   different speaker's real utterance as recorded and through the same vocoder as the continuations:
   the vocoder moves every embedding, so the like-for-like floor is the vocoded one);
 - :class:`GenerationItem`: one continuation: [true prompt + generated frames] through the vocoder,
@@ -40,7 +40,9 @@ from meld.audio import SAMPLE_RATE, load_audio
 from meld.evaluation.metrics import longest_silence_seconds
 from meld.features import HOP_LENGTH
 
-MIN_SIM_SAMPLES = SAMPLE_RATE // 2  # a speaker embedding of less than 0.5 s of audio means little
+# a speaker embedding of less than 0.5 s of audio means little (and of none fails): a prompt or
+# continuation shorter than this gets no embedding, so its generation gets no SIM
+MIN_SIM_SAMPLES = SAMPLE_RATE // 2
 
 
 @dataclass(frozen=True)
@@ -111,10 +113,13 @@ class Scorer:
         out["gt_longest_silence_s"] = longest_silence_seconds(out["gt_cont_vocoded"], SAMPLE_RATE)
         if self.judge is not None and item.judged:
             out["gt_hyp"] = self.judge.transcribe(gt_voc, SAMPLE_RATE)
-        if self.embedder is not None:
+        # a prompt under the floor (none at all with evaluate.prompt_seconds 0, or one that rounds to no
+        # model step) gives no speaker to compare to: no embedding, so none of its generations gets a SIM
+        if self.embedder is not None and out["prompt_wav"].size >= MIN_SIM_SAMPLES:
             emb = self.embedder.embed(out["prompt_wav"], SAMPLE_RATE)
             out["prompt_emb"] = emb
-            out["sim_gt_cont"] = cosine_similarity(emb, self.embedder.embed(out["gt_cont_vocoded"], SAMPLE_RATE))
+            if out["gt_cont_vocoded"].size >= MIN_SIM_SAMPLES:
+                out["sim_gt_cont"] = cosine_similarity(emb, self.embedder.embed(out["gt_cont_vocoded"], SAMPLE_RATE))
             if item.other_audio_path is not None:
                 other = load_audio(item.other_audio_path)
                 out["sim_other"] = cosine_similarity(emb, self.embedder.embed(other, SAMPLE_RATE))
