@@ -6,7 +6,11 @@ reason, so that the data stages can skip and list bad files instead of crashing.
 
 from __future__ import annotations
 
+import io
 import logging
+import os
+import secrets
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -52,14 +56,17 @@ def load_audio(path: str | Path, target_sr: int = SAMPLE_RATE, max_seconds: floa
 
     Raises:
         AudioTooLong: longer than ``max_seconds`` by more than 1 s, by the header.
-        AudioError: missing, unreadable, empty, or non-finite audio (message names the file).
+        AudioError: missing, unreadable, truncated, empty, or non-finite audio (message names the file).
     """
     import soundfile as sf  # here, not at the top: the models import this module's constants, and a training
     # node that reads only feature stores (or a GPU bench machine) needs no audio I/O library
 
     path = Path(path)
+    if path.is_dir():
+        raise AudioError(f"{path}: is a folder, not an audio file")
     if not path.is_file():
         raise AudioError(f"{path}: no such audio file")
+    _check_wav_complete(path)
     integer_pcm = False
     try:
         with sf.SoundFile(str(path)) as f:
@@ -90,11 +97,93 @@ def load_audio(path: str | Path, target_sr: int = SAMPLE_RATE, max_seconds: floa
     return resample(wav, sr, target_sr)
 
 
+# a RIFF chunk size streaming writers put in a header before they know the length (and never fix up)
+_UNKNOWN_RIFF_SIZE = 0xFFFFFFFF
+
+
+def _check_wav_complete(path: Path) -> None:
+    """Refuse a RIFF/WAVE file that holds fewer sample bytes than its header promises.
+
+    libsndfile reads such a file without a word, as the few samples that are there (a copy cut
+    short, a download that stopped). Other formats are left to libsndfile.
+
+    Raises:
+        AudioError: the ``data`` chunk is cut short.
+    """
+    with open(path, "rb") as f:
+        promised = _wav_data_size(f)
+        if promised is None:
+            return
+        data_start = f.tell()
+        held = f.seek(0, os.SEEK_END) - data_start
+    if held < promised:
+        raise AudioError(f"{path}: truncated: header promises {promised} bytes of samples, the file holds {held}")
+
+
+def _wav_data_size(f: io.BufferedReader) -> int | None:
+    """The ``data`` chunk's size by a RIFF/WAVE header, ``f`` left at the chunk's first sample byte.
+
+    Returns:
+        The size; None for anything else than a RIFF/WAVE file, a header whose chunks end before a
+        ``data`` chunk, or one that does not know its length.
+    """
+    riff = f.read(12)
+    if len(riff) < 12 or riff[:4] != b"RIFF" or riff[8:12] != b"WAVE":
+        return None
+    while len(header := f.read(8)) == 8:
+        chunk_id, size = header[:4], struct.unpack("<I", header[4:])[0]
+        if chunk_id == b"data":
+            return None if size == _UNKNOWN_RIFF_SIZE else size
+        f.seek(size + (size & 1), os.SEEK_CUR)  # chunks are padded to an even size
+    return None
+
+
 def write_audio(path: str | Path, wav: np.ndarray, sample_rate: int = SAMPLE_RATE) -> Path:
-    """Write float audio as 16-bit PCM WAV (clipped to [-1, 1]); creates parent folders."""
+    """Write float audio as 16-bit PCM (clipped to [-1, 1]) in the format of ``path``'s extension.
+
+    The file appears whole or not at all: the audio is encoded in memory, written to a temporary
+    file beside ``path`` and renamed over it. A write that fails (disk full, a file size limit)
+    leaves a file already at ``path`` as it was, and no partial file anywhere.
+
+    Args:
+        path: .wav, .flac, ... ; missing parent folders are created.
+        wav: (samples,) float waveform.
+        sample_rate: its rate.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        OSError: the file system refused the write (its errno and reason).
+        ValueError: ``path`` has no extension naming an audio format.
+    """
     import soundfile as sf
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(str(path), np.clip(np.asarray(wav, dtype=np.float32), -1.0, 1.0), sample_rate, subtype="PCM_16")
+    audio_format = path.suffix.lstrip(".").upper()
+    if audio_format not in sf.available_formats():
+        raise ValueError(f"{path}: the extension names no audio format soundfile writes")
+    encoded = io.BytesIO()
+    sf.write(encoded, np.clip(np.asarray(wav, dtype=np.float32), -1.0, 1.0), sample_rate, subtype="PCM_16",
+             format=audio_format)
+    target = path.resolve()  # a symlink at ``path`` keeps pointing where it did, at the new audio
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _replace_file(target, encoded.getbuffer())
     return path
+
+
+def _replace_file(path: Path, data: memoryview) -> None:
+    """Put ``data`` at ``path`` by a temporary file in the same folder and a rename (atomic there).
+
+    Not fsynced: the corpus stage writes thousands of clips this way, and what this guards against
+    is a failed or interrupted write, not a power cut.
+    """
+    temporary = path.with_name(f".meld-{secrets.token_hex(8)}.tmp")  # not from path's name: a long one stays writable
+    f = open(temporary, "xb")  # "x": never another file's name; the mode the target would get (umask)
+    try:
+        with f:
+            f.write(data)
+        os.replace(temporary, path)
+    except BaseException:  # an interrupt too: no temporary file is left behind
+        temporary.unlink(missing_ok=True)
+        raise

@@ -549,15 +549,22 @@ class CodecLMConfig(Section):
 
 KV_CACHE_DTYPES = ("float32", "bfloat16")  # names of torch dtypes a decoding KV cache may use
 
+# Smallest temperature and top-p (evaluate's and the CLI's). Below it float32 sampling breaks: the
+# logits divided by a temperature of 1e-45 overflow to inf (softmax: NaN), and a top-p of 1e-300
+# rounds to 0 in float32, which drops every token. Nothing is lost: at 1e-6 a logit lead of 1e-4 is already a probability ratio of e^-100, and any
+# top-p under 1 / vocabulary size keeps the best token alone (the vocabularies are far under a million).
+SAMPLING_FLOOR = 1e-6
+
+
 _EVALUATE_RULES: dict[str, Rule] = {
     "utterances_per_split": _POSITIVE,
     "generations": _POSITIVE,
     "prompt_seconds": _finite_number(0, note=" (0: no prompt)"),
     "min_seconds": _finite_number(0),
     "max_seconds": _finite_number(0, above=True),
-    "temperature": _finite_number(0, above=True),
+    "temperature": _finite_number(SAMPLING_FLOOR, note=" (smaller ones break float32 sampling; top_k 1 is greedy)"),
     # top_k: any integer (sampling keeps every token for k <= 0)
-    "top_p": _rule(lambda v: 0.0 < v <= 1.0, "in (0, 1] (1: no nucleus filtering)"),
+    "top_p": _rule(lambda v: SAMPLING_FLOOR <= v <= 1.0, f"in [{SAMPLING_FLOOR:g}, 1] (1: no nucleus filtering)"),
     "repetition_penalty": _finite_number(1, note=" (1: no penalty)"),
     "max_length_factor": _finite_number(0, above=True),
     "stt_beam_size": _POSITIVE,

@@ -149,6 +149,11 @@ def log_mel(wav: np.ndarray, sample_rate: int) -> np.ndarray:
 
     Returns:
         (frames, 80) float32 log10 mel magnitudes, frames = 1 + samples_16k // 256.
+
+    Raises:
+        ValueError: not a non-empty mono waveform, a NaN or infinite sample, or samples so large
+            that the spectrum overflows float32 (only samples beyond sqrt(float32 max) / 512 = 3.6e16
+            can: the window sums to 512); louder than full scale short of that is analysed as it is.
     """
     import torch
 
@@ -177,7 +182,11 @@ def log_mel(wav: np.ndarray, sample_rate: int) -> np.ndarray:
         bands.weights,
         mel,
     )
-    return _log10_floored(mel)
+    logged = _log10_floored(mel)
+    if not np.isfinite(logged).all():  # |X|^2 overflows float32 in the kernel: a spectrum of inf
+        raise ValueError(f"log_mel: samples up to {float(np.abs(wav).max()):.3g} overflow the spectrum "
+                         "(float32); audio should lie in [-1, 1]")
+    return logged
 
 
 def _log10_floored(mel: np.ndarray) -> np.ndarray:
@@ -191,6 +200,16 @@ def _log10_floored(mel: np.ndarray) -> np.ndarray:
 
     logged = torch.from_numpy(mel).clamp_(min=LOG_FLOOR).log10_().clamp_(min=float(np.log10(LOG_FLOOR)))
     return logged.numpy()
+
+
+@lru_cache(maxsize=1)
+def log_mel_ceiling() -> float:
+    """The largest value :func:`log_mel` can return, whatever the audio: a magnitude at the float32
+    overflow limit (sqrt of float32's max, as the kernel squares it) through the band whose weights
+    sum highest. A "log-mel" above it (a model's frames denormalised by wrong statistics) is no
+    spectrum of anything, and Griffin-Lim's float32 arithmetic overflows from about twice it."""
+    band_weight = float(mel_filterbank().sum(axis=0).max())
+    return float(np.log10(np.sqrt(np.finfo(np.float32).max, dtype=np.float64) * band_weight))
 
 
 @dataclass(frozen=True)

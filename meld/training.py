@@ -186,6 +186,8 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu", mmap: bool = Fa
     ``mmap``: map the tensors instead of reading them, for a caller that only looks at the metadata.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
     try:
@@ -206,6 +208,8 @@ def load_model(path: str | Path, map_location: str = "cpu", *, weights: bool = T
     the paper's 0.75 GB model, 0.72 GB now). The file is mapped, not read: the weights are copied from
     its pages, and the optimiser's are never touched.
 
+    Raises :class:`CheckpointError` for a missing or unreadable file and for weights holding NaN or inf.
+
     ``weights=False``: the model's structure and attributes only, its tensors on the ``meta`` device,
     for a process that hands the decoding to others (the evaluation over a
     :class:`ray_jobs.decode_pool.DecodePool`) and reads only the state's metadata and extras.
@@ -223,9 +227,18 @@ def load_model(path: str | Path, map_location: str = "cpu", *, weights: bool = T
         with torch.device("meta"):
             model = build_model(state["system"], state["model_kwargs"])
         return model.eval(), state
+    _refuse_non_finite(path, tensors)
     model = build_model(state["system"], state["model_kwargs"])
     model.load_state_dict(tensors)
     return model.eval(), state
+
+
+def _refuse_non_finite(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
+    """A weight holding NaN or inf (a diverged run, a corrupt copy) makes a model that samples from NaN
+    or decodes garbage without a word: refuse it here, naming the first such tensor."""
+    for name, tensor in tensors.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{path}: weight {name} holds NaN or infinite values")
 
 
 def weight_sharing_copy(model: nn.Module) -> nn.Module:

@@ -6,7 +6,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ import soundfile as sf
 import torch
 from conftest import tiny_meld
 
+from meld.audio import write_audio
 from meld.cli import main
 from meld.features import FRAME_RATE, HOP_LENGTH, N_MELS
 from meld.models.builders import build_model, count_parameters
@@ -248,6 +248,11 @@ def test_weights_that_do_not_fit_the_stored_settings_are_a_one_line_error(checkp
         assert "its weights do not match its model_kwargs" in err and len(err.strip().splitlines()) == 1
 
 
+def test_a_folder_given_as_checkpoint_is_said_to_be_one(tmp_path, capsys):
+    assert main(["info", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"meld: error: {tmp_path}: is a folder, not a checkpoint file"
+
+
 def test_training_checkpoint_is_not_an_inference_checkpoint(tmp_path, capsys):
     model, kwargs = tiny_meld(reduction=1)
     path = save_checkpoint(tmp_path / "step-1.pt", system="meld", model=model, model_kwargs=kwargs, step=1)
@@ -356,23 +361,47 @@ def test_synthesize_out_accepts_flac_and_a_new_folder(checkpoint, tmp_path):
     assert sf.info(str(out)).format == "FLAC"
 
 
-def test_synthesize_write_error_keeps_the_audio(checkpoint, tmp_path, monkeypatch, capsys):
-    out = tmp_path / "o.wav"
-    real_write = sf.write
+def _wav_bytes(path: Path, samples: int) -> int:
+    """Size of ``samples`` samples written by write_audio to a file named like ``path``."""
+    return write_audio(path, np.zeros(samples, np.float32)).stat().st_size
 
-    def disk_full(file, *args, **kwargs):
-        if Path(file) == out:
-            raise OSError(28, "No space left on device")
-        return real_write(file, *args, **kwargs)
 
-    monkeypatch.setattr(sf, "write", disk_full)
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "rescue"))
-    (tmp_path / "rescue").mkdir()
-    assert _synth(checkpoint, out) == 2
-    err = capsys.readouterr().err
-    assert f"--out {out}: cannot write" in err and "No space left" in err and "Traceback" not in err
-    (rescued,) = (tmp_path / "rescue").glob("meld-*.wav")
-    assert str(rescued) in err and sf.info(str(rescued)).frames > 0
+@pytest.mark.parametrize("rescued", [False, True])
+def test_a_failed_write_leaves_the_old_out_whole_and_no_partial_file(rescued, tmp_path):
+    """A real failure: a file size limit (RLIMIT_FSIZE) under the output's size. A Wave64 header is longer
+    than a WAV one, so a limit between the two fails a .w64 --out and lets the .wav rescue copy through."""
+    import resource
+
+    model = _export(tmp_path / "never_stops", eos_bias=-1e4)  # stops at --max-seconds: a known length
+    samples = round(0.4 * FRAME_RATE) * HOP_LENGTH
+    probes = tmp_path / "probes"
+    out_size, rescue_size = _wav_bytes(probes / "o.w64", samples), _wav_bytes(probes / "o.wav", samples)
+    assert out_size > rescue_size
+    limit = (out_size + rescue_size) // 2 if rescued else rescue_size // 2
+    folder, rescue_dir = tmp_path / "outs", tmp_path / "rescue"
+    rescue_dir.mkdir()
+    out = folder / "old.w64"
+    write_audio(out, np.full(100, 0.5, np.float32))  # an earlier, valid output
+    old = out.read_bytes()
+
+    def limit_file_size():  # Python ignores SIGXFSZ: an oversized write fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    done = subprocess.run(
+        [sys.executable, "-m", "meld.cli", *_synth_argv(model, out, "the quick brown fox"), *FAST],
+        capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size,
+        env={**os.environ, "TMPDIR": str(rescue_dir)},
+    )
+    assert out.read_bytes() == old
+    assert sorted(folder.iterdir()) == [out]  # no temporary file left beside it
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert f"--out {out}: cannot write the audio (errno 27, EFBIG: File too large)" in done.stderr
+    kept = sorted(rescue_dir.iterdir())
+    if rescued:
+        assert len(kept) == 1 and f"the audio is saved in {kept[0]} instead" in done.stderr
+        assert sf.info(str(kept[0])).frames == samples
+    else:
+        assert kept == [] and f"saving it to {rescue_dir} failed too (errno 27, EFBIG: File too large)" in done.stderr
 
 
 @pytest.mark.parametrize("kind", ["missing", "empty", "foreign"])
@@ -431,6 +460,9 @@ def test_transcribe_prints_each_batch_as_it_is_decoded(checkpoint, prompt_22k, a
         ("synthesize", "--temperature", "nan"),
         ("synthesize", "--temperature", "inf"),
         ("synthesize", "--top-p", "nan"),
+        ("synthesize", "--temperature", "1e-45"),  # positive, but logits / 1e-45 overflow float32
+        ("synthesize", "--top-p", "1e-300"),  # positive, but 0 in float32: every token dropped
+        ("synthesize", "--top-k", "-5"),
         ("synthesize", "--repetition-penalty", "nan"),
         ("synthesize", "--repetition-penalty", "inf"),
         ("synthesize", "--seed", str(2**70)),
@@ -447,6 +479,127 @@ def test_bad_options_are_one_line_errors_before_any_model_work(command, option, 
     assert main([*argv, option, value]) == 2
     err = capsys.readouterr().err
     assert option in err and value in err and str(missing) not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("top_k", ["10", "0"])  # the top-k fast path and the full row
+def test_sampling_works_at_the_smallest_temperature_and_top_p_allowed(top_k, checkpoint, tmp_path, capsys):
+    from meld.config import SAMPLING_FLOOR
+
+    out = tmp_path / "o.wav"
+    floor = str(SAMPLING_FLOOR)
+    assert _synth(checkpoint, out, "--temperature", floor, "--top-p", floor, "--top-k", top_k) == 0
+    assert sf.info(str(out)).frames > 0
+    assert main(_synth_argv(tmp_path / "nope.pt", out, "hi", "--temperature", str(SAMPLING_FLOOR / 2))) == 2
+    assert "use --top-k 1 for greedy decoding" in capsys.readouterr().err
+
+
+def test_vocoder_path_help_says_what_happens_without_it(capsys):
+    """The command reads no params.yaml: without --vocoder-path, hifigan is Griffin-Lim (test_synthesize_from_text_alone)."""
+    with pytest.raises(SystemExit):
+        main(["synthesize", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the lines
+    assert "hifigan falls back to Griffin-Lim with a warning (params.yaml's evaluate.vocoder_path is not read)" in text
+
+
+# --------------------------------------------------------------------------- broken models, checkpoints and audio
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_weights_holding_nan_or_inf_are_a_one_line_error(bad, checkpoint, tmp_path, audio_16k, capsys):
+    state = torch.load(checkpoint, weights_only=True)
+    state["model"]["head.weight"][3, 5] = bad  # a diverged run: sampling from NaN, transcripts of garbage
+    diverged = tmp_path / "diverged.pt"
+    torch.save(state, diverged)
+    for argv in (["info", str(diverged)], _synth_argv(diverged, tmp_path / "o.wav", "hi", "--device", "cpu"),
+                 ["transcribe", "--checkpoint", str(diverged), "--device", "cpu", str(audio_16k)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"{diverged}: weight head.weight holds NaN or infinite values" in err, err
+        assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o.wav").exists()
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("reduction_factor", "two", "checkpoint field extra.reduction_factor is not an integer ('two')"),
+        ("norm_mean", float("nan"), "checkpoint field extra.norm_mean holds NaN or infinite values"),
+        ("norm_std", float("inf"), "checkpoint field extra.norm_std holds NaN or infinite values"),
+    ],
+)
+def test_checkpoint_extras_that_cannot_be_used_are_one_line_errors(field, value, message, checkpoint, tmp_path,
+                                                                   audio_16k, capsys):
+    state = torch.load(checkpoint, weights_only=True)
+    if field == "reduction_factor":
+        state["extra"][field] = value
+    else:
+        state["extra"][field][7] = value
+    edited = tmp_path / "edited.pt"
+    torch.save(state, edited)
+    for argv in (_synth_argv(edited, tmp_path / "o.wav", "hi", "--device", "cpu"),
+                 ["transcribe", "--checkpoint", str(edited), "--device", "cpu", str(audio_16k)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"{edited}: {message}" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_frames_beyond_any_log_mel_are_refused_before_vocoding(checkpoint, tmp_path, capsys):
+    """A norm_std of 1e3 (finite, positive) scales the model's frames to log-mels of thousands: 10^x
+    overflows in the vocoder (Griffin-Lim ended in librosa's "Audio buffer is not finite")."""
+    from meld.features import log_mel_ceiling
+
+    state = torch.load(checkpoint, weights_only=True)
+    state["extra"]["norm_std"] = torch.full((N_MELS,), 1e3)
+    edited = tmp_path / "edited.pt"
+    torch.save(state, edited)
+    out = tmp_path / "o.wav"
+    assert _synth(edited, out) == 1
+    err = capsys.readouterr().err
+    assert f"beyond any log-mel ({log_mel_ceiling():.1f} at most)" in err and "norm_std" in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_a_vocoder_that_gives_nan_writes_nothing(checkpoint, tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    hifigan = transformers.SpeechT5HifiGan(transformers.SpeechT5HifiGanConfig(upsample_initial_channel=32))
+    with torch.no_grad():
+        hifigan.conv_post.weight[0, 0, 0] = float("nan")  # finite frames in, NaN samples out
+    hifigan.save_pretrained(tmp_path / "hifigan")
+    capsys.readouterr()  # the progress bar of save_pretrained
+    out = tmp_path / "o.wav"
+    assert _synth(checkpoint, out, "--vocoder", "hifigan", "--vocoder-path", str(tmp_path / "hifigan")) == 1
+    err = capsys.readouterr().err
+    assert "hifigan produced NaN or infinite samples: nothing to write" in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_audio_too_loud_for_the_front_end_is_a_one_line_error_naming_the_file(checkpoint, audio_16k, tmp_path,
+                                                                              capsys):
+    """Finite float samples of 1e30 overflow the spectrum: refused with the file's name, the others go on."""
+    huge = tmp_path / "huge.wav"
+    noise = np.random.default_rng(0).standard_normal(16_000).astype(np.float32)
+    sf.write(str(huge), noise * np.float32(1e30), 16_000, subtype="FLOAT")
+    out = tmp_path / "o.wav"
+    assert main(_synth_argv(checkpoint, out, "hi", "--device", "cpu", "--prompt", str(huge))) == 2
+    err = capsys.readouterr().err
+    assert f"{huge}: log_mel: samples up to" in err and len(err.strip().splitlines()) == 1 and not out.exists()
+    assert _transcribe(checkpoint, huge, audio_16k, "--beam", "1", "--max-tokens", "4") == 2
+    captured = capsys.readouterr()
+    assert [line.split("\t")[0] for line in captured.out.splitlines()] == [str(audio_16k)]
+    assert captured.err.startswith(f"meld: error: {huge}: log_mel: samples up to") and "Traceback" not in captured.err
+
+
+def test_a_truncated_wav_is_reported_not_read_as_the_samples_left(checkpoint, audio_16k, tmp_path, capsys):
+    whole = write_audio(tmp_path / "whole.wav", _speechlike(2.4, 16_000))
+    head = whole.read_bytes()[:60]  # a copy that stopped early
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(head)
+    data_start = head.index(b"data") + 8
+    assert _transcribe(checkpoint, cut, audio_16k, "--beam", "1", "--max-tokens", "4") == 2
+    captured = capsys.readouterr()
+    assert [line.split("\t")[0] for line in captured.out.splitlines()] == [str(audio_16k)]
+    assert (f"{cut}: truncated: header promises {2.4 * 16_000 * 2:.0f} bytes of samples, "
+            f"the file holds {60 - data_start}") in captured.err
 
 
 # --------------------------------------------------------------------------- synthesize --list
@@ -592,16 +745,21 @@ def test_the_largest_seed_wraps_for_later_batches(checkpoint, prompt_22k, tmp_pa
 def test_transcribe_reads_a_list_after_the_files_given(checkpoint, prompt_22k, audio_16k, tmp_path, capsys):
     listing = tmp_path / "audio.txt"
     too_long = tmp_path / ("x" * 300 + ".wav")  # the file system refuses the name itself
-    listing.write_text(f"# test set\n{prompt_22k}\n\n{tmp_path / 'absent.wav'}\n{too_long}\n{audio_16k}\n",
-                       encoding="utf-8-sig")
+    (tmp_path / "a_folder").mkdir()
+    listing.write_text(f"# test set\n{prompt_22k}\n\n{tmp_path / 'absent.wav'}\n\n{tmp_path / 'a_folder'}\n"
+                       f"{too_long}\n{audio_16k}\n", encoding="utf-8-sig")
     assert _transcribe(checkpoint, audio_16k, "--list", listing, "--beam", "1", "--max-tokens", "4") == 2
     captured = capsys.readouterr()
     assert [line.split("\t")[0] for line in captured.out.splitlines()] == [str(audio_16k), str(prompt_22k),
                                                                           str(audio_16k)]
     errors = captured.err.strip().splitlines()
-    assert len(errors) == 2 and "absent.wav: no such audio file" in errors[0] and "not a usable path" in errors[1]
+    assert errors[:2] == [f"meld: error: {listing}:4: {tmp_path / 'absent.wav'}: no such audio file",
+                          f"meld: error: {listing}:6: {tmp_path / 'a_folder'}: is a folder, not an audio file"]
+    assert len(errors) == 3 and errors[2].startswith(f"meld: error: {listing}:7: {too_long}: not a usable path")
     missing = tmp_path / "nope.pt"  # the list and the sources are checked before the model is opened
     assert main(["transcribe", "--checkpoint", str(missing), "--list", str(tmp_path / "none.txt")]) == 2
     assert "none.txt: no such file" in capsys.readouterr().err
+    assert main(["transcribe", "--checkpoint", str(missing), "--list", str(tmp_path / "a_folder")]) == 2
+    assert f"--list {tmp_path / 'a_folder'}: is a folder" in capsys.readouterr().err
     assert main(["transcribe", "--checkpoint", str(missing)]) == 2
     assert "no audio to transcribe" in capsys.readouterr().err

@@ -146,6 +146,8 @@ BAD_VALUES = [
     ("evaluate", {"temperature": NAN}, "evaluate.temperature"),
     ("evaluate", {"top_p": 2.0}, "evaluate.top_p"),
     ("evaluate", {"top_p": 0.0}, "evaluate.top_p"),
+    ("evaluate", {"top_p": 1e-300}, "evaluate.top_p"),  # rounds to 0 in float32: every token dropped
+    ("evaluate", {"temperature": 1e-45}, "evaluate.temperature"),  # the logits overflow
     ("evaluate", {"repetition_penalty": 0.5}, "evaluate.repetition_penalty"),
     ("evaluate", {"max_length_factor": 0.0}, "evaluate.max_length_factor"),
     ("evaluate", {"vocoder": "hifi"}, "evaluate.vocoder"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import subprocess
 
@@ -140,6 +142,27 @@ def test_rejects_empty_stereo_and_non_finite():
             log_mel(wav, SAMPLE_RATE)
 
 
+@pytest.mark.parametrize("gain", [1e3, 1e15])
+def test_loud_float_audio_is_analysed_as_the_same_spectrum_shifted(gain):
+    """Samples beyond full scale are kept (a float file may hold them): the log-mel is the full-scale
+    one shifted by log10(gain) wherever it is above the floor, and stays under the front end's ceiling."""
+    from meld.features import log_mel_ceiling
+
+    wav = np.random.default_rng(0).standard_normal(8000).astype(np.float32) * 0.1
+    quiet, loud = log_mel(wav, SAMPLE_RATE), log_mel(wav * np.float32(gain), SAMPLE_RATE)
+    np.testing.assert_allclose(loud, quiet + np.log10(gain), atol=1e-3)
+    assert loud.max() <= log_mel_ceiling()
+
+
+@pytest.mark.parametrize("peak", [1e18, 1e30, float(np.finfo(np.float32).max)])
+def test_samples_that_overflow_the_spectrum_are_refused_naming_their_peak(peak):
+    """Finite samples whose spectrum overflows float32 would come out as log-mels of inf."""
+    wav = np.random.default_rng(0).uniform(-1, 1, 8000).astype(np.float32)
+    wav[100] = 1.0
+    with pytest.raises(ValueError, match=re.escape(f"samples up to {peak:.3g} overflow the spectrum")):
+        log_mel(wav * np.float32(peak), SAMPLE_RATE)
+
+
 def test_an_utterance_too_long_by_its_header_is_rejected_without_decoding(tmp_path):
     """load_utterance (the features and codes stages' reader) refuses a clip far beyond
     features.max_seconds from its header; one just over the limit is decoded and refused by its
@@ -238,6 +261,79 @@ def test_load_audio_gives_libsndfiles_float_samples_for_every_subtype(tmp_path, 
     np.testing.assert_array_equal(got, expected)
 
 
+def _wav_with_chunk_before_data(path, wav: np.ndarray) -> bytes:
+    """A 16-bit WAV with a LIST chunk of odd size (padded) between "fmt " and "data", as some editors write."""
+    from meld.audio import write_audio
+
+    plain = write_audio(path, wav).read_bytes()
+    data_at = plain.index(b"data")
+    info = b"INFOISFT\x03\x00\x00\x00me\x00"  # 15 bytes: one pad byte follows
+    chunk = b"LIST" + len(info).to_bytes(4, "little") + info + b"\x00"
+    body = plain[12:data_at] + chunk + plain[data_at:]
+    return b"RIFF" + (4 + len(body)).to_bytes(4, "little") + b"WAVE" + body
+
+
+@pytest.mark.parametrize("extension", [".wav", ".flac", ".w64"])
+def test_files_write_audio_writes_load_whole(tmp_path, extension):
+    from meld.audio import load_audio, write_audio
+
+    wav = np.random.default_rng(0).uniform(-0.5, 0.5, 4001).astype(np.float32)  # odd: a padded data chunk
+    got = load_audio(write_audio(tmp_path / f"x{extension}", wav))
+    np.testing.assert_allclose(got, wav, atol=1 / 32768)
+
+
+def test_a_truncated_wav_is_refused_and_a_whole_one_with_other_chunks_is_read(tmp_path):
+    """libsndfile reads a WAV cut short as the samples left, without a word; the header says how many
+    bytes there should be. Chunks before "data" (LIST, fact) are walked over, padding included."""
+    from meld.audio import AudioError, load_audio
+
+    wav = np.random.default_rng(0).uniform(-0.5, 0.5, 4000).astype(np.float32)
+    whole = _wav_with_chunk_before_data(tmp_path / "plain.wav", wav)
+    path = tmp_path / "edited.wav"
+    path.write_bytes(whole)
+    np.testing.assert_allclose(load_audio(path), wav, atol=1 / 32768)
+    data_start = whole.index(b"data") + 8
+    for held in (0, 1, 7999):  # bytes of samples left of 8000
+        path.write_bytes(whole[: data_start + held])
+        with pytest.raises(AudioError, match=f"edited.wav: truncated: header promises 8000 bytes of samples, "
+                                             f"the file holds {held}$"):
+            load_audio(path)
+
+
+def test_a_wav_whose_header_does_not_know_its_length_is_read(tmp_path):
+    """A writer streaming to a pipe puts 0xFFFFFFFF where the sizes go and never comes back: no promise."""
+    from meld.audio import load_audio, write_audio
+
+    wav = np.random.default_rng(0).uniform(-0.5, 0.5, 4000).astype(np.float32)
+    raw = bytearray(write_audio(tmp_path / "x.wav", wav).read_bytes())
+    size_at = raw.index(b"data") + 4
+    raw[size_at : size_at + 4] = raw[4:8] = b"\xff" * 4
+    streamed = tmp_path / "streamed.wav"
+    streamed.write_bytes(bytes(raw))
+    np.testing.assert_allclose(load_audio(streamed), wav, atol=1 / 32768)
+
+
+@pytest.mark.parametrize("tool", ["flite", "espeak-ng"])
+def test_the_mini_corpus_voices_files_load_whole(tool, tmp_path):
+    """The mini corpus reads what these voices write (meld/corpus/mini.py) before write_audio rewrites it."""
+    from meld.audio import load_audio
+
+    if shutil.which(tool) is None:
+        pytest.skip(f"{tool} is not installed")
+    path = tmp_path / "voice.wav"
+    option = "-o" if tool == "flite" else "-w"
+    subprocess.run([tool, option, str(path), "-t" if tool == "flite" else "--", "a short sentence."],
+                   check=True, capture_output=True)
+    assert load_audio(path).size > SAMPLE_RATE // 2
+
+
+def test_a_folder_is_said_to_be_one(tmp_path):
+    from meld.audio import AudioError, load_audio
+
+    with pytest.raises(AudioError, match=f"{tmp_path}: is a folder, not an audio file"):
+        load_audio(tmp_path)
+
+
 def test_float_samples_beyond_full_scale_are_read_with_a_warning(tmp_path, caplog):
     import soundfile as sf
 
@@ -269,8 +365,6 @@ def test_the_stage_says_when_the_corpus_has_no_train_split(tmp_path):
 
 def _corpus_split(root, split: str, n: int, corrupt: int = 0) -> None:
     """A split of n short tones (the last ``corrupt`` files are not audio) with its manifest."""
-    import json
-
     folder = root / split / "audio"
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -314,3 +408,33 @@ def test_a_failed_features_run_leaves_the_previous_output_whole(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["stats.json", "summary.json", "train"]  # no stale dev
     assert len((out / "train" / "index.jsonl").read_text().splitlines()) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "features", "params.yaml"]  # nothing left over
+
+
+def test_the_features_stage_lists_audio_too_loud_for_the_front_end_and_goes_on(tmp_path):
+    """log_mel refuses samples that overflow the spectrum; the stage lists such a file as rejected, with
+    the peak, like any other unusable audio, instead of stopping."""
+    from pipeline import features
+
+    corpus, out = tmp_path / "corpus", tmp_path / "features"
+    _corpus_split(corpus, "train", 4)
+    loud = corpus / "train" / "audio" / "train-3.wav"
+    noise = np.random.default_rng(0).standard_normal(int(0.6 * SAMPLE_RATE)).astype(np.float32)
+    sf.write(str(loud), noise * np.float32(1e30), SAMPLE_RATE, subtype="FLOAT")  # finite, but its power is not
+    (tmp_path / "params.yaml").write_text("features: {num_workers: 1, max_rejected_fraction: 0.5}\n")
+    assert features.main(["--params", str(tmp_path / "params.yaml"), "--corpus", str(corpus), "--out", str(out)]) == 0
+    rejected = [json.loads(line) for line in (out / "train" / "rejected.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rejected] == ["train-3"] and "overflow the spectrum" in rejected[0]["reason"]
+    assert len((out / "train" / "index.jsonl").read_text().splitlines()) == 3
+
+
+def test_writing_audio_through_a_symlink_replaces_what_it_points_to(tmp_path):
+    from meld.audio import load_audio, write_audio
+
+    (tmp_path / "store").mkdir()
+    real = tmp_path / "store" / "a.wav"
+    write_audio(real, np.zeros(1600, np.float32))
+    link = tmp_path / "a.wav"
+    link.symlink_to(real)
+    write_audio(link, np.full(3200, 0.5, np.float32))
+    assert link.is_symlink() and load_audio(real).shape == (3200,)
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["a.wav"]  # no temporary file left

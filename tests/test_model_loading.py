@@ -3,6 +3,7 @@ and one set of weights decoded two ways (``weight_sharing_copy``)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from conftest import tiny_batch, tiny_meld
 
 from meld.models.backbone import Backbone, configure_decoding
-from meld.training import load_model, save_checkpoint, weight_sharing_copy
+from meld.training import CheckpointError, load_model, save_checkpoint, weight_sharing_copy
 
 
 def _checkpoint(tmp_path: Path, **state) -> tuple[Path, torch.nn.Module]:
@@ -70,3 +71,23 @@ def test_a_weight_sharing_copy_holds_the_same_tensors_under_modules_of_its_own(t
     with torch.no_grad():  # one set of weights: a change through one is seen by the other
         next(model.parameters()).add_(1.0)
     assert torch.equal(next(model.parameters()), next(twin.parameters()))
+
+
+def test_weights_holding_nan_or_inf_are_refused_naming_the_first(tmp_path):
+    """A diverged run's weights make a model that samples from NaN or decodes garbage without a word."""
+    path, _ = _checkpoint(tmp_path)
+    state = torch.load(path, weights_only=True)
+    names = [name for name, tensor in state["model"].items() if tensor.is_floating_point()]
+    first, later = names[len(names) // 2], names[-1]
+    state["model"][later].view(-1)[-1] = float("inf")
+    state["model"][first].view(-1)[0] = float("nan")
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=re.escape(f"{path}: weight {first} holds NaN or infinite values")):
+        load_model(path)
+    model, state = load_model(path, weights=False)  # structure and extras only: no weight is read
+    assert state["extra"]["task"] == "joint" and next(model.parameters()).is_meta
+
+
+def test_a_folder_is_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path}: is a folder, not a checkpoint file")):
+        load_model(tmp_path)

@@ -106,8 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--vocoder-path",
         default=None,
-        help="SpeechT5 HiFi-GAN folder; one that won't load is an error (without it, hifigan uses "
-        "evaluate.vocoder_path if set, else falls back to Griffin-Lim with a warning)",
+        help="SpeechT5 HiFi-GAN folder (config.json + weights); one that won't load is an error. Without it, "
+        "hifigan falls back to Griffin-Lim with a warning (params.yaml's evaluate.vocoder_path is not read)",
     )
     s.add_argument("--griffin-lim-iters", type=int, default=32, help=">= 1 (default %(default)s)")
     s.add_argument(

@@ -24,11 +24,22 @@ class LoadedCheckpoint:
 
 
 def _to_numpy(value, name: str, path: Path) -> np.ndarray:
+    """A float field of the extras as a float32 array; one holding NaN or inf would pass every range check."""
     try:
         arr = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
-        return np.asarray(arr, dtype=np.float32)
+        arr = np.asarray(arr, dtype=np.float32)
     except Exception as err:  # a wrong type in a hand-edited checkpoint
         raise CLIError(f"{path}: checkpoint field extra.{name} is not an array ({err})") from err
+    if not np.isfinite(arr).all():
+        raise CLIError(f"{path}: checkpoint field extra.{name} holds NaN or infinite values")
+    return arr
+
+
+def _reduction_factor(value, path: Path) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError) as err:  # a hand-edited checkpoint: "two", None, inf, a list
+        raise CLIError(f"{path}: checkpoint field extra.reduction_factor is not an integer ({value!r})") from err
 
 
 def _bpe_bytes(value) -> bytes:
@@ -85,7 +96,7 @@ def load_inference_checkpoint(path: str | Path, device: str = "cpu") -> LoadedCh
         raise CLIError(
             f"{path}: not an inference checkpoint (extra lacks {', '.join(missing)}); use the train stage's model.pt"
         )
-    reduction = int(extra["reduction_factor"])
+    reduction = _reduction_factor(extra["reduction_factor"], path)
     mean = _to_numpy(extra["norm_mean"], "norm_mean", path)
     std = _to_numpy(extra["norm_std"], "norm_std", path)
     if mean.shape != (N_MELS,) or std.shape != (N_MELS,) or not (std > 0).all():

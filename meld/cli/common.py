@@ -30,6 +30,8 @@ def read_list_lines(path: str | Path) -> list[tuple[int, str]]:
     """A ``--list`` file's entries as (line number, line): blank lines and ``#`` comments skipped, read
     as UTF-8 with an optional BOM (a Windows editor's BOM is not part of the first line)."""
     path = Path(path)
+    if path.is_dir():
+        raise CLIError(f"--list {path}: is a folder, not a list file")
     if not path.is_file():
         raise CLIError(f"--list {path}: no such file")
     try:

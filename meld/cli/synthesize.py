@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -28,6 +29,7 @@ from meld.cli.common import (
     _task,
     read_list_lines,
 )
+from meld.config import SAMPLING_FLOOR
 
 
 def _pcm16_extensions() -> list[str]:
@@ -72,20 +74,37 @@ def _check_out_path(path: Path, where: str) -> Path:
 
 
 def _write_out(out: str, wav: np.ndarray, sample_rate: int, label: str = "--out") -> Path:
-    """Write the synthesis to ``--out``; if that fails anyway (disk full, a race), save it elsewhere first."""
+    """Write the synthesis to ``--out``; if that fails anyway (disk full, a file size limit, a race), save it
+    elsewhere. A failed write leaves a file already at ``--out`` as it was (:func:`meld.audio.write_audio`)."""
     from meld.audio import write_audio
 
     try:
         return write_audio(out, wav, sample_rate)
     except Exception as err:  # OSError, soundfile's LibsndfileError (a RuntimeError), ...
-        try:
-            fd, rescue = tempfile.mkstemp(prefix="meld-", suffix=".wav")
-            os.close(fd)
-            kept = f"the audio is saved in {write_audio(rescue, wav, sample_rate)} instead"
-        except Exception as rescue_err:
-            kept = f"saving it to {tempfile.gettempdir()} failed too ({_first_line(rescue_err)})"
-        raise CLIError(f"{label} {out}: cannot write the audio ({type(err).__name__}: {_first_line(err)}); "
-                       f"{kept}") from err
+        raise CLIError(f"{label} {out}: cannot write the audio ({_write_failure(err)}); "
+                       f"{_save_elsewhere(wav, sample_rate)}") from err
+
+
+def _save_elsewhere(wav: np.ndarray, sample_rate: int) -> str:
+    """Save audio that could not be written where asked in the temporary folder; says where, or why not."""
+    from meld.audio import write_audio
+
+    rescue = None
+    try:
+        fd, rescue = tempfile.mkstemp(prefix="meld-", suffix=".wav")  # a name no other file has
+        os.close(fd)
+        return f"the audio is saved in {write_audio(rescue, wav, sample_rate)} instead"
+    except Exception as err:
+        if rescue is not None:  # the empty file that held the name
+            Path(rescue).unlink(missing_ok=True)
+        return f"saving it to {tempfile.gettempdir()} failed too ({_write_failure(err)})"
+
+
+def _write_failure(err: Exception) -> str:
+    """Why a write failed, in one line: the system's errno and reason where there is one."""
+    if isinstance(err, OSError) and err.errno is not None:
+        return f"errno {err.errno}, {errno.errorcode.get(err.errno, '?')}: {err.strerror}"
+    return f"{type(err).__name__}: {_first_line(err)}"
 
 
 def _encode_text(tokenizer, text: str, label: str = "--text") -> list[int]:
@@ -179,6 +198,7 @@ class SynthesisRequest:
     out: str
     out_label: str = "--out"
     prompt_wav: np.ndarray | None = None  # 16 kHz, cut to what the prompt needs
+    prompt_mel: np.ndarray | None = None  # (P, 80) raw log-mel of the prompt's first --prompt-seconds
     text_ids: list[int] | None = None
 
 
@@ -239,6 +259,8 @@ def _check_synthesis_mode(args: argparse.Namespace) -> None:
         raise CLIError("--list gives each utterance's out, prompt and text: drop --text, --out and --prompt")
 
 
+
+
 def _check_synthesis_options(args: argparse.Namespace) -> None:
     """Every option of ``synthesize`` that applies to all its utterances; no file is opened."""
     _check_finite(args, "--prompt-seconds", "--max-seconds", "--temperature", "--top-p", "--repetition-penalty")
@@ -246,10 +268,14 @@ def _check_synthesis_options(args: argparse.Namespace) -> None:
         raise CLIError(f"--prompt-seconds must be >= 0, got {args.prompt_seconds}")
     if args.max_seconds <= 0:
         raise CLIError(f"--max-seconds must be > 0, got {args.max_seconds}")
-    if args.temperature <= 0:
-        raise CLIError(f"--temperature must be > 0, got {args.temperature}")
-    if not 0 < args.top_p <= 1:
-        raise CLIError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.temperature < SAMPLING_FLOOR:
+        raise CLIError(f"--temperature must be >= {SAMPLING_FLOOR:g}, got {args.temperature} (smaller ones break "
+                       "float32 sampling; use --top-k 1 for greedy decoding)")
+    if not SAMPLING_FLOOR <= args.top_p <= 1:
+        raise CLIError(f"--top-p must be in [{SAMPLING_FLOOR:g}, 1], got {args.top_p} (smaller ones break float32 "
+                       "sampling; use --top-k 1 for greedy decoding)")
+    if args.top_k < 0:
+        raise CLIError(f"--top-k must be >= 0 (0 disables it), got {args.top_k}")
     if args.repetition_penalty < 1:
         raise CLIError(f"--repetition-penalty must be >= 1, got {args.repetition_penalty}")
     if args.griffin_lim_iters < 1:
@@ -272,12 +298,17 @@ def _check_text_present(req: SynthesisRequest) -> None:
 
 
 def _load_prompt(req: SynthesisRequest, prompt_seconds: float) -> None:
-    """Read the request's prompt audio, kept only up to the prompt and a margin."""
+    """Read the request's prompt audio, kept only up to the prompt and a margin, and analyse it: audio
+    the front end refuses (samples so large that its spectrum overflows) is refused before any model work."""
     from meld.audio import SAMPLE_RATE
 
     if req.prompt:
         wav = _load_audio(req.prompt)
         req.prompt_wav = wav[: int(round((prompt_seconds + PROMPT_MARGIN_S) * SAMPLE_RATE))]
+        try:
+            req.prompt_mel = prompt_log_mel(req.prompt_wav, prompt_seconds)
+        except ValueError as err:
+            raise CLIError(f"{req.prompt}: {err}") from err
 
 
 class _Outcome:
@@ -374,6 +405,8 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
         totals["model"] += model_s
         totals["decoder"] += decoder_s
         for req, result in zip(chunk, results):
+            if isinstance(result, Synthesis) and not np.isfinite(result.wav).all():  # NaN has no 16-bit sample
+                result = CLIFailure(f"{decoder_name} produced NaN or infinite samples: nothing to write")
             if isinstance(result, CLIFailure):
                 outcome.refuse(req, result)
                 continue
@@ -429,19 +462,19 @@ def _vocode_all(vocoder, mels: list[np.ndarray]) -> list[np.ndarray]:
 def _mel_synthesiser(args: argparse.Namespace, ckpt: LoadedCheckpoint, vocoder):
     """Synthesis for the mel systems: ``(requests, seed) -> (results, model s, vocoder s, vocoder name)``,
     each result a :class:`Synthesis` or the :class:`CLIFailure` that request met."""
-    from meld.features import FRAME_RATE, N_MELS
+    from meld.features import FRAME_RATE, N_MELS, log_mel_ceiling
     from meld.generate import tts_continue
 
     r = ckpt.reduction
     max_frames = max(1, int(round(args.max_seconds * FRAME_RATE)))
+    ceiling = log_mel_ceiling()
 
     def synthesise(requests: list[SynthesisRequest], seed: int):
         prompts = []
         for req in requests:
             raw = np.zeros((0, N_MELS), np.float32)
-            if req.prompt_wav is not None:
-                raw = prompt_log_mel(req.prompt_wav, args.prompt_seconds)
-                raw = raw[: (raw.shape[0] // r) * r]  # whole groups of r frames
+            if req.prompt_mel is not None:
+                raw = req.prompt_mel[: (req.prompt_mel.shape[0] // r) * r]  # whole groups of r frames
                 if raw.shape[0] == 0 and args.prompt_seconds > 0:
                     logging.getLogger(PROG).warning(
                         "%s%s: prompt shorter than one frame group; generating without it", req.where, req.prompt
@@ -472,6 +505,12 @@ def _mel_synthesiser(args: argparse.Namespace, ckpt: LoadedCheckpoint, vocoder):
             if full_mel.shape[0] == 0:
                 results.append(CLIFailure(
                     "the model stopped before producing any frame and there is no prompt: nothing to write"))
+                continue
+            loudest = float(full_mel.max())
+            if loudest > ceiling:  # an inf too: frames * norm_std can overflow float32
+                results.append(CLIFailure(
+                    f"the model's frames, denormalised by the checkpoint's norm_mean and norm_std, reach {loudest:.3g}, "
+                    f"beyond any log-mel ({ceiling:.1f} at most): no vocoder can turn them into audio"))
                 continue
             results.append(None)
             mels[i] = full_mel

@@ -24,14 +24,33 @@ from meld.cli.common import (
 )
 
 
-def read_audio_list(path: str | Path) -> list[str]:
-    """``--list``: audio paths, one per line; blank lines and ``#`` comments skipped (a BOM too)."""
-    return [line.strip() for _, line in read_list_lines(path)]
+def read_audio_list(path: str | Path) -> list[tuple[str, str]]:
+    """``--list``: audio paths, one per line; blank lines and ``#`` comments skipped (a BOM too).
+
+    Returns:
+        (where, audio path) per entry, ``where`` being "list.txt:3: " so that a message names the line.
+    """
+    return [(f"{path}:{number}: ", line.strip()) for number, line in read_list_lines(path)]
+
+
+def _read_log_mel(path: str) -> np.ndarray:
+    """An audio file's raw log-mel, or a :class:`CLIError` naming the file."""
+    from meld.audio import SAMPLE_RATE, AudioError, load_audio
+    from meld.features import log_mel
+
+    try:
+        wav = load_audio(path)
+    except AudioError as err:
+        raise CLIError(str(err)) from err
+    except (OSError, ValueError) as err:  # a path the file system refuses
+        raise CLIError(f"{path}: not a usable path ({_first_line(err)})") from err
+    try:
+        return log_mel(wav, SAMPLE_RATE)
+    except ValueError as err:  # samples so large that the spectrum overflows
+        raise CLIError(f"{path}: {err}") from err
 
 
 def cmd_transcribe(args: argparse.Namespace) -> int:
-    from meld.audio import SAMPLE_RATE, AudioError, load_audio
-    from meld.features import log_mel
     from meld.generate import stt_beam_search
 
     if args.beam < 1:
@@ -43,7 +62,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     _check_finite(args, "--ctc-weight")
     if args.ctc_weight is not None and not 0.0 <= args.ctc_weight <= 1.0:
         raise CLIError(f"--ctc-weight must be in [0, 1], got {args.ctc_weight}")
-    audio = list(args.audio) + (read_audio_list(args.list) if args.list else [])
+    audio = [("", p) for p in args.audio] + (read_audio_list(args.list) if args.list else [])
     if not audio:
         raise CLIError("no audio to transcribe: give audio files, or --list FILE with one path per line")
     device = _device(args.device)
@@ -76,16 +95,15 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     # Each batch is printed as soon as it is decoded, so a crash late in a long list keeps what was
     # done. Batches are the readable files taken batch_size at a time, as one call over them all would form.
     paths, mels, failed = [], [], 0
-    for p in audio:
+    for where, p in audio:
         try:
-            wav = load_audio(p)
-        except (AudioError, OSError, ValueError) as err:  # and a path the file system refuses
-            message = err if isinstance(err, AudioError) else f"{p}: not a usable path ({_first_line(err)})"
-            print(f"{PROG}: error: {message}", file=sys.stderr)
+            mel = _read_log_mel(p)
+        except CLIError as err:
+            print(f"{PROG}: error: {where}{err}", file=sys.stderr)
             failed += 1
             continue
         paths.append(p)
-        mels.append(ckpt.stats.normalise(log_mel(wav, SAMPLE_RATE)))
+        mels.append(ckpt.stats.normalise(mel))
         if len(mels) == args.batch_size:
             decode_and_print(paths, mels)
             paths, mels = [], []
