@@ -493,15 +493,8 @@ def test_flac_without_transcript_line_is_rejected(tmp_path):
     orphan, kept = "26-495-0001", "26-495-0000"
     # The orphan's line goes; a line for a clip that is not there comes in its place.
     trans.write_text(f"{kept} {expected[kept]['text']}\n26-495-0007 NO AUDIO FOR THIS LINE\n")
-    counts = ls.prepare_librispeech(
-        tmp_path,
-        tmp_path / "corpus",
-        ["dev-clean"],
-        download=False,
-        max_rejected_fraction=0.5,
-        progress=False,
-    )
-    assert counts == {"dev": 5}
+    assert ls.prepare_librispeech(tmp_path, tmp_path / "corpus", ["dev-clean"], download=False,
+                                  max_rejected_fraction=0.5, progress=False) == {"dev": 5}
     assert orphan not in {r["id"] for r in read_manifest(tmp_path / "corpus" / "dev" / "manifest.jsonl")}
     reasons = {r["id"]: r for r in _read_listing(tmp_path / "corpus" / "dev" / "rejected.jsonl")}
     assert sorted(reasons) == ["26-495-0001", "26-495-0007"]
