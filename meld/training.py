@@ -82,7 +82,8 @@ def train_step(
         autocast_dtype: e.g. torch.bfloat16 on GPU; None for full precision.
 
     Returns:
-        metrics: ``loss/<name>`` per component, ``loss/total``, ``grad/norm``, ``lr``.
+        metrics: ``loss/<name>`` per component, ``loss/total``, ``grad/norm``, ``lr`` (the rate this
+        step's update used, not the one the scheduler sets for the next step).
 
     Raises:
         NonFiniteLoss: the loss or the gradient norm is NaN or infinite. The check comes after the
@@ -107,11 +108,12 @@ def train_step(
     if not (math.isfinite(total_value) and math.isfinite(norm_value)):
         what = "loss" if not math.isfinite(total_value) else "gradient norm"
         raise NonFiniteLoss(f"non-finite {what}: loss {total_value} ({loss_values}), gradient norm {norm_value}")
+    # read before scheduler.step(), which sets the next step's rate: logged after it, step 1 of a
+    # 4-step warm-up showed peak/2 while it trained at peak/4
+    lr = optimizer.param_groups[0]["lr"]
     optimizer.step()
     scheduler.step()
-    metrics = {**loss_values, "loss/total": total_value, "grad/norm": norm_value}
-    metrics["lr"] = scheduler.get_last_lr()[0]
-    return metrics
+    return {**loss_values, "loss/total": total_value, "grad/norm": norm_value, "lr": lr}
 
 
 class LossModule(nn.Module):

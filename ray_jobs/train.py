@@ -199,6 +199,29 @@ def _finite_checked(module_cls):
     return FiniteCheckedLoss
 
 
+def non_finite_utterances(batch: dict, ids: list[str]) -> list[str]:
+    """The ids of a batch's utterances (row ``b`` of every input is ``ids[b]``) whose frames hold NaN or
+    inf: what a NonFiniteLoss from bad inputs must name, so that the features can be found and mended."""
+    import torch
+
+    bad = torch.zeros(len(ids), dtype=torch.bool)
+    for v in batch.values():
+        if v.is_floating_point():
+            bad |= ~torch.isfinite(v).reshape(len(ids), -1).all(dim=1).cpu()
+    return [u for u, b in zip(ids, bad.tolist()) if b]
+
+
+def _from_every_rank(items: list) -> list:
+    """Every rank's ``items``, rank 0's first. A collective: every rank must call it."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return items
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, items)
+    return [x for part in gathered for x in part]
+
+
 def format_metrics(metrics: dict) -> str:
     """A progress line's ``name=value`` pairs, four significant digits each."""
     return " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
@@ -308,12 +331,13 @@ def train_worker(config: dict) -> None:
     mlflow = _open_mlflow_run(config, ckpt_dir, resumed_at=step if state is not None else None,
                               sampler=sampler) if rank == 0 else None
 
-    def dev_report(step: int) -> dict:
-        """Rank 0's dev metrics (MELD only), logged to MLflow; {} elsewhere."""
+    def dev_report(step: int, log_to_mlflow: bool = True) -> dict:
+        """Rank 0's dev metrics (MELD only), logged to MLflow unless told not to; {} elsewhere."""
         if rank != 0 or dev is None or tc["task"] == "stt" or not hasattr(model, "codebook"):
             return {}
         dev_m = dev_metrics(model, dev[0], dev[1], dev[2], device, seed=tc["seed"])
-        mlflow.log_metrics(dev_m, step=step)
+        if log_to_mlflow:
+            mlflow.log_metrics(dev_m, step=step)
         log.info(f"[{system}] step {step} {format_metrics(dev_m)}")
         return dev_m
 
@@ -343,6 +367,15 @@ def train_worker(config: dict) -> None:
 
     pace = Pace(step, tc["max_steps"])
     try:
+        if state is not None:
+            # A resumed run reports its checkpoint's step again (the same dev metrics, from the same weights;
+            # MLflow has them already) for a caller that lost that report in the interrupt. A Tune trial's ASHA
+            # then judges the rung at the rung's own step: resumed at step 8 without it, a trial trained on and
+            # was judged for rung 8 at step 12. A run that had already ended trains nothing below, and
+            # reports the checkpoint it ended on with it (a trial whose final report was lost stayed unfinished).
+            kept = ckpt_dir / f"step-{step}.pt"
+            ended = rank == 0 and step >= tc["max_steps"] and kept.is_file()
+            report(step, dev_report(step, log_to_mlflow=False), kept if ended else None)
         metrics: dict = {}
         batches = iter(sampler)
         while step < tc["max_steps"]:
@@ -364,8 +397,13 @@ def train_worker(config: dict) -> None:
                 metrics = train_step(module, optimizer, scheduler, batch, task=task,
                                      loss_weights=tc["loss_weights"], grad_clip=tc["grad_clip"], autocast_dtype=autocast)
             except NonFiniteLoss as err:
+                # rank 0 writes the message, so every rank's unreadable utterances are gathered to it
+                bad = _from_every_rank(non_finite_utterances(batch, [data.store.index[i]["id"] for i in idx]))
+                what = (f"non-finite values in the input frames of utterance(s) {', '.join(bad[:10])}"
+                        f"{f' and {len(bad) - 10} more' if len(bad) > 10 else ''} of {config['train_store']}"
+                        if bad else str(err))
                 kept = f"step {last_ckpt_step}" if last_ckpt_step is not None else "none yet"
-                msg = (f"{system}: {err} at step {step + 1}; training stopped. The last good checkpoint ({kept}) "
+                msg = (f"{system}: {what} at step {step + 1}; training stopped. The last good checkpoint ({kept}) "
                        f"stays in {ckpt_dir}")
                 log.error(f"[rank {rank}] {msg}")
                 if rank == 0:
@@ -395,12 +433,6 @@ def train_worker(config: dict) -> None:
             mlflow.set_tag("failure", f"{type(err).__name__}: {err}"[:5000])
             mlflow.end_run(status="FAILED")
         raise
-    if state is not None and state["step"] >= tc["max_steps"]:
-        # the run had ended before this start, so the loop reported nothing: report its final metrics again
-        # (the same dev metrics, from the same weights) with the checkpoint it ended on, for a caller that
-        # lost the last report, such as a Tune trial resumed after an interrupt; nothing is trained or saved
-        final = ckpt_dir / f"step-{step}.pt"
-        report(step, dev_report(step), final if rank == 0 and final.is_file() else None)
     if rank == 0:
         mlflow.end_run()
 
@@ -432,7 +464,9 @@ class Pace:
 def _open_mlflow_run(config: dict, ckpt_dir: Path, *, resumed_at: int | None, sampler):
     """Rank 0's MLflow run: resumed when the checkpoint folder names one, else a new one (nested under a parent).
 
-    A resumed run logs ``train/resume_step`` (the checkpoint's step) at that step, so restarts show in its history.
+    A resumed run logs ``train/resume_step`` (the checkpoint's step) at that step, so restarts show in its history,
+    and an earlier attempt's ``failure`` tag becomes ``resumed_after``. A new run ends the folder's old one as
+    KILLED if a kill left it RUNNING (:func:`_end_replaced_run`).
     """
     from meld import tracking
 
@@ -440,13 +474,21 @@ def _open_mlflow_run(config: dict, ckpt_dir: Path, *, resumed_at: int | None, sa
         os.environ["MLFLOW_TRACKING_URI"] = config["mlflow_tracking_uri"]
     mlflow = tracking.setup(config["experiment"], config["project_root"])
     id_file = ckpt_dir / "mlflow_run_id"
-    run_id = id_file.read_text().strip() if id_file.is_file() and resumed_at is not None else None
+    named = id_file.read_text().strip() if id_file.is_file() else None
+    run_id = named if resumed_at is not None else None
     tags = dict(config.get("mlflow_tags") or {})
     if config.get("parent_run_id"):
         tags["mlflow.parentRunId"] = config["parent_run_id"]
     run = mlflow.start_run(run_id=run_id, run_name=config["run_name"], tags=tags or None)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     id_file.write_text(run.info.run_id)
+    if named and run_id is None:
+        _end_replaced_run(mlflow, named, run.info.run_id)
+    if run_id is not None and "failure" in run.data.tags:
+        # an earlier attempt's (SIGINT: "SystemExit: 1"), which this one recovers from: a run that then
+        # finishes must not read as failed; the interruption stays on record under another name
+        mlflow.set_tag("resumed_after", run.data.tags["failure"])
+        mlflow.delete_tag("failure")
     if run_id is None:
         mlflow.log_params(tracking.flatten({"system": config["system"], "train": config["train"],
                                             "model": config["model_kwargs"], **(config.get("mlflow_params") or {})}))
@@ -454,6 +496,22 @@ def _open_mlflow_run(config: dict, ckpt_dir: Path, *, resumed_at: int | None, sa
     if resumed_at is not None:
         mlflow.log_metric("train/resume_step", resumed_at, step=resumed_at)
     return mlflow
+
+
+def _end_replaced_run(mlflow, old_id: str, new_id: str) -> None:
+    """The run the checkpoint folder named, which the new run does not continue (its checkpoints were set
+    aside as another configuration's, or it was killed before its first): a kill left it RUNNING, and
+    nothing would ever end it. Ended as KILLED, with a tag naming the run that replaced it."""
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.tracking.MlflowClient()
+    try:
+        old = client.get_run(old_id)
+    except MlflowException:  # deleted, or in another tracking store: nothing of ours to end
+        return
+    if old.info.status == "RUNNING":
+        client.set_tag(old_id, "replaced_by", new_id)
+        client.set_terminated(old_id, status="KILLED")
 
 
 def run_training(
@@ -638,12 +696,55 @@ def build_config(
         "mlflow_tracking_uri": os.environ.get("MLFLOW_TRACKING_URI"),  # None: the project's embedded store
         "threads_per_worker": threads_per_worker or max(1, (os.cpu_count() or 2) // train_cfg.num_workers),
     }
+    check_frame_budget(config)
+    _warn_past_schedule(train)
     # how often a run logs or saves does not change what it trains: changing it resumes, not restarts
     trajectory = {k: v for k, v in train.items() if k not in ("log_every", "checkpoint_every")}
+    # the starting weights' bytes, not only their path: init_from overwritten with other weights is another
+    # run (with the path alone, a rerun resumed the old weights' finished run and exported it again)
+    init_id = {"init_from": files_digest([Path(train["init_from"])])} if train_cfg.init_from else {}
     config["fingerprint"] = fingerprint(
-        {"system": system, "model_kwargs": kwargs, "train": trajectory, "data": data_id, "code": _code_digest()}
+        {"system": system, "model_kwargs": kwargs, "train": trajectory, "data": data_id, "code": _code_digest(),
+         **init_id}
     )
     return config
+
+
+def check_frame_budget(config: dict) -> None:
+    """Cut the train split into the batches every worker's FrameBudgetSampler cuts, before Ray starts:
+    an utterance longer than ``train.frames_per_batch``, or fewer batches than workers, failed inside
+    every worker, was retried ``max_failures`` times and ended in a 100-line WorkerGroupError. Only
+    the split's index is read.
+
+    Raises:
+        ConfigError: the sampler's own message, with the split and its longest utterance.
+    """
+    import math
+
+    from meld.config import ConfigError
+    from meld.store import CodeStore, FeatureStore, FrameBudgetSampler
+
+    tc = config["train"]
+    if config.get("data_kind") == "codes":  # as CodeTrainingData.lengths: the delay pattern adds K - 1 steps
+        n_levels = config["model_kwargs"]["n_levels"]
+        lengths = [n + n_levels - 1 for n in CodeStore(config["train_store"], n_levels).lengths]
+    else:  # as TrainingData.lengths: frames grouped by the reduction factor
+        r = config["reduction_factor"]
+        lengths = [math.ceil(n / r) for n in FeatureStore(config["train_store"]).lengths]
+    try:
+        FrameBudgetSampler(lengths, tc["frames_per_batch"], 0, tc["num_workers"], tc["seed"])
+    except ValueError as err:
+        raise ConfigError(f"{config['train_store']}: {err} (its longest utterance counts {max(lengths, default=0)} "
+                          "frames; a sweep trial's budget is tune.frames_per_batch / its reduction factor)") from err
+
+
+def _warn_past_schedule(train: dict) -> None:
+    """The learning rate reaches 0 at the end of warm-up + hold + decay: a longer run trains its last
+    steps at rate 0, which nothing else shows but a flat loss."""
+    end = train["warmup_steps"] + train["hold_steps"] + train["decay_steps"]
+    if train["decay_steps"] > 0 and train["max_steps"] > end:
+        log.warning("max_steps %d runs past the learning-rate schedule (warmup_steps + hold_steps + decay_steps = %d): "
+                    "its last %d steps train at learning rate 0", train["max_steps"], end, train["max_steps"] - end)
 
 
 def files_digest(paths: list[Path]) -> str:

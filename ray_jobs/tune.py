@@ -49,7 +49,7 @@ import sys
 import time
 from pathlib import Path
 
-from meld.config import TuneConfig
+from meld.config import ConfigError, TuneConfig
 from ray_jobs.train import add_data_args
 
 log = logging.getLogger("meld.tune")
@@ -73,6 +73,27 @@ def trial_overrides(tc: TuneConfig, reduction_factor: int, slowness_weight: floa
     return {"model": {**tc.model_overrides, "reduction_factor": int(reduction_factor)}, "train": train}
 
 
+def trial_resources(tc: TuneConfig) -> dict[str, float]:
+    """What one running trial holds: its Train workers' CPUs (and GPUs), and one CPU for its driver
+    (Ray Tune's default for a function trainable; the driver idles while the workers train)."""
+    need = {"CPU": tc.num_workers_per_trial * tc.cpus_per_worker + 1}
+    if tc.gpus_per_worker:
+        need["GPU"] = tc.num_workers_per_trial * tc.gpus_per_worker
+    return need
+
+
+def trial_concurrency(tc: TuneConfig, cluster: dict[str, float]) -> int:
+    """How many trials run at once: ``tune.max_concurrent_trials``, or with 0 ("no limit") as many as
+    the ``cluster``'s resources (``ray.cluster_resources()``) hold whole, at least one. Tune reserves
+    only a trial's driver, not the workers it starts later: unlimited, it started a driver on each of
+    a 2-CPU machine's CPUs and no worker could ever start (WorkerGroupStartupTimeoutError, retried
+    for ever)."""
+    if tc.max_concurrent_trials:
+        return tc.max_concurrent_trials
+    # a hair over the quotient: 1.5 GPUs / 0.3 per trial is 4.999... in floating point
+    return max(1, min(int(cluster.get(k, 0.0) / v + 1e-9) for k, v in trial_resources(tc).items()))
+
+
 class SweepInterrupted(RuntimeError):
     """The sweep stopped before every trial ended; its state is kept for the next run to resume."""
 
@@ -94,11 +115,14 @@ def sweep_fingerprint(params: dict, tc: TuneConfig, *, features: str, bpe: str, 
     for r in tc.reduction_factors:
         for w in tc.slowness_weights:
             name = trial_name(tc.system, r, w)
-            config = build_config(
-                params, system=tc.system, features=features, bpe=bpe, codebook=codebook,
-                out=work_dir / "trials" / name, project_root=project_root,
-                overrides=trial_overrides(tc, r, w), threads_per_worker=tc.cpus_per_worker,
-            )
+            try:
+                config = build_config(
+                    params, system=tc.system, features=features, bpe=bpe, codebook=codebook,
+                    out=work_dir / "trials" / name, project_root=project_root,
+                    overrides=trial_overrides(tc, r, w), threads_per_worker=tc.cpus_per_worker,
+                )
+            except ConfigError as err:  # a trial's settings are not the train section's: say which trial
+                raise ConfigError(f"tune trial {name}: {err}") from err
             if config["train"]["task"] == "stt":  # its dev metrics, the objective, are TTS errors
                 raise ValueError(f"tune.system {tc.system} trains STT only (train.task: stt): the sweep's "
                                  f"objective {tc.metric} is a TTS error it never reports; sweep a TTS or joint system")
@@ -348,6 +372,7 @@ def run_sweep(
     """Run the whole sweep, or resume an interrupted one with the same fingerprint (``restart``: never);
     writes ``out`` (JSON) and ``plot``; returns the report. Raises :class:`SweepInterrupted`, and
     writes nothing, when the sweep stops before every trial has ended."""
+    import ray
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
 
@@ -367,13 +392,19 @@ def run_sweep(
     if parent_id is None and work_dir.exists():  # scratch: trial checkpoints and Ray state of another sweep
         shutil.rmtree(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    # locally, one logical CPU per concurrent trial for its (idle) driver on top of the workers' CPUs
-    per_trial = tc.num_workers_per_trial * tc.cpus_per_worker + 1
+    # locally, room for the trials that run at once (one with max_concurrent_trials 0: as many as fit)
     init_ray(
         num_cpus=None
         if tc.gpus_per_worker
-        else max(os.cpu_count() or 1, tc.max_concurrent_trials * per_trial)
+        else max(os.cpu_count() or 1, max(1, tc.max_concurrent_trials) * trial_resources(tc)["CPU"])
     )
+    cluster = ray.cluster_resources()
+    concurrent = trial_concurrency(tc, cluster)
+    if not tc.max_concurrent_trials:
+        need = trial_resources(tc)
+        log.info("tune.max_concurrent_trials 0 (no limit): %d trial(s) at once, as many as the cluster's %s hold "
+                 "(a trial takes %s: its workers' and one CPU for its driver)", concurrent,
+                 {k: cluster.get(k, 0.0) for k in need}, need)
     t0 = time.time()
     state_file = work_dir / "sweep.json"
     with mlflow.start_run(run_id=parent_id, run_name=None if parent_id else f"tune-{tc.system}") as parent:
@@ -397,7 +428,7 @@ def run_sweep(
         }
         scheduler = asha(tc, work_dir) if tc.scheduler == "asha" else FIFOScheduler()
         # A trial (Tune's default: 1 CPU) only runs the driver; the Train workers request their own CPUs/GPUs,
-        # and max_concurrent_trials keeps Tune from starting more worker groups than the cluster holds.
+        # and the concurrency limit (trial_concurrency) keeps Tune from starting more than the cluster holds.
         trainable = tune.with_parameters(trial_driver, setup=setup)
         if parent_id is not None:
             # errored trials too: a trial killed with its driver (OOM, lost node) errs, and resumes from its checkpoint
@@ -413,7 +444,7 @@ def run_sweep(
                     metric=tc.metric,
                     mode="min",
                     scheduler=scheduler,
-                    max_concurrent_trials=tc.max_concurrent_trials,
+                    max_concurrent_trials=concurrent,
                 ),
                 run_config=tune.RunConfig(
                     name=f"tune-{tc.system}", storage_path=str(work_dir / "ray_tune"), verbose=1

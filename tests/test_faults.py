@@ -5,14 +5,17 @@
 (b) the train stage is killed after a checkpoint -> rerunning it resumes from that checkpoint;
 (c) a truncated newest checkpoint is detected and the previous one is used;
 (d) a NaN loss stops every rank with a clear message and keeps the last good checkpoint;
-(e) (a)'s resumed run ends bit-identical to an uninterrupted run of the same configuration.
+(e) (a)'s resumed run ends bit-identical to an uninterrupted run of the same configuration;
+(f) what is refused or warned about before Ray starts (a frame budget the data does not fit, a run
+    past its learning-rate schedule), and what the MLflow runs say after an interruption.
 
-The worker-death and NaN cases use the worker's test hooks (``config["test_hooks"]``, see
+The worker-death and NaN-weights cases use the worker's test hooks (``config["test_hooks"]``, see
 ray_jobs/train.py); nothing else here reaches inside the code under test.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -172,10 +175,31 @@ def crashed_run(data, tmp_path_factory):
     config["mlflow_tracking_uri"] = uri
     marker = out / "crashed"
     config["test_hooks"] = {"crash_after_step": 2, "crash_rank": 1, "crash_marker": str(marker)}
+    reports = out / "reports.jsonl"
     t0 = time.time()
-    result = run_training(config, num_workers=2, use_gpu=False, storage_path=str(out / "ray"), max_failures=1)
+    result = run_training(config, num_workers=2, use_gpu=False, storage_path=str(out / "ray"), max_failures=1,
+                          callbacks=[_report_recorder(reports)])
     print(f"(a) run with one worker kill: {time.time() - t0:.1f} s")
-    return {"config": config, "result": result, "marker": marker, "uri": uri, "out": out, "data": data}
+    return {"config": config, "result": result, "marker": marker, "uri": uri, "out": out, "data": data,
+            "reports": [json.loads(line) for line in reports.read_text().splitlines()]}
+
+
+def _report_recorder(path: Path):
+    """A Ray Train callback (it runs in the Train controller) appending rank 0's reports, and a line
+    ``{"failed_ranks": [...]}`` where the worker group failed, to ``path``. Defined in here so that
+    Ray pickles the class itself, not a reference to this test module."""
+    from ray.train import UserCallback
+
+    class RecordReports(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            with open(path, "a") as f:
+                f.write(json.dumps(metrics[0]) + "\n")
+
+        def after_exception(self, run_context, worker_exceptions):
+            with open(path, "a") as f:
+                f.write(json.dumps({"failed_ranks": sorted(worker_exceptions)}) + "\n")
+
+    return RecordReports()
 
 
 @pytest.mark.slow
@@ -197,6 +221,15 @@ def test_killed_worker_resumes_from_checkpoint(crashed_run):
     from mlflow.tracking import MlflowClient
 
     assert MlflowClient(uri).get_run(run_id).info.status == "FINISHED"  # the retry ended the run it resumed
+    # the retry first reported its checkpoint's step again, with the dev metrics of the same weights: a Tune
+    # trial whose report there was lost in the interrupt is judged at that rung's own step, not a later one
+    reports = crashed_run["reports"]
+    failed = max(i for i, r in enumerate(reports) if "failed_ranks" in r)
+    retried = reports[failed + 1:]
+    assert [r["step"] for r in retried] == [2, 4], reports
+    dev = metric_history(uri, run_id, "dev/mse_pre_greedy")
+    assert [s for s, _ in dev] == [2, 4]  # logged once per step: MLflow had the step-2 value already
+    assert retried[0]["dev/mse_pre_greedy"] == pytest.approx(dev[0][1], rel=1e-5)
 
 
 
@@ -280,6 +313,100 @@ def test_init_from_refuses_a_missing_or_misfitting_model(crashed_run, tmp_path):
         tiny_config(crashed_run["data"], tmp_path / "b", params=wider, init_from=str(source))
 
 
+def test_the_init_from_weights_are_part_of_the_configuration(data, tmp_path):
+    """train.init_from counts by its bytes, not its path: overwritten with other weights, the file starts
+    another run (with the path alone, the rerun resumed the finished run and exported its old weights)."""
+    import torch
+
+    from meld.models.builders import build_model
+    from meld.training import save_checkpoint
+
+    kwargs = tiny_config(data, tmp_path / "model")["model_kwargs"]
+    init = tmp_path / "init.pt"
+
+    def fingerprint_from(seed: int) -> str:
+        torch.manual_seed(seed)
+        save_checkpoint(init, system="meld", model=build_model("meld", kwargs), model_kwargs=kwargs)
+        return tiny_config(data, tmp_path / "model", init_from=str(init))["fingerprint"]
+
+    first = fingerprint_from(0)
+    assert fingerprint_from(0) == first  # the same weights written again: the same run, which resumes
+    assert fingerprint_from(1) != first
+
+
+def test_a_frame_budget_the_data_does_not_fit_stops_the_stage_before_ray_starts(data, tmp_path, capsys):
+    """An utterance longer than train.frames_per_batch, or fewer batches than workers, failed inside
+    every Ray worker, was retried and ended in a 100-line WorkerGroupError; build_config cuts the
+    batches the workers would and refuses the budget, and the stage says so in one line."""
+    from meld.config import ConfigError, run_stage
+    from meld.store import FeatureStore, TrainingData, load_stats
+    from meld.text import BPETokenizer
+    from ray_jobs.train import main
+
+    config = tiny_config(data, tmp_path / "model")
+    # the workers' own lengths (frames grouped by the reduction factor)
+    longest = max(TrainingData(FeatureStore(config["train_store"]), load_stats(config["stats"]),
+                               BPETokenizer(config["bpe_model"]), config["reduction_factor"]).lengths())
+    tiny_config(data, tmp_path / "model", frames_per_batch=longest)  # the longest utterance fits exactly
+    too_long = rf"utterance\(s\) are longer than the frame budget \({longest - 1}\).* counts {longest} frames"
+    with pytest.raises(ConfigError, match=too_long):
+        tiny_config(data, tmp_path / "model", frames_per_batch=longest - 1)
+    with pytest.raises(ConfigError, match=r"only \d+ batches of \d+ frames for 64 workers"):
+        tiny_config(data, tmp_path / "model", num_workers=64)
+
+    params = {**TINY_PARAMS, "train": {**TINY_PARAMS["train"], "frames_per_batch": longest - 1}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    argv = ["--params", str(tmp_path / "params.yaml"), "--system", "meld", "--features", str(data / "features"),
+            "--bpe", str(data / "bpe" / "bpe.model"), "--codebook", str(data / "codebook"), "--out",
+            str(tmp_path / "out"), "--project-root", str(tmp_path), "--ray-storage", str(tmp_path / "ray")]
+    assert run_stage("train", lambda: main(argv)) == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("train: ") and re.search(too_long, line)
+    assert not (tmp_path / "ray").exists() and not (tmp_path / "out").exists()  # no Ray Train run began
+
+
+def test_a_run_past_its_learning_rate_schedule_is_warned_about(data, tmp_path, caplog):
+    """Past warm-up + hold + decay the learning rate is 0: the steps there train nothing, which only a
+    flat loss would show; the driver says so before the run starts."""
+    from meld.training import lr_factor
+
+    train = TINY_PARAMS["train"]
+    end = train["warmup_steps"] + train["hold_steps"] + train["decay_steps"]
+    schedule = (train["warmup_steps"], train["hold_steps"], train["decay_steps"])
+    assert lr_factor(end - 1, *schedule) > 0 == lr_factor(end, *schedule)  # step end + 1 trains at rate 0
+    caplog.set_level("WARNING", logger="meld.train")
+    tiny_config(data, tmp_path / "model", max_steps=end)
+    assert not caplog.records
+    tiny_config(data, tmp_path / "model", max_steps=end + 3)
+    assert "its last 3 steps train at learning rate 0" in caplog.text
+
+
+def test_the_logged_learning_rate_is_the_one_the_step_trained_with():
+    """train_step's ``lr`` is the rate of the update it made (it was the next step's: step 1 of a 4-step
+    warm-up showed peak/2). AdamW's first update moves a weight by the rate wherever the gradient is far
+    above eps, so the first step's largest move is the rate that step used."""
+    from conftest import tiny_batch, tiny_meld
+
+    from meld.training import build_optimizer, build_scheduler, lr_factor, train_step
+
+    model, _ = tiny_meld()
+    batch = tiny_batch()
+    peak, schedule = 1e-2, (4, 2, 4)  # warm-up, hold, decay steps
+    opt = build_optimizer(model, peak, weight_decay=0.0)
+    sched = build_scheduler(opt, *schedule)
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def step() -> float:
+        return train_step(model, opt, sched, batch, task="tts", loss_weights={}, grad_clip=10.0)["lr"]
+
+    logged = [step()]
+    moved = max(float((p.detach() - b).abs().max()) for p, b in zip(model.parameters(), before))
+    assert logged[0] == pytest.approx(moved, rel=1e-3)
+    assert logged[0] == pytest.approx(peak / schedule[0])  # step 1 of the warm-up
+    logged += [step() for _ in range(sum(schedule) - 1)]
+    assert logged == pytest.approx([peak * lr_factor(s, *schedule) for s in range(sum(schedule))])
+
+
 def test_logging_and_checkpoint_frequency_leave_the_configuration_the_same(data, tmp_path):
     """A run whose log_every or checkpoint_every changed resumes its checkpoints; one whose
     trajectory changed (the learning rate) does not."""
@@ -347,17 +474,58 @@ def test_another_configuration_sets_the_old_checkpoints_aside(crashed_run, tmp_p
     for n in (2, 4):
         shutil.copy(Path(crashed_run["config"]["checkpoint_dir"]) / f"step-{n}.pt", ckpt_dir)
     (ckpt_dir / "step-best.pt").write_bytes(b"a user's own copy")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(crashed_run["uri"])
+    # the old checkpoints' run, which a kill left RUNNING
+    killed = client.create_run(client.get_experiment_by_name("faults").experiment_id).info.run_id
+    (ckpt_dir / "mlflow_run_id").write_text(killed)
     config = tiny_config(crashed_run["data"], out, max_steps=2, lr=0.002)
     config["mlflow_tracking_uri"] = crashed_run["uri"]
     old = crashed_run["config"]["fingerprint"]
     assert config["fingerprint"] != old
     run_training(config, num_workers=1, use_gpu=False, storage_path=str(tmp_path / "ray"), max_failures=0)
+    new = (ckpt_dir / "mlflow_run_id").read_text().strip()
+    assert new != killed and client.get_run(new).info.status == "FINISHED"
+    # nothing would ever end the old run: the new one does, naming itself
+    assert client.get_run(killed).info.status == "KILLED" and client.get_run(killed).data.tags["replaced_by"] == new
     assert [n for n, _ in step_checkpoints(ckpt_dir)] == [2]  # the new run's, trained from step 1
     assert load_checkpoint(ckpt_dir / "step-2.pt")["extra"]["fingerprint"] == config["fingerprint"]
     stale = ckpt_dir / "stale" / old
     assert [n for n, _ in step_checkpoints(stale)] == [2, 4]
     assert load_checkpoint(stale / "step-4.pt")["extra"]["fingerprint"] == old
     assert (ckpt_dir / "step-best.pt").read_bytes() == b"a user's own copy"
+
+
+def test_a_resumed_run_drops_its_failure_tag(tmp_path, tracking):
+    """An interrupted run (the driver tags it ``failure: SystemExit: 1``, FAILED) resumed and finished must
+    not read as failed: the tag becomes ``resumed_after``. A run killed before its first checkpoint is not
+    resumed: the next one ends it as KILLED, not left RUNNING."""
+    from mlflow.tracking import MlflowClient
+
+    from meld.store import FrameBudgetSampler
+    from ray_jobs.train import _open_mlflow_run
+
+    config = {"experiment": "faults", "project_root": str(tmp_path), "run_name": "train-meld", "system": "meld",
+              "train": TINY_PARAMS["train"], "model_kwargs": {}}
+    ckpts, sampler, client = tmp_path / "checkpoints", FrameBudgetSampler([3, 4], 8), MlflowClient(tracking)
+    mlflow = _open_mlflow_run(config, ckpts, resumed_at=None, sampler=sampler)
+    first = mlflow.active_run().info.run_id
+    mlflow.set_tag("failure", "SystemExit: 1")  # as run_training's driver marks an interrupted run
+    mlflow.end_run("FAILED")
+    mlflow = _open_mlflow_run(config, ckpts, resumed_at=2, sampler=sampler)
+    assert mlflow.active_run().info.run_id == first
+    mlflow.end_run()
+    run = client.get_run(first)
+    assert run.info.status == "FINISHED" and "failure" not in run.data.tags
+    assert run.data.tags["resumed_after"] == "SystemExit: 1"
+
+    client.update_run(first, status="RUNNING")  # killed again, before a checkpoint: nothing to resume
+    mlflow = _open_mlflow_run(config, ckpts, resumed_at=None, sampler=sampler)
+    second = mlflow.active_run().info.run_id
+    mlflow.end_run()
+    assert second != first
+    assert client.get_run(first).info.status == "KILLED" and client.get_run(first).data.tags["replaced_by"] == second
 
 
 @pytest.mark.slow
@@ -401,21 +569,53 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(crashed_run, 
     assert not differ, f"{len(differ)} of {len(straight['model'])} tensors differ, e.g. {differ[:3]}"
 
 
+def _spoil_an_utterance(config: dict, features: Path, step: int, rank: int) -> str:
+    """Copy the train split to ``features`` (and point ``config`` at it) with a NaN frame in an utterance
+    that ``rank`` reads at ``step`` and no rank reads before; returns the utterance's id."""
+    import numpy as np
+
+    from meld.store import FeatureStore, FrameBudgetSampler, TrainingData, load_stats
+    from meld.text import BPETokenizer
+
+    shutil.copytree(config["train_store"], features / "train")
+    config["train_store"] = str(features / "train")
+    store = FeatureStore(config["train_store"])
+    lengths = TrainingData(store, load_stats(config["stats"]), BPETokenizer(config["bpe_model"]),
+                           config["reduction_factor"]).lengths()
+    tc = config["train"]
+    samplers = [iter(FrameBudgetSampler(lengths, tc["frames_per_batch"], r, tc["num_workers"], tc["seed"]))
+                for r in range(tc["num_workers"])]
+    read = [[next(s) for s in samplers] for _ in range(step)]  # read[k][r]: rank r's batch at step k + 1
+    before = {i for k, batches in enumerate(read) for r, b in enumerate(batches) if (k + 1, r) != (step, rank) for i in b}
+    target = next(i for i in read[-1][rank] if i not in before)
+    frames = np.memmap(store.folder / "frames.f32", dtype=np.float32, mode="r+", shape=store.all_frames().shape)
+    frames[store.index[target]["offset"], 0] = np.nan
+    frames.flush()
+    return store.index[target]["id"]
+
+
 @pytest.mark.slow
-def test_nan_loss_stops_with_clear_message_and_keeps_checkpoint(data, tmp_path, tracking):
+@pytest.mark.parametrize("cause", ["weights", "frames"])
+def test_nan_loss_stops_with_clear_message_and_keeps_checkpoint(data, tmp_path, tracking, cause):
+    """weights: one rank's weights become NaN before step 3 (a loss that blew up); frames: an utterance
+    that rank reads at step 3 holds a NaN frame (the message names it, though rank 0 writes it)."""
     ensure_ray()
     from meld.training import NonFiniteLoss, latest_good_checkpoint
     from ray_jobs.train import run_training
 
-    config = tiny_config(data, tmp_path / "model")
-    config["test_hooks"] = {"nan_at_step": 3, "nan_rank": 1}  # one rank's weights become NaN before step 3
+    if cause == "weights":
+        config = tiny_config(data, tmp_path / "model")
+        config["test_hooks"] = {"nan_at_step": 3, "nan_rank": 1}
+        what = r"non-finite loss .*"
+    else:  # batches of three or four utterances: rank 1 reads new ones at step 3
+        config = tiny_config(data, tmp_path / "model", frames_per_batch=350)
+        bad = _spoil_an_utterance(config, tmp_path / "features", step=3, rank=1)
+        what = re.escape(f"non-finite values in the input frames of utterance(s) {bad} of {config['train_store']}")
     with pytest.raises(NonFiniteLoss) as err:
         run_training(config, num_workers=2, use_gpu=False, storage_path=str(tmp_path / "ray"), max_failures=2)
     msg = str(err.value)
     print(f"(d) {msg}")
-    assert (
-        re.search(r"non-finite loss .* at step 3; training stopped", msg) and config["checkpoint_dir"] in msg
-    )
+    assert re.search(what + r" at step 3; training stopped", msg) and config["checkpoint_dir"] in msg
     assert "last good checkpoint (step 2)" in msg
     ckpt_dir = Path(config["checkpoint_dir"])
     assert sorted(p.name for p in ckpt_dir.glob("step-*.pt")) == ["step-2.pt"]
@@ -424,7 +624,7 @@ def test_nan_loss_stops_with_clear_message_and_keeps_checkpoint(data, tmp_path, 
     from mlflow.tracking import MlflowClient
 
     run = MlflowClient(tracking).get_run((ckpt_dir / "mlflow_run_id").read_text().strip())
-    assert run.info.status == "FAILED" and "non-finite loss" in run.data.tags["failure"]
+    assert run.info.status == "FAILED" and run.data.tags["failure"] == msg
     assert "train/resume_step" not in run.data.metrics  # stopped, not retried from the checkpoint
 
 
