@@ -190,7 +190,8 @@ def read_params(path: str | Path) -> dict:
 # module and class: looked up in sys.modules, so that reporting them imports nothing
 INPUT_ERRORS = (("meld.config", "ConfigError"), ("meld.corpus.librispeech", "LibriSpeechError"),
                 ("meld.corpus.mini", "VoiceUnavailableError"), ("meld.audio", "AudioError"),
-                ("meld.codes", "CodecMismatch"), ("meld.training", "CheckpointError"), ("builtins", "FileNotFoundError"))
+                ("meld.codes", "CodecMismatch"), ("meld.training", "CheckpointError"),
+                ("meld.training", "NonFiniteLoss"), ("builtins", "FileNotFoundError"))
 
 
 def run_stage(name: str, main: Callable[[], int]) -> int:
@@ -666,7 +667,7 @@ _TUNE_RULES: dict[str, Rule] = {
     "num_workers_per_trial": _POSITIVE,
     "cpus_per_worker": _POSITIVE,
     "gpus_per_worker": _finite_number(0, note=" (0: CPU only)"),
-    "max_concurrent_trials": _at_least(0, " (0: no limit, as in Ray Tune)"),
+    "max_concurrent_trials": _at_least(0, " (0: as many as the cluster holds)"),
     "max_failures": _at_least(-1, " (-1: retry without limit, as in Ray Train)"),
 }
 

@@ -14,7 +14,9 @@ and stopped when it falls outside the best ``1 / reduction_factor`` of them (the
 numpy's linear interpolation); only the highest rung a report has reached counts. Two deliberate
 differences: a trial reporting a non-finite objective (a diverged run) is stopped at its rung, where
 Ray's would let it train on; and a trial reporting again at a rung it has a record for (it resumed from
-a checkpoint older than its stop) gets the recorded answer again.
+a checkpoint older than its stop) gets the recorded answer again, and one that ASHA stopped is stopped
+again wherever it reports next (the stop was lost in an interrupt after the trial had checkpointed past
+it), the stop then recorded at that step too.
 """
 
 from __future__ import annotations
@@ -121,9 +123,18 @@ class ResumableASHA(FIFOScheduler):
         if not reached:
             return TrialScheduler.CONTINUE
         rung, key = reached[-1], self.trial_key(trial.config)
-        recorded = self.records()[rung]
-        if key in recorded:
-            return TrialScheduler.STOP if recorded[key]["stopped"] and not final else TrialScheduler.CONTINUE
+        stop = next((self.records()[r][key] for r in reached if self.records()[r].get(key, {}).get("stopped")), None)
+        if stop is not None and not final:
+            # A stop lost in an interrupt: the trial resumed from a checkpoint older or newer than it (its
+            # workers train on while Tune stops it), and reports again at the stop's rung or past it. It is
+            # stopped again, as the uninterrupted sweep stopped it, and where the step differs the stop is
+            # recorded at this step too: its results end here now, and the sweep's report counts a trial
+            # early-stopped only where its results end (else it stayed unfinished on every rerun).
+            if step != stop["step"]:
+                self._append(stop["rung"], {**stop, "step": step})
+            return TrialScheduler.STOP
+        if key in self.records()[rung]:
+            return TrialScheduler.CONTINUE
         objective = float(result[self._metric])
         cutoff = self.cutoff(rung)
         worse = cutoff is not None and (objective > cutoff if self._mode == "min" else objective < cutoff)
@@ -131,13 +142,17 @@ class ResumableASHA(FIFOScheduler):
         stopped = not final and step < self.max_t and (worse or not math.isfinite(objective))
         row = {"config": {k: trial.config[k] for k in self.key_params}, "rung": rung, "step": step,
                "objective": objective, "stopped": stopped}
-        recorded[key] = row
-        with open(self.records_file, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        self._append(rung, row)
         if stopped:
             why = "not finite" if not math.isfinite(objective) else f"worse than the rung's cutoff {cutoff:.4g}"
             log.info("ASHA stops %s at step %s: %s %.4g, %s", key, step, self._metric, objective, why)
         return TrialScheduler.STOP if stopped else TrialScheduler.CONTINUE
+
+    def _append(self, rung: float, row: dict) -> None:
+        """Make ``row`` its trial's record at ``rung``, in memory and as a line of the file."""
+        self.records()[rung][self.trial_key(row["config"])] = row
+        with open(self.records_file, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
     def summary(self) -> list[dict]:
         """Per rung, lowest first: its step, how many trials reported there, the objective a further

@@ -263,16 +263,27 @@ def _asha_stops(records_file: Path) -> dict[tuple[int, float], set[int]]:
     return stops
 
 
-def _history(result, metric: str) -> list[list[float]]:
+def _history(result, metric: str, logged: list[tuple[int, float]]) -> list[list[float]]:
+    """The objective at each step the trial reported, once per step, by step.
+
+    A trial resumed from a checkpoint reports that step again (ray_jobs/train.py), and a killed driver
+    loses the results Tune received since it last saved them: ``logged``, the trial's MLflow history of
+    the objective (rank 0 logs it before each checkpoint), fills in the steps up to the last one Tune
+    has. Past it MLflow is not used: a trial ASHA stopped may have trained and logged on while it was
+    being stopped."""
     df = result.metrics_dataframe
-    if df is None or metric not in df or "step" not in df:
-        return []
-    rows = df[["step", metric]].dropna()
-    return [[int(s), float(v)] for s, v in zip(rows["step"], rows[metric])]
+    reported = {}
+    if df is not None and metric in df and "step" in df:
+        rows = df[["step", metric]].dropna()
+        reported = {int(s): float(v) for s, v in zip(rows["step"], rows[metric])}
+    last = max(reported, default=0)
+    filled = {s: v for s, v in logged if s <= last} | reported
+    return [[s, v] for s, v in sorted(filled.items())]
 
 
-def collect_trials(grid, tc: TuneConfig, work_dir: Path) -> list[dict]:
-    """One row per trial: its knobs, objective (last reported value), steps, status and MLflow run.
+def collect_trials(grid, tc: TuneConfig, work_dir: Path, client=None) -> list[dict]:
+    """One row per trial: its knobs, objective (value at its last reported step), steps, status and
+    MLflow run; ``client`` (an MlflowClient of the sweep's store) fills its history (:func:`_history`).
 
     Status: ``completed`` (trained ``max_steps``), ``error``, ``early_stopped`` (ASHA stopped it:
     the scheduler's record) or ``unfinished`` (neither: the sweep was interrupted)."""
@@ -282,7 +293,11 @@ def collect_trials(grid, tc: TuneConfig, work_dir: Path) -> list[dict]:
         cfg = result.config or {}
         r, w = int(cfg["reduction_factor"]), float(cfg["slowness_weight"])
         name = trial_name(tc.system, r, w)
-        history = _history(result, tc.metric)
+        id_file = work_dir / "trials" / name / "checkpoints" / "mlflow_run_id"
+        run_id = id_file.read_text().strip() if id_file.is_file() else None
+        logged = ([(m.step, m.value) for m in client.get_metric_history(run_id, tc.metric)]
+                  if client is not None and run_id else [])
+        history = _history(result, tc.metric, logged)
         steps = history[-1][0] if history else 0
         if result.error is not None:
             status = "error"
@@ -292,7 +307,6 @@ def collect_trials(grid, tc: TuneConfig, work_dir: Path) -> list[dict]:
             status = "early_stopped"
         else:
             status = "unfinished"
-        id_file = work_dir / "trials" / name / "checkpoints" / "mlflow_run_id"
         rows.append(
             {
                 "trial": name,
@@ -304,7 +318,7 @@ def collect_trials(grid, tc: TuneConfig, work_dir: Path) -> list[dict]:
                 if result.error is not None
                 else None,
                 "history": history,
-                "mlflow_run_id": id_file.read_text().strip() if id_file.is_file() else None,
+                "mlflow_run_id": run_id,
             }
         )
     return sorted(rows, key=lambda t: (t["config"]["reduction_factor"], t["config"]["slowness_weight"]))
@@ -451,7 +465,7 @@ def run_sweep(
                 ),
             )
         grid = tuner.fit()
-        trials = collect_trials(grid, tc, work_dir)
+        trials = collect_trials(grid, tc, work_dir, mlflow.tracking.MlflowClient())
         unfinished = [t["trial"] for t in trials if t["status"] == "unfinished"]
         if unfinished:  # Ray Tune returns, instead of raising, when a signal stops the sweep
             close_attempt(state_file, time.time())

@@ -134,6 +134,25 @@ def test_a_trial_resumed_from_before_its_stop_is_stopped_again(tmp_path):
     assert [r["stopped"] for r in read_records(tmp_path / "asha.jsonl")] == [False, True]
 
 
+def test_a_trial_resumed_from_past_its_stop_is_stopped_again_where_its_results_end(tmp_path):
+    """The stop was lost after the trial had checkpointed past it (the workers train on while Tune stops
+    a trial): resumed there, it reports a later step, at the stop's rung or past the next, and is
+    stopped again as the uninterrupted sweep stopped it; the stop is recorded at that step too, where
+    the trial's results now end (the sweep's report counts a trial early-stopped only there; without it
+    the trial stayed unfinished on every rerun). The rungs' records, and so their cutoffs, are unchanged."""
+    scheduler = ours(tmp_path, max_t=8, grace_period=2, reduction_factor=2)
+    good, bad = trial(0), trial(1)
+    scheduler.on_trial_result(None, good, {"step": 2, METRIC: 1.0})
+    assert scheduler.on_trial_result(None, bad, {"step": 2, METRIC: 5.0}) == "STOP"
+    summary = scheduler.summary()
+    for step in (3, 4):  # rung 2's step range, then past rung 4, which it never reached
+        restored = cloudpickle.loads(cloudpickle.dumps(ours(tmp_path, max_t=8, grace_period=2, reduction_factor=2)))
+        assert restored.on_trial_result(None, bad, {"step": step, METRIC: 0.5}) == "STOP"
+        assert restored.summary() == summary
+    rows = [r for r in read_records(tmp_path / "asha.jsonl") if r["config"] == bad.config]
+    assert [(r["rung"], r["step"], r["stopped"]) for r in rows] == [(2, 2, True), (2, 3, True), (2, 4, True)]
+
+
 def test_a_diverged_trial_is_stopped_and_does_not_move_the_cutoff(tmp_path):
     scheduler = ours(tmp_path, max_t=8, grace_period=2, reduction_factor=2)
     assert scheduler.on_trial_result(None, trial(0), {"step": 2, METRIC: math.nan}) == "STOP"  # first at its rung

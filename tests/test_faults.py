@@ -691,6 +691,7 @@ def test_interrupted_train_stage_resumes(data, tmp_path):
             **TINY_PARAMS["train"],
             "num_workers": 1,
             "max_steps": 10,
+            "hold_steps": 7,  # a learning-rate schedule as long as the run (1 + 7 + 2 steps)
             "checkpoint_every": 2,
             "log_every": 1,
         },

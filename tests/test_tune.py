@@ -155,7 +155,8 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path_factory, tmp_pat
     # (step 2 of the other), and the resumed trial is judged against them at step 8
     tune = {**TINY_PARAMS["tune"], "scheduler": "asha", "grace_period": 8, "asha_reduction": 2,
             "max_steps": max_steps, "eval_every": 2, "max_concurrent_trials": 1, "max_failures": 0}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({**TINY_PARAMS, "tune": tune}))
+    train = {**TINY_PARAMS["train"], "hold_steps": max_steps - 3}  # a schedule as long as the trials (1 + 13 + 2)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({**TINY_PARAMS, "tune": tune, "train": train}))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PYTHONUNBUFFERED": "1",
            "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "MLFLOW_TRACKING_URI": uri}
@@ -219,8 +220,13 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path_factory, tmp_pat
     assert rows[(stopped, 8)]["stopped"] == (rows[(stopped, 8)]["objective"] > rows[(finished, 8)]["objective"])
     rung8 = report["scheduler"]["rungs"][0]  # the report shows the rung the decision was made at
     assert rung8["step"] == 8 and rung8["trials"] == 2 and bool(rung8["stopped"]) == rows[(stopped, 8)]["stopped"]
+    assert rows[(stopped, 8)]["step"] == 8  # judged at the rung's own step, whatever step it resumed from
     status = {t["trial"]: (t["status"], t["steps"]) for t in report["trials"]}
     assert status[finished] == ("completed", max_steps)
+    # every evaluation once, though the resumed trial reported its checkpoint's step again and a killed
+    # driver loses the results Tune received since it last saved them
+    for t in report["trials"]:
+        assert [s for s, _ in t["history"]] == list(range(2, t["steps"] + 1, 2)), t
     assert status[stopped] == (("early_stopped", 8) if rows[(stopped, 8)]["stopped"] else ("completed", max_steps))
     assert {t["trial"]: t["mlflow_run_id"] for t in report["trials"]} == run_ids  # the same runs, continued
     assert _checkpoint_files(trials / finished) == kept_finished  # the finished trial was not trained again
@@ -236,6 +242,39 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path_factory, tmp_pat
     children = client.search_runs([client.get_run(parent).info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{parent}'")
     assert sorted(r.info.run_id for r in children) == sorted(run_ids.values())
+
+
+def test_no_concurrency_limit_runs_as_many_trials_as_the_cluster_holds():
+    """tune.max_concurrent_trials 0 ("no limit"): Tune reserves only a trial's driver, so on a 2-CPU
+    machine it started two drivers and no Train worker could ever start. The sweep runs as many trials
+    as the cluster holds, workers and driver each, and at least one; a limit that is given is kept."""
+    from ray_jobs.tune import trial_concurrency, trial_resources
+
+    def tune(**kw) -> TuneConfig:
+        return TuneConfig.from_dict({**TINY_PARAMS["tune"], "max_concurrent_trials": 0, **kw}, "tune")
+
+    for tc, cluster in [(tune(), {"CPU": 2.0}), (tune(), {"CPU": 16.0}), (tune(num_workers_per_trial=2), {"CPU": 7.0}),
+                        (tune(num_workers_per_trial=2, gpus_per_worker=0.5), {"CPU": 64.0, "GPU": 4.0}),
+                        (tune(gpus_per_worker=0.3), {"CPU": 64.0, "GPU": 1.5})]:
+        n, need = trial_concurrency(tc, cluster), trial_resources(tc)
+        assert need["CPU"] == tc.num_workers_per_trial * tc.cpus_per_worker + 1  # the workers and the driver
+        assert all(n * v <= cluster[k] + 1e-9 for k, v in need.items()), (tc, cluster, n)  # all of them start
+        assert any((n + 1) * v > cluster[k] for k, v in need.items()), (tc, cluster, n)  # one more would not
+    assert trial_concurrency(tune(num_workers_per_trial=4), {"CPU": 2.0}) == 1  # a local cluster is made that big
+    assert trial_concurrency(tune(max_concurrent_trials=3), {"CPU": 2.0}) == 3
+
+
+def test_a_trial_budget_the_data_does_not_fit_is_refused_before_ray_starts(tmp_path_factory, tmp_path):
+    """A trial's frame budget (tune.frames_per_batch / r) below its longest utterance is refused, naming the
+    trial, before Ray starts (ray_jobs/train.py's check_frame_budget; it failed in every trial's workers)."""
+    from ray_jobs.tune import sweep_fingerprint
+
+    data = make_tiny_data(tmp_path_factory)
+    params = {**TINY_PARAMS, "tune": {**TINY_PARAMS["tune"], "frames_per_batch": 100}}
+    with pytest.raises(ConfigError, match=r"tune trial tune-meld-r1-sw0.2: .* longer than the frame budget \(100\)"):
+        sweep_fingerprint(params, TuneConfig.from_dict(params["tune"], "tune"), features=str(data / "features"),
+                          bpe=str(data / "bpe" / "bpe.model"), codebook=str(data / "codebook"), work_dir=tmp_path,
+                          project_root=str(tmp_path))
 
 
 def test_sweep_time_counts_every_attempt_and_estimates_a_killed_one(tmp_path):
@@ -317,6 +356,9 @@ def test_asha_stops_are_recorded_and_tell_early_stopped_from_unfinished(tmp_path
     # a stop that Tune's restored state lost: the trial trained on past it, then was interrupted
     grid[1] = result(0.5, [1, 2, 3])
     assert collect_trials(grid, tc, tmp_path)[1]["status"] == "unfinished"
+    # resumed from its step-3 checkpoint, it reports step 3 again and is stopped again: early-stopped there
+    assert asha.on_trial_result(None, bad, {"step": 3, tc.metric: 5.0}) == "STOP"
+    assert collect_trials(grid, tc, tmp_path)[1]["status"] == "early_stopped"
 
 
 def test_an_stt_only_system_cannot_be_swept(tmp_path_factory, tmp_path):
