@@ -259,8 +259,6 @@ def _check_synthesis_mode(args: argparse.Namespace) -> None:
         raise CLIError("--list gives each utterance's out, prompt and text: drop --text, --out and --prompt")
 
 
-
-
 def _check_synthesis_options(args: argparse.Namespace) -> None:
     """Every option of ``synthesize`` that applies to all its utterances; no file is opened."""
     _check_finite(args, "--prompt-seconds", "--max-seconds", "--temperature", "--top-p", "--repetition-penalty")
