@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from meld.config import read_params, run_stage
+from meld.config import EvaluateConfig, read_params, run_stage
 
 TTS_COLUMNS = [
     ("WER", "wer", "{:.1%}"), ("GT-WER (vocoded)", "wer_ground_truth_vocoded", "{:.1%}"),
@@ -228,8 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     points = plot(metrics, out / "plots")
     (out / "report_plots.json").write_text(json.dumps(points, indent=2))
+    # the evaluate stages' prompt (they checked the value; the report only states it)
+    prompt_s = (params.get("evaluate") or {}).get("prompt_seconds", EvaluateConfig.prompt_seconds)
     lines = ["# MELD toolkit: comparison", "",
-             "Zero-shot TTS continuation (3 s prompt + full transcript); judge = external ASR on",
+             f"Zero-shot TTS continuation ({prompt_s:g} s prompt + full transcript); judge = external ASR on",
              "[true prompt + continuation] through the vocoder; GT-WER = the ground truth through the same vocoder.",
              "SIM = speaker-embedding cosine between the real prompt and the continuation, averaged over the",
              "generations whose prompt and continuation each last at least 0.5 s (a shorter clip's speaker",

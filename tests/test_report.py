@@ -11,11 +11,12 @@ import yaml
 from pipeline import report
 
 
-def _run(tmp_path, metrics: dict, tune: dict | None = None) -> str:
+def _run(tmp_path, metrics: dict, tune: dict | None = None, evaluate: dict | None = None) -> str:
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics" / "meld.json").write_text(json.dumps(metrics))
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"systems": ["meld"], "codec_systems": []}))
+    params.write_text(yaml.safe_dump({"systems": ["meld"], "codec_systems": [],
+                                      **({"evaluate": evaluate} if evaluate is not None else {})}))
     argv = ["--params", str(params), "--metrics", str(tmp_path / "metrics"), "--out", str(tmp_path / "reports")]
     if tune is not None:
         (tmp_path / "tune.json").write_text(json.dumps(tune))
@@ -28,6 +29,12 @@ def test_a_split_without_eligible_utterances_is_named_not_dropped(tmp_path):
     summary = _run(tmp_path, {"system": "meld", "task": "tts", "splits": {"test": {}}, "ablations": {},
                               "complete": True})
     assert "| meld | test | no utterance within evaluate.min_seconds..max_seconds |" in summary
+
+
+@pytest.mark.parametrize(("evaluate", "said"), [(None, "(3 s prompt"), ({"prompt_seconds": 1.5}, "(1.5 s prompt")])
+def test_the_introduction_states_the_evaluations_prompt_length(tmp_path, evaluate, said):
+    summary = _run(tmp_path, {"system": "meld", "task": "tts", "splits": {}, "complete": True}, evaluate=evaluate)
+    assert said in summary.splitlines()[2]
 
 
 def test_an_evaluation_that_stopped_early_is_refused(tmp_path):
