@@ -42,6 +42,19 @@ def read_list_lines(path: str | Path) -> list[tuple[int, str]]:
 
 
 
+def read_audio(path: str | Path):
+    """An audio file as a 16 kHz waveform, or a :class:`CLIError` naming the file (synthesize's prompts and
+    transcribe's inputs alike)."""
+    from meld.audio import AudioError, load_audio
+
+    try:
+        return load_audio(path)
+    except AudioError as err:
+        raise CLIError(str(err)) from err
+    except (OSError, ValueError) as err:  # a path the file system refuses
+        raise CLIError(f"{path}: not a usable path ({_first_line(err)})") from err
+
+
 def _checkpoint_error(path: Path, err: Exception) -> str:
     """One line for a checkpoint that won't load (torch.load's own messages run to many lines)."""
     if err.__cause__ is not None:  # torch.load itself failed: corrupt, truncated, or not a torch file

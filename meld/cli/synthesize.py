@@ -27,6 +27,7 @@ from meld.cli.common import (
     _device,
     _first_line,
     _task,
+    read_audio,
     read_list_lines,
 )
 from meld.config import SAMPLING_FLOOR
@@ -155,16 +156,6 @@ def _build_vocoder(args: argparse.Namespace, device: str):
     except Exception as err:  # missing weights, a foreign config, weights that don't fit, a corrupt file
         raise CLIError(f"--vocoder-path {args.vocoder_path}: the HiFi-GAN does not load "
                        f"({type(err).__name__}: {_first_line(err)})") from err
-
-
-def _load_audio(path: str | Path) -> np.ndarray:
-    from meld.audio import AudioError, load_audio
-
-    try:
-        return load_audio(path)
-    except AudioError as err:
-        raise CLIError(str(err)) from err
-
 
 
 def prompt_log_mel(wav: np.ndarray, prompt_seconds: float) -> np.ndarray:
@@ -301,7 +292,7 @@ def _load_prompt(req: SynthesisRequest, prompt_seconds: float) -> None:
     from meld.audio import SAMPLE_RATE
 
     if req.prompt:
-        wav = _load_audio(req.prompt)
+        wav = read_audio(req.prompt)
         req.prompt_wav = wav[: int(round((prompt_seconds + PROMPT_MARGIN_S) * SAMPLE_RATE))]
         try:
             req.prompt_mel = prompt_log_mel(req.prompt_wav, prompt_seconds)

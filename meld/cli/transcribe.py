@@ -18,8 +18,8 @@ from meld.cli.common import (
     _check_finite,
     _configure_decoding,
     _device,
-    _first_line,
     _task,
+    read_audio,
     read_list_lines,
 )
 
@@ -35,15 +35,10 @@ def read_audio_list(path: str | Path) -> list[tuple[str, str]]:
 
 def _read_log_mel(path: str) -> np.ndarray:
     """An audio file's raw log-mel, or a :class:`CLIError` naming the file."""
-    from meld.audio import SAMPLE_RATE, AudioError, load_audio
+    from meld.audio import SAMPLE_RATE
     from meld.features import log_mel
 
-    try:
-        wav = load_audio(path)
-    except AudioError as err:
-        raise CLIError(str(err)) from err
-    except (OSError, ValueError) as err:  # a path the file system refuses
-        raise CLIError(f"{path}: not a usable path ({_first_line(err)})") from err
+    wav = read_audio(path)
     try:
         return log_mel(wav, SAMPLE_RATE)
     except ValueError as err:  # samples so large that the spectrum overflows
