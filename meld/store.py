@@ -253,6 +253,18 @@ def collate(
     return {"mel": mel, "mel_len": torch.tensor(grouped, dtype=torch.long), **pad_texts(texts)}
 
 
+def grouped_lengths(frames: list[int], reduction: int) -> list[int]:
+    """Transformer steps per utterance of ``frames`` mel frames grouped ``reduction`` at a time: what
+    the frame budget counts (:meth:`TrainingData.lengths`; the train driver's check before Ray starts)."""
+    return [math.ceil(n / reduction) for n in frames]
+
+
+def delayed_lengths(frames: list[int], n_levels: int) -> list[int]:
+    """Transformer steps per utterance of ``frames`` code frames: T + the delay pattern's K - 1
+    (:meth:`CodeTrainingData.lengths`)."""
+    return [n + n_levels - 1 for n in frames]
+
+
 class TrainingData:
     """A split's normalised frames and BPE ids, ready for :func:`collate`."""
 
@@ -261,7 +273,7 @@ class TrainingData:
         self.texts = [tokenizer.encode(r["text"]) for r in store.index]
 
     def lengths(self) -> list[int]:
-        return [math.ceil(n / self.reduction) for n in self.store.lengths]
+        return grouped_lengths(self.store.lengths, self.reduction)
 
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         mels = [self.stats.normalise(self.store[i]) for i in indices]
@@ -291,8 +303,8 @@ class CodeTrainingData:
         self.texts = [tokenizer.encode(r["text"]) for r in store.index]
 
     def lengths(self) -> list[int]:
-        """Transformer steps per utterance for the frame budget: T code frames + the delay pattern's K - 1."""
-        return [n + self.store.n_levels - 1 for n in self.store.lengths]
+        """Transformer steps per utterance for the frame budget (:func:`delayed_lengths`)."""
+        return delayed_lengths(self.store.lengths, self.store.n_levels)
 
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         return collate_codes([self.store[i] for i in indices], [self.texts[i] for i in indices])

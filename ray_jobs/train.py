@@ -719,18 +719,15 @@ def check_frame_budget(config: dict) -> None:
     Raises:
         ConfigError: the sampler's own message, with the split and its longest utterance.
     """
-    import math
-
     from meld.config import ConfigError
-    from meld.store import CodeStore, FeatureStore, FrameBudgetSampler
+    from meld.store import CodeStore, FeatureStore, FrameBudgetSampler, delayed_lengths, grouped_lengths
 
     tc = config["train"]
-    if config.get("data_kind") == "codes":  # as CodeTrainingData.lengths: the delay pattern adds K - 1 steps
+    if config.get("data_kind") == "codes":
         n_levels = config["model_kwargs"]["n_levels"]
-        lengths = [n + n_levels - 1 for n in CodeStore(config["train_store"], n_levels).lengths]
-    else:  # as TrainingData.lengths: frames grouped by the reduction factor
-        r = config["reduction_factor"]
-        lengths = [math.ceil(n / r) for n in FeatureStore(config["train_store"]).lengths]
+        lengths = delayed_lengths(CodeStore(config["train_store"], n_levels).lengths, n_levels)
+    else:
+        lengths = grouped_lengths(FeatureStore(config["train_store"]).lengths, config["reduction_factor"])
     try:
         FrameBudgetSampler(lengths, tc["frames_per_batch"], 0, tc["num_workers"], tc["seed"])
     except ValueError as err:
