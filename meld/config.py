@@ -726,6 +726,19 @@ class TuneConfig(Section):
             _REDUCTION_FACTOR(f"tune.reduction_factors[{i}]", r)
         _check_unique("tune.reduction_factors", self.reduction_factors)
         _apply_rules("tune", _values(self), _TUNE_RULES)
+        if self.gpus_per_worker > 1 and self.gpus_per_worker != int(self.gpus_per_worker):
+            raise ConfigError(
+                f"tune.gpus_per_worker above 1 must be a whole number (Ray shares only a fraction of one GPU), "
+                f"got {self.gpus_per_worker}"
+            )
+        if self.num_workers_per_trial > 1 and 0 < self.gpus_per_worker < 1:
+            # Ray would be free to pack two DDP ranks of a trial onto one GPU, and NCCL refuses that
+            # ("Duplicate GPU detected") only once the trial has started
+            raise ConfigError(
+                f"tune.gpus_per_worker={self.gpus_per_worker} with tune.num_workers_per_trial="
+                f"{self.num_workers_per_trial}: each DDP worker of a trial needs a GPU of its own (NCCL refuses "
+                "two ranks on one GPU); use a whole GPU per worker, or one worker per trial to share GPUs"
+            )
         if self.max_steps < self.eval_every:
             raise ConfigError(f"tune.eval_every must be <= tune.max_steps ({self.max_steps}), got {self.eval_every}")
         if self.metric not in OBJECTIVES:

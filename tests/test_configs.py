@@ -179,6 +179,9 @@ BAD_VALUES = [
     ("tune", {"cpus_per_worker": 0}, "tune.cpus_per_worker"),
     ("tune", {"gpus_per_worker": -1.0}, "tune.gpus_per_worker"),
     ("tune", {"gpus_per_worker": NAN}, "tune.gpus_per_worker"),
+    ("tune", {"gpus_per_worker": 1.5}, "tune.gpus_per_worker"),  # Ray takes fractions of one GPU only
+    # two DDP ranks of a trial may land on one GPU, which NCCL refuses once the trial runs
+    ("tune", {"num_workers_per_trial": 2, "gpus_per_worker": 0.5}, "tune.gpus_per_worker"),
     ("tune", {"max_concurrent_trials": -1}, "tune.max_concurrent_trials"),
     ("tune", {"max_failures": -2}, "tune.max_failures"),
     ("tune", {"grace_period": 0}, "tune.grace_period"),
@@ -215,7 +218,8 @@ ACCEPTED_EDGES = [
     ("evaluate", {"prompt_seconds": 0.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0, "audio_samples": 0,
                   "splits": [], "stt_splits": ["dev_other", "test_other"], "min_seconds": 4.0, "max_seconds": 4.0}),
     ("evaluate", {"top_k": -1}),  # sampling keeps every token for any k <= 0
-    ("tune", {"max_concurrent_trials": 0, "max_failures": -1, "gpus_per_worker": 0.5}),
+    ("tune", {"max_concurrent_trials": 0, "max_failures": -1, "gpus_per_worker": 0.5}),  # trials share GPUs
+    ("tune", {"num_workers_per_trial": 2, "gpus_per_worker": 2.0}),
     ("tune", {"scheduler": "fifo", "grace_period": 0, "asha_reduction": 1}),  # ASHA's knobs, unused by FIFO
     ("codec_lm", {"args": {"n_levels": 4}, "model": {"d_model": 64}, "train": {"task": "tts", "max_steps": 3}}),
 ]

@@ -254,7 +254,7 @@ def test_no_concurrency_limit_runs_as_many_trials_as_the_cluster_holds():
         return TuneConfig.from_dict({**TINY_PARAMS["tune"], "max_concurrent_trials": 0, **kw}, "tune")
 
     for tc, cluster in [(tune(), {"CPU": 2.0}), (tune(), {"CPU": 16.0}), (tune(num_workers_per_trial=2), {"CPU": 7.0}),
-                        (tune(num_workers_per_trial=2, gpus_per_worker=0.5), {"CPU": 64.0, "GPU": 4.0}),
+                        (tune(num_workers_per_trial=2, gpus_per_worker=1.0), {"CPU": 64.0, "GPU": 5.0}),
                         (tune(gpus_per_worker=0.3), {"CPU": 64.0, "GPU": 1.5})]:
         n, need = trial_concurrency(tc, cluster), trial_resources(tc)
         assert need["CPU"] == tc.num_workers_per_trial * tc.cpus_per_worker + 1  # the workers and the driver

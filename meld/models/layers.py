@@ -211,18 +211,19 @@ def spec_augment(
     """
     out = mel.clone()
     B, T, C = mel.shape
+    draw = _draw_device(generator)
     for b in range(B):
         n = int(lengths[b])
         for _ in range(freq_masks):
-            w = int(torch.randint(0, freq_width + 1, (1,), generator=generator))
+            w = int(torch.randint(0, freq_width + 1, (1,), generator=generator, device=draw))
             if w:
-                f0 = int(torch.randint(0, max(1, C - w + 1), (1,), generator=generator))
+                f0 = int(torch.randint(0, max(1, C - w + 1), (1,), generator=generator, device=draw))
                 out[b, :n, f0 : f0 + w] = 0.0
         cap = min(time_width, int(max_time_fraction * n))
         for _ in range(time_masks):
-            w = int(torch.randint(0, cap + 1, (1,), generator=generator)) if cap > 0 else 0
+            w = int(torch.randint(0, cap + 1, (1,), generator=generator, device=draw)) if cap > 0 else 0
             if w:
-                t0 = int(torch.randint(0, max(1, n - w + 1), (1,), generator=generator))
+                t0 = int(torch.randint(0, max(1, n - w + 1), (1,), generator=generator, device=draw))
                 out[b, t0 : t0 + w] = 0.0
     return out
 
@@ -259,7 +260,7 @@ def voice_perturb(
     B, T, C = mel.shape
 
     def uniform(half_width: float) -> float:
-        return float((torch.rand((), generator=generator) * 2 - 1) * half_width)
+        return float((torch.rand((), generator=generator, device=_draw_device(generator)) * 2 - 1) * half_width)
 
     channels = torch.arange(C, dtype=mel.dtype, device=mel.device)
     rows, new_lengths = [], []
@@ -279,6 +280,12 @@ def voice_perturb(
     for b, x in enumerate(rows):
         out[b, : x.shape[0]] = x
     return out, torch.tensor(new_lengths, dtype=lengths.dtype, device=lengths.device)
+
+
+def _draw_device(generator: torch.Generator | None) -> torch.device | None:
+    """Where random numbers from ``generator`` must be drawn: a generator only draws on its own device
+    (a model's CUDA generator, which q(z|x) samples with, refuses a CPU draw); None: the default."""
+    return generator.device if generator is not None else None
 
 
 def check_voice_perturb(max_warp: float, max_speed: float, max_tilt: float) -> None:

@@ -48,7 +48,10 @@ def slowness_penalty(frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
     1 for a static output, towards 0 as consecutive frames differ; in [0, 1] whatever the scale.
     frames: (B, T, D), mask: (B, T) valid frames. A step counts when both of its frames are valid.
+    Computed in float32 whatever the frames' dtype, as every other loss (under bf16 autocast the
+    postnet's output is bf16, and a bf16 count of valid steps above 256 would round).
     """
+    frames = frames.float()
     if frames.shape[1] < 2:
         return frames.new_zeros(())
     step = (frames[:, 1:] - frames[:, :-1]).pow(2).mean(-1)  # (B, T-1)
