@@ -81,7 +81,8 @@ class _ArrayStore:
             raise FileNotFoundError(f"{self.folder}: not a {self.kind} (no index.jsonl; did the {self.stage} stage run?)")
         with open(index_path, encoding="utf-8") as f:
             self.index = [json.loads(line) for line in f if line.strip()]
-        total = sum(r["frames"] for r in self.index)
+        self._lengths = [int(r["frames"]) for r in self.index]
+        total = sum(self._lengths)
         data_path = self.folder / self.data_file
         expected = total * width * np.dtype(self.dtype).itemsize
         if total and (not data_path.is_file() or data_path.stat().st_size != expected):
@@ -103,7 +104,9 @@ class _ArrayStore:
 
     @property
     def lengths(self) -> list[int]:
-        return [r["frames"] for r in self.index]
+        """Rows per utterance, built once (callers index it per utterance: a list built on every access made
+        that O(n^2) in the split's utterances). Shared: do not modify it."""
+        return self._lengths
 
     def all_frames(self) -> np.ndarray:
         return self._frames
@@ -221,6 +224,27 @@ def pad_texts(texts: list[list[int]]) -> dict[str, torch.Tensor]:
     return {"text": text, "text_len": torch.tensor([len(t) for t in texts], dtype=torch.long)}
 
 
+def check_manifest_durations(stage: str, split: str, rows: list[dict], min_seconds: float, max_seconds: float,
+                             limit: float) -> None:
+    """Stop a data stage before its pass over the audio when the manifest's durations alone (the corpus stage
+    reads them from each file's header) put more of a split outside ``[min_seconds, max_seconds]`` than
+    ``limit`` allows: :func:`enforce_rejected_fraction` would stop it anyway, but only after decoding every
+    file (hours, on LibriSpeech 960 h). Rows without a duration are left to the pass."""
+    outside = [r for r in rows if isinstance(r.get("duration"), (int, float))
+               and not min_seconds <= r["duration"] <= max_seconds]
+    frac = len(outside) / max(1, len(rows))
+    if frac > limit:
+        longest = max(outside, key=lambda r: r["duration"])
+        shortest = min(outside, key=lambda r: r["duration"])
+        raise SystemExit(
+            f"{stage}: split '{split}' has {len(outside)}/{len(rows)} utterances ({frac:.1%}) outside "
+            f"features.min_seconds..features.max_seconds = {min_seconds:g}..{max_seconds:g} s by its manifest's "
+            f"durations (from {shortest['duration']:g} s, {shortest.get('id')}, to {longest['duration']:g} s, "
+            f"{longest.get('id')}), more than features.max_rejected_fraction={limit:.1%} allows; nothing was "
+            "processed: widen the range or raise the fraction"
+        )
+
+
 def enforce_rejected_fraction(stage: str, split: str, rejected: list[dict], total: int, limit: float,
                               listing: Path) -> float:
     """The fraction of a split's rows a data stage rejected; stops the stage, naming the first few, above ``limit``
@@ -271,9 +295,11 @@ class TrainingData:
     def __init__(self, store: FeatureStore, stats: NormStats, tokenizer, reduction: int):
         self.store, self.stats, self.reduction = store, stats, reduction
         self.texts = [tokenizer.encode(r["text"]) for r in store.index]
+        self._lengths = grouped_lengths(store.lengths, reduction)
 
     def lengths(self) -> list[int]:
-        return grouped_lengths(self.store.lengths, self.reduction)
+        """Transformer steps per utterance (built once: callers index it per utterance; do not modify it)."""
+        return self._lengths
 
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         mels = [self.stats.normalise(self.store[i]) for i in indices]
@@ -301,10 +327,12 @@ class CodeTrainingData:
     def __init__(self, store: CodeStore, tokenizer):
         self.store = store
         self.texts = [tokenizer.encode(r["text"]) for r in store.index]
+        self._lengths = delayed_lengths(store.lengths, store.n_levels)
 
     def lengths(self) -> list[int]:
-        """Transformer steps per utterance for the frame budget (:func:`delayed_lengths`)."""
-        return delayed_lengths(self.store.lengths, self.store.n_levels)
+        """Transformer steps per utterance for the frame budget (:func:`delayed_lengths`; built once, do not
+        modify it)."""
+        return self._lengths
 
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         return collate_codes([self.store[i] for i in indices], [self.texts[i] for i in indices])

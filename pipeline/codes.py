@@ -26,7 +26,7 @@ from meld.corpus import load_utterance, read_manifest
 from meld.models.codec_lm import codec_lm_kwargs
 from meld.progress import progress
 from meld.staging import staged_folder
-from meld.store import enforce_rejected_fraction, write_code_store
+from meld.store import check_manifest_durations, enforce_rejected_fraction, write_code_store
 
 _WORKER_CODEC = None  # each encoding process's own codec (not picklable cheaply, not thread-safe)
 
@@ -121,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
               "evaluation will report the codec's weights as unavailable")
     summaries = {}
     manifests = {split: read_manifest(corpus / split / "manifest.jsonl") for split in splits}
+    for split, rows in manifests.items():  # before any audio is encoded (about real time for the full DAC)
+        check_manifest_durations("codes", split, rows, features.min_seconds, features.max_seconds,
+                                 features.max_rejected_fraction)
     workers = min(cfg.encode_workers, max(len(rows) for rows in manifests.values()))
     # one pool for every split: a spawned worker's start (torch import, codec build) costs seconds
     with staged_folder(out, holds=CODEC_FILE, inputs=[corpus]) as work, (

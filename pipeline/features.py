@@ -22,7 +22,7 @@ from meld.corpus import load_utterance, read_manifest
 from meld.features import FRAME_RATE, RunningStats, log_mel
 from meld.progress import progress
 from meld.staging import staged_folder
-from meld.store import enforce_rejected_fraction, write_store
+from meld.store import check_manifest_durations, enforce_rejected_fraction, write_store
 
 
 def extract_one(job: tuple[dict, float, float]) -> tuple[dict, np.ndarray | None, str | None]:
@@ -38,12 +38,21 @@ def extract_one(job: tuple[dict, float, float]) -> tuple[dict, np.ndarray | None
     return meta, mel, None
 
 
+def one_thread() -> None:
+    """A worker process's initializer: processes are the parallelism, one per core, so each computes its
+    FFTs in one thread (torch's default, a thread per core in every process, oversubscribes the cores
+    num_workers times over)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def process_split(rows: list[dict], out: Path, cfg: FeaturesConfig, split: str, stats: RunningStats | None) -> dict:
     rejected: list[dict] = []
     jobs = [(r, cfg.min_seconds, cfg.max_seconds) for r in rows]
 
     def items():
-        with get_context("spawn").Pool(cfg.num_workers) if cfg.num_workers > 1 else _Serial() as pool:
+        with get_context("spawn").Pool(cfg.num_workers, initializer=one_thread) if cfg.num_workers > 1 else _Serial() as pool:
             for meta, mel, reason in progress(pool.imap(extract_one, jobs, chunksize=8), total=len(jobs),
                                           desc=f"features {split}", unit="utt"):
                 if reason:
@@ -88,13 +97,15 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"features: {corpus} has no train/manifest.jsonl, which the normalisation statistics "
                          f"come from; {found}: give the corpus a train split (corpus.utterances_per_voice.train, "
                          "or a train-* LibriSpeech subset)")
+    manifests = {split: read_manifest(corpus / split / "manifest.jsonl") for split in splits}
+    for split, rows in manifests.items():  # before any audio is decoded: the train split alone can take hours
+        check_manifest_durations("features", split, rows, cfg.min_seconds, cfg.max_seconds, cfg.max_rejected_fraction)
     summaries = {}
     stats = RunningStats()
     # every split and the statistics of one run, or the old output untouched
     with staged_folder(out, holds="stats.json", inputs=[corpus]) as work:
         for split in ["train"] + [s for s in splits if s != "train"]:
-            summaries[split] = process_split(read_manifest(corpus / split / "manifest.jsonl"), work, cfg, split,
-                                             stats if split == "train" else None)
+            summaries[split] = process_split(manifests[split], work, cfg, split, stats if split == "train" else None)
             s = summaries[split]
             print(f"{split}: kept {s['kept']}, rejected {s['rejected']}, {s['hours'] * 60:.1f} min of audio")
         norm = stats.finalise()

@@ -438,3 +438,46 @@ def test_writing_audio_through_a_symlink_replaces_what_it_points_to(tmp_path):
     write_audio(link, np.full(3200, 0.5, np.float32))
     assert link.is_symlink() and load_audio(real).shape == (3200,)
     assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["a.wav"]  # no temporary file left
+
+
+def test_feature_worker_processes_compute_in_one_thread_each():
+    """The stage's processes are its parallelism (features.num_workers, one per core): each must run its FFTs in
+    one thread, where torch would start a thread per core in every process."""
+    from multiprocessing import get_context
+
+    import torch
+
+    from pipeline.features import one_thread
+
+    with get_context("spawn").Pool(2, initializer=one_thread) as pool:
+        assert [pool.apply(torch.get_num_threads) for _ in range(2)] == [1, 1]
+
+
+def test_durations_the_manifest_already_rules_out_stop_the_stage_before_any_audio_is_read(tmp_path):
+    """On LibriSpeech the features pass takes hours; when the manifest's durations (read from each file's header
+    by the corpus stage) already put more of a split outside min..max seconds than max_rejected_fraction
+    allows, the stage stops at once, naming the range and the extremes, and writes nothing. Rows within the
+    limit are left to the pass, which lists them as rejected."""
+    from pipeline import features
+
+    corpus, out = tmp_path / "corpus", tmp_path / "features"
+    _corpus_split(corpus, "train", 4)
+    manifest = corpus / "train" / "manifest.jsonl"
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    rows[1]["duration"], rows[2]["duration"] = 31.5, 24.0  # as the manifest says; the files are never opened
+    for r in rows[1:3]:
+        (corpus / "train" / r["audio"]).unlink()
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    params = tmp_path / "params.yaml"
+    params.write_text("features: {num_workers: 1, max_seconds: 20.0, max_rejected_fraction: 0.25}\n")
+    argv = ["--params", str(params), "--corpus", str(corpus), "--out", str(out)]
+    with pytest.raises(SystemExit, match=r"features: split 'train' has 2/4 utterances \(50.0%\) outside "
+                                         r"features.min_seconds..features.max_seconds = .*\.\.20 s .* to 31.5 s, "
+                                         r"train-1\), more than features.max_rejected_fraction=25.0%"):
+        features.main(argv)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus", "params.yaml"]  # nothing started
+
+    params.write_text("features: {num_workers: 1, max_seconds: 20.0, max_rejected_fraction: 0.5}\n")
+    assert features.main(argv) == 0  # within the limit: the pass runs and lists them
+    rejected = [json.loads(line)["id"] for line in (out / "train" / "rejected.jsonl").read_text().splitlines()]
+    assert rejected == ["train-1", "train-2"]
