@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 DEFAULT_DB = "mlflow.db"
@@ -10,12 +11,56 @@ DEFAULT_ARTIFACTS = "mlartifacts"
 
 
 def tracking_uri(project_root: str | Path | None = None) -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else an embedded SQLite store in the project root."""
+    """``MLFLOW_TRACKING_URI`` if set, else an embedded SQLite store in the project root.
+
+    A local store given by a relative path (``sqlite:///mlflow.db``, ``file:./mlruns``, ``mlruns``) is
+    made absolute against this process's working directory: the URI is handed to Ray workers and Tune
+    trials, whose working directories are others (a trial's folder, the job's unpacked working dir on
+    each node), and MLflow would resolve it there: every process its own store, runs scattered.
+    """
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
-        return uri
+        return absolute_uri(uri)
     root = Path(project_root or os.getcwd()).resolve()
     return f"sqlite:///{root / DEFAULT_DB}"
+
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+def local_store_path(uri: str) -> Path | None:
+    """The file or folder of a local MLflow store (``sqlite:///...``, ``file:...`` or a plain path),
+    as written (maybe relative); None for a server or any other kind of store."""
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):].split("?", 1)[0]
+        return Path(path) if path and path != ":memory:" else None
+    if uri.startswith("file:"):
+        rest = uri[len("file:"):]
+        return Path("/" + rest.lstrip("/")) if rest.startswith("//") else Path(rest)
+    if _SCHEME.match(uri) or uri in ("databricks", "databricks-uc", "uc"):  # a server, Databricks, ...
+        return None
+    return Path(uri)
+
+
+def local_store_folder(uri: str) -> Path | None:
+    """The folder every process logging to a local MLflow store writes in (an SQLite file's folder, a file
+    store itself); None for a server or any other kind of store."""
+    path = local_store_path(uri)
+    if path is None:
+        return None
+    return path.parent if uri.startswith("sqlite:") else path
+
+
+def absolute_uri(uri: str) -> str:
+    """``uri`` with a relative local store path made absolute (against the current directory)."""
+    path = local_store_path(uri)
+    if path is None or path.is_absolute():
+        return uri
+    path = path.resolve()
+    if uri.startswith("sqlite:///"):
+        query = uri.partition("?")[2]
+        return f"sqlite:///{path}" + (f"?{query}" if query else "")
+    return path.as_uri()
 
 
 def setup(experiment: str, project_root: str | Path | None = None):

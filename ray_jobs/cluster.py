@@ -6,6 +6,7 @@ Shared by every Ray driver of the toolkit (training, the sweep, the evaluation's
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 
 def init_ray(num_cpus: int | None = None) -> None:
@@ -38,3 +39,131 @@ def init_ray(num_cpus: int | None = None) -> None:
                 os.environ.pop("RAY_API_SERVER_ADDRESS")
             else:
                 os.environ["RAY_API_SERVER_ADDRESS"] = before
+
+
+class NodeLocalStorage(ValueError):
+    """A path the run writes (or every node reads) is not where the cluster's other processes can reach it."""
+
+
+SHARED_MARKER = ".meld-shared-storage-check"
+
+
+def ray_temp_root() -> Path | None:
+    """This node's Ray temp folder (``/tmp/ray`` unless ``--temp-dir``): session logs, and the unpacked
+    working dir of a ``ray job submit --working-dir`` job, where the job's relative paths land. None
+    before Ray is initialised."""
+    import ray
+
+    try:
+        return Path(ray._private.worker._global_node.get_session_dir_path()).resolve().parent
+    except Exception:  # an API of Ray's own: a check that cannot tell, tells nothing
+        return None
+
+
+def _in_a_session(path: Path, temp: Path) -> bool:
+    """Whether ``path`` lies in one of Ray's session folders under ``temp`` (``session_<date>`` or the
+    ``session_latest`` link): its logs and a job's unpacked working dir, all deleted by Ray later. Other
+    paths under ``temp`` are left alone (a cluster may have been started with ``--temp-dir /tmp``)."""
+    try:
+        parts = path.relative_to(temp).parts
+    except ValueError:
+        return False
+    return bool(parts) and parts[0].startswith("session_")
+
+
+def alive_nodes() -> list[str]:
+    """Ids of the cluster's live nodes."""
+    import ray
+
+    return [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+
+
+def _look(items: list[tuple[str, str, str | None, int | None]]) -> list[str]:
+    """On one node: the paths of ``items`` ((label, path, marker token or None, size or None)) that this
+    node does not see as the driver wrote them (a marker with the token, or a file of the size)."""
+    missing = []
+    for label, path, token, size in items:
+        p = Path(path)
+        try:
+            if token is not None:
+                ok = (p / SHARED_MARKER).read_text() == token
+            else:
+                ok = p.exists() and (size is None or p.stat().st_size == size)
+        except OSError:
+            ok = False
+        if not ok:
+            missing.append(f"{label} {path}")
+    return missing
+
+
+def unseen_by_nodes(items: list[tuple[str, str, str | None, int | None]], node_ids: list[str],
+                    timeout_s: float = 300.0) -> dict[str, list[str]]:
+    """Runs :func:`_look` on each of ``node_ids`` (a zero-CPU task pinned to the node); returns
+    {node id: paths it does not see} for the nodes that miss any."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    look = ray.remote(num_cpus=0, max_retries=0)(_look)
+    refs = {node: look.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(items)
+            for node in node_ids}
+    found = dict(zip(refs, ray.get(list(refs.values()), timeout=timeout_s)))
+    return {node: miss for node, miss in found.items() if miss}
+
+
+def check_shared_storage(written: dict[str, Path], read: dict[str, Path] | None = None,
+                         driver_only: dict[str, Path] | None = None) -> None:
+    """Refuse, before any work starts, storage a multi-node run cannot use (call it after :func:`init_ray`).
+
+    Args:
+        written: {label: folder} that processes on any node write and others read (checkpoints, Ray's
+            run storage, a local MLflow store's folder): on several nodes, every node must see the same
+            folder; it is probed from each with a marker file (removed again).
+        read: {label: file} every node reads (the feature store's index, the BPE model): each node must
+            see it with the driver's size.
+        driver_only: {label: path} only this process writes (reports).
+
+    Any of these inside Ray's own temp folder (a relative path under ``ray job submit --working-dir``
+    lands in the job's unpacked copy of the code, on the head node only, which Ray deletes later) is
+    refused whatever the number of nodes.
+
+    Raises:
+        NodeLocalStorage: naming each path and the nodes that do not see it.
+    """
+    import secrets
+
+    written, read, driver_only = dict(written), dict(read or {}), dict(driver_only or {})
+    temp = ray_temp_root()
+    if temp is not None:
+        inside = [f"{label} {p}" for label, p in {**written, **read, **driver_only}.items()
+                  if _in_a_session(Path(p).absolute(), temp) or _in_a_session(Path(p).resolve(), temp)]
+        if inside:
+            raise NodeLocalStorage(
+                f"{'; '.join(inside)}: inside a session folder of Ray's temp folder {temp} (a relative path under `ray job submit "
+                "--working-dir` resolves into the job's unpacked copy of the code, on one node, deleted by Ray "
+                "later): give absolute paths on storage every node mounts (docs/scaling.md: the MELD_* variables)")
+    nodes = alive_nodes()
+    if len(nodes) < 2:
+        return
+    token = secrets.token_hex(16)
+    items: list[tuple[str, str, str | None, int | None]] = []
+    markers = []
+    try:
+        for label, folder in written.items():
+            folder = Path(folder).resolve()
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / SHARED_MARKER).write_text(token)
+            markers.append(folder / SHARED_MARKER)
+            items.append((label, str(folder), token, None))
+        for label, path in read.items():
+            path = Path(path).resolve()
+            items.append((label, str(path), None, path.stat().st_size if path.is_file() else None))
+        unseen = unseen_by_nodes(items, nodes)
+    finally:
+        for marker in markers:
+            marker.unlink(missing_ok=True)
+    if unseen:
+        lines = "; ".join(f"node {node[:12]} does not see {', '.join(miss)}" for node, miss in unseen.items())
+        raise NodeLocalStorage(
+            f"the cluster has {len(nodes)} nodes, and {lines}: on several nodes these must lie on storage every node "
+            "mounts at the same path (NFS, Lustre, ...; Ray's run storage may be s3://...), not on one node's disk "
+            "(docs/scaling.md, section 2)")

@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ray_jobs.cluster import init_ray
+from ray_jobs.cluster import check_shared_storage, init_ray
 
 # The training loop reports through this logger, not print(): in a Ray Train worker, Ray 2.60's
 # print patch both tees a print to the (wrapped) stdout and logs it to the console handler, so every
@@ -635,6 +635,7 @@ def build_config(
     """
     import numpy as np
 
+    from meld import tracking
     from meld.config import CodecLMConfig, ModelConfig, TrainConfig
     from meld.models.builders import NEEDS_CODEBOOK, system_kwargs
     from meld.text import BPETokenizer
@@ -693,7 +694,8 @@ def build_config(
         "experiment": params.get("mlflow", {}).get("experiment", "meld"),
         "run_name": f"train-{system}",
         "project_root": str(Path(project_root).resolve()),
-        "mlflow_tracking_uri": os.environ.get("MLFLOW_TRACKING_URI"),  # None: the project's embedded store
+        # absolute: a worker on another node, or in another folder, must log to the driver's store
+        "mlflow_tracking_uri": tracking.tracking_uri(project_root),
         "threads_per_worker": threads_per_worker or max(1, (os.cpu_count() or 2) // train_cfg.num_workers),
     }
     check_frame_budget(config)
@@ -903,6 +905,9 @@ def main(argv: list[str] | None = None) -> int:
     tc = config["train"]
     init_ray(num_cpus=max(tc["num_workers"], os.cpu_count() or 1) if not tc["use_gpu"] else None)
     storage = args.ray_storage if "://" in args.ray_storage else str(Path(args.ray_storage).resolve())
+    # on several nodes, checkpoints and inputs must be where every node sees them: refused now, not at the
+    # first checkpoint a worker on another node saves (Ray checks its storage only then)
+    check_shared_storage(**training_storage(config, storage))
     result = run_training(config, num_workers=tc["num_workers"], use_gpu=tc["use_gpu"], storage_path=storage,
                           max_failures=args.max_failures)
     if result.error:
@@ -911,6 +916,25 @@ def main(argv: list[str] | None = None) -> int:
     log_model_artifact(config, path)
     print(f"wrote {path}")
     return 0
+
+
+def training_storage(config: dict, ray_storage: str) -> dict:
+    """What :func:`ray_jobs.cluster.check_shared_storage` checks for a training run: the checkpoint folder
+    (written by rank 0 on any node, read by the driver's export and by a resumed run), Ray's run storage
+    when it is a path, a local MLflow store, and the inputs every worker reads."""
+    from meld.tracking import local_store_folder
+
+    written = {"--out (checkpoints)": Path(config["checkpoint_dir"])}
+    if "://" not in ray_storage:
+        written["--ray-storage"] = Path(ray_storage)
+    store = local_store_folder(config["mlflow_tracking_uri"])
+    if store is not None:
+        written["the MLflow store (MLFLOW_TRACKING_URI)"] = store
+    store_flag = "--codes" if config["system"] == "codec_lm" else "--features"
+    read = {store_flag: Path(config["train_store"]) / "index.jsonl", "--bpe": Path(config["bpe_model"])}
+    if config.get("codebook"):
+        read["--codebook"] = Path(config["codebook"])
+    return {"written": written, "read": read}
 
 
 def log_model_artifact(config: dict, path: Path) -> None:

@@ -371,6 +371,21 @@ def plot_trials(trials: list[dict], metric: str, path: Path):
     return fig
 
 
+def sweep_storage(work_dir: Path, *, features: str, bpe: str, codebook: str, out: Path, plot: Path,
+                  tracking_uri: str) -> dict:
+    """What :func:`ray_jobs.cluster.check_shared_storage` checks for a sweep: the work directory (every trial's
+    checkpoints, written by its rank 0 on any node and read by the sweep's driver; Ray's run storage), a local
+    MLflow store (each trial's rank 0 logs to it), the inputs every worker reads, and the reports."""
+    from meld.tracking import local_store_folder
+
+    written = {"--work-dir": work_dir}
+    store = local_store_folder(tracking_uri)
+    if store is not None:
+        written["the MLflow store (MLFLOW_TRACKING_URI)"] = store
+    read = {"--features": Path(features) / "train" / "index.jsonl", "--bpe": Path(bpe), "--codebook": Path(codebook)}
+    return {"written": written, "read": read, "driver_only": {"--out": out, "--plot": plot}}
+
+
 def run_sweep(
     params: dict,
     *,
@@ -391,7 +406,7 @@ def run_sweep(
     from ray.tune.schedulers import FIFOScheduler
 
     from meld import tracking
-    from ray_jobs.cluster import init_ray
+    from ray_jobs.cluster import check_shared_storage, init_ray
 
     tc = TuneConfig.from_dict(params.get("tune"), "tune")
     if tc.system not in (params.get("systems") or [tc.system]):
@@ -412,6 +427,10 @@ def run_sweep(
         if tc.gpus_per_worker
         else max(os.cpu_count() or 1, max(1, tc.max_concurrent_trials) * trial_resources(tc)["CPU"])
     )
+    # on several nodes, the trials' checkpoints, Ray's run storage and the inputs must be where every node
+    # sees them; refused now, not at a trial's first checkpoint hours in (Ray checks its storage only then)
+    check_shared_storage(**sweep_storage(work_dir, features=features, bpe=bpe, codebook=codebook, out=out, plot=plot,
+                                         tracking_uri=mlflow.get_tracking_uri()))
     cluster = ray.cluster_resources()
     concurrent = trial_concurrency(tc, cluster)
     if not tc.max_concurrent_trials:

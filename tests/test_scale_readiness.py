@@ -1,0 +1,175 @@
+"""What breaks only at LibriSpeech scale or on a multi-node Ray cluster, checked on tiny inputs.
+
+- A relative MLflow store (``MLFLOW_TRACKING_URI=sqlite:///mlflow.db``) is made absolute by the process that
+  reads it, since the URI is handed to Ray workers and Tune trials whose working directories differ.
+- Storage a multi-node run cannot use is refused before the work starts: paths inside Ray's temp folder (a
+  relative ``--work-dir`` under ``ray job submit --working-dir`` lands in the job's unpacked code on one node),
+  and on several nodes, folders and inputs some node does not see (probed from each node).
+- A store's per-utterance lengths are built once: indexing them per utterance (the train driver's dev
+  batching) was O(n^2) in the split's utterances.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from meld import tracking
+
+
+def test_a_relative_mlflow_store_is_made_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for given, want in [
+        ("sqlite:///mlflow.db", f"sqlite:///{tmp_path / 'mlflow.db'}"),
+        ("sqlite:///runs/m.db?timeout=30", f"sqlite:///{tmp_path / 'runs' / 'm.db'}?timeout=30"),
+        ("mlruns", (tmp_path / "mlruns").as_uri()),
+        ("file:./mlruns", (tmp_path / "mlruns").as_uri()),
+    ]:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", given)
+        assert tracking.tracking_uri() == want, given
+    for kept in ("sqlite:////abs/mlflow.db", "file:///abs/mlruns", "http://mlflow.internal:5000", "databricks"):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", kept)
+        assert tracking.tracking_uri() == kept
+    # what a worker in another directory gets from the driver still names the driver's store
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    uri = tracking.tracking_uri()
+    monkeypatch.chdir(tmp_path.parent)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert tracking.local_store_path("http://x:5000") is None
+    assert tracking.local_store_path(uri) == tmp_path / "mlflow.db"
+
+
+def test_per_utterance_lengths_are_built_once(tmp_path):
+    """The train driver's dev batching indexes ``data.lengths()[i]`` for every utterance (and sorts by it),
+    as the evaluate stage indexes ``store.lengths[i]``; each access rebuilt the list from the index, so that
+    was O(n^2) in a split's utterances (seconds at 6,000, hours at LibriSpeech's 100k). Every access now
+    returns the one list made at load, with the index's values."""
+    from meld.store import (
+        CodeStore,
+        CodeTrainingData,
+        FeatureStore,
+        TrainingData,
+        delayed_lengths,
+        grouped_lengths,
+        write_code_store,
+        write_store,
+    )
+    from meld.text import BPETokenizer, train_bpe
+
+    lengths = np.random.default_rng(0).integers(1, 9, 40).tolist()
+
+    def meta(i):
+        return {"id": f"u{i}", "speaker": "s", "text": "a b", "duration": 0.1}
+
+    write_store(tmp_path / "feats", ((meta(i), np.zeros((n, 80), np.float32)) for i, n in enumerate(lengths)), [])
+    write_code_store(tmp_path / "codes", ((meta(i), np.zeros((n, 4), np.int16)) for i, n in enumerate(lengths)), [])
+    tok = BPETokenizer(train_bpe(["a b c d e f g h", "a b"], tmp_path / "bpe", 12))
+    store, code_store = FeatureStore(tmp_path / "feats"), CodeStore(tmp_path / "codes", 4)
+    assert store.lengths == lengths and store.lengths is store.lengths
+    assert code_store.lengths == lengths and code_store.lengths is code_store.lengths
+    data = TrainingData(store, None, tok, 2)
+    assert data.lengths() == grouped_lengths(lengths, 2) and data.lengths() is data.lengths()
+    code_data = CodeTrainingData(code_store, tok)
+    assert code_data.lengths() == delayed_lengths(lengths, 4) and code_data.lengths() is code_data.lengths()
+
+
+@pytest.fixture(scope="module")
+def own_ray():
+    """The test session's local Ray cluster (tests/test_faults.py starts it once; Ray allows one per process)
+    and its temp folder."""
+    from test_faults import ensure_ray
+
+    from ray_jobs.cluster import ray_temp_root
+
+    ensure_ray()
+    return ray_temp_root()
+
+
+def test_paths_inside_rays_temp_folder_are_refused(own_ray, tmp_path):
+    """A relative --work-dir / --out under ``ray job submit --working-dir`` resolves into the job's unpacked
+    copy of the code: on the head node only, deleted by Ray later. Refused, naming the flag."""
+    from ray_jobs.cluster import NodeLocalStorage, check_shared_storage, ray_temp_root
+
+    temp = ray_temp_root()
+    assert temp == own_ray and (temp / "session_latest").exists()
+    job_copy = temp / "session_latest" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0"
+    with pytest.raises(NodeLocalStorage, match=r"--work-dir .*_ray_pkg_0/ray_results/tune: inside a session folder of Ray's temp folder"):
+        check_shared_storage({"--work-dir": job_copy / "ray_results" / "tune"})
+    with pytest.raises(NodeLocalStorage, match=r"--out .*reports/tune.json"):
+        check_shared_storage({"--work-dir": tmp_path}, driver_only={"--out": job_copy / "reports" / "tune.json"})
+    check_shared_storage({"--work-dir": tmp_path / "work"}, read={"--bpe": tmp_path}, driver_only={"--out": tmp_path})
+    # under the temp folder but in no session of Ray's (a cluster started with --temp-dir on a shared disk)
+    check_shared_storage({"--work-dir": temp / "meld-work"})
+    assert not (temp / "meld-work").exists()  # one node: nothing is probed, nothing written
+
+
+def test_each_node_is_probed_for_the_folders_and_files_it_must_see(own_ray, tmp_path):
+    """The probe runs on the node it names and reports what that node does not see as the driver wrote it."""
+    from ray_jobs.cluster import SHARED_MARKER, alive_nodes, unseen_by_nodes
+
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / SHARED_MARKER).write_text("token-1")
+    (tmp_path / "bpe.model").write_bytes(b"12345")
+    nodes = alive_nodes()
+    assert len(nodes) == 1
+    good = [("--work-dir", str(tmp_path / "work"), "token-1", None), ("--bpe", str(tmp_path / "bpe.model"), None, 5)]
+    assert unseen_by_nodes(good, nodes) == {}
+    bad = [("--work-dir", str(tmp_path / "work"), "token-2", None),  # another node's disk: another marker, or none
+           ("--bpe", str(tmp_path / "bpe.model"), None, 6),  # another copy of the file
+           ("--features", str(tmp_path / "nowhere"), None, None)]
+    assert unseen_by_nodes(bad, nodes) == {nodes[0]: [f"--work-dir {tmp_path / 'work'}",
+                                                      f"--bpe {tmp_path / 'bpe.model'}",
+                                                      f"--features {tmp_path / 'nowhere'}"]}
+
+
+def test_a_sweep_under_a_jobs_working_dir_copy_is_refused_before_any_trial(own_ray, tmp_path_factory, tmp_path,
+                                                                          monkeypatch):
+    """The sweep's default --work-dir (ray_results/tune) and --out (reports/tune.json) are relative: under
+    ``ray job submit --working-dir .`` they land in the job's copy of the code on the head node, where the
+    trials' rank 0 on other nodes cannot write their checkpoints and the report is lost."""
+    from test_faults import TINY_PARAMS, make_tiny_data
+
+    from ray_jobs.cluster import NodeLocalStorage, ray_temp_root
+    from ray_jobs.tune import run_sweep
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    data = make_tiny_data(tmp_path_factory)
+    job_copy = ray_temp_root() / "session_latest" / "runtime_resources" / "working_dir_files" / "_ray_pkg_1"
+    try:
+        with pytest.raises(NodeLocalStorage, match="--work-dir .*_ray_pkg_1/ray_results/tune"):
+            run_sweep(TINY_PARAMS, features=str(data / "features"), bpe=str(data / "bpe" / "bpe.model"),
+                      codebook=str(data / "codebook"), out=job_copy / "reports" / "tune.json",
+                      plot=job_copy / "reports" / "tune.png", work_dir=job_copy / "ray_results" / "tune",
+                      project_root=str(tmp_path))
+        assert not (job_copy / "ray_results" / "tune" / "trials").exists()
+    finally:
+        shutil.rmtree(job_copy, ignore_errors=True)
+
+
+def test_a_training_run_checks_its_checkpoints_store_and_inputs(tmp_path_factory, tmp_path, monkeypatch):
+    """The train driver hands its workers an absolute MLflow URI and checks, before Ray Train starts, the
+    folders workers on any node write (checkpoints, Ray's run storage unless a URI, a local MLflow store)
+    and the inputs every worker reads."""
+    from test_faults import make_tiny_data, tiny_config
+
+    from ray_jobs.train import training_storage
+
+    data = make_tiny_data(tmp_path_factory)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///runs/mlflow.db")
+    config = tiny_config(data, tmp_path / "model")
+    assert config["mlflow_tracking_uri"] == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    got = training_storage(config, "ray_results")
+    assert got["written"] == {"--out (checkpoints)": tmp_path / "model" / "checkpoints",
+                              "--ray-storage": Path("ray_results"),
+                              "the MLflow store (MLFLOW_TRACKING_URI)": tmp_path / "runs"}
+    assert got["read"] == {"--features": data.resolve() / "features" / "train" / "index.jsonl",
+                           "--bpe": (data / "bpe" / "bpe.model").resolve(),
+                           "--codebook": Path(config["codebook"])}
+    assert got["read"]["--codebook"].parent == (data / "codebook").resolve()
+    assert all(p.is_file() for p in got["read"].values())
+    assert "--ray-storage" not in training_storage(config, "s3://bucket/ray")["written"]
