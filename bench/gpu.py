@@ -7,13 +7,17 @@ costs the same for any frames and text of the same shapes.
 
 What it measures (``--device cuda``; ``--device cpu`` runs the same code, for the test suite):
 
-* the device: name, a matrix product's TFLOP/s in bf16 and in fp32 (8192³ on GPU) and a
-  device-to-device copy's bandwidth (bytes read + written per second), all measured here;
+* the device: name, a matrix product's TFLOP/s in bf16 and in fp32 (8192³ on GPU), a
+  device-to-device copy's bandwidth (bytes read + written per second) and a read's (a ``torch.sum``
+  of 1 GiB of float32 on GPU: bytes read per second), all measured here;
 * generation, 10 s of speech per utterance (313 grouped frames at r=2) after a 3 s prompt (94 grouped
   frames), batch 1 and 16, float32 weights: the default sliced decoding step and the compiled
   fixed-shape step (``configure_decoding(compile=True)``: CUDA graphs on GPU); seconds per batch,
   ms per step, RTF (seconds of compute per second of speech, whole batch), peak device memory, and
-  the weight-bandwidth floor of a batch-1 step (bytes of weights a step reads / half the copy rate);
+  the weight-bandwidth floor of a batch-1 step (bytes of weights a step reads / the measured read
+  rate, a large ``torch.sum``, as ``bench.generation`` takes it); for the compiled step, how many
+  graphs were compiled during the timed rounds (0 unless a generation recompiles) and how many times
+  inductor fell back from CUDA graphs (``cudagraph_skips``: such a row did not time CUDA graphs);
 * training, ``meld.training.train_step`` with bf16 autocast and the fused AdamW on GPU (the Ray
   driver's settings), on a synthetic batch filling a frame budget (utterances of 4–16 s, sorted and
   packed as the frame-budget sampler packs them). The paper config trains as ``configs/paper.yaml``
@@ -28,11 +32,14 @@ What it measures (``--device cuda``; ``--device cpu`` runs the same code, for th
   autocast on GPU; fp32 on CPU, where the step runs without autocast).
 
 Rows run most-wanted first (:func:`plan`: the paper config's batch-1 RTF, then its training MFU, ...)
-and the result file is rewritten after each, so a lease that ends early keeps what was measured;
-``--deadline-s`` starts no new row after that many seconds and lists the rest as not run.
+and the result file is rewritten after each (also into ``--copy-to DIR``: the device tool's $OUT,
+which comes back even when the command is killed), so a lease that ends early keeps what was measured;
+``--deadline-s`` starts no new row after that many seconds and lists the rest as not run. A row that
+fails (any exception: a compiler missing, an out-of-memory the training budget halving cannot cure)
+is kept as a row with its ``error`` and the run goes on to the next.
 
 Run (from the repository root; on a machine with only torch, numpy and PyYAML: ``PYTHONPATH=.``):
-    timeout 560 python -m bench.gpu --device cuda --deadline-s 420 --out gpu-h100   # ~3-6 min on an H100
+    timeout 560 python -m bench.gpu --device cuda --deadline-s 420 --out gpu-h100 --copy-to $OUT   # ~3-6 min on an H100
     python -m bench.gpu --device cpu --quick --out gpu-cpu-smoke
 """
 
@@ -40,7 +47,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -105,6 +114,13 @@ def device_rates(device, quick: bool) -> dict:
     y.copy_(x)
     _, s = timed(lambda: [y.copy_(x) for _ in range(reps)], device)
     rates["copy_gbs_read_plus_write"] = 2 * x.numel() * reps / s / 1e9
+    # what a decoding step does with its weights is read them: a copy's read + write rate is not that
+    # rate (on HBM a read alone runs at about the copy's read + write total, not at half of it)
+    # 1 GiB on a GPU (20x an H100's L2), 256 MiB on a CPU, 16 MiB in a smoke run
+    f = torch.ones(2**22 if quick else 2**28 if device.type == "cuda" else 2**26, dtype=torch.float32, device=device)
+    f.sum()
+    _, s = timed(lambda: [f.sum() for _ in range(reps)], device)
+    rates["read_gbs"] = f.numel() * f.element_size() * reps / s / 1e9
     return rates
 
 
@@ -143,6 +159,26 @@ def peak_mb(device, resident_before: int, own: int = 0) -> float | None:
     if device.type != "cuda":
         return None
     return (torch.cuda.max_memory_allocated(device) - resident_before + own) / 2**20
+
+
+def release(device) -> None:
+    """Free what earlier rows left unreachable before a row reads its baseline: an optimiser and its
+    LR scheduler hold each other (the scheduler wraps ``optimizer.step``), so a training row's
+    parameters, gradients and AdamW state outlive it until the cyclic collector runs, which it may do
+    in the middle of a later row (that row's peak, less a baseline that still held them, then reads
+    low) or not at all before an out-of-memory retry (which then has less room than it should)."""
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def inductor_counts() -> tuple[int, int]:
+    """(graphs dynamo has compiled, times inductor fell back from CUDA graphs) so far in this process."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"], counters["inductor"]["cudagraph_skips"]
 
 
 def tensor_bytes(model) -> int:
@@ -208,6 +244,7 @@ class GenerationBench:
     say whether it decoded what the sliced step did."""
 
     def __init__(self, device, frames: int, rounds: int, bandwidth_gbs: float):
+        """``bandwidth_gbs``: the device's measured read rate (bytes read per second / 1e9)."""
         self.device, self.frames, self.rounds, self.bandwidth_gbs = device, frames, rounds, bandwidth_gbs
         self.models: dict[tuple[str, str], object] = {}
         self.bases: dict[str, tuple] = {}
@@ -218,7 +255,7 @@ class GenerationBench:
 
         if config not in self.bases:
             base, kwargs = build(config, self.device, no_eos=True)
-            floor_ms = 1e3 * weight_bytes_per_step(base) / (self.bandwidth_gbs / 2 * 1e9)  # a copy counts read + write
+            floor_ms = 1e3 * weight_bytes_per_step(base) / (self.bandwidth_gbs * 1e9)  # bytes read / read rate
             self.bases[config] = (base, kwargs, floor_ms)
         if (config, mode) not in self.models:
             model = copy.deepcopy(self.bases[config][0])
@@ -227,8 +264,18 @@ class GenerationBench:
         return self.models[config, mode], self.bases[config][1], self.bases[config][2]
 
     def row(self, config: str, mode: str, b: int) -> dict:
+        """One row; any exception (building or configuring the model, the first call, a timed round)
+        becomes the row's ``error``: a lease is short, and one mode that fails must not take the rest."""
+        try:
+            return self._row(config, mode, b)
+        except Exception as err:
+            print(f"generation {config} {mode} b{b} failed: {type(err).__name__}: {err}", flush=True)
+            return {"config": config, "mode": mode, "batch": b, "error": f"{type(err).__name__}: {err}"[:2000]}
+
+    def _row(self, config: str, mode: str, b: int) -> dict:
         from bench import generation as G
 
+        release(self.device)
         model, kwargs, floor_ms = self._model(config, mode)
         x = generation_inputs(b, kwargs["n_text"], kwargs["frame_dim"], self.device)
         frames, device = self.frames, self.device
@@ -238,13 +285,12 @@ class GenerationBench:
 
         resident = allocated(device)  # every model built so far, this one included
         reset_peak(device)
-        try:
-            gen, first = timed(run, device)  # the compiled mode compiles here
-        except Exception as err:  # a lease is short: a mode that fails (a compiler missing) must not take the rest
-            print(f"generation {config} {mode} b{b} failed: {type(err).__name__}: {err}", flush=True)
-            return {"config": config, "mode": mode, "batch": b, "error": f"{type(err).__name__}: {err}"[:2000]}
+        graphs0, skips0 = inductor_counts()
+        gen, first = timed(run, device)  # the compiled mode compiles here
         self.codes[config, b, mode] = gen.codes
+        graphs1, _ = inductor_counts()
         best = min(timed(run, device)[1] for _ in range(self.rounds))
+        graphs2, skips2 = inductor_counts()
         speech = SPEECH_SECONDS * frames / FRAMES
         sliced = self.codes.get((config, b, "sliced"))
         print(f"generation {config} {mode} b{b}: first {first:.2f} s, best {best:.3f} s", flush=True)
@@ -254,6 +300,8 @@ class GenerationBench:
             "peak_mb": peak_mb(device, resident, own=tensor_bytes(model)), "floor_ms": floor_ms if b == 1 else None,
             "step_vs_floor": 1e3 * best / frames / floor_ms if b == 1 else None,
             "same_codes_as_sliced": None if sliced is None or mode == "sliced" else gen.codes == sliced,
+            # a timed round that compiled, or a step inductor ran without CUDA graphs, times something else
+            "compiles_in_timed_rounds": graphs2 - graphs1, "cudagraph_skips": skips2 - skips0,
         }
 
 
@@ -307,6 +355,7 @@ def training_row(config: str, device, budget: int, steps: int, warmup: int) -> d
     from meld.training import build_optimizer, build_scheduler, train_step
 
     tc = yaml.safe_load((ROOT / "params.yaml").read_text())["train"]
+    release(device)
     resident = allocated(device)  # the generation rows' models, still held: not this row's memory
     model, kwargs = build(config, device, no_eos=False, training=True)
     on_gpu = device.type == "cuda"
@@ -344,17 +393,24 @@ def training_row(config: str, device, budget: int, steps: int, warmup: int) -> d
 
 
 def training_task(config: str, device, budget: int, args, rates: dict, peak: float | None) -> dict:
-    """One training row, its budget halved until it fits the device, with its MFU filled in."""
+    """One training row, its budget halved until it fits the device, with its MFU filled in; any other
+    failure (or a budget too small to hold an utterance) becomes the row's ``error``, and the run goes on."""
     import torch
 
+    asked = budget
     while True:
         try:
             row = training_row(config, device, budget, args.steps, warmup=1 if args.quick else 3)
             break
         except torch.OutOfMemoryError:
-            torch.cuda.empty_cache()
             print(f"training {config}: budget {budget} ran out of device memory; halving it", flush=True)
             budget //= 2
+        except Exception as err:  # a lease is short: the rows after this one must still run
+            print(f"training {config} budget {budget} failed: {type(err).__name__}: {err}", flush=True)
+            return {"config": config, "budget": budget, "budget_asked": asked,
+                    "error": f"{type(err).__name__}: {err}"[:2000]}
+        release(device)  # outside the handler: the failed attempt's tensors are unreachable only now
+    row["budget_asked"] = asked
     if config == "paper":
         row["batch_of"] = {paper_frames_per_worker(): "one worker's share",
                            paper_frames_per_batch(): "the whole global batch"}.get(budget, "")
@@ -417,6 +473,9 @@ def main(argv=None) -> int:
                    help="start no new row after this many seconds (0: none); the rows left are listed as not run")
     p.add_argument("--quick", action="store_true", help="smoke run: 8 frames, batch 1 and 2, 1 round, small budgets")
     p.add_argument("--out", type=result_stem, default="gpu")
+    p.add_argument("--copy-to", type=Path, default=None,
+                   help="also copy the result file here after every row (the device tool's $OUT: what is "
+                   "there comes back even when the command is killed at its limit)")
     args = p.parse_args(argv)
     if args.quick:
         args.frames, args.batches, args.rounds, args.steps = 8, "1,2", 1, 1
@@ -446,10 +505,23 @@ def main(argv=None) -> int:
     peak = peak_tflops(device, args.peak_tflops)
     print(f"device {info.get('gpu', 'cpu')}: matmul {rates['matmul_bf16_tflops']:.2f} TFLOP/s bf16, "
           f"{rates['matmul_fp32_tflops']:.2f} fp32 (n={rates['matmul_n']}), "
-          f"copy {rates['copy_gbs_read_plus_write']:.0f} GB/s (read + write), peak for MFU {peak} TFLOP/s", flush=True)
-    result = {"device": str(device), "rates": rates, "peak_tflops": peak, "machine": info, "args": vars(args),
+          f"copy {rates['copy_gbs_read_plus_write']:.0f} GB/s (read + write), read {rates['read_gbs']:.0f} GB/s, "
+          f"peak for MFU {peak} TFLOP/s", flush=True)
+    result = {"device": str(device), "rates": rates, "peak_tflops": peak, "machine": info,
+              "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "generation": [], "training": [], "not_run": []}
-    generation = GenerationBench(device, args.frames, args.rounds, rates["copy_gbs_read_plus_write"])
+    generation = GenerationBench(device, args.frames, args.rounds, rates["read_gbs"])
+
+    def save() -> Path:
+        path = write_result(args.out, result)
+        if args.copy_to is not None:
+            args.copy_to.mkdir(parents=True, exist_ok=True)
+            tmp = args.copy_to / f".{path.name}.tmp"
+            shutil.copyfile(path, tmp)
+            tmp.replace(args.copy_to / path.name)
+        return path
+
+    save()  # the device's rates, before any row
     for i, task in enumerate(tasks):
         if args.deadline_s and time.perf_counter() - started > args.deadline_s:
             result["not_run"] = [list(t) for t in tasks[i:]]
@@ -459,20 +531,22 @@ def main(argv=None) -> int:
             result["generation"].append(generation.row(*task[1:]))
         else:
             result["training"].append(training_task(task[1], device, task[2], args, rates, peak))
-        write_result(args.out, result)  # after every row: a lease that ends early keeps what was measured
+        save()  # after every row: a lease that ends early keeps what was measured
 
     print(table(result["generation"], [
         ("config", "config"), ("mode", "step"), ("batch", "batch"), ("first_s", "first s"),
         ("s_per_batch", "s per batch"), ("ms_per_step", "ms/step"), ("utt_per_s", "utt/s"), ("rtf", "RTF"),
         ("floor_ms", "BW floor ms"), ("step_vs_floor", "step/floor"), ("peak_mb", "peak MB"),
-        ("same_codes_as_sliced", "same codes"), ("error", "error")]))
+        ("same_codes_as_sliced", "same codes"), ("compiles_in_timed_rounds", "compiles in timed"),
+        ("cudagraph_skips", "CUDA-graph skips"), ("error", "error")]))
     print(table(result["training"], [
         ("config", "config"), ("params", "params"), ("reduction_factor", "r"), ("budget", "budget"),
         ("batch_of", "budget is"), ("batch", "batch"), ("s_per_step", "s/step"),
         ("real_tokens_per_s", "real tokens/s"), ("padding", "padding"), ("peak_mb", "peak MB"),
         ("palm_tflops", "TFLOP/s (PaLM)"), ("mfu_palm", "MFU (PaLM)"), ("counted_tflops", "TFLOP/s (counted)"),
-        ("mfu_counted", "MFU (counted)"), ("mfu_palm_vs_measured_matmul", "PaLM / measured matmul")]))
-    path = write_result(args.out, result)
+        ("mfu_counted", "MFU (counted)"), ("mfu_palm_vs_measured_matmul", "PaLM / measured matmul"),
+        ("error", "error")]))
+    path = save()
     print(f"\nwrote {path} ({fmt(info.get('gpu', info['cpu_model']))}) in {time.perf_counter() - started:.0f} s")
     print("RESULT_JSON " + json.dumps({k: result[k] for k in ("device", "rates", "peak_tflops")}, default=float))
     return 0

@@ -52,6 +52,25 @@ def test_generation_rows_decode_the_same_codes_in_every_mode(smoke):
         assert r["s_per_batch"] > 0 and r["ms_per_step"] == pytest.approx(1e3 * r["s_per_batch"] / r["frames"])
         assert r["rtf"] == pytest.approx(r["s_per_batch"] / (10.0 * r["frames"] / 313 * r["batch"]))
     assert all((r["floor_ms"] is not None) == (r["batch"] == 1) for r in rows)
+    # nothing compiled while timed, and no step fell back from CUDA graphs (none are used on a CPU)
+    assert all(r["compiles_in_timed_rounds"] == 0 and r["cudagraph_skips"] == 0 for r in rows)
+
+
+def test_the_bandwidth_floor_reads_the_weights_at_the_measured_read_rate(smoke):
+    """A decoding step reads its weights: the floor is their bytes over the device's read rate, not over
+    half a copy's read + write rate (on HBM a read runs at about the copy's total, so that floor was
+    twice too high and a step looked twice closer to it than it was)."""
+    import torch
+
+    from bench import generation as G
+    from bench.gpu import build
+
+    model, _ = build("tiny", torch.device("cpu"), no_eos=True)
+    read = smoke["rates"]["read_gbs"]
+    assert read > 0
+    for r in smoke["generation"]:
+        if r["batch"] == 1:
+            assert r["floor_ms"] == pytest.approx(1e3 * G.weight_bytes_per_step(model) / (read * 1e9))
 
 
 def test_training_flops_counted_and_estimated_agree(smoke):
@@ -129,10 +148,106 @@ def test_the_rows_issue_6_asks_for_run_first_and_a_deadline_keeps_what_ran(tmp_p
     monkeypatch.setattr(gpu, "write_result", lambda name, result: written.append(copy.deepcopy(result)))
     quick = ["--device", "cpu", "--quick", "--configs", "tiny", "--modes", "sliced", "--out", "gpu-order"]
     assert gpu.main(quick + ["--skip", "training"]) == 0
-    assert [len(r["generation"]) for r in written] == [1, 2, 2]  # on disk after each row, then the final write
+    # on disk with the device's rates before any row, after each row, then the final write
+    assert [len(r["generation"]) for r in written] == [0, 1, 2, 2]
     written.clear()
     assert gpu.main(quick + ["--deadline-s", "1e-9"]) == 0
-    (final,) = written
+    first, final = written  # the device's rates, then the final write: no row ran
+    assert first["generation"] == [] and first["rates"]["matmul_fp32_tflops"] > 0
     assert final["generation"] == [] and final["training"] == []
     assert [tuple(t) for t in final["not_run"]] == [("generation", "tiny", "sliced", 1),
                                                     ("generation", "tiny", "sliced", 2), ("training", "tiny", 600)]
+
+
+QUICK_TINY = ["--device", "cpu", "--quick", "--configs", "tiny", "--modes", "sliced"]
+
+
+def test_a_row_that_fails_anywhere_is_kept_and_the_rest_still_run(tmp_path, monkeypatch):
+    """Only the first call of a generation row and a training row's out-of-memory were caught: a timed
+    round that raised (a CUDA graph replay, say), or a training step that failed any other way (the
+    second row a lease runs), ended the run there, and every row after it was lost."""
+    import bench._common
+    from bench import generation as G
+    from bench import gpu
+
+    monkeypatch.setattr(bench._common, "RESULTS", tmp_path)
+    real, calls = G.run_path, []
+
+    def run_path(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:  # the first row's first timed round, after its first call went well
+            raise RuntimeError("replay failed")
+        return real(*a, **k)
+
+    def training_row(*a, **k):
+        raise RuntimeError("no fused AdamW here")
+
+    monkeypatch.setattr(G, "run_path", run_path)
+    monkeypatch.setattr(gpu, "training_row", training_row)
+    assert gpu.main(QUICK_TINY + ["--out", "gpu-fail"]) == 0
+    result = json.loads((tmp_path / "gpu-fail.json").read_text())
+    first, second = result["generation"]
+    assert first["error"] == "RuntimeError: replay failed" and (first["config"], first["batch"]) == ("tiny", 1)
+    assert "error" not in second and second["s_per_batch"] > 0
+    (train,) = result["training"]
+    assert train["error"] == "RuntimeError: no fused AdamW here" and train["budget"] == 600
+
+
+def test_a_training_row_frees_its_model_before_the_next_row_reads_its_baseline(monkeypatch):
+    """The optimiser and its LR scheduler hold each other, so without a collection a finished training
+    row's weights, gradients and AdamW state stayed allocated into the next row: counted in that row's
+    baseline, then freed whenever the collector ran (its peak then read low), and in the way of an
+    out-of-memory retry."""
+    import gc
+    import weakref
+
+    import torch
+
+    from bench import gpu
+
+    params, alive_at_baseline = [], []
+    real_build = gpu.build
+
+    def build(*a, **k):
+        model, kwargs = real_build(*a, **k)
+        params.append(weakref.ref(next(model.parameters())))
+        return model, kwargs
+
+    def allocated(device):
+        alive_at_baseline.append([p() is not None for p in params])
+        return 0
+
+    monkeypatch.setattr(gpu, "build", build)
+    monkeypatch.setattr(gpu, "allocated", allocated)
+    args = gpu.argparse.Namespace(steps=1, quick=True)
+    rates = {"matmul_fp32_tflops": 1.0, "matmul_bf16_tflops": 1.0}
+    was_enabled = gc.isenabled()
+    gc.disable()  # what the collector does on its own is left to chance: here it does nothing
+    try:
+        for _ in range(2):
+            assert "error" not in gpu.training_task("tiny", torch.device("cpu"), 600, args, rates, None)
+    finally:
+        if was_enabled:
+            gc.enable()
+    assert alive_at_baseline == [[], [False]]
+
+
+def test_copy_to_holds_the_rows_measured_when_the_run_is_killed(tmp_path, monkeypatch):
+    """A lease whose device time runs short kills the command before its closing `cp`: the result is
+    also copied after every row into --copy-to (the device tool's $OUT, which comes back even then)."""
+    import bench._common
+    from bench import gpu
+
+    monkeypatch.setattr(bench._common, "RESULTS", tmp_path / "results")
+    out = tmp_path / "OUT"
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt  # what a kill at the limit leaves: no final write, no cp
+
+    monkeypatch.setattr(gpu, "training_task", killed)
+    with pytest.raises(KeyboardInterrupt):
+        gpu.main(QUICK_TINY + ["--out", "gpu-killed", "--copy-to", str(out)])
+    copied = json.loads((out / "gpu-killed.json").read_text())
+    assert [(r["config"], r["batch"]) for r in copied["generation"]] == [("tiny", 1), ("tiny", 2)]
+    assert copied["args"]["copy_to"] == str(out) and copied["rates"]["read_gbs"] > 0
+    assert [p.name for p in out.iterdir()] == ["gpu-killed.json"]  # no temporary file left beside it
