@@ -66,6 +66,8 @@ def _random_codec(kwargs: dict, seed: int) -> DACCodec:
 
 def _load_weights(path: str | Path) -> DACCodec:
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"DAC weights {path} is a folder: give the weights_16khz.pth file itself")
     if not path.is_file():
         raise FileNotFoundError(f"DAC weights {path} not found: put DAC's weights_16khz.pth there "
                                 "(nothing is downloaded), or set codec_lm.codec_weights to null for a random codec")
@@ -86,7 +88,8 @@ def build_codec(weights: str | Path | None, *, n_levels: int, codebook_size: int
 
     Raises:
         FileNotFoundError: ``weights`` does not exist.
-        ValueError: the weights are not a 16 kHz codec, or have other levels / codebook sizes than the Codec-LM's.
+        ValueError: the file does not load (truncated, other shapes than its metadata, NaN), or the
+            weights are not a 16 kHz codec, or have other levels / codebook sizes than the Codec-LM's.
     """
     if weights:
         codec = _load_weights(weights)

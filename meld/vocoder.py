@@ -31,6 +31,7 @@ from torch.nn import functional as F
 
 from meld.audio import SAMPLE_RATE
 from meld.features import HOP_LENGTH, N_FFT, N_MELS, WIN_LENGTH, mel_filterbank
+from meld.weights import first_line, first_non_finite, state_mismatch
 
 logger = logging.getLogger(__name__)
 
@@ -282,16 +283,24 @@ def _fold_weight_norm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
-def _load_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+def _load_state_dict(folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """(the weights file, its tensors); a file that is there but does not read is a ValueError naming it."""
     for name in _WEIGHT_FILES:
         path = folder / name
         if not path.is_file():
             continue
-        if name.endswith(".safetensors"):
-            from safetensors.torch import load_file
+        try:
+            if name.endswith(".safetensors"):
+                from safetensors.torch import load_file
 
-            return load_file(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
+                state = load_file(str(path))
+            else:
+                state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
+        except Exception as err:  # truncated, empty, not this format, unreadable: each library says it its own way
+            raise ValueError(f"{path}: not a readable {name} weights file ({first_line(err)})") from err
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"{path}: not a state dict of tensors (got {type(state).__name__})")
+        return path, state
     raise FileNotFoundError(f"{folder}: no HiFi-GAN weights (expected one of {', '.join(_WEIGHT_FILES)})")
 
 
@@ -309,6 +318,7 @@ class HiFiGANVocoder(Vocoder):
         self.device = torch.device(device)
         self.generator = generator.to(self.device).eval()
         self.hop_length = generator.hop_length
+        self.source = "HiFi-GAN"  # where its weights came from, for messages (set by from_path)
 
     @classmethod
     def from_path(cls, path: str | Path, device: str = "cpu") -> HiFiGANVocoder:
@@ -316,41 +326,72 @@ class HiFiGANVocoder(Vocoder):
 
         Raises:
             FileNotFoundError: the folder, its config or its weights are missing.
-            ValueError: the config is not a SpeechT5 HiFi-GAN, or the weights don't fit it.
+            ValueError: the config is not a SpeechT5 HiFi-GAN (or not JSON), the weights file does not read
+                (truncated, empty), its tensors don't fit the config, or hold NaN / infinity.
         """
         folder = Path(path)
+        if folder.exists() and not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: is a file, not a folder (expected a SpeechT5 HiFi-GAN folder)")
         config_path = folder / "config.json"
         if not config_path.is_file():
             raise FileNotFoundError(f"{folder}: no config.json (expected a SpeechT5 HiFi-GAN folder)")
-        config = json.loads(config_path.read_text())
+        try:
+            config = json.loads(config_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{config_path}: not a readable JSON file ({first_line(err)})") from err
+        if not isinstance(config, dict):
+            raise ValueError(f"{config_path}: holds a JSON {type(config).__name__}, expected an object")
         model_type = config.get("model_type", "speecht5_hifigan")
         if model_type != "speecht5_hifigan":
             raise ValueError(f"{config_path}: model_type is {model_type!r}, expected 'speecht5_hifigan'")
-        sample_rate = int(config.get("sampling_rate", SAMPLE_RATE))
+        try:
+            sample_rate = int(config.get("sampling_rate", SAMPLE_RATE))
+            generator = HiFiGANGenerator(**{k: config[k] for k in _GENERATOR_KEYS if k in config})
+        except (TypeError, ValueError, RuntimeError) as err:  # a key of the wrong type, length or sign
+            raise ValueError(f"{config_path}: not a valid SpeechT5 HiFi-GAN config ({first_line(err)})") from err
         if sample_rate != SAMPLE_RATE:
             raise ValueError(
                 f"{config_path}: vocoder runs at {sample_rate} Hz, the toolkit at {SAMPLE_RATE} Hz"
             )
-        generator = HiFiGANGenerator(**{k: config[k] for k in _GENERATOR_KEYS if k in config})
         if generator.hop_length != HOP_LENGTH:
             raise ValueError(
                 f"{config_path}: upsampling by {generator.hop_length}, the front end's hop is {HOP_LENGTH}"
             )
-        state = _fold_weight_norm(_load_state_dict(folder))
+        weights_path, state = _load_state_dict(folder)
         try:
-            generator.load_state_dict(state, strict=True)
-        except RuntimeError as err:
-            raise ValueError(
-                f"{folder}: weights do not match the SpeechT5 HiFi-GAN in config.json: {err}"
-            ) from err
+            state = _fold_weight_norm(state)
+        except ValueError as err:
+            raise ValueError(f"{weights_path}: {err}") from err
+        mismatch = state_mismatch(generator.state_dict(), state, expected_by="by config.json")
+        if mismatch:
+            raise ValueError(f"{weights_path}: weights do not match the SpeechT5 HiFi-GAN in config.json: {mismatch}")
+        bad = first_non_finite(state)
+        if bad:
+            raise ValueError(f"{weights_path}: tensor {bad} holds NaN or infinite values (a corrupt or diverged model)")
+        generator.load_state_dict(state, strict=True)
+        # finite weights can still overflow (e.g. a checkpoint saved mid-divergence): a few frames
+        # spanning the log-mel range say so now, not after a whole split has been generated
+        with torch.inference_mode():
+            probe = torch.linspace(-5.0, 1.0, 8 * generator.conv_pre.in_channels).reshape(1, 8, -1)
+            if not torch.isfinite(generator.eval()(probe)).all():
+                raise ValueError(f"{weights_path}: the HiFi-GAN outputs NaN or infinite samples for a test "
+                                 "spectrogram (log-mel -5..1): its weights overflow")
         logger.info("loaded HiFi-GAN vocoder from %s", folder)
-        return cls(generator, device=device)
+        vocoder = cls(generator, device=device)
+        vocoder.source = str(folder)
+        return vocoder
 
     @torch.inference_mode()
     def __call__(self, log_mel: np.ndarray) -> np.ndarray:
         log_mel = _check_log_mel(log_mel)
         x = torch.as_tensor(log_mel, dtype=torch.float32, device=self.device).unsqueeze(0)  # (1, T, 80)
-        return self.generator(x)[0].float().cpu().numpy()  # (T * hop,)
+        wav = self.generator(x)[0].float().cpu().numpy()  # (T * hop,)
+        if not np.isfinite(wav).all():  # said here, not by a judge that reads the audio later
+            raise ValueError(
+                f"{self.source}: HiFi-GAN output holds NaN or infinite samples for a finite {log_mel.shape} "
+                f"spectrogram (log-mel range {log_mel.min():.3g}..{log_mel.max():.3g}; weights overflowing?)"
+            )
+        return wav
 
 
 def build_vocoder(
@@ -361,7 +402,8 @@ def build_vocoder(
     Args:
         name: ``"griffin_lim"`` or ``"hifigan"``.
         path: folder of the HiFi-GAN weights (``hifigan`` only). If it is not given, or holds no
-            config/weights, a warning is logged and Griffin-Lim is returned instead.
+            config/weights, a warning is logged and Griffin-Lim is returned instead; weights that are
+            there but broken (corrupt file, other shapes, NaN) are a ``ValueError`` naming the file.
         n_iter: Griffin-Lim iterations (for ``griffin_lim`` and the fallback).
         device: torch device of HiFi-GAN.
 

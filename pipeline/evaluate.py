@@ -609,23 +609,27 @@ def evaluate(args: argparse.Namespace, params: dict, cfg: EvaluateConfig, device
         variants = variants if cfg.ablations else variants[:1]
     metrics: dict = {"system": args.system, "task": task, "step": int(state["step"]), "vocoder": None,
                      "asr_judge": None, "splits": {}, "ablations": {}}
-    stt = stt_model(stt_side, state, args.model, cfg.stt_ctc_weight) if stt_side is not None else None
-    if stt is not None:
-        metrics["stt"] = evaluate_stt(stt, Path(args.features), cfg, decoding)
-        metrics["stt_ctc_weight"] = stt.ctc_weight
-    stt_judge = (load_stt_judge(cfg.stt_judge_model, cfg.stt_ctc_weight, device, weights=weights, evaluated=stt)
-                 if variants else None)
-    if stt_judge is not None:
-        metrics["stt_judge_model"] = cfg.stt_judge_model
-        metrics["stt_judge_ctc_weight"] = stt_judge.ctc_weight
     all_rows = []
     spec = ScorerSpec(cfg.vocoder, cfg.vocoder_path, cfg.asr_judge, cfg.asr_judge_path, cfg.speaker_model,
                       cfg.speaker_model_path, cfg.score_device)
+    # the vocoder and judges load first: a path that does not load stops the stage before the STT evaluation
     with ScoringPool(spec, cfg.score_workers) if variants else contextlib.nullcontext() as scorer:
         if scorer is not None:
-            built = scorer.describe()
+            try:
+                built = scorer.describe()
+            except ValueError as err:  # weights that are there but do not load: the message names the file
+                raise SystemExit(f"evaluate: the vocoder or a judge does not load: {err}") from None
             metrics["vocoder"], metrics["asr_judge"] = built["vocoder"], built["asr_judge"]
             metrics["score_device"] = cfg.score_device  # resolved: the workers' devices are this, or its GPUs in turn
+        stt = stt_model(stt_side, state, args.model, cfg.stt_ctc_weight) if stt_side is not None else None
+        if stt is not None:
+            metrics["stt"] = evaluate_stt(stt, Path(args.features), cfg, decoding)
+            metrics["stt_ctc_weight"] = stt.ctc_weight
+        stt_judge = (load_stt_judge(cfg.stt_judge_model, cfg.stt_ctc_weight, device, weights=weights, evaluated=stt)
+                     if variants else None)
+        if stt_judge is not None:
+            metrics["stt_judge_model"] = cfg.stt_judge_model
+            metrics["stt_judge_ctc_weight"] = stt_judge.ctc_weight
         references: dict[str, dict[int, dict]] = {split: {} for split in cfg.splits}  # shared by the variants
         for variant in variants:
             for split in cfg.splits:

@@ -559,7 +559,7 @@ def test_frames_beyond_any_log_mel_are_refused_before_vocoding(checkpoint, tmp_p
     assert len(err.strip().splitlines()) == 1 and not out.exists()
 
 
-def test_a_vocoder_that_gives_nan_writes_nothing(checkpoint, tmp_path, capsys):
+def test_a_vocoder_whose_weights_hold_nan_is_refused_before_synthesis(checkpoint, tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
     hifigan = transformers.SpeechT5HifiGan(transformers.SpeechT5HifiGanConfig(upsample_initial_channel=32))
     with torch.no_grad():
@@ -567,9 +567,10 @@ def test_a_vocoder_that_gives_nan_writes_nothing(checkpoint, tmp_path, capsys):
     hifigan.save_pretrained(tmp_path / "hifigan")
     capsys.readouterr()  # the progress bar of save_pretrained
     out = tmp_path / "o.wav"
-    assert _synth(checkpoint, out, "--vocoder", "hifigan", "--vocoder-path", str(tmp_path / "hifigan")) == 1
+    # refused when the vocoder is built, before any synthesis, naming the file and the tensor
+    assert _synth(checkpoint, out, "--vocoder", "hifigan", "--vocoder-path", str(tmp_path / "hifigan")) == 2
     err = capsys.readouterr().err
-    assert "hifigan produced NaN or infinite samples: nothing to write" in err
+    assert f"{tmp_path / 'hifigan' / 'model.safetensors'}: tensor conv_post.weight holds NaN or infinite values" in err
     assert len(err.strip().splitlines()) == 1 and not out.exists()
 
 

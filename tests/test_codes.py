@@ -346,3 +346,9 @@ def test_cli_synthesizes_with_the_recorded_codec_and_asks_for_missing_weights(tr
     torch.save(state, moved)
     assert main([*argv[:2], str(moved), *argv[3:]]) == 2
     assert "--codec-weights" in capsys.readouterr().err
+    # weights that are there but cut short: one line naming the file, not a traceback
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(b"PK\x03\x04" + bytes(100))
+    assert main([*argv[:2], str(moved), *argv[3:], "--codec-weights", str(truncated)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{truncated}: not a readable DAC weights file" in err[0], err

@@ -1,5 +1,5 @@
-"""The evaluate stage's checks before any work: every TTS split it is asked for must exist, its device, and
-the Ray cluster's room for its decoding pool."""
+"""The evaluate stage's checks before any work: every TTS split it is asked for must exist, its device, the
+Ray cluster's room for its decoding pool, and the vocoder's and judges' weights."""
 
 from __future__ import annotations
 
@@ -58,6 +58,31 @@ def test_a_decode_pool_the_cluster_cannot_hold_stops_before_the_model_loads(tmp_
                                          f"worker; the Ray cluster has {cpus}: lower evaluate.decode_workers"):
         _run_stage(tmp_path, {"splits": ["test"], "decode_workers": cpus + 1})
     assert not (tmp_path / "eval").exists()
+
+
+def test_a_vocoder_that_does_not_load_stops_a_joint_evaluation_before_its_stt_part(tmp_path, monkeypatch):
+    """The scorer's backends load before the STT evaluation (on LibriSpeech, hours of beam search for a
+    joint model), and weights that are there but broken end the stage in one line naming the file."""
+    model = _tiny_checkpoint(tmp_path, "joint")
+    _feature_store(tmp_path / "features" / "test", [("flite-slt", SENTENCES[0], 40)])
+    (tmp_path / "corpus" / "test").mkdir(parents=True)
+    (tmp_path / "corpus" / "test" / "manifest.jsonl").write_text("")
+    (tmp_path / "hifigan").mkdir()
+    (tmp_path / "hifigan" / "config.json").write_text("{cut short")
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"evaluate": {"splits": ["test"], "stt_splits": ["test"], "vocoder": "hifigan",
+                                                   "vocoder_path": str(tmp_path / "hifigan")}}))
+
+    def stt_evaluated_first(*args, **kwargs):
+        raise AssertionError("the STT evaluation ran before the vocoder loaded")
+
+    monkeypatch.setattr(evaluate, "evaluate_stt", stt_evaluated_first)
+    with pytest.raises(SystemExit, match=f"evaluate: the vocoder or a judge does not load: "
+                                         f"{tmp_path / 'hifigan' / 'config.json'}: not a readable JSON file"):
+        evaluate.main(["--params", str(params), "--system", "meld_joint", "--model", str(model),
+                       "--features", str(tmp_path / "features"), "--corpus", str(tmp_path / "corpus"),
+                       "--out", str(tmp_path / "eval"), "--metrics", str(tmp_path / "metrics.json")])
+    assert not (tmp_path / "metrics.json").exists()
 
 
 def test_device_names_resolve_or_say_which_option_named_them():

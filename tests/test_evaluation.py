@@ -340,6 +340,19 @@ def test_each_scoring_worker_builds_on_the_device_handed_to_it(monkeypatch):
     assert seen == {"gpu-a", "gpu-b"}
 
 
+def test_a_backend_that_does_not_load_in_a_scoring_worker_says_why_in_the_parent(tmp_path):
+    """A broken HiFi-GAN folder is a one-line ValueError naming its config, in a worker process as in-process
+    (an exception out of the pool's initializer reached the parent only as BrokenProcessPool)."""
+    from meld.evaluation.scoring import ScorerSpec, ScoringPool
+
+    (tmp_path / "config.json").write_text("{not json")
+    spec = ScorerSpec("hifigan", str(tmp_path), None, None, None, None)
+    for workers in (1, 2):
+        with pytest.raises(ValueError, match=f"{tmp_path / 'config.json'}: not a readable JSON file"):
+            with ScoringPool(spec, workers) as pool:
+                pool.describe()
+
+
 def test_scoring_pool_workers_match_the_calling_process(flite):
     """Two spawned scoring workers give the same transcripts, SIM and silences as in-process scoring,
     in input order, and a speaker the judge is told to skip gets no transcript."""

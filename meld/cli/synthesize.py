@@ -535,6 +535,8 @@ def _codec_synthesiser(args: argparse.Namespace, ckpt: LoadedCheckpoint, device:
                        "give their local path with --codec-weights") from err
     except CodecMismatch as err:
         raise CLIError(f"{ckpt.path}: {err}") from err
+    except ValueError as err:  # weights that are there but do not load (truncated, NaN): the message names the file
+        raise CLIError(f"{ckpt.path} speaks codes of a DAC whose weights do not load: {err}") from err
     if desc.get("random"):
         logging.getLogger(PROG).warning(
             "%s was trained on codes of a random DAC (codec_lm.codec_weights was null): its speech is noise", ckpt.path

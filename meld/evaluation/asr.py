@@ -29,6 +29,7 @@ import numpy as np
 
 from meld.audio import SAMPLE_RATE, resample
 from meld.text import normalise_transcript
+from meld.weights import first_line, first_non_finite
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,55 @@ def _as_mono_16k(wav: np.ndarray, sample_rate: int) -> np.ndarray:
     if not np.isfinite(wav).all():
         raise ValueError("an ASR judge got a waveform holding NaN or infinite samples")
     return resample(wav, sample_rate, SAMPLE_RATE)
+
+
+def check_transformers_config(folder: Path, model_type: str, what: str) -> dict:
+    """``folder/config.json`` read and checked to be a ``model_type`` model before any weights load.
+
+    Raises:
+        ValueError: not JSON, or another model's config (e.g. a WavLM folder given as Whisper).
+    """
+    import json
+
+    config_path = folder / "config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{config_path}: not a readable JSON file ({first_line(err)})") from err
+    found = config.get("model_type") if isinstance(config, dict) else None
+    if found != model_type:
+        raise ValueError(f"{config_path}: model_type is {found!r}, expected {model_type!r} (not a {what} folder)")
+    return config
+
+
+def load_transformers_model(cls, folder: Path, what: str):
+    """``cls.from_pretrained(folder)``, offline, with every weight checked to come from the folder.
+
+    A weights file that is missing is an ``OSError`` (a missing backend, for the caller to report);
+    one that is there but truncated, of another model size, lacking some of the model's tensors
+    or holding NaN is a one-line ``ValueError`` naming the folder, raised before any audio is read.
+    """
+
+    try:
+        model, info = cls.from_pretrained(str(folder), local_files_only=True, ignore_mismatched_sizes=True,
+                                          output_loading_info=True)
+    except OSError:
+        raise
+    except Exception as err:  # a truncated safetensors file, a corrupt .bin, ...
+        raise ValueError(f"{folder}: the {what} weights do not load ({first_line(err)})") from err
+    mismatched, missing = info.get("mismatched_keys") or [], info.get("missing_keys") or []
+    if mismatched:  # transformers left these randomly initialised (ignore_mismatched_sizes)
+        name, found, expected = next(iter(mismatched))
+        raise ValueError(f"{folder}: {len(mismatched)} {what} weights have other shapes than config.json says "
+                         f"(e.g. {name}: {tuple(found)} in the file, {tuple(expected)} by the config: another "
+                         "model size?)")
+    if missing:  # left randomly initialised: the scores would mean nothing
+        raise ValueError(f"{folder}: {len(missing)} {what} weights are not in the file (e.g. {sorted(missing)[0]}); "
+                         f"is this a {cls.__name__} checkpoint?")
+    bad = first_non_finite(model.state_dict())
+    if bad is not None:
+        raise ValueError(f"{folder}: {what} weight {bad} holds NaN or infinite values")
+    return model
 
 
 class ASRJudge(ABC):
@@ -86,7 +136,14 @@ class PocketSphinxJudge(ASRJudge):
                 lm=str(model_dir / "en-us.lm.bin"),
                 dict=str(model_dir / "cmudict-en-us.dict"),
             )
-        self._decoder = Decoder(**options)
+            missing = [Path(options[k]).name for k in ("hmm", "lm", "dict") if not Path(options[k]).exists()]
+            if missing:
+                raise FileNotFoundError(f"{model_dir}: not a PocketSphinx model folder (no {', '.join(missing)})")
+        try:
+            self._decoder = Decoder(**options)
+        except RuntimeError as err:  # PocketSphinx says only "Failed to initialize PocketSphinx"
+            where = model_dir if model_dir is not None else "the pocketsphinx wheel's model"
+            raise ValueError(f"{where}: PocketSphinx's model does not load ({first_line(err)})") from err
 
     def transcribe(self, wav: np.ndarray, sample_rate: int) -> str:
         wav = _as_mono_16k(wav, sample_rate)
@@ -126,6 +183,9 @@ class WhisperJudge(ASRJudge):
         self.device = device
         if (self.path / "model.bin").is_file():
             self.backend = "faster_whisper"
+            if not (self.path / "tokenizer.json").is_file():  # faster-whisper would fetch one from the hub
+                raise FileNotFoundError(f"{self.path}: a CTranslate2 Whisper folder without tokenizer.json "
+                                        "(faster-whisper would download one; copy the model's tokenizer.json there)")
             from faster_whisper import WhisperModel
 
             kind, _, index = device.partition(":")  # CTranslate2 takes "cuda" and the GPU's index apart
@@ -137,10 +197,15 @@ class WhisperJudge(ASRJudge):
             self.backend = "transformers"
             from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
-            self._processor = WhisperProcessor.from_pretrained(str(self.path), local_files_only=True)
-            self._model = WhisperForConditionalGeneration.from_pretrained(
-                str(self.path), local_files_only=True
-            )
+            check_transformers_config(self.path, "whisper", "Whisper")
+            try:
+                self._processor = WhisperProcessor.from_pretrained(str(self.path), local_files_only=True)
+            except OSError:  # a file it needs is not there: a missing backend, said by the caller
+                raise
+            except Exception as err:  # there, but not Whisper's (another model's tokenizer, a corrupt file)
+                raise ValueError(f"{self.path}: Whisper's processor (feature extractor + tokenizer) does not "
+                                 f"load ({first_line(err)})") from err
+            self._model = load_transformers_model(WhisperForConditionalGeneration, self.path, "Whisper")
             self._model.to(device).eval()
         else:
             raise FileNotFoundError(
@@ -183,7 +248,9 @@ def build_asr_judge(name: str, path: str | Path | None = None, device: str = "cp
         The judge, or ``None`` when its package or weights are missing (the message says which).
 
     Raises:
-        ValueError: ``name`` is not a known backend (a configuration error, not a missing backend).
+        ValueError: ``name`` is not a known backend (a configuration error, not a missing backend), or
+            the folder holds something broken: another model's config, a truncated weights file,
+            weights of another size or holding NaN (one line naming the folder).
     """
     if name not in ASR_NAMES:
         raise ValueError(f"unknown ASR judge {name!r}; choose one of {', '.join(ASR_NAMES)}")

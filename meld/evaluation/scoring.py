@@ -143,6 +143,9 @@ class Scorer:
 
 
 _WORKER_SCORER: Scorer | None = None
+# what building the worker's Scorer raised: kept and raised again by every task, so that the parent gets the
+# backend's own one-line error (an exception out of the initializer only breaks the pool: BrokenProcessPool)
+_WORKER_ERROR: BaseException | None = None
 
 
 def worker_devices(device: str, workers: int, gpus: int) -> list[str]:
@@ -156,7 +159,7 @@ def worker_devices(device: str, workers: int, gpus: int) -> list[str]:
 
 
 def _init_worker(spec: ScorerSpec, devices) -> None:
-    global _WORKER_SCORER
+    global _WORKER_SCORER, _WORKER_ERROR
     import torch
 
     torch.set_num_threads(1)  # one core per worker: the pool is the parallelism
@@ -164,19 +167,28 @@ def _init_worker(spec: ScorerSpec, devices) -> None:
         device = devices.get(timeout=60)
     except queue.Empty:  # more workers than devices queued (never, unless one was replaced): spec's own
         device = spec.device
-    _WORKER_SCORER = Scorer(spec, device)
+    try:
+        _WORKER_SCORER = Scorer(spec, device)
+    except Exception as err:
+        _WORKER_ERROR = err
+
+
+def _worker_scorer() -> Scorer:
+    if _WORKER_ERROR is not None:
+        raise _WORKER_ERROR
+    return _WORKER_SCORER
 
 
 def _describe() -> dict:
-    return _WORKER_SCORER.describe()
+    return _worker_scorer().describe()
 
 
 def _score_reference(item: ReferenceItem) -> dict:
-    return _WORKER_SCORER.reference(item)
+    return _worker_scorer().reference(item)
 
 
 def _score_generation(item: GenerationItem) -> dict:
-    return _WORKER_SCORER.generation(item)
+    return _worker_scorer().generation(item)
 
 
 class ScoringPool:

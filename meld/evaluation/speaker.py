@@ -62,6 +62,18 @@ def cosine_similarity(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.clip(a @ b / (na * nb), -1.0, 1.0))
 
 
+def wavlm_min_samples(config: dict) -> int:
+    """Fewest 16 kHz samples a ``WavLMForXVector`` of this config embeds: its TDNN layers need as many
+    frames as their receptive field, and one more for the standard deviation of the statistics pooling."""
+    frames = 2 + sum((k - 1) * d for k, d in zip(config.get("tdnn_kernel", (5, 3, 3, 1, 1)),
+                                                  config.get("tdnn_dilation", (1, 2, 3, 1, 1))))
+    kernels = config.get("conv_kernel", (10, 3, 3, 3, 3, 2, 2))
+    strides = config.get("conv_stride", (5, 2, 2, 2, 2, 2, 2))
+    for k, s in reversed(list(zip(kernels, strides))):  # frames out of a conv layer -> samples into it
+        frames = (frames - 1) * s + k
+    return frames
+
+
 class SpeakerEmbedder(ABC):
     """Waveform in, unit-norm speaker embedding out."""
 
@@ -126,14 +138,27 @@ class WavLMEmbedder(SpeakerEmbedder):
             raise FileNotFoundError(f"{self.path}: not a WavLM x-vector folder (no config.json)")
         from transformers import AutoFeatureExtractor, WavLMForXVector
 
+        from meld.evaluation.asr import check_transformers_config, load_transformers_model
+        from meld.weights import first_line
+
         self.device = device
-        self._extractor = AutoFeatureExtractor.from_pretrained(str(self.path), local_files_only=True)
-        self._model = WavLMForXVector.from_pretrained(str(self.path), local_files_only=True).to(device).eval()
+        config = check_transformers_config(self.path, "wavlm", "WavLM x-vector")
+        try:
+            self._extractor = AutoFeatureExtractor.from_pretrained(str(self.path), local_files_only=True)
+        except OSError:  # no preprocessor_config.json: a missing backend, said by the caller
+            raise
+        except Exception as err:
+            raise ValueError(f"{self.path}: WavLM's feature extractor does not load ({first_line(err)})") from err
+        self._model = load_transformers_model(WavLMForXVector, self.path, "WavLM x-vector").to(device).eval()
+        self.min_samples = wavlm_min_samples(config)
 
     def embed(self, wav: np.ndarray, sample_rate: int) -> np.ndarray:
         import torch
 
         wav = _as_mono_16k(wav, sample_rate)
+        if wav.size < self.min_samples:  # the convolutions and x-vector statistics need this much
+            raise ValueError(f"WavLM x-vectors need at least {self.min_samples} samples at {SAMPLE_RATE} Hz "
+                             f"({self.min_samples / SAMPLE_RATE:.3f} s), got {wav.size}")
         inputs = self._extractor(wav, sampling_rate=SAMPLE_RATE, return_tensors="pt")
         with torch.inference_mode():
             embedding = self._model(inputs["input_values"].to(self.device)).embeddings[0]  # (dim,)
@@ -154,7 +179,9 @@ def build_speaker_embedder(
         The embedder, or ``None`` when its package or weights are missing (the message says which).
 
     Raises:
-        ValueError: ``name`` is not a known backend.
+        ValueError: ``name`` is not a known backend, or the folder holds something broken: another
+            model's config (e.g. a Whisper folder), a truncated weights file, weights of another size,
+            missing the x-vector head or holding NaN (one line naming the folder).
     """
     if name not in SPEAKER_NAMES:
         raise ValueError(f"unknown speaker embedder {name!r}; choose one of {', '.join(SPEAKER_NAMES)}")

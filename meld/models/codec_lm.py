@@ -41,6 +41,7 @@ from meld.models.leaving_rows import LeavingRows, row_guards
 from meld.models.meld import Generation
 from meld.models.vocab import UnionEmbedding, UnionVocab
 from meld.sampling import sample
+from meld.weights import first_line, first_non_finite, state_mismatch
 
 DAC_FRAME_RATE = 50.0  # codes per second of DAC's 16 kHz model (hop 2*4*5*8 = 320 samples)
 
@@ -286,6 +287,7 @@ def codec_lm_kwargs(
     return dict(n_text=n_text, n_levels=n_levels, codebook_size=codebook_size, **backbone_kwargs(model_cfg))
 
 
+
 # ---------------------------------------------------------------------- the codec (DAC architecture)
 class _WeightNormConv(nn.Module):
     """Conv1d / ConvTranspose1d with weight normalisation stored as ``weight_g`` and ``weight_v``.
@@ -510,11 +512,20 @@ class DACCodec(nn.Module):
 
         Accepts DAC's release format ``{"state_dict": ..., "metadata": {"kwargs": {...}}}`` (the
         architecture comes from the metadata) or a bare state dict (architecture from ``overrides``).
+
+        Raises:
+            ValueError: one line naming ``path``: the file does not read (truncated, empty, not torch's),
+                is not a state dict, its tensors do not fit the architecture, or hold NaN / infinity.
         """
-        state = torch.load(Path(path), map_location="cpu", weights_only=True)
+        path = Path(path)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # truncated, empty, not a torch file, unreadable: each says it its own way
+            raise ValueError(f"{path}: not a readable DAC weights file ({first_line(err)})") from err
         kwargs: dict[str, Any] = {}
         if isinstance(state, dict) and "state_dict" in state:
-            meta = (state.get("metadata") or {}).get("kwargs") or {}
+            meta = state.get("metadata") or {}
+            meta = (meta.get("kwargs") if isinstance(meta, dict) else None) or {}
             known = {
                 "encoder_dim",
                 "encoder_rates",
@@ -528,7 +539,20 @@ class DACCodec(nn.Module):
             }
             kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in meta.items() if k in known}
             state = state["state_dict"]
-        codec = cls(**{**kwargs, **overrides})
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"{path}: not a DAC state dict of tensors (got {type(state).__name__})")
+        try:
+            codec = cls(**{**kwargs, **overrides})
+        except (TypeError, ValueError, RuntimeError) as err:  # metadata of the wrong type or value
+            raise ValueError(f"{path}: its DAC metadata {kwargs} does not build a codec ({first_line(err)})") from err
+        mismatch = state_mismatch(codec.state_dict(), state)
+        if mismatch:
+            raise ValueError(f"{path}: weights do not fit the DAC its metadata describes "
+                             f"({', '.join(f'{k}={v}' for k, v in kwargs.items()) or 'no metadata: defaults'}): "
+                             + mismatch)
+        bad = first_non_finite(state)
+        if bad is not None:
+            raise ValueError(f"{path}: DAC tensor {bad} holds NaN or infinite values (a corrupt file?)")
         codec.load_state_dict(state)
         return codec.eval()
 
