@@ -218,6 +218,20 @@ def test_a_split_of_mostly_bad_audio_fails_the_stage(project, tmp_path):
         codes.main(["--params", str(project["params"]), "--corpus", str(corpus), "--out", str(tmp_path / "codes")])
 
 
+def test_manifest_durations_out_of_range_stop_the_codes_stage_before_encoding(project, tmp_path):
+    """As in the features stage: the manifest's durations alone over features.max_rejected_fraction stop
+    the stage before any audio is encoded (the full DAC runs at about real time on a CPU)."""
+    from pipeline import codes
+
+    corpus = tmp_path / "corpus"
+    (corpus / "train").mkdir(parents=True)
+    (corpus / "train" / "manifest.jsonl").write_text(json.dumps(
+        {"id": "long", "speaker": "s", "text": "words", "audio": "nowhere.wav", "duration": 99.0}) + "\n")
+    with pytest.raises(SystemExit, match=r"codes: split 'train' has 1/1 utterances \(100.0%\) outside "):
+        codes.main(["--params", str(project["params"]), "--corpus", str(corpus), "--out", str(tmp_path / "codes")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]
+
+
 # ----------------------------------------------------------------------------- training, evaluation, CLI
 
 
