@@ -35,8 +35,13 @@ def local_store_path(uri: str) -> Path | None:
         path = uri[len("sqlite:///"):].split("?", 1)[0]
         return Path(path) if path and path != ":memory:" else None
     if uri.startswith("file:"):
-        rest = uri[len("file:"):]
-        return Path("/" + rest.lstrip("/")) if rest.startswith("//") else Path(rest)
+        from urllib.parse import urlparse
+        from urllib.request import url2pathname
+
+        parsed = urlparse(uri)
+        if parsed.netloc not in ("", "localhost"):  # file://host/...: another machine's folder
+            return None
+        return Path(url2pathname(parsed.path)) if parsed.path else None  # %20 is a space, as in as_uri()
     if _SCHEME.match(uri) or uri in ("databricks", "databricks-uc", "uc"):  # a server, Databricks, ...
         return None
     return Path(uri)
@@ -74,8 +79,11 @@ def setup(experiment: str, project_root: str | Path | None = None):
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(experiment) is None:
         artifact_location = None
-        if uri.startswith("sqlite:///") and "MLFLOW_TRACKING_URI" not in os.environ:
-            artifact_location = (Path(project_root or os.getcwd()).resolve() / DEFAULT_ARTIFACTS).as_uri()
+        # an SQLite store keeps its artifacts beside it (the project's: mlartifacts/ in the project root);
+        # MLflow's default is ./mlruns of whichever process creates the experiment. (This asked whether
+        # MLFLOW_TRACKING_URI was unset, which set_tracking_uri above had just set: never true.)
+        if uri.startswith("sqlite:///"):
+            artifact_location = (local_store_folder(uri) / DEFAULT_ARTIFACTS).as_uri()
         try:
             mlflow.create_experiment(experiment, artifact_location=artifact_location)
         except Exception:  # created concurrently by another process

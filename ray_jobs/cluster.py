@@ -80,13 +80,14 @@ def alive_nodes() -> list[str]:
 
 def _look(items: list[tuple[str, str, str | None, int | None]]) -> list[str]:
     """On one node: the paths of ``items`` ((label, path, marker token or None, size or None)) that this
-    node does not see as the driver wrote them (a marker with the token, or a file of the size)."""
+    node does not see as the driver wrote them (the token's own marker file holding it, or a file of the
+    size)."""
     missing = []
     for label, path, token, size in items:
         p = Path(path)
         try:
             if token is not None:
-                ok = (p / SHARED_MARKER).read_text() == token
+                ok = (p / f"{SHARED_MARKER}-{token}").read_text() == token
             else:
                 ok = p.exists() and (size is None or p.stat().st_size == size)
         except OSError:
@@ -151,8 +152,11 @@ def check_shared_storage(written: dict[str, Path], read: dict[str, Path] | None 
         for label, folder in written.items():
             folder = Path(folder).resolve()
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / SHARED_MARKER).write_text(token)
-            markers.append(folder / SHARED_MARKER)
+            # a marker of this probe's own: two runs probing one folder at once (the default ray_results,
+            # the project root of an SQLite store) must not overwrite or delete each other's
+            marker = folder / f"{SHARED_MARKER}-{token}"
+            marker.write_text(token)
+            markers.append(marker)
             items.append((label, str(folder), token, None))
         for label, path in read.items():
             path = Path(path).resolve()

@@ -574,6 +574,33 @@ def test_a_vocoder_whose_weights_hold_nan_is_refused_before_synthesis(checkpoint
     assert len(err.strip().splitlines()) == 1 and not out.exists()
 
 
+def test_a_vocoder_that_overflows_on_the_frames_synthesised_refuses_that_utterance(checkpoint, tmp_path, capsys,
+                                                                                    monkeypatch):
+    """HiFi-GAN weights that pass the load-time probe can still overflow on louder frames: that utterance is
+    refused in one line (exit 1), not the whole command with a traceback. The overflow is injected into the
+    loaded generator's output, since which frames overflow depends on weights no test should ship."""
+    transformers = pytest.importorskip("transformers")
+    from meld import vocoder as V
+
+    transformers.SpeechT5HifiGan(transformers.SpeechT5HifiGanConfig(upsample_initial_channel=32)).save_pretrained(
+        tmp_path / "hifigan")
+    load = V.HiFiGANVocoder.from_path.__func__
+
+    def overflowing(cls, path, device="cpu"):
+        vocoder = load(cls, path, device)  # loads, and its probe passes
+        forward = vocoder.generator.forward
+        vocoder.generator.forward = lambda x: forward(x) * float("inf")
+        return vocoder
+
+    monkeypatch.setattr(V.HiFiGANVocoder, "from_path", classmethod(overflowing))
+    capsys.readouterr()
+    out = tmp_path / "o.wav"
+    assert _synth(checkpoint, out, "--vocoder", "hifigan", "--vocoder-path", str(tmp_path / "hifigan")) == 1
+    err = capsys.readouterr().err
+    assert "hifigan: " in err and "HiFi-GAN output holds NaN or infinite samples" in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and not out.exists()
+
+
 def test_audio_too_loud_for_the_front_end_is_a_one_line_error_naming_the_file(checkpoint, audio_16k, tmp_path,
                                                                               capsys):
     """Finite float samples of 1e30 overflow the spectrum: refused with the file's name, the others go on."""

@@ -60,9 +60,12 @@ def test_a_decode_pool_the_cluster_cannot_hold_stops_before_the_model_loads(tmp_
     assert not (tmp_path / "eval").exists()
 
 
-def test_a_vocoder_that_does_not_load_stops_a_joint_evaluation_before_its_stt_part(tmp_path, monkeypatch):
+@pytest.mark.parametrize("score_workers", [1, 2])
+def test_a_vocoder_that_does_not_load_stops_a_joint_evaluation_before_its_stt_part(score_workers, tmp_path,
+                                                                                     monkeypatch):
     """The scorer's backends load before the STT evaluation (on LibriSpeech, hours of beam search for a
-    joint model), and weights that are there but broken end the stage in one line naming the file."""
+    joint model), and weights that are there but broken end the stage in one line naming the file, whether
+    the scorer is built in this process (one worker, or a one-core machine) or in worker processes."""
     model = _tiny_checkpoint(tmp_path, "joint")
     _feature_store(tmp_path / "features" / "test", [("flite-slt", SENTENCES[0], 40)])
     (tmp_path / "corpus" / "test").mkdir(parents=True)
@@ -71,7 +74,8 @@ def test_a_vocoder_that_does_not_load_stops_a_joint_evaluation_before_its_stt_pa
     (tmp_path / "hifigan" / "config.json").write_text("{cut short")
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"evaluate": {"splits": ["test"], "stt_splits": ["test"], "vocoder": "hifigan",
-                                                   "vocoder_path": str(tmp_path / "hifigan")}}))
+                                                   "vocoder_path": str(tmp_path / "hifigan"),
+                                                   "score_workers": score_workers}}))
 
     def stt_evaluated_first(*args, **kwargs):
         raise AssertionError("the STT evaluation ran before the vocoder loaded")

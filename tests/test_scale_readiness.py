@@ -43,6 +43,26 @@ def test_a_relative_mlflow_store_is_made_absolute(tmp_path, monkeypatch):
     assert tracking.local_store_path(uri) == tmp_path / "mlflow.db"
 
 
+def test_a_local_store_is_found_where_its_uri_says_and_keeps_its_artifacts_beside_it(tmp_path, monkeypatch):
+    """The storage probe and the artifact location read a store's folder from its URI: percent-escapes are
+    decoded (absolute_uri writes a space as %20), and an SQLite store's experiments keep their artifacts in
+    mlartifacts/ beside it, not in ./mlruns of whichever process made the experiment."""
+    spaced = tmp_path / "my runs"
+    assert tracking.local_store_path(spaced.as_uri()) == spaced
+    assert tracking.local_store_path("file://localhost" + str(spaced)) == spaced
+    assert tracking.local_store_path("file://otherhost/srv/mlruns") is None
+    monkeypatch.chdir(tmp_path.parent)
+    for uri, folder in ((f"sqlite:///{tmp_path / 'db' / 'm.db'}", tmp_path / "db"), (None, tmp_path)):
+        if uri is None:
+            monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the project's own store
+        else:
+            (tmp_path / "db").mkdir()
+            monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow = tracking.setup(f"artifacts-{folder.name}", tmp_path)
+        got = mlflow.get_experiment_by_name(f"artifacts-{folder.name}").artifact_location
+        assert got == (folder / tracking.DEFAULT_ARTIFACTS).as_uri(), (uri, got)
+
+
 def test_per_utterance_lengths_are_built_once(tmp_path):
     """The train driver's dev batching indexes ``data.lengths()[i]`` for every utterance (and sorts by it),
     as the evaluate stage indexes ``store.lengths[i]``; each access rebuilt the list from the index, so that
@@ -112,12 +132,14 @@ def test_each_node_is_probed_for_the_folders_and_files_it_must_see(own_ray, tmp_
     from ray_jobs.cluster import SHARED_MARKER, alive_nodes, unseen_by_nodes
 
     (tmp_path / "work").mkdir()
-    (tmp_path / "work" / SHARED_MARKER).write_text("token-1")
+    (tmp_path / "work" / f"{SHARED_MARKER}-token-1").write_text("token-1")
+    (tmp_path / "work" / f"{SHARED_MARKER}-token-3").write_text("token-3")  # another run probing at the same time
     (tmp_path / "bpe.model").write_bytes(b"12345")
     nodes = alive_nodes()
     assert len(nodes) == 1
     good = [("--work-dir", str(tmp_path / "work"), "token-1", None), ("--bpe", str(tmp_path / "bpe.model"), None, 5)]
     assert unseen_by_nodes(good, nodes) == {}
+    assert unseen_by_nodes([("--ray-storage", str(tmp_path / "work"), "token-3", None)], nodes) == {}
     bad = [("--work-dir", str(tmp_path / "work"), "token-2", None),  # another node's disk: another marker, or none
            ("--bpe", str(tmp_path / "bpe.model"), None, 6),  # another copy of the file
            ("--features", str(tmp_path / "nowhere"), None, None)]
@@ -145,7 +167,7 @@ def test_a_sweep_under_a_jobs_working_dir_copy_is_refused_before_any_trial(own_r
                       codebook=str(data / "codebook"), out=job_copy / "reports" / "tune.json",
                       plot=job_copy / "reports" / "tune.png", work_dir=job_copy / "ray_results" / "tune",
                       project_root=str(tmp_path))
-        assert not (job_copy / "ray_results" / "tune" / "trials").exists()
+        assert not (job_copy / "ray_results" / "tune").exists()  # refused before anything was written
     finally:
         shutil.rmtree(job_copy, ignore_errors=True)
 

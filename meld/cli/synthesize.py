@@ -433,19 +433,26 @@ def _print_synthesis(out: Path, result: Synthesis, max_seconds: float, *, one_li
         print(f"stopped by: {stop}")
 
 
-def _vocode_all(vocoder, mels: list[np.ndarray]) -> list[np.ndarray]:
-    """Vocode a batch's mels. Griffin-Lim is numpy FFTs, which release the GIL, and seeds each call
-    itself: threads give the same audio as one after another, on every core. A torch vocoder already
-    spreads one call over the cores, so it runs them in turn."""
+def _vocode_all(vocoder, mels: list[np.ndarray]) -> list[np.ndarray | CLIFailure]:
+    """Vocode a batch's mels; a mel the vocoder refuses (HiFi-GAN's output not finite) is that request's
+    :class:`CLIFailure`, and the others are still written. Griffin-Lim is numpy FFTs, which release the
+    GIL, and seeds each call itself: threads give the same audio as one after another, on every core. A
+    torch vocoder already spreads one call over the cores, so it runs them in turn."""
     from concurrent.futures import ThreadPoolExecutor
 
     from meld.vocoder import GriffinLimVocoder
 
+    def vocode(mel: np.ndarray) -> np.ndarray | CLIFailure:
+        try:
+            return vocoder(mel)
+        except ValueError as err:
+            return CLIFailure(f"{vocoder.name}: {err}")
+
     workers = min(len(mels), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     if not isinstance(vocoder, GriffinLimVocoder) or workers < 2:
-        return [vocoder(m) for m in mels]
+        return [vocode(m) for m in mels]
     with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(vocoder, mels))
+        return list(pool.map(vocode, mels))
 
 
 def _mel_synthesiser(args: argparse.Namespace, ckpt: LoadedCheckpoint, vocoder):
@@ -507,6 +514,9 @@ def _mel_synthesiser(args: argparse.Namespace, ckpt: LoadedCheckpoint, vocoder):
         wavs = _vocode_all(vocoder, list(mels.values()))
         vocoder_s = time.perf_counter() - t1
         for (i, full_mel), wav in zip(mels.items(), wavs):
+            if isinstance(wav, CLIFailure):
+                results[i] = wav
+                continue
             cont = conts[i]
             results[i] = Synthesis(wav, vocoder.sample_rate, (full_mel.shape[0] - cont.frames.shape[0]) / FRAME_RATE,
                                    cont.frames.shape[0] / FRAME_RATE, cont.hit_max_length)
