@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -22,10 +23,14 @@ TTS_COLUMNS = [
     ("SIM GT cont.", "sim_ground_truth_continuation", "{:.3f}"),
     ("SIM other spk.", "sim_other_speaker", "{:.3f}"),
     ("SIM other spk. (vocoded)", "sim_other_speaker_vocoded", "{:.3f}"), ("dur. ratio", "duration_ratio", "{:.2f}"),
-    ("gen. min / GT min", None, None), ("longest sil. (s)", "longest_silence_s", "{:.2f}"),
-    ("GT longest sil. (s)", "ground_truth_longest_silence_s", "{:.2f}"), ("max-len hits", "max_length_hits", "{}"),
-    ("RTF", "rtf", "{:.3f}"),
+    ("gen. min / GT min", None, None), ("longest sil. (s)", "longest_silence_s", "{:.3f}"),
+    ("GT longest sil. (s)", "ground_truth_longest_silence_s", "{:.3f}"), ("max-len hits", "max_length_hits", "{}"),
+    ("RTF", "rtf", "{:.3g}"),  # significant digits: a GPU's 0.0004 is not 0.000
 ]
+
+
+def _finite(v) -> bool:
+    return v is not None and not (isinstance(v, float) and not math.isfinite(v))
 
 
 def _cell(m: dict, key: str | None, fmt: str | None, title: str) -> str:
@@ -36,7 +41,9 @@ def _cell(m: dict, key: str | None, fmt: str | None, title: str) -> str:
     if title == "gen. min / GT min":
         return f"{m.get('generated_minutes', 0):.2f} / {m.get('ground_truth_minutes', 0):.2f}"
     v = m.get(key)
-    return "–" if v is None else fmt.format(v)
+    if v is None:
+        return "–"
+    return fmt.format(v) if _finite(v) else str(v).replace("nan", "NaN")  # not "nan%"
 
 
 def tts_table(all_metrics: list[dict]) -> list[str]:
@@ -97,12 +104,15 @@ def silence_statement(all_metrics: list[dict]) -> list[str]:
             continue
         for split, s in by["meld"].items():
             o = by[other].get(split)
-            if not o or s.get("longest_silence_s") is None or o.get("longest_silence_s") is None:
-                continue
-            a, b = s["longest_silence_s"], o["longest_silence_s"]
+            if not o or not _finite(s.get("longest_silence_s")) or not _finite(o.get("longest_silence_s")):
+                continue  # NaN is neither less nor more
+            # judged at the precision shown (ms; a mean of 10 ms frames over a few generations moves in 5 ms
+            # steps), so the verdict never contradicts the two numbers beside it
+            a, b = round(s["longest_silence_s"], 3), round(o["longest_silence_s"], 3)
             verdict = "less" if a < b else "more" if a > b else "the same"
-            out.append(f"- {split}: MELD {a:.2f} s vs {other} {b:.2f} s: MELD generates {verdict} prolonged silence "
-                       f"(ground truth {s.get('ground_truth_longest_silence_s', float('nan')):.2f} s).")
+            truth = s.get("ground_truth_longest_silence_s")
+            out.append(f"- {split}: MELD {a:.3f} s vs {other} {b:.3f} s: MELD generates {verdict} prolonged silence "
+                       f"(ground truth {f'{truth:.3f} s' if _finite(truth) else '–'}).")
     return out if len(out) > 2 else []
 
 
@@ -126,8 +136,10 @@ def plot_points(all_metrics: list[dict]) -> list[dict]:
             continue
         for name, splits in [(m["system"], m.get("splits", {}))] + list(m.get("ablations", {}).items()):
             for split, s in splits.items():
-                if s:
-                    points.append({"system": name, "split": split, **{k: s.get(k) for k in keys}})
+                if s:  # NaN as null: report_plots.json stays JSON that DVC and Vega read
+                    # system_split: the bar's label in dvc.yaml's plots (one bar per system and split)
+                    points.append({"system": name, "split": split, "system_split": f"{name} / {split}",
+                                   **{k: s.get(k) if _finite(s.get(k)) else None for k in keys}})
     return points
 
 
@@ -153,6 +165,10 @@ def comparison_figure(points: list[dict]):
             offset = (j - (len(splits) - 1) / 2) * height
             ax.barh([i + offset for i, _ in rows], [v for _, v in rows], height=height, color=colours[split],
                     label=split)
+            for p in points:  # a missing value is said: without it the row reads as a bar of 0
+                if p["split"] == split and p[metric] is None:
+                    ax.text(0, systems.index(p["system"]) + offset, " n/a", va="center", ha="left", fontsize=7,
+                            color="grey", transform=ax.get_yaxis_transform())
             if reference is None:
                 continue
             truths = [(p[reference], systems.index(p["system"]) + offset) for p in points
@@ -171,8 +187,15 @@ def comparison_figure(points: list[dict]):
         ax.grid(axis="x", alpha=0.3)
         if metric == "wer":
             ax.xaxis.set_major_formatter(PercentFormatter(1.0))
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    legend = dict(zip(labels, handles))  # the ground-truth ticks once, not once per split
+    # the splits, then the ground-truth ticks once, from whichever panels drew them (the WER panel has none
+    # when every judged speaker is excluded)
+    legend = {}
+    for ax in axes.flat:
+        legend.update((label, handle) for handle, label in zip(*ax.get_legend_handles_labels())
+                      if label in splits and label not in legend)
+    for ax in axes.flat:
+        legend.update((label, handle) for handle, label in zip(*ax.get_legend_handles_labels())
+                      if label not in splits and label not in legend)
     fig.legend(legend.values(), legend.keys(), loc="lower center", ncol=len(splits) + 1, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     return fig
@@ -249,10 +272,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.tune and Path(args.tune).is_file():
         tune = json.loads(Path(args.tune).read_text())
         best = tune.get("best")
-        if best:  # an early-stopped best was compared at fewer steps than the budget: say so
-            note = "" if best.get("status") == "completed" else \
-                f" (stopped early by ASHA at step {best.get('steps')}: no trial trained the full budget)"
-            summary = f"best trial: `{best['config']}` objective {best['objective']:.4g}{note}"
+        objective = tune.get("objective") or {}
+        if best:  # a best that did not train the full budget was compared at fewer steps: say so, and why
+            note = {"completed": "",
+                    "early_stopped": f" (stopped early by ASHA at step {best.get('steps')}: "
+                                     "no trial trained the full budget)",
+                    "error": f" (its training failed after step {best.get('steps')}: "
+                             "no trial trained the full budget)"}.get(
+                best.get("status"), f" ({best.get('status')} at step {best.get('steps')}: "
+                                    "no trial trained the full budget)")
+            what = objective.get("metric", "objective")
+            direction = {"min": " (lower is better)", "max": " (higher is better)"}.get(objective.get("mode"), "")
+            summary = f"best trial: `{best['config']}` {what} {best['objective']:.4g}{direction}{note}"
         else:
             summary = "no trial produced a finite objective"
         rungs = asha_rungs(tune.get("scheduler") or {})

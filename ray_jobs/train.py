@@ -490,8 +490,11 @@ def _open_mlflow_run(config: dict, ckpt_dir: Path, *, resumed_at: int | None, sa
         mlflow.set_tag("resumed_after", run.data.tags["failure"])
         mlflow.delete_tag("failure")
     if run_id is None:
-        mlflow.log_params(tracking.flatten({"system": config["system"], "train": config["train"],
-                                            "model": config["model_kwargs"], **(config.get("mlflow_params") or {})}))
+        # the reduction factor (frame rate) is not among every system's constructor arguments: logged
+        # beside them, so that runs can be filtered and compared by it in the MLflow UI
+        model = {**config["model_kwargs"], "reduction_factor": config["reduction_factor"]}
+        mlflow.log_params(tracking.flatten({"system": config["system"], "train": config["train"], "model": model,
+                                            **(config.get("mlflow_params") or {})}))
         mlflow.log_metric("data/padding_fraction", sampler.padding_fraction())
     if resumed_at is not None:
         mlflow.log_metric("train/resume_step", resumed_at, step=resumed_at)

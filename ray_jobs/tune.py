@@ -335,7 +335,8 @@ def best_trial(trials: list[dict]) -> dict | None:
 
 
 def plot_trials(trials: list[dict], metric: str, path: Path):
-    """Objective vs slowness weight, one line per frame rate; hollow markers: stopped early by ASHA.
+    """Objective vs slowness weight, one line per frame rate; hollow markers: stopped early by ASHA,
+    crosses: the trial's training failed (its last objective); both annotated with their step.
     Saves the plot to ``path`` and returns the (closed) figure so that callers can inspect it."""
     import matplotlib
 
@@ -355,14 +356,17 @@ def plot_trials(trials: list[dict], metric: str, path: Path):
         (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", label=f"r={r} ({62.5 / r:.1f} Hz)")
         for w, v, status, steps in pts:
             full = status == "completed"
+            failed = status == "error"  # not ASHA's doing: a cross, not a hollow circle
             ax.plot(
-                [w], [v], "o", color=line.get_color(), markerfacecolor=line.get_color() if full else "none"
+                [w], [v], "x" if failed else "o", color=line.get_color(),
+                markerfacecolor=line.get_color() if full or failed else "none",
             )
             if not full:
-                ax.annotate(f"{steps}", (w, v), textcoords="offset points", xytext=(4, 4), fontsize=7)
+                ax.annotate(f"error at {steps}" if failed else f"{steps}", (w, v), textcoords="offset points",
+                            xytext=(4, 4), fontsize=7)
     ax.set_xlabel("slowness penalty weight")
     ax.set_ylabel(f"{metric} (per 80-dim frame element)")
-    ax.set_title("MELD sweep (hollow: stopped early by ASHA, at the step shown)")
+    ax.set_title("MELD sweep (hollow: stopped early by ASHA, x: failed; at the step shown)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -414,13 +418,6 @@ def run_sweep(
     work_dir = work_dir.resolve()
     fp = sweep_fingerprint(params, tc, features=features, bpe=bpe, codebook=codebook, work_dir=work_dir,
                            project_root=project_root)
-    experiment = params.get("mlflow", {}).get("experiment", "meld")
-    mlflow = tracking.setup(experiment, project_root)
-    experiment_dir = work_dir / "ray_tune" / f"tune-{tc.system}"
-    parent_id = None if restart else _resumable_parent(work_dir, fp, experiment_dir, mlflow, experiment)
-    if parent_id is None and work_dir.exists():  # scratch: trial checkpoints and Ray state of another sweep
-        shutil.rmtree(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
     # locally, room for the trials that run at once (one with max_concurrent_trials 0: as many as fit)
     init_ray(
         num_cpus=None
@@ -428,9 +425,17 @@ def run_sweep(
         else max(os.cpu_count() or 1, max(1, tc.max_concurrent_trials) * trial_resources(tc)["CPU"])
     )
     # on several nodes, the trials' checkpoints, Ray's run storage and the inputs must be where every node
-    # sees them; refused now, not at a trial's first checkpoint hours in (Ray checks its storage only then)
+    # sees them; refused now, before anything is written or cleared, not at a trial's first checkpoint hours
+    # in (Ray checks its storage only then)
     check_shared_storage(**sweep_storage(work_dir, features=features, bpe=bpe, codebook=codebook, out=out, plot=plot,
-                                         tracking_uri=mlflow.get_tracking_uri()))
+                                         tracking_uri=tracking.tracking_uri(project_root)))
+    experiment = params.get("mlflow", {}).get("experiment", "meld")
+    mlflow = tracking.setup(experiment, project_root)
+    experiment_dir = work_dir / "ray_tune" / f"tune-{tc.system}"
+    parent_id = None if restart else _resumable_parent(work_dir, fp, experiment_dir, mlflow, experiment)
+    if parent_id is None and work_dir.exists():  # scratch: trial checkpoints and Ray state of another sweep
+        shutil.rmtree(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
     cluster = ray.cluster_resources()
     concurrent = trial_concurrency(tc, cluster)
     if not tc.max_concurrent_trials:

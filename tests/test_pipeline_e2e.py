@@ -204,11 +204,15 @@ def test_whole_dag_runs_and_reruns_only_what_changed(tmp_path):
 
     import mlflow
 
+    from meld.training import load_checkpoint
+
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     runs = {r.info.run_name: r for r in mlflow.search_runs(experiment_names=["e2e"], output_format="list")}
     run = runs["train-meld_joint"]  # the training run, with its evaluation's TTS and STT metrics
     assert "loss/total" in run.data.metrics and "eval/test_unseen/duration_ratio" in run.data.metrics
     assert "eval/stt/test/wer" in run.data.metrics
+    assert run.data.params["model.reduction_factor"] == str(load_checkpoint(work / "models" / "meld_joint" / "model.pt")
+                                                            ["extra"]["reduction_factor"])  # runs filter by frame rate
     assert run.data.tags["eval.splits"] == str(DEBUG_PARAMS["evaluate"]["splits"])  # how it was evaluated
     artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "model")]
     assert artifacts == ["model/model.pt"]  # the model the run produced

@@ -114,3 +114,39 @@ def test_the_comparison_plot_draws_each_system_and_split_against_its_ground_trut
         colours[split_name].add(bar.get_facecolor())
     assert all(len(c) == 1 for c in colours.values()) and colours["test"] != colours["test_unseen"]
     plt.close(fig)
+
+
+def test_dvc_plots_draws_one_bar_per_system_and_split_for_each_number(tmp_path):
+    """dvc.yaml's top-level plots read report_plots.json through real `dvc plots show`: every panel's number
+    as a bar per (system, split), labelled by both, and the comparison figure itself. Declared as a plain
+    stage plot, DVC drew a smoothed line of the last key over the row index."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    repo = tmp_path / "repo"
+    (repo / "reports").mkdir(parents=True)
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=repo, check=True)
+    dvc_yaml = yaml.safe_load((root / "dvc.yaml").read_text())
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"plots": dvc_yaml["plots"]}))
+    split = {"wer": 0.2, "sim": 0.7, "longest_silence_s": 0.4, "duration_ratio": 1.1,
+             "wer_ground_truth_vocoded": 0.1, "sim_ground_truth_continuation": 0.8, "ground_truth_longest_silence_s": 0.3}
+    metrics = [{"system": "meld", "splits": {"dev": split, "test": {**split, "wer": 0.3}}, "ablations": {}},
+               {"system": "melle", "splits": {"dev": {**split, "sim": 0.6}}, "ablations": {}}]
+    points = report.plot_points(metrics)
+    (repo / "reports" / "report_plots.json").write_text(json.dumps(points))
+    (repo / "reports" / "plots").mkdir()
+    report.comparison_figure(points).savefig(repo / "reports" / "plots" / "tts_comparison.png")
+    shown = subprocess.run([sys.executable, "-m", "dvc", "plots", "show", "--json"], cwd=repo, check=True,
+                           capture_output=True, text=True)
+    data = json.loads(shown.stdout)["data"]
+    assert "reports/plots/tts_comparison.png" in data
+    bars = {name: plot[0]["content"] for name, plot in data.items() if "by system and split" in name}
+    assert {c["encoding"]["x"]["field"] for c in bars.values()} == {metric for metric, _, _ in report.PANELS}
+    for content in bars.values():
+        assert content["mark"]["type"] == "bar" and content["encoding"]["y"]["field"] == "system_split"
+        x = content["encoding"]["x"]["field"]
+        got = {(v["system_split"], v[x]) for v in content["data"]["values"]}
+        assert got == {(f"{p['system']} / {p['split']}", p[x]) for p in points}
