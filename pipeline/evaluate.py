@@ -685,17 +685,20 @@ def write_results(args, params: dict, metrics: dict, all_rows: list[dict], out: 
     run_id = Path(args.run_id_file).read_text().strip() if args.run_id_file and Path(args.run_id_file).is_file() else None
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else f"evaluate-{args.system}"):
         mlflow.set_tags(tracking.flatten({"eval": params.get("evaluate", {})}))
+        step = int(metrics.get("step", 0))  # the evaluated checkpoint's: beside the dev metrics of that step
         for split, s in metrics["splits"].items():
-            mlflow.log_metrics({f"eval/{split}/{k}": float(v) for k, v in s.items() if isinstance(v, (int, float))})
+            mlflow.log_metrics({f"eval/{split}/{k}": float(v) for k, v in s.items() if isinstance(v, (int, float))},
+                               step=step)
         for name, splits in metrics.get("ablations", {}).items():  # "meld (latent zeroed)" -> "meld latent zeroed"
             slug = re.sub(r"[^\w./ -]", "", name).strip()
             for split, s in splits.items():
                 mlflow.log_metrics({f"eval/ablation/{slug}/{split}/{k}": float(v) for k, v in s.items()
-                                    if isinstance(v, (int, float))})
+                                    if isinstance(v, (int, float))}, step=step)
         for split, s in metrics.get("stt", {}).items():
-            mlflow.log_metrics({f"eval/stt/{split}/{k}": float(v) for k, v in s.items() if isinstance(v, (int, float))})
+            mlflow.log_metrics({f"eval/stt/{split}/{k}": float(v) for k, v in s.items() if isinstance(v, (int, float))},
+                               step=step)
             mlflow.log_metrics({f"eval/stt/{split}/wer_by_speaker/{spk}": float(w)
-                                for spk, w in s.get("per_speaker", {}).items()})
+                                for spk, w in s.get("per_speaker", {}).items()}, step=step)
         mlflow.log_artifacts(str(out / "samples"), "eval/samples") if (out / "samples").is_dir() else None
         mlflow.log_artifacts(str(out / "plots"), "eval/plots") if (out / "plots").is_dir() else None
         mlflow.log_artifact(args.metrics, "eval")

@@ -211,8 +211,10 @@ def test_whole_dag_runs_and_reruns_only_what_changed(tmp_path):
     run = runs["train-meld_joint"]  # the training run, with its evaluation's TTS and STT metrics
     assert "loss/total" in run.data.metrics and "eval/test_unseen/duration_ratio" in run.data.metrics
     assert "eval/stt/test/wer" in run.data.metrics
-    assert run.data.params["model.reduction_factor"] == str(load_checkpoint(work / "models" / "meld_joint" / "model.pt")
-                                                            ["extra"]["reduction_factor"])  # runs filter by frame rate
+    exported = load_checkpoint(work / "models" / "meld_joint" / "model.pt")
+    assert run.data.params["model.reduction_factor"] == str(exported["extra"]["reduction_factor"])  # filter by frame rate
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "eval/test_unseen/duration_ratio")
+    assert {m.step for m in history} == {exported["step"]}  # beside the dev metrics of the step evaluated
     assert run.data.tags["eval.splits"] == str(DEBUG_PARAMS["evaluate"]["splits"])  # how it was evaluated
     artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "model")]
     assert artifacts == ["model/model.pt"]  # the model the run produced
