@@ -507,7 +507,7 @@ def test_a_resumed_run_drops_its_failure_tag(tmp_path, tracking):
     from ray_jobs.train import _open_mlflow_run
 
     config = {"experiment": "faults", "project_root": str(tmp_path), "run_name": "train-meld", "system": "meld",
-              "train": TINY_PARAMS["train"], "model_kwargs": {}}
+              "train": TINY_PARAMS["train"], "model_kwargs": {}, "reduction_factor": 1}
     ckpts, sampler, client = tmp_path / "checkpoints", FrameBudgetSampler([3, 4], 8), MlflowClient(tracking)
     mlflow = _open_mlflow_run(config, ckpts, resumed_at=None, sampler=sampler)
     first = mlflow.active_run().info.run_id
