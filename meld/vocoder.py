@@ -18,7 +18,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -31,7 +30,7 @@ from torch.nn import functional as F
 
 from meld.audio import SAMPLE_RATE
 from meld.features import HOP_LENGTH, N_FFT, N_MELS, WIN_LENGTH, mel_filterbank
-from meld.weights import first_line, first_non_finite, state_mismatch
+from meld.weights import check_fits, first_line, read_json_object, read_weights, tensor_state
 
 logger = logging.getLogger(__name__)
 
@@ -287,20 +286,8 @@ def _load_state_dict(folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     """(the weights file, its tensors); a file that is there but does not read is a ValueError naming it."""
     for name in _WEIGHT_FILES:
         path = folder / name
-        if not path.is_file():
-            continue
-        try:
-            if name.endswith(".safetensors"):
-                from safetensors.torch import load_file
-
-                state = load_file(str(path))
-            else:
-                state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
-        except Exception as err:  # truncated, empty, not this format, unreadable: each library says it its own way
-            raise ValueError(f"{path}: not a readable {name} weights file ({first_line(err)})") from err
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise ValueError(f"{path}: not a state dict of tensors (got {type(state).__name__})")
-        return path, state
+        if path.is_file():
+            return path, tensor_state(read_weights(path, "HiFi-GAN"), path, "HiFi-GAN")
     raise FileNotFoundError(f"{folder}: no HiFi-GAN weights (expected one of {', '.join(_WEIGHT_FILES)})")
 
 
@@ -335,12 +322,7 @@ class HiFiGANVocoder(Vocoder):
         config_path = folder / "config.json"
         if not config_path.is_file():
             raise FileNotFoundError(f"{folder}: no config.json (expected a SpeechT5 HiFi-GAN folder)")
-        try:
-            config = json.loads(config_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"{config_path}: not a readable JSON file ({first_line(err)})") from err
-        if not isinstance(config, dict):
-            raise ValueError(f"{config_path}: holds a JSON {type(config).__name__}, expected an object")
+        config = read_json_object(config_path)
         model_type = config.get("model_type", "speecht5_hifigan")
         if model_type != "speecht5_hifigan":
             raise ValueError(f"{config_path}: model_type is {model_type!r}, expected 'speecht5_hifigan'")
@@ -362,12 +344,7 @@ class HiFiGANVocoder(Vocoder):
             state = _fold_weight_norm(state)
         except ValueError as err:
             raise ValueError(f"{weights_path}: {err}") from err
-        mismatch = state_mismatch(generator.state_dict(), state, expected_by="by config.json")
-        if mismatch:
-            raise ValueError(f"{weights_path}: weights do not match the SpeechT5 HiFi-GAN in config.json: {mismatch}")
-        bad = first_non_finite(state)
-        if bad:
-            raise ValueError(f"{weights_path}: tensor {bad} holds NaN or infinite values (a corrupt or diverged model)")
+        check_fits(generator.state_dict(), state, weights_path, "the SpeechT5 HiFi-GAN in config.json")
         generator.load_state_dict(state, strict=True)
         # finite weights can still overflow (e.g. a checkpoint saved mid-divergence): a few frames
         # spanning the log-mel range say so now, not after a whole split has been generated

@@ -29,7 +29,7 @@ import numpy as np
 
 from meld.audio import SAMPLE_RATE, resample
 from meld.text import normalise_transcript
-from meld.weights import first_line, first_non_finite
+from meld.weights import first_line, first_non_finite, read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -54,14 +54,9 @@ def check_transformers_config(folder: Path, model_type: str, what: str) -> dict:
     Raises:
         ValueError: not JSON, or another model's config (e.g. a WavLM folder given as Whisper).
     """
-    import json
-
     config_path = folder / "config.json"
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{config_path}: not a readable JSON file ({first_line(err)})") from err
-    found = config.get("model_type") if isinstance(config, dict) else None
+    config = read_json_object(config_path)
+    found = config.get("model_type")
     if found != model_type:
         raise ValueError(f"{config_path}: model_type is {found!r}, expected {model_type!r} (not a {what} folder)")
     return config

@@ -41,7 +41,7 @@ from meld.models.leaving_rows import LeavingRows, row_guards
 from meld.models.meld import Generation
 from meld.models.vocab import UnionEmbedding, UnionVocab
 from meld.sampling import sample
-from meld.weights import first_line, first_non_finite, state_mismatch
+from meld.weights import check_fits, first_line, read_weights, tensor_state
 
 DAC_FRAME_RATE = 50.0  # codes per second of DAC's 16 kHz model (hop 2*4*5*8 = 320 samples)
 
@@ -287,7 +287,6 @@ def codec_lm_kwargs(
     return dict(n_text=n_text, n_levels=n_levels, codebook_size=codebook_size, **backbone_kwargs(model_cfg))
 
 
-
 # ---------------------------------------------------------------------- the codec (DAC architecture)
 class _WeightNormConv(nn.Module):
     """Conv1d / ConvTranspose1d with weight normalisation stored as ``weight_g`` and ``weight_v``.
@@ -518,10 +517,7 @@ class DACCodec(nn.Module):
                 is not a state dict, its tensors do not fit the architecture, or hold NaN / infinity.
         """
         path = Path(path)
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # truncated, empty, not a torch file, unreadable: each says it its own way
-            raise ValueError(f"{path}: not a readable DAC weights file ({first_line(err)})") from err
+        state = read_weights(path, "DAC")
         kwargs: dict[str, Any] = {}
         if isinstance(state, dict) and "state_dict" in state:
             meta = state.get("metadata") or {}
@@ -539,20 +535,13 @@ class DACCodec(nn.Module):
             }
             kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in meta.items() if k in known}
             state = state["state_dict"]
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise ValueError(f"{path}: not a DAC state dict of tensors (got {type(state).__name__})")
+        state = tensor_state(state, path, "DAC")
         try:
             codec = cls(**{**kwargs, **overrides})
         except (TypeError, ValueError, RuntimeError) as err:  # metadata of the wrong type or value
             raise ValueError(f"{path}: its DAC metadata {kwargs} does not build a codec ({first_line(err)})") from err
-        mismatch = state_mismatch(codec.state_dict(), state)
-        if mismatch:
-            raise ValueError(f"{path}: weights do not fit the DAC its metadata describes "
-                             f"({', '.join(f'{k}={v}' for k, v in kwargs.items()) or 'no metadata: defaults'}): "
-                             + mismatch)
-        bad = first_non_finite(state)
-        if bad is not None:
-            raise ValueError(f"{path}: DAC tensor {bad} holds NaN or infinite values (a corrupt file?)")
+        described = ", ".join(f"{k}={v}" for k, v in kwargs.items()) or "no metadata: defaults"
+        check_fits(codec.state_dict(), state, path, f"the DAC its metadata describes ({described})")
         codec.load_state_dict(state)
         return codec.eval()
 
