@@ -112,7 +112,7 @@ def unseen_by_nodes(items: list[tuple[str, str, str | None, int | None]], node_i
 
 
 def check_shared_storage(written: dict[str, Path], read: dict[str, Path] | None = None,
-                         driver_only: dict[str, Path] | None = None) -> None:
+                         driver_only: dict[str, Path] | None = None, tracking_uri: str | None = None) -> None:
     """Refuse, before any work starts, storage a multi-node run cannot use (call it after :func:`init_ray`).
 
     Args:
@@ -122,6 +122,7 @@ def check_shared_storage(written: dict[str, Path], read: dict[str, Path] | None 
         read: {label: file} every node reads (the feature store's index, the BPE model): each node must
             see it with the driver's size.
         driver_only: {label: path} only this process writes (reports).
+        tracking_uri: the MLflow store the run's workers log to; a local one's folder is written too.
 
     Any of these inside Ray's own temp folder (a relative path under ``ray job submit --working-dir``
     lands in the job's unpacked copy of the code, on the head node only, which Ray deletes later) is
@@ -132,7 +133,12 @@ def check_shared_storage(written: dict[str, Path], read: dict[str, Path] | None 
     """
     import secrets
 
+    from meld.tracking import local_store_folder
+
     written, read, driver_only = dict(written), dict(read or {}), dict(driver_only or {})
+    store = local_store_folder(tracking_uri) if tracking_uri else None
+    if store is not None:  # an SQLite file's folder or a file store: every worker's rank 0 writes there
+        written["the MLflow store (MLFLOW_TRACKING_URI)"] = store
     temp = ray_temp_root()
     if temp is not None:
         inside = [f"{label} {p}" for label, p in {**written, **read, **driver_only}.items()

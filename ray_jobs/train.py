@@ -925,19 +925,14 @@ def training_storage(config: dict, ray_storage: str) -> dict:
     """What :func:`ray_jobs.cluster.check_shared_storage` checks for a training run: the checkpoint folder
     (written by rank 0 on any node, read by the driver's export and by a resumed run), Ray's run storage
     when it is a path, a local MLflow store, and the inputs every worker reads."""
-    from meld.tracking import local_store_folder
-
     written = {"--out (checkpoints)": Path(config["checkpoint_dir"])}
     if "://" not in ray_storage:
         written["--ray-storage"] = Path(ray_storage)
-    store = local_store_folder(config["mlflow_tracking_uri"])
-    if store is not None:
-        written["the MLflow store (MLFLOW_TRACKING_URI)"] = store
     store_flag = "--codes" if config["system"] == "codec_lm" else "--features"
     read = {store_flag: Path(config["train_store"]) / "index.jsonl", "--bpe": Path(config["bpe_model"])}
     if config.get("codebook"):
         read["--codebook"] = Path(config["codebook"])
-    return {"written": written, "read": read}
+    return {"written": written, "read": read, "tracking_uri": config["mlflow_tracking_uri"]}
 
 
 def log_model_artifact(config: dict, path: Path) -> None:

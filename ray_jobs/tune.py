@@ -380,14 +380,9 @@ def sweep_storage(work_dir: Path, *, features: str, bpe: str, codebook: str, out
     """What :func:`ray_jobs.cluster.check_shared_storage` checks for a sweep: the work directory (every trial's
     checkpoints, written by its rank 0 on any node and read by the sweep's driver; Ray's run storage), a local
     MLflow store (each trial's rank 0 logs to it), the inputs every worker reads, and the reports."""
-    from meld.tracking import local_store_folder
-
-    written = {"--work-dir": work_dir}
-    store = local_store_folder(tracking_uri)
-    if store is not None:
-        written["the MLflow store (MLFLOW_TRACKING_URI)"] = store
     read = {"--features": Path(features) / "train" / "index.jsonl", "--bpe": Path(bpe), "--codebook": Path(codebook)}
-    return {"written": written, "read": read, "driver_only": {"--out": out, "--plot": plot}}
+    return {"written": {"--work-dir": work_dir}, "read": read, "driver_only": {"--out": out, "--plot": plot},
+            "tracking_uri": tracking_uri}
 
 
 def run_sweep(

@@ -121,6 +121,8 @@ def test_paths_inside_rays_temp_folder_are_refused(own_ray, tmp_path):
         check_shared_storage({"--work-dir": job_copy / "ray_results" / "tune"})
     with pytest.raises(NodeLocalStorage, match=r"--out .*reports/tune.json"):
         check_shared_storage({"--work-dir": tmp_path}, driver_only={"--out": job_copy / "reports" / "tune.json"})
+    with pytest.raises(NodeLocalStorage, match=r"the MLflow store \(MLFLOW_TRACKING_URI\) .*_ray_pkg_0: inside"):
+        check_shared_storage({"--work-dir": tmp_path}, tracking_uri=f"sqlite:///{job_copy / 'mlflow.db'}")
     check_shared_storage({"--work-dir": tmp_path / "work"}, read={"--bpe": tmp_path}, driver_only={"--out": tmp_path})
     # under the temp folder but in no session of Ray's (a cluster started with --temp-dir on a shared disk)
     check_shared_storage({"--work-dir": temp / "meld-work"})
@@ -187,8 +189,9 @@ def test_a_training_run_checks_its_checkpoints_store_and_inputs(tmp_path_factory
     assert config["mlflow_tracking_uri"] == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
     got = training_storage(config, "ray_results")
     assert got["written"] == {"--out (checkpoints)": tmp_path / "model" / "checkpoints",
-                              "--ray-storage": Path("ray_results"),
-                              "the MLflow store (MLFLOW_TRACKING_URI)": tmp_path / "runs"}
+                              "--ray-storage": Path("ray_results")}
+    # the store's folder: check_shared_storage adds it to what is written, from the URI
+    assert tracking.local_store_folder(got["tracking_uri"]) == tmp_path / "runs"
     assert got["read"] == {"--features": data.resolve() / "features" / "train" / "index.jsonl",
                            "--bpe": (data / "bpe" / "bpe.model").resolve(),
                            "--codebook": Path(config["codebook"])}
