@@ -613,7 +613,6 @@ def evaluate(args: argparse.Namespace, params: dict, cfg: EvaluateConfig, device
     spec = ScorerSpec(cfg.vocoder, cfg.vocoder_path, cfg.asr_judge, cfg.asr_judge_path, cfg.speaker_model,
                       cfg.speaker_model_path, cfg.score_device)
     # the vocoder and judges load first: a path that does not load stops the stage before the STT evaluation
-    # (in this process with one scoring worker, in the workers with more; describe() hands their error back)
     try:
         scoring = ScoringPool(spec, cfg.score_workers) if variants else contextlib.nullcontext()
     except ValueError as err:  # weights that are there but do not load: the message names the file
@@ -621,11 +620,7 @@ def evaluate(args: argparse.Namespace, params: dict, cfg: EvaluateConfig, device
         raise SystemExit(f"evaluate: the vocoder or a judge does not load: {err}") from None
     with scoring as scorer:
         if scorer is not None:
-            try:
-                built = scorer.describe()
-            except ValueError as err:
-                log.debug("scorer construction failed in a scoring worker", exc_info=True)
-                raise SystemExit(f"evaluate: the vocoder or a judge does not load: {err}") from None
+            built = scorer.describe()
             metrics["vocoder"], metrics["asr_judge"] = built["vocoder"], built["asr_judge"]
             metrics["score_device"] = cfg.score_device  # resolved: the workers' devices are this, or its GPUs in turn
         stt = stt_model(stt_side, state, args.model, cfg.stt_ctc_weight) if stt_side is not None else None

@@ -193,6 +193,7 @@ def _score_generation(item: GenerationItem) -> dict:
 
 class ScoringPool:
     """``workers`` processes (spawned, so no torch/OpenMP state is forked), or the calling process when 1.
+    The backends are built when the pool is: one that does not load raises from the constructor.
 
     With ``spec.device`` ``cuda`` the workers take the machine's GPUs in turn (:func:`worker_devices`).
     Results come back in input order. Use as a context manager so the workers are shut down.
@@ -212,6 +213,7 @@ class ScoringPool:
         devices = worker_devices(spec.device, self.workers, gpus)
         if self.workers == 1:
             self._local = Scorer(spec, devices[0])
+            self._built = self._local.describe()
         else:
             context = multiprocessing.get_context("spawn")
             handed_out = context.Queue()
@@ -219,12 +221,15 @@ class ScoringPool:
                 handed_out.put(device)
             self._pool = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_init_worker,
                                              initargs=(spec, handed_out))
+            try:  # a worker's load error (a backend's one-line ValueError) raised here, as in-process
+                self._built = self._pool.submit(_describe).result()
+            except BaseException:
+                self.close()
+                raise
 
     def describe(self) -> dict:
         """The backends a worker built: {vocoder, asr_judge, speaker_model} names (None when missing)."""
-        if self._local is not None:
-            return self._local.describe()
-        return self._pool.submit(_describe).result()
+        return self._built
 
     def map_references(self, items: Sequence[ReferenceItem]) -> Iterator[dict]:
         if self._local is not None:
