@@ -224,27 +224,6 @@ def pad_texts(texts: list[list[int]]) -> dict[str, torch.Tensor]:
     return {"text": text, "text_len": torch.tensor([len(t) for t in texts], dtype=torch.long)}
 
 
-def check_manifest_durations(stage: str, split: str, rows: list[dict], min_seconds: float, max_seconds: float,
-                             limit: float) -> None:
-    """Stop a data stage before its pass over the audio when the manifest's durations alone (the corpus stage
-    reads them from each file's header) put more of a split outside ``[min_seconds, max_seconds]`` than
-    ``limit`` allows: :func:`enforce_rejected_fraction` would stop it anyway, but only after decoding every
-    file (hours, on LibriSpeech 960 h). Rows without a duration are left to the pass."""
-    outside = [r for r in rows if isinstance(r.get("duration"), (int, float))
-               and not min_seconds <= r["duration"] <= max_seconds]
-    frac = len(outside) / max(1, len(rows))
-    if frac > limit:
-        longest = max(outside, key=lambda r: r["duration"])
-        shortest = min(outside, key=lambda r: r["duration"])
-        raise SystemExit(
-            f"{stage}: split '{split}' has {len(outside)}/{len(rows)} utterances ({frac:.1%}) outside "
-            f"features.min_seconds..features.max_seconds = {min_seconds:g}..{max_seconds:g} s by its manifest's "
-            f"durations (from {shortest['duration']:g} s, {shortest.get('id')}, to {longest['duration']:g} s, "
-            f"{longest.get('id')}), more than features.max_rejected_fraction={limit:.1%} allows; nothing was "
-            "processed: widen the range or raise the fraction"
-        )
-
-
 def enforce_rejected_fraction(stage: str, split: str, rejected: list[dict], total: int, limit: float,
                               listing: Path) -> float:
     """The fraction of a split's rows a data stage rejected; stops the stage, naming the first few, above ``limit``

@@ -22,11 +22,11 @@ from pathlib import Path
 
 from meld.codes import CODEC_FILE, build_codec, codec_from_description, encode_waveform
 from meld.config import CodecLMConfig, FeaturesConfig, ModelConfig, read_params, run_stage
-from meld.corpus import load_utterance, read_manifest
+from meld.corpus import check_manifest_durations, load_utterance, read_manifest
 from meld.models.codec_lm import codec_lm_kwargs
 from meld.progress import progress
 from meld.staging import staged_folder
-from meld.store import check_manifest_durations, enforce_rejected_fraction, write_code_store
+from meld.store import enforce_rejected_fraction, write_code_store
 
 _WORKER_CODEC = None  # each encoding process's own codec (not picklable cheaply, not thread-safe)
 

@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from meld.config import FeaturesConfig, load_section, run_stage
-from meld.corpus import load_utterance, read_manifest
+from meld.corpus import check_manifest_durations, load_utterance, read_manifest
 from meld.features import FRAME_RATE, RunningStats, log_mel
 from meld.progress import progress
 from meld.staging import staged_folder
-from meld.store import check_manifest_durations, enforce_rejected_fraction, write_store
+from meld.store import enforce_rejected_fraction, write_store
 
 
 def extract_one(job: tuple[dict, float, float]) -> tuple[dict, np.ndarray | None, str | None]:

@@ -78,13 +78,43 @@ def load_utterance(row: dict, min_seconds: float, max_seconds: float):
     try:
         wav = load_audio(row["audio_path"], max_seconds=max_seconds)
     except AudioTooLong as err:  # told by the file's header: not decoded
-        return meta, None, f"too long: {err.seconds:.1f} s > features.max_seconds={max_seconds}"
+        return meta, None, duration_rejection(err.seconds, min_seconds, max_seconds)
     except AudioError as err:
         return meta, None, str(err)
     seconds = wav.size / SAMPLE_RATE
-    if seconds > max_seconds:
-        return meta, None, f"too long: {seconds:.1f} s > features.max_seconds={max_seconds}"
-    if seconds < min_seconds:
-        return meta, None, f"too short: {seconds:.2f} s < features.min_seconds={min_seconds}"
+    reason = duration_rejection(seconds, min_seconds, max_seconds)
+    if reason:
+        return meta, None, reason
     meta["duration"] = round(seconds, 4)
     return meta, wav, None
+
+
+def duration_rejection(seconds: float, min_seconds: float, max_seconds: float) -> str | None:
+    """Why a clip of ``seconds`` is rejected by the data stages' length range, or None: the one rule
+    :func:`load_utterance` applies to decoded audio and :func:`check_manifest_durations` to the manifest."""
+    if seconds > max_seconds:
+        return f"too long: {seconds:.1f} s > features.max_seconds={max_seconds}"
+    if seconds < min_seconds:
+        return f"too short: {seconds:.2f} s < features.min_seconds={min_seconds}"
+    return None
+
+
+def check_manifest_durations(stage: str, split: str, rows: list[dict], min_seconds: float, max_seconds: float,
+                             limit: float) -> None:
+    """Stop a data stage before its pass over the audio when the manifest's durations alone (the corpus stage
+    reads them from each file's header) put more of a split outside ``[min_seconds, max_seconds]`` than
+    ``limit`` allows: the pass would stop it anyway (:func:`meld.store.enforce_rejected_fraction`), but only
+    after decoding every file (hours, on LibriSpeech 960 h). Rows without a duration are left to the pass."""
+    outside = [r for r in rows if isinstance(r.get("duration"), (int, float))
+               and duration_rejection(r["duration"], min_seconds, max_seconds)]
+    frac = len(outside) / max(1, len(rows))
+    if frac > limit:
+        longest = max(outside, key=lambda r: r["duration"])
+        shortest = min(outside, key=lambda r: r["duration"])
+        raise SystemExit(
+            f"{stage}: split '{split}' has {len(outside)}/{len(rows)} utterances ({frac:.1%}) outside "
+            f"features.min_seconds..features.max_seconds = {min_seconds:g}..{max_seconds:g} s by its manifest's "
+            f"durations (from {shortest['duration']:g} s, {shortest.get('id')}, to {longest['duration']:g} s, "
+            f"{longest.get('id')}), more than features.max_rejected_fraction={limit:.1%} allows; nothing was "
+            "processed: widen the range or raise the fraction"
+        )
