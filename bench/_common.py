@@ -148,14 +148,17 @@ def result_stem(name: str) -> str:
     return name
 
 
-def write_result(name: str, payload: dict) -> Path:
-    """Write ``bench/results/<name>.json`` atomically; returns its path."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=float) + "\n")
-    tmp.replace(path)
-    return path
+def write_result(name: str, payload: dict, also: Path | None = None) -> Path:
+    """Write ``bench/results/<name>.json`` atomically, and the same file into the folder ``also`` if given;
+    returns the first path."""
+    text = json.dumps(payload, indent=2, default=float) + "\n"
+    for folder in (RESULTS, *([also] if also is not None else [])):
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{name}.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return RESULTS / f"{name}.json"
 
 
 def run_cell(module: str, cell: dict, threads: int, timeout: float = 900) -> dict:

@@ -49,7 +49,6 @@ import argparse
 import copy
 import gc
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -513,13 +512,7 @@ def main(argv=None) -> int:
     generation = GenerationBench(device, args.frames, args.rounds, rates["read_gbs"])
 
     def save() -> Path:
-        path = write_result(args.out, result)
-        if args.copy_to is not None:
-            args.copy_to.mkdir(parents=True, exist_ok=True)
-            tmp = args.copy_to / f".{path.name}.tmp"
-            shutil.copyfile(path, tmp)
-            tmp.replace(args.copy_to / path.name)
-        return path
+        return write_result(args.out, result, also=args.copy_to)
 
     save()  # the device's rates, before any row
     for i, task in enumerate(tasks):

@@ -145,7 +145,7 @@ def test_the_rows_issue_6_asks_for_run_first_and_a_deadline_keeps_what_ran(tmp_p
 
     written = []
     monkeypatch.setattr(bench._common, "RESULTS", tmp_path)
-    monkeypatch.setattr(gpu, "write_result", lambda name, result: written.append(copy.deepcopy(result)))
+    monkeypatch.setattr(gpu, "write_result", lambda name, result, also=None: written.append(copy.deepcopy(result)))
     quick = ["--device", "cpu", "--quick", "--configs", "tiny", "--modes", "sliced", "--out", "gpu-order"]
     assert gpu.main(quick + ["--skip", "training"]) == 0
     # on disk with the device's rates before any row, after each row, then the final write
