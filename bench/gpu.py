@@ -17,7 +17,9 @@ What it measures (``--device cuda``; ``--device cpu`` runs the same code, for th
   the weight-bandwidth floor of a batch-1 step (bytes of weights a step reads / the measured read
   rate, a large ``torch.sum``, as ``bench.generation`` takes it); for the compiled step, how many
   graphs were compiled during the timed rounds (0 unless a generation recompiles) and how many times
-  inductor fell back from CUDA graphs (``cudagraph_skips``: such a row did not time CUDA graphs);
+  inductor fell back from CUDA graphs (``cudagraph_skips``: such a row did not time CUDA graphs), and
+  whether a CUDA graph was recorded during the timed rounds (``graphs_recorded_in_timed_rounds``:
+  true means a round paid a recording, e.g. its KV cache at a new address, so it timed more than replays);
 * training, ``meld.training.train_step`` with bf16 autocast and the fused AdamW on GPU (the Ray
   driver's settings), on a synthetic batch filling a frame budget (utterances of 4–16 s, sorted and
   packed as the frame-budget sampler packs them). The paper config trains as ``configs/paper.yaml``
@@ -173,11 +175,14 @@ def release(device) -> None:
         torch.cuda.empty_cache()
 
 
-def inductor_counts() -> tuple[int, int]:
-    """(graphs dynamo has compiled, times inductor fell back from CUDA graphs) so far in this process."""
+def inductor_counts() -> tuple[int, int, int]:
+    """(graphs dynamo has compiled, times inductor fell back from CUDA graphs, a count that grows with
+    each CUDA graph recorded) so far in this process. The last is torch's tally of non-static inputs
+    over recorded graphs: its size means nothing, only whether it moved."""
     from torch._dynamo.utils import counters
 
-    return counters["stats"]["unique_graphs"], counters["inductor"]["cudagraph_skips"]
+    return (counters["stats"]["unique_graphs"], counters["inductor"]["cudagraph_skips"],
+            counters["inductor"]["cudagraph_recorded_non_static_inputs"])
 
 
 def tensor_bytes(model) -> int:
@@ -284,12 +289,12 @@ class GenerationBench:
 
         resident = allocated(device)  # every model built so far, this one included
         reset_peak(device)
-        graphs0, skips0 = inductor_counts()
-        gen, first = timed(run, device)  # the compiled mode compiles here
+        graphs0, skips0, _ = inductor_counts()
+        gen, first = timed(run, device)  # the compiled mode compiles (and records its CUDA graph) here
         self.codes[config, b, mode] = gen.codes
-        graphs1, _ = inductor_counts()
+        graphs1, _, recorded1 = inductor_counts()
         best = min(timed(run, device)[1] for _ in range(self.rounds))
-        graphs2, skips2 = inductor_counts()
+        graphs2, skips2, recorded2 = inductor_counts()
         speech = SPEECH_SECONDS * frames / FRAMES
         sliced = self.codes.get((config, b, "sliced"))
         print(f"generation {config} {mode} b{b}: first {first:.2f} s, best {best:.3f} s", flush=True)
@@ -301,6 +306,7 @@ class GenerationBench:
             "same_codes_as_sliced": None if sliced is None or mode == "sliced" else gen.codes == sliced,
             # a timed round that compiled, or a step inductor ran without CUDA graphs, times something else
             "compiles_in_timed_rounds": graphs2 - graphs1, "cudagraph_skips": skips2 - skips0,
+            "graphs_recorded_in_timed_rounds": recorded2 != recorded1,
         }
 
 
@@ -531,7 +537,8 @@ def main(argv=None) -> int:
         ("s_per_batch", "s per batch"), ("ms_per_step", "ms/step"), ("utt_per_s", "utt/s"), ("rtf", "RTF"),
         ("floor_ms", "BW floor ms"), ("step_vs_floor", "step/floor"), ("peak_mb", "peak MB"),
         ("same_codes_as_sliced", "same codes"), ("compiles_in_timed_rounds", "compiles in timed"),
-        ("cudagraph_skips", "CUDA-graph skips"), ("error", "error")]))
+        ("cudagraph_skips", "CUDA-graph skips"), ("graphs_recorded_in_timed_rounds", "recorded in timed"),
+        ("error", "error")]))
     print(table(result["training"], [
         ("config", "config"), ("params", "params"), ("reduction_factor", "r"), ("budget", "budget"),
         ("batch_of", "budget is"), ("batch", "batch"), ("s_per_step", "s/step"),

@@ -134,3 +134,61 @@ def test_compile_decoding_param_is_checked():
         EvaluateConfig.from_dict({"compile_decoding": "yes"}, "evaluate")
     with pytest.raises(ValueError, match="has no Backbone"):
         configure_decoding(torch.nn.Linear(2, 2), compile=True)
+
+
+def test_a_fixed_shape_cache_reuses_the_last_calls_tensors_only_once_that_cache_is_gone():
+    """A CUDA graph is recorded on its inputs' addresses: a new cache per generation call would have
+    every batch recorded again. The store hands the same tensors back, zeroed, never to two live caches."""
+    torch.manual_seed(0)
+    bb = Backbone(d_model=16, n_layers=2, n_heads=2, d_ff=32, dropout=0.0).eval()
+    configure_decoding(bb, fixed_shape=True)
+    x, valid, last = torch.randn(2, 5, 16), torch.ones(2, 5, dtype=torch.bool), torch.tensor([4, 4])
+    with torch.no_grad():
+        _, first, _ = bb.prefill(x, valid, last, 4)
+        _, second, _ = bb.prefill(x, valid, last, 4)  # the first is alive: its tensors are not shared
+        assert second.kv.data_ptr() != first.kv.data_ptr()
+        ptr = second.kv.data_ptr()
+        fresh = bb.step(torch.randn(2, 16, generator=torch.Generator().manual_seed(1)), torch.tensor([5, 5]), second)
+        second.kv.fill_(float("nan"))  # stale contents must not reach the next call (NaN x 0 weight is NaN)
+        del first, second
+        _, third, _ = bb.prefill(x, valid, last, 4)
+        assert third.kv.data_ptr() == ptr  # the latest slot of that shape: the second cache's
+        again = bb.step(torch.randn(2, 16, generator=torch.Generator().manual_seed(1)), torch.tensor([5, 5]), third)
+    torch.testing.assert_close(again, fresh, rtol=0, atol=0)
+    configure_decoding(bb)
+    assert len(bb._cache_store) == 0  # a new setting drops the kept tensors
+
+
+def test_a_grown_beam_cache_is_reused_by_the_next_search_and_few_shapes_are_kept():
+    model, _ = tiny_meld(reduction=2)
+    model.eval()
+    batch = tiny_batch(reduction=2, B=2, T=9)
+    mels = [batch["mel"][b, : int(batch["mel_len"][b])].reshape(-1, 80).numpy() for b in range(2)]
+    configure_decoding(model, fixed_shape=True)
+    bb = model.backbone
+    first = stt_beam_search(model, mels, reduction=2, beam_size=3, max_tokens=12, batch_size=2)
+    kept = {slot[0].data_ptr() for slot in bb._cache_store._slots.values()}
+    assert any(key[0][2] == 6 for key in bb._cache_store._slots), "the grown (2 x 3 beams) cache is kept"
+    assert stt_beam_search(model, mels, reduction=2, beam_size=3, max_tokens=12, batch_size=2) == first
+    assert {slot[0].data_ptr() for slot in bb._cache_store._slots.values()} == kept  # nothing new allocated
+    with torch.no_grad():
+        for B in range(1, 8):
+            bb.new_cache(B, 10)
+    assert len(bb._cache_store) == bb._cache_store.keep
+    configure_decoding(model)
+
+
+def test_the_cache_store_serves_inference_mode_and_no_grad_calls_and_is_not_copied():
+    import copy
+    import pickle
+
+    bb = Backbone(d_model=16, n_layers=1, n_heads=2, d_ff=32, dropout=0.0).eval()
+    configure_decoding(bb, fixed_shape=True)
+    with torch.inference_mode():
+        bb.new_cache(2, 10)
+    with torch.no_grad():  # an inference tensor cannot be zeroed here: this mode gets its own
+        cache = bb.new_cache(2, 10)
+        cache.kv.add_(1.0)
+    assert not cache.kv.is_inference() and len(bb._cache_store) == 2
+    assert len(copy.deepcopy(bb)._cache_store) == 0 and len(pickle.loads(pickle.dumps(bb))._cache_store) == 0
+    configure_decoding(bb)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -119,9 +121,9 @@ class KVCache:
     """
 
     def __init__(self, n_layers: int, batch: int, n_heads: int, max_len: int, head_dim: int, device, dtype,
-                 fixed_shape: bool = False):
-        self.kv = torch.zeros((n_layers, 2, batch, n_heads, max_len, head_dim), device=device, dtype=dtype)
-        self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+                 fixed_shape: bool = False, store: CacheStore | None = None):
+        self.store = store  # where a fixed-shape cache takes its tensors (None: its own)
+        self.kv, self.key_valid = self._tensors((n_layers, 2, batch, n_heads, max_len, head_dim), device, dtype)
         self.length = 0
         self.max_len = max_len
         self.all_valid = True
@@ -134,13 +136,20 @@ class KVCache:
 
         A fixed-shape cache (:meth:`Backbone.prefill` with ``fixed_shape``) keeps its tensors:
         the selected rows are copied to the front of the same storage, so a compiled step (and a
-        CUDA graph recorded on those addresses) stays valid. It only reallocates to grow (a beam
-        search's first select repeats every row K times), which recompiles once.
+        CUDA graph recorded on those addresses) stays valid. It only takes new tensors to grow (a beam
+        search's first select repeats every row K times), which compiles once per shape; they come
+        from the backbone's :class:`CacheStore`, so the next search of that shape finds the same ones.
         """
         n = len(idx)
         if self.fixed_shape and n <= self.kv.shape[2]:
             self.kv[:, :, :n] = self.kv[:, :, idx]  # the right side is a gathered copy: overlap is safe
             self.key_valid[:n] = self.key_valid[idx]
+        elif self.store is not None:  # growing: into the store's tensors, so the next such search reuses them
+            shape = (*self.kv.shape[:2], n, *self.kv.shape[3:])
+            kv, key_valid = self._tensors(shape, self.kv.device, self.kv.dtype)
+            kv.copy_(self.kv[:, :, idx])
+            key_valid.copy_(self.key_valid[idx])
+            self.kv, self.key_valid = kv, key_valid
         else:
             self.kv = self.kv[:, :, idx]
             self.key_valid = self.key_valid[idx]
@@ -149,6 +158,13 @@ class KVCache:
         # without padding, which a host read finds out (one per select, not per decoding step)
         if not self.all_valid:
             self.all_valid = bool(self.key_valid[:n, : self.length].all())
+
+    def _tensors(self, shape: tuple, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zeroed keys and values of ``shape`` and their (batch, max_len) mask: the store's, or new ones."""
+        if self.store is not None:
+            return self.store.take(self, shape, device, dtype)
+        return (torch.zeros(shape, device=device, dtype=dtype),
+                torch.zeros(shape[2], shape[4], dtype=torch.bool, device=device))
 
     def admit(self, T: int, key_valid: torch.Tensor | None = None) -> None:
         """Record which of the next ``T`` positions are real keys (``key_valid`` (B, T); None: all), before
@@ -176,6 +192,45 @@ class KVCache:
     @property
     def batch_size(self) -> int:
         return self.rows
+
+
+class CacheStore:
+    """A backbone's fixed-shape KV-cache tensors, handed out again from one generation call to the next.
+
+    A CUDA graph replays on the addresses it was recorded on, and torch's cudagraph trees record a
+    step again whenever a static input (the cache, :meth:`Backbone._step_fixed`) sits at a new
+    address. With a fresh cache per call, every batch of an evaluation would pay a new recording
+    and leave one more graph behind; a beam search's grown cache, once per search. Here tensors of
+    one shape go back out, zeroed, once the cache that held them is gone (never to two live caches).
+    At most ``keep`` shapes are kept, the least recently used dropped first, so a run meeting many
+    shapes does not hold a cache's memory for each; a live cache keeps its tensors either way.
+    """
+
+    def __init__(self, keep: int = 4):
+        self.keep = keep
+        self._slots: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor, weakref.ref]] = OrderedDict()
+
+    def take(self, holder: KVCache, shape: tuple, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zeroed (shape) keys and values and their (batch, max_len) mask, for ``holder`` while it lives."""
+        # inference tensors cannot be written outside inference mode: one slot per mode
+        key = (tuple(shape), torch.device(device), dtype, torch.is_inference_mode_enabled())
+        slot = self._slots.pop(key, None)
+        if slot is not None and slot[2]() is None:
+            kv, key_valid = slot[0].zero_(), slot[1].zero_()  # zeroed: a stale NaN times a 0 weight is NaN
+        else:
+            kv = torch.zeros(shape, device=device, dtype=dtype)
+            key_valid = torch.zeros(shape[2], shape[4], dtype=torch.bool, device=device)
+        self._slots[key] = (kv, key_valid, weakref.ref(holder))
+        while len(self._slots) > self.keep:
+            self._slots.popitem(last=False)
+        return kv, key_valid
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def __reduce__(self):
+        # copied or pickled empty: a weight-sharing copy or a model sent to a Ray actor needs no caches
+        return (CacheStore, (self.keep,))
 
 
 def cached_attention(qkv: torch.Tensor, mask: torch.Tensor | None, cache: KVCache, layer: int) -> torch.Tensor:
@@ -305,6 +360,7 @@ class Backbone(nn.Module):
         self._position_tables: dict[tuple, torch.Tensor] = {}
         self.fixed_shape_decoding = False  # set by configure_decoding
         self._compiled_step = None
+        self._cache_store = CacheStore()  # the fixed-shape caches' tensors, reused across calls
 
     def new_cache(self, batch: int, max_len: int, device=None, dtype=None) -> KVCache:
         p = next(self.parameters())
@@ -313,7 +369,8 @@ class Backbone(nn.Module):
             max_len = -(-max_len // FIXED_SHAPE_LENGTH_STEP) * FIXED_SHAPE_LENGTH_STEP
         self._position_table(max_len, device, dtype)  # every position this cache can hold, computed now
         return KVCache(self.n_layers, batch, self.n_heads, max_len, self.d_model // self.n_heads, device, dtype,
-                       fixed_shape=self.fixed_shape_decoding)
+                       fixed_shape=self.fixed_shape_decoding,
+                       store=self._cache_store if self.fixed_shape_decoding else None)
 
     def _position_table(self, length: int, device, dtype) -> torch.Tensor:
         """Sinusoidal rows 0..length-1 (at least), kept between calls and grown by doubling.
@@ -481,8 +538,9 @@ class Backbone(nn.Module):
         if self._compiled_step is not None:
             step = self._compiled_step
             if emb.device.type == "cuda":
-                # CUDA graphs replay on fixed addresses: the cache is updated in place, not copied in.
-                # Marked once per cache tensor (a select that grows the batch allocates new ones)
+                # CUDA graphs replay on fixed addresses: the cache is updated in place, not copied in,
+                # and its tensors come from the CacheStore, so the next call's cache has the same ones.
+                # Marked once per cache tensor (a select that grows the batch takes other ones)
                 if cache.static_kv is not cache.kv:
                     torch._dynamo.mark_static_address(cache.kv)
                     torch._dynamo.mark_static_address(cache.key_valid)
@@ -527,7 +585,9 @@ def configure_decoding(model: nn.Module, *, fixed_shape: bool = False, compile: 
     The compiled step needs fixed shapes, so the cache keeps its rows when utterances finish (their
     rows are computed and dropped), attends over its whole allocated length under a mask, and
     rounds that length up to a multiple of :data:`FIXED_SHAPE_LENGTH_STEP`; each new (batch,
-    length) shape compiles once. Worth it where launches, not arithmetic, bound a step (a GPU at
+    length) shape compiles once. Its tensors are kept for the next call of that shape
+    (:class:`CacheStore`: a few shapes' caches stay allocated between calls), so a CUDA graph
+    recorded on them is replayed, not recorded again. Worth it where launches, not arithmetic, bound a step (a GPU at
     small batch); on a CPU it was no faster (docs/results.md). ``fixed_shape`` alone
     runs the same step eagerly (the reference the compiled one is tested against).
     """
@@ -542,6 +602,7 @@ def configure_decoding(model: nn.Module, *, fixed_shape: bool = False, compile: 
     for bb in backbones:
         bb.fixed_shape_decoding = fixed_shape or compile
         bb._compiled_step = None
+        bb._cache_store = CacheStore()  # drop the kept tensors: the new setting may never use them
         if compile:
             device = next(bb.parameters()).device
             chosen = mode or ("reduce-overhead" if device.type == "cuda" else None)
