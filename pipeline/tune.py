@@ -4,8 +4,8 @@
         --codebook data/codebook --out reports/tune.json --plot reports/tune.png
 
 Writes the best trial and every trial (config, objective, steps, status, MLflow run) to ``--out``
-and the objective against the slowness weight, one line per frame rate, to ``--plot``. Trials run
-one at a time by default (``tune.max_concurrent_trials``); their checkpoints go to ``--work-dir``,
+and the objective against the slowness weight, one line per frame rate, to ``--plot``. As many trials
+run at once as ``tune.max_concurrent_trials`` says (params.yaml: 2); their checkpoints go to ``--work-dir``,
 from which an interrupted sweep resumes when the stage runs again with the same inputs (it writes
 no report and exits 130 when interrupted; ``--restart`` starts over).
 The same sweep runs on a cluster with ``ray job submit -- python -m ray_jobs.tune`` (docs/scaling.md).

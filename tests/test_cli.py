@@ -293,6 +293,17 @@ def test_installed_console_script(checkpoint):
     )
 
 
+def test_python_dash_m_meld_is_the_same_command(checkpoint):
+    """Where the scripts folder is not on PATH (a Ray job's working dir, a bare venv), ``python -m meld``
+    must run what ``meld`` does, exit codes included."""
+    done = subprocess.run([sys.executable, "-m", "meld", "info", str(checkpoint)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and "system" in done.stdout, done.stderr
+    missing = subprocess.run([sys.executable, "-m", "meld", "info", str(checkpoint) + ".missing"],
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "no such checkpoint" in missing.stderr
+
+
 def test_load_stt_model_reads_a_finished_checkpoint_and_a_training_one_with_given_stats(checkpoint, tmp_path):
     """A finished model.pt carries normalisation, tokenizer and r; a training checkpoint carries none of
     them, so load_stt_model takes them from its caller (bench/stt_ctc_weights.py) or says what is missing."""
