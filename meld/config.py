@@ -472,6 +472,7 @@ _TRAIN_RULES: dict[str, Rule] = {
     "loss_weights": _check_loss_weights,
     "task": lambda where, v: _one_of(where, v, TRAIN_TASKS),
     "stt_warmup_steps": _at_least(0, " (0: no TTS-only warm-up)"),
+    "max_skipped_fraction": _FRACTION,
 }
 
 
@@ -500,9 +501,29 @@ class TrainConfig(Section):
     # step 0 with a fresh optimiser and this section's schedule: fine-tuning, or a finished run continued
     # on a new schedule. Not a DVC dependency by itself: list the file in the stage's deps if it changes.
     init_from: str | None = None
+    # utterances longer than frames_per_batch are left out of training and listed (the driver's log,
+    # MLflow, the exported model.pt); more than this share of the split stops the run before it starts
+    max_skipped_fraction: float = 0.01
 
     def validate(self) -> None:
         _apply_rules("train", _values(self), _TRAIN_RULES)
+
+
+@dataclass(frozen=True)
+class MLflowConfig(Section):
+    """The ``mlflow:`` params section. The tracking store itself comes from ``MLFLOW_TRACKING_URI``
+    (default: ``sqlite:///mlflow.db`` in the project), so a cluster job and a laptop share one file."""
+
+    experiment: str = "meld"
+
+    def validate(self) -> None:
+        if not self.experiment.strip():
+            raise ConfigError("mlflow.experiment must name an experiment, got an empty string")
+
+
+def mlflow_experiment(params: Mapping[str, Any]) -> str:
+    """The MLflow experiment a run logs to, from a whole params file (its ``mlflow:`` section checked)."""
+    return MLflowConfig.from_dict(params.get("mlflow"), "mlflow").experiment
 
 
 @dataclass(frozen=True)

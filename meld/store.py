@@ -155,21 +155,28 @@ class FrameBudgetSampler:
     shuffled every epoch (seeded by ``seed + epoch``), and worker ``rank`` takes every
     ``world_size``-th batch. Every rank gets the same number of batches, as DDP needs.
 
+    An utterance longer than the budget fits no batch: it is left out and its index listed in
+    ``skipped``; more than ``max_skipped_fraction`` of them is an error (a budget set for other data).
+
     Args:
         lengths: frames per utterance (after grouping by the reduction factor).
         frames_per_batch: padded frame budget per batch.
         rank, world_size: this worker's shard.
         seed: shuffling seed.
+        max_skipped_fraction: the share of utterances that may be too long for the budget.
     """
 
-    def __init__(self, lengths: list[int], frames_per_batch: int, rank: int = 0, world_size: int = 1, seed: int = 0):
-        too_long = [i for i, n in enumerate(lengths) if n > frames_per_batch]
-        if too_long:
+    def __init__(self, lengths: list[int], frames_per_batch: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 max_skipped_fraction: float = 0.01):
+        self.skipped = [i for i, n in enumerate(lengths) if n > frames_per_batch]
+        if len(self.skipped) > max_skipped_fraction * len(lengths):
             raise ValueError(
-                f"{len(too_long)} utterance(s) are longer than the frame budget ({frames_per_batch}); "
+                f"{len(self.skipped)} of {len(lengths)} utterance(s) are longer than the frame budget "
+                f"({frames_per_batch}), more than train.max_skipped_fraction ({max_skipped_fraction:g}) of them: "
                 "raise train.frames_per_batch or lower features.max_seconds"
             )
-        order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+        fits = [i for i, n in enumerate(lengths) if n <= frames_per_batch]
+        order = sorted(fits, key=lambda i: (lengths[i], i))
         self.batches: list[list[int]] = []
         current: list[int] = []
         for i in order:
@@ -190,7 +197,7 @@ class FrameBudgetSampler:
 
     def padding_fraction(self) -> float:
         padded = sum(max(self.lengths[i] for i in b) * len(b) for b in self.batches)
-        real = sum(self.lengths)
+        real = sum(self.lengths[i] for b in self.batches for i in b)
         return 1.0 - real / padded if padded else 0.0
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:

@@ -41,7 +41,7 @@ import torch
 
 from meld.audio import write_audio
 from meld.codes import CODEC_FILE, codec_from_description, continue_codes, decode_codes, prompt_code_frames
-from meld.config import EvaluateConfig, read_params, run_stage
+from meld.config import EvaluateConfig, mlflow_experiment, read_params, run_stage
 from meld.corpus import read_manifest
 from meld.devices import resolve_device
 from meld.evaluation.metrics import duration_ratio, wer_details
@@ -156,6 +156,19 @@ def plot_mels(path: Path, panels: list[tuple[str, np.ndarray]], prompt_frames_n:
     return path
 
 
+def other_person_utterances(chosen: list[int], speakers: list[str]) -> dict[int, int | None]:
+    """For each chosen utterance, another chosen one spoken by a different person (None if there is
+    none): the SIM floor's "other speaker". The next such one after it, cyclically, so the floor spreads
+    over the split's speakers (the first other speaker's one utterance served almost every prompt), and
+    people, not ids: flite-kal against festival-kal compared one person's voice with itself."""
+    from meld.corpus.mini import recorded_person
+
+    people = [recorded_person(s) for s in speakers]
+    n = len(chosen)
+    return {i: next((chosen[(k + step) % n] for step in range(1, n) if people[(k + step) % n] != people[k]), None)
+            for k, i in enumerate(chosen)}
+
+
 def generation_row(split: str, meta: dict, generation: int, *, gen_s: float, true_cont_s: float,
                    hit_max_length: bool, scores: dict, gt: dict) -> dict:
     """One continuation's row of generations.jsonl from its scores and its utterance's ground-truth scores."""
@@ -203,13 +216,13 @@ def evaluate_split(model, state, stats: NormStats, tok, store: FeatureStore, aud
         zero_latent=variant.get("zero_latent", False), batch_size=cfg.batch_size, seed=cfg.seed,
         kv_cache_dtype=cfg.kv_cache_dtype, progress_desc=f"generate {split}")
 
-    # a different speaker's real utterance for each prompt: the SIM floor
-    speakers = [store.index[i]["speaker"] for i in chosen]
+    # a different person's real utterance for each prompt: the SIM floor
+    others = other_person_utterances(chosen, [store.index[i]["speaker"] for i in chosen])
     judged = {i: not store.index[i]["speaker"].startswith(judge_exclude) for i in chosen}
     missing = [i for i in chosen if i not in references]
     ref_items = []
     for i in missing:
-        other = next((j for j, s in zip(chosen, speakers) if s != store.index[i]["speaker"]), None)
+        other = others[i]
         ref_items.append(ReferenceItem(audio_paths[store.index[i]["id"]], store[i], prompt_of[i],
                                        audio_paths[store.index[other]["id"]] if other is not None else None, judged[i],
                                        other_mel=store[other] if other is not None else None))
@@ -311,9 +324,10 @@ def evaluate_codec_system(model, state: dict, cfg: EvaluateConfig, system: str, 
                 scored = [{"wav": w} for w in wavs]
             else:
                 speakers = {i: store.index[i]["speaker"] for i in chosen}
+                others = other_person_utterances(chosen, [speakers[i] for i in chosen])
                 ref_items = []
                 for i in chosen:
-                    other = next((j for j in chosen if speakers[j] != speakers[i]), None)
+                    other = others[i]
                     ref_items.append(ReferenceItem(audio[store.index[i]["id"]], None, prompt_of[i],
                                                    audio[store.index[other]["id"]] if other is not None else None,
                                                    not speakers[i].startswith(judge_exclude),
@@ -545,6 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     params = read_params(args.params)
     cfg = EvaluateConfig.from_dict(params.get("evaluate", {}), "evaluate")
+    mlflow_experiment(params)  # the mlflow section checked now, not after hours of decoding
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(2)
     if not args.codes:  # every TTS split must be there before hours of generation on the earlier ones
@@ -676,7 +691,7 @@ def write_results(args, params: dict, metrics: dict, all_rows: list[dict], out: 
 
     from meld import tracking
 
-    mlflow = tracking.setup(params.get("mlflow", {}).get("experiment", "meld"))
+    mlflow = tracking.setup(mlflow_experiment(params))
     run_id = Path(args.run_id_file).read_text().strip() if args.run_id_file and Path(args.run_id_file).is_file() else None
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else f"evaluate-{args.system}"):
         mlflow.set_tags(tracking.flatten({"eval": params.get("evaluate", {})}))

@@ -273,7 +273,8 @@ def train_worker(config: dict) -> None:
     else:
         stats = load_stats(config["stats"])
         data = TrainingData(FeatureStore(config["train_store"]), stats, tokenizer, r)
-    sampler = FrameBudgetSampler(data.lengths(), tc["frames_per_batch"], rank, world, tc["seed"])
+    sampler = FrameBudgetSampler(data.lengths(), tc["frames_per_batch"], rank, world, tc["seed"],
+                                 tc["max_skipped_fraction"])
     dev = None  # dev reconstruction metrics: MELD systems (they have a codebook) doing TTS
     if rank == 0 and config.get("eval_store") and "codebook" in config and tc["task"] != "stt":
         dev_store = FeatureStore(config["eval_store"])
@@ -496,6 +497,10 @@ def _open_mlflow_run(config: dict, ckpt_dir: Path, *, resumed_at: int | None, sa
         mlflow.log_params(tracking.flatten({"system": config["system"], "train": config["train"], "model": model,
                                             **(config.get("mlflow_params") or {})}))
         mlflow.log_metric("data/padding_fraction", sampler.padding_fraction())
+        skipped = config.get("skipped_too_long") or []
+        mlflow.log_metric("data/skipped_too_long", len(skipped))
+        if skipped:
+            mlflow.log_dict(skipped, "data/skipped_too_long.json")
     if resumed_at is not None:
         mlflow.log_metric("train/resume_step", resumed_at, step=resumed_at)
     return mlflow
@@ -637,10 +642,11 @@ def build_config(
         threads_per_worker: torch threads per worker (default: this machine's cores / workers).
     """
     import numpy as np
+    import torch
 
     from meld import tracking
-    from meld.config import CodecLMConfig, ModelConfig, TrainConfig
-    from meld.models.builders import NEEDS_CODEBOOK, system_kwargs
+    from meld.config import CodecLMConfig, ConfigError, ModelConfig, TrainConfig, mlflow_experiment
+    from meld.models.builders import NEEDS_CODEBOOK, SYSTEM_TASKS, build_model, system_kwargs
     from meld.text import BPETokenizer
     from meld.training import fingerprint
 
@@ -658,6 +664,10 @@ def build_config(
         train_d = _merge(train_d, overrides.get("train") or {})
     model_cfg = ModelConfig.from_dict(model_d, "model")
     train_cfg = TrainConfig.from_dict(train_d, "train")
+    if system in SYSTEM_TASKS and train_cfg.task not in SYSTEM_TASKS[system]:
+        raise ConfigError(f"params: {system} trains task {' or '.join(SYSTEM_TASKS[system])}, but its train.task is "
+                          f"{train_cfg.task!r} (set it in the '{system}' section; the top-level train section's "
+                          "task applies to a system without one)")
     features = Path(features).resolve()
     codebook_file = n_codes = None
     if system in NEEDS_CODEBOOK:  # only MELD systems have a k-means codebook
@@ -667,7 +677,13 @@ def build_config(
                                     "(add it to codebook.reduction_factors)")
         n_codes = int(np.load(codebook_file, mmap_mode="r").shape[0])
     n_text = BPETokenizer(str(bpe)).vocab_size
-    kwargs = system_kwargs(system, model_cfg, n_text=n_text, codebook_size=n_codes, args=section.get("args"))
+    try:  # a misspelt or out-of-range args key fails here, not in every Ray worker after its retries
+        kwargs = system_kwargs(system, model_cfg, n_text=n_text, codebook_size=n_codes, args=section.get("args"))
+        with torch.device("meta"):  # the constructor's own checks, without allocating a weight
+            build_model(system, kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"params section '{system}': {system} cannot be built from its args "
+                          f"{section.get('args') or {}} and the model section: {err}") from err
     out = Path(out).resolve()
     train = train_cfg.to_dict()
     train["loss_weights"] = dict(train["loss_weights"])
@@ -694,7 +710,7 @@ def build_config(
         **data,
         **({"codebook": str(codebook_file)} if codebook_file else {}),
         "checkpoint_dir": str(out / "checkpoints"),
-        "experiment": params.get("mlflow", {}).get("experiment", "meld"),
+        "experiment": mlflow_experiment(params),
         "run_name": f"train-{system}",
         "project_root": str(Path(project_root).resolve()),
         # absolute: a worker on another node, or in another folder, must log to the driver's store
@@ -704,7 +720,7 @@ def build_config(
     check_frame_budget(config)
     _warn_past_schedule(train)
     # how often a run logs or saves does not change what it trains: changing it resumes, not restarts
-    trajectory = {k: v for k, v in train.items() if k not in ("log_every", "checkpoint_every")}
+    trajectory = {k: v for k, v in train.items() if k not in ("log_every", "checkpoint_every", "max_skipped_fraction")}
     # the starting weights' bytes, not only their path: init_from overwritten with other weights is another
     # run (with the path alone, a rerun resumed the old weights' finished run and exported it again)
     init_id = {"init_from": files_digest([Path(train["init_from"])])} if train_cfg.init_from else {}
@@ -717,9 +733,11 @@ def build_config(
 
 def check_frame_budget(config: dict) -> None:
     """Cut the train split into the batches every worker's FrameBudgetSampler cuts, before Ray starts:
-    an utterance longer than ``train.frames_per_batch``, or fewer batches than workers, failed inside
-    every worker, was retried ``max_failures`` times and ended in a 100-line WorkerGroupError. Only
-    the split's index is read.
+    too many utterances longer than ``train.frames_per_batch``, or fewer batches than workers, failed
+    inside every worker, was retried ``max_failures`` times and ended in a 100-line WorkerGroupError.
+    Only the split's index is read. The utterances the budget leaves out (within
+    ``train.max_skipped_fraction``) are said here and listed in ``config["skipped_too_long"]``
+    ({id, frames, reason} rows), which the run logs to MLflow and the exported model.pt keeps.
 
     Raises:
         ConfigError: the sampler's own message, with the split and its longest utterance.
@@ -730,14 +748,25 @@ def check_frame_budget(config: dict) -> None:
     tc = config["train"]
     if config.get("data_kind") == "codes":
         n_levels = config["model_kwargs"]["n_levels"]
-        lengths = delayed_lengths(CodeStore(config["train_store"], n_levels).lengths, n_levels)
+        store = CodeStore(config["train_store"], n_levels)
+        lengths = delayed_lengths(store.lengths, n_levels)
     else:
-        lengths = grouped_lengths(FeatureStore(config["train_store"]).lengths, config["reduction_factor"])
+        store = FeatureStore(config["train_store"])
+        lengths = grouped_lengths(store.lengths, config["reduction_factor"])
     try:
-        FrameBudgetSampler(lengths, tc["frames_per_batch"], 0, tc["num_workers"], tc["seed"])
+        sampler = FrameBudgetSampler(lengths, tc["frames_per_batch"], 0, tc["num_workers"], tc["seed"],
+                                     tc["max_skipped_fraction"])
     except ValueError as err:
         raise ConfigError(f"{config['train_store']}: {err} (its longest utterance counts {max(lengths, default=0)} "
                           "frames; a sweep trial's budget is tune.frames_per_batch / its reduction factor)") from err
+    reason = f"longer than train.frames_per_batch ({tc['frames_per_batch']} frames)"
+    config["skipped_too_long"] = [{"id": store.index[i]["id"], "frames": lengths[i], "reason": reason}
+                                  for i in sampler.skipped]
+    if sampler.skipped:
+        ids = ", ".join(row["id"] for row in config["skipped_too_long"][:5])
+        print(f"train: {len(sampler.skipped)} of {len(lengths)} utterance(s) left out, {reason}: {ids}"
+              f"{', ...' if len(sampler.skipped) > 5 else ''} (listed in MLflow's data/skipped_too_long.json "
+              "and in model.pt)", file=sys.stderr, flush=True)
 
 
 def _warn_past_schedule(train: dict) -> None:
@@ -861,6 +890,7 @@ def export_model(config: dict, out: Path) -> Path:
         "bpe_model": torch.from_numpy(np.frombuffer(Path(config["bpe_model"]).read_bytes(), dtype=np.uint8).copy()),
         "fingerprint": config["fingerprint"],
         "task": config["train"]["task"],
+        "skipped_too_long": list(config.get("skipped_too_long") or []),  # {id, frames, reason}: not trained on
     }
     if config.get("data_kind") == "codes":  # decoding its output needs the very codec that made the codes
         extra["codec"] = config["codec"]

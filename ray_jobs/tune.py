@@ -49,7 +49,7 @@ import sys
 import time
 from pathlib import Path
 
-from meld.config import ConfigError, TuneConfig
+from meld.config import ConfigError, TuneConfig, mlflow_experiment
 from ray_jobs.train import add_data_args
 
 log = logging.getLogger("meld.tune")
@@ -132,7 +132,7 @@ def sweep_fingerprint(params: dict, tc: TuneConfig, *, features: str, bpe: str, 
         "trials": trials,
         "dev": files_digest([dev]),
         "sweep_code": files_digest([Path(__file__), Path(__file__).with_name("asha.py")]),
-        "experiment": params.get("mlflow", {}).get("experiment", "meld"),
+        "experiment": mlflow_experiment(params),
     })
 
 
@@ -424,7 +424,7 @@ def run_sweep(
     # in (Ray checks its storage only then)
     check_shared_storage(**sweep_storage(work_dir, features=features, bpe=bpe, codebook=codebook, out=out, plot=plot,
                                          tracking_uri=tracking.tracking_uri(project_root)))
-    experiment = params.get("mlflow", {}).get("experiment", "meld")
+    experiment = mlflow_experiment(params)
     mlflow = tracking.setup(experiment, project_root)
     experiment_dir = work_dir / "ray_tune" / f"tune-{tc.system}"
     parent_id = None if restart else _resumable_parent(work_dir, fp, experiment_dir, mlflow, experiment)

@@ -56,6 +56,8 @@ def _export(root: Path, eos_bias: float | None = None, **model_over) -> Path:
         "bpe_model": torch.from_numpy(np.frombuffer(bpe_path.read_bytes(), dtype=np.uint8).copy()),
         "fingerprint": "0123456789abcdef",
         "task": "joint",
+        "skipped_too_long": [{"id": f"spk-{i}", "frames": 900, "reason": "longer than train.frames_per_batch"}
+                             for i in range(4)],
     }
     return save_checkpoint(
         root / "model.pt", system="meld", model=model, model_kwargs=kwargs, step=STEP, extra=extra
@@ -208,6 +210,7 @@ def test_info(checkpoint, capsys):
     state = torch.load(checkpoint, weights_only=True)
     expected = count_parameters(build_model("meld", state["model_kwargs"]))
     assert fields["parameters"] == f"{expected:,}"
+    assert fields["left out of training"] == "4 utterance(s) longer than the frame budget: spk-0, spk-1, spk-2, ..."
     assert "  d_model = 32" in out
 
 

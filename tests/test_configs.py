@@ -16,6 +16,7 @@ from meld.config import (
     CorpusConfig,
     EvaluateConfig,
     FeaturesConfig,
+    MLflowConfig,
     ModelConfig,
     TrainConfig,
     TuneConfig,
@@ -25,7 +26,8 @@ from meld.models.builders import build_model, count_parameters, meld_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = {"corpus": CorpusConfig, "features": FeaturesConfig, "codebook": CodebookConfig, "bpe": BPEConfig,
-            "model": ModelConfig, "train": TrainConfig, "evaluate": EvaluateConfig, "tune": TuneConfig}
+            "model": ModelConfig, "train": TrainConfig, "evaluate": EvaluateConfig, "tune": TuneConfig,
+            "mlflow": MLflowConfig}
 OPTIONAL = {"codec_lm": CodecLMConfig}  # only where the codec baseline is configured
 
 
@@ -41,6 +43,39 @@ def test_every_section_loads(path):
         for key, value in params[name].items():
             got = getattr(section, key)
             assert (list(got) if isinstance(got, tuple) else got) == value, (name, key)
+
+
+@pytest.mark.parametrize("path", [ROOT / "params.yaml", ROOT / "configs" / "paper.yaml"], ids=lambda p: p.name)
+def test_every_system_has_a_section_that_builds_and_trains_its_own_task(path):
+    """`cp configs/paper.yaml params.yaml` replaces the whole file, so each file carries every system's
+    section: without one, a system trains with MELD's loss weights (its own at weight 1) and the
+    top-level task, which for meld_joint was TTS alone. Each section's args build the model (on the
+    meta device: no weights) and its merged task is one the system takes."""
+    from meld.config import mlflow_experiment
+    from meld.models.builders import SYSTEM_TASKS, SYSTEMS, system_kwargs
+
+    params = read_params(path)
+    assert mlflow_experiment(params)
+    for system in SYSTEMS:
+        section = params[system]
+        model = ModelConfig.from_dict({**params["model"], **(section.get("model") or {})}, "model")
+        train = TrainConfig.from_dict({**params["train"], **(section.get("train") or {})}, "train")
+        assert train.task in SYSTEM_TASKS[system], (system, train.task)
+        kwargs = system_kwargs(system, model, n_text=100, codebook_size=64 if system.startswith("meld") else None,
+                               args=section.get("args"))
+        with torch.device("meta"):
+            build_model(system, kwargs)
+    assert set(params["meld_joint"]["train"]) >= {"task", "stt_warmup_steps"}
+
+
+def test_the_mlflow_section_is_checked():
+    from meld.config import mlflow_experiment
+
+    assert mlflow_experiment({}) == "meld" and mlflow_experiment({"mlflow": {"experiment": "x"}}) == "x"
+    with pytest.raises(ConfigError, match=r"params section 'mlflow': unknown key\(s\) \['experimnet'\]"):
+        mlflow_experiment({"mlflow": {"experimnet": "x"}})
+    with pytest.raises(ConfigError, match="mlflow.experiment must name an experiment"):
+        mlflow_experiment({"mlflow": {"experiment": " "}})
 
 
 def test_wrong_params_are_clear_errors():

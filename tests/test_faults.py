@@ -365,6 +365,68 @@ def test_a_frame_budget_the_data_does_not_fit_stops_the_stage_before_ray_starts(
     assert not (tmp_path / "ray").exists() and not (tmp_path / "out").exists()  # no Ray Train run began
 
 
+def test_a_system_section_that_cannot_train_stops_the_stage_before_ray_starts(data, tmp_path):
+    """A system's task must be one it takes (a params file without a meld_joint section trained the
+    joint model as TTS alone), and its args must build it: a misspelt key failed in every Ray worker."""
+    from meld.config import ConfigError
+    from ray_jobs.train import build_config
+
+    def build(system, params):
+        return build_config(params, system=system, features=data / "features", bpe=data / "bpe" / "bpe.model",
+                            codebook=data / "codebook", out=tmp_path / system, project_root=tmp_path)
+
+    no_section = {k: v for k, v in TINY_PARAMS.items() if k != "meld_joint"}
+    with pytest.raises(ConfigError, match=r"meld_joint trains task joint, but its train.task is 'tts'"):
+        build("meld_joint", no_section)
+    with pytest.raises(ConfigError, match=r"mel_lm trains task tts, but its train.task is 'stt'"):
+        build("mel_lm", {**TINY_PARAMS, "mel_lm": {"train": {"task": "stt"}}})
+    misspelt = {**TINY_PARAMS, "meld": {"args": {"stt_ctcc": True}, "train": {"task": "tts"}}}
+    with pytest.raises(ConfigError, match=r"params section 'meld': meld cannot be built .*stt_ctcc"):
+        build("meld", misspelt)
+    assert build("meld", {**TINY_PARAMS, "meld": {"args": {"stt_ctc": True}}})["model_kwargs"]["stt_ctc"] is True
+
+
+def test_utterances_the_frame_budget_leaves_out_are_said_and_listed_for_mlflow_and_model_pt(data, tmp_path, capsys,
+                                                                                            tracking):
+    """Within train.max_skipped_fraction, utterances longer than the budget are left out of training
+    (DESIGN: skipped, counted and listed with the reason), named on stderr, counted and listed in the
+    run's MLflow record; export_model keeps the list in model.pt (checked where a test exports one:
+    test_a_run_resumed_from_rays_copy_leaves_its_checkpoint_in_the_folder)."""
+    from mlflow.tracking import MlflowClient
+
+    from meld.config import ConfigError
+    from meld.store import FeatureStore, FrameBudgetSampler, TrainingData, load_stats
+    from meld.text import BPETokenizer
+    from ray_jobs.train import _open_mlflow_run
+
+    config = tiny_config(data, tmp_path / "model")
+    assert config["skipped_too_long"] == []
+    lengths = TrainingData(FeatureStore(config["train_store"]), load_stats(config["stats"]),
+                           BPETokenizer(config["bpe_model"]), config["reduction_factor"]).lengths()
+    budget = sorted(lengths)[-3]  # the two longest (or more, on ties) no longer fit
+    capsys.readouterr()
+    config = tiny_config(data, tmp_path / "model", frames_per_batch=budget, max_skipped_fraction=1.0)
+    ids = [row["id"] for row in FeatureStore(config["train_store"]).index]
+    expected = [ids[i] for i, n in enumerate(lengths) if n > budget]
+    assert len(expected) >= 2 and [row["id"] for row in config["skipped_too_long"]] == expected
+    assert all(row["frames"] > budget and f"({budget} frames)" in row["reason"] for row in config["skipped_too_long"])
+    err = capsys.readouterr().err
+    assert f"{len(expected)} of {len(lengths)} utterance(s) left out" in err and expected[0] in err
+    # the left-out share is what the check allows: the same budget at the default 1 % stops the stage
+    with pytest.raises(ConfigError, match=f"{len(expected)} of {len(lengths)} utterance"):
+        tiny_config(data, tmp_path / "model", frames_per_batch=budget)
+
+    sampler_config = {**config, "experiment": "faults", "project_root": str(tmp_path), "run_name": "train-meld"}
+    sampler = FrameBudgetSampler(lengths, budget, max_skipped_fraction=1.0)
+    mlflow = _open_mlflow_run(sampler_config, tmp_path / "ckpts", resumed_at=None, sampler=sampler)
+    run_id = mlflow.active_run().info.run_id
+    mlflow.end_run()
+    client = MlflowClient(tracking)
+    assert client.get_run(run_id).data.metrics["data/skipped_too_long"] == len(expected)
+    listed = json.loads(Path(client.download_artifacts(run_id, "data/skipped_too_long.json", str(tmp_path))).read_text())
+    assert listed == config["skipped_too_long"]
+
+
 def test_a_run_past_its_learning_rate_schedule_is_warned_about(data, tmp_path, caplog):
     """Past warm-up + hold + decay the learning rate is 0: the steps there train nothing, which only a
     flat loss would show; the driver says so before the run starts."""
@@ -533,6 +595,8 @@ def test_a_run_resumed_from_rays_copy_leaves_its_checkpoint_in_the_folder(crashe
     """A finished run's checkpoint folder is gone (deleted, or another node's) but Ray's persisted copy
     is there: the run resumes from that copy, trains nothing more, and writes the checkpoint back to
     the folder the stage exports from (before, export_model found none)."""
+    import torch
+
     from meld.training import latest_good_checkpoint
     from ray_jobs.train import export_model, run_training
 
@@ -543,7 +607,12 @@ def test_a_run_resumed_from_rays_copy_leaves_its_checkpoint_in_the_folder(crashe
     config["checkpoint_dir"] = str(tmp_path / "checkpoints")  # empty
     run_training(config, num_workers=1, use_gpu=False, storage_path=str(storage), max_failures=0)
     assert latest_good_checkpoint(config["checkpoint_dir"])["step"] == 4
-    assert export_model(config, tmp_path).is_file()
+    config["skipped_too_long"] = [{"id": "spk-0001", "frames": 999, "reason": "longer than train.frames_per_batch"}]
+    exported = export_model(config, tmp_path)
+    assert exported.is_file()
+    # what the frame budget left out of training stays with the model (meld info shows it)
+    extra = torch.load(exported, weights_only=True, mmap=True)["extra"]
+    assert extra["skipped_too_long"] == config["skipped_too_long"]
 
 
 @pytest.mark.slow

@@ -111,9 +111,22 @@ def test_state_dict_resumes_with_the_same_batches():
     assert list(islice(iter(b), per_epoch)) == expected
 
 
-def test_an_utterance_longer_than_the_budget_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"longer than the frame budget \(100\)"):
-        FrameBudgetSampler([10, 20, 101, 5], 100)
+def test_utterances_longer_than_the_budget_are_left_out_and_listed_up_to_a_share():
+    lengths, budget = _lengths(n=200, seed=4), 300
+    lengths[7], lengths[150] = 301, 900  # two of 200: 1 %
+    sampler = FrameBudgetSampler(lengths, budget, seed=3, max_skipped_fraction=0.01)
+    assert sampler.skipped == [7, 150]
+    served = sorted(i for b in sampler.batches for i in b)
+    assert served == [i for i in range(200) if i not in (7, 150)]  # every other one, once
+    assert all(max(lengths[i] for i in b) * len(b) <= budget for b in sampler.batches)
+    # padding is counted over what is trained on: the left-out frames are neither real nor padded
+    padded = sum(max(lengths[i] for i in b) * len(b) for b in sampler.batches)
+    assert sampler.padding_fraction() == pytest.approx(1 - sum(lengths[i] for i in served) / padded)
+    with pytest.raises(ValueError, match=r"3 of 200 utterance\(s\) are longer than the frame budget \(300\), more "
+                                         r"than train.max_skipped_fraction \(0.01\)"):
+        FrameBudgetSampler([*lengths[:-1], 301], budget, max_skipped_fraction=0.01)
+    with pytest.raises(ValueError, match=r"1 of 4 utterance\(s\) are longer than the frame budget \(100\)"):
+        FrameBudgetSampler([10, 20, 101, 5], 100, max_skipped_fraction=0.0)
 
 
 def test_collate_groups_frames_by_the_reduction_factor():

@@ -61,6 +61,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         codec = extra["codec"]
         rows.append(("codec", f"random DAC (seed {codec.get('seed')}): codes carry no speech" if codec.get("random")
                      else f"DAC weights {codec.get('weights')}"))
+    if "skipped_too_long" in extra:  # utterances its frame budget left out of training
+        skipped = extra["skipped_too_long"]
+        rows.append(("left out of training", f"{len(skipped)} utterance(s) longer than the frame budget"
+                     + (f": {', '.join(row['id'] for row in skipped[:3])}{', ...' if len(skipped) > 3 else ''}"
+                        if skipped else "")))
     rows.append(("fingerprint", extra.get("fingerprint", "n/a")))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:

@@ -10,6 +10,11 @@ from meld.features import N_MELS
 
 SYSTEMS = ("meld", "meld_stt", "meld_joint", "melle", "mel_lm", "dmel", "codec_lm")
 NEEDS_CODEBOOK = ("meld", "meld_stt", "meld_joint")
+# the training tasks each system takes: MELD and dMel do all three, the other baselines only speak, and
+# a name that says its task takes that one alone (a params file without the system's own section
+# would otherwise train meld_joint as TTS only, under the joint model's name)
+SYSTEM_TASKS = {"meld": ("tts", "stt", "joint"), "meld_stt": ("stt",), "meld_joint": ("joint",),
+                "melle": ("tts",), "mel_lm": ("tts",), "dmel": ("tts", "stt", "joint"), "codec_lm": ("tts",)}
 
 
 # The ModelConfig fields each part of a system takes, so every system's kwargs builder composes
