@@ -260,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
              "generations whose prompt and continuation each last at least 0.5 s (a shorter clip's speaker",
              "embedding means little): SIM n = those / all generations; 0 with evaluate.prompt_seconds 0 (no prompt,",
              "no speaker to compare to). Speakers in evaluate.judge_exclude_prefixes are left out of every WER",
-             "column, so the external judge's and MELD-STT's columns read the same utterances.", "",
+             "column of the TTS table, so the external judge's and MELD-STT's columns read the same utterances;",
+             "the STT table transcribes every speaker's real speech.", "",
              "## TTS", ""] + tts_table(metrics)
     lines += ["", *silence_statement(metrics)]
     stt = stt_table(metrics)

@@ -345,3 +345,22 @@ def test_a_codec_split_without_eligible_utterances_is_kept_empty(random_codec, t
     metrics, rows = evaluate.evaluate_codec_system(tiny_codec_lm(n_text=30)[0], state, cfg, "codec_lm", codes,
                                                    tmp_path / "corpus", tmp_path / "eval")
     assert metrics["pipeline_check" if random_codec else "splits"] == {"test": {}} and rows == []
+
+
+def test_the_sim_floor_compares_each_prompt_with_another_person_spread_over_the_split():
+    """The "other speaker" of each prompt was the first chosen utterance of any other speaker id: one
+    utterance served almost every prompt, and on the mini corpus it could be the same person
+    (festival-kal for a flite-kal prompt: cosine ~0.88, a same-voice level)."""
+    chosen = [10, 11, 12, 13, 14, 15]
+    speakers = ["festival-kal", "flite-kal", "flite-kal16", "flite-rms", "flite-slt", "festival-kal"]
+    others = evaluate.other_person_utterances(chosen, speakers)
+    from meld.corpus.mini import recorded_person
+
+    for k, i in enumerate(chosen):
+        j = others[i]
+        assert recorded_person(speakers[chosen.index(j)]) != recorded_person(speakers[k]), (i, j)
+    assert others[11] == 13 and others[12] == 13 and others[13] == 14 and others[14] == 15 and others[15] == 13
+    assert len(set(others.values())) > 2  # spread, not one utterance for every prompt
+    assert evaluate.other_person_utterances([1, 2], ["flite-kal", "flite-kal16"]) == {1: None, 2: None}
+    # LibriSpeech readers are people by id
+    assert evaluate.other_person_utterances([1, 2], ["1089", "121"]) == {1: 2, 2: 1}

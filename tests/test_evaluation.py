@@ -282,6 +282,23 @@ def test_longest_silence_finds_a_one_second_gap():
     assert longest_silence_seconds(np.zeros(SAMPLE_RATE), SAMPLE_RATE) == pytest.approx(1.0)
 
 
+def test_a_continuation_quiet_throughout_is_silence_against_its_whole_utterance():
+    """Against the continuation's own loudest frame, 2 s of hiss after a spoken prompt had no silence
+    at all, the best score a model that only hisses could get; the scorer measures a continuation (and
+    the ground truth's) against the loudest frame of prompt and continuation together."""
+    from meld.evaluation.scoring import GenerationItem, Scorer, ScorerSpec
+
+    hiss = (1e-4 * np.random.default_rng(1).standard_normal(2 * SAMPLE_RATE)).astype(np.float32)
+    wav = np.concatenate([_tone(1.0), hiss])
+    assert longest_silence_seconds(hiss, SAMPLE_RATE) == 0.0  # its own loudest frame: no silence
+    assert longest_silence_seconds(hiss, SAMPLE_RATE, reference=wav) == pytest.approx(2.0, abs=0.011)
+    assert longest_silence_seconds(_tone(1.0), SAMPLE_RATE, reference=wav) == 0.0  # speech stays speech
+    hop = 256
+    item = GenerationItem(None, prompt_frames=SAMPLE_RATE // hop, judged=False, prompt_emb=None, wav=wav, hop_length=hop)
+    scored = Scorer(ScorerSpec("griffin_lim", None, None, None, None, None)).generation(item)
+    assert scored["longest_silence_s"] == pytest.approx(2.0, abs=0.03)
+
+
 def test_longest_silence_edges_and_mel_variant():
     wav = np.concatenate([np.zeros(2 * SAMPLE_RATE), _tone(0.5), np.zeros(SAMPLE_RATE), _tone(0.5)])
     assert longest_silence_seconds(wav, SAMPLE_RATE) == pytest.approx(2.0, abs=0.011)
@@ -316,17 +333,24 @@ def test_scoring_workers_take_the_gpus_in_turn():
         worker_devices("cuda", 2, 0)
 
 
-def _device_after_a_while(_) -> str:
-    """A scoring worker's device, slowly enough that both workers of a pool take some of the calls."""
+def _device_once_both_workers_answer(folder: str) -> str:
+    """A scoring worker's device, returned once two different devices have answered: a worker notes its
+    device in ``folder`` and waits for another's note. A fixed sleep per call let the first worker take
+    every call while the second was still importing torch on a loaded host (a flaky test)."""
     import time
+    from pathlib import Path
 
     from meld.evaluation import scoring
 
-    time.sleep(0.2)
-    return scoring._WORKER_SCORER.device
+    device = scoring._WORKER_SCORER.device
+    (Path(folder) / device).touch()
+    deadline = time.monotonic() + 120
+    while len(list(Path(folder).iterdir())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return device
 
 
-def test_each_scoring_worker_builds_on_the_device_handed_to_it(monkeypatch):
+def test_each_scoring_worker_builds_on_the_device_handed_to_it(monkeypatch, tmp_path):
     """The pool hands worker_devices' list out one device per spawned worker (through a queue): two
     workers, two devices, each used by one (Griffin-Lim alone: the names need not be real devices)."""
     from meld.evaluation import scoring
@@ -336,7 +360,7 @@ def test_each_scoring_worker_builds_on_the_device_handed_to_it(monkeypatch):
     with scoring.ScoringPool(spec, 2) as pool:
         if pool.workers < 2:
             pytest.skip("one core: the pool runs in-process")
-        seen = set(pool._pool.map(_device_after_a_while, range(12)))
+        seen = set(pool._pool.map(_device_once_both_workers_answer, [str(tmp_path)] * 4))
     assert seen == {"gpu-a", "gpu-b"}
 
 

@@ -89,6 +89,13 @@ class VoiceUnavailableError(RuntimeError):
     """A requested voice is unknown or its synthesiser/voice data is not installed."""
 
 
+def recorded_person(speaker: str) -> str:
+    """The person behind a corpus speaker id: a mini voice's family (flite-kal, flite-kal16 and
+    festival-kal are one person), any other id (a LibriSpeech reader) itself."""
+    voice = VOICES.get(speaker)
+    return voice.family if voice is not None else speaker
+
+
 def _run(cmd: Sequence[str], timeout: float = 120.0) -> subprocess.CompletedProcess:
     return subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, check=False)
 

@@ -8,7 +8,10 @@ Definitions (all are what ``metrics/<system>.json`` reports):
   silent when its RMS level is more than ``|threshold_db|`` dB below the loudest frame of the same
   utterance. The longest run of consecutive silent frames, in seconds. Leading and trailing
   silence count too unless ``interior_only`` (a model that fails to stop emits trailing silence).
-- **Duration ratio** = generated seconds / ground-truth seconds (the paper's "minutes generated").
+  A continuation is measured against the loudest frame of its whole utterance, prompt included
+  (``reference``): against its own, a continuation that is quiet throughout had no silence at all.
+- **Duration ratio** = generated seconds / ground-truth seconds, per generation; the evaluation
+  averages these ratios (the ratio of the totals is the paper's "minutes generated")
 - **Real-time factor** = compute seconds / audio seconds (below 1 is faster than real time).
 """
 
@@ -78,6 +81,7 @@ def longest_silence_seconds(
     threshold_db: float = -40.0,
     frame_ms: float = 10.0,
     interior_only: bool = False,
+    reference: np.ndarray | None = None,
 ) -> float:
     """Longest stretch of silence in a waveform (definition in the module docstring).
 
@@ -87,6 +91,8 @@ def longest_silence_seconds(
         threshold_db: silence level relative to the loudest frame (negative).
         frame_ms: analysis frame length; the result is a multiple of it.
         interior_only: ignore silence before the first and after the last sounding frame.
+        reference: the waveform whose loudest frame is the 0 dB level (default ``wav``): the whole
+            utterance when ``wav`` is its continuation, so a continuation quiet throughout is silence.
 
     Returns:
         Seconds; an all-zero signal is entirely silent (or 0.0 with ``interior_only``).
@@ -95,18 +101,24 @@ def longest_silence_seconds(
     if wav.ndim != 1:
         raise ValueError(f"expects a mono (samples,) waveform, got shape {wav.shape}")
     frame = max(1, round(sample_rate * frame_ms / 1000.0))
-    n_frames = int(np.ceil(wav.size / frame))
-    if n_frames == 0:
+    rms = _frame_rms(wav, frame)  # (n_frames,)
+    if rms.size == 0:
         return 0.0
-    padded = np.pad(wav, (0, n_frames * frame - wav.size))
-    rms = np.sqrt(np.mean(padded.reshape(n_frames, frame) ** 2, axis=1))  # (n_frames,)
-    peak = rms.max()
+    peak = max(rms.max(), _frame_rms(np.asarray(reference, dtype=np.float64), frame).max(initial=0.0)
+               if reference is not None else 0.0)
     if peak == 0.0:
-        silent = np.ones(n_frames, dtype=bool)
+        silent = np.ones(rms.size, dtype=bool)
     else:
         level_db = 20.0 * np.log10(np.maximum(rms, 1e-12) / peak)
         silent = level_db < threshold_db
     return _longest_run(silent, interior_only) * frame / sample_rate
+
+
+def _frame_rms(wav: np.ndarray, frame: int) -> np.ndarray:
+    """RMS level of each non-overlapping ``frame``-sample frame of a 1-D waveform (the last one zero-padded)."""
+    n_frames = int(np.ceil(wav.size / frame))
+    padded = np.pad(wav, (0, n_frames * frame - wav.size))
+    return np.sqrt(np.mean(padded.reshape(n_frames, frame) ** 2, axis=1))
 
 
 def longest_silence_frames(

@@ -110,7 +110,8 @@ class Scorer:
         gt_voc = item.resynthesised if item.resynthesised is not None else self.vocoder(item.mel)
         cut = item.prompt_frames * item.hop_length
         out = {"prompt_wav": wav[:cut], "gt_vocoded": gt_voc, "gt_cont_vocoded": gt_voc[cut:]}
-        out["gt_longest_silence_s"] = longest_silence_seconds(out["gt_cont_vocoded"], SAMPLE_RATE)
+        # against the loudest frame of the whole vocoded utterance, as a generation's (below)
+        out["gt_longest_silence_s"] = longest_silence_seconds(out["gt_cont_vocoded"], SAMPLE_RATE, reference=gt_voc)
         if self.judge is not None and item.judged:
             out["gt_hyp"] = self.judge.transcribe(gt_voc, SAMPLE_RATE)
         # a prompt under the floor (none at all with evaluate.prompt_seconds 0, or one that rounds to no
@@ -134,7 +135,10 @@ class Scorer:
 
         wav = item.wav if item.wav is not None else self.vocoder(item.full_mel)
         cont = wav[item.prompt_frames * item.hop_length :]
-        out = {"wav": wav, "longest_silence_s": longest_silence_seconds(cont, SAMPLE_RATE) if cont.size else 0.0}
+        # the 0 dB level is the loudest frame of prompt and continuation: a continuation quiet throughout
+        # (a model that only hisses) is silence, where against its own loudest frame it had none
+        out = {"wav": wav,
+               "longest_silence_s": longest_silence_seconds(cont, SAMPLE_RATE, reference=wav) if cont.size else 0.0}
         if self.judge is not None and item.judged:
             out["hyp"] = self.judge.transcribe(wav, SAMPLE_RATE)
         if self.embedder is not None and item.prompt_emb is not None and cont.size >= MIN_SIM_SAMPLES:
