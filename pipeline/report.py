@@ -224,6 +224,33 @@ def asha_rungs(scheduler: dict) -> str | None:
     return "ASHA rungs: " + "; ".join(parts)
 
 
+def sweep_table(trials: list[dict], metric: str) -> list[str]:
+    """The sweep as a grid, like the paper's Table 6: a row per frame rate (reduction factor), a column
+    per slowness weight, each cell the trial's objective at its last step, marked where that step is
+    not the full budget (ASHA's stop, a failure, an interrupted sweep) so cells are compared knowingly."""
+    if not trials:
+        return []
+    weights = sorted({t["config"]["slowness_weight"] for t in trials})
+    factors = sorted({t["config"]["reduction_factor"] for t in trials})
+    cell = {(t["config"]["reduction_factor"], t["config"]["slowness_weight"]): t for t in trials}
+    marks = {"completed": "", "early_stopped": "stopped by ASHA", "error": "failed", "unfinished": "unfinished"}
+    lines = [f"| {metric} by frame rate | " + " | ".join(f"slowness {w:g}" for w in weights) + " |",
+             "|" + "---|" * (1 + len(weights))]
+    for r in factors:
+        cells = []
+        for w in weights:
+            t = cell.get((r, w))
+            if t is None:
+                cells.append("–")
+                continue
+            value = f"{t['objective']:.4g}" if _finite(t.get("objective")) else "–"
+            note = marks.get(t.get("status"), str(t.get("status")))
+            cells.append(value + (f" ({note} at step {t.get('steps')})" if note else ""))
+        # the mel front end runs at 62.5 frames per second; r of them make one model step
+        lines.append(f"| r={r} ({62.5 / r:.4g} Hz) | " + " | ".join(cells) + " |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--params", default="params.yaml")
@@ -288,7 +315,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             summary = "no trial produced a finite objective"
         rungs = asha_rungs(tune.get("scheduler") or {})
-        lines += ["", "## Ray Tune sweep", "", summary, *(["", rungs] if rungs else []), "", "![sweep](tune.png)"]
+        grid = sweep_table(tune.get("trials") or [], objective.get("metric", "objective"))
+        lines += ["", "## Ray Tune sweep", "", summary, *(["", rungs] if rungs else []), *(["", *grid] if grid else []),
+                  "", "![sweep](tune.png)"]
     lines += ["", "![TTS comparison](plots/tts_comparison.png)", ""]
     (out / "summary.md").write_text("\n".join(lines))
     print("\n".join(lines))

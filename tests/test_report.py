@@ -279,3 +279,18 @@ def test_a_missing_value_in_the_comparison_plot_is_marked_not_drawn_as_zero():
     marks = [(t.get_text().strip(), round(t.get_position()[1], 2)) for t in wer_panel.texts]
     assert marks == [("n/a", 0.2)]  # meld's row (0), the second split's half (+0.2); not the WER-0 one
     assert sorted(bar.get_width() for bar in wer_panel.patches) == [0.0]
+
+
+def test_the_sweep_grid_puts_each_trial_in_its_frame_rate_row_and_slowness_column():
+    """The paper's Table 6 as a grid; a cell whose trial did not train the full budget says why and where."""
+    def trial(w, r, objective, status, steps):
+        return {"config": {"slowness_weight": w, "reduction_factor": r}, "objective": objective,
+                "status": status, "steps": steps}
+
+    trials = [trial(0.0, 1, 0.91, "completed", 16), trial(0.2, 1, 0.87654, "completed", 16),
+              trial(0.0, 2, 1.2, "early_stopped", 8), trial(0.2, 2, float("nan"), "error", 3)]
+    head, rule, r1, r2 = report.sweep_table(trials, "dev/mse_post_greedy")
+    assert head == "| dev/mse_post_greedy by frame rate | slowness 0 | slowness 0.2 |" and rule == "|---|---|---|"
+    assert r1 == "| r=1 (62.5 Hz) | 0.91 | 0.8765 |"
+    assert r2 == "| r=2 (31.25 Hz) | 1.2 (stopped by ASHA at step 8) | – (failed at step 3) |"
+    assert report.sweep_table([], "m") == []
