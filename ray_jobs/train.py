@@ -650,6 +650,11 @@ def build_config(
     from meld.text import BPETokenizer
     from meld.training import fingerprint
 
+    if system != "meld" and system not in params:
+        # the top-level model and train sections are MELD's: without its own section a baseline trains
+        # with MELD's loss weights, each of its own losses at weight 1 (MELLE's KL at 1, not 0.1)
+        raise ConfigError(f"params: no '{system}' section; every system but meld needs one (its task, loss weights "
+                          "and args: params.yaml and configs/paper.yaml have one for each)")
     section = params.get(system) or {}
     if system == "codec_lm":  # its section also names the codec behind the code store
         CodecLMConfig.from_dict(section, system)

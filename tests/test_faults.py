@@ -366,8 +366,9 @@ def test_a_frame_budget_the_data_does_not_fit_stops_the_stage_before_ray_starts(
 
 
 def test_a_system_section_that_cannot_train_stops_the_stage_before_ray_starts(data, tmp_path):
-    """A system's task must be one it takes (a params file without a meld_joint section trained the
-    joint model as TTS alone), and its args must build it: a misspelt key failed in every Ray worker."""
+    """A system other than meld needs its own section, its task must be one it takes (a params file
+    without a meld_joint section trained the joint model as TTS alone), and its args must build it: a
+    misspelt key failed in every Ray worker."""
     from meld.config import ConfigError
     from ray_jobs.train import build_config
 
@@ -375,9 +376,10 @@ def test_a_system_section_that_cannot_train_stops_the_stage_before_ray_starts(da
         return build_config(params, system=system, features=data / "features", bpe=data / "bpe" / "bpe.model",
                             codebook=data / "codebook", out=tmp_path / system, project_root=tmp_path)
 
-    no_section = {k: v for k, v in TINY_PARAMS.items() if k != "meld_joint"}
+    with pytest.raises(ConfigError, match=r"no 'melle' section; every system but meld needs one"):
+        build("melle", TINY_PARAMS)  # it would train with MELD's loss weights, its KL at weight 1
     with pytest.raises(ConfigError, match=r"meld_joint trains task joint, but its train.task is 'tts'"):
-        build("meld_joint", no_section)
+        build("meld_joint", {**TINY_PARAMS, "meld_joint": {"model": {}}})
     with pytest.raises(ConfigError, match=r"mel_lm trains task tts, but its train.task is 'stt'"):
         build("mel_lm", {**TINY_PARAMS, "mel_lm": {"train": {"task": "stt"}}})
     misspelt = {**TINY_PARAMS, "meld": {"args": {"stt_ctcc": True}, "train": {"task": "tts"}}}
