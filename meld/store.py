@@ -169,7 +169,11 @@ class FrameBudgetSampler:
     def __init__(self, lengths: list[int], frames_per_batch: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  max_skipped_fraction: float = 0.01):
         self.skipped = [i for i, n in enumerate(lengths) if n > frames_per_batch]
-        if len(self.skipped) > max_skipped_fraction * len(lengths):
+        if self.skipped and len(self.skipped) == len(lengths):
+            raise ValueError(f"all {len(lengths)} utterance(s) are longer than the frame budget ({frames_per_batch}): "
+                             "raise train.frames_per_batch (tune.frames_per_batch in a sweep)")
+        # a division, as the features stage's rule: 29 of 100 is not more than 0.29 (0.29 * 100 < 29 in floats)
+        if self.skipped and len(self.skipped) / len(lengths) > max_skipped_fraction:
             raise ValueError(
                 f"{len(self.skipped)} of {len(lengths)} utterance(s) are longer than the frame budget "
                 f"({frames_per_batch}), more than train.max_skipped_fraction ({max_skipped_fraction:g}) of them: "
@@ -188,8 +192,10 @@ class FrameBudgetSampler:
         if current:
             self.batches.append(current)
         if len(self.batches) < world_size:
-            raise ValueError(f"only {len(self.batches)} batches of {frames_per_batch} frames for {world_size} workers: "
-                             "lower train.frames_per_batch (tune.frames_per_batch in a sweep) or the number of workers")
+            left_out = f" ({len(self.skipped)} utterance(s) longer than it left out)" if self.skipped else ""
+            raise ValueError(f"only {len(self.batches)} batches of {frames_per_batch} frames for {world_size} workers"
+                             f"{left_out}: lower train.frames_per_batch (tune.frames_per_batch in a sweep) or the "
+                             "number of workers")
         self.lengths = lengths
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.per_rank = len(self.batches) // world_size

@@ -682,7 +682,7 @@ def build_config(
                                     "(add it to codebook.reduction_factors)")
         n_codes = int(np.load(codebook_file, mmap_mode="r").shape[0])
     n_text = BPETokenizer(str(bpe)).vocab_size
-    try:  # a misspelt or out-of-range args key fails here, not in every Ray worker after its retries
+    try:  # a misspelt args key (or a value the constructor refuses) fails here, not in every Ray worker
         kwargs = system_kwargs(system, model_cfg, n_text=n_text, codebook_size=n_codes, args=section.get("args"))
         with torch.device("meta"):  # the constructor's own checks, without allocating a weight
             build_model(system, kwargs)
@@ -764,14 +764,14 @@ def check_frame_budget(config: dict) -> None:
     except ValueError as err:
         raise ConfigError(f"{config['train_store']}: {err} (its longest utterance counts {max(lengths, default=0)} "
                           "frames; a sweep trial's budget is tune.frames_per_batch / its reduction factor)") from err
-    reason = f"longer than train.frames_per_batch ({tc['frames_per_batch']} frames)"
+    reason = f"longer than the frame budget ({tc['frames_per_batch']} frames per batch)"
     config["skipped_too_long"] = [{"id": store.index[i]["id"], "frames": lengths[i], "reason": reason}
                                   for i in sampler.skipped]
     if sampler.skipped:
         ids = ", ".join(row["id"] for row in config["skipped_too_long"][:5])
         print(f"train: {len(sampler.skipped)} of {len(lengths)} utterance(s) left out, {reason}: {ids}"
-              f"{', ...' if len(sampler.skipped) > 5 else ''} (listed in MLflow's data/skipped_too_long.json "
-              "and in model.pt)", file=sys.stderr, flush=True)
+              f"{', ...' if len(sampler.skipped) > 5 else ''} (listed in the run's data/skipped_too_long.json in "
+              "MLflow, and in the model.pt a train stage exports)", file=sys.stderr, flush=True)
 
 
 def _warn_past_schedule(train: dict) -> None:

@@ -411,7 +411,8 @@ def test_utterances_the_frame_budget_leaves_out_are_said_and_listed_for_mlflow_a
     ids = [row["id"] for row in FeatureStore(config["train_store"]).index]
     expected = [ids[i] for i, n in enumerate(lengths) if n > budget]
     assert len(expected) >= 2 and [row["id"] for row in config["skipped_too_long"]] == expected
-    assert all(row["frames"] > budget and f"({budget} frames)" in row["reason"] for row in config["skipped_too_long"])
+    assert all(row["frames"] > budget and f"({budget} frames per batch)" in row["reason"]
+               for row in config["skipped_too_long"])
     err = capsys.readouterr().err
     assert f"{len(expected)} of {len(lengths)} utterance(s) left out" in err and expected[0] in err
     # the left-out share is what the check allows: the same budget at the default 1 % stops the stage

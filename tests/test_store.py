@@ -127,6 +127,13 @@ def test_utterances_longer_than_the_budget_are_left_out_and_listed_up_to_a_share
         FrameBudgetSampler([*lengths[:-1], 301], budget, max_skipped_fraction=0.01)
     with pytest.raises(ValueError, match=r"1 of 4 utterance\(s\) are longer than the frame budget \(100\)"):
         FrameBudgetSampler([10, 20, 101, 5], 100, max_skipped_fraction=0.0)
+    # the share is compared as a division: 29 of 100 is within 0.29 (0.29 * 100 is 28.999... in floats)
+    assert len(FrameBudgetSampler([10] * 71 + [500] * 29, 400, max_skipped_fraction=0.29).skipped) == 29
+    # a budget that leaves everything out says to raise it, not (as the too-few-batches check would) to lower it
+    with pytest.raises(ValueError, match=r"all 2 utterance\(s\) are longer than the frame budget \(400\): raise"):
+        FrameBudgetSampler([500, 600], 400, max_skipped_fraction=1.0)
+    with pytest.raises(ValueError, match=r"only 1 batches of 100 frames for 2 workers \(1 utterance\(s\) longer"):
+        FrameBudgetSampler([40, 50, 101], 100, world_size=2, max_skipped_fraction=0.5)
 
 
 def test_collate_groups_frames_by_the_reduction_factor():
