@@ -282,6 +282,18 @@ def test_tts_utterances_spread_over_speakers_judged_ones_first(tmp_path):
         assert len(judged_first) == min(n, 3)
 
 
+def test_the_first_utterances_chosen_are_different_people_not_only_different_ids(tmp_path):
+    """festival-kal and flite-kal are one recorded person: the default test split's two utterances
+    were theirs, which left the SIM floor no other person. Each person's first id comes first."""
+    speakers = ["espeak-f2", "festival-kal", "flite-kal", "flite-kal16", "flite-rms"]
+    store = _feature_store(tmp_path / "test", [(spk, SENTENCES[0], 300) for spk in speakers for _ in range(2)])
+    pick = [store.index[i]["speaker"] for i in evaluate.spread_over_speakers(store.index, range(len(store)), 10,
+                                                                            ("espeak-",))]
+    assert pick[:2] == ["festival-kal", "flite-rms"]  # two people, judged ones first
+    assert pick[:4] == ["festival-kal", "flite-rms", "flite-kal", "flite-kal16"] and pick[4] == "espeak-f2"
+    assert sorted(pick) == sorted(speakers * 2)  # everything, in the end, each once per row
+
+
 def test_the_meld_stt_judge_reads_the_utterances_the_external_judge_reads(tmp_path, monkeypatch):
     """The report puts "WER MELD-STT judge" beside the external judge's "WER", which leaves out the
     judge_exclude_prefixes speakers; the MELD-STT columns used to read every row, so the two compared
