@@ -104,10 +104,12 @@ class _Handler(BaseHTTPRequestHandler):
                 self.end_headers()
                 return
         body = data[start:]
+        if srv.window and status == 206:  # a server that answers a range in windows of this many bytes
+            body = body[: srv.window]
         self.send_response(status)
         self.send_header("Content-Length", str(len(body)))
         if status == 206:
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            self.send_header("Content-Range", f"bytes {start}-{start + len(body) - 1}/{len(data)}")
         self.end_headers()
         if srv.truncate_next:
             # Announce the whole body, send a third, drop the connection (HTTP/1.0 closes it).
@@ -123,7 +125,7 @@ def http_server():
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     server.daemon_threads = True
     server.files, server.ranges = {}, []
-    server.honour_range, server.truncate_next = True, False
+    server.honour_range, server.truncate_next, server.window = True, False, 0
     server.url = f"http://127.0.0.1:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
@@ -168,6 +170,18 @@ def test_interrupted_transfer_is_resumed(http_server, tmp_path):
     ls.download_archive(f"{http_server.url}/a.tar.gz", dest, PAYLOAD_MD5, chunk_size=8192, progress=False)
     assert dest.read_bytes() == PAYLOAD
     assert http_server.ranges[0] is None and http_server.ranges[1] == f"bytes={len(PAYLOAD) // 3}-"
+
+
+def test_a_range_answered_in_windows_is_resumed_not_deleted(http_server, tmp_path):
+    """A 206 carrying less than the rest of the file (Content-Range's end below its total) used to end
+    the download: the checksum failed and a partial file that was right so far was deleted."""
+    http_server.files["/a.tar.gz"] = PAYLOAD
+    http_server.window = 50_000
+    dest = tmp_path / "a.tar.gz"
+    (tmp_path / "a.tar.gz.part").write_bytes(PAYLOAD[:200_000])
+    ls.download_archive(f"{http_server.url}/a.tar.gz", dest, PAYLOAD_MD5, chunk_size=16_384, progress=False)
+    assert dest.read_bytes() == PAYLOAD
+    assert http_server.ranges == ["bytes=200000-", "bytes=250000-"]
 
 
 def test_interrupted_without_retries_keeps_partial(http_server, tmp_path):
@@ -324,7 +338,7 @@ def test_member_through_existing_outside_link_is_rejected(tmp_path):
     assert list(outside.iterdir()) == []
 
 
-def test_internal_links_are_allowed(tmp_path):
+def test_internal_links_become_copies_of_the_file_they_name(tmp_path):
     archive = _tar_with(
         tmp_path / "a.tar.gz",
         [
@@ -335,8 +349,28 @@ def test_internal_links_are_allowed(tmp_path):
     )
     dest = tmp_path / "dest"
     assert ls.safe_extract(archive, dest) == 3
-    assert (dest / "a" / "link.txt").is_symlink() and (dest / "a" / "link.txt").read_text() == "hello"
-    assert not (dest / "a" / "hard.txt").is_symlink() and (dest / "a" / "hard.txt").read_text() == "hello"
+    for name in ("link.txt", "hard.txt"):
+        assert not (dest / "a" / name).is_symlink() and (dest / "a" / name).read_text() == "hello"
+
+
+@pytest.mark.parametrize("chain", ["dot", "folder"])
+def test_a_chain_of_links_redirected_by_a_later_member_cannot_reach_outside(tmp_path, chain):
+    """A link was judged once, when made: with its path's parts not there yet it resolved inside, and a
+    later member (a link to ".", a folder where a link was) then sent it outside. No link is made now."""
+    members = {"dot": [_link("x/c", "d/../../.."), _link("x/d", ".")],
+               "folder": [_link("x/y", "z/w"), _link("x/c", "y/../.."), ("dir", "x/y")]}[chain]
+    built = []
+    for m in members:
+        if m == ("dir", "x/y"):
+            info = tarfile.TarInfo("x/y")
+            info.type = tarfile.DIRTYPE
+            built.append((info, None))
+        else:
+            built.append(m)
+    archive = _tar_with(tmp_path / "a.tar.gz", built)
+    with pytest.raises(ls.UnsafeArchiveError, match="not a file extracted inside the target folder before it"):
+        ls.safe_extract(archive, tmp_path / "dest")
+    assert not any(p.is_symlink() for p in (tmp_path / "dest").rglob("*"))
 
 
 # --------------------------------------------------------------------------- reading and preparing
@@ -505,6 +539,28 @@ def test_flac_without_transcript_line_is_rejected(tmp_path):
     trans.write_text(f"{kept} {expected[kept]['text']}\n")
     with pytest.raises(ls.LibriSpeechError, match=f"{orphan} .*no line in transcript 26-495.trans.txt"):
         list(ls.read_librispeech_folder(tmp_path, "dev-clean"))
+
+
+def test_transcript_lines_that_are_not_text_or_repeat_are_rejected_not_fatal(tmp_path):
+    """DESIGN §10: a non-UTF-8 line stopped the stage with a bare UnicodeDecodeError, a repeated id with
+    "occurs twice", and a line of punctuation alone went into the manifest with no word to train on;
+    each is now one listed rejection."""
+    expected = _make_subset(tmp_path / "LibriSpeech", "dev-clean")
+    speaker = tmp_path / "LibriSpeech" / "dev-clean" / "26"
+    bad, dup, punct = "26-495-0000", "26-495-0001", "26-496-0000"
+    (speaker / "495" / "26-495.trans.txt").write_bytes(
+        f"{bad} CAF".encode() + b"\xe9 AU LAIT\n"  # Latin-1, not UTF-8
+        + f"{dup} {expected[dup]['text']}\n{dup} A SECOND LINE FOR THE SAME CLIP\n".encode())
+    (speaker / "496" / "26-496.trans.txt").write_text(
+        f"{punct} ... ?!\n26-496-0001 {expected['26-496-0001']['text']}\n")
+    assert ls.prepare_librispeech(tmp_path, tmp_path / "corpus", ["dev-clean"], download=False,
+                                  max_rejected_fraction=0.9, progress=False) == {"dev": len(expected) - 2}
+    reasons = {r["id"]: r["reason"] for r in _read_listing(tmp_path / "corpus" / "dev" / "rejected.jsonl")}
+    assert reasons[bad] == "transcript line in 26-495.trans.txt is not UTF-8 text"
+    assert reasons[punct] == "transcript has no words ('... ?!')"
+    assert reasons[dup] == "listed twice in 26-495.trans.txt (its first line is kept)"
+    manifest = {r["id"]: r["text"] for r in read_manifest(tmp_path / "corpus" / "dev" / "manifest.jsonl")}
+    assert manifest[dup] == expected[dup]["text"] and bad not in manifest and punct not in manifest
 
 
 def test_rejection_limit_comes_from_the_argument(tmp_path):

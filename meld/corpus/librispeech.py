@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from meld.corpus import write_manifest
 from meld.progress import progress as progress_bar
+from meld.text import normalise_transcript
 
 LIBRISPEECH_BASE_URL = "https://www.openslr.org/resources/12"
 
@@ -179,6 +180,11 @@ def _fetch_once(
         # the server announced.
         if length is not None and received < length:
             raise _Truncated(f"received {received} of {length} bytes")
+        # a 206 without Content-Length whose connection dropped, or a server that answers a range in
+        # windows: the file is short of the total Content-Range gave, so resume rather than let the
+        # checksum fail and delete a partial file that was right so far
+        if total is not None and offset + received < total:
+            raise _Truncated(f"have {offset + received} of {total} bytes")
 
 
 def download_archive(
@@ -321,9 +327,10 @@ def safe_extract(tar_path: str | Path, dest: str | Path, *, progress: bool = Fal
     """Extract a (gzipped) tar archive into ``dest`` so that nothing lands outside it.
 
     Rejected, with an :class:`UnsafeArchiveError` naming the member: absolute paths, ``..``
-    components, paths that go through an already-extracted link to outside ``dest``, symbolic or
-    hard links whose target lies outside ``dest``, and device files, FIFOs or other special members.
-    Hard links are materialised as copies; set-uid bits and group/other write bits are dropped.
+    components, paths that go through a link already in ``dest`` to outside it, symbolic or hard
+    links to anything but a file extracted inside ``dest`` before them, and device files, FIFOs or
+    other special members. Links are materialised as copies of that file, so the extraction creates
+    no link that a later member could redirect; set-uid bits and group/other write bits are dropped.
 
     The archive is read in one streaming pass (LibriSpeech archives reach 30 GB), so members before
     a rejected one are already extracted: extract into a fresh folder and delete it on failure, as
@@ -370,21 +377,25 @@ def safe_extract(tar_path: str | Path, dest: str | Path, *, progress: bool = Fal
                 os.chmod(location, (member.mode & 0o755) | 0o600)
                 os.utime(location, (member.mtime, member.mtime))
             elif member.issym():
+                # Copied, never created: a link's target was judged when it was made, and a later member
+                # (a link to ".", a folder replacing a link) could change what a chain of links resolves
+                # to without being checked again. A copy of a file already extracted cannot change.
                 link = member.linkname
                 if not link or os.path.isabs(link) or re.match(r"^[A-Za-z]:", link):
                     raise UnsafeArchiveError(
                         f"archive member {member.name!r} is a link to an absolute path {link!r}"
                     )
                 target = os.path.realpath(os.path.join(os.path.dirname(location), link))
-                if not _within(target, dest_real):
+                if not _within(target, dest_real) or not os.path.isfile(target):
                     raise UnsafeArchiveError(
-                        f"archive member {member.name!r} is a link to {link!r}, outside the target folder"
+                        f"archive member {member.name!r} is a link to {link!r}, which is not a file extracted "
+                        "inside the target folder before it"
                     )
                 os.makedirs(os.path.dirname(location), exist_ok=True)
                 if os.path.isdir(location) and not os.path.islink(location):
                     raise UnsafeArchiveError(f"archive member {member.name!r} is a link replacing a folder")
                 _remove_existing(location)
-                os.symlink(link, location)
+                shutil.copyfile(target, location)
             elif member.islnk():
                 # Hard link names are relative to the archive root and refer to a member already extracted.
                 try:
@@ -479,15 +490,24 @@ def read_librispeech_folder(
                     reject(flac.stem, flac, f"no transcript file {trans.name}")
                 continue
             n_transcripts += 1
-            lines = trans.read_text(encoding="utf-8").splitlines()
             listed: set[str] = set()
-            for line in lines:
+            for raw in trans.read_bytes().splitlines():
+                try:  # line by line: one bad byte costs its utterance, not the stage
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    utt_id = raw.strip().split(b" ", 1)[0].decode("ascii", "replace")
+                    listed.add(utt_id)
+                    reject(utt_id, chapter_dir / f"{utt_id}.flac", f"transcript line in {trans.name} is not UTF-8 text")
+                    continue
                 if not line.strip():
                     continue
                 utt_id, _, text = line.strip().partition(" ")
-                listed.add(utt_id)
                 text = text.strip()
                 audio = chapter_dir / f"{utt_id}.flac"
+                if utt_id in listed:
+                    reject(utt_id, audio, f"listed twice in {trans.name} (its first line is kept)")
+                    continue
+                listed.add(utt_id)
                 match = _UTTERANCE_ID.match(utt_id)
                 if not match or match.group(1) != speaker_dir.name or match.group(2) != chapter_dir.name:
                     reject(
@@ -498,6 +518,9 @@ def read_librispeech_folder(
                     continue
                 if not text:
                     reject(utt_id, audio, "empty transcript")
+                    continue
+                if not normalise_transcript(text):  # punctuation or symbols alone: no word to train on
+                    reject(utt_id, audio, f"transcript has no words ({text[:40]!r})")
                     continue
                 if not audio.is_file():
                     reject(utt_id, audio, "audio file missing")
