@@ -119,7 +119,8 @@ def stt_beam_search(
     The max-length guard is ``max_tokens``, tightened per utterance to ``10 + max_tokens_per_second``
     x its duration when given: speech carries a bounded number of tokens per second, and a model
     that never says <EOS> (an undertrained one) would otherwise decode ``max_tokens`` x beam steps
-    for every short clip. An utterance that hits its guard returns its best unfinished hypothesis.
+    for every short clip. An utterance that hits its guard ranks its live hypotheses with the finished
+    ones (each over its own length) and returns the best.
 
     With ``ctc_weight`` = lambda > 0 the search is hybrid CTC/attention decoding (Watanabe et al. 2017;
     not in the MELD paper, docs/decisions.md): a hypothesis y scores (1 - lambda) log p_att(y) +
@@ -310,8 +311,12 @@ def _beam_batch(model, mel, mel_len, K: int, limits: list[int], alpha: float, ct
                     done[b] = True
             if not done[b] and step + 1 >= limits[b]:
                 done[b] = True
+                # the live beams compete with the finished ones, each over its own length (no <EOS> in
+                # it): kept out, one early and unlikely <EOS> (the empty transcript at step 0, say)
+                # held the search open to the guard and then won unopposed, worse than greedy decoding
+                finished[b].extend((sc / (step + 1) ** alpha, seqs[b][beam] + [tok]) for beam, tok, sc in alive)
                 if not finished[b]:
-                    guarded[b] = seqs[b][alive[0][0]] + [alive[0][1]] if alive else seqs[b][0]
+                    guarded[b] = seqs[b][0]
             while len(alive) < K:  # keep the shape: pad with dead beams
                 alive.append((0, EOS, float("-inf")))
             new_seqs.append([seqs[b][beam] + [tok] for beam, tok, _ in alive])

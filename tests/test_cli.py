@@ -152,6 +152,27 @@ def test_transcribe_prints_one_line_per_file(checkpoint, prompt_22k, audio_16k, 
     assert all(line.count("\t") == 1 for line in lines)
 
 
+def test_transcribe_decodes_under_the_evaluations_guards(checkpoint, audio_16k, monkeypatch, capsys):
+    """The CLI decoded to 200 tokens with no per-second guard while the evaluation stops at 10 + 10 per
+    second: one checkpoint and clip gave two transcripts, and a model that never says <EOS> ran 200
+    steps per clip. Its defaults are the evaluation's now."""
+    import meld.generate
+    from meld.config import EvaluateConfig
+
+    seen = []
+    real = meld.generate.stt_beam_search
+
+    def recording(*a, **kw):  # the real search, its guards noted
+        seen.append((kw["max_tokens"], kw["max_tokens_per_second"]))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(meld.generate, "stt_beam_search", recording)  # the CLI imports it when it runs
+    assert _transcribe(checkpoint, audio_16k, "--beam", "1") == 0
+    assert seen == [(400, EvaluateConfig().stt_max_tokens_per_second)]
+    assert _transcribe(checkpoint, audio_16k, "--max-tokens-per-second", "0") == 2
+    assert "--max-tokens-per-second must be > 0" in capsys.readouterr().err
+
+
 def test_transcribe_reports_unreadable_files_and_goes_on(checkpoint, audio_16k, tmp_path, capsys):
     bad = tmp_path / "bad.wav"
     bad.write_bytes(b"RIFF not really a wav")

@@ -361,3 +361,45 @@ def test_tiny_stt_model_with_ctc_head_decodes_a_fixed_batch_to_zero_wer_with_hyb
         hyps = stt_beam_search(model, _stt_mels(batch, 2), reduction=2, beam_size=2, max_tokens=20,
                                ctc_weight=weight)
         assert hyps == refs
+
+
+def _per_token_logp(model, mel, hyp: list[int], with_eos: bool) -> float:
+    """A transcript's decoder log-probability (teacher-forced), over its length (its <EOS> counted if scored)."""
+    from meld.generate import collate
+
+    batch = collate([mel], [[0]], 2)
+    h, cache, pos = model.stt_prefix(batch["mel"], batch["mel_len"], len(hyp) + 2)
+    total = 0.0
+    for t in hyp:
+        tok = t + model.vocab.text_offset
+        total += float(model.text_logprobs(h)[0, tok])
+        h = model.stt_step(torch.tensor([tok]), pos, cache)
+        pos = pos + 1
+    if with_eos:
+        total += float(model.text_logprobs(h)[0, EOS])
+    return total / (len(hyp) + int(with_eos))
+
+
+def test_at_the_guard_live_hypotheses_compete_with_finished_ones():
+    """One early, unlikely <EOS> (the empty transcript) kept the search open to the guard, where the live
+    beams were dropped because something had finished: the empty transcript won unopposed, far below
+    the live beams per token and worse than greedy decoding. Now they are ranked together."""
+    import numpy as np
+
+    model, _ = tiny_meld(reduction=2, n_text=12, seed=3)  # seeds torch's global generator
+    with torch.no_grad():  # a peaky model that rarely says <EOS>, as an undertrained one loops
+        model.head.weight.mul_(4.0)
+        model.head.bias[EOS] += float(torch.randn(1)) * 2
+    model.eval()
+    rng = np.random.default_rng(3)
+    mels = [rng.standard_normal((n, 80)).astype(np.float32) for n in rng.integers(3, 60, 6)]
+    with torch.no_grad():
+        beam = stt_beam_search(model, mels, reduction=2, beam_size=3, max_tokens=25)
+        greedy = stt_beam_search(model, mels, reduction=2, beam_size=1, max_tokens=25)
+        assert sum(len(g) == 25 for g in greedy) >= 3, "the case needs utterances that decode to the guard"
+        for mel, b, g in zip(mels, beam, greedy):
+            empty = _per_token_logp(model, mel, [], with_eos=True)
+            if len(g) == 25 and empty < _per_token_logp(model, mel, g, with_eos=False):
+                # greedy decodes to the guard, better per token than stopping at once: the empty
+                # transcript must not be what beam search returns (it was, for the first utterance)
+                assert b and _per_token_logp(model, mel, b, with_eos=len(b) < 25) > empty, b

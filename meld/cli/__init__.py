@@ -124,7 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--list", default=None, metavar="FILE",
                    help="more audio files, one path per line ('#' comments), transcribed after those given above")
     t.add_argument("--beam", type=int, default=5, help="beam size; 1 is greedy (default %(default)s)")
-    t.add_argument("--max-tokens", type=int, default=200, help="BPE tokens per transcript at most (default %(default)s)")
+    # the evaluation's guards, so that a checkpoint transcribes here as its STT table says
+    t.add_argument("--max-tokens", type=int, default=400, help="BPE tokens per transcript at most (default %(default)s)")
+    t.add_argument("--max-tokens-per-second", type=float, default=_EVAL_DEFAULTS.stt_max_tokens_per_second,
+                   help="and at most 10 + this many per second of audio, as the evaluation (default %(default)s): "
+                        "a model that never says <EOS> stops there instead of at --max-tokens")
     t.add_argument(
         "--ctc-weight",
         type=float,

@@ -52,6 +52,8 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
         raise CLIError(f"--beam must be >= 1, got {args.beam}")
     if args.max_tokens < 1:
         raise CLIError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if not args.max_tokens_per_second > 0:  # NaN too
+        raise CLIError(f"--max-tokens-per-second must be > 0, got {args.max_tokens_per_second}")
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
     _check_finite(args, "--ctc-weight")
@@ -81,6 +83,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
             reduction=ckpt.reduction,
             beam_size=args.beam,
             max_tokens=args.max_tokens,
+            max_tokens_per_second=args.max_tokens_per_second,
             batch_size=args.batch_size,
             ctc_weight=ctc_weight,
         )
