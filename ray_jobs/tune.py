@@ -281,6 +281,15 @@ def _history(result, metric: str, logged: list[tuple[int, float]]) -> list[list[
     return [[s, v] for s, v in sorted(filled.items())]
 
 
+def _last_reported_step(result) -> int:
+    """The highest step any of the trial's reports carried, with or without a finite objective (0: none)."""
+    df = result.metrics_dataframe
+    if df is None or "step" not in df:
+        return 0
+    steps = df["step"].dropna()
+    return int(steps.max()) if len(steps) else 0
+
+
 def collect_trials(grid, tc: TuneConfig, work_dir: Path, client=None) -> list[dict]:
     """One row per trial: its knobs, objective (value at its last reported step), steps, status and
     MLflow run; ``client`` (an MlflowClient of the sweep's store) fills its history (:func:`_history`).
@@ -299,6 +308,14 @@ def collect_trials(grid, tc: TuneConfig, work_dir: Path, client=None) -> list[di
                   if client is not None and run_id else [])
         history = _history(result, tc.metric, logged)
         steps = history[-1][0] if history else 0
+        objective = history[-1][1] if history else None
+        last = _last_reported_step(result)
+        if result.error is None and last > steps:
+            # its last report carried no finite objective (a NaN one, which the history leaves out): the
+            # trial ended there, not at its last finite step. Judged at the last step, ASHA's stop (recorded
+            # at that step) and the full budget are recognised; read at the earlier step, the trial was
+            # "unfinished" and the sweep ended in SweepInterrupted on every run. Its objective is unknown.
+            steps, objective = last, None
         if result.error is not None:
             status = "error"
         elif steps >= tc.max_steps:
@@ -311,7 +328,7 @@ def collect_trials(grid, tc: TuneConfig, work_dir: Path, client=None) -> list[di
             {
                 "trial": name,
                 "config": {"slowness_weight": w, "reduction_factor": r},
-                "objective": history[-1][1] if history else None,
+                "objective": objective,
                 "steps": steps,
                 "status": status,
                 "error": str(result.error).strip().splitlines()[-1][:500]

@@ -361,6 +361,38 @@ def test_asha_stops_are_recorded_and_tell_early_stopped_from_unfinished(tmp_path
     assert collect_trials(grid, tc, tmp_path)[1]["status"] == "early_stopped"
 
 
+def test_a_trial_whose_objective_turns_nan_ends_where_it_reported_it(tmp_path):
+    """ASHA stops a trial whose objective is NaN and records the stop at that step; the history leaves NaN
+    out, so the trial read as ending earlier, "unfinished", and the sweep ended in SweepInterrupted on
+    every run. A NaN at the last step read the same instead of completed. Both now end at the step
+    they reported, with no objective (so never the best)."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from ray_jobs.asha import ResumableASHA
+    from ray_jobs.tune import ASHA_RECORDS, best_trial, collect_trials
+
+    tc = TuneConfig.from_dict({**TINY_PARAMS["tune"], "max_steps": 4, "slowness_weights": [0.0, 0.5, 0.9]}, "tune")
+    asha = ResumableASHA(tmp_path / ASHA_RECORDS, key_params=("reduction_factor", "slowness_weight"),
+                         time_attr="step", metric=tc.metric, mode="min", max_t=tc.max_steps, grace_period=2,
+                         reduction_factor=2)
+    trial = SimpleNamespace(trial_id="t0.5", config={"reduction_factor": 1, "slowness_weight": 0.5})
+    assert asha.on_trial_result(None, trial, {"step": 2, tc.metric: float("nan")}) == "STOP"
+
+    def result(w: float, steps: list[int], values: list[float]):
+        frame = pd.DataFrame({"step": steps, tc.metric: values})
+        return SimpleNamespace(config={"reduction_factor": 1, "slowness_weight": w}, error=None,
+                               metrics_dataframe=frame)
+
+    nan = float("nan")
+    grid = [result(0.0, [2, 4], [1.0, 0.9]), result(0.5, [2], [nan]), result(0.9, [2, 4], [0.5, nan])]
+    trials = collect_trials(grid, tc, tmp_path)
+    assert [(t["status"], t["steps"], t["objective"]) for t in trials] == [
+        ("completed", 4, 0.9), ("early_stopped", 2, None), ("completed", 4, None)]
+    assert best_trial(trials)["config"]["slowness_weight"] == 0.0  # 0.9's earlier 0.5 does not make it best
+
+
 def test_an_stt_only_system_cannot_be_swept(tmp_path_factory, tmp_path):
     from ray_jobs.tune import sweep_fingerprint
 
