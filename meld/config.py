@@ -604,6 +604,11 @@ _EVALUATE_RULES: dict[str, Rule] = {
 }
 
 
+# BPE tokens per transcript at most, in the evaluation and `meld transcribe` alike; the per-second
+# guard (EvaluateConfig.stt_max_tokens_per_second) is the tighter one for clips under ~39 s
+STT_MAX_TOKENS = 400
+
+
 @dataclass(frozen=True)
 class EvaluateConfig(Section):
     splits: tuple[str, ...] = ("test", "test_unseen")

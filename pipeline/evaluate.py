@@ -41,7 +41,7 @@ import torch
 
 from meld.audio import write_audio
 from meld.codes import CODEC_FILE, codec_from_description, continue_codes, decode_codes, prompt_code_frames
-from meld.config import EvaluateConfig, mlflow_experiment, read_params, run_stage
+from meld.config import STT_MAX_TOKENS, EvaluateConfig, mlflow_experiment, read_params, run_stage
 from meld.corpus import read_manifest
 from meld.devices import resolve_device
 from meld.evaluation.metrics import duration_ratio, wer_details
@@ -470,7 +470,7 @@ def transcribe_mels(stt: STTModel, mels: list[np.ndarray], beam: int, batch_size
                     decoding: Decoding = IN_PROCESS) -> list[str]:
     """Raw (denormalised) log-mel arrays -> text, through a MELD STT model (no vocoder)."""
     ids = decoding.transcribe(
-        stt, [stt.stats.normalise(m) for m in mels], reduction=stt.reduction, beam_size=beam, max_tokens=400,
+        stt, [stt.stats.normalise(m) for m in mels], reduction=stt.reduction, beam_size=beam, max_tokens=STT_MAX_TOKENS,
         max_tokens_per_second=tokens_per_second, batch_size=batch_size, ctc_weight=stt.ctc_weight,
         progress_desc=progress_desc)
     return [stt.tokenizer.decode(i) for i in ids]

@@ -263,31 +263,32 @@ def _asha_stops(records_file: Path) -> dict[tuple[int, float], set[int]]:
     return stops
 
 
-def _history(result, metric: str, logged: list[tuple[int, float]]) -> list[list[float]]:
-    """The objective at each step the trial reported, once per step, by step.
+def _reports(result, metric: str) -> tuple[dict[int, float], int]:
+    """The trial's reports, read once: the finite objective at each step that carried one, and the
+    highest step any report carried, with or without a finite objective (0: none)."""
+    df = result.metrics_dataframe
+    if df is None or "step" not in df:
+        return {}, 0
+    steps = df["step"].dropna()
+    last = int(steps.max()) if len(steps) else 0
+    if metric not in df:
+        return {}, last
+    rows = df[["step", metric]].dropna()
+    return {int(s): float(v) for s, v in zip(rows["step"], rows[metric])}, last
+
+
+def _history(reported: dict[int, float], logged: list[tuple[int, float]]) -> list[list[float]]:
+    """The objective at each step the trial reported (``reported``, :func:`_reports`), once per step,
+    by step.
 
     A trial resumed from a checkpoint reports that step again (ray_jobs/train.py), and a killed driver
     loses the results Tune received since it last saved them: ``logged``, the trial's MLflow history of
     the objective (rank 0 logs it before each checkpoint), fills in the steps up to the last one Tune
     has. Past it MLflow is not used: a trial ASHA stopped may have trained and logged on while it was
     being stopped."""
-    df = result.metrics_dataframe
-    reported = {}
-    if df is not None and metric in df and "step" in df:
-        rows = df[["step", metric]].dropna()
-        reported = {int(s): float(v) for s, v in zip(rows["step"], rows[metric])}
     last = max(reported, default=0)
     filled = {s: v for s, v in logged if s <= last} | reported
     return [[s, v] for s, v in sorted(filled.items())]
-
-
-def _last_reported_step(result) -> int:
-    """The highest step any of the trial's reports carried, with or without a finite objective (0: none)."""
-    df = result.metrics_dataframe
-    if df is None or "step" not in df:
-        return 0
-    steps = df["step"].dropna()
-    return int(steps.max()) if len(steps) else 0
 
 
 def collect_trials(grid, tc: TuneConfig, work_dir: Path, client=None) -> list[dict]:
@@ -306,10 +307,10 @@ def collect_trials(grid, tc: TuneConfig, work_dir: Path, client=None) -> list[di
         run_id = id_file.read_text().strip() if id_file.is_file() else None
         logged = ([(m.step, m.value) for m in client.get_metric_history(run_id, tc.metric)]
                   if client is not None and run_id else [])
-        history = _history(result, tc.metric, logged)
+        reported, last = _reports(result, tc.metric)
+        history = _history(reported, logged)
         steps = history[-1][0] if history else 0
         objective = history[-1][1] if history else None
-        last = _last_reported_step(result)
         if result.error is None and last > steps:
             # its last report carried no finite objective (a NaN one, which the history leaves out): the
             # trial ended there, not at its last finite step. Judged at the last step, ASHA's stop (recorded

@@ -157,7 +157,7 @@ def test_transcribe_decodes_under_the_evaluations_guards(checkpoint, audio_16k, 
     second: one checkpoint and clip gave two transcripts, and a model that never says <EOS> ran 200
     steps per clip. Its defaults are the evaluation's now."""
     import meld.generate
-    from meld.config import EvaluateConfig
+    from meld.config import STT_MAX_TOKENS, EvaluateConfig
 
     seen = []
     real = meld.generate.stt_beam_search
@@ -168,7 +168,7 @@ def test_transcribe_decodes_under_the_evaluations_guards(checkpoint, audio_16k, 
 
     monkeypatch.setattr(meld.generate, "stt_beam_search", recording)  # the CLI imports it when it runs
     assert _transcribe(checkpoint, audio_16k, "--beam", "1") == 0
-    assert seen == [(400, EvaluateConfig().stt_max_tokens_per_second)]
+    assert seen == [(STT_MAX_TOKENS, EvaluateConfig().stt_max_tokens_per_second)]
     assert _transcribe(checkpoint, audio_16k, "--max-tokens-per-second", "0") == 2
     assert "--max-tokens-per-second must be > 0" in capsys.readouterr().err
 

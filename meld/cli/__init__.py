@@ -40,6 +40,7 @@ from meld.cli.common import (
 from meld.cli.info import cmd_info
 from meld.cli.synthesize import cmd_synthesize
 from meld.cli.transcribe import cmd_transcribe
+from meld.config import STT_MAX_TOKENS
 from meld.devices import DEVICE_HELP
 
 
@@ -125,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="more audio files, one path per line ('#' comments), transcribed after those given above")
     t.add_argument("--beam", type=int, default=5, help="beam size; 1 is greedy (default %(default)s)")
     # the evaluation's guards, so that a checkpoint transcribes here as its STT table says
-    t.add_argument("--max-tokens", type=int, default=400, help="BPE tokens per transcript at most (default %(default)s)")
+    t.add_argument("--max-tokens", type=int, default=STT_MAX_TOKENS, help="BPE tokens per transcript at most (default %(default)s)")
     t.add_argument("--max-tokens-per-second", type=float, default=_EVAL_DEFAULTS.stt_max_tokens_per_second,
                    help="and at most 10 + this many per second of audio, as the evaluation (default %(default)s): "
                         "a model that never says <EOS> stops there instead of at --max-tokens")

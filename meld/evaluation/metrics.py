@@ -104,8 +104,9 @@ def longest_silence_seconds(
     rms = _frame_rms(wav, frame)  # (n_frames,)
     if rms.size == 0:
         return 0.0
-    peak = max(rms.max(), _frame_rms(np.asarray(reference, dtype=np.float64), frame).max(initial=0.0)
-               if reference is not None else 0.0)
+    peak = rms.max()
+    if reference is not None:  # the continuation may hold the loudest frame, so take the larger
+        peak = max(peak, _frame_rms(np.asarray(reference, dtype=np.float64), frame).max(initial=0.0))
     if peak == 0.0:
         silent = np.ones(rms.size, dtype=bool)
     else:

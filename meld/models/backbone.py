@@ -163,8 +163,7 @@ class KVCache:
         """Zeroed keys and values of ``shape`` and their (batch, max_len) mask: the store's, or new ones."""
         if self.store is not None:
             return self.store.take(self, shape, device, dtype)
-        return (torch.zeros(shape, device=device, dtype=dtype),
-                torch.zeros(shape[2], shape[4], dtype=torch.bool, device=device))
+        return zeroed_cache_tensors(shape, device, dtype)
 
     def admit(self, T: int, key_valid: torch.Tensor | None = None) -> None:
         """Record which of the next ``T`` positions are real keys (``key_valid`` (B, T); None: all), before
@@ -194,6 +193,12 @@ class KVCache:
         return self.rows
 
 
+def zeroed_cache_tensors(shape: tuple, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """New zeroed (layers, 2, B, heads, max_len, head_dim) keys and values and their (B, max_len) mask."""
+    return (torch.zeros(shape, device=device, dtype=dtype),
+            torch.zeros(shape[2], shape[4], dtype=torch.bool, device=device))
+
+
 class CacheStore:
     """A backbone's fixed-shape KV-cache tensors, handed out again from one generation call to the next.
 
@@ -218,8 +223,7 @@ class CacheStore:
         if slot is not None and slot[2]() is None:
             kv, key_valid = slot[0].zero_(), slot[1].zero_()  # zeroed: a stale NaN times a 0 weight is NaN
         else:
-            kv = torch.zeros(shape, device=device, dtype=dtype)
-            key_valid = torch.zeros(shape[2], shape[4], dtype=torch.bool, device=device)
+            kv, key_valid = zeroed_cache_tensors(shape, device, dtype)
         self._slots[key] = (kv, key_valid, weakref.ref(holder))
         while len(self._slots) > self.keep:
             self._slots.popitem(last=False)
