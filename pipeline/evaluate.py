@@ -48,7 +48,7 @@ from meld.evaluation.metrics import duration_ratio, wer_details
 from meld.evaluation.scoring import GenerationItem, ReferenceItem, ScorerSpec, ScoringPool
 from meld.features import FRAME_RATE, HOP_LENGTH, N_MELS, NormStats, log_mel
 from meld.generate import prompt_frames, stt_beam_search, tts_continue
-from meld.models.backbone import configure_decoding
+from meld.models.backbone import configure_decoding, decoding_compile_seconds
 from meld.progress import progress
 from meld.store import CodeStore, FeatureStore
 from meld.text import BPETokenizer, tokenizer_from_bytes
@@ -71,20 +71,22 @@ class Decoding:
         self.pool, self.checkpoint, self.compile = pool, str(checkpoint), compile
 
     def generate(self, decode, model, items: dict[str, list], *, batch_size: int, progress_desc: str | None = None,
-                 **options) -> tuple[list, float]:
+                 **options) -> tuple[list, float, float]:
         """``decode`` (``tts_continue`` or ``continue_codes``) with the evaluated model; ``items``: its
         per-utterance arguments (texts, prompts, max_frames), ``options`` the rest.
 
-        Returns the outputs and the device-seconds they took: the wall time here, the actors' decoding
-        time summed in a pool, so that a real-time factor means one device's whatever the pool's size.
+        Returns the outputs, the device-seconds they took (the wall time here, the actors' decoding
+        time summed in a pool, so that a real-time factor means one device's whatever the pool's size)
+        and the part of those seconds ``compile_decoding`` spent compiling (0.0 without it).
         """
         if self.pool is None:
+            compiled_before = decoding_compile_seconds(model)
             start = time.perf_counter()
             out = decode(model, **items, batch_size=batch_size, progress_desc=progress_desc, **options)
-            return out, time.perf_counter() - start
+            return out, time.perf_counter() - start, decoding_compile_seconds(model) - compiled_before
         out = self.pool.map(decode.__name__, self.checkpoint, items, options, batch_size=batch_size,
                             compile=self.compile, progress_desc=progress_desc)
-        return out, self.pool.device_seconds
+        return out, self.pool.device_seconds, self.pool.compile_seconds
 
     def transcribe(self, stt: STTModel, mels: list[np.ndarray], *, batch_size: int,
                    progress_desc: str | None = None, **options) -> list[list[int]]:
@@ -220,7 +222,7 @@ def evaluate_split(model, state, stats: NormStats, tok, store: FeatureStore, aud
             prompts.append(stats.normalise(mel[:p]))
             guards.append(int(math.ceil(cfg.max_length_factor * (mel.shape[0] - p))))
             refs.append((i, p))
-    conts, compute_s = decoding.generate(
+    conts, compute_s, compile_s = decoding.generate(
         tts_continue, model, {"texts": texts, "prompts": prompts, "max_frames": guards}, reduction=r,
         temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
         repetition_penalty=variant.get("repetition_penalty", cfg.repetition_penalty),
@@ -258,7 +260,7 @@ def evaluate_split(model, state, stats: NormStats, tok, store: FeatureStore, aud
             plot_mels(out / "plots" / split / f"{meta['id']}{variant.get('suffix', '')}.png",
                       [(f"ground truth ({meta['speaker']})", mel), (f"prompt + {model.system} continuation", full_mel)], p)
     gen_audio_s = sum(r["generated_seconds"] for r in rows)
-    summary = summarise(rows, compute_s, gen_audio_s)
+    summary = summarise(rows, compute_s, gen_audio_s, compile_s)
     if stt_judge is not None:
         summary.update(score_with_stt_judge(stt_judge, rows, store, chosen, cfg.stt_max_tokens_per_second,
                                             judge_exclude, decoding))
@@ -325,7 +327,7 @@ def evaluate_codec_system(model, state: dict, cfg: EvaluateConfig, system: str, 
                     prompts.append(codes[:p])
                     guards.append(int(math.ceil(cfg.max_length_factor * (len(codes) - p))))
                     refs.append((i, p))
-            conts, compute_s = decoding.generate(
+            conts, compute_s, compile_s = decoding.generate(
                 continue_codes, model, {"texts": texts, "prompts": prompts, "max_frames": guards},
                 temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, batch_size=cfg.batch_size,
                 seed=cfg.seed, kv_cache_dtype=cfg.kv_cache_dtype, progress_desc=f"generate {split}")
@@ -378,7 +380,8 @@ def evaluate_codec_system(model, state: dict, cfg: EvaluateConfig, system: str, 
                 metrics["pipeline_check"][split] = {"generations": len(rows),
                                                     "decoded_minutes": sum(len(w) for w in wavs) / SR / 60}
             else:
-                metrics["splits"][split] = summary = summarise(rows, compute_s, sum(r["generated_seconds"] for r in rows))
+                metrics["splits"][split] = summary = summarise(
+                    rows, compute_s, sum(r["generated_seconds"] for r in rows), compile_s)
                 print(f"{system} / {split}: " + ", ".join(
                     f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     return metrics, all_rows
@@ -528,7 +531,9 @@ def _mean(xs):
     return float(np.mean(xs)) if xs else None
 
 
-def summarise(rows: list[dict], compute_s: float, gen_audio_s: float) -> dict:
+def summarise(rows: list[dict], compute_s: float, gen_audio_s: float, compile_s: float = 0.0) -> dict:
+    """A split's metrics from its generation ``rows``; ``compute_s`` device-seconds of decoding made
+    ``gen_audio_s`` seconds of speech, ``compile_s`` of them spent compiling (``compile_decoding``)."""
     judged = [r for r in rows if "hyp" in r]
     m: dict = {"utterances": len({r["id"] for r in rows}), "generations": len(rows)}
     if judged:
@@ -550,7 +555,10 @@ def summarise(rows: list[dict], compute_s: float, gen_audio_s: float) -> dict:
         "longest_silence_s": _mean([r["longest_silence_s"] for r in rows]),
         "ground_truth_longest_silence_s": _mean([r["gt_longest_silence_s"] for r in rows]),
         "max_length_hits": sum(bool(r["hit_max_length"]) for r in rows),
-        "rtf": compute_s / gen_audio_s if gen_audio_s else None,  # device-seconds per second generated
+        # device-seconds per second generated, torch.compile's first call of each shape left out: a
+        # one-off cost that would make a compiled model's RTF depend on how many shapes a split meets
+        "rtf": (compute_s - compile_s) / gen_audio_s if gen_audio_s else None,
+        "decode_compile_s": compile_s,
     })
     return m
 

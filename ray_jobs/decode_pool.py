@@ -53,13 +53,18 @@ class _Decoder:
         return True
 
     def run(self, function: str, checkpoint: str, compile: bool, items: dict[str, list], options: dict
-            ) -> tuple[list, float]:
-        """The decoded items and the seconds the decoding took here (model loading left out)."""
+            ) -> tuple[list, float, float]:
+        """The decoded items, the seconds the decoding took here (model loading left out) and the
+        part of them the compiled step spent compiling (``decoding_compile_seconds``)."""
+        from meld.models.backbone import decoding_compile_seconds
+
         module, name = DECODERS[function]
         decode = getattr(importlib.import_module(module), name)
         model = self._model(checkpoint, compile)
+        compiled_before = decoding_compile_seconds(model)
         start = time.perf_counter()
-        return decode(model, **items, **options), time.perf_counter() - start
+        out = decode(model, **items, **options)
+        return out, time.perf_counter() - start, decoding_compile_seconds(model) - compiled_before
 
     def _model(self, checkpoint: str, compile: bool):
         key = (checkpoint, compile)
@@ -124,13 +129,15 @@ class DecodePool:
         self.workers = workers
         self.tasks_run = [0] * workers  # tasks each actor has run (bench.decode_pool shows them; tests check them)
         self.device_seconds = 0.0  # decoding time summed over the actors, of the last map()
+        self.compile_seconds = 0.0  # the part of it the actors' compiled steps spent compiling
         log.info("decoding sharded over %d Ray actors (%s)", workers, "one GPU each" if kind == "cuda" else "one core each")
 
     def map(self, function: str, checkpoint: str, items: dict[str, list], options: dict, *, batch_size: int,
             compile: bool = False, progress_desc: str | None = None) -> list:
         """``function(model, **items, batch_size=batch_size, **options)`` over the whole lists, sharded.
         Afterwards :attr:`device_seconds` holds the decoding time summed over the actors (what one
-        device would have spent, for a real-time factor that does not shrink with the pool).
+        device would have spent, for a real-time factor that does not shrink with the pool), and
+        :attr:`compile_seconds` the part of it spent compiling (0.0 without ``compile``).
 
         Args:
             function: a key of :data:`DECODERS`.
@@ -156,7 +163,7 @@ class DecodePool:
         per_task = max(1, math.ceil(batches / (TASKS_PER_WORKER * self.workers)))  # batches per task
         queue = deque(range(0, batches, per_task))  # each task's first batch
         results: dict[int, list] = {}
-        self.device_seconds = 0.0
+        self.device_seconds = self.compile_seconds = 0.0
         pending: dict = {}
         idle = list(range(len(self.actors)))  # actor indices
         bar = progress(total=n, desc=progress_desc, unit="utt", disable=progress_desc is None)
@@ -172,8 +179,9 @@ class DecodePool:
                     pending[ref] = (first, actor, hi - lo)
                 (done,), _ = ray.wait(list(pending), num_returns=1)
                 first, actor, size = pending.pop(done)
-                results[first], seconds = ray.get(done)  # a failed task raises here, with the actor's traceback
+                results[first], seconds, compiling = ray.get(done)  # a failed task raises here, with its traceback
                 self.device_seconds += seconds
+                self.compile_seconds += compiling
                 self.tasks_run[actor] += 1
                 idle.append(actor)
                 bar.update(size)

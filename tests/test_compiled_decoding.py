@@ -12,7 +12,12 @@ from conftest import rel_error, tiny_batch, tiny_meld
 
 from meld.config import ConfigError, EvaluateConfig
 from meld.generate import stt_beam_search
-from meld.models.backbone import FIXED_SHAPE_LENGTH_STEP, Backbone, configure_decoding
+from meld.models.backbone import (
+    FIXED_SHAPE_LENGTH_STEP,
+    Backbone,
+    configure_decoding,
+    decoding_compile_seconds,
+)
 from meld.models.vocab import EOS
 
 
@@ -90,8 +95,15 @@ def test_compiled_decoding_generates_what_eager_decoding_does_and_compiles_once(
     assert len(set(lengths)) > 2 and 30 in lengths, "rows must finish at different steps, one at the guard"
     torch._dynamo.reset()
     counters.clear()
+    assert decoding_compile_seconds(model) == 0.0  # eager decoding compiles nothing
     configure_decoding(model, compile=True)  # inductor, as on a GPU (there with CUDA graphs)
     compiled = [_generate(model, batch, seed) for seed in (0, 1)]
+    # the first call of the one shape is timed apart as compile time (an evaluation's RTF leaves it
+    # out); a later generation of the same shape adds none
+    compiling = decoding_compile_seconds(model)
+    assert compiling > 0.0
+    _generate(model, batch, 2)
+    assert decoding_compile_seconds(model) == compiling
     for e, c in zip(eager, compiled):
         assert c.codes == e.codes and c.hit_max_length == e.hit_max_length
         for a, b in zip(c.frames, e.frames):
@@ -99,6 +111,7 @@ def test_compiled_decoding_generates_what_eager_decoding_does_and_compiles_once(
     # one graph for every step of both generations, whatever rows had left: no re-specialising
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     configure_decoding(model)
+    assert decoding_compile_seconds(model) == 0.0  # counted per setting
     torch._dynamo.reset()
 
 
@@ -192,3 +205,34 @@ def test_the_cache_store_serves_inference_mode_and_no_grad_calls_and_is_not_copi
     assert not cache.kv.is_inference() and len(bb._cache_store) == 2
     assert len(copy.deepcopy(bb)._cache_store) == 0 and len(pickle.loads(pickle.dumps(bb))._cache_store) == 0
     configure_decoding(bb)
+
+
+def test_an_evaluations_rtf_leaves_the_compile_out():
+    """With evaluate.compile_decoding the first batch of each shape compiles (seconds on a CPU, more
+    than the decoding itself at the mini corpus's size), and the RTF was that compile over a few
+    seconds of speech. The evaluation's decoding reports the compile apart; its RTF leaves it out."""
+    import numpy as np
+
+    from meld.generate import tts_continue
+    from pipeline.evaluate import IN_PROCESS, summarise
+
+    model, _ = tiny_meld()
+    model.eval()
+    rng = np.random.default_rng(0)
+    items = {"texts": [[1, 2, 3], [4, 5]], "prompts": [rng.standard_normal((6, 80)).astype(np.float32)] * 2,
+             "max_frames": [12, 12]}
+    options = {"reduction": 1, "temperature": 1.0, "top_k": 5, "top_p": 1.0, "repetition_penalty": 1.0}
+    torch._dynamo.reset()
+    configure_decoding(model, compile=True)
+    try:
+        _, first_s, first_compile_s = IN_PROCESS.generate(tts_continue, model, items, batch_size=2, **options)
+        _, again_s, again_compile_s = IN_PROCESS.generate(tts_continue, model, items, batch_size=2, **options)
+    finally:
+        configure_decoding(model)
+        torch._dynamo.reset()
+    assert 0.0 < first_compile_s < first_s and again_compile_s == 0.0  # the same shape compiles once
+    rows = [{"id": "u", "generated_seconds": 2.0, "true_continuation_seconds": 2.0, "duration_ratio": 1.0,
+             "longest_silence_s": 0.0, "gt_longest_silence_s": 0.0, "hit_max_length": False}]
+    summary = summarise(rows, first_s, 2.0, first_compile_s)
+    assert summary["decode_compile_s"] == first_compile_s
+    assert summary["rtf"] == pytest.approx((first_s - first_compile_s) / 2.0)

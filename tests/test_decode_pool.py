@@ -185,9 +185,11 @@ def test_a_pool_whose_actors_cannot_all_start_is_refused_not_left_waiting():
     holder = Holder.remote()  # leaves one CPU free
     try:
         ray.get(holder.ready.remote())
-        with pytest.raises(PoolRefused, match=f"only 1 of 2 actors started within 2 s; the cluster has {cpus} CPUs, "
-                                              "0 free now"):
-            DecodePool(2, "cpu", start_timeout_s=2)
+        # one actor can start, but a loaded 2-core machine may not start even it (a new worker process
+        # imports torch) within the timeout: 0 or 1 started, never both
+        with pytest.raises(PoolRefused, match=f"only [01] of 2 actors started within 6 s; the cluster has {cpus} "
+                                              "CPUs, 0 free now"):
+            DecodePool(2, "cpu", start_timeout_s=6)
     finally:
         ray.kill(holder)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 import weakref
 from collections import OrderedDict
 
@@ -365,6 +366,10 @@ class Backbone(nn.Module):
         self.fixed_shape_decoding = False  # set by configure_decoding
         self._compiled_step = None
         self._cache_store = CacheStore()  # the fixed-shape caches' tensors, reused across calls
+        # seconds in the compiled step's first call of each shape (its compile, with one step): kept
+        # apart so that a real-time factor is the decoding's, not torch.compile's (decoding_compile_seconds)
+        self.compile_seconds = 0.0
+        self._compiled_shapes: set[tuple] = set()
 
     def new_cache(self, batch: int, max_len: int, device=None, dtype=None) -> KVCache:
         p = next(self.parameters())
@@ -550,7 +555,17 @@ class Backbone(nn.Module):
                     torch._dynamo.mark_static_address(cache.key_valid)
                     cache.static_kv = cache.kv
                 torch.compiler.cudagraph_mark_step_begin()
+        shape = (B, cache.max_len, cache.kv.dtype, emb.dtype, emb.device, torch.is_inference_mode_enabled(),
+                 torch.is_grad_enabled())
+        compiling = self._compiled_step is not None and shape not in self._compiled_shapes
+        if compiling:
+            _synchronize(emb.device)  # the queued work before it is not the compile's
+            start = time.perf_counter()
         h = step(emb, positions, cache.kv, cache.key_valid, slot, table)
+        if compiling:
+            _synchronize(emb.device)
+            self.compile_seconds += time.perf_counter() - start
+            self._compiled_shapes.add(shape)
         cache.length += 1
         # a CUDA-graph output is overwritten by the next replay: hand the caller its own copy
         return h[:b].clone() if self._compiled_step is not None else h[:b]
@@ -577,6 +592,12 @@ class Backbone(nn.Module):
 
 FIXED_SHAPE_LENGTH_STEP = 256  # a fixed-shape cache's max_len is a multiple of this: few shapes to compile
 RECOMPILE_LIMIT = 64  # compiled shapes allowed per decoding step function (torch's default: 8)
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for ``device``'s queued kernels (a CPU runs none asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def configure_decoding(model: nn.Module, *, fixed_shape: bool = False, compile: bool = False,
@@ -606,9 +627,16 @@ def configure_decoding(model: nn.Module, *, fixed_shape: bool = False, compile: 
     for bb in backbones:
         bb.fixed_shape_decoding = fixed_shape or compile
         bb._compiled_step = None
+        bb.compile_seconds, bb._compiled_shapes = 0.0, set()
         bb._cache_store = CacheStore()  # drop the kept tensors: the new setting may never use them
         if compile:
             device = next(bb.parameters()).device
             chosen = mode or ("reduce-overhead" if device.type == "cuda" else None)
             bb._compiled_step = torch.compile(bb._fixed_shape_step, backend=backend, mode=chosen,
                                               fullgraph=True, dynamic=False)
+
+
+def decoding_compile_seconds(model: nn.Module) -> float:
+    """Seconds ``model``'s backbones spent in first calls of their compiled step, one per new shape,
+    since :func:`configure_decoding` (0.0 uncompiled): torch.compile's share of a decoding's time."""
+    return sum(m.compile_seconds for m in model.modules() if isinstance(m, Backbone))
