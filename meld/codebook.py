@@ -62,7 +62,8 @@ def fit_kmeans(
             mean of its vectors in the full space (one full-space Lloyd update), so the codebook
             lives where the frames do. Log-mel frames are strongly correlated across bands: at
             16 of 160 dimensions the fit reaches MiniBatchKMeans's inertia at a fraction of its
-            time (bench/kmeans.py). 0: Lloyd in the full space (faiss as is).
+            time (bench/kmeans.py). 0, or fewer vectors than ``pca_dims``: Lloyd in the full space
+            (faiss as is).
         init: ``"random"`` (faiss: K random vectors) or ``"k-means++"`` (greedy k-means++ over
             max(3K, 3072) vectors of the Lloyd sample, as scikit-learn seeds MiniBatchKMeans): a
             better start, so fewer Lloyd iterations reach the same inertia.
@@ -92,7 +93,7 @@ def fit_kmeans(
     n, dim = vectors.shape
     pca = None
     space = vectors
-    if 0 < pca_dims < dim:
+    if 0 < pca_dims < dim and pca_dims <= n:  # fewer vectors than axes have no such principal subspace
         pca = faiss.PCAMatrix(dim, pca_dims)
         pca.train(vectors[rng.choice(n, min(n, max(20_000, 20 * dim)), replace=False)])
         space = pca.apply(vectors)

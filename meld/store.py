@@ -135,11 +135,30 @@ class CodeStore(_ArrayStore):
         self.n_levels = n_levels
 
 
+class StatsError(ValueError):
+    """A normalisation-statistics file the stages cannot use (named in the message)."""
+
+
 def load_stats(path: str | Path) -> NormStats:
+    """The features stage's per-channel mean and std, checked: a std of 0 (a hand-edited or truncated
+    file) would otherwise surface stages later as NaN codebook vectors, naming nothing."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no normalisation statistics (did the features stage run?)")
-    return NormStats.from_dict(json.loads(path.read_text()))
+    try:
+        d = json.loads(path.read_text())
+        stats = NormStats.from_dict(d)
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+        raise StatsError(f"{path}: unreadable normalisation statistics ({type(err).__name__}: {err}); "
+                         "rerun the features stage") from err
+    for name, values in (("mean", stats.mean), ("std", stats.std)):
+        if values.shape != (N_MELS,):
+            raise StatsError(f"{path}: '{name}' has shape {values.shape}, expected ({N_MELS},) mel channels")
+        if not np.isfinite(values).all():
+            raise StatsError(f"{path}: '{name}' holds NaN or infinite values (channel {int(np.argmin(np.isfinite(values)))})")
+    if (stats.std <= 0).any():
+        raise StatsError(f"{path}: 'std' is not positive at channel {int(np.argmax(stats.std <= 0))}")
+    return stats
 
 
 @dataclass

@@ -100,14 +100,24 @@ class BPETokenizer:
         return self._sp.decode([int(i) for i in ids])
 
 
+def min_bpe_vocab_size(sentences: Iterable[str]) -> int:
+    """The smallest vocabulary SentencePiece trains on these normalised sentences: with
+    ``character_coverage=1.0`` every character needs a piece, and so do the word boundary "▁" and <unk>."""
+    return len(set().union(*map(set, sentences)) - {" "}) + 2
+
+
 def train_bpe(texts: Iterable[str], model_prefix: str | Path, vocab_size: int, seed: int = 0) -> Path:
     """Train a SentencePiece BPE model on normalised transcripts; returns the ``.model`` path.
 
     Args:
         texts: training transcripts (normalised here).
         model_prefix: output path without extension (``.model`` and ``.vocab`` are written).
-        vocab_size: BPE vocabulary size (paper: 4096).
+        vocab_size: BPE vocabulary size (paper: 4096); more than the transcripts support gives fewer pieces.
         seed: kept for a uniform signature; SentencePiece BPE training is deterministic.
+
+    Raises:
+        ValueError: no transcript is left after normalisation, or ``vocab_size`` is below
+            :func:`min_bpe_vocab_size` of them (SentencePiece would stop in an internal check).
     """
     import sentencepiece as spm
 
@@ -116,6 +126,12 @@ def train_bpe(texts: Iterable[str], model_prefix: str | Path, vocab_size: int, s
     sentences = [s for s in sentences if s]
     if not sentences:
         raise ValueError("no non-empty transcripts to train BPE on")
+    need = min_bpe_vocab_size(sentences)
+    if vocab_size < need:
+        raise ValueError(
+            f"a BPE vocabulary of {vocab_size} is too small for these transcripts: their {need - 2} "
+            f"characters, the word boundary and <unk> need {need} pieces"
+        )
     model_prefix = Path(model_prefix)
     model_prefix.parent.mkdir(parents=True, exist_ok=True)
     spm.SentencePieceTrainer.train(
@@ -129,6 +145,9 @@ def train_bpe(texts: Iterable[str], model_prefix: str | Path, vocab_size: int, s
         pad_id=-1,
         unk_id=0,
         hard_vocab_limit=False,
+        # SentencePiece skips longer sentences (default 4192 bytes) with only a log line, which minloglevel
+        # hides: a long transcript's characters became <unk>, and a split of long ones an internal error
+        max_sentence_length=max(4192, max(len(s.encode()) for s in sentences)),
         num_threads=1,
         minloglevel=2,
     )

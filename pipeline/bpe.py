@@ -9,9 +9,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from meld.config import BPEConfig, load_section, run_stage
+from meld.config import BPEConfig, ConfigError, load_section, run_stage
 from meld.corpus import read_manifest
-from meld.text import BPETokenizer, normalise_transcript, train_bpe
+from meld.text import BPETokenizer, min_bpe_vocab_size, normalise_transcript, train_bpe
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,11 +28,21 @@ def main(argv: list[str] | None = None) -> int:
     if len(texts) < len(rows):
         print(f"BPE: {len(rows) - len(texts)} of {len(rows)} transcripts in {manifest} are empty after normalisation "
               "(the features stage rejects those utterances too): left out")
+    if not texts:
+        raise SystemExit(f"bpe: no transcript in {manifest} is left after normalisation (of {len(rows)} rows); "
+                         "the BPE model is trained on the train split's transcripts")
+    need = min_bpe_vocab_size(texts)
+    if cfg.vocab_size < need:
+        raise ConfigError(f"bpe.vocab_size: {cfg.vocab_size} is too small for the transcripts in {manifest}: their "
+                          f"{need - 2} characters, the word boundary and <unk> need {need} pieces")
     model = train_bpe(texts, Path(args.out) / "bpe", cfg.vocab_size)
     tok = BPETokenizer(model)
     sample = texts[:200]
     n_tokens = sum(len(tok.encode(t)) for t in sample)
-    print(f"BPE: {tok.vocab_size} pieces; {n_tokens / max(1, len(sample)):.1f} tokens per utterance")
+    # hard_vocab_limit=False: SentencePiece stops merging when no pair is left, below the size asked for
+    fewer = (f" (bpe.vocab_size asks for {cfg.vocab_size}; the transcripts support no more)"
+             if tok.vocab_size < cfg.vocab_size else "")
+    print(f"BPE: {tok.vocab_size} pieces{fewer}; {n_tokens / max(1, len(sample)):.1f} tokens per utterance")
     return 0
 
 

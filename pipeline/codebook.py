@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from meld.codebook import assign, fit_kmeans, keep_probability, thinned_grouped_vectors
-from meld.config import CodebookConfig, load_section, run_stage
+from meld.config import CodebookConfig, ConfigError, load_section, run_stage
 from meld.progress import progress
 from meld.staging import staged_folder
 from meld.store import FeatureStore, load_stats
@@ -51,12 +51,16 @@ def main(argv: list[str] | None = None) -> int:
 def write_codebooks(parts: dict[int, list[np.ndarray]], cfg: CodebookConfig, store: FeatureStore, features: Path,
                     out: Path) -> None:
     """Fit and save each reduction factor's centroids (``r{r}.npy``) and ``summary.json`` into ``out``."""
+    # every reduction factor is checked before any is fitted (a fit can take minutes); a ConfigError, so that
+    # the stage ends in this one line rather than a traceback
+    for r in cfg.reduction_factors:
+        n = sum(len(v) for v in parts[r])
+        if n < cfg.size:
+            raise ConfigError(f"codebook r={r}: {n} training vectors in {features / 'train'} are too few "
+                              f"for {cfg.size} codes: lower codebook.size or give the corpus more training audio")
     summary = {}
     for r in cfg.reduction_factors:
-        vectors = np.concatenate(parts.pop(r) or [np.empty((0, 0), np.float32)])
-        if len(vectors) < cfg.size:
-            raise ValueError(f"codebook r={r}: {len(vectors)} training vectors in {features / 'train'} are too few "
-                             f"for {cfg.size} codes: lower codebook.size or give the corpus more training audio")
+        vectors = np.concatenate(parts.pop(r))
         t0 = time.perf_counter()
         centroids, distortion = fit_kmeans(vectors, cfg.size, niter=cfg.niter, seed=cfg.seed, max_vectors=cfg.max_vectors,
                                             max_points_per_centroid=cfg.max_points_per_centroid,

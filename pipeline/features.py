@@ -108,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
             summaries[split] = process_split(manifests[split], work, cfg, split, stats if split == "train" else None)
             s = summaries[split]
             print(f"{split}: kept {s['kept']}, rejected {s['rejected']}, {s['hours'] * 60:.1f} min of audio")
+            if split == "train" and stats.count < 2:  # before the other splits' work, which would be lost anyway
+                listing = f", rejected ones listed in {work / split / 'rejected.jsonl'}" if s["rejected"] else ""
+                raise SystemExit(f"features: the train split of {corpus} kept {s['kept']} of {len(manifests[split])} "
+                                 f"utterances ({stats.count} frames); the normalisation statistics need at least "
+                                 f"two frames{listing}")
         norm = stats.finalise()
         (work / "stats.json").write_text(json.dumps(norm.to_dict()))
         (work / "summary.json").write_text(json.dumps(summaries, indent=2))

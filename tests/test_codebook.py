@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from meld.codebook import assign, fit_kmeans, grouped_vectors, keep_probability, thinned_grouped_vectors
+from meld.config import ConfigError
 
 
 @pytest.mark.parametrize("max_points_per_centroid", [256, 64])
@@ -92,6 +93,16 @@ def test_fit_kmeans_refuses_bad_options():
         fit_kmeans(vectors, 8, niter=2, seed=0, max_vectors=1000, pca_dims=-1)
 
 
+def test_fewer_vectors_than_pca_axes_fit_in_the_full_space():
+    """faiss's PCA cannot find more principal axes than it has vectors (it stopped in a RuntimeError):
+    such a fit runs in the full space, as ``pca_dims: 0`` does."""
+    vectors = np.random.default_rng(5).normal(size=(12, 40)).astype(np.float32)
+    full = fit_kmeans(vectors, 4, niter=5, seed=0, max_vectors=1000, init="k-means++")
+    pca = fit_kmeans(vectors, 4, niter=5, seed=0, max_vectors=1000, pca_dims=16, init="k-means++")
+    np.testing.assert_array_equal(pca[0], full[0])
+    assert pca[1] == full[1]
+
+
 def test_thinning_while_reading_keeps_about_max_vectors_drawn_uniformly_from_the_split():
     """The codebook stage reads a split utterance by utterance and keeps each grouped vector with
     one probability, so it never holds the whole split (LibriSpeech: ~216M frames)."""
@@ -155,3 +166,29 @@ def test_the_stage_writes_the_same_bytes_on_every_run(tmp_path_factory, tmp_path
         outs.append({p.name: p.read_bytes() for p in sorted(out.iterdir())})
     assert outs[0].keys() == {"r1.npy", "r2.npy", "summary.json"}
     assert outs[0] == outs[1]
+
+
+def test_a_training_split_with_fewer_vectors_than_codes_ends_the_stage_as_a_params_error(tmp_path):
+    """The stage's own check names the split and what to change; as a ConfigError, ``run_stage`` prints it as one
+    line instead of a traceback (a plain ValueError is taken for a bug). Nothing is written."""
+    import json
+
+    import yaml
+
+    from meld.features import N_MELS, NormStats
+    from meld.store import write_store
+    from pipeline import codebook
+
+    features = tmp_path / "features"
+    rng = np.random.default_rng(0)
+    mels = [rng.normal(size=(10, N_MELS)).astype(np.float32) for _ in range(3)]
+    write_store(features / "train", ((({"id": f"u{i}", "speaker": "s", "text": "a", "duration": 0.16}), m)
+                                     for i, m in enumerate(mels)), [])
+    (features / "stats.json").write_text(json.dumps(NormStats(np.zeros(N_MELS), np.ones(N_MELS)).to_dict()))
+    (features / "summary.json").write_text("{}")
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"codebook": {"size": 16, "reduction_factors": [1, 2], "max_vectors": 1000}}))
+    with pytest.raises(ConfigError, match=rf"codebook r=2: 15 training vectors in {features / 'train'} are too few "
+                                          r"for 16 codes: lower codebook.size"):
+        codebook.main(["--params", str(params), "--features", str(features), "--out", str(tmp_path / "codebook")])
+    assert not (tmp_path / "codebook").exists()

@@ -481,3 +481,24 @@ def test_durations_the_manifest_already_rules_out_stop_the_stage_before_any_audi
     assert features.main(argv) == 0  # within the limit: the pass runs and lists them
     rejected = [json.loads(line)["id"] for line in (out / "train" / "rejected.jsonl").read_text().splitlines()]
     assert rejected == ["train-1", "train-2"]
+
+
+@pytest.mark.parametrize("case", ["empty manifest", "every utterance rejected"])
+def test_a_train_split_that_keeps_no_frames_ends_the_stage_saying_the_statistics_have_nothing(tmp_path, case):
+    """The normalisation statistics come from the train split alone: a split that keeps nothing (an empty
+    manifest, or every file unreadable under a rejection limit of 100 %) used to end in a ValueError
+    traceback from the statistics, naming no split and no file."""
+    from pipeline import features
+
+    corpus, out = tmp_path / "corpus", tmp_path / "features"
+    if case == "empty manifest":
+        (corpus / "train").mkdir(parents=True)
+        (corpus / "train" / "manifest.jsonl").write_text("")
+    else:
+        _corpus_split(corpus, "train", 2, corrupt=2)
+    (tmp_path / "params.yaml").write_text("features: {num_workers: 1, max_rejected_fraction: 1.0}\n")
+    kept = "0 of 0 utterances" if case == "empty manifest" else "0 of 2 utterances"
+    with pytest.raises(SystemExit, match=rf"features: the train split of {corpus} kept {kept} \(0 frames\); "
+                                         r"the normalisation statistics need at least two frames"):
+        features.main(["--params", str(tmp_path / "params.yaml"), "--corpus", str(corpus), "--out", str(out)])
+    assert not out.exists()

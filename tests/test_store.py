@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from itertools import islice
 
 import numpy as np
@@ -241,3 +242,36 @@ def test_another_stages_output_and_the_stages_own_inputs_are_not_replaced(tmp_pa
     with staged_folder(features, holds="stats.json", inputs=[tmp_path / "corpus"]) as work:  # its own output
         (work / "summary.json").write_text("new")
     assert (features / "summary.json").read_text() == "new"
+
+
+_GOOD_STATS = {"mean": [0.0] * N_MELS, "std": [1.0] * N_MELS}
+
+
+@pytest.mark.parametrize("content, says", [
+    ("{not json", "unreadable normalisation statistics"),
+    (json.dumps({"mean": _GOOD_STATS["mean"]}), "unreadable normalisation statistics (KeyError"),
+    (json.dumps({**_GOOD_STATS, "std": [1.0] * 40}), "'std' has shape (40,), expected (80,)"),
+    (json.dumps({**_GOOD_STATS, "mean": [0.0] * 5 + [float("nan")] + [0.0] * 74}), "'mean' holds NaN or infinite values (channel 5)"),
+    (json.dumps({**_GOOD_STATS, "std": [1.0] * 7 + [0.0] + [1.0] * 72}), "'std' is not positive at channel 7"),
+])
+def test_unusable_normalisation_statistics_are_refused_naming_the_file(tmp_path, content, says):
+    """A std of 0 in a hand-edited stats.json surfaced stages later as 'codebook vectors hold NaN or
+    inf', naming no file; every stage loading it now stops at the file, saying what is wrong."""
+    from meld.store import StatsError, load_stats
+
+    path = tmp_path / "stats.json"
+    path.write_text(content)
+    with pytest.raises(StatsError, match=re.escape(f"{path}: ") + ".*" + re.escape(says)):
+        load_stats(path)
+    path.write_text(json.dumps(_GOOD_STATS))
+    assert load_stats(path).std.shape == (N_MELS,)
+
+
+def test_a_stage_given_unusable_statistics_ends_in_one_line(tmp_path, capsys):
+    from meld.config import run_stage
+    from meld.store import load_stats
+
+    path = tmp_path / "stats.json"
+    path.write_text(json.dumps({**_GOOD_STATS, "std": [0.0] * N_MELS}))
+    assert run_stage("codebook", lambda: load_stats(path) and 0) == 1
+    assert capsys.readouterr().err.strip() == f"codebook: {path}: 'std' is not positive at channel 0"
