@@ -187,6 +187,9 @@ class FrameBudgetSampler:
 
     def __init__(self, lengths: list[int], frames_per_batch: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  max_skipped_fraction: float = 0.01):
+        if not lengths:  # else "only 0 batches ...: lower train.frames_per_batch", advice that cannot help
+            raise ValueError("no utterances to batch: the split is empty (the features stage's summary.json says how many "
+                             "the features stage kept and rejected)")
         self.skipped = [i for i, n in enumerate(lengths) if n > frames_per_batch]
         if self.skipped and len(self.skipped) == len(lengths):
             raise ValueError(f"all {len(lengths)} utterance(s) are longer than the frame budget ({frames_per_batch}): "

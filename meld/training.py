@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -167,19 +168,35 @@ def save_checkpoint(
 
 
 def write_checkpoint_state(path: str | Path, state: dict) -> Path:
-    """Write an already assembled checkpoint dict atomically (temp file, fsync, rename)."""
+    """Write an already assembled checkpoint dict atomically (temp file, fsync, rename).
+
+    Raises:
+        CheckpointError: the write failed (a full disk, a quota); the file under ``path``, if any,
+            is as it was, and the partial temporary file is removed.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(state, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    try:
+        torch.save(state, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except BaseException as err:
+        # the partial file goes (a paper-size training checkpoint is gigabytes, and a failed worker's every
+        # retry left one more); torch's own message ("unexpected pos 768 vs 662") names neither file nor cause
+        tmp.unlink(missing_ok=True)
+        if not isinstance(err, Exception):  # an interrupt stays an interrupt
+            raise
+        free = shutil.disk_usage(path.parent).free
+        raise CheckpointError(f"{path}: the checkpoint could not be written ({type(err).__name__}: {err}; "
+                              f"{free / 2**20:.0f} MiB free on its file system); a file already under that "
+                              "name is unchanged") from err
     return path
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, truncated or not a MELD checkpoint."""
+    """A checkpoint file is missing, truncated or not a MELD checkpoint, or could not be written."""
 
 
 def load_checkpoint(path: str | Path, map_location: str = "cpu", mmap: bool = False) -> dict:

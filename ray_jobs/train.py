@@ -25,6 +25,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -52,10 +53,15 @@ TEST_HOOK_KEYS = {"crash_after_step", "crash_rank", "crash_marker", "nan_at_step
 
 
 def _prune(folder: Path, keep: int) -> None:
+    """Keep the newest ``keep`` training checkpoints; remove the partial ``step-<N>.pt.tmp<pid>`` a writer
+    killed mid-write left (rank 0 alone writes here, and its own write has ended: any such file is dead)."""
     from meld.training import step_checkpoints
 
     for _, p in step_checkpoints(folder)[:-keep]:
         p.unlink(missing_ok=True)
+    for p in Path(folder).glob("step-*.pt.tmp*"):
+        if re.fullmatch(r"step-\d+\.pt\.tmp\d+", p.name):
+            p.unlink(missing_ok=True)
 
 
 def set_aside_checkpoints(ckpt_dir: Path, their_fingerprint: str | None) -> Path:
@@ -90,6 +96,7 @@ def dev_metrics(model, data, batches: list[list[int]], frames: list[int], device
         at every step (it sees only past frames and the text, as when generating) — the Tune objective;
         ``dev/mse_{pre,post}``: the same with z sampled from q(z|x_t) as in training (the target frame's
         own code leaks into the prediction: a bound, not a generation proxy).
+        NaN when no frame was scored (no batches: every dev utterance was longer than the frame budget).
     """
     import torch
 
@@ -124,7 +131,9 @@ def dev_metrics(model, data, batches: list[list[int]], frames: list[int], device
     finally:
         handle.remove()
         model.train(was_training)
-    out_metrics = {f"dev/mse_{k}": v / max(1, n_elems) for k, v in sums.items()}
+    # no frame scored (every dev utterance longer than the frame budget): no measurement, not the perfect 0.0
+    # a sweep would have ranked first
+    out_metrics = {f"dev/mse_{k}": v / n_elems if n_elems else float("nan") for k, v in sums.items()}
     out_metrics["dev/frames"] = float(n_elems // 80)
     return out_metrics
 
@@ -416,7 +425,7 @@ def train_worker(config: dict) -> None:
                 ray.train.report({"step": step, "nonfinite_step": step + 1})
                 return
             step += 1
-            if rank == 0 and (step % tc["log_every"] == 0 or step == 1):
+            if rank == 0 and logs_at(step, tc["max_steps"], tc["log_every"]):
                 speed = pace.update(step)
                 mlflow.log_metrics({**metrics, **speed}, step=step)
                 log.info(f"[{system}] step {step}/{tc['max_steps']} {format_metrics(metrics)} {pace.describe(step)}")
@@ -436,6 +445,12 @@ def train_worker(config: dict) -> None:
         raise
     if rank == 0:
         mlflow.end_run()
+
+
+def logs_at(step: int, max_steps: int, log_every: int) -> bool:
+    """Whether rank 0 logs the training metrics after ``step``: the first, every ``log_every``-th and the
+    last (without it a 16-step run logging every 10 ended its MLflow curves, and its run-table row, at step 10)."""
+    return step == 1 or step % log_every == 0 or step == max_steps
 
 
 class Pace:

@@ -275,3 +275,8 @@ def test_a_stage_given_unusable_statistics_ends_in_one_line(tmp_path, capsys):
     path.write_text(json.dumps({**_GOOD_STATS, "std": [0.0] * N_MELS}))
     assert run_stage("codebook", lambda: load_stats(path) and 0) == 1
     assert capsys.readouterr().err.strip() == f"codebook: {path}: 'std' is not positive at channel 0"
+
+
+def test_an_empty_split_is_named_as_empty_not_as_too_small_a_budget():
+    with pytest.raises(ValueError, match="no utterances to batch: the split is empty"):
+        FrameBudgetSampler([], frames_per_batch=100)
