@@ -215,3 +215,25 @@ def test_code_continuation_decodes_over_the_cache_dtype_it_is_given(monkeypatch)
     with pytest.raises(ValueError, match="KV cache dtype must be one of"):
         continue_codes(model, [[1]], prompts[:1], max_frames=2, temperature=1.0, top_k=1, top_p=1.0,
                        kv_cache_dtype="float16")
+
+
+def test_a_batch_of_different_prompts_stops_each_row_where_it_stops_alone():
+    """Code prompts of different lengths (one empty), each row ended by its own heads' <EOS> at its own
+    step (greedy): every row gets exactly what it gets decoded alone, its delay-pattern tail included."""
+    model, _ = tiny_codec_lm(seed=4)
+    with torch.no_grad():  # sharp heads whose <EOS> wins after a few steps, at a different one per row
+        model.head.weight.mul_(6.0)
+        model.head.bias.view(K, N + 1)[:, N] = 2.0
+    batch = code_batch(seed=4)
+    prompt_len = torch.tensor([7, 3, 0])
+    M = 10
+    together = model.generate(batch["text"], batch["text_len"], batch["codes"], prompt_len, max_frames=M, top_k=1)
+    lengths = [f.shape[0] for f in together.frames]
+    assert len(set(lengths)) == 3 and 0 < max(lengths) < M, lengths  # rows end at three different frames
+    assert together.hit_max_length == [False] * 3
+    for i in range(3):
+        p, n = int(prompt_len[i]), int(batch["text_len"][i])
+        alone = model.generate(batch["text"][i : i + 1, :n], batch["text_len"][i : i + 1],
+                               batch["codes"][i : i + 1, :p], prompt_len[i : i + 1], max_frames=M, top_k=1)
+        assert torch.equal(together.frames[i], alone.frames[0]), f"row {i}"
+        assert together.codes[i] == alone.codes[0] and alone.hit_max_length[0] == together.hit_max_length[i]

@@ -130,3 +130,49 @@ def test_checkpoint_round_trip_rebuilds_from_kwargs(tmp_path):
     a = model.compute_losses(batch)
     b = rebuilt.compute_losses(batch)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_frames_holding_nan_are_refused_naming_their_row():
+    """NaN frames have no bin: their indices fell outside the embedding table (an obscure index error,
+    a device-side assert on a GPU). Generation and STT refuse them first, naming the row, padding included."""
+    import pytest
+
+    model, _ = tiny_dmel()
+    batch = tiny_batch(B=2, T=5)  # row 1 has 2 real frames
+    for frame in (1, 4):  # a real frame, then padding
+        bad = batch["mel"].clone()
+        bad[1, frame, 3] = float("nan")
+        with pytest.raises(ValueError, match=r"DMel.generate: prompt: row\(s\) \[1\] .*NaN or infinite"):
+            model.generate(batch["text"], batch["text_len"], bad, batch["mel_len"], max_frames=2)
+        with pytest.raises(ValueError, match=r"DMel.stt_prefix: mel: row\(s\) \[1\] .*NaN or infinite"):
+            model.stt_prefix(bad, batch["mel_len"], max_new=2)
+
+
+def test_a_bin_range_with_an_infinite_end_is_refused():
+    """An infinite end makes every bin infinitely wide: all values would fall in one bin, silently."""
+    import pytest
+
+    for lo, hi in ((-3.0, float("inf")), (float("-inf"), 3.0), (3.0, -3.0), (0.0, float("nan"))):
+        with pytest.raises(ValueError, match="finite lo < hi"):
+            tiny_dmel(lo=lo, hi=hi)
+
+
+def test_a_batch_of_different_prompts_stops_each_row_where_it_stops_alone():
+    """Prompts of different lengths (one empty), each row ended by the <EOS> head at its own step (greedy
+    bins and stops): every row gets exactly what it gets decoded alone."""
+    model, _ = tiny_dmel(seed=0)
+    with torch.no_grad():  # a sharp <EOS> head that fires after a few steps, at a different one per row
+        model.eos_head.weight.mul_(8.0)
+        model.eos_head.bias.fill_(-3.0)
+    batch = tiny_batch(B=3, T=7, seed=0)
+    prompt_len = torch.tensor([7, 3, 0])
+    together = model.generate(batch["text"], batch["text_len"], batch["mel"], prompt_len, max_frames=12, top_k=1)
+    lengths = [f.shape[0] for f in together.frames]
+    assert len(set(lengths)) == 3 and 0 < max(lengths) < 12, lengths  # rows leave at three different steps
+    assert together.hit_max_length == [False] * 3
+    for i in range(3):
+        p, n = int(prompt_len[i]), int(batch["text_len"][i])
+        alone = model.generate(batch["text"][i : i + 1, :n], batch["text_len"][i : i + 1],
+                               batch["mel"][i : i + 1, :p], prompt_len[i : i + 1], max_frames=12, top_k=1)
+        assert torch.equal(together.frames[i], alone.frames[0]), f"row {i}"
+        assert alone.hit_max_length[0] == together.hit_max_length[i]

@@ -253,3 +253,60 @@ def test_masked_batch_norm_counts_in_float32_under_bf16():
     # only the bf16 rounding of the inputs themselves remains (~0.4 % of a value, averaged out)
     torch.testing.assert_close(stats[1][0], stats[0][0], rtol=1e-3, atol=0)
     torch.testing.assert_close(stats[1][1], stats[0][1], rtol=2e-3, atol=0)
+
+
+@pytest.mark.parametrize("system", ["mel_lm", "melle"])
+def test_a_prompt_holding_nan_is_refused_naming_its_row(system):
+    """A NaN prompt frame used to be continued silently with NaN frames up to the length guard; it is
+    refused before decoding, naming the row. So is NaN in a row's padding, which attention would spread
+    (a masked key weighs 0, but 0 * NaN is NaN); infinity too."""
+    from test_melle import tiny_melle
+
+    model, _ = (tiny_mel_lm if system == "mel_lm" else tiny_melle)()
+    batch = tiny_batch(B=3, T=6)
+    prompt_len = torch.tensor([6, 3, 0])
+    kwargs = dict(max_frames=3, test_time_dropout=False, zero_latent=True)
+    gen = model.generate(batch["text"], batch["text_len"], batch["mel"], prompt_len, **kwargs)
+    assert all(torch.isfinite(f).all() for f in gen.frames)
+    for row, frame, value in ((1, 2, float("nan")), (1, 4, float("nan")), (0, 5, float("-inf")), (2, 0, float("inf"))):
+        bad = batch["mel"].clone()
+        bad[row, frame, 7] = value  # row 1's frame 4 and row 2's frame 0 are padding
+        with pytest.raises(ValueError, match=rf"generate: prompt: row\(s\) \[{row}\] .*NaN or infinite"):
+            model.generate(batch["text"], batch["text_len"], bad, prompt_len, **kwargs)
+
+
+@pytest.mark.parametrize("weight", [0.0, -100.0, float("inf"), float("nan")])
+def test_a_stop_weight_that_cannot_teach_the_stop_is_refused(weight):
+    """With a positive class weight of 0 (or below) the stop predictor learns never to stop (or is pushed
+    to), and every utterance runs to the length guard: a clear error at build time instead."""
+    from test_melle import tiny_melle
+
+    for build in (tiny_mel_lm, tiny_melle):
+        with pytest.raises(ValueError, match="stop_pos_weight must be a positive finite number"):
+            build(stop_pos_weight=weight)
+
+
+@pytest.mark.parametrize("system", ["mel_lm", "melle"])
+def test_a_batch_of_different_prompts_stops_each_row_where_it_stops_alone(system):
+    """Prompts of different lengths (one empty) in one batch, each ended by the stop predictor itself at
+    its own step: every row gets exactly what it gets decoded alone (frames, stop, guard)."""
+    from test_melle import tiny_melle
+
+    model, _ = (tiny_mel_lm if system == "mel_lm" else tiny_melle)(seed=1)
+    with torch.no_grad():  # a sharp stop predictor that fires after a few steps, at a different one per row
+        model.stop_head.weight.mul_(8.0)
+        model.stop_head.bias.fill_(-3.0)
+    batch = tiny_batch(B=3, T=7, seed=1)
+    prompt_len = torch.tensor([7, 3, 0])
+    kwargs = dict(max_frames=12, test_time_dropout=False, zero_latent=True)
+    together = model.generate(batch["text"], batch["text_len"], batch["mel"], prompt_len, **kwargs)
+    lengths = [f.shape[0] for f in together.frames]
+    assert len(set(lengths)) == 3 and 0 < max(lengths) < 12, lengths  # rows leave at three different steps
+    assert together.hit_max_length == [False] * 3
+    for i in range(3):
+        p, n = int(prompt_len[i]), int(batch["text_len"][i])
+        alone = model.generate(batch["text"][i : i + 1, :n], batch["text_len"][i : i + 1],
+                               batch["mel"][i : i + 1, :p], prompt_len[i : i + 1], **kwargs)
+        assert alone.frames[0].shape == together.frames[i].shape, f"row {i}"
+        torch.testing.assert_close(together.frames[i], alone.frames[0], rtol=1e-5, atol=1e-5)
+        assert alone.hit_max_length[0] == together.hit_max_length[i]

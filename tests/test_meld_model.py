@@ -360,3 +360,26 @@ def test_a_decoding_step_over_a_padded_cache_masks_exactly_the_padding():
             assert mask.shape == (3, 1, 1, t + 1) and torch.equal(mask[:, 0, 0], valid[:, : t + 1])
             outs.append(bb(x[:, t : t + 1], positions[:, t : t + 1], None, cache))
     assert rel_error(torch.cat(outs, 1), full[:, 5:]) <= 1e-5
+
+
+def test_frames_holding_nan_are_refused_by_tts_and_stt_naming_their_row():
+    """A NaN prompt reached the code sampler and failed inside multinomial; a NaN STT input made NaN
+    logits that the beam search ranked. Both are refused before decoding, padding included (attention
+    weighs a masked key 0, but 0 * NaN is NaN)."""
+    import pytest
+
+    from meld.generate import stt_beam_search
+
+    model, _ = tiny_meld()
+    model.eval()
+    batch = tiny_batch(B=3, T=6)
+    prompt_len = torch.tensor([6, 3, 0])
+    bad = batch["mel"].clone()
+    bad[1, 4, 0] = float("nan")  # row 1's padding
+    with pytest.raises(ValueError, match=r"MELD.generate: prompt: row\(s\) \[1\] .*NaN or infinite"):
+        model.generate(batch["text"], batch["text_len"], bad, prompt_len, max_frames=3)
+    assert model.generate(batch["text"], batch["text_len"], batch["mel"], prompt_len, max_frames=3).codes
+    mels = [batch["mel"][0].numpy(), batch["mel"][1, :3].numpy().copy()]
+    mels[1][2, 5] = float("inf")
+    with pytest.raises(ValueError, match=r"MELD STT: mel: row\(s\) \[1\] .*NaN or infinite"):
+        stt_beam_search(model, mels, reduction=1, beam_size=1, max_tokens=4, batch_size=2)

@@ -36,7 +36,7 @@ from torch import nn
 from meld.features import N_MELS
 from meld.models.backbone import Backbone, KVCache, lengths_to_mask, packed_positions, prepare_for_decoding
 from meld.models.builders import backbone_kwargs, specaug_kwargs
-from meld.models.layers import group_frames, spec_augment, ungroup_frames
+from meld.models.layers import check_finite_frames, group_frames, spec_augment, ungroup_frames
 from meld.models.leaving_rows import LeavingRows, row_guards
 from meld.models.meld import Generation, STTOutput, select_rows
 from meld.models.vocab import EOS, PAD, UnionEmbedding, UnionVocab
@@ -125,8 +125,9 @@ class DMel(nn.Module):
             time_width=specaug_time_width,
             max_time_fraction=specaug_max_time_fraction,
         )
-        if n_bins < 2 or not hi > lo:
-            raise ValueError(f"need n_bins >= 2 and hi > lo, got n_bins={n_bins}, lo={lo}, hi={hi}")
+        # an infinite end makes the bins infinitely wide: every value would fall in one of them
+        if n_bins < 2 or not float("-inf") < lo < hi < float("inf"):
+            raise ValueError(f"need n_bins >= 2 and finite lo < hi, got n_bins={n_bins}, lo={lo}, hi={hi}")
         self.vocab = UnionVocab(n_text=n_text, n_codes=0)
         self.frame_dim, self.n_bins, self.lo, self.hi = frame_dim, n_bins, float(lo), float(hi)
         self.token_emb = UnionEmbedding(self.vocab, d_model)
@@ -261,7 +262,11 @@ class DMel(nn.Module):
 
         Returns:
             Generation with frames = bin centres (T_i, C) and empty ``codes`` (dMel has no latent codes).
+
+        Raises:
+            ValueError: a prompt holds NaN or infinity (in its padding too).
         """
+        check_finite_frames(prompt, "DMel.generate: prompt")
         prepare_for_decoding(self)
         B, P, _ = prompt.shape
         max_frames, limits, own_guards = row_guards(max_frames, B)
@@ -321,7 +326,12 @@ class DMel(nn.Module):
     def stt_prefix(
         self, mel: torch.Tensor, mel_len: torch.Tensor, max_new: int
     ) -> tuple[torch.Tensor, KVCache, torch.Tensor]:
-        """Encode ``x_1..x_T <STT>`` into a fresh cache; returns (h at <STT>, cache, next positions)."""
+        """Encode ``x_1..x_T <STT>`` into a fresh cache; returns (h at <STT>, cache, next positions).
+
+        Raises:
+            ValueError: some row holds NaN or infinity (in its padding too).
+        """
+        check_finite_frames(mel, "DMel.stt_prefix: mel")
         prepare_for_decoding(self)
         T = mel.shape[1]
         x, valid = self.token_emb.stt_sequence(self.frame_emb(self.discretise(mel)), lengths_to_mask(mel_len, T))

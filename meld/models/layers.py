@@ -302,3 +302,24 @@ def _interpolate_rows(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     hi = (lo + 1).clamp(max=x.shape[0] - 1)
     w = (positions - lo.to(positions.dtype)).unsqueeze(1)
     return x[lo] * (1 - w) + x[hi] * w
+
+
+def check_finite_frames(frames: torch.Tensor, what: str) -> None:
+    """Refuse frames holding NaN or infinity, naming the rows (one host read).
+
+    A decoding loop fed such frames fails far from the cause or not at all: Mel-LM and MELLE
+    continue the prompt with NaN frames up to the length guard, and dMel's bins of NaN are indices
+    out of its embedding table (a device-side assert on a GPU). The padding beyond a row's length
+    counts too: attention gives a masked key weight 0, but 0 * NaN is NaN, so it would spread.
+
+    Args:
+        frames: (B, T, D) normalised frames, padding included.
+        what: names the input in the message, e.g. ``"MelLM.generate: prompt"``.
+
+    Raises:
+        ValueError: some row is not all finite.
+    """
+    bad = (~torch.isfinite(frames)).flatten(1).any(-1).tolist()  # (B,)
+    if any(bad):
+        rows = [i for i, b in enumerate(bad) if b]
+        raise ValueError(f"{what}: row(s) {rows} of the batch hold NaN or infinite values (padding included)")

@@ -24,7 +24,7 @@ from torch import nn
 
 from meld.models.backbone import Backbone, lengths_to_mask, packed_positions, prepare_for_decoding
 from meld.models.builders import backbone_kwargs, mel_frames_kwargs
-from meld.models.layers import MelEncoder, Postnet, masked_frame_mean
+from meld.models.layers import MelEncoder, Postnet, check_finite_frames, masked_frame_mean
 from meld.models.leaving_rows import LeavingRows, row_guards
 from meld.models.meld import Generation, slowness_penalty
 from meld.models.vocab import UnionEmbedding, UnionVocab
@@ -110,6 +110,8 @@ class ContinuousFrameLM(nn.Module):
         super().__init__()
         if not 0.0 < stop_threshold < 1.0:
             raise ValueError(f"stop_threshold must be in (0, 1), got {stop_threshold}")
+        if not 0.0 < stop_pos_weight < float("inf"):  # 0 or less: the stop is never learned (or unlearned)
+            raise ValueError(f"stop_pos_weight must be a positive finite number, got {stop_pos_weight}")
         self.vocab = UnionVocab(n_text=n_text)
         self.frame_dim = frame_dim
         self.stop_pos_weight = stop_pos_weight
@@ -198,7 +200,11 @@ class ContinuousFrameLM(nn.Module):
         Returns:
             frames after the postnet, ``hit_max_length`` (ran into the guard), empty ``codes``,
             and ``frames_pre`` (what was fed back).
+
+        Raises:
+            ValueError: a prompt holds NaN or infinity (in its padding too).
         """
+        check_finite_frames(prompt, f"{type(self).__name__}.generate: prompt")
         prepare_for_decoding(self)
         B, P, _ = prompt.shape
         max_frames, limits, own_guards = row_guards(max_frames, B)

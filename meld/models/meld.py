@@ -23,6 +23,7 @@ from meld.models.layers import (
     ConvFrontEnd,
     MelEncoder,
     Postnet,
+    check_finite_frames,
     check_voice_perturb,
     group_frames,
     masked_frame_mean,
@@ -378,7 +379,11 @@ class MELD(nn.Module):
             test_time_dropout: keep the mel encoder's dropout on (paper: yes).
             zero_latent: ablation: reconstruct with a zero codeword embedding.
             kv_cache_dtype: the KV cache's dtype (None: the weights'; ``backbone.check_cache_dtype``).
+
+        Raises:
+            ValueError: a prompt holds NaN or infinity (in its padding too).
         """
+        check_finite_frames(prompt, "MELD.generate: prompt")
         prepare_for_decoding(self)
         B = prompt.shape[0]
         max_frames, limits, own_guards = row_guards(max_frames, B)
@@ -456,6 +461,7 @@ class MELD(nn.Module):
         return h_last, cache, pos, self.ctc_log_probs(h[:, : mel.shape[1]])
 
     def _stt_prefill(self, mel: torch.Tensor, mel_len: torch.Tensor, max_new: int):
+        check_finite_frames(mel, "MELD STT: mel")  # else NaN logits, and the beam search ranks garbage
         prepare_for_decoding(self)
         T = mel.shape[1]
         frame_valid = lengths_to_mask(mel_len, T)
