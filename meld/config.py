@@ -191,7 +191,8 @@ def read_params(path: str | Path) -> dict:
 INPUT_ERRORS = (("meld.config", "ConfigError"), ("meld.corpus.librispeech", "LibriSpeechError"),
                 ("meld.corpus.mini", "VoiceUnavailableError"), ("meld.audio", "AudioError"),
                 ("meld.codes", "CodecMismatch"), ("meld.training", "CheckpointError"),
-                ("meld.training", "NonFiniteLoss"), ("meld.store", "StatsError"), ("builtins", "FileNotFoundError"))
+                ("meld.training", "NonFiniteLoss"), ("meld.store", "StatsError"), ("meld.corpus", "ManifestError"),
+                ("builtins", "FileNotFoundError"))
 
 
 def run_stage(name: str, main: Callable[[], int]) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import soundfile as sf
 
 from meld.audio import SAMPLE_RATE
 from meld.config import ConfigError, CorpusConfig
-from meld.corpus import read_manifest
+from meld.corpus import ManifestError, read_manifest
 from meld.corpus.mini import (
     VoiceUnavailableError,
     build_mini_corpus,
@@ -253,3 +254,129 @@ def test_a_manifest_row_without_audio_names_the_file_and_line(tmp_path):
     manifest.write_text('["not", "a", "row"]\n')
     with pytest.raises(ValueError, match=r"manifest.jsonl:1: a manifest row needs"):
         read_manifest(manifest)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7, 12345])
+def test_every_plan_keeps_its_splits_apart(seed):
+    """DESIGN §11 for any seed and voice set: no sentence in two splits (dev/test never in train), test_unseen
+    spoken only by voices whose recorded person never speaks in train/dev/test, ids unique."""
+    from meld.corpus.mini import VOICES, recorded_person
+
+    rng = random.Random(seed)
+    voices = sorted(VOICES)
+    rng.shuffle(voices)
+    train, held_out = voices[:5], [v for v in voices[5:] if recorded_person(v) not in {recorded_person(t) for t in
+                                                                                       voices[:5]}][:3]
+    plan = plan_mini_corpus(seed=seed, train_voices=train, held_out_voices=held_out, min_words=4, max_words=12,
+                            utterances={"train": 30, "dev": 3, "test": 3, "test_unseen": 4})
+    texts = {split: [r["text"] for r in rows] for split, rows in plan.items()}
+    every = [t for ts in texts.values() for t in ts]
+    assert len(every) == len(set(every)) == 5 * 36 + len(held_out) * 4
+    people = {split: {recorded_person(r["speaker"]) for r in rows} for split, rows in plan.items()}
+    assert people["test_unseen"] and not people["test_unseen"] & (people["train"] | people["dev"] | people["test"])
+    assert {r["speaker"] for r in plan["dev"]} == {r["speaker"] for r in plan["test"]} == set(train)
+    ids = [r["id"] for rows in plan.values() for r in rows]
+    assert len(ids) == len(set(ids))
+
+
+def test_a_manifest_line_that_is_not_utf8_is_named(tmp_path):
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_bytes(b'{"id": "a", "speaker": "s", "text": "x", "audio": "a.wav"}\n'
+                         b'{"id": "b", "speaker": "s", "text": "caf\xe9", "audio": "b.wav"}\n')
+    with pytest.raises(ManifestError, match=r"manifest.jsonl:2: not UTF-8 .*caf\\xe9"):
+        read_manifest(manifest)
+
+
+def test_a_manifest_id_given_twice_or_unusable_as_a_file_name_is_refused(tmp_path):
+    """The evaluate stage keys audio paths by id and names its samples after it: a repeated id gave the first
+    utterance the second's reference audio, and an id such as '../x' wrote outside the samples folder."""
+    manifest = tmp_path / "manifest.jsonl"
+
+    def rows(*ids):
+        manifest.write_text("".join(json.dumps({"id": i, "speaker": "s", "text": "x", "audio": f"{n}.wav"}) + "\n"
+                                    for n, i in enumerate(ids)))
+
+    rows("a", "b", "a")
+    with pytest.raises(ManifestError, match=r"manifest.jsonl:3: id 'a' is already the id of line 1"):
+        read_manifest(manifest)
+    for bad in (None, "", 3, "../x", "a\\b"):
+        rows("a", bad)
+        with pytest.raises(ManifestError, match=r"manifest.jsonl:2: a manifest row needs an \"id\""):
+            read_manifest(manifest)
+    rows("a", "b")
+    assert [r["id"] for r in read_manifest(manifest)] == ["a", "b"]
+
+
+def test_a_row_without_a_speaker_is_rejected_like_other_bad_rows(tmp_path):
+    """The evaluation chooses, groups and judges utterances by speaker (a None speaker failed there, after
+    training); the data stages reject such a row, counted and listed, as they do a row without text."""
+    import numpy as np
+
+    from meld.corpus import load_utterance
+
+    wav = tmp_path / "a.wav"
+    sf.write(str(wav), 0.1 * np.sin(np.arange(SAMPLE_RATE) / 10.0), SAMPLE_RATE)
+    row = {"id": "a", "text": "some words", "audio_path": str(wav)}
+    for speaker in ({}, {"speaker": None}, {"speaker": " "}):
+        meta, audio, reason = load_utterance({**row, **speaker}, 0.3, 20.0)
+        assert audio is None and reason.startswith("no speaker"), speaker
+    meta, audio, reason = load_utterance({**row, "speaker": "s"}, 0.3, 20.0)
+    assert reason is None and audio.size == SAMPLE_RATE
+
+
+_shim_voices = ["flite-rms", "espeak-f3", "espeak-m7"]
+_shim_missing = [p for v in _shim_voices if (p := voice_problem(v))]
+
+
+@pytest.mark.skipif(bool(_shim_missing), reason="; ".join(_shim_missing))
+def test_a_voice_that_fails_part_way_is_named_in_one_line_and_the_last_corpus_stays_whole(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """A synthesiser that crashes on its third sentence (a flite that exits 139 in front of the real one) ends
+    the stage with one line naming the voice and its package; the previous corpus is untouched, nothing the
+    failed run wrote passes for a manifest, and a rerun with the voice mended builds the same corpus again."""
+    import shutil
+
+    from meld.config import run_stage
+    from pipeline.corpus import main
+
+    params = tmp_path / "params.yaml"
+    params.write_text(json.dumps({"corpus": {
+        "name": "mini", "seed": 5, "train_voices": _shim_voices[:2], "held_out_voices": _shim_voices[2:],
+        "utterances_per_voice": {"train": 4, "dev": 1, "test": 1, "test_unseen": 1},
+        "min_words": 6, "max_words": 10, "num_workers": 2}}))
+    out = tmp_path / "corpus"
+    argv = ["--params", str(params), "--out", str(out)]
+    assert main(argv) == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    shim = tmp_path / "bin" / "flite"
+    shim.parent.mkdir()
+    shim.write_text(f"""#!/bin/sh
+case "$*" in *-lv*) exec {shutil.which("flite")} "$@";; esac
+n=$(cat {tmp_path}/calls 2>/dev/null || echo 0); n=$((n+1)); echo $n > {tmp_path}/calls
+if [ "$n" -ge 3 ]; then echo "Segmentation fault" >&2; exit 139; fi
+exec {shutil.which("flite")} "$@"
+""")
+    shim.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{shim.parent}:{__import__('os').environ['PATH']}")
+    assert run_stage("corpus", lambda: main(argv)) == 1
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith("corpus: voice 'flite-rms' (flite rms) failed: exit status 139 on '")
+    assert "Segmentation fault" in message and "apt-get install --reinstall flite" in message
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert not list(tmp_path.glob("corpus.partial/*/manifest.jsonl"))
+
+    monkeypatch.undo()
+    assert main(argv) == 0
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "corpus.partial").exists()
+
+
+def test_a_stage_reading_a_bad_manifest_ends_in_one_line(tmp_path, capsys):
+    from meld.config import run_stage
+
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text('{"id": "a", "audio": "a.wav"}\n{"id": "a", "audio": "b.wav"}\n')
+    assert run_stage("features", lambda: read_manifest(manifest) and 0) == 1
+    assert capsys.readouterr().err.strip() == (f"features: {manifest}:2: id 'a' is already the id of line 1; "
+                                               "ids must be unique within a split")

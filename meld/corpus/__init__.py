@@ -29,22 +29,51 @@ def write_manifest(rows: Iterable[dict], path: str | Path) -> int:
     return n
 
 
+class ManifestError(ValueError):
+    """A manifest that cannot be read as one: the message names the file and line."""
+
+
 def read_manifest(path: str | Path) -> list[dict]:
-    """Read a manifest; each row gains ``audio_path``, the absolute path of its audio file."""
+    """Read a manifest; each row gains ``audio_path``, the absolute path of its audio file.
+
+    Every row needs an ``audio`` path and an ``id`` that is unique in the file and usable as a file name
+    (stages name per-utterance outputs after it, and key audio paths by it: a repeated id would give one
+    utterance the other's audio). Missing ``text``, ``speaker`` or ``duration`` are left to
+    :func:`load_utterance`, which rejects that utterance alone, and a missing audio file likewise.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ManifestError: a line that is not UTF-8, not a JSON object, or lacks or repeats its id or audio path.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no manifest (did the corpus stage run?)")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    line_of_id: dict[str, int] = {}
+    with open(path, "rb") as f:  # decoded line by line, so that a bad byte names its line
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ManifestError(f"{path}:{lineno}: not UTF-8 ({err.reason} at byte {err.start} of the line: "
+                                    f"{raw[max(0, err.start - 20):err.start + 4]!r})") from err
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({err})") from err
+                raise ManifestError(f"{path}:{lineno}: not valid JSON ({err})") from err
             if not isinstance(row, dict) or not isinstance(row.get("audio"), str):
-                raise ValueError(f"{path}:{lineno}: a manifest row needs an \"audio\" path (got {line.strip()[:80]})")
+                raise ManifestError(
+                    f"{path}:{lineno}: a manifest row needs an \"audio\" path (got {line.strip()[:80]})")
+            utt_id = row.get("id")
+            if not isinstance(utt_id, str) or utt_id in ("", ".", "..") or "/" in utt_id or "\\" in utt_id:
+                raise ManifestError(f"{path}:{lineno}: a manifest row needs an \"id\" that can name a file: a "
+                                    f"non-empty string without / or \\ (got {utt_id!r})")
+            if utt_id in line_of_id:
+                raise ManifestError(f"{path}:{lineno}: id {utt_id!r} is already the id of line {line_of_id[utt_id]}; "
+                                    "ids must be unique within a split")
+            line_of_id[utt_id] = lineno
             row["audio_path"] = str((path.parent / row["audio"]).resolve())
             rows.append(row)
     return rows
@@ -75,6 +104,9 @@ def load_utterance(row: dict, min_seconds: float, max_seconds: float):
     text = row.get("text")
     if not isinstance(text, str) or not normalise_transcript(text):
         return meta, None, "empty or non-text transcript"
+    speaker = row.get("speaker")
+    if not isinstance(speaker, str) or not speaker.strip():  # evaluation chooses and judges by speaker
+        return meta, None, f"no speaker (got {speaker!r})"
     try:
         wav = load_audio(row["audio_path"], max_seconds=max_seconds)
     except AudioTooLong as err:  # told by the file's header: not decoded

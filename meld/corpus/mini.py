@@ -89,6 +89,22 @@ class VoiceUnavailableError(RuntimeError):
     """A requested voice is unknown or its synthesiser/voice data is not installed."""
 
 
+class SynthesisError(VoiceUnavailableError):
+    """An installed voice failed part-way: its synthesiser crashed, hung or wrote nothing usable.
+
+    A kind of unavailable voice, so that the stage reports it in one line (``meld.config.run_stage``)
+    rather than as a traceback: a crashing synthesiser is the machine's to mend, not the code's.
+    """
+
+
+def _synthesis_failure(voice_id: str, detail: str) -> SynthesisError:
+    voice = VOICES[voice_id]
+    return SynthesisError(
+        f"voice {voice_id!r} ({voice.engine} {voice.name}) failed: {detail}; try the synthesiser by hand, "
+        f"reinstall it (apt-get install --reinstall {voice.package}) or leave the voice out of the corpus"
+    )
+
+
 def recorded_person(speaker: str) -> str:
     """The person behind a corpus speaker id: a mini voice's family (flite-kal, flite-kal16 and
     festival-kal are one person), any other id (a LibriSpeech reader) itself."""
@@ -340,8 +356,13 @@ def _scheme_string(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _synthesise_raw(voice: Voice, texts: Sequence[str], raw_paths: Sequence[Path]) -> None:
-    """Write each text as a WAV at the engine's native rate."""
+def _synthesise_raw(voice_id: str, texts: Sequence[str], raw_paths: Sequence[Path]) -> None:
+    """Write each text as a WAV at the engine's native rate.
+
+    Raises:
+        SynthesisError: the synthesiser failed, timed out or wrote no file (names the voice and its package).
+    """
+    voice = VOICES[voice_id]
     if voice.engine == "festival":
         # One festival process per batch: its start-up (voice loading) costs more than synthesis.
         lines = [f"(voice_{voice.name})", "(Parameter.set 'Audio_Method 'none)"]
@@ -352,11 +373,16 @@ def _synthesise_raw(voice: Voice, texts: Sequence[str], raw_paths: Sequence[Path
             )
         script = raw_paths[0].parent / "batch.scm"
         script.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        result = _run(["festival", "--batch", str(script)], timeout=60 + 10 * len(texts))
+        timeout = 60 + 10 * len(texts)
+        try:
+            result = _run(["festival", "--batch", str(script)], timeout=timeout)
+        except subprocess.TimeoutExpired as err:
+            raise _synthesis_failure(voice_id, f"no end after {timeout} s on {len(texts)} sentences") from err
         missing = [str(p) for p in raw_paths if not p.is_file()]
         if result.returncode != 0 or missing or "SIOD ERROR" in result.stderr:
-            raise RuntimeError(
-                f"festival {voice.name} failed (rc={result.returncode}): {result.stderr.strip()[-500:]}"
+            raise _synthesis_failure(
+                voice_id, f"exit status {result.returncode} on {len(texts)} sentences, {len(missing)} not written: "
+                f"{result.stderr.strip()[-500:]}"
             )
         return
     for text, path in zip(texts, raw_paths):
@@ -364,10 +390,13 @@ def _synthesise_raw(voice: Voice, texts: Sequence[str], raw_paths: Sequence[Path
             cmd = ["flite", "-voice", voice.name, "-t", text + ".", "-o", str(path)]
         else:
             cmd = ["espeak-ng", "-v", voice.name, "-w", str(path), text + "."]
-        result = _run(cmd)
+        try:
+            result = _run(cmd)
+        except subprocess.TimeoutExpired as err:
+            raise _synthesis_failure(voice_id, f"no end after {err.timeout:g} s on {text!r}") from err
         if result.returncode != 0 or not path.is_file():
-            raise RuntimeError(
-                f"{voice.engine} {voice.name} failed on {text!r}: {result.stderr.strip()[-500:]}"
+            raise _synthesis_failure(
+                voice_id, f"exit status {result.returncode} on {text!r}: {result.stderr.strip()[-500:]}"
             )
 
 
@@ -381,16 +410,18 @@ def synthesise_batch(voice_id: str, texts: Sequence[str], out_paths: Sequence[Pa
 
     Returns:
         The duration in seconds of each written file.
+
+    Raises:
+        SynthesisError: the voice failed on one of the texts.
     """
-    voice = VOICES[voice_id]
     durations = []
     with tempfile.TemporaryDirectory(prefix="meld-mini-") as tmp:
         raw_paths = [Path(tmp) / f"{i:05d}.wav" for i in range(len(texts))]
-        _synthesise_raw(voice, texts, raw_paths)
+        _synthesise_raw(voice_id, texts, raw_paths)
         for text, raw, out in zip(texts, raw_paths, out_paths):
             wav = load_audio(raw, target_sr=SAMPLE_RATE)  # resamples 8 kHz / 32 kHz voices
             if float(np.abs(wav).max()) < 1e-3:
-                raise RuntimeError(f"{voice_id} produced silence for {text!r}")
+                raise _synthesis_failure(voice_id, f"it spoke silence for {text!r}")
             write_audio(out, wav, SAMPLE_RATE)
             durations.append(len(wav) / SAMPLE_RATE)
     return durations
@@ -477,6 +508,8 @@ def build_mini_corpus(
 
     Raises:
         VoiceUnavailableError: a voice is unknown or not installed (message names the package).
+        SynthesisError: an installed voice failed part-way (its ``<split>/`` folders then hold audio
+            but no manifest; the corpus stage keeps its previous output whole).
         ValueError: bad arguments (a held-out voice sharing a speaker with training, ...).
     """
     from meld.progress import progress as progress_bar
