@@ -138,15 +138,39 @@ def codec_from_description(desc: dict, weights: str | Path | None = None) -> DAC
 
 
 def encode_waveform(codec: DACCodec, wav: np.ndarray) -> np.ndarray:
-    """(samples,) float waveform at the codec's rate -> (ceil(samples / hop), K) int16 codes."""
-    return codec.encode(torch.from_numpy(np.asarray(wav, dtype=np.float32))).cpu().numpy().astype(np.int16)
+    """(samples,) float waveform at the codec's rate -> (ceil(samples / hop), K) int16 codes; no samples, no codes.
+
+    Raises:
+        ValueError: ``wav`` is not one channel of samples (the codec would read channels one after another).
+    """
+    wav = np.asarray(wav, dtype=np.float32)
+    if wav.ndim != 1:
+        raise ValueError(f"DAC encodes a (samples,) mono waveform, got shape {wav.shape}")
+    if wav.size == 0:  # a prompt cut to nothing (meld synthesize --prompt-seconds under a sample): the encoder's
+        # first convolution cannot run on zero samples
+        return np.zeros((0, codec.n_codebooks), np.int16)
+    return codec.encode(torch.from_numpy(wav)).cpu().numpy().astype(np.int16)
 
 
 def decode_codes(codec: DACCodec, codes: np.ndarray) -> np.ndarray:
-    """(T, K) integer codes -> (about T * hop,) float32 waveform in [-1, 1]; no codes, no samples."""
+    """(T, K) integer codes -> (about T * hop,) float32 waveform in [-1, 1]; no codes, no samples.
+
+    Raises:
+        ValueError: codes of another shape than the codec's (T, K), or outside its [0, codebook_size): a code
+            store overwritten with other bytes of the same size, say, which the embedding lookup would only
+            call "index out of range in self" (and extra levels it would drop without a word).
+    """
+    codes = np.asarray(codes)
+    if codes.ndim != 2 or codes.shape[1] != codec.n_codebooks:
+        raise ValueError(f"a DAC of {codec.n_codebooks} levels decodes (frames, {codec.n_codebooks}) codes, "
+                         f"got shape {codes.shape}")
     if len(codes) == 0:
         return np.zeros(0, np.float32)
-    return codec.decode(torch.from_numpy(np.asarray(codes, dtype=np.int64))).cpu().numpy().astype(np.float32)
+    low, high = int(codes.min()), int(codes.max())
+    if low < 0 or high >= codec.codebook_size:
+        raise ValueError(f"codes {low}..{high} outside the DAC's codebooks of {codec.codebook_size} "
+                         "(a corrupt code store, or codes of another codec)")
+    return codec.decode(torch.from_numpy(codes.astype(np.int64))).cpu().numpy().astype(np.float32)
 
 
 def prompt_code_frames(n_frames: int, prompt_seconds: float, frame_rate: float) -> int:

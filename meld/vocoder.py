@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from meld.audio import SAMPLE_RATE
-from meld.features import HOP_LENGTH, N_FFT, N_MELS, WIN_LENGTH, mel_filterbank
+from meld.features import HOP_LENGTH, N_FFT, N_MELS, WIN_LENGTH, log_mel_ceiling, mel_filterbank
 from meld.weights import check_fits, first_line, read_json_object, read_weights, tensor_state
 
 logger = logging.getLogger(__name__)
@@ -115,9 +115,23 @@ class GriffinLimVocoder(Vocoder):
         self.seed = seed
 
     def __call__(self, log_mel: np.ndarray) -> np.ndarray:
+        log_mel = _check_log_mel(log_mel)
+        # float overflow anywhere (10 ** a frame far beyond any log-mel: a model's frames denormalised
+        # with wrong statistics) is said here in one line, not as numpy warnings and then librosa's
+        # "Audio buffer is not finite everywhere", which named neither the input nor its values
+        with np.errstate(over="ignore", invalid="ignore"):
+            wav = self._synthesise(log_mel)
+        if wav is None:
+            raise ValueError(
+                f"Griffin-Lim overflows on log-mel values up to {log_mel.max():.3g}; no log-mel exceeds "
+                f"{log_mel_ceiling():.1f} (frames denormalised with the wrong statistics?)"
+            )
+        return wav
+
+    def _synthesise(self, log_mel: np.ndarray) -> np.ndarray | None:
+        """(T, 80) checked log-mel -> (T * hop,) float32 samples, or None if a step overflowed."""
         import librosa  # lazy: slow import, and HiFi-GAN users never need it
 
-        log_mel = _check_log_mel(log_mel)
         spec = mel_to_linear(log_mel, self.nnls_iter)  # (T, 513)
         stft = {
             "n_fft": N_FFT,
@@ -128,6 +142,8 @@ class GriffinLimVocoder(Vocoder):
         }
         # (513, T): librosa's layout; float32 halves the cost, and the phase needs no more precision
         magnitude = spec.T.astype(np.float32)
+        if not np.isfinite(magnitude).all():
+            return None
         rng = np.random.default_rng(self.seed)
         angles = np.exp(2j * np.pi * rng.random(magnitude.shape, dtype=np.float32))  # complex64
         # Fast Griffin-Lim (Perraudin et al. 2013), as librosa.griffinlim; written out because
@@ -140,11 +156,13 @@ class GriffinLimVocoder(Vocoder):
         for _ in range(self.n_iter):
             previous = rebuilt
             inverse = librosa.istft(magnitude * angles, length=analysed, **stft)
+            if not np.isfinite(inverse).all():  # librosa.stft refuses it
+                return None
             rebuilt = librosa.stft(inverse, pad_mode="reflect", **stft)[:, :frames]  # (513, T)
             angles = rebuilt - (self.momentum / (1.0 + self.momentum)) * previous
             angles /= np.abs(angles) + 1e-16
         wav = librosa.istft(magnitude * angles, length=frames * HOP_LENGTH, **stft)  # T * hop samples
-        return wav.astype(np.float32)
+        return wav.astype(np.float32) if np.isfinite(wav).all() else None
 
 
 # --------------------------------------------------------------------------- HiFi-GAN
@@ -338,6 +356,12 @@ class HiFiGANVocoder(Vocoder):
         if generator.hop_length != HOP_LENGTH:
             raise ValueError(
                 f"{config_path}: upsampling by {generator.hop_length}, the front end's hop is {HOP_LENGTH}"
+            )
+        # another front end's vocoder (e.g. 100 bands) loads and passes the probe below, which takes its
+        # own width, then fails on every utterance with a broadcasting error that names no file
+        if generator.conv_pre.in_channels != N_MELS:
+            raise ValueError(
+                f"{config_path}: model_in_dim is {generator.conv_pre.in_channels} mel bands, the front end has {N_MELS}"
             )
         weights_path, state = _load_state_dict(folder)
         try:

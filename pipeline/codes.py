@@ -130,9 +130,13 @@ def main(argv: list[str] | None = None) -> int:
         get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(desc,)) if workers > 1
         else contextlib.nullcontext(_InProcess(desc))
     ) as pool:
-        for split, rows in manifests.items():
-            summaries[split] = s = encode_split(rows, work, desc, features, pool, split)
+        for split in ["train"] + [s for s in splits if s != "train"]:  # train first: it must keep something
+            summaries[split] = s = encode_split(manifests[split], work, desc, features, pool, split)
             print(f"{split}: kept {s['kept']}, rejected {s['rejected']}, {s['minutes']:.1f} min of audio")
+            if split == "train" and s["kept"] == 0:  # as the features stage: else training stops later, naming
+                # the features stage's summary
+                raise SystemExit(f"codes: the train split of {corpus} kept no utterance of "
+                                 f"{len(manifests[split])}: nothing for {args.system} to train on")
         (work / CODEC_FILE).write_text(json.dumps(desc, indent=2))
         (work / "summary.json").write_text(json.dumps(summaries, indent=2))
     return 0

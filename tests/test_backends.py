@@ -102,6 +102,24 @@ def test_missing_hifigan_still_falls_back_with_a_warning(tmp_path, caplog):
     assert build_vocoder("hifigan", _hifigan(tmp_path / "good")).name == "hifigan"
 
 
+def test_a_hifigan_for_another_number_of_mel_bands_is_refused_when_loaded(tmp_path):
+    """Its config and weights agree, so it loaded, and every utterance then failed with a broadcasting
+    RuntimeError naming no file."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "hifigan"
+    folder.mkdir()
+    bands = N_MELS + 20
+    torch.manual_seed(0)
+    state = HiFiGANGenerator(model_in_dim=bands, upsample_initial_channel=32).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"model_type": "speecht5_hifigan", "model_in_dim": bands,
+                                                    "upsample_initial_channel": 32}))
+    with pytest.raises(ValueError, match=f"model_in_dim is {bands} mel bands, the front end has {N_MELS}") as err:
+        build_vocoder("hifigan", folder)
+    _one_line_naming(err, folder / "config.json")
+
+
 def test_hifigan_output_with_nan_is_an_error_not_audio():
     torch.manual_seed(0)
     vocoder = HiFiGANVocoder(HiFiGANGenerator(upsample_initial_channel=32))

@@ -390,10 +390,69 @@ def test_synthesize_checks_out_before_loading_the_model(name, tmp_path, monkeypa
     read_only.chmod(0o700)
 
 
-def test_synthesize_out_accepts_flac_and_a_new_folder(checkpoint, tmp_path):
+def test_synthesize_out_accepts_flac_and_a_new_folder(checkpoint, tmp_path, capsys):
     out = tmp_path / "new" / "folder" / "o.flac"
     assert _synth(checkpoint, out) == 0
     assert sf.info(str(out)).format == "FLAC"
+    assert "replacing" not in capsys.readouterr().out
+    assert _synth(checkpoint, out, "--seed", "1") == 0  # a file already there is replaced, and said to be
+    assert f"wrote {out} (replacing the file that was there):" in capsys.readouterr().out
+
+
+def test_an_out_that_is_a_prompt_is_refused_and_the_prompt_kept(checkpoint, prompt_22k, tmp_path, capsys):
+    """Prompts are read before anything is written: an output over one would destroy the user's recording."""
+    prompt = tmp_path / "speaker.wav"
+    prompt.write_bytes(prompt_22k.read_bytes())
+    (tmp_path / "link.wav").symlink_to(prompt)
+    for out in (prompt, tmp_path / "link.wav", tmp_path / "sub" / ".." / "speaker.wav"):  # one file, three names
+        assert _synth(checkpoint, out, "--prompt", str(prompt)) == 2
+        err = capsys.readouterr().err
+        assert err.strip() == (f"meld: error: --out {out}: is the --prompt file; writing there would replace that "
+                               "recording (give another output name)")
+    assert prompt.read_bytes() == prompt_22k.read_bytes()
+
+    other = tmp_path / "other.wav"
+    other.write_bytes(prompt_22k.read_bytes())
+    text = "a stitch in time saves nine"
+    listing = tmp_path / "utts.tsv"
+    listing.write_text(f"{tmp_path / 'a.wav'}\t{prompt}\t{text}\n"  # line 1: written
+                       f"{prompt}\t-\t{text}\n"  # line 2: over line 1's prompt
+                       f"{other}\t{other}\t{text}\n")  # line 3: over its own prompt
+    assert main(_list_argv(checkpoint, listing)) == 2
+    captured = capsys.readouterr()
+    errors = [e for e in captured.err.splitlines() if e.startswith("meld: ")]
+    assert errors == [f"meld: error: {listing}:2: out {prompt}: is the prompt of {listing}:1; writing there would "
+                      "replace that recording (give another output name)",
+                      f"meld: error: {listing}:3: out {other}: is this line's prompt; writing there would replace "
+                      "that recording (give another output name)"]
+    assert "wrote 1 of 3 utterances (2 refused, 0 failed)" in captured.out and sf.info(str(tmp_path / "a.wav")).frames
+    assert prompt.read_bytes() == other.read_bytes() == prompt_22k.read_bytes()
+
+
+def test_a_silent_prompt_is_refused_and_a_quiet_one_is_not(checkpoint, tmp_path, capsys):
+    """Digital silence (no sample reaches one 16-bit step) has no voice to continue; quiet speech has one."""
+    silent, quiet = tmp_path / "silent.wav", tmp_path / "quiet.wav"
+    sf.write(str(silent), np.concatenate([np.zeros(16_000), _speechlike(1.0, 16_000)]), 16_000, subtype="FLOAT")
+    sf.write(str(quiet), 0.01 * _speechlike(1.0, 16_000), 16_000)
+    out = tmp_path / "o.wav"
+    assert _synth(checkpoint, out, "--prompt", str(silent), "--prompt-seconds", "1") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"meld: error: {silent}: its first 1.00 s (the prompt) are silent") and not out.exists()
+    assert len(err.strip().splitlines()) == 1
+    assert _synth(checkpoint, out, "--prompt", str(quiet), "--prompt-seconds", "1") == 0
+    assert _synth(checkpoint, out, "--prompt", str(silent), "--prompt-seconds", "0") == 0  # the prompt is not used
+
+
+def test_a_reader_that_closes_stdout_ends_the_command_without_a_traceback(checkpoint, monkeypatch):
+    """``meld transcribe ... | head``: the pipe's reader leaves; the command ends quietly, as a shell tool."""
+    import io
+
+    class ClosedPipe(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert main(["info", str(checkpoint)]) == 128 + 13
 
 
 def _wav_bytes(path: Path, samples: int) -> int:
@@ -489,6 +548,7 @@ def test_transcribe_prints_each_batch_as_it_is_decoded(checkpoint, prompt_22k, a
         ("synthesize", "--max-seconds", "inf"),
         ("synthesize", "--max-seconds", "0"),
         ("synthesize", "--max-seconds", "-1"),
+        ("synthesize", "--max-seconds", "300000"),  # more frames than positions the model tells apart
         ("synthesize", "--prompt-seconds", "nan"),
         ("synthesize", "--prompt-seconds", "inf"),
         ("synthesize", "--prompt-seconds", "-1"),
@@ -649,7 +709,7 @@ def test_audio_too_loud_for_the_front_end_is_a_one_line_error_naming_the_file(ch
     assert _transcribe(checkpoint, huge, audio_16k, "--beam", "1", "--max-tokens", "4") == 2
     captured = capsys.readouterr()
     assert [line.split("\t")[0] for line in captured.out.splitlines()] == [str(audio_16k)]
-    assert captured.err.startswith(f"meld: error: {huge}: log_mel: samples up to") and "Traceback" not in captured.err
+    assert f"meld: error: {huge}: log_mel: samples up to" in captured.err and "Traceback" not in captured.err
 
 
 def test_a_truncated_wav_is_reported_not_read_as_the_samples_left(checkpoint, audio_16k, tmp_path, capsys):
@@ -815,7 +875,9 @@ def test_transcribe_reads_a_list_after_the_files_given(checkpoint, prompt_22k, a
     captured = capsys.readouterr()
     assert [line.split("\t")[0] for line in captured.out.splitlines()] == [str(audio_16k), str(prompt_22k),
                                                                           str(audio_16k)]
-    errors = captured.err.strip().splitlines()
+    # stderr: a progress bar over the 6 files, the refusals, and a count, last
+    assert "6/6" in captured.err and captured.err.endswith("meld: transcribed 3 of 6 files (3 refused)\n")
+    errors = [line for line in captured.err.strip().splitlines() if line.startswith("meld: error: ")]
     assert errors[:2] == [f"meld: error: {listing}:4: {tmp_path / 'absent.wav'}: no such audio file",
                           f"meld: error: {listing}:6: {tmp_path / 'a_folder'}: is a folder, not an audio file"]
     assert len(errors) == 3 and errors[2].startswith(f"meld: error: {listing}:7: {too_long}: not a usable path")

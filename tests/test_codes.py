@@ -120,6 +120,33 @@ def test_code_store_round_trip_and_clear_errors(tmp_path):
     assert collate_codes([items[1][1]], [[5]])["codes"].shape == (1, 1, 12)
 
 
+def test_no_samples_encode_to_no_codes_and_codes_the_codec_cannot_decode_are_named(tmp_path):
+    """A prompt cut to no sample (``meld synthesize --prompt-seconds 0.00001``) reached the encoder's first
+    convolution, a RuntimeError; codes outside the codec's levels or codebooks (a code store overwritten
+    with other bytes of the right size) were an IndexError "index out of range in self", or dropped."""
+    from meld.codes import build_codec, decode_codes
+
+    codec, _ = build_codec(None, n_levels=K, codebook_size=N, random_width=2, seed=0)
+    none = encode_waveform(codec, np.zeros(0, np.float32))
+    assert none.shape == (0, K) and none.dtype == np.int16
+    assert decode_codes(codec, none).size == 0
+    with pytest.raises(ValueError, match="mono"):
+        encode_waveform(codec, np.zeros((2, 16_000), np.float32))  # read as one 2 s signal before
+
+    codes = encode_waveform(codec, np.random.default_rng(0).normal(0, 0.1, 16_000).astype(np.float32))
+    assert len(decode_codes(codec, codes)) > 0
+    for wrong in (codes[:, : K - 1], np.concatenate([codes, codes[:, :1]], axis=1), codes[:, 0]):
+        with pytest.raises(ValueError, match=f"{K} levels decodes"):
+            decode_codes(codec, wrong)
+    write_code_store(tmp_path / "split", iter([({"id": "u", "speaker": "s", "text": "t", "duration": 1.0}, codes)]), [])
+    data = tmp_path / "split" / "codes.i16"
+    data.write_bytes(b"\xff\x7f" * (data.stat().st_size // 2))  # the right size, so the store opens
+    with pytest.raises(ValueError, match=f"codes 32767..32767 outside the DAC's codebooks of {N}"):
+        decode_codes(codec, CodeStore(tmp_path / "split", K)[0])
+    with pytest.raises(ValueError, match=r"codes -1\.\.\d+ outside"):
+        decode_codes(codec, np.where(np.arange(len(codes))[:, None] == 3, -1, codes))
+
+
 # ----------------------------------------------------------------------------- the codes stage
 
 
@@ -216,6 +243,18 @@ def test_a_split_of_mostly_bad_audio_fails_the_stage(project, tmp_path):
         {"id": "only-bad", "speaker": "s", "text": "broken", "audio": str(project["root"] / "bad.wav"), "duration": 1}) + "\n")
     with pytest.raises(SystemExit, match="rejected 1/1 utterances.*only-bad: .*unreadable audio"):
         codes.main(["--params", str(project["params"]), "--corpus", str(corpus), "--out", str(tmp_path / "codes")])
+
+
+def test_a_train_split_of_no_utterance_fails_the_stage(project, tmp_path):
+    """It wrote an empty code store and exited 0; training then stopped on "no utterances to batch",
+    pointing at the features stage's summary."""
+    from pipeline import codes
+
+    (tmp_path / "corpus" / "train").mkdir(parents=True)
+    (tmp_path / "corpus" / "train" / "manifest.jsonl").write_text("")
+    with pytest.raises(SystemExit, match="train split of .* kept no utterance of 0: nothing for codec_lm to train on"):
+        codes.main(["--params", str(project["params"]), "--corpus", str(tmp_path / "corpus"), "--out", str(tmp_path / "codes")])
+    assert not (tmp_path / "codes").exists()  # nothing half-written
 
 
 def test_manifest_durations_out_of_range_stop_the_codes_stage_before_encoding(project, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import subprocess
 
@@ -164,8 +165,30 @@ def test_griffin_lim_more_iterations_converge_further(speech):
     [(np.zeros((0, N_MELS)), "empty"), (np.zeros((5, 79)), "log-mel array"), (np.full((5, N_MELS), np.nan), "NaN")],
 )
 def test_vocoders_reject_bad_spectrograms(bad, says):
-    with pytest.raises(ValueError, match=says):
-        GriffinLimVocoder()(bad)
+    torch.manual_seed(0)
+    for vocoder in (GriffinLimVocoder(), HiFiGANVocoder(HiFiGANGenerator(upsample_initial_channel=32))):
+        with pytest.raises(ValueError, match=says):
+            vocoder(bad)
+
+
+def test_griffin_lim_names_the_log_mel_that_overflows_it():
+    """Frames far beyond any log-mel (a model's output denormalised with wrong statistics) overflow
+    Griffin-Lim's float arithmetic: one ValueError naming the values, not numpy's warnings and then
+    librosa's "Audio buffer is not finite everywhere"; loud frames short of that are still synthesised."""
+    import warnings
+
+    from meld.features import log_mel_ceiling
+
+    ceiling = log_mel_ceiling()
+    vocoder = GriffinLimVocoder(n_iter=4)
+    assert np.isfinite(vocoder(np.full((5, N_MELS), ceiling))).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no RuntimeWarning on the way
+        for peak in (2.1 * ceiling, 3 * ceiling, 1e6):  # overflow in librosa's STFT, in float32, in float64
+            mel = _mel(5)
+            mel[2, 7] = peak
+            with pytest.raises(ValueError, match=re.escape(f"overflows on log-mel values up to {peak:.3g}; no log-mel exceeds")):
+                vocoder(mel)
 
 
 @pytest.mark.filterwarnings("ignore:n_fft=1024 is too large")  # librosa's, on any signal under 4 frames

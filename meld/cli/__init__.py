@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from meld.cli.common import (
@@ -61,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--text", default=None, help="full transcript: the prompt's words, then the new words")
     s.add_argument("--prompt", default=None, help="audio file whose start is the acoustic prompt (any rate); "
                    "without it the model speaks the text from nothing, in whatever voice it draws")
-    s.add_argument("--out", default=None, help="output audio, 16 kHz 16-bit PCM: .wav, .flac, ... (by extension)")
+    s.add_argument("--out", default=None, help="output audio, 16 kHz 16-bit PCM: .wav, .flac, ... (by extension); "
+                   "a missing folder is made, a file already there is replaced (and said to be), a prompt file is refused")
     s.add_argument(
         "--list",
         default=None,
@@ -119,7 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_decoding_options(s)
     s.set_defaults(func=cmd_synthesize)
 
-    t = sub.add_parser("transcribe", help="STT: transcribe audio files with beam search")
+    t = sub.add_parser(
+        "transcribe",
+        help="STT: transcribe audio files with beam search",
+        description="Transcribe audio files with beam search. stdout gets one line per file, path TAB transcript, "
+        "batch by batch; an unreadable file is reported on stderr and skipped (exit code 2); several files get a "
+        "progress bar and a count on stderr.",
+    )
     t.add_argument("--checkpoint", required=True, help="inference checkpoint (model.pt)")
     t.add_argument("audio", nargs="*", help="audio files (any format libsndfile reads, any rate)")
     t.add_argument("--list", default=None, metavar="FILE",
@@ -148,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the ``meld`` command; returns the exit code (0 ok, 1 failure, 2 user error)."""
+    """Run the ``meld`` command; returns the exit code (0 ok, 1 failure, 2 user error, 130 interrupted,
+    141 stdout closed by its reader)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(levelname)s: %(message)s")
     try:
@@ -162,6 +171,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout's reader left (`meld transcribe ... | head`): no traceback, as a shell tool
+        _silence_stdout()  # else Python reports the pipe again when it flushes stdout at exit
+        return 128 + 13  # what a shell reports for a tool ended by SIGPIPE
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is no file (a test's capture): nothing is left to flush
+        pass
 
 
 if __name__ == "__main__":

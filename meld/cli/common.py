@@ -87,6 +87,15 @@ def _check_finite(args: argparse.Namespace, *options: str) -> None:
 
 
 
+def write_line(text: str, file) -> None:
+    """Print one line above a progress bar that may be on stderr (:func:`meld.progress.progress`), not through it,
+    and flush it: a line printed is kept if the run is killed later."""
+    from tqdm import tqdm
+
+    tqdm.write(text, file=file)
+    file.flush()
+
+
 def _task(state: dict) -> str:
     return str((state.get("extra") or {}).get("task", "unknown"))
 

@@ -29,6 +29,7 @@ from meld.cli.common import (
     _task,
     read_audio,
     read_list_lines,
+    write_line,
 )
 from meld.config import SAMPLING_FLOOR
 
@@ -72,6 +73,38 @@ def _check_out_path(path: Path, where: str) -> Path:
     if path.exists() and not os.access(path, os.W_OK):
         raise CLIError(f"{where}: the file exists and is not writable")
     return path
+
+
+def _file_identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of an existing file, links followed, so that two spellings of one file compare equal;
+    None where no file is (or the path is one the file system refuses). ``new/../x.wav`` is ``x.wav`` even
+    while ``new`` does not exist: writing it creates ``new`` first."""
+    try:
+        st = os.stat(os.path.realpath(path))
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _out_is_no_prompt(requests: list[SynthesisRequest]):
+    """A check that no request's out is a prompt file, its own or another line's: writing it would replace
+    a recording the user gave as input. Every prompt counts, also one of a line refused for another reason."""
+    prompts: dict[tuple[int, int], SynthesisRequest] = {}
+    for req in requests:
+        identity = _file_identity(req.prompt) if req.prompt else None
+        if identity is not None:
+            prompts.setdefault(identity, req)
+
+    def check(req: SynthesisRequest) -> None:
+        owner = prompts.get(_file_identity(req.out))
+        if owner is None:
+            return
+        whose = ("the --prompt file" if not req.where else "this line's prompt" if owner is req
+                 else f"the prompt of {owner.where.rstrip(': ')}")
+        raise CLIError(f"{req.out_label} {req.out}: is {whose}; writing there would replace that recording "
+                       "(give another output name)")
+
+    return check
 
 
 def _write_out(out: str, wav: np.ndarray, sample_rate: int, label: str = "--out") -> Path:
@@ -252,11 +285,16 @@ def _check_synthesis_mode(args: argparse.Namespace) -> None:
 
 def _check_synthesis_options(args: argparse.Namespace) -> None:
     """Every option of ``synthesize`` that applies to all its utterances; no file is opened."""
+    from meld.features import FRAME_RATE
+
     _check_finite(args, "--prompt-seconds", "--max-seconds", "--temperature", "--top-p", "--repetition-penalty")
     if args.prompt_seconds < 0:
         raise CLIError(f"--prompt-seconds must be >= 0, got {args.prompt_seconds}")
     if args.max_seconds <= 0:
         raise CLIError(f"--max-seconds must be > 0, got {args.max_seconds}")
+    if args.max_seconds * FRAME_RATE > MAX_GUARD_FRAMES:
+        raise CLIError(f"--max-seconds must be at most {MAX_GUARD_FRAMES / FRAME_RATE:g} ({MAX_GUARD_FRAMES} frames, "
+                       f"the most positions the model tells apart), got {args.max_seconds:g}")
     if args.temperature < SAMPLING_FLOOR:
         raise CLIError(f"--temperature must be >= {SAMPLING_FLOOR:g}, got {args.temperature} (smaller ones break "
                        "float32 sampling; use --top-k 1 for greedy decoding)")
@@ -278,6 +316,12 @@ def _check_synthesis_options(args: argparse.Namespace) -> None:
 # a prompt file is cut to the prompt and this much more before it is kept: far beyond what the mel
 # frames (n_fft / 2) or a resampler's filter (milliseconds) see, and a long list holds no long files
 PROMPT_MARGIN_S = 1.0
+# a prompt whose samples all stay below one step of 16-bit audio is digital silence (a muted input, an
+# empty channel): it holds no voice to continue, and the model would only continue the silence
+SILENT_PEAK = 1 / 32768
+# the guard reserves a position per frame, and positions are float32 in the sinusoidal table: past 2^24
+# they are no longer distinct (and far sooner the reserved cache no longer fits in memory)
+MAX_GUARD_FRAMES = 2**24
 
 
 def _check_text_present(req: SynthesisRequest) -> None:
@@ -294,6 +338,11 @@ def _load_prompt(req: SynthesisRequest, prompt_seconds: float) -> None:
     if req.prompt:
         wav = read_audio(req.prompt)
         req.prompt_wav = wav[: int(round((prompt_seconds + PROMPT_MARGIN_S) * SAMPLE_RATE))]
+        used = req.prompt_wav[: int(round(prompt_seconds * SAMPLE_RATE))]
+        if used.size and float(np.abs(used).max()) < SILENT_PEAK:
+            raise CLIError(f"{req.prompt}: its first {used.size / SAMPLE_RATE:.2f} s (the prompt) are silent: no "
+                           "sample reaches one 16-bit step, so there is no voice to continue; trim the leading "
+                           "silence, or synthesise without a prompt")
         try:
             req.prompt_mel = prompt_log_mel(req.prompt_wav, prompt_seconds)
         except ValueError as err:
@@ -309,10 +358,8 @@ class _Outcome:
     def refuse(self, req: SynthesisRequest, err: CLIError | CLIFailure) -> None:
         if not self.batch_mode:
             raise err
-        from tqdm import tqdm
-
         kind = "error" if isinstance(err, CLIError) else "failed"
-        tqdm.write(f"{PROG}: {kind}: {req.where}{err}", file=sys.stderr)  # above the progress bar, not through it
+        write_line(f"{PROG}: {kind}: {req.where}{err}", sys.stderr)  # above the progress bar, not through it
         if isinstance(err, CLIError):
             self.refused += 1
         else:
@@ -349,12 +396,14 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
         for message in malformed:
             print(f"{PROG}: error: {message}", file=sys.stderr)
         outcome.refused += len(malformed)
+    everything_asked = list(requests)  # every prompt is an input that no output may replace
     if outcome.batch_mode:  # options first: they hold for every line
         _check_synthesis_options(args)
     requests = outcome.keep(requests, _check_text_present)
     if not outcome.batch_mode:
         _check_synthesis_options(args)
     requests = outcome.keep(requests, lambda req: _check_out(req.out, req.out_label))
+    requests = outcome.keep(requests, _out_is_no_prompt(everything_asked))
     _check_vocoder_path(args)
     device = _device(args.device)
     requests = outcome.keep(requests, lambda req: _load_prompt(req, args.prompt_seconds))
@@ -399,6 +448,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
             if isinstance(result, CLIFailure):
                 outcome.refuse(req, result)
                 continue
+            replaced = os.path.lexists(req.out)
             try:
                 out = _write_out(req.out, result.wav, result.sample_rate, req.out_label)
             except CLIError as err:
@@ -406,7 +456,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
                 continue
             totals["generated"] += result.generated_seconds
             totals["written"] += 1
-            _print_synthesis(out, result, args.max_seconds, one_line=outcome.batch_mode)
+            _print_synthesis(out, result, args.max_seconds, one_line=outcome.batch_mode, replaced=replaced)
         bar.update(len(chunk))
     bar.close()
     if outcome.batch_mode:
@@ -420,16 +470,16 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     return outcome.exit_code()
 
 
-def _print_synthesis(out: Path, result: Synthesis, max_seconds: float, *, one_line: bool) -> None:
+def _print_synthesis(out: Path, result: Synthesis, max_seconds: float, *, one_line: bool, replaced: bool) -> None:
+    """What was written; an output that replaced a file already there says so (nothing is replaced unsaid)."""
     total = result.wav.shape[0] / result.sample_rate
     stop = f"max-length guard hit ({max_seconds:g} s)" if result.hit_max_length else "<EOS>"
     parts = f"prompt {result.prompt_seconds:.2f} s + generated {result.generated_seconds:.2f} s"
+    wrote = f"wrote {out}{' (replacing the file that was there)' if replaced else ''}"
     if one_line:
-        from tqdm import tqdm
-
-        tqdm.write(f"wrote {out}: {total:.2f} s ({parts}; stopped by {stop})", file=sys.stdout)
+        write_line(f"{wrote}: {total:.2f} s ({parts}; stopped by {stop})", sys.stdout)
     else:
-        print(f"wrote {out}: {total:.2f} s at {result.sample_rate} Hz ({parts})")
+        print(f"{wrote}: {total:.2f} s at {result.sample_rate} Hz ({parts})")
         print(f"stopped by: {stop}")
 
 

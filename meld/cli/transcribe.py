@@ -21,6 +21,7 @@ from meld.cli.common import (
     _task,
     read_audio,
     read_list_lines,
+    write_line,
 )
 
 
@@ -47,6 +48,7 @@ def _read_log_mel(path: str) -> np.ndarray:
 
 def cmd_transcribe(args: argparse.Namespace) -> int:
     from meld.generate import stt_beam_search
+    from meld.progress import progress
 
     if args.beam < 1:
         raise CLIError(f"--beam must be >= 1, got {args.beam}")
@@ -88,25 +90,33 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
             ctc_weight=ctc_weight,
         )
         for p, hyp in zip(paths, ids):
-            print(f"{p}\t{ckpt.tokenizer.decode(hyp)}", flush=True)
+            write_line(f"{p}\t{ckpt.tokenizer.decode(hyp)}", sys.stdout)
+        bar.update(len(paths))
 
     # Each batch is printed as soon as it is decoded, so a crash late in a long list keeps what was
     # done. Batches are the readable files taken batch_size at a time, as one call over them all would form.
+    # Many files get a progress bar and a count on stderr: stdout holds only the transcripts (path TAB text).
+    many = len(audio) > 1
+    bar = progress(total=len(audio), desc="transcribe", unit="file", disable=not many)
     paths, mels, failed = [], [], 0
-    for where, p in audio:
-        try:
-            mel = _read_log_mel(p)
-        except CLIError as err:
-            print(f"{PROG}: error: {where}{err}", file=sys.stderr)
-            failed += 1
-            continue
-        paths.append(p)
-        mels.append(ckpt.stats.normalise(mel))
-        if len(mels) == args.batch_size:
+    with bar:  # closed however the loop ends, so that a message after it starts a line of its own
+        for where, p in audio:
+            try:
+                mel = _read_log_mel(p)
+            except CLIError as err:
+                write_line(f"{PROG}: error: {where}{err}", sys.stderr)
+                failed += 1
+                bar.update(1)
+                continue
+            paths.append(p)
+            mels.append(ckpt.stats.normalise(mel))
+            if len(mels) == args.batch_size:
+                decode_and_print(paths, mels)
+                paths, mels = [], []
+        if mels:
             decode_and_print(paths, mels)
-            paths, mels = [], []
-    if mels:
-        decode_and_print(paths, mels)
+    if many:
+        print(f"{PROG}: transcribed {len(audio) - failed} of {len(audio)} files ({failed} refused)", file=sys.stderr)
     return EXIT_USER_ERROR if failed else 0
 
 
