@@ -178,6 +178,15 @@ def prompt_code_frames(n_frames: int, prompt_seconds: float, frame_rate: float) 
     return min(n_frames, int(round(prompt_seconds * frame_rate)))
 
 
+def prompt_codes(codec: DACCodec, wav: np.ndarray, prompt_seconds: float) -> np.ndarray:
+    """A prompt's (P, K) codes as the evaluation takes them: ``wav`` (the prompt and at least the encoder's
+    reach of what follows, at the codec's rate) encoded whole, then its first :func:`prompt_code_frames`
+    kept. Encoding only the prompt's samples changed its last frames (the encoder sees past the cut)
+    and could give one frame more, so a checkpoint continued other codes in ``meld synthesize``."""
+    codes = encode_waveform(codec, wav)
+    return codes[: prompt_code_frames(len(codes), prompt_seconds, codec.frame_rate)]
+
+
 @dataclass
 class CodeContinuation:
     codes: np.ndarray  # (T, K) int64 codes generated after the prompt

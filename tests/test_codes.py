@@ -201,6 +201,27 @@ def weights_codes(project, tmp_path_factory) -> Path:
     return root / "codes"
 
 
+@pytest.mark.parametrize("prompt_seconds", [1.0, 1.01])
+def test_a_prompt_cut_with_its_margin_encodes_to_the_evaluations_prompt_codes(project, prompt_seconds):
+    """``meld synthesize`` encoded only the prompt's samples: its last frames differed from the
+    evaluation's (the codes stage encodes whole utterances, and the encoder sees past the cut), and
+    1.01 s gave 51 frames where the evaluation takes 50. The CLI's prompt (the prompt and a 1 s
+    margin, :data:`meld.cli.synthesize.PROMPT_MARGIN_S`) now gives the evaluation's codes exactly."""
+    from meld.cli.synthesize import PROMPT_MARGIN_S
+    from meld.codes import prompt_code_frames, prompt_codes
+
+    codec = codec_from_description(json.loads((project["codes"] / CODEC_FILE).read_text()))
+    store = CodeStore(project["codes"] / "dev", codec.n_codebooks)
+    manifest = {r["id"]: r for r in map(json.loads, (project["corpus"] / "dev" / "manifest.jsonl").read_text().splitlines())}
+    i = max(range(len(store)), key=lambda k: store.lengths[k])  # one long enough for prompt and margin
+    wav = load_audio(project["corpus"] / "dev" / manifest[store.index[i]["id"]]["audio"])
+    assert len(wav) > (prompt_seconds + PROMPT_MARGIN_S) * codec.sample_rate
+    whole = store[i]
+    expected = whole[: prompt_code_frames(len(whole), prompt_seconds, codec.frame_rate)]
+    got = prompt_codes(codec, wav[: int(round((prompt_seconds + PROMPT_MARGIN_S) * codec.sample_rate))], prompt_seconds)
+    np.testing.assert_array_equal(got, expected)
+
+
 def test_weights_file_makes_the_same_codes_and_wrong_shapes_fail(project, weights_codes, tmp_path):
     """A weights file goes through DACCodec.load; the codes stage records it, and checks its shape."""
     from pipeline import codes

@@ -584,7 +584,7 @@ def _codec_synthesiser(args: argparse.Namespace, ckpt: LoadedCheckpoint, device:
         codec_from_description,
         continue_codes,
         decode_codes,
-        encode_waveform,
+        prompt_codes,
     )
 
     desc = ckpt.state["extra"]["codec"]
@@ -608,8 +608,9 @@ def _codec_synthesiser(args: argparse.Namespace, ckpt: LoadedCheckpoint, device:
         for req in requests:
             codes = np.zeros((0, codec.n_codebooks), np.int16)
             if req.prompt_wav is not None and args.prompt_seconds > 0:
-                wav = resample(req.prompt_wav, SAMPLE_RATE, codec.sample_rate)
-                codes = encode_waveform(codec, wav[: int(round(args.prompt_seconds * codec.sample_rate))])
+                # the prompt with its margin, encoded whole and cut in codes, as the evaluation does
+                codes = prompt_codes(codec, resample(req.prompt_wav, SAMPLE_RATE, codec.sample_rate),
+                                     args.prompt_seconds)
             prompts.append(codes)
         t0 = time.perf_counter()
         conts = continue_codes(ckpt.model, [req.text_ids for req in requests], prompts, max_frames=max_frames,
