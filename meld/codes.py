@@ -109,6 +109,33 @@ def build_codec(weights: str | Path | None, *, n_levels: int, codebook_size: int
     return codec, desc
 
 
+DESCRIPTION_KEYS = ("weights", "random", "seed", "random_kwargs", "n_levels", "codebook_size", "sample_rate",
+                    "hop_length", "frame_rate", "state_sha256")
+
+
+def read_codec_description(codes_dir: str | Path) -> dict:
+    """A code store's ``codec.json``, checked: training and evaluation read it before anything else, and a
+    truncated or hand-edited one was a JSONDecodeError or KeyError traceback naming no file.
+
+    Raises:
+        FileNotFoundError: the folder holds no ``codec.json``.
+        CodecMismatch: it is not a JSON object holding every key :func:`build_codec` writes.
+    """
+    from meld.weights import read_json_object
+
+    path = Path(codes_dir) / CODEC_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{codes_dir}: no {CODEC_FILE} (did the codes stage run?)")
+    try:
+        desc = read_json_object(path)
+    except ValueError as err:
+        raise CodecMismatch(f"{err}; rerun the codes stage") from err
+    missing = [k for k in DESCRIPTION_KEYS if k not in desc]
+    if missing:
+        raise CodecMismatch(f"{path}: not a codec description (no {', '.join(missing)}); rerun the codes stage")
+    return desc
+
+
 def codec_from_description(desc: dict, weights: str | Path | None = None) -> DACCodec:
     """Rebuild the codec a description names, and check it is the very one (same weights hash).
 

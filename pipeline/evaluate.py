@@ -40,7 +40,13 @@ import numpy as np
 import torch
 
 from meld.audio import write_audio
-from meld.codes import CODEC_FILE, codec_from_description, continue_codes, decode_codes, prompt_code_frames
+from meld.codes import (
+    codec_from_description,
+    continue_codes,
+    decode_codes,
+    prompt_code_frames,
+    read_codec_description,
+)
 from meld.config import STT_MAX_TOKENS, EvaluateConfig, mlflow_experiment, read_params, run_stage
 from meld.corpus import read_manifest
 from meld.devices import resolve_device
@@ -286,7 +292,7 @@ def evaluate_codec_system(model, state: dict, cfg: EvaluateConfig, system: str, 
     Returns:
         (metrics, per-generation rows).
     """
-    desc = json.loads((codes_dir / CODEC_FILE).read_text())
+    desc = read_codec_description(codes_dir)
     trained_on = (state["extra"].get("codec") or {}).get("state_sha256")
     if trained_on != desc["state_sha256"]:
         raise SystemExit(f"evaluate: {system} was trained on codes of another codec than the one in {codes_dir} "

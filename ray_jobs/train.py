@@ -865,7 +865,7 @@ def _code_data(codes: str | Path | None, model_kwargs: dict) -> dict:
         ValueError: no code store given, or its codec's levels / codebook size differ from the model's.
         FileNotFoundError: the folder is not the codes stage's output.
     """
-    from meld.codes import CODEC_FILE
+    from meld.codes import CODEC_FILE, read_codec_description
 
     if codes is None:
         raise ValueError("codec_lm trains on DAC codes, not mel features: give --codes (the codes stage's output, "
@@ -874,7 +874,7 @@ def _code_data(codes: str | Path | None, model_kwargs: dict) -> dict:
     if not (codes / CODEC_FILE).is_file() or not (codes / "train" / "index.jsonl").is_file():
         raise FileNotFoundError(f"{codes}: not a code store (no {CODEC_FILE} or train/index.jsonl; did the codes "
                                 "stage run?)")
-    codec = json.loads((codes / CODEC_FILE).read_text())
+    codec = read_codec_description(codes)
     made = (codec["n_levels"], codec["codebook_size"])
     wanted = (model_kwargs["n_levels"], model_kwargs["codebook_size"])
     if made != wanted:

@@ -426,3 +426,25 @@ def test_cli_synthesizes_with_the_recorded_codec_and_asks_for_missing_weights(tr
     assert main([*argv[:2], str(moved), *argv[3:], "--codec-weights", str(truncated)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{truncated}: not a readable DAC weights file" in err[0], err
+
+
+@pytest.mark.parametrize("content, says", [
+    ('{"n_levels": 12', "not a readable JSON file"),
+    ("[1, 2]", "holds a JSON list"),
+    ('{"n_levels": 12, "codebook_size": 1024}', "not a codec description (no weights, random, seed"),
+])
+def test_a_broken_codec_description_is_named_by_training_and_evaluation(project, tmp_path, content, says, capsys):
+    """A truncated or hand-edited codec.json was a JSONDecodeError or KeyError traceback in training and
+    evaluation, naming no file; both now read it through one check, a one-line error under run_stage."""
+    import shutil
+
+    from meld.codes import read_codec_description
+    from meld.config import run_stage
+
+    codes = tmp_path / "codes"
+    shutil.copytree(project["codes"], codes)
+    assert read_codec_description(codes) == json.loads((project["codes"] / CODEC_FILE).read_text())
+    (codes / CODEC_FILE).write_text(content)
+    assert run_stage("train", lambda: read_codec_description(codes) and 0) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"train: {codes / CODEC_FILE}: ") and says in err and len(err.splitlines()) == 1
