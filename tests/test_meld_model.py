@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import rel_error, tiny_batch, tiny_meld
 
 from meld.models.backbone import Backbone, packed_positions
 from meld.models.meld import slowness_penalty
-from meld.models.vocab import EOS
+from meld.models.vocab import EOS, PAD
 from meld.training import (
     build_optimizer,
     build_scheduler,
@@ -383,3 +384,144 @@ def test_frames_holding_nan_are_refused_by_tts_and_stt_naming_their_row():
     mels[1][2, 5] = float("inf")
     with pytest.raises(ValueError, match=r"MELD STT: mel: row\(s\) \[1\] .*NaN or infinite"):
         stt_beam_search(model, mels, reduction=1, beam_size=1, max_tokens=4, batch_size=2)
+
+
+def _fill_padding(batch: dict, seed: int) -> dict:
+    """The batch with every padded frame and text slot overwritten by large random values."""
+    g = torch.Generator().manual_seed(seed)
+    out = {k: v.clone() for k, v in batch.items()}
+    for i in range(out["mel"].shape[0]):
+        n, n_text = int(out["mel_len"][i]), int(out["text_len"][i])
+        out["mel"][i, n:] = torch.randn(out["mel"][i, n:].shape, generator=g) * 1e3
+        out["text"][i, n_text:] = torch.randint(-1000, 10**6, (out["text"].shape[1] - n_text,), generator=g)
+    return out
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("task,reduction,extra", [
+    ("tts", 1, {}),
+    ("stt", 2, {"stt_ctc": True, "stt_frontend_layers": 1, "stt_bidirectional_frames": True}),
+    ("joint", 2, {"stt_ctc": True, "stt_voice_warp": 0.1, "stt_speed_perturb": 0.1, "stt_spectral_tilt": 1.0}),
+])
+def test_losses_and_gradients_ignore_what_the_padding_holds(task, reduction, extra, training):
+    """Padded frames and text slots filled with huge random values change no loss, and no loss has a
+    gradient through a padded frame: masks, targets and the postnet's batch norm see real frames only
+    (in training too, where dropout, SpecAugment and the q(z|x) draws come from seeded generators)."""
+    model, _ = tiny_meld(reduction=reduction, dropout=0.1, postnet_dropout=0.1, **extra)
+    model.train(training)
+    batch = tiny_batch(reduction=reduction, B=4, T=10, L=6)
+    runs = []
+    for b in (batch, _fill_padding(batch, 0)):
+        b["mel"].requires_grad_(True)
+        torch.manual_seed(0)
+        losses = model.compute_losses(b, task, torch.Generator().manual_seed(1))
+        (grad,) = torch.autograd.grad(sum(losses.values()), b["mel"])
+        runs.append((losses, grad))
+    (clean, clean_grad), (noisy, noisy_grad) = runs
+    assert clean.keys() == noisy.keys()
+    for name in clean:
+        assert torch.isfinite(noisy[name]) and rel_error(noisy[name], clean[name]) <= 1e-5, name
+    padded = ~(torch.arange(batch["mel"].shape[1])[None, :] < batch["mel_len"][:, None])
+    assert padded.any() and noisy_grad[padded].abs().max() == 0, "a loss reaches a padded frame"
+    assert rel_error(noisy_grad[~padded], clean_grad[~padded]) <= 1e-4
+
+
+def test_tts_and_stt_targets_line_up_with_the_frames_and_tokens_they_name():
+    """Step t's TTS target is frame t's code (then <EOS> at the length, PAD beyond), and the frame
+    reconstructed at step t is built from that code: changing frame t's code changes x_hat_t and no
+    earlier frame. STT's targets are the text shifted past <STT>, then <EOS>."""
+    model, _ = tiny_meld(q_temperature=1e-4)  # q(z|x) is the nearest centroid
+    model.eval()
+    batch = tiny_batch(B=3, T=7)
+    K, off = model.codebook.shape[0], model.vocab.code_offset
+    codes = torch.randint(0, K, batch["mel"].shape[:2], generator=torch.Generator().manual_seed(2))
+    mel = model.codebook[codes] + 0.01 * batch["mel"]  # each frame next to a known centroid
+    out = model.forward_tts(batch["text"], batch["text_len"], mel, batch["mel_len"])
+    for i, n in enumerate(batch["mel_len"].tolist()):
+        assert out.targets[i, :n].tolist() == (codes[i, :n] + off).tolist()
+        assert out.targets[i, n] == EOS and (out.targets[i, n + 1:] == PAD).all()
+    t = 3
+    moved = mel.clone()
+    moved[:, t] = model.codebook[(codes[:, t] + 1) % K]
+    out2 = model.forward_tts(batch["text"], batch["text_len"], moved, batch["mel_len"])
+    assert torch.equal(out2.mel_pre[:, :t], out.mel_pre[:, :t])  # the past does not see frame t
+    assert (out2.mel_pre[:, t] - out.mel_pre[:, t]).abs().amax(-1).min() > 0  # x_hat_t uses z_t
+
+    stt = model.forward_stt(batch["mel"], batch["mel_len"], batch["text"], batch["text_len"])
+    for i, n in enumerate(batch["text_len"].tolist()):
+        assert stt.targets[i, :n].tolist() == (batch["text"][i, :n] + model.vocab.text_offset).tolist()
+        assert stt.targets[i, n] == EOS and (stt.targets[i, n + 1:] == PAD).all()
+
+
+def test_q_posterior_draws_follow_softmax_of_negative_squared_distance_over_tau():
+    model, _ = tiny_meld(codebook_size=4, q_temperature=2.0)
+    model.set_codebook(torch.zeros(4, 80))
+    with torch.no_grad():
+        model.codebook[1, 0], model.codebook[2, 0], model.codebook[3, 0] = 1.0, 1.5, 3.0
+    x = torch.zeros(20_000, 80)
+    z = model.quantise(x, torch.Generator().manual_seed(0))
+    freq = torch.bincount(z, minlength=4).double() / len(z)
+    want = torch.softmax(-torch.tensor([0.0, 1.0, 2.25, 9.0], dtype=torch.float64) / 2.0, -1)
+    se = torch.sqrt(want * (1 - want) / len(z))
+    assert torch.all((freq - want).abs() <= 5 * se + 1e-4), (freq, want)
+
+
+def test_slowness_penalty_counts_only_steps_between_real_frames():
+    """Static real frames followed by wildly changing padding: still the static value, 1; a row whose
+    frames change and a static row average over their real steps, whatever their lengths."""
+    frames = torch.ones(2, 8, 80)
+    frames[0, 5:] = torch.randn(3, 80) * 100  # padding of row 0
+    mask = torch.tensor([[True] * 5 + [False] * 3, [True] * 8])
+    assert float(slowness_penalty(frames, mask)) == 1.0
+    frames[1] = torch.randn(8, 80) * 100  # row 1 now changes at each of its 7 steps: exp(-huge) = 0
+    assert float(slowness_penalty(frames, mask)) == pytest.approx(4 / 11)  # 4 static steps of 11 real ones
+
+
+def test_zero_latent_ignores_the_sampled_code_and_test_time_dropout_is_random():
+    """The zero-latent ablation reconstructs without E(c_z): one step's frame is the same whatever code was
+    drawn. Test-time dropout draws its masks from the global generator: it changes the frames, and they
+    repeat once that generator is reseeded."""
+    model, _ = tiny_meld(reduction=2)
+    with torch.no_grad():
+        model.head.bias[EOS] = -1e4  # no row stops early
+    batch = tiny_batch(reduction=2, B=2, T=6)
+
+    def run(seed, **kw):
+        torch.manual_seed(100)
+        gen = model.generate(batch["text"], batch["text_len"], batch["mel"], batch["mel_len"], max_frames=1,
+                             generator=torch.Generator().manual_seed(seed), **kw)
+        return torch.stack(gen.frames), gen.codes
+
+    seeds = range(8)
+    plain = [run(s, test_time_dropout=False) for s in seeds]
+    zeroed = [run(s, test_time_dropout=False, zero_latent=True) for s in seeds]
+    assert len({tuple(map(tuple, codes)) for _, codes in plain}) > 1  # the draws differ
+    assert len({f.sum().item() for f, _ in plain}) > 1  # ... and so do the frames built from them
+    assert all(torch.equal(f, zeroed[0][0]) for f, _ in zeroed)  # ... unless the latent is zeroed
+
+    def frames_with_dropout(global_seed):
+        torch.manual_seed(global_seed)
+        return torch.stack(model.generate(batch["text"], batch["text_len"], batch["mel"], batch["mel_len"],
+                                          max_frames=1, generator=torch.Generator().manual_seed(0),
+                                          zero_latent=True).frames)
+    assert torch.equal(frames_with_dropout(1), frames_with_dropout(1))
+    assert not torch.equal(frames_with_dropout(1), frames_with_dropout(2))
+
+
+def test_each_row_of_a_padded_batch_gets_what_it_gets_alone():
+    """Text padding sits inside the sequence (before <TTS>) and frame padding before <STT>: the key mask
+    and the packed positions make each row's logits and reconstructions those of the row alone."""
+    model, _ = tiny_meld(reduction=2, stt_frontend_layers=1, q_temperature=1e-4)  # z: the nearest code, no draw
+    model.eval()
+    batch = tiny_batch(reduction=2, B=3, T=8, L=6)
+    tts = model.forward_tts(batch["text"], batch["text_len"], batch["mel"], batch["mel_len"])
+    stt = model.forward_stt(batch["mel"], batch["mel_len"], batch["text"], batch["text_len"])
+    for i in range(3):
+        n, n_text = int(batch["mel_len"][i]), int(batch["text_len"][i])
+        alone = {k: v[i : i + 1] for k, v in batch.items()}
+        alone["mel"], alone["text"] = alone["mel"][:, :n], alone["text"][:, :n_text]
+        one = model.forward_tts(alone["text"], alone["text_len"], alone["mel"], alone["mel_len"])
+        assert rel_error(tts.logits[i, : n + 1], one.logits[0]) <= 1e-5
+        assert rel_error(tts.mel_post[i, :n], one.mel_post[0]) <= 1e-5
+        one = model.forward_stt(alone["mel"], alone["mel_len"], alone["text"], alone["text_len"])
+        assert rel_error(stt.logits[i, : n_text + 1], one.logits[0]) <= 1e-5

@@ -66,3 +66,23 @@ def test_sample_among_top_k_draws_as_sample_and_returns_the_top_k_candidates(tem
     mask = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, index, True)
     assert torch.equal(mask, top_k_mask(logits, 10))  # the candidates the repetition penalty remembers
     assert all(c in row for c, row in zip(choice.tolist(), index.tolist()))
+
+
+@pytest.mark.parametrize("top_k", [0, 5])  # the full-row path and the top-k path
+def test_a_tiny_top_p_keeps_only_the_best_token(top_k):
+    """Top-p never empties a row: the best token's mass is counted after it, so even a p below every
+    probability keeps it (and only it, the rest being strictly worse here)."""
+    logits = torch.randn(64, 30, generator=torch.Generator().manual_seed(2))
+    kept = torch.isfinite(top_p_filter(logits, 1e-9))
+    assert torch.equal(kept, top_k_mask(logits, 1))
+    draws = sample(logits, top_k=top_k, top_p=1e-9, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(draws, logits.argmax(-1))
+
+
+def test_top_k_at_or_above_the_vocabulary_size_filters_nothing():
+    logits = torch.randn(256, 12, generator=torch.Generator().manual_seed(5))
+    unfiltered = sample(logits, top_k=0, top_p=0.9, generator=torch.Generator().manual_seed(6))
+    for k in (12, 13, 1000):
+        assert torch.equal(top_k_filter(logits, k), logits)
+        assert top_k_mask(logits, k).all()  # every token was a candidate: a uniform penalty, no effect
+        assert torch.equal(sample(logits, top_k=k, top_p=0.9, generator=torch.Generator().manual_seed(6)), unfiltered)
