@@ -113,6 +113,29 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
+def reset_peak_rss() -> bool:
+    """Restart this process's high-water RSS (``VmHWM``) from its RSS now, so that :func:`peak_rss` then
+    reports the peak of what runs after this call alone.
+
+    Freed heap memory goes back to the OS first (glibc's ``malloc_trim``), so the new baseline holds
+    only live memory. Returns False where Linux's ``/proc/self/clear_refs`` is missing: the peak then
+    still counts from the process start.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to hand back
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # 5: reset the peak RSS (Documentation/filesystems/proc.rst)
+    except OSError:
+        return False
+    return True
+
+
 def fmt(v, digits: int = 3) -> str:
     if v is None:
         return "-"

@@ -21,8 +21,10 @@ cost grows linearly with the prefix; the tiny config's full runs check this). Th
 
 Reported per row: steps/s (grouped frames per second per batch), utterances/s, RTF (compute
 seconds / seconds of audio produced, whole batch), per-step medians, peak memory = the
-high-water RSS (``VmHWM``) of a fresh process per cell minus its RSS just before the timed runs
-(model, inputs and a warm-up already resident), and the memory-bandwidth floor of a decode step
+high-water RSS (``VmHWM``) of the timed runs, in a fresh process per cell, minus its RSS just before
+them (model, inputs and a warm-up already resident; the high-water mark restarted there; for an
+extrapolated row the larger of the start point's runs and the end point's from its first step on,
+its long prompt's prefill being no part of a real generation), and the memory-bandwidth floor of a decode step
 = bytes of the weights a step reads (everything but the token embedding, codebook and postnet) /
 read bandwidth (best of a large ``torch.sum`` with the configured threads and with one thread,
 measured in the same run); ``floor incl. KV`` adds the keys/values a cached step reads (at batch
@@ -60,6 +62,7 @@ from bench._common import (  # noqa: E402
     now,
     paper_meld_kwargs,
     peak_rss,
+    reset_peak_rss,
     result_stem,
     run_cell,
     set_threads,
@@ -99,14 +102,18 @@ def no_eos_meld(kwargs: dict, codebook):
     """A MELD (in eval mode) whose <EOS> can never be sampled: generation always runs to ``max_frames``.
 
     It also stamps the time at each step's start (``_code_logits`` runs once per step), so
-    per-step times come out of an unmodified ``generate``.
+    per-step times come out of an unmodified ``generate``, and calls ``at_first_step`` (when set)
+    before the first stamp of a run: after the prompt's prefill, before the first decoding step.
     """
     from meld.models.meld import MELD
 
     class NoEOSMELD(MELD):
         step_times: list
+        at_first_step = None
 
         def _code_logits(self, h, tts_head=None):
+            if self.at_first_step is not None and not self.step_times:
+                self.at_first_step()
             self.step_times.append(now())
             logits = super()._code_logits(h, tts_head)
             logits[:, 0] = float("-inf")  # column 0 is <EOS>
@@ -401,6 +408,7 @@ def cell_gen(config: str, path: str, batch: int, frames: int, mode: str, steps: 
     model, kwargs = build(config)
     x = inputs(batch)
     run_path(model, path, x, 3, seed=0)  # warm-up: first-call allocations, oneDNN init
+    reset_peak_rss()  # the peak counts from here: not the model's construction or the warm-up
     rss0, load0 = current_rss(), load_average()
     res = {
         "config": config,
@@ -429,8 +437,17 @@ def cell_gen(config: str, path: str, batch: int, frames: int, mode: str, steps: 
     else:
         _, wall_a, t0a, st_a = run_path(model, path, x, steps, seed=0)
         start = _step_stats(wall_a, t0a, st_a)
+        start_peak = peak_rss()  # the real prompt's prefill and first steps
         x_end = inputs(batch, extra_prompt=frames)
-        _, wall_b, t0b, st_b = run_path(model, path, x_end, steps, seed=1)
+        # The end run prefills a prompt `frames` longer than any real generation's, in one forward
+        # pass: its activations are no part of a real run's peak (paper, KV, batch 16: 1,158 MB with
+        # them, where a real 313-frame run peaks at 873 MB; 758 MB without). Its peak counts from its
+        # first step: the cache as full as a real run's last step finds it, and the steps themselves.
+        model.at_first_step = reset_peak_rss
+        try:
+            _, wall_b, t0b, st_b = run_path(model, path, x_end, steps, seed=1)
+        finally:
+            model.at_first_step = None
         end = _step_stats(wall_b, t0b, st_b)
         with torch.no_grad():  # the postnet runs once over the finished frames
             pre = torch.randn(batch, frames, kwargs["frame_dim"])
@@ -449,8 +466,9 @@ def cell_gen(config: str, path: str, batch: int, frames: int, mode: str, steps: 
                 "wall_s": start["prefill_s"] + frames * step + post_s,
             }
         )
-    res["peak_rss_delta_mb"] = (peak_rss() - rss0) / 2**20
-    res["peak_rss_mb"] = peak_rss() / 2**20
+    peak = peak_rss() if mode == "measured" else max(start_peak, peak_rss())
+    res["peak_rss_delta_mb"] = (peak - rss0) / 2**20
+    res["peak_rss_mb"] = peak / 2**20
     s0 = x[0].shape[1] + 1 + x[2].shape[1]  # padded prefix: text, <TTS>, 3 s prompt
     kv_per_token = 2 * kwargs["n_layers"] * kwargs["d_model"] * 4  # fp32 keys + values, all layers
     cached = path.startswith("kv")
@@ -699,7 +717,10 @@ def main(argv=None) -> int:
         "floor incl. KV = (weights + the fp32 keys/values a cached step reads, averaged over the run) / bandwidth "
         "(loose: part of the cache can stay in L3)"
     )
-    print("peak RSS Δ = high-water RSS (VmHWM) of a fresh process per cell minus its RSS just before the timed runs")
+    print(
+        "peak RSS Δ = high-water RSS (VmHWM) of the timed runs (a fresh process per cell) minus the RSS just before them; "
+        "extrapolated rows: the end point's runs count from their first step (their long prefill is no real run's)"
+    )
     info["load_average_at_end"] = load_average()
     path = write_result(
         args.out,
@@ -720,7 +741,8 @@ def main(argv=None) -> int:
             "extrapolation_check": checks,
             "unmeasured": [] if args.paper_full_b16 and not q else ["paper full b16"],
             "seconds": time.perf_counter() - t_all,
-            "memory_method": "VmHWM (fresh process per cell) minus RSS before the timed runs",
+            "memory_method": "VmHWM of the timed runs (fresh process per cell, restarted before them) minus RSS "
+            "before them; extrapolated rows: max of the start runs and the end runs from their first step",
         },
     )
     print(f"wrote {path.relative_to(ROOT)} in {time.perf_counter() - t_all:.0f} s")

@@ -29,9 +29,10 @@ What it measures (``--device cuda``; ``--device cpu`` runs the same code, for th
   memory, and MFU two ways: FLOPs counted by ``torch.utils.flop_counter`` on one step (executed
   FLOPs, padding included; the CPU's attention kernel is not counted there) and the PaLM estimate
   (6 × matmul parameters + 12 × layers × width × sequence length, per real token); each divided by
-  the step time and by the device's bf16 peak (the vendor's dense figure for H100/H200 SXM, 989 TFLOP/s,
-  or ``--peak-tflops``), and also by the measured matrix-product rate of the dtype the step ran in (bf16 under
-  autocast on GPU; fp32 on CPU, where the step runs without autocast).
+  the step time and by the device's bf16 peak (the vendor's dense figure for the card: H100/H200 SXM
+  989 TFLOP/s, NVL 835, H100 PCIe 756; or ``--peak-tflops``), and also by the measured matrix-product
+  rate of the dtype the step ran in (bf16 under autocast on GPU; fp32 on CPU, where the step runs
+  without autocast).
 
 Rows run most-wanted first (:func:`plan`: the paper config's batch-1 RTF, then its training MFU, ...)
 and the result file is rewritten after each (also into ``--copy-to DIR``: the device tool's $OUT,
@@ -75,7 +76,10 @@ PROMPT = 94  # 3 s prompt, grouped frames at r = 2
 SPEECH_SECONDS = 10.0
 FRAME_RATE = 62.5  # mel frames per second
 TINY_TEXT, TINY_CODES = 256, 256  # the mini corpus's BPE and codebook sizes
-PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4}  # vendor dense bf16 (SXM); PCIe H100: 756
+# vendor dense bf16 TFLOP/s (half the with-sparsity figure of the datasheets), by form factor: the name
+# torch reports says which ("NVIDIA H100 80GB HBM3" is an SXM card, "NVIDIA H100 PCIe", "NVIDIA H200 NVL")
+PEAK_BF16_TFLOPS = {"SXM": {"H100": 989.4, "H200": 989.4}, "PCIe": {"H100": 756.0},
+                    "NVL": {"H100": 835.5, "H200": 835.5}}
 
 
 # ---------------------------------------------------------------------------- device
@@ -132,10 +136,15 @@ def peak_tflops(device, given: float | None) -> float | None:
         return given
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    if "PCIe" in name:
-        return 756.0 if "H100" in name else None
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    return bf16_peak_tflops(torch.cuda.get_device_name(device))
+
+
+def bf16_peak_tflops(name: str) -> float | None:
+    """The dense bf16 peak of the GPU ``name`` (as ``torch.cuda.get_device_name`` gives it), or None for
+    a card not in :data:`PEAK_BF16_TFLOPS`: an MFU against another card's peak would be wrong (an NVL
+    card read against the SXM figure, as this once did, 16 % low)."""
+    form = next((f for f in ("PCIe", "NVL") if f in name), "SXM")
+    return next((v for chip, v in PEAK_BF16_TFLOPS[form].items() if chip in name), None)
 
 
 def reset_peak(device) -> None:

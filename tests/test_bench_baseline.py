@@ -3,10 +3,17 @@
 The KV-vs-full ratio of issue 6 is only meaningful if the two paths do the same work: same sampling
 draws, same early exit, same frames. Checked on a random tiny MELD, with padding (a batch of
 different text and prompt lengths: the masked attention) and without (batch 1: the causal kernel the
-baseline takes when nothing is padded).
+baseline takes when nothing is padded). And the peak memory an extrapolated row reports is a real
+generation's, not its measuring runs' own.
 """
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -86,3 +93,48 @@ def test_attention_alone_times_every_layers_call_and_counts_the_bytes_it_reads()
     assert mean_keys > (frames + 1) / 2  # the prompt's positions count too
     prompt_positions = model.tts_prompt(*inputs, test_time_dropout=False)[1].shape[1]
     assert mean_keys == prompt_positions + (frames + 1) / 2
+
+
+PEAK_RUNNER = """
+import json, sys
+import torch
+from bench import generation as G
+
+KW = dict(n_text=64, codebook_size=64, d_model=256, n_layers=2, n_heads=4, d_ff=1024, dropout=0.0, frame_dim=160,
+          encoder_hidden=256, encoder_dropout=0.0, postnet_channels=32, postnet_kernel=5, postnet_layers=2,
+          postnet_dropout=0.0, recon_hidden=256, q_temperature=1.0)
+
+def build(config):
+    torch.manual_seed(0)
+    return G.no_eos_meld(KW, torch.randn(64, 160)), KW
+
+def inputs(batch, extra_prompt=0):  # as G.inputs: extra_prompt lengthens every prompt by that many frames
+    g = torch.Generator().manual_seed(0)
+    P = 50 + extra_prompt
+    return (torch.randint(0, 64, (batch, 20), generator=g), torch.randint(10, 21, (batch,), generator=g),
+            torch.randn(batch, P, 160, generator=g), torch.full((batch,), P))
+
+G.build, G.inputs = build, inputs
+torch.set_num_threads(1)
+res = G.cell_gen("toy", "kv", 16, 400, sys.argv[1], 4, 1)
+print("RESULT " + json.dumps(res))
+"""
+
+
+def test_an_extrapolated_rows_peak_memory_is_a_real_generations():
+    """bench.generation times the paper rows' late steps with a prompt already `frames` longer, run in
+    through one prefill: that prefill's activations are no part of a real generation, whose prompt is
+    3 s. The peak once counted them (paper KV batch 16: 1,158 MB against 798 MB for a real 313-frame run;
+    this toy: 3-4x). Each row runs in a fresh process, as the bench's cells do."""
+    root = Path(__file__).resolve().parent.parent
+    rows = {}
+    for mode in ("measured", "extrapolated"):
+        proc = subprocess.run([sys.executable, "-c", PEAK_RUNNER, mode], cwd=root, capture_output=True, text=True,
+                              timeout=300, env={**os.environ, "PYTHONPATH": str(root)})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows[mode] = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))[7:])
+    real, extrapolated = rows["measured"], rows["extrapolated"]
+    assert real["kv_cache_mb"] == extrapolated["kv_cache_mb"] > 20
+    # a real run ends holding its whole cache: so must the estimate, and not a long prefill besides
+    assert real["peak_rss_delta_mb"] >= real["kv_cache_mb"]
+    assert extrapolated["kv_cache_mb"] <= extrapolated["peak_rss_delta_mb"] <= 1.25 * real["peak_rss_delta_mb"]

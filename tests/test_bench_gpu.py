@@ -254,3 +254,15 @@ def test_copy_to_holds_the_rows_measured_when_the_run_is_killed(tmp_path, monkey
     assert [(r["config"], r["batch"]) for r in copied["generation"]] == [("tiny", 1), ("tiny", 2)]
     assert copied["args"]["copy_to"] == str(out) and copied["rates"]["read_gbs"] > 0
     assert [p.name for p in out.iterdir()] == ["gpu-killed.json"]  # no temporary file left beside it
+
+
+def test_the_mfu_peak_is_the_named_cards_own():
+    """A lent "nvidia-h200" can be an H200 NVL: the peak was the SXM card's 989 TFLOP/s for every name
+    holding "H100"/"H200" but "PCIe", which read an NVL card's MFU 16 % low. A card the table lacks gets
+    no peak (the MFU is then left out, not invented)."""
+    from bench.gpu import bf16_peak_tflops
+
+    assert bf16_peak_tflops("NVIDIA H100 80GB HBM3") == bf16_peak_tflops("NVIDIA H200") == 989.4
+    assert bf16_peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert bf16_peak_tflops("NVIDIA H100 NVL") == bf16_peak_tflops("NVIDIA H200 NVL") == 835.5
+    assert bf16_peak_tflops("NVIDIA H200 PCIe") is None and bf16_peak_tflops("NVIDIA A100-SXM4-80GB") is None
