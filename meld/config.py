@@ -192,7 +192,7 @@ INPUT_ERRORS = (("meld.config", "ConfigError"), ("meld.corpus.librispeech", "Lib
                 ("meld.corpus.mini", "VoiceUnavailableError"), ("meld.audio", "AudioError"),
                 ("meld.codes", "CodecMismatch"), ("meld.training", "CheckpointError"),
                 ("meld.training", "NonFiniteLoss"), ("meld.store", "StatsError"), ("meld.corpus", "ManifestError"),
-                ("builtins", "FileNotFoundError"))
+                ("meld.tracking", "TrackingStoreUnavailable"), ("builtins", "FileNotFoundError"))
 
 
 def run_stage(name: str, main: Callable[[], int]) -> int:

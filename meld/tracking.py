@@ -1,13 +1,26 @@
-"""MLflow helpers: one tracking URI rule, stable run names, flat params."""
+"""MLflow helpers: one tracking URI rule, stable run names, flat params, provenance tags."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
+import subprocess
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
+# A server that does not answer a connection in this time is taken as down. MLflow's own client retries a
+# refused request 7 times with exponential backoff: setup() against a stopped server failed after ~4 minutes
+# (measured, MLflow 3.17), and a training worker's setup again on each of Ray's retries.
+SERVER_PROBE_TIMEOUT_S = 10
+
+
+class TrackingStoreUnavailable(RuntimeError):
+    """The MLflow tracking store cannot be used: a server that does not answer, an SQLite file held locked."""
 
 
 def tracking_uri(project_root: str | Path | None = None) -> str:
@@ -68,16 +81,49 @@ def absolute_uri(uri: str) -> str:
     return path.as_uri()
 
 
+def check_server(uri: str, timeout_s: float = SERVER_PROBE_TIMEOUT_S) -> None:
+    """Raise :class:`TrackingStoreUnavailable` when ``uri`` is an HTTP(S) tracking server that does not answer
+    within ``timeout_s``. Any HTTP answer counts (a proxy's 401 too): only a server that is not there is refused."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=timeout_s)
+    except requests.exceptions.SSLError:  # a server is there; its certificate is MLflow's to judge (its TLS settings)
+        return
+    except requests.RequestException as err:
+        raise TrackingStoreUnavailable(
+            f"MLflow tracking server {uri} (MLFLOW_TRACKING_URI) does not answer: {type(err).__name__}. Start it "
+            "(docs/scaling.md), point MLFLOW_TRACKING_URI at one that runs, or unset it to log to the project's "
+            f"SQLite store ({DEFAULT_DB})") from None
+
+
 def setup(experiment: str, project_root: str | Path | None = None):
-    """Point MLflow at the tracking store and make sure the experiment exists; returns the mlflow module."""
+    """Point MLflow at the tracking store and make sure the experiment exists; returns the mlflow module.
+
+    Raises:
+        TrackingStoreUnavailable: a server that does not answer (in seconds, not after MLflow's minutes of
+            retries), or an SQLite store another process holds locked (after SQLite's wait), naming the store.
+    """
     import logging
 
     import mlflow
 
     logging.getLogger("alembic").setLevel(logging.WARNING)
     uri = tracking_uri(project_root)
+    check_server(uri)
     mlflow.set_tracking_uri(uri)
-    if mlflow.get_experiment_by_name(experiment) is None:
+    try:
+        existing = mlflow.get_experiment_by_name(experiment)
+    except Exception as err:  # MlflowException, or SQLAlchemy's own while the store is being opened
+        if "database is locked" not in str(err):
+            raise
+        raise TrackingStoreUnavailable(
+            f"MLflow store {local_store_path(uri)} stayed locked by another process (a transaction left open "
+            "in a sqlite3 shell or another tool; or a filesystem without working locks): end it, or set "
+            "MLFLOW_TRACKING_URI to another store") from None
+    if existing is None:
         artifact_location = None
         # an SQLite store keeps its artifacts beside it (the project's: mlartifacts/ in the project root);
         # MLflow's default is ./mlruns of whichever process creates the experiment. (This asked whether
@@ -90,6 +136,51 @@ def setup(experiment: str, project_root: str | Path | None = None):
             pass
     mlflow.set_experiment(experiment)
     return mlflow
+
+
+def run_tags(params: Mapping[str, Any], project_root: str | Path | None = None, *, prefix: str = "meld.",
+             source: str | None = None) -> dict[str, str]:
+    """Where a run comes from, as tags the MLflow UI filters on: the code's git commit (and whether tracked files
+    differ from it, dvc.lock aside: DVC rewrites it after every stage of a repro), a digest of the whole params
+    file (every stage of one ``dvc repro`` or ``dvc exp run`` reads the same file, so they share it), and the
+    DVC stage and experiment that ran the command (DVC sets ``DVC_STAGE``, ``DVC_EXP_NAME``).
+
+    Computed by the driver, in the project: a Ray worker's MLflow context names Ray's ``default_worker.py``,
+    inside an ignored .venv or on another node, and so records no commit.
+
+    Args:
+        params: the whole params file.
+        project_root: the git work tree (default: the current directory).
+        prefix: of every key (``eval.`` for tags a stage sets on another stage's run).
+        source: the stage's script; given, MLflow's own ``mlflow.source.name`` and ``mlflow.source.git.commit``
+            are set too (shown on the run's page), for a run the stage itself starts.
+    """
+    root = str(Path(project_root or os.getcwd()).resolve())
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    tags = {f"{prefix}params_sha256": digest}
+    commit = _git(root, "rev-parse", "HEAD")
+    if commit:
+        dirty = _git(root, "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)dvc.lock")
+        tags[f"{prefix}git_commit"] = commit
+        if dirty is not None:
+            tags[f"{prefix}git_dirty"] = "true" if dirty else "false"
+    for var, key in (("DVC_STAGE", "dvc_stage"), ("DVC_EXP_NAME", "dvc_exp")):
+        if os.environ.get(var):
+            tags[f"{prefix}{key}"] = os.environ[var]
+    if source:
+        tags["mlflow.source.name"] = source
+        if commit:
+            tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def _git(root: str, *args: str) -> str | None:
+    """``git -C root args`` stdout, stripped; None where there is no git or no repository."""
+    try:
+        done = subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:

@@ -585,6 +585,9 @@ def main(argv: list[str] | None = None) -> int:
     params = read_params(args.params)
     cfg = EvaluateConfig.from_dict(params.get("evaluate", {}), "evaluate")
     mlflow_experiment(params)  # the mlflow section checked now, not after hours of decoding
+    from meld import tracking
+
+    tracking.check_server(tracking.tracking_uri())  # and a down tracking server refused now too
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(2)
     if not args.codes:  # every TTS split must be there before hours of generation on the earlier ones
@@ -719,7 +722,8 @@ def write_results(args, params: dict, metrics: dict, all_rows: list[dict], out: 
     mlflow = tracking.setup(mlflow_experiment(params))
     run_id = Path(args.run_id_file).read_text().strip() if args.run_id_file and Path(args.run_id_file).is_file() else None
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else f"evaluate-{args.system}"):
-        mlflow.set_tags(tracking.flatten({"eval": params.get("evaluate", {})}))
+        mlflow.set_tags({**tracking.flatten({"eval": params.get("evaluate", {})}),
+                         **tracking.run_tags(params, prefix="eval.")})
         step = int(metrics.get("step", 0))  # the evaluated checkpoint's: beside the dev metrics of that step
         for split, s in metrics["splits"].items():
             mlflow.log_metrics({f"eval/{split}/{k}": float(v) for k, v in s.items() if isinstance(v, (int, float))},

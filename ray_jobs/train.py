@@ -951,10 +951,17 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.out = args.out or f"models/{args.system}"
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from meld import tracking
     from meld.config import read_params
 
     params = read_params(args.params)
     config = prepare_config(args, params)
+    # a down tracking server refused here in seconds, not after MLflow's minutes of retries in each worker attempt
+    tracking.check_server(config["mlflow_tracking_uri"])
+    # where the run comes from (commit, params digest, DVC stage): computed here, in the project, since a
+    # worker's MLflow context names Ray's own script and records no commit
+    config["mlflow_tags"] = {"meld.stage": "train", "meld.system": args.system,
+                             **tracking.run_tags(params, config["project_root"], source="ray_jobs/train.py")}
     tc = config["train"]
     init_ray(num_cpus=max(tc["num_workers"], os.cpu_count() or 1) if not tc["use_gpu"] else None)
     storage = args.ray_storage if "://" in args.ray_storage else str(Path(args.ray_storage).resolve())

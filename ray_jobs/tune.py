@@ -223,7 +223,7 @@ def trial_driver(trial: dict, setup: dict) -> None:
     config["run_name"] = name
     config["parent_run_id"] = setup["parent_run_id"]
     config["mlflow_tracking_uri"] = setup["mlflow_tracking_uri"]  # the parent's store, not this actor's env
-    config["mlflow_tags"] = {"tune.trial": name}
+    config["mlflow_tags"] = {**setup["mlflow_tags"], "tune.trial": name}
     config["mlflow_params"] = {"tune": {"slowness_weight": w, "reduction_factor": r}}
     run_training(
         config,
@@ -458,7 +458,10 @@ def run_sweep(
                  {k: cluster.get(k, 0.0) for k in need}, need)
     t0 = time.time()
     state_file = work_dir / "sweep.json"
-    with mlflow.start_run(run_id=parent_id, run_name=None if parent_id else f"tune-{tc.system}") as parent:
+    tags = {"meld.stage": "tune", "meld.system": tc.system,
+            **tracking.run_tags(params, project_root, source="ray_jobs/tune.py")}
+    with mlflow.start_run(run_id=parent_id, run_name=None if parent_id else f"tune-{tc.system}",
+                          tags=tags) as parent:
         if parent_id is None:
             mlflow.log_params(tracking.flatten({"tune": tc.to_dict()}))
             state = {"fingerprint": fp, "parent_run_id": parent.info.run_id}
@@ -476,6 +479,7 @@ def run_sweep(
             "project_root": str(Path(project_root).resolve()),
             "parent_run_id": parent.info.run_id,
             "mlflow_tracking_uri": mlflow.get_tracking_uri(),
+            "mlflow_tags": tags,
         }
         scheduler = asha(tc, work_dir) if tc.scheduler == "asha" else FIFOScheduler()
         # A trial (Tune's default: 1 CPU) only runs the driver; the Train workers request their own CPUs/GPUs,

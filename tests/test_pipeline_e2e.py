@@ -218,7 +218,19 @@ def test_whole_dag_runs_and_reruns_only_what_changed(tmp_path):
     assert run.data.tags["eval.splits"] == str(DEBUG_PARAMS["evaluate"]["splits"])  # how it was evaluated
     artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "model")]
     assert artifacts == ["model/model.pt"]  # the model the run produced
+    # where each run comes from, for filtering in the UI: the stage and system, DVC's stage name, and a
+    # digest of the params file that the runs of one repro share (its evaluation, in the same repro, too)
+    tags = run.data.tags
+    assert (tags["meld.stage"], tags["meld.system"], tags["meld.dvc_stage"]) == ("train", "meld_joint", "train@meld_joint")
+    assert tags["eval.params_sha256"] == tags["meld.params_sha256"] and tags["eval.dvc_stage"] == "evaluate@meld_joint"
     parent = runs["tune-meld_joint"]  # the sweep's parent run, one child run per trial
+    assert parent.data.tags["meld.stage"] == "tune" and parent.data.tags["meld.dvc_stage"] == "tune"
+    assert parent.data.tags["meld.params_sha256"] == tags["meld.params_sha256"]
+    assert all(runs[t["trial"]].data.tags["meld.params_sha256"] == tags["meld.params_sha256"] for t in trials)
+    mel_lm_runs = mlflow.search_runs(experiment_names=["e2e"], filter_string="tags.`meld.system` = 'mel_lm'",
+                                     order_by=["start_time ASC"], output_format="list")
+    # retrained after the lr edit: a new run, under the edited params' digest; the first one under the first's
+    assert [r.data.tags["meld.params_sha256"] == tags["meld.params_sha256"] for r in mel_lm_runs] == [True, False]
     assert parent.info.run_id == sweep["mlflow_parent_run_id"]
     assert parent.data.metrics["best/objective"] == pytest.approx(sweep["best"]["objective"])
     for t in trials:
