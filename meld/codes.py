@@ -249,17 +249,19 @@ def continue_codes(
         seed, first_batch: batch k is seeded ``batch_seed(seed, first_batch + k)``, as in ``tts_continue``.
         kv_cache_dtype: ``float32`` or ``bfloat16`` (:func:`meld.models.backbone.check_cache_dtype`).
         progress_desc: show a progress bar over the utterances under this label (None: none).
+
+    Raises:
+        ValueError: as :func:`meld.generate.check_continuation_inputs` says, prompts of (P, K) codes.
     """
-    from meld.generate import batch_seed
+    from meld.generate import batch_seed, check_continuation_inputs
     from meld.models.backbone import check_cache_dtype
     from meld.progress import progress
 
     cache_dtype = check_cache_dtype(kv_cache_dtype)
-
-    device = next(model.parameters()).device
-    if isinstance(max_frames, int):
-        max_frames = [max_frames] * len(texts)
     K = model.n_levels
+    max_frames = check_continuation_inputs("continue_codes", texts, prompts, max_frames, batch_size, K,
+                                           "integer codes")
+    device = next(model.parameters()).device
     out: list[CodeContinuation] = []
     bar = progress(total=len(texts), desc=progress_desc, unit="utt", disable=progress_desc is None)
     for k, s in enumerate(range(0, len(texts), batch_size), start=first_batch):

@@ -7,13 +7,14 @@ they know nothing of files or stages.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from meld.features import FRAME_RATE
+from meld.features import FRAME_RATE, N_MELS
 from meld.models.backbone import check_cache_dtype
 from meld.models.layers import group_frames, ungroup_frames
 from meld.models.vocab import EOS
@@ -66,11 +67,15 @@ def tts_continue(
             evaluation does) gives the same output as the whole list in one call.
         kv_cache_dtype: ``float32`` or ``bfloat16`` (:func:`meld.models.backbone.check_cache_dtype`).
         progress_desc: show a progress bar over the utterances under this label (None: none).
+
+    Raises:
+        ValueError: texts, prompts and a per-utterance ``max_frames`` differ in length, a text is
+            empty, a prompt is not (P, 80), ``batch_size`` < 1, or an unknown ``kv_cache_dtype``.
     """
     cache_dtype = check_cache_dtype(kv_cache_dtype)
+    max_frames = check_continuation_inputs("tts_continue", texts, prompts, max_frames, batch_size, N_MELS,
+                                           "normalised frames")
     device = next(model.parameters()).device
-    if isinstance(max_frames, int):
-        max_frames = [max_frames] * len(texts)
     out: list[Continuation] = []
     bar = progress(total=len(texts), desc=progress_desc, unit="utt", disable=progress_desc is None)
     for k, s in enumerate(range(0, len(texts), batch_size), start=first_batch):
@@ -347,8 +352,40 @@ def _beam_batch(model, mel, mel_len, K: int, limits: list[int], alpha: float, ct
     return out
 
 
-def prompt_frames(mel: np.ndarray, prompt_seconds: float, frame_rate: float = 62.5) -> int:
-    """Frames in the first ``prompt_seconds`` of an utterance."""
+def check_continuation_inputs(caller: str, texts: list, prompts: list, max_frames, batch_size, width: int,
+                              kind: str) -> list[int]:
+    """What :func:`tts_continue` and :func:`meld.codes.continue_codes` check before their first batch:
+    one text, prompt and guard per utterance, no empty text, (P, ``width``) prompts, a positive
+    integer ``batch_size``. Returns the per-utterance guards (one int, numpy's too, is one for all).
+
+    Raises:
+        ValueError: naming ``caller`` and the list lengths, the empty text's or the bad prompt's index.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"{caller}: batch_size must be a positive integer, got {batch_size!r}")
+    if isinstance(max_frames, numbers.Integral):  # a numpy integer too
+        max_frames = [int(max_frames)] * len(texts)
+    lengths = {"texts": len(texts), "prompts": len(prompts), "max_frames": len(max_frames)}
+    if len(set(lengths.values())) > 1:  # else a batch would pair one utterance's text with another's prompt
+        raise ValueError(f"{caller}: one text, prompt and max_frames guard per utterance, got {lengths}")
+    for i, text in enumerate(texts):
+        if len(text) == 0:  # nothing to speak: the model would continue the prompt with made-up speech
+            raise ValueError(f"{caller}: text {i} is empty: give each utterance's full transcript")
+    for i, p in enumerate(prompts):
+        if np.ndim(p) != 2 or np.shape(p)[1] != width:
+            raise ValueError(f"{caller}: prompt {i} must be (P, {width}) {kind}, got shape {np.shape(p)}")
+    return list(max_frames)
+
+
+def prompt_frames(mel: np.ndarray, prompt_seconds: float, frame_rate: float = FRAME_RATE) -> int:
+    """Frames in the first ``prompt_seconds`` of an utterance (at most all of them).
+
+    Raises:
+        ValueError: a negative or non-finite ``prompt_seconds`` (``mel[:p]`` with a negative ``p`` would
+            keep all but the last frames as the prompt, without a word).
+    """
+    if not 0 <= prompt_seconds < math.inf:
+        raise ValueError(f"prompt_seconds must be a finite number >= 0, got {prompt_seconds}")
     return min(mel.shape[0], int(round(prompt_seconds * frame_rate)))
 
 

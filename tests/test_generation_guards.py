@@ -98,3 +98,117 @@ def test_each_codec_continuation_stops_at_its_own_guard_whatever_its_batch():
         np.testing.assert_array_equal(together.codes, alone.codes)
     assert [c.codes.shape for c in runs[3]] == [(g, K) for g in guards]
     assert [c.hit_max_length for c in runs[3]] == [True, True, True]
+
+
+TTS_OPTIONS = dict(reduction=REDUCTION, temperature=1.0, top_k=4, top_p=0.9, repetition_penalty=1.2, seed=1)
+
+
+def _tts_inputs():
+    rng = np.random.default_rng(0)
+    texts = [[1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    prompts = [rng.standard_normal((n, 80)).astype(np.float32) for n in (4, 2, 0)]
+    return texts, prompts
+
+
+@pytest.mark.parametrize("case", ["short guards", "long guards", "short prompts", "short texts", "empty text",
+                                  "40-dim prompt", "1-d prompt", "batch 0", "batch -1"])
+def test_tts_continue_refuses_inputs_it_cannot_pair_up_and_names_them(case):
+    """Lists of different lengths used to fail inside a batch naming max_frames (or, at batch size 1,
+    drop the extra items silently), a negative batch size returned no continuation at all, and an
+    empty transcript was spoken anyway."""
+    model, _ = tiny_meld(reduction=REDUCTION)
+    model.eval()
+    texts, prompts = _tts_inputs()
+    args = {"texts": texts, "prompts": prompts, "max_frames": [6, 6, 6], "batch_size": 1}
+    bad, names = {
+        "short guards": ({"max_frames": [6, 6]}, "max_frames"),
+        "long guards": ({"max_frames": [6, 6, 6, 6]}, "max_frames"),
+        "short prompts": ({"prompts": prompts[:2]}, "prompts"),
+        "short texts": ({"texts": texts[:2]}, "texts"),
+        "empty text": ({"texts": [[1], [], [2]]}, "text 1 is empty"),
+        "40-dim prompt": ({"prompts": [prompts[0], prompts[1][:, :40], prompts[2]]}, r"prompt 1 .*\(2, 40\)"),
+        "1-d prompt": ({"prompts": [np.zeros(4, np.float32)] * 3}, r"prompt 0 .*\(4,\)"),
+        "batch 0": ({"batch_size": 0}, "batch_size"),
+        "batch -1": ({"batch_size": -1}, "batch_size"),
+    }[case]
+    args |= bad
+    with pytest.raises(ValueError, match=f"tts_continue: .*{names}"):
+        tts_continue(model, args.pop("texts"), args.pop("prompts"), **args, **TTS_OPTIONS)
+
+
+def test_a_prompt_speaks_only_its_whole_frame_groups_and_a_numpy_guard_is_one_for_all():
+    """A prompt's frames past its last whole group of r are dropped (an empty prompt is P = 0), and a
+    guard given as a numpy integer is every utterance's guard, as a Python int is."""
+    model, _ = tiny_meld(reduction=REDUCTION, encoder_dropout=0.5)
+    model.eval()
+    texts, prompts = _tts_inputs()
+    ragged = [np.concatenate([p, np.full((1, 80), 7.0, np.float32)]) for p in prompts]  # one frame more each
+    whole = tts_continue(model, texts, prompts, max_frames=9, batch_size=2, **TTS_OPTIONS)
+    trimmed = tts_continue(model, texts, ragged, max_frames=np.int64(9), batch_size=2, **TTS_OPTIONS)
+    for a, b in zip(whole, trimmed):
+        assert a.codes == b.codes and a.hit_max_length == b.hit_max_length
+        np.testing.assert_array_equal(a.frames, b.frames)
+    assert all(c.frames.shape[0] <= 9 for c in whole)
+
+
+@pytest.mark.parametrize("system", ["meld", "mel_lm", "melle", "dmel"])
+def test_a_batch_whose_every_row_stops_at_its_first_step_returns_empty_continuations(system):
+    """Every row says stop before its first frame: nothing is generated, no guard was hit, and a row
+    whose own guard is 0 reports its guard (as it would alone)."""
+    model = _never_stopping(system)
+    with torch.no_grad():  # now the opposite: every stop decision fires
+        if system == "meld":
+            model.head.bias[EOS] = 1e4
+        elif system == "dmel":
+            model.eos_head.bias.fill_(1e4)
+        else:
+            model.stop_head.bias.fill_(1e4)
+    texts, prompts = _tts_inputs()
+    out = tts_continue(model, texts, prompts, reduction=REDUCTION, max_frames=[5, 0, 3], temperature=1.0, top_k=1,
+                       top_p=1.0, repetition_penalty=1.0, test_time_dropout=False, zero_latent=system == "melle",
+                       batch_size=3)
+    assert [c.frames.shape for c in out] == [(0, 80)] * 3
+    assert [c.hit_max_length for c in out] == [False, True, False]
+
+
+def test_a_numpy_integer_guard_is_one_guard_for_every_row():
+    """What a model's ``generate`` is given for max_frames may be a numpy integer (a guard computed
+    with numpy): it is one guard for all rows, as an int is (it used to be iterated: TypeError)."""
+    from meld.models.leaving_rows import row_guards
+
+    for guard in (-2, 0, 3, 17):
+        assert row_guards(np.int64(guard), 3) == row_guards(guard, 3) == (max(guard, 0), [max(guard, 0)] * 3, set())
+
+
+@pytest.mark.parametrize("bad, says", [
+    ({"max_frames": [4, 4, 4]}, "max_frames"),
+    ({"texts": [[1], []]}, "text 1 is empty"),
+    ({"prompts": [np.zeros((3, 2), np.int64)] * 2}, r"prompt 0 must be \(P, 4\) integer codes, got shape \(3, 2\)"),
+    ({"batch_size": 0}, "batch_size"),
+])
+def test_continue_codes_checks_its_inputs_as_tts_continue_does(bad, says):
+    """Codec-LM's continuation had the same gaps (lists paired up wrongly, a batch size < 1 lost every
+    utterance, an empty text spoken): it runs the same checks before its first batch."""
+    from test_codec_lm import tiny_codec_lm
+
+    from meld.codes import continue_codes
+
+    model, _ = tiny_codec_lm()
+    model.eval()
+    good = {"texts": [[1, 2], [3]], "prompts": [np.zeros((3, model.n_levels), np.int64)] * 2, "max_frames": 4,
+            "batch_size": 2}
+    options = {"temperature": 1.0, "top_k": 5, "top_p": 1.0}
+    assert [len(c.codes) <= 4 for c in continue_codes(model, **good, **options)] == [True, True]
+    with pytest.raises(ValueError, match=f"continue_codes: .*{says}"):
+        continue_codes(model, **(good | bad), **options)
+
+
+@pytest.mark.parametrize("seconds", [-0.5, float("nan"), float("inf")])
+def test_a_negative_or_non_finite_prompt_length_is_refused(seconds):
+    """``mel[:p]`` with a negative p kept all but the last frames as the prompt, without a word."""
+    from meld.generate import prompt_frames
+
+    mel = np.zeros((100, 80), np.float32)
+    assert prompt_frames(mel, 0.5) == 31 and prompt_frames(mel, 10.0) == 100
+    with pytest.raises(ValueError, match="prompt_seconds must be a finite number >= 0"):
+        prompt_frames(mel, seconds)

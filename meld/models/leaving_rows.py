@@ -9,6 +9,7 @@ loop's own stop check (tests/test_host_reads.py).
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -65,7 +66,8 @@ def row_guards(max_frames: int | Sequence[int], batch: int) -> tuple[int, list[i
         the batch's guard (the largest), each row's (a negative one counts as 0), and the steps at which some row's own guard
         falls before the batch's: the loop stops those rows there, as it would stop them alone.
     """
-    limits = [max(0, int(max_frames))] * batch if isinstance(max_frames, int) else [max(0, int(m)) for m in max_frames]
+    one_for_all = isinstance(max_frames, numbers.Integral)  # a numpy integer too
+    limits = [max(0, int(max_frames))] * batch if one_for_all else [max(0, int(m)) for m in max_frames]
     if len(limits) != batch:
         raise ValueError(f"max_frames: {len(limits)} guards for a batch of {batch}")
     top = max(limits, default=0)
