@@ -17,6 +17,17 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
 
 
+def _discard(path: Path, discard: Path) -> None:
+    """Deletes ``path`` by first renaming it to ``discard``: a kill part-way through the deletion then
+    leaves a half-deleted ``discard``, which nothing restores, not a half-deleted ``path`` that a
+    later run would take for a whole output (``<out>.previous`` is put back when ``out`` is missing,
+    as it is when ``dvc repro`` has removed it)."""
+    _remove(discard)
+    if path.exists() or path.is_symlink():
+        path.rename(discard)
+    _remove(discard)
+
+
 def _overlap(a: Path, b: Path) -> bool:
     return a == b or a in b.parents or b in a.parents
 
@@ -34,7 +45,8 @@ def staged_folder(out: str | Path, *, holds: str | None = None, inputs: Sequence
 
     ``out`` is resolved first, so a symlinked output folder is replaced where it really is (on its own
     disk). A run killed between the swap's two renames leaves the old output as ``<out>.previous``;
-    the next run puts it back before anything else. A non-empty ``out`` without ``summary.json`` is
+    the next run puts it back before anything else; the old output is renamed ``<out>.discard``
+    before it is deleted, so a kill during the deletion leaves nothing that would be put back. A non-empty ``out`` without ``summary.json`` is
     refused: it is not a stage's output, and replacing it would delete whatever it holds.
 
     Every data stage writes a ``summary.json``, so that marker alone cannot tell one stage's output
@@ -52,6 +64,7 @@ def staged_folder(out: str | Path, *, holds: str | None = None, inputs: Sequence
                              "stage replaces its output folder whole: give --out a folder of its own")
     staging = out.with_name(out.name + ".partial")
     previous = out.with_name(out.name + ".previous")
+    discard = out.with_name(out.name + ".discard")  # being deleted: never put back
     if not out.exists() and previous.is_dir():  # killed mid-swap: the old output is the only whole one
         previous.rename(out)
     if out.is_dir() and any(out.iterdir()) and not (out / STAGE_MARKER).is_file():
@@ -64,11 +77,11 @@ def staged_folder(out: str | Path, *, holds: str | None = None, inputs: Sequence
         raise SystemExit(f"{out} is the output of another stage (it has a {STAGE_MARKER} but no {holds}, which this "
                          "stage writes), and the stage replaces its output folder whole: give --out a folder of "
                          "its own")
-    for leftover in (staging, previous):  # from a run that failed, or was killed after its swap
-        _remove(leftover)
+    _remove(staging)  # from a run that failed
+    _discard(previous, discard)  # from a run killed after its swap (``out`` is whole: checked above)
     staging.mkdir(parents=True)
     yield staging
     if out.exists():
         out.rename(previous)
     staging.rename(out)
-    _remove(previous)
+    _discard(previous, discard)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import sys
 
 from meld.progress import LOG_INTERVAL_S, progress
@@ -17,6 +18,18 @@ def test_progress_bars_redraw_rarely_and_in_ascii_into_a_log_file(monkeypatch):
     bar = progress(range(3), mininterval=1.0)  # an explicit choice wins
     assert bar.mininterval == 1.0
     bar.close()
+
+
+def test_each_redraw_into_a_log_file_is_a_line_of_its_own(monkeypatch):
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    assert list(progress(range(3), desc="x", mininterval=0, miniters=1)) == [0, 1, 2]
+    lines = log.getvalue().split("\n")
+    assert "\r" not in log.getvalue() and lines[-1] == ""  # whole lines, the last one ended
+    counts = [int(re.search(r"(\d+)/3 \[", line).group(1)) for line in lines[:-1]]  # "x: 33%|###3 | 1/3 [..."
+    assert counts[0] == 0 and counts[-1] == 3 and counts == sorted(counts) and len(counts) >= 4  # every redraw
+    assert sys.stdout.getvalue() == ""  # where data goes
 
 
 def test_pace_counts_only_the_steps_this_process_ran(monkeypatch):
