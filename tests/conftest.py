@@ -44,6 +44,22 @@ def meld_model():
     return tiny_meld()
 
 
+def batch_and_each_row_alone(model, batch: dict, prompt_len: torch.Tensor, **kwargs):
+    """``model.generate`` of a whole batch of prompts (mel frames) whose rows stop at three different
+    steps, and of each row alone (its own text and prompt, unpadded): (together, [alone_0, ...])."""
+    together = model.generate(batch["text"], batch["text_len"], batch["mel"], prompt_len, **kwargs)
+    lengths = [f.shape[0] for f in together.frames]
+    assert len(set(lengths)) == 3 and 0 < max(lengths) < kwargs["max_frames"], lengths  # three different steps
+    assert together.hit_max_length == [False] * 3
+    alone = []
+    for i in range(len(lengths)):
+        p, n = int(prompt_len[i]), int(batch["text_len"][i])
+        alone.append(model.generate(batch["text"][i : i + 1, :n], batch["text_len"][i : i + 1],
+                                    batch["mel"][i : i + 1, :p], prompt_len[i : i + 1], **kwargs))
+        assert alone[i].hit_max_length[0] == together.hit_max_length[i]
+    return together, alone
+
+
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| relative to max |b| (the KV-cache equivalence tests' measure)."""
     a, b = a.detach(), b.detach()  # a measure, not part of any graph (no requires_grad warning)

