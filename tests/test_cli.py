@@ -888,3 +888,21 @@ def test_transcribe_reads_a_list_after_the_files_given(checkpoint, prompt_22k, a
     assert f"--list {tmp_path / 'a_folder'}: is a folder" in capsys.readouterr().err
     assert main(["transcribe", "--checkpoint", str(missing)]) == 2
     assert "no audio to transcribe" in capsys.readouterr().err
+
+
+def test_a_clip_longer_than_training_keeps_is_transcribed_with_a_warning(checkpoint, audio_16k, tmp_path, capsys):
+    """A 600 s file decoded for minutes on the tiny model, without a word that the model never heard so
+    long a clip (features.max_seconds drops them from training) and that decoding memory grows with it.
+    It is still transcribed: the user may know the model copes."""
+    from meld.cli.transcribe import TRAINED_CLIP_SECONDS
+
+    long_clip = tmp_path / "long.wav"
+    seconds = TRAINED_CLIP_SECONDS + 1.5
+    sf.write(str(long_clip), np.resize(sf.read(str(audio_16k))[0], int(seconds * 16_000)), 16_000)
+    assert _transcribe(checkpoint, long_clip, audio_16k, "--beam", "1", "--max-tokens", "2") == 0
+    captured = capsys.readouterr()
+    assert [line.split("\t")[0] for line in captured.out.splitlines()] == [str(long_clip), str(audio_16k)]
+    warnings = [line for line in captured.err.splitlines() if line.startswith("meld: warning: ")]
+    assert warnings == [f"meld: warning: {long_clip}: {seconds:.1f} s is longer than the {TRAINED_CLIP_SECONDS:g} s "
+                        "clips training keeps (features.max_seconds): the model has not heard so long a clip, and "
+                        "its decoding memory grows with the length; cut it into shorter pieces"]

@@ -23,6 +23,7 @@ from meld.cli.common import (
     read_list_lines,
     write_line,
 )
+from meld.config import FeaturesConfig
 
 
 def read_audio_list(path: str | Path) -> list[tuple[str, str]]:
@@ -32,6 +33,10 @@ def read_audio_list(path: str | Path) -> list[tuple[str, str]]:
         (where, audio path) per entry, ``where`` being "list.txt:3: " so that a message names the line.
     """
     return [(f"{path}:{number}: ", line.strip()) for number, line in read_list_lines(path)]
+
+
+# the longest clip the default training keeps: a checkpoint does not record its features.max_seconds
+TRAINED_CLIP_SECONDS = FeaturesConfig().max_seconds
 
 
 def _read_log_mel(path: str) -> np.ndarray:
@@ -47,6 +52,7 @@ def _read_log_mel(path: str) -> np.ndarray:
 
 
 def cmd_transcribe(args: argparse.Namespace) -> int:
+    from meld.features import FRAME_RATE
     from meld.generate import stt_beam_search
     from meld.progress import progress
 
@@ -108,6 +114,11 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
                 failed += 1
                 bar.update(1)
                 continue
+            seconds = mel.shape[0] / FRAME_RATE
+            if seconds > TRAINED_CLIP_SECONDS:  # transcribed anyway: the user may know the model copes
+                write_line(f"{PROG}: warning: {where}{p}: {seconds:.1f} s is longer than the {TRAINED_CLIP_SECONDS:g} s "
+                           "clips training keeps (features.max_seconds): the model has not heard so long a clip, "
+                           "and its decoding memory grows with the length; cut it into shorter pieces", sys.stderr)
             paths.append(p)
             mels.append(ckpt.stats.normalise(mel))
             if len(mels) == args.batch_size:
