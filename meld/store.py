@@ -146,8 +146,7 @@ def load_stats(path: str | Path) -> NormStats:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no normalisation statistics (did the features stage run?)")
     try:
-        d = json.loads(path.read_text())
-        stats = NormStats.from_dict(d)
+        stats = NormStats.from_dict(json.loads(path.read_text()))
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
         raise StatsError(f"{path}: unreadable normalisation statistics ({type(err).__name__}: {err}); "
                          "rerun the features stage") from err

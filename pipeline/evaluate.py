@@ -39,6 +39,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from meld import tracking
 from meld.audio import write_audio
 from meld.codes import (
     codec_from_description,
@@ -585,8 +586,6 @@ def main(argv: list[str] | None = None) -> int:
     params = read_params(args.params)
     cfg = EvaluateConfig.from_dict(params.get("evaluate", {}), "evaluate")
     mlflow_experiment(params)  # the mlflow section checked now, not after hours of decoding
-    from meld import tracking
-
     tracking.check_server(tracking.tracking_uri())  # and a down tracking server refused now too
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(2)
@@ -716,9 +715,6 @@ def write_results(args, params: dict, metrics: dict, all_rows: list[dict], out: 
     MLflow run, with the evaluation's settings as ``eval.*`` tags (tags, not params: a rerun with
     other settings updates them, where MLflow refuses to change a logged param)."""
     save_progress(args, metrics, all_rows, out, complete=True)
-
-    from meld import tracking
-
     mlflow = tracking.setup(mlflow_experiment(params))
     run_id = Path(args.run_id_file).read_text().strip() if args.run_id_file and Path(args.run_id_file).is_file() else None
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else f"evaluate-{args.system}"):

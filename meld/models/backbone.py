@@ -555,9 +555,11 @@ class Backbone(nn.Module):
                     torch._dynamo.mark_static_address(cache.key_valid)
                     cache.static_kv = cache.kv
                 torch.compiler.cudagraph_mark_step_begin()
-        shape = (B, cache.max_len, cache.kv.dtype, emb.dtype, emb.device, torch.is_inference_mode_enabled(),
-                 torch.is_grad_enabled())
-        compiling = self._compiled_step is not None and shape not in self._compiled_shapes
+        compiling = False
+        if self._compiled_step is not None:  # the key only where a step compiles: nothing more per eager step
+            shape = (B, cache.max_len, cache.kv.dtype, emb.dtype, emb.device, torch.is_inference_mode_enabled(),
+                     torch.is_grad_enabled())
+            compiling = shape not in self._compiled_shapes
         if compiling:
             _synchronize(emb.device)  # the queued work before it is not the compile's
             start = time.perf_counter()
