@@ -8,6 +8,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+LOCAL_HEALTH_CHECK_INTERVAL_S = "0.1"
+
 
 def init_ray(num_cpus: int | None = None) -> None:
     """Join the cluster in RAY_ADDRESS (as under ``ray job submit``), else start a local one on 127.0.0.1."""
@@ -27,18 +30,25 @@ def init_ray(num_cpus: int | None = None) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        before = os.environ.get("RAY_API_SERVER_ADDRESS")
-        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # inherited by the raylet's workers
+        # Train V2's controller takes each ray.train.report from a one-slot queue when it polls its
+        # workers, every 2 s by default: a worker's second report in a poll interval blocks training
+        # until then. A local cluster polls often (a few cheap actor calls a second); a user's own
+        # setting wins.
+        inherited = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}",
+                     HEALTH_CHECK_ENV: os.environ.get(HEALTH_CHECK_ENV, LOCAL_HEALTH_CHECK_INTERVAL_S)}
+        before = {name: os.environ.get(name) for name in inherited}
+        os.environ.update(inherited)  # inherited by the raylet's workers
         try:
             # address="local": without it ray.init joins the last `ray start` cluster on this machine (and
             # refuses num_cpus there), so a researcher's own head would break or capture every stage
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=None, dashboard_host="127.0.0.1",
                      dashboard_port=port, log_to_driver=True, _node_ip_address="127.0.0.1", configure_logging=False)
         finally:  # not by this process's own subprocesses, which may talk to another cluster
-            if before is None:
-                os.environ.pop("RAY_API_SERVER_ADDRESS")
-            else:
-                os.environ["RAY_API_SERVER_ADDRESS"] = before
+            for name, value in before.items():
+                if value is None:
+                    os.environ.pop(name)
+                else:
+                    os.environ[name] = value
 
 
 class NodeLocalStorage(ValueError):

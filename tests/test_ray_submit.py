@@ -25,6 +25,8 @@ import pytest
 import yaml
 from test_faults import TINY_PARAMS, make_tiny_data
 
+from ray_jobs.cluster import HEALTH_CHECK_ENV, LOCAL_HEALTH_CHECK_INTERVAL_S
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -67,8 +69,9 @@ def ray_head():
         "--disable-usage-stats",
     ]
     log = open(Path(temp_dir) / "head.log", "w")
+    # polls training reports as often as a local cluster does (docs/scaling.md), or each report waits ~2 s
     head = subprocess.Popen(
-        cmd, env=_clean_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        cmd, env={**_clean_env(), HEALTH_CHECK_ENV: LOCAL_HEALTH_CHECK_INTERVAL_S}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
     url = f"http://127.0.0.1:{dash}"
     try:
@@ -169,21 +172,29 @@ def test_job_submit_trains_and_logs_to_mlflow(ray_head, tmp_path_factory, tmp_pa
 @pytest.mark.slow
 def test_a_stage_without_ray_address_starts_its_own_cluster_beside_a_ray_start_head(ray_head):
     """`ray start` records its head as the machine's current cluster, which a bare ``ray.init()`` joins
-    (and where it refuses ``num_cpus``): a stage run without RAY_ADDRESS must start a cluster of its own."""
+    (and where it refuses ``num_cpus``): a stage run without RAY_ADDRESS must start a cluster of its own.
+    Its workers (Train's controllers among them) poll training reports often; the driver's own
+    environment, which its subprocesses inherit, is left as it was."""
     temp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths must stay < 108 chars
     try:
         (temp / "ray").mkdir()
         (temp / "ray" / "ray_current_cluster").write_text(ray_head["gcs"])  # as `ray start` writes it
         code = (
             "import ray\n"
-            "from ray_jobs.cluster import init_ray\n"
+            "import os\n"
+            "from ray_jobs.cluster import HEALTH_CHECK_ENV, init_ray\n"
             "init_ray(num_cpus=1)\n"
-            "print('cluster', ray.get_runtime_context().gcs_address, ray.cluster_resources()['CPU'])\n"
+            "def env(name): return os.environ.get(name)\n"
+            "seen = ray.get(ray.remote(num_cpus=0)(env).remote(HEALTH_CHECK_ENV))\n"
+            "print('cluster', ray.get_runtime_context().gcs_address, ray.cluster_resources()['CPU'],\n"
+            "      seen, os.environ.get(HEALTH_CHECK_ENV))\n"
         )
         env = {**_clean_env(), "RAY_TMPDIR": str(temp), "PYTHONPATH": str(ROOT)}
+        env.pop(HEALTH_CHECK_ENV, None)
         proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-        _, gcs, cpus = proc.stdout.strip().splitlines()[-1].split()
+        _, gcs, cpus, workers_poll, driver_env = proc.stdout.strip().splitlines()[-1].split()
         assert gcs != ray_head["gcs"] and float(cpus) == 1.0  # its own 1-CPU cluster, not the 2-CPU head
+        assert workers_poll == LOCAL_HEALTH_CHECK_INTERVAL_S and driver_env == "None"
     finally:
         shutil.rmtree(temp, ignore_errors=True)
