@@ -191,8 +191,9 @@ def read_params(path: str | Path) -> dict:
 INPUT_ERRORS = (("meld.config", "ConfigError"), ("meld.corpus.librispeech", "LibriSpeechError"),
                 ("meld.corpus.mini", "VoiceUnavailableError"), ("meld.audio", "AudioError"),
                 ("meld.codes", "CodecMismatch"), ("meld.training", "CheckpointError"),
-                ("meld.training", "NonFiniteLoss"), ("meld.store", "StatsError"), ("meld.corpus", "ManifestError"),
-                ("meld.tracking", "TrackingStoreUnavailable"), ("builtins", "FileNotFoundError"))
+                ("meld.training", "NonFiniteLoss"), ("meld.store", "StatsError"), ("meld.store", "StoreError"),
+                ("meld.corpus", "ManifestError"), ("meld.tracking", "TrackingStoreUnavailable"),
+                ("builtins", "FileNotFoundError"))
 
 
 def run_stage(name: str, main: Callable[[], int]) -> int:

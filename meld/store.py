@@ -66,8 +66,42 @@ def write_code_store(folder: str | Path, items, rejected: list[dict]) -> dict:
     return write_store(folder, items, rejected, data_file=CODES_FILE, dtype=np.int16)
 
 
+class StoreError(ValueError):
+    """A feature or code store the stages cannot read as written (the file and line named)."""
+
+
+def _read_index(index_path: Path) -> list[dict]:
+    """index.jsonl's rows, each checked for what reading the data needs (``offset``, ``frames``): a
+    hand-edited or half-copied line was a JSONDecodeError or KeyError naming no file, raised in every
+    Ray worker of a training run rather than once in its driver."""
+    rows = []
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError as err:
+                    raise StoreError(f"{index_path}:{n}: not a JSON row ({err})") from err
+                if not isinstance(row, dict) or not all(
+                        isinstance(row.get(k), int) and not isinstance(row.get(k), bool) and row[k] >= 0
+                        for k in ("offset", "frames")):
+                    raise StoreError(f"{index_path}:{n}: a row needs whole 'offset' and 'frames' counts >= 0, "
+                                     f"found {line.strip()[:200]}")
+                rows.append(row)
+    except UnicodeDecodeError as err:
+        raise StoreError(f"{index_path}: not UTF-8 text ({err})") from err
+    return rows
+
+
 class _ArrayStore:
-    """Read-only view of one split's data file: ``store[i]`` -> (T, width) array (memory-mapped)."""
+    """Read-only view of one split's data file: ``store[i]`` -> (T, width) array (memory-mapped).
+
+    Raises:
+        FileNotFoundError: no index.jsonl in the folder.
+        StoreError: an index row that cannot be read, or a data file of another size than the index says.
+    """
 
     data_file: str
     dtype: type
@@ -79,16 +113,20 @@ class _ArrayStore:
         index_path = self.folder / "index.jsonl"
         if not index_path.is_file():
             raise FileNotFoundError(f"{self.folder}: not a {self.kind} (no index.jsonl; did the {self.stage} stage run?)")
-        with open(index_path, encoding="utf-8") as f:
-            self.index = [json.loads(line) for line in f if line.strip()]
-        self._lengths = [int(r["frames"]) for r in self.index]
+        self.index = _read_index(index_path)
+        self._lengths = [r["frames"] for r in self.index]
         total = sum(self._lengths)
         data_path = self.folder / self.data_file
         expected = total * width * np.dtype(self.dtype).itemsize
         if total and (not data_path.is_file() or data_path.stat().st_size != expected):
             found = data_path.stat().st_size if data_path.is_file() else "no file"
-            raise ValueError(f"{data_path}: expected {expected} bytes ({total} rows of {width} {np.dtype(self.dtype).name}), "
+            raise StoreError(f"{data_path}: expected {expected} bytes ({total} rows of {width} {np.dtype(self.dtype).name}), "
                              f"found {found}: truncated, or written with another width")
+        # rows past the data's end would read short arrays (a memmap slice clips), not fail
+        for n, row in enumerate(self.index):
+            if row["offset"] + row["frames"] > total:
+                raise StoreError(f"{index_path}: row {n + 1} ({row.get('id')}) ends at row {row['offset'] + row['frames']} "
+                                 f"of a {total}-row {self.data_file}")
         self._frames = (
             np.memmap(data_path, dtype=self.dtype, mode="r", shape=(total, width))
             if total

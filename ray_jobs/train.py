@@ -285,19 +285,11 @@ def train_worker(config: dict) -> None:
     sampler = FrameBudgetSampler(data.lengths(), tc["frames_per_batch"], rank, world, tc["seed"],
                                  tc["max_skipped_fraction"])
     dev = None  # dev reconstruction metrics: MELD systems (they have a codebook) doing TTS
-    if rank == 0 and config.get("eval_store") and "codebook" in config and tc["task"] != "stt":
+    if rank == 0 and scores_dev(config):
         dev_store = FeatureStore(config["eval_store"])
         dev_data = TrainingData(dev_store, stats, tokenizer, r)
-        keep = [i for i, n in enumerate(dev_data.lengths()) if n <= tc["frames_per_batch"]]
-        order = sorted(keep, key=lambda i: dev_data.lengths()[i])
-        dev_batches, current = [], []
-        for i in order:  # length-sorted, each batch within the frame budget
-            if current and dev_data.lengths()[i] * (len(current) + 1) > tc["frames_per_batch"]:
-                dev_batches.append(current)
-                current = []
-            current.append(i)
-        dev_batches += [current] if current else []
-        dev = (dev_data, dev_batches, dev_store.lengths)
+        batches, _ = dev_batches(dev_data.lengths(), tc["frames_per_batch"])  # the left-out ones said by the driver
+        dev = (dev_data, batches, dev_store.lengths)
 
     # the initial weights from train.seed, not from whatever the Ray worker process's global
     # generator held: unseeded, two runs of one configuration trained different models
@@ -516,6 +508,10 @@ def _open_mlflow_run(config: dict, ckpt_dir: Path, *, resumed_at: int | None, sa
         mlflow.log_metric("data/skipped_too_long", len(skipped))
         if skipped:
             mlflow.log_dict(skipped, "data/skipped_too_long.json")
+        dev_skipped = config.get("dev_skipped_too_long") or []
+        mlflow.log_metric("data/dev_skipped_too_long", len(dev_skipped))
+        if dev_skipped:
+            mlflow.log_dict(dev_skipped, "data/dev_skipped_too_long.json")
     if resumed_at is not None:
         mlflow.log_metric("train/resume_step", resumed_at, step=resumed_at)
     return mlflow
@@ -751,13 +747,35 @@ def build_config(
     return config
 
 
+def dev_batches(lengths: list[int], budget: int) -> tuple[list[list[int]], list[int]]:
+    """The dev split cut for scoring: length-sorted batches of utterance indices, each within ``budget``
+    Transformer steps per batch, and the indices of the utterances longer than the budget alone (not
+    scored)."""
+    skipped = [i for i, n in enumerate(lengths) if n > budget]
+    batches, current = [], []
+    for i in sorted((i for i, n in enumerate(lengths) if n <= budget), key=lambda i: lengths[i]):
+        if current and lengths[i] * (len(current) + 1) > budget:
+            batches.append(current)
+            current = []
+        current.append(i)
+    return batches + ([current] if current else []), skipped
+
+
+def scores_dev(config: dict) -> bool:
+    """Whether the run scores the dev split (rank 0, every ``eval_every``): MELD systems (they have a
+    codebook) doing TTS, where a dev split exists."""
+    return bool(config.get("eval_store")) and "codebook" in config and config["train"]["task"] != "stt"
+
+
 def check_frame_budget(config: dict) -> None:
     """Cut the train split into the batches every worker's FrameBudgetSampler cuts, before Ray starts:
     too many utterances longer than ``train.frames_per_batch``, or fewer batches than workers, failed
     inside every worker, was retried ``max_failures`` times and ended in a 100-line WorkerGroupError.
     Only the split's index is read. The utterances the budget leaves out (within
     ``train.max_skipped_fraction``) are said here and listed in ``config["skipped_too_long"]``
-    ({id, frames, reason} rows), which the run logs to MLflow and the exported model.pt keeps.
+    ({id, frames, reason} rows), which the run logs to MLflow and the exported model.pt keeps. Dev
+    utterances the budget leaves unscored are said too and listed in ``config["dev_skipped_too_long"]``
+    (logged to MLflow): every dev metric is over the others, NaN when none is left.
 
     Raises:
         ConfigError: the sampler's own message, with the split and its longest utterance.
@@ -787,6 +805,19 @@ def check_frame_budget(config: dict) -> None:
         print(f"train: {len(sampler.skipped)} of {len(lengths)} utterance(s) left out, {reason}: {ids}"
               f"{', ...' if len(sampler.skipped) > 5 else ''} (listed in the run's data/skipped_too_long.json in "
               "MLflow, and in the model.pt a train stage exports)", file=sys.stderr, flush=True)
+    config["dev_skipped_too_long"] = []
+    if scores_dev(config):
+        dev = FeatureStore(config["eval_store"])
+        dev_lengths = grouped_lengths(dev.lengths, config["reduction_factor"])
+        kept, skipped = dev_batches(dev_lengths, tc["frames_per_batch"])
+        config["dev_skipped_too_long"] = [{"id": dev.index[i]["id"], "frames": dev_lengths[i], "reason": reason}
+                                          for i in skipped]
+        if skipped:
+            ids = ", ".join(row["id"] for row in config["dev_skipped_too_long"][:5])
+            outcome = "every dev metric is NaN" if not kept else "the dev metrics are over the others"
+            print(f"train: {len(skipped)} of {len(dev_lengths)} dev utterance(s) not scored, {reason}: {ids}"
+                  f"{', ...' if len(skipped) > 5 else ''}; {outcome} (listed in the run's "
+                  "data/dev_skipped_too_long.json in MLflow)", file=sys.stderr, flush=True)
 
 
 def _warn_past_schedule(train: dict) -> None:

@@ -906,3 +906,36 @@ def test_a_clip_longer_than_training_keeps_is_transcribed_with_a_warning(checkpo
     assert warnings == [f"meld: warning: {long_clip}: {seconds:.1f} s is longer than the {TRAINED_CLIP_SECONDS:g} s "
                         "clips training keeps (features.max_seconds): the model has not heard so long a clip, and "
                         "its decoding memory grows with the length; cut it into shorter pieces"]
+
+
+def test_running_out_of_memory_ends_in_one_line_that_says_what_to_lower(checkpoint, tmp_path):
+    """A real refused allocation: the command runs under an address-space limit (RLIMIT_AS) that a
+    0.4 s synthesis fits in and the memory set aside for a 200,000 s one does not. It was a
+    traceback through the backbone; now exit 1 and one line naming the options that ask for less."""
+    import resource
+    import subprocess
+
+    limit = 2000 * 2**20
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    def synthesize(seconds: str) -> subprocess.CompletedProcess:
+        argv = _synth_argv(checkpoint, tmp_path / "out.wav", "the quick brown fox", "--max-seconds", seconds,
+                           "--griffin-lim-iters", "2", "--device", "cpu")
+        return subprocess.run([sys.executable, "-m", "meld.cli", *argv], preexec_fn=limited, capture_output=True,
+                              text=True, timeout=300, env=env)
+
+    # one thread and two malloc arenas: on a many-core host, a thread's stack and arena each take address
+    # space of their own, and the 0.4 s run must fit whatever the host
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1",
+           "MALLOC_ARENA_MAX": "2"}
+
+    fits = synthesize("0.4")
+    assert fits.returncode == 0, fits.stderr[-2000:]
+    too_much = synthesize("200000")
+    assert too_much.returncode == 1, too_much.stderr[-2000:]
+    err = too_much.stderr.strip()
+    assert err.startswith("meld: failed: out of memory (DefaultCPUAllocator: can't allocate memory") and "\n" not in err
+    assert "--batch-size" in err and "--max-seconds" in err
+    assert (tmp_path / "out.wav").is_file()  # the first run's output is still there

@@ -430,6 +430,53 @@ def test_utterances_the_frame_budget_leaves_out_are_said_and_listed_for_mlflow_a
     assert listed == config["skipped_too_long"]
 
 
+def test_dev_utterances_the_frame_budget_leaves_unscored_are_said_and_listed_for_mlflow(data, tmp_path, capsys,
+                                                                                          tracking):
+    """A dev utterance longer than the frame budget cannot be scored (it was dropped without a word):
+    the driver names it before Ray starts and the run counts and lists it in MLflow; the batches
+    scored hold every other dev utterance, each batch within the budget."""
+    from mlflow.tracking import MlflowClient
+
+    from meld.store import FeatureStore, FrameBudgetSampler, grouped_lengths
+    from ray_jobs.train import _open_mlflow_run, dev_batches
+
+    config = tiny_config(data, tmp_path / "model")
+    assert config["dev_skipped_too_long"] == []
+    dev = FeatureStore(config["eval_store"])
+    lengths = grouped_lengths(dev.lengths, config["reduction_factor"])
+    budget = sorted(lengths)[-2]  # the longest (and any tied with it above the budget) no longer fits
+    expected = [row["id"] for row, n in zip(dev.index, lengths) if n > budget]
+    assert 1 <= len(expected) < len(lengths)
+    capsys.readouterr()
+    config = tiny_config(data, tmp_path / "model", frames_per_batch=budget, max_skipped_fraction=1.0)
+    assert [row["id"] for row in config["dev_skipped_too_long"]] == expected
+    assert all(row["frames"] > budget for row in config["dev_skipped_too_long"])
+    err = capsys.readouterr().err
+    assert f"{len(expected)} of {len(lengths)} dev utterance(s) not scored" in err and expected[0] in err
+    assert "the dev metrics are over the others" in err
+    batches, skipped = dev_batches(lengths, budget)
+    assert [dev.index[i]["id"] for i in skipped] == expected
+    assert sorted(i for b in batches for i in b) == [i for i, n in enumerate(lengths) if n <= budget]
+    assert all(max(lengths[i] for i in b) * len(b) <= budget for b in batches)
+    # a budget below every dev utterance: nothing is scored, and the driver says what the metrics will be
+    shortest_train = min(grouped_lengths(FeatureStore(config["train_store"]).lengths, config["reduction_factor"]))
+    assert shortest_train < min(lengths)  # so that the train split still has batches at that budget
+    tiny_config(data, tmp_path / "model", frames_per_batch=min(lengths) - 1, max_skipped_fraction=1.0)
+    assert "every dev metric is NaN" in capsys.readouterr().err
+
+    sampler_config = {**config, "experiment": "faults", "project_root": str(tmp_path), "run_name": "train-meld"}
+    train_lengths = grouped_lengths(FeatureStore(config["train_store"]).lengths, config["reduction_factor"])
+    sampler = FrameBudgetSampler(train_lengths, budget, max_skipped_fraction=1.0)
+    mlflow = _open_mlflow_run(sampler_config, tmp_path / "ckpts", resumed_at=None, sampler=sampler)
+    run_id = mlflow.active_run().info.run_id
+    mlflow.end_run()
+    client = MlflowClient(tracking)
+    assert client.get_run(run_id).data.metrics["data/dev_skipped_too_long"] == len(expected)
+    listed = json.loads(Path(client.download_artifacts(run_id, "data/dev_skipped_too_long.json",
+                                                       str(tmp_path))).read_text())
+    assert listed == config["dev_skipped_too_long"]
+
+
 def test_a_run_past_its_learning_rate_schedule_is_warned_about(data, tmp_path, caplog):
     """Past warm-up + hold + decay the learning rate is 0: the steps there train nothing, which only a
     flat loss would show; the driver says so before the run starts."""

@@ -280,3 +280,39 @@ def test_a_stage_given_unusable_statistics_ends_in_one_line(tmp_path, capsys):
 def test_an_empty_split_is_named_as_empty_not_as_too_small_a_budget():
     with pytest.raises(ValueError, match="no utterances to batch: the split is empty"):
         FrameBudgetSampler([], frames_per_batch=100)
+
+
+@pytest.mark.parametrize("edit, says", [
+    (lambda lines: lines[:2] + ['{"id": "utt-2", "offset": 5'] + lines[3:], r":3: not a JSON row"),
+    (lambda lines: lines[:1] + [json.dumps({"id": "utt-1", "offset": 3})] + lines[2:],
+     r":2: a row needs whole 'offset' and 'frames' counts >= 0"),
+    (lambda lines: lines[:1] + [json.dumps({"id": "utt-1", "offset": 3, "frames": -1})] + lines[2:],
+     r":2: a row needs whole 'offset' and 'frames' counts >= 0"),
+    (lambda lines: lines[:-1] + [json.dumps({**json.loads(lines[-1]), "offset": 10_000})],
+     r": row 7 \(utt-6\) ends at row 10\d\d\d of a \d+-row frames.f32"),
+])
+def test_an_index_that_cannot_be_read_as_written_is_refused_naming_the_file_and_line(tmp_path, edit, says):
+    """A hand-edited or half-copied index.jsonl was a JSONDecodeError or KeyError naming no file (in
+    every Ray worker of a training run), or, with a row past the data's end, silently short arrays."""
+    from meld.store import StoreError
+
+    write_store(tmp_path / "split", iter(_items()), [])
+    index = tmp_path / "split" / "index.jsonl"
+    good = index.read_text()
+    index.write_text("\n".join(edit(good.splitlines())) + "\n")
+    with pytest.raises(StoreError, match=re.escape(str(index)) + says):
+        FeatureStore(tmp_path / "split")
+    index.write_text(good)
+    assert len(FeatureStore(tmp_path / "split")) == 7
+
+
+def test_a_truncated_data_file_ends_a_stage_in_one_line(tmp_path, capsys):
+    from meld.config import run_stage
+
+    write_store(tmp_path / "split", iter(_items()), [])
+    data = tmp_path / "split" / "frames.f32"
+    data.write_bytes(data.read_bytes()[:-4])
+    assert run_stage("train", lambda: FeatureStore(tmp_path / "split") and 0) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"train: {data}: expected ") and "truncated, or written with another width" in err
+    assert "\n" not in err

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 
 from meld.cli.common import (
@@ -156,8 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the ``meld`` command; returns the exit code (0 ok, 1 failure, 2 user error, 130 interrupted,
-    141 stdout closed by its reader)."""
+    """Run the ``meld`` command; returns the exit code (0 ok, 1 failure (out of memory among them: one
+    line, no traceback), 2 user error, 130 interrupted, 141 stdout closed by its reader)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(levelname)s: %(message)s")
     try:
@@ -174,6 +175,31 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # stdout's reader left (`meld transcribe ... | head`): no traceback, as a shell tool
         _silence_stdout()  # else Python reports the pipe again when it flushes stdout at exit
         return 128 + 13  # what a shell reports for a tool ended by SIGPIPE
+    except (MemoryError, RuntimeError) as err:
+        if not _out_of_memory(err):
+            raise
+        # what was written before is kept (a --list writes each batch before the next is generated)
+        print(f"{PROG}: failed: out of memory ({_first_line(err)}); ask for less at once: a smaller "
+              "--batch-size, or a shorter --max-seconds (generation sets memory aside for that many frames "
+              "per utterance)", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """An allocation refused on any device: MemoryError, torch's OutOfMemoryError (CUDA, MPS) or its CPU
+    allocator's RuntimeError."""
+    torch = sys.modules.get("torch")
+    if isinstance(err, MemoryError) or (torch is not None and isinstance(err, torch.OutOfMemoryError)):
+        return True
+    text = str(err)
+    return "can't allocate memory" in text or "out of memory" in text.lower()
+
+
+def _first_line(err: BaseException) -> str:
+    """The error's first line, without the C++ assertion torch's CPU allocator puts before its message."""
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    line = re.sub(r"^\[enforce fail at [^\]]*\]\s*err == 0\.\s*", "", lines[0]) if lines else type(err).__name__
+    return line[:300]
 
 
 def _silence_stdout() -> None:
