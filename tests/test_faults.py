@@ -394,12 +394,10 @@ def test_utterances_the_frame_budget_leaves_out_are_said_and_listed_for_mlflow_a
     (DESIGN: skipped, counted and listed with the reason), named on stderr, counted and listed in the
     run's MLflow record; export_model keeps the list in model.pt (checked where a test exports one:
     test_a_run_resumed_from_rays_copy_leaves_its_checkpoint_in_the_folder)."""
-    from mlflow.tracking import MlflowClient
 
     from meld.config import ConfigError
-    from meld.store import FeatureStore, FrameBudgetSampler, TrainingData, load_stats
+    from meld.store import FeatureStore, TrainingData, load_stats
     from meld.text import BPETokenizer
-    from ray_jobs.train import _open_mlflow_run
 
     config = tiny_config(data, tmp_path / "model")
     assert config["skipped_too_long"] == []
@@ -419,15 +417,8 @@ def test_utterances_the_frame_budget_leaves_out_are_said_and_listed_for_mlflow_a
     with pytest.raises(ConfigError, match=f"{len(expected)} of {len(lengths)} utterance"):
         tiny_config(data, tmp_path / "model", frames_per_batch=budget)
 
-    sampler_config = {**config, "experiment": "faults", "project_root": str(tmp_path), "run_name": "train-meld"}
-    sampler = FrameBudgetSampler(lengths, budget, max_skipped_fraction=1.0)
-    mlflow = _open_mlflow_run(sampler_config, tmp_path / "ckpts", resumed_at=None, sampler=sampler)
-    run_id = mlflow.active_run().info.run_id
-    mlflow.end_run()
-    client = MlflowClient(tracking)
-    assert client.get_run(run_id).data.metrics["data/skipped_too_long"] == len(expected)
-    listed = json.loads(Path(client.download_artifacts(run_id, "data/skipped_too_long.json", str(tmp_path))).read_text())
-    assert listed == config["skipped_too_long"]
+    count, listed = _left_out_as_logged(config, lengths, budget, tracking, tmp_path, "skipped_too_long")
+    assert count == len(expected) and listed == config["skipped_too_long"]
 
 
 def test_dev_utterances_the_frame_budget_leaves_unscored_are_said_and_listed_for_mlflow(data, tmp_path, capsys,
@@ -435,10 +426,9 @@ def test_dev_utterances_the_frame_budget_leaves_unscored_are_said_and_listed_for
     """A dev utterance longer than the frame budget cannot be scored (it was dropped without a word):
     the driver names it before Ray starts and the run counts and lists it in MLflow; the batches
     scored hold every other dev utterance, each batch within the budget."""
-    from mlflow.tracking import MlflowClient
 
-    from meld.store import FeatureStore, FrameBudgetSampler, grouped_lengths
-    from ray_jobs.train import _open_mlflow_run, dev_batches
+    from meld.store import FeatureStore, grouped_lengths
+    from ray_jobs.train import dev_batches
 
     config = tiny_config(data, tmp_path / "model")
     assert config["dev_skipped_too_long"] == []
@@ -464,17 +454,28 @@ def test_dev_utterances_the_frame_budget_leaves_unscored_are_said_and_listed_for
     tiny_config(data, tmp_path / "model", frames_per_batch=min(lengths) - 1, max_skipped_fraction=1.0)
     assert "every dev metric is NaN" in capsys.readouterr().err
 
-    sampler_config = {**config, "experiment": "faults", "project_root": str(tmp_path), "run_name": "train-meld"}
     train_lengths = grouped_lengths(FeatureStore(config["train_store"]).lengths, config["reduction_factor"])
-    sampler = FrameBudgetSampler(train_lengths, budget, max_skipped_fraction=1.0)
-    mlflow = _open_mlflow_run(sampler_config, tmp_path / "ckpts", resumed_at=None, sampler=sampler)
+    count, listed = _left_out_as_logged(config, train_lengths, budget, tracking, tmp_path, "dev_skipped_too_long")
+    assert count == len(expected) and listed == config["dev_skipped_too_long"]
+
+
+def _left_out_as_logged(config: dict, lengths: list[int], budget: int, tracking: str, tmp_path: Path,
+                        name: str) -> tuple[float, list]:
+    """The count (``data/<name>``) and the list (``data/<name>.json``) a new training run of ``config``
+    logs to MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    from meld.store import FrameBudgetSampler
+    from ray_jobs.train import _open_mlflow_run
+
+    run_config = {**config, "experiment": "faults", "project_root": str(tmp_path), "run_name": "train-meld"}
+    sampler = FrameBudgetSampler(lengths, budget, max_skipped_fraction=1.0)
+    mlflow = _open_mlflow_run(run_config, tmp_path / "ckpts", resumed_at=None, sampler=sampler)
     run_id = mlflow.active_run().info.run_id
     mlflow.end_run()
     client = MlflowClient(tracking)
-    assert client.get_run(run_id).data.metrics["data/dev_skipped_too_long"] == len(expected)
-    listed = json.loads(Path(client.download_artifacts(run_id, "data/dev_skipped_too_long.json",
-                                                       str(tmp_path))).read_text())
-    assert listed == config["dev_skipped_too_long"]
+    listed = json.loads(Path(client.download_artifacts(run_id, f"data/{name}.json", str(tmp_path))).read_text())
+    return client.get_run(run_id).data.metrics[f"data/{name}"], listed
 
 
 def test_a_run_past_its_learning_rate_schedule_is_warned_about(data, tmp_path, caplog):
