@@ -302,8 +302,12 @@ def step_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def latest_good_checkpoint(folder: str | Path) -> dict | None:
-    """Newest loadable ``step-<N>.pt`` in a folder; corrupt or partial ones are skipped (with a warning)."""
+def latest_good_checkpoint(folder: str | Path, mmap: bool = False) -> dict | None:
+    """Newest loadable ``step-<N>.pt`` in a folder; corrupt or partial ones are skipped (with a warning).
+
+    ``mmap``: map its tensors instead of reading them (:func:`load_checkpoint`), for a caller that may
+    only look at its step and extras, as a resuming worker does with the candidate it does not take.
+    """
     import logging
 
     folder = Path(folder)
@@ -311,7 +315,7 @@ def latest_good_checkpoint(folder: str | Path) -> dict | None:
         return None
     for _, p in reversed(step_checkpoints(folder)):
         try:
-            return load_checkpoint(p)
+            return load_checkpoint(p, mmap=mmap)
         except CheckpointError as err:
             logging.getLogger(__name__).warning("skipping bad checkpoint: %s", err)
     return None

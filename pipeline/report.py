@@ -33,17 +33,27 @@ def _finite(v) -> bool:
     return v is not None and not (isinstance(v, float) and not math.isfinite(v))
 
 
+def _number(v, fmt: str) -> str:
+    """A metric as a table cell: "–" where there is none, NaN and inf said as such (never "nan%")."""
+    if v is None:
+        return "–"
+    return fmt.format(v) if _finite(v) else str(v).replace("nan", "NaN")
+
+
+def _name(text) -> str:
+    """A system, split or speaker name as one Markdown table cell: a '|' would split the cell and a
+    newline end the row, shifting every later cell of the table."""
+    return " ".join(str(text).splitlines()).replace("|", "\\|")
+
+
 def _cell(m: dict, key: str | None, fmt: str | None, title: str) -> str:
     if title == "S/D/I":
         return f"{m['substitutions']}/{m['deletions']}/{m['insertions']}" if "substitutions" in m else "–"
     if title == "SIM n":  # generations SIM averages over / all of them (older metrics files lack the count)
         return f"{m['sim_generations']}/{m['generations']}" if "sim_generations" in m else "–"
-    if title == "gen. min / GT min":
-        return f"{m.get('generated_minutes', 0):.2f} / {m.get('ground_truth_minutes', 0):.2f}"
-    v = m.get(key)
-    if v is None:
-        return "–"
-    return fmt.format(v) if _finite(v) else str(v).replace("nan", "NaN")  # not "nan%"
+    if title == "gen. min / GT min":  # a missing total is "–", not 0.00 minutes
+        return f"{_number(m.get('generated_minutes'), '{:.2f}')} / {_number(m.get('ground_truth_minutes'), '{:.2f}')}"
+    return _number(m.get(key), fmt)
 
 
 def tts_table(all_metrics: list[dict]) -> list[str]:
@@ -51,18 +61,22 @@ def tts_table(all_metrics: list[dict]) -> list[str]:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in all_metrics:
         if m.get("unavailable"):
-            lines.append(f"| {m['system']} | – | " + f"{m['unavailable']} |" + " |" * (len(head) - 3))
+            lines.append(f"| {_name(m['system'])} | – | {_name(m['unavailable'])} |" + " |" * (len(head) - 3))
             continue
         if not m.get("splits"):
+            if m.get("task") != "stt":  # a TTS or joint system evaluated with evaluate.splits: [] is named, not dropped
+                lines.append(f"| {_name(m['system'])} | – | no TTS split evaluated (evaluate.splits is empty) |"
+                             + " |" * (len(head) - 3))
             continue  # an STT-only system: its rows are in the STT table
         rows = [(m["system"], m.get("splits", {}))] + list(m.get("ablations", {}).items())
         for name, splits in rows:
             for split, s in splits.items():
                 if not s:  # no utterance of the split within evaluate.min_seconds..max_seconds
-                    lines.append(f"| {name} | {split} | no utterance within evaluate.min_seconds..max_seconds |"
-                                 + " |" * (len(head) - 3))
+                    lines.append(f"| {_name(name)} | {_name(split)} | no utterance within "
+                                 "evaluate.min_seconds..max_seconds |" + " |" * (len(head) - 3))
                     continue
-                lines.append("| " + " | ".join([name, split] + [_cell(s, k, f, t) for t, k, f in TTS_COLUMNS]) + " |")
+                lines.append("| " + " | ".join([_name(name), _name(split)]
+                                               + [_cell(s, k, f, t) for t, k, f in TTS_COLUMNS]) + " |")
     return lines
 
 
@@ -71,10 +85,11 @@ def stt_table(all_metrics: list[dict]) -> list[str]:
     if not rows:
         return []
     splits = sorted({s for m in rows for s in m["stt"]})
-    lines = ["| system | task mode | " + " | ".join(f"WER {s}" for s in splits) + " |", "|" + "---|" * (2 + len(splits))]
+    lines = ["| system | task mode | " + " | ".join(f"WER {_name(s)}" for s in splits) + " |",
+             "|" + "---|" * (2 + len(splits))]
     for m in rows:
-        cells = [f"{m['stt'][s]['wer']:.1%}" if s in m["stt"] else "–" for s in splits]
-        lines.append(f"| {m['system']} | {m.get('task', 'stt')} | " + " | ".join(cells) + " |")
+        cells = [_number(m["stt"][s].get("wer"), "{:.1%}") if s in m["stt"] else "–" for s in splits]
+        lines.append(f"| {_name(m['system'])} | {_name(m.get('task', 'stt'))} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -84,12 +99,12 @@ def stt_speaker_table(all_metrics: list[dict]) -> list[str]:
     rows = [m for m in all_metrics if any(v.get("per_speaker") for v in (m.get("stt") or {}).values())]
     if not rows:
         return []
-    lines = ["| split | speaker | " + " | ".join(m["system"] for m in rows) + " |", "|" + "---|" * (2 + len(rows))]
+    lines = ["| split | speaker | " + " | ".join(_name(m["system"]) for m in rows) + " |", "|" + "---|" * (2 + len(rows))]
     for split in sorted({s for m in rows for s in m["stt"]}):
         speakers = sorted({spk for m in rows for spk in m["stt"].get(split, {}).get("per_speaker", {})})
         for spk in speakers:
             cells = [m["stt"].get(split, {}).get("per_speaker", {}).get(spk) for m in rows]
-            lines.append(f"| {split} | {spk} | " + " | ".join("–" if c is None else f"{c:.1%}" for c in cells) + " |")
+            lines.append(f"| {_name(split)} | {_name(spk)} | " + " | ".join(_number(c, "{:.1%}") for c in cells) + " |")
     return lines
 
 
@@ -251,6 +266,19 @@ def sweep_table(trials: list[dict], metric: str) -> list[str]:
     return lines
 
 
+def read_json_object(path: Path, what: str, rerun: str) -> dict:
+    """``path`` as a JSON object; a file that is not one (cut off, empty, hand-edited) ends the stage in one
+    line naming it, ``what`` it should hold and the stage ``rerun`` that writes it."""
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as err:  # JSONDecodeError, or bytes that are not UTF-8
+        raise SystemExit(f"report: {path} is not JSON ({err}): rerun {rerun}") from None
+    if not isinstance(data, dict):
+        kind = "null" if data is None else {list: "list", str: "string", bool: "boolean"}.get(type(data), "number")
+        raise SystemExit(f"report: {path} holds a JSON {kind}, not {what}: rerun {rerun}")
+    return data
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--params", default="params.yaml")
@@ -264,13 +292,15 @@ def main(argv: list[str] | None = None) -> int:
     metrics = []
     for system in [*systems, *codec_systems]:
         path = Path(args.metrics) / f"{system}.json"
+        stage = "evaluate_codec" if system in codec_systems else "evaluate"
         if not path.is_file():
-            stage = "evaluate_codec" if system in codec_systems else "evaluate"
             raise SystemExit(f"report: {path} is missing (did {stage}@{system} run?)")
-        m = json.loads(path.read_text())
+        m = read_json_object(path, "an evaluation's metrics", f"{stage}@{system}")
+        if "system" not in m:
+            raise SystemExit(f"report: {path} names no system: not an evaluation's metrics (rerun {stage}@{system})")
         if m.get("complete") is False:  # evaluate writes its splits as they finish; this one stopped early
             raise SystemExit(f"report: {path} holds an evaluation that stopped before its last split "
-                             f"(rerun evaluate@{system})")
+                             f"(rerun {stage}@{system})")
         metrics.append(m)
     if "codec_lm" not in [*systems, *codec_systems]:
         metrics.append({"system": "codec_lm", "unavailable": "not trained in this run (codec_systems: [codec_lm] "
@@ -282,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     prompt_s = (params.get("evaluate") or {}).get("prompt_seconds", EvaluateConfig.prompt_seconds)
     lines = ["# MELD toolkit: comparison", "",
              f"Zero-shot TTS continuation ({prompt_s:g} s prompt + full transcript); judge = external ASR on",
-             "[true prompt + continuation] through the vocoder; GT-WER = the ground truth through the same vocoder.",
+             "[true prompt + continuation] through the vocoder (Codec-LM's: through its DAC codec); GT-WER = the",
+             "ground truth through the same vocoder or codec.",
              "SIM = speaker-embedding cosine between the real prompt and the continuation, averaged over the",
              "generations whose prompt and continuation each last at least 0.5 s (a shorter clip's speaker",
              "embedding means little): SIM n = those / all generations; 0 with evaluate.prompt_seconds 0 (no prompt,",
@@ -298,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         if by_speaker:
             lines += ["", "### STT WER by speaker", ""] + by_speaker
     if args.tune and Path(args.tune).is_file():
-        tune = json.loads(Path(args.tune).read_text())
+        tune = read_json_object(Path(args.tune), "the sweep's report", "the tune stage")
         best = tune.get("best")
         objective = tune.get("objective") or {}
         if best:  # a best that did not train the full budget was compared at fewer steps: say so, and why

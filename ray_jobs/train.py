@@ -145,19 +145,23 @@ def _resume_state(ckpt_dir: Path, fingerprint: str, rank: int) -> tuple[dict | N
     another node sees; the folder is what the train stage exports from. Checkpoints of another
     configuration (fingerprint) are not resumed; rank 0 sets the folder's aside
     (:func:`set_aside_checkpoints`).
+
+    Both candidates are mapped, not read: every rank resumes, and each read the whole of both files
+    (weights and optimiser moments, ~2.2 GB each for the paper's model) to keep one. Mapped, a rank
+    reads the pages of the one it loads, from the page cache its node's other ranks share.
     """
     import ray.train
 
     from meld.training import latest_good_checkpoint
 
     candidates = []
-    local = latest_good_checkpoint(ckpt_dir)
+    local = latest_good_checkpoint(ckpt_dir, mmap=True)
     if local is not None:
         candidates.append((local, str(ckpt_dir)))
     ray_ckpt = ray.train.get_checkpoint()
     if ray_ckpt is not None:
         with ray_ckpt.as_directory() as d:
-            remote = latest_good_checkpoint(d)
+            remote = latest_good_checkpoint(d, mmap=True)
         if remote is not None:
             candidates.append((remote, f"Ray checkpoint {ray_ckpt.path}"))
     good = [(s, where) for s, where in candidates if s["extra"].get("fingerprint") == fingerprint]
@@ -310,7 +314,8 @@ def train_worker(config: dict) -> None:
     optimizer = build_optimizer(model, tc["lr"], tc["weight_decay"], fused=use_gpu)
     scheduler = build_scheduler(optimizer, tc["warmup_steps"], tc["hold_steps"], tc["decay_steps"])
     step = 0
-    if state is not None:
+    resumed = state is not None
+    if resumed:
         step = restore_training_state(state, model, optimizer, scheduler)
         sampler.load_state_dict(state["sampler"])
         log.info(f"[rank {rank}] resuming {system} from step {step} ({source})")
@@ -322,7 +327,12 @@ def train_worker(config: dict) -> None:
         if "codebook" in config:  # this run's data decides what the codes mean
             model.set_codebook(torch.from_numpy(np.load(config["codebook"])))
         log.info(f"[rank {rank}] {system} starts from the weights of {tc['init_from']}")
-    last_ckpt_step = step if state is not None else None
+    # not held for the rest of the run: the weights and moments live in the model and optimiser now (held,
+    # a run read into memory kept a second copy of both, ~2.2 GB per rank for the paper's model). On a CPU
+    # the optimiser's moments are the mapped file's pages themselves (Optimizer.load_state_dict casts
+    # without copying), written over privately at the first step; the file stays mapped until the run ends.
+    state = None
+    last_ckpt_step = step if resumed else None
     # parameters a task leaves unused (MELD's recon/postnet under STT, dMel's text head under TTS)
     # must be declared to DDP; each model says whether its task reaches every one
     # (tests/test_ddp_parameters.py checks the declarations against the gradients)
@@ -330,7 +340,7 @@ def train_worker(config: dict) -> None:
     module = ray.train.torch.prepare_model(module, parallel_strategy_kwargs=parallel)
     autocast = torch.bfloat16 if (use_gpu and tc["bf16"]) else None
 
-    mlflow = _open_mlflow_run(config, ckpt_dir, resumed_at=step if state is not None else None,
+    mlflow = _open_mlflow_run(config, ckpt_dir, resumed_at=step if resumed else None,
                               sampler=sampler) if rank == 0 else None
 
     def dev_report(step: int, log_to_mlflow: bool = True) -> dict:
@@ -369,7 +379,7 @@ def train_worker(config: dict) -> None:
 
     pace = Pace(step, tc["max_steps"])
     try:
-        if state is not None:
+        if resumed:
             # A resumed run reports its checkpoint's step again (the same dev metrics, from the same weights;
             # MLflow has them already) for a caller that lost that report in the interrupt. A Tune trial's ASHA
             # then judges the rung at the rung's own step: resumed at step 8 without it, a trial trained on and
@@ -930,7 +940,7 @@ def export_model(config: dict, out: Path) -> Path:
     from meld.store import load_stats
     from meld.training import latest_good_checkpoint, save_checkpoint
 
-    state = latest_good_checkpoint(config["checkpoint_dir"])
+    state = latest_good_checkpoint(config["checkpoint_dir"], mmap=True)  # the optimiser's moments are never read
     if state is None:
         raise RuntimeError(f"training left no checkpoint in {config['checkpoint_dir']}")
     if state["extra"].get("fingerprint") != config["fingerprint"]:

@@ -294,3 +294,117 @@ def test_the_sweep_grid_puts_each_trial_in_its_frame_rate_row_and_slowness_colum
     assert r1 == "| r=1 (62.5 Hz) | 0.91 | 0.8765 |"
     assert r2 == "| r=2 (31.25 Hz) | 1.2 (stopped by ASHA at step 8) | – (failed at step 3) |"
     assert report.sweep_table([], "m") == []
+
+
+# a second review: metrics files that are not what evaluate writes, numbers outside the TTS cells,
+# names that break a Markdown row, a TTS system with no split
+
+
+def _main(tmp_path, metrics_text: str, tune_text: str | None = None) -> None:
+    """The report stage over metrics/meld.json holding ``metrics_text`` (and tune.json ``tune_text``)."""
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "meld.json").write_text(metrics_text)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"systems": ["meld"], "codec_systems": []}))
+    argv = ["--params", str(tmp_path / "params.yaml"), "--metrics", str(tmp_path / "metrics"),
+            "--out", str(tmp_path / "reports")]
+    if tune_text is not None:
+        (tmp_path / "tune.json").write_text(tune_text)
+        argv += ["--tune", str(tmp_path / "tune.json")]
+    report.main(argv)
+
+
+FINISHED = json.dumps({"system": "meld", "task": "tts", "splits": {}, "ablations": {}, "complete": True})
+
+
+@pytest.mark.parametrize(("metrics_text", "tune_text", "bad_file", "said"), [
+    ('{"system": "meld", "splits": {"test": {"wer": 0.1', None, "meld.json", "is not JSON"),  # cut off
+    ("", None, "meld.json", "is not JSON"),
+    ("[]", None, "meld.json", "holds a JSON list, not an evaluation's metrics"),
+    ('{"splits": {}}', None, "meld.json", "names no system"),
+    (FINISHED, '{"best": ', "tune.json", "is not JSON"),
+    (FINISHED, "null", "tune.json", "holds a JSON null, not the sweep's report"),
+], ids=["cut-off", "empty", "list", "no-system", "tune-cut-off", "tune-null"])
+def test_an_unreadable_metrics_or_sweep_file_ends_the_stage_in_one_line_naming_it(
+        tmp_path, metrics_text, tune_text, bad_file, said):
+    """A cut-off, empty or foreign file ended the stage in a JSONDecodeError, AttributeError or KeyError
+    traceback; now one line says which file, what is wrong with it and which stage writes it."""
+    with pytest.raises(SystemExit) as stop:
+        _main(tmp_path, metrics_text, tune_text)
+    message = str(stop.value.code)
+    assert message.startswith("report: ") and "\n" not in message
+    assert bad_file in message and said in message
+    assert ("evaluate@meld" if bad_file == "meld.json" else "tune stage") in message
+    assert not (tmp_path / "reports" / "summary.md").exists()
+
+
+def _table(summary: str, head_starts: str) -> list[list[str]]:
+    """The Markdown table whose head starts with ``head_starts``, as rows of cells (an escaped '|' kept
+    inside its cell, as Markdown reads it)."""
+    lines = summary.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(head_starts))
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip().replace("\\|", "|") for c in line.replace("\\|", "\0").strip("|").split("|")])
+    return [[c.replace("\0", "|") for c in row] for row in rows]
+
+
+def test_a_nan_or_missing_stt_wer_or_duration_total_is_said_not_printed_as_a_number(tmp_path):
+    """The STT tables printed a NaN WER as "nan%" and crashed on a None one; "gen. min / GT min" printed
+    NaN as "nan" and a missing total as "0.00", as if nothing had been generated."""
+    stt = {"test": {"wer": float("nan"), "per_speaker": {"a": float("nan"), "b": 0.25}}, "dev": {"wer": None}}
+    summary = _summary(tmp_path, {
+        "meld": {"task": "joint", "stt": stt,
+                 "splits": {"test": {"generated_minutes": float("nan"), "ground_truth_minutes": 0.5}, "dev": {"sim": 0.5}}}})
+    assert "nan" not in summary.replace("NaN", "")
+    assert _tts_row(summary, "meld", "test")["gen. min / GT min"] == "NaN / 0.50"
+    assert _tts_row(summary, "meld", "dev")["gen. min / GT min"] == "– / –"
+    head, _, row = _table(summary, "| system | task mode |")
+    assert dict(zip(head, row)) == {"system": "meld", "task mode": "joint", "WER dev": "–", "WER test": "NaN"}
+    head, _, *rows = _table(summary, "| split | speaker |")
+    assert rows == [["test", "a", "NaN"], ["test", "b", "25.0%"]]
+
+
+def test_a_pipe_or_newline_in_a_name_stays_in_its_cell(tmp_path):
+    """A speaker or split name with '|' split its cell in two and one with a newline ended the row: every
+    later number of the row sat under another column's head."""
+    stt = {"test|a": {"wer": 0.1, "per_speaker": {"spk|1": 0.1, "spk\n2": 0.2}}}
+    summary = _summary(tmp_path, {"meld": {"task": "joint", "stt": stt,
+                                           "splits": {"test|a": {"wer": 0.3, "rtf": 0.5}}}})
+    for head_starts in ("| system | split |", "| system | task mode |", "| split | speaker |"):
+        head, _, *rows = _table(summary, head_starts)
+        assert rows and all(len(row) == len(head) for row in rows)
+    head, _, *rows = _table(summary, "| split | speaker |")
+    assert rows == [["test|a", "spk 2", "20.0%"], ["test|a", "spk|1", "10.0%"]]
+    head, _, row = _table(summary, "| system | split |")[:3]
+    assert dict(zip(head, row))["split"] == "test|a" and dict(zip(head, row))["RTF"] == "0.5"
+
+
+def test_a_tts_system_evaluated_on_no_split_is_named_and_an_stt_one_is_left_to_its_table(tmp_path):
+    """With evaluate.splits: [] a TTS system's metrics hold no split: it vanished from the report without a
+    word. An STT-only system has its rows in the STT table."""
+    summary = _summary(tmp_path, {"meld": {"task": "tts", "splits": {}},
+                                  "meld_stt": {"task": "stt", "splits": {}, "stt": {"test": {"wer": 0.2}}}})
+    _, _, *rows = _table(summary, "| system | split |")
+    named = {row[0]: row[2] for row in rows}
+    assert named["meld"] == "no TTS split evaluated (evaluate.splits is empty)" and "meld_stt" not in named
+
+
+def test_the_introduction_says_codec_lms_audio_goes_through_its_codec(tmp_path):
+    """Codec-LM has no vocoder: its generations and ground truth are decoded by its DAC codec, and the
+    introduction said "through the vocoder" of every row."""
+    summary = _summary(tmp_path, {"meld": {"task": "tts", "splits": {}}})
+    intro = " ".join(summary.split("## TTS")[0].split())
+    assert "(Codec-LM's: through its DAC codec)" in intro and "through the same vocoder or codec" in intro
+
+
+def test_an_unfinished_codec_evaluation_names_the_codec_stage_to_rerun(tmp_path):
+    """Codec-LM is evaluated by evaluate_codec@codec_lm; the message named evaluate@codec_lm, a stage
+    that does not exist."""
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "codec_lm.json").write_text(json.dumps({"system": "codec_lm", "splits": {}, "complete": False}))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"systems": [], "codec_systems": ["codec_lm"]}))
+    with pytest.raises(SystemExit, match=r"stopped before its last split \(rerun evaluate_codec@codec_lm\)"):
+        report.main(["--params", str(tmp_path / "params.yaml"), "--metrics", str(tmp_path / "metrics"),
+                     "--out", str(tmp_path / "reports")])
