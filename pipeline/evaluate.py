@@ -668,7 +668,7 @@ def evaluate(args: argparse.Namespace, params: dict, cfg: EvaluateConfig, device
         stt = stt_model(stt_side, state, args.model, cfg.stt_ctc_weight) if stt_side is not None else None
         if stt is not None:
             metrics["stt"] = evaluate_stt(stt, Path(args.features), cfg, decoding)
-            metrics["stt_ctc_weight"] = stt.ctc_weight
+            metrics["stt_ctc_weight"], metrics["stt_beam_size"] = stt.ctc_weight, cfg.stt_beam_size
         stt_judge = (load_stt_judge(cfg.stt_judge_model, cfg.stt_ctc_weight, device, weights=weights, evaluated=stt)
                      if variants else None)
         if stt_judge is not None:

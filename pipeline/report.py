@@ -85,12 +85,23 @@ def stt_table(all_metrics: list[dict]) -> list[str]:
     if not rows:
         return []
     splits = sorted({s for m in rows for s in m["stt"]})
-    lines = ["| system | task mode | " + " | ".join(f"WER {_name(s)}" for s in splits) + " |",
-             "|" + "---|" * (2 + len(splits))]
+    lines = ["| system | task mode | decoding | " + " | ".join(f"WER {_name(s)}" for s in splits) + " |",
+             "|" + "---|" * (3 + len(splits))]
     for m in rows:
         cells = [_number(m["stt"][s].get("wer"), "{:.1%}") if s in m["stt"] else "–" for s in splits]
-        lines.append(f"| {_name(m['system'])} | {_name(m.get('task', 'stt'))} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_name(m['system'])} | {_name(m.get('task', 'stt'))} | {stt_decoding(m)} | "
+                     + " | ".join(cells) + " |")
     return lines
+
+
+def stt_decoding(metrics: dict) -> str:
+    """How the evaluation decoded a system's STT: greedy or beam N (``evaluate.stt_beam_size``), with the
+    CTC prefix score's weight where one was applied; "beam search" for metrics written before the beam
+    size was recorded."""
+    beam = metrics.get("stt_beam_size")
+    text = "beam search" if beam is None else "greedy" if beam == 1 else f"beam {beam}"
+    weight = metrics.get("stt_ctc_weight")
+    return text + (f", CTC weight {weight:g}" if isinstance(weight, (int, float)) and weight > 0 else "")
 
 
 def stt_speaker_table(all_metrics: list[dict]) -> list[str]:
@@ -324,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", *silence_statement(metrics)]
     stt = stt_table(metrics)
     if stt:
-        lines += ["", "## STT (beam search)", ""] + stt
+        lines += ["", "## STT", ""] + stt
         by_speaker = stt_speaker_table(metrics)
         if by_speaker:
             lines += ["", "### STT WER by speaker", ""] + by_speaker

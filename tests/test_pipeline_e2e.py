@@ -144,8 +144,9 @@ def test_whole_dag_runs_and_reruns_only_what_changed(tmp_path):
     assert "wer" in split and 0.0 <= split["wer_ground_truth_vocoded"] <= 1.5
     assert metrics["stt_judge_model"] == "models/meld_joint/model.pt"
     assert 0.0 <= split["wer_meld_stt_judge"] and 0.0 <= split["wer_ground_truth_meld_stt_judge"]
-    stt = metrics["stt"]  # ... and its STT
+    stt = metrics["stt"]  # ... and its STT, with how it was decoded
     assert stt["test"]["ref_words"] > 0 and set(stt) == {"test"}
+    assert metrics["stt_beam_size"] == DEBUG_PARAMS["evaluate"]["stt_beam_size"]
     test_speakers = {json.loads(line)["speaker"] for line in
                      (work / "data" / "features" / "test" / "index.jsonl").read_text().splitlines()}
     assert set(stt["test"]["per_speaker"]) == test_speakers  # every test speaker scored on its own
@@ -155,6 +156,7 @@ def test_whole_dag_runs_and_reruns_only_what_changed(tmp_path):
     summary = (work / "reports" / "summary.md").read_text()
     assert "| meld_joint | test_unseen |" in summary and "| mel_lm | test_unseen |" in summary
     assert all(f"| test | {spk} |" in summary for spk in test_speakers)  # the STT-by-speaker table
+    assert f"| meld_joint | joint | beam {DEBUG_PARAMS['evaluate']['stt_beam_size']}" in summary
     assert "## Ray Tune sweep" in summary and (work / "reports" / "tune.png").stat().st_size > 0
     sweep = json.loads((work / "reports" / "tune.json").read_text())
     trials = sweep["trials"]

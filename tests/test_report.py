@@ -361,7 +361,8 @@ def test_a_nan_or_missing_stt_wer_or_duration_total_is_said_not_printed_as_a_num
     assert _tts_row(summary, "meld", "test")["gen. min / GT min"] == "NaN / 0.50"
     assert _tts_row(summary, "meld", "dev")["gen. min / GT min"] == "– / –"
     head, _, row = _table(summary, "| system | task mode |")
-    assert dict(zip(head, row)) == {"system": "meld", "task mode": "joint", "WER dev": "–", "WER test": "NaN"}
+    assert dict(zip(head, row)) == {"system": "meld", "task mode": "joint", "decoding": "beam search",
+                                    "WER dev": "–", "WER test": "NaN"}
     head, _, *rows = _table(summary, "| split | speaker |")
     assert rows == [["test", "a", "NaN"], ["test", "b", "25.0%"]]
 
@@ -408,3 +409,16 @@ def test_an_unfinished_codec_evaluation_names_the_codec_stage_to_rerun(tmp_path)
     with pytest.raises(SystemExit, match=r"stopped before its last split \(rerun evaluate_codec@codec_lm\)"):
         report.main(["--params", str(tmp_path / "params.yaml"), "--metrics", str(tmp_path / "metrics"),
                      "--out", str(tmp_path / "reports")])
+
+
+def test_the_stt_table_says_how_each_system_was_decoded(tmp_path):
+    """Its heading said "beam search" whatever evaluate.stt_beam_size was (1 is greedy); each row now
+    says its own beam and CTC weight, as the evaluation recorded them."""
+    stt = {"test": {"wer": 0.5}}
+    summary = _summary(tmp_path, {
+        "meld_stt": {"task": "stt", "stt": stt, "stt_beam_size": 1, "stt_ctc_weight": 0.0},
+        "meld_joint": {"task": "joint", "stt": stt, "stt_beam_size": 5, "stt_ctc_weight": 0.7}})
+    head, _, *rows = _table(summary, "| system | task mode |")
+    decoding = {row[0]: dict(zip(head, row))["decoding"] for row in rows}
+    assert decoding == {"meld_stt": "greedy", "meld_joint": "beam 5, CTC weight 0.7"}
+    assert "## STT (beam search)" not in summary
