@@ -136,6 +136,26 @@ def sweep_fingerprint(params: dict, tc: TuneConfig, *, features: str, bpe: str, 
     })
 
 
+def check_work_dir(work_dir: Path) -> None:
+    """Refuse a ``--work-dir`` holding anything a sweep does not write there: a sweep that starts over
+    deletes its work directory, and a mistyped one (``ray_results``, with the training runs' Ray state;
+    the project root; a shared folder) would go with it. Raised before Ray starts; nothing is deleted."""
+    from ray_jobs.cluster import SHARED_MARKER
+
+    if not work_dir.exists():
+        return
+    if not work_dir.is_dir():
+        raise ConfigError(f"--work-dir {work_dir} is a file, not a folder for the sweep's checkpoints and Ray state")
+    ours = {"sweep.json", ASHA_RECORDS, "ray_tune", "ray_train", "trials"}  # see run_sweep
+    foreign = sorted(p.name for p in work_dir.iterdir() if p.name not in ours and not p.name.startswith(SHARED_MARKER))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ConfigError(
+            f"--work-dir {work_dir} holds {shown}, which no sweep wrote there; a sweep that starts over deletes its "
+            "work directory, so it is refused: give the sweep a folder of its own (e.g. ray_results/tune)"
+        )
+
+
 def _resumable_parent(work_dir: Path, fp: str, experiment_dir: Path, mlflow, experiment_name: str) -> str | None:
     """The MLflow parent run of an interrupted sweep with this fingerprint, when Ray Tune can restore
     it; else None (and the reason is logged)."""
@@ -265,7 +285,8 @@ def _asha_stops(records_file: Path) -> dict[tuple[int, float], set[int]]:
 
 def _reports(result, metric: str) -> tuple[dict[int, float], int]:
     """The trial's reports, read once: the finite objective at each step that carried one, and the
-    highest step any report carried, with or without a finite objective (0: none)."""
+    highest step any report carried, with or without a finite objective (0: none). An infinite one
+    is left out like NaN: it is no score, and json.dumps would write it as ``Infinity``, not JSON."""
     df = result.metrics_dataframe
     if df is None or "step" not in df:
         return {}, 0
@@ -274,7 +295,7 @@ def _reports(result, metric: str) -> tuple[dict[int, float], int]:
     if metric not in df:
         return {}, last
     rows = df[["step", metric]].dropna()
-    return {int(s): float(v) for s, v in zip(rows["step"], rows[metric])}, last
+    return {int(s): float(v) for s, v in zip(rows["step"], rows[metric]) if math.isfinite(v)}, last
 
 
 def _history(reported: dict[int, float], logged: list[tuple[int, float]]) -> list[list[float]]:
@@ -285,9 +306,10 @@ def _history(reported: dict[int, float], logged: list[tuple[int, float]]) -> lis
     loses the results Tune received since it last saved them: ``logged``, the trial's MLflow history of
     the objective (rank 0 logs it before each checkpoint), fills in the steps up to the last one Tune
     has. Past it MLflow is not used: a trial ASHA stopped may have trained and logged on while it was
-    being stopped."""
+    being stopped. A NaN or infinite value MLflow holds is left out, as in ``reported``: those are
+    exactly the steps Tune's results lack, so it would fill them in (bare ``NaN`` in the report)."""
     last = max(reported, default=0)
-    filled = {s: v for s, v in logged if s <= last} | reported
+    filled = {s: v for s, v in logged if s <= last and math.isfinite(v)} | reported
     return [[s, v] for s, v in sorted(filled.items())]
 
 
@@ -429,6 +451,7 @@ def run_sweep(
     if tc.system not in (params.get("systems") or [tc.system]):
         log.warning("tune.system %s is not among the trained systems", tc.system)
     work_dir = work_dir.resolve()
+    check_work_dir(work_dir)
     fp = sweep_fingerprint(params, tc, features=features, bpe=bpe, codebook=codebook, work_dir=work_dir,
                            project_root=project_root)
     # locally, room for the trials that run at once (one with max_concurrent_trials 0: as many as fit)

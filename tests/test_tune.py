@@ -402,3 +402,69 @@ def test_an_stt_only_system_cannot_be_swept(tmp_path_factory, tmp_path):
         sweep_fingerprint(params, TuneConfig.from_dict(params["tune"], "tune"), features=str(data / "features"),
                           bpe=str(data / "bpe" / "bpe.model"), codebook=str(data / "codebook"), work_dir=tmp_path,
                           project_root=str(tmp_path))
+
+
+def test_a_non_finite_objective_is_never_written_into_the_report(tmp_path):
+    """An infinite objective (an overflowed dev error) was kept where NaN was left out: the trial's objective
+    and history were `Infinity` in tune.json, which is not JSON. And the steps that held NaN in Tune's results
+    are exactly the ones filled in from the trial's MLflow history, which logged the same NaN there. Both are
+    no score: left out of the history, unknown (null) where the trial ends on one."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    from ray_jobs.tune import collect_trials
+
+    tc = TuneConfig.from_dict({**TINY_PARAMS["tune"], "max_steps": 4, "eval_every": 1,
+                               "slowness_weights": [0.0, 0.5], "reduction_factors": [1]}, "tune")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    nan, inf = float("nan"), float("inf")
+    # the trial that recovered from a NaN at step 2 logged it to MLflow, as rank 0 does before each checkpoint
+    run_id = client.create_run(client.create_experiment("tune")).info.run_id
+    for step, value in [(1, 1.0), (2, nan), (3, 0.8), (4, 0.7)]:
+        client.log_metric(run_id, tc.metric, value, step=step)
+    id_file = tmp_path / "trials" / "tune-meld-r1-sw0.5" / "checkpoints" / "mlflow_run_id"
+    id_file.parent.mkdir(parents=True)
+    id_file.write_text(run_id)
+
+    def result(w: float, steps: list[int], values: list[float]):
+        return SimpleNamespace(config={"reduction_factor": 1, "slowness_weight": w}, error=None,
+                               metrics_dataframe=pd.DataFrame({"step": steps, tc.metric: values}))
+
+    grid = [result(0.0, [1, 2, 3, 4], [1.0, 0.9, 0.8, inf]), result(0.5, [1, 2, 3, 4], [1.0, nan, 0.8, 0.7])]
+    trials = collect_trials(grid, tc, tmp_path, client)
+    text = json.dumps(trials)
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the report: not JSON"))
+    by_weight = {t["config"]["slowness_weight"]: t for t in trials}
+    assert (by_weight[0.0]["status"], by_weight[0.0]["steps"], by_weight[0.0]["objective"]) == ("completed", 4, None)
+    assert [s for s, _ in by_weight[0.0]["history"]] == [1, 2, 3]
+    assert [s for s, _ in by_weight[0.5]["history"]] == [1, 3, 4] and by_weight[0.5]["objective"] == 0.7
+    assert best_trial(trials)["config"]["slowness_weight"] == 0.5  # the overflowed trial is never the best
+
+
+def test_a_work_dir_holding_other_files_is_refused_and_kept(tmp_path):
+    """A sweep that starts over deletes its work directory: given `--work-dir ray_results` (which holds the
+    training runs' Ray state) or the project root, it deleted them. Such a folder is refused before Ray starts,
+    and nothing in it is touched; a sweep's own folder, or a new one, is accepted."""
+    from ray_jobs.tune import check_work_dir, run_sweep
+
+    shared = tmp_path / "ray_results"
+    (shared / "train-meld").mkdir(parents=True)
+    (shared / "train-meld" / "checkpoint.pt").write_bytes(b"weights")
+    (shared / "tune").mkdir()
+    with pytest.raises(ConfigError, match=r"--work-dir .*ray_results holds train-meld, tune, which no sweep wrote"):
+        run_sweep(TINY_PARAMS, features=str(tmp_path / "features"), bpe=str(tmp_path / "bpe.model"),
+                  codebook=str(tmp_path / "codebook"), out=tmp_path / "tune.json", plot=tmp_path / "tune.png",
+                  work_dir=shared, project_root=str(tmp_path))
+    assert (shared / "train-meld" / "checkpoint.pt").read_bytes() == b"weights"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        check_work_dir(tmp_path / "file")
+    sweep = shared / "tune"
+    for name in ("ray_tune", "ray_train", "trials"):
+        (sweep / name).mkdir()
+    for name in ("sweep.json", "asha.jsonl", ".meld-shared-storage-check-0123"):
+        (sweep / name).write_text("{}")
+    check_work_dir(sweep)  # what a sweep writes (and a storage probe's marker a kill left behind)
+    check_work_dir(tmp_path / "new")
