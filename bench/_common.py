@@ -113,6 +113,18 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
+def trim_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc's ``malloc_trim``), so that RSS read next counts
+    live memory only: glibc keeps large freed blocks for reuse once its mmap threshold has grown."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to hand back
+        pass
+
+
 def reset_peak_rss() -> bool:
     """Restart this process's high-water RSS (``VmHWM``) from its RSS now, so that :func:`peak_rss` then
     reports the peak of what runs after this call alone.
@@ -121,13 +133,7 @@ def reset_peak_rss() -> bool:
     only live memory. Returns False where Linux's ``/proc/self/clear_refs`` is missing: the peak then
     still counts from the process start.
     """
-    import ctypes
-    import ctypes.util
-
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to hand back
-        pass
+    trim_heap()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # 5: reset the peak RSS (Documentation/filesystems/proc.rst)
