@@ -88,10 +88,28 @@ def trial_concurrency(tc: TuneConfig, cluster: dict[str, float]) -> int:
     only a trial's driver, not the workers it starts later: unlimited, it started a driver on each of
     a 2-CPU machine's CPUs and no worker could ever start (WorkerGroupStartupTimeoutError, retried
     for ever)."""
-    if tc.max_concurrent_trials:
-        return tc.max_concurrent_trials
+    return tc.max_concurrent_trials or max(1, trials_that_fit(tc, cluster))
+
+
+def trials_that_fit(tc: TuneConfig, cluster: dict[str, float]) -> int:
+    """How many trials the ``cluster``'s resources hold whole, drivers and workers together (may be 0)."""
     # a hair over the quotient: 1.5 GPUs / 0.3 per trial is 4.999... in floating point
-    return max(1, min(int(cluster.get(k, 0.0) / v + 1e-9) for k, v in trial_resources(tc).items()))
+    return min(int(cluster.get(k, 0.0) / v + 1e-9) for k, v in trial_resources(tc).items())
+
+
+def concurrency_warning(tc: TuneConfig, cluster: dict[str, float]) -> str | None:
+    """What to say when ``tune.max_concurrent_trials`` asks for more trials at once than the cluster
+    holds. Tune starts a trial's driver on one CPU before its workers: with more drivers than fit,
+    they can take the CPUs every worker needs and no trial ever trains (a cluster that grows, an
+    autoscaling one, may still make room, so it is a warning)."""
+    fits = trials_that_fit(tc, cluster)
+    if not tc.max_concurrent_trials or tc.max_concurrent_trials <= fits:
+        return None
+    need = trial_resources(tc)
+    return (f"tune.max_concurrent_trials {tc.max_concurrent_trials}: the cluster's "
+            f"{ {k: cluster.get(k, 0.0) for k in need} } hold {fits} trial(s) at once (a trial takes {need}: its "
+            "workers' and one CPU for its driver); more drivers than that can leave no CPU for any worker, "
+            "and the sweep waits for ever unless the cluster grows. Lower it, or set it to 0 to fit the cluster")
 
 
 class SweepInterrupted(RuntimeError):
@@ -479,6 +497,8 @@ def run_sweep(
         log.info("tune.max_concurrent_trials 0 (no limit): %d trial(s) at once, as many as the cluster's %s hold "
                  "(a trial takes %s: its workers' and one CPU for its driver)", concurrent,
                  {k: cluster.get(k, 0.0) for k in need}, need)
+    elif warning := concurrency_warning(tc, cluster):
+        log.warning(warning)
     t0 = time.time()
     state_file = work_dir / "sweep.json"
     tags = {"meld.stage": "tune", "meld.system": tc.system,

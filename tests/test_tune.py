@@ -264,6 +264,25 @@ def test_no_concurrency_limit_runs_as_many_trials_as_the_cluster_holds():
     assert trial_concurrency(tune(max_concurrent_trials=3), {"CPU": 2.0}) == 3
 
 
+def test_a_given_limit_the_cluster_cannot_hold_is_warned_about_naming_both():
+    """A given tune.max_concurrent_trials is kept (a cluster may grow), but one above what a joined
+    cluster holds can start a driver on every CPU and leave none for any worker: the sweep says so."""
+    from ray_jobs.tune import concurrency_warning, trial_resources, trials_that_fit
+
+    def tune(**kw) -> TuneConfig:
+        return TuneConfig.from_dict({**TINY_PARAMS["tune"], **kw}, "tune")
+
+    tc = tune(max_concurrent_trials=2)
+    need = trial_resources(tc)["CPU"]
+    roomy = {"CPU": 2 * need}
+    assert trials_that_fit(tc, roomy) == 2 and concurrency_warning(tc, roomy) is None
+    assert concurrency_warning(tune(max_concurrent_trials=0), {"CPU": 1.0}) is None  # sized to fit already
+    tight = {"CPU": 2 * need - 1}
+    said = concurrency_warning(tc, tight)
+    assert said.startswith(f"tune.max_concurrent_trials 2: the cluster's {tight} hold 1 trial(s)")
+    assert "set it to 0" in said
+
+
 def test_a_trial_budget_the_data_does_not_fit_is_refused_before_ray_starts(tmp_path_factory, tmp_path):
     """A trial's frame budget (tune.frames_per_batch / r) below its longest utterance is refused, naming the
     trial, before Ray starts (ray_jobs/train.py's check_frame_budget; it failed in every trial's workers)."""
