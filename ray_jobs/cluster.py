@@ -110,14 +110,33 @@ def _look(items: list[tuple[str, str, str | None, int | None]]) -> list[str]:
 def unseen_by_nodes(items: list[tuple[str, str, str | None, int | None]], node_ids: list[str],
                     timeout_s: float = 300.0) -> dict[str, list[str]]:
     """Runs :func:`_look` on each of ``node_ids`` (a zero-CPU task pinned to the node); returns
-    {node id: paths it does not see} for the nodes that miss any."""
+    {node id: paths it does not see} for the nodes that miss any.
+
+    Raises:
+        NodeLocalStorage: naming the nodes whose probe had no answer within ``timeout_s`` (a node too
+            busy to start a worker, or unreachable), whose storage then cannot be told.
+    """
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    if not node_ids:
+        return {}
     look = ray.remote(num_cpus=0, max_retries=0)(_look)
     refs = {node: look.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(items)
             for node in node_ids}
-    found = dict(zip(refs, ray.get(list(refs.values()), timeout=timeout_s)))
+    answered, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+    silent = [node for node, ref in refs.items() if ref not in answered]
+    if silent:
+        for node in silent:
+            ray.cancel(refs[node])
+        addresses = {n["NodeID"]: n.get("NodeManagerAddress", "?") for n in ray.nodes()}
+        nodes = ", ".join(f"{node[:12]} ({addresses.get(node, '?')})" for node in silent)
+        paths = ", ".join(f"{label} {path}" for label, path, _, _ in items)
+        raise NodeLocalStorage(
+            f"the storage probe had no answer within {timeout_s:g} s from node {nodes} (too busy to start a "
+            f"worker, or unreachable): whether it sees {paths} cannot be told; retry once it answers, or take it "
+            "out of the cluster")
+    found = dict(zip(refs, ray.get(list(refs.values()))))
     return {node: miss for node, miss in found.items() if miss}
 
 

@@ -10,10 +10,18 @@ even out across devices. Results come back in the list's order.
 The output is the same as decoding the whole list in one process: a batch holds the same
 utterances whichever actor runs it, and TTS batch k is seeded ``batch_seed(seed, k)`` by its index
 in the whole list (``first_batch``), not by what the actor ran before.
+
+So an actor that dies (its process killed, its node lost) loses nothing: its task is run again by
+another actor, with the same output, and the pool goes on with the actors left. A task that raises
+stops the map with one line naming the decoder, the utterances and the cause. Every actor checks
+that the checkpoint it loads is the file the driver hashed (SHA-256): a node with a stale or partial
+copy at the same path, or a file rewritten while the pool runs, would otherwise decode with other
+weights than the rest, silently.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import logging
 import math
@@ -38,6 +46,30 @@ class PoolRefused(ValueError):
     """The cluster cannot hold the pool: too few GPUs or cores in all, or not free within the start timeout."""
 
 
+class DecodeFailed(RuntimeError):
+    """A decoding task raised, or its actors died: one line naming the decoder, checkpoint, utterances and cause
+    (the Ray error it comes from, with the remote traceback, is its ``__cause__``)."""
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (a checkpoint every actor must load the same)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _one_line(err: BaseException) -> str:
+    """What a Ray error says went wrong, in one line: a failed task's own exception, or a dead actor's
+    first line."""
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, BaseException):
+        return f"{type(cause).__name__}: " + " ".join(str(cause).split())
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
+
+
 class _Decoder:
     """One actor: a device, the models it has loaded (by checkpoint path and compile flag), and a decode call."""
 
@@ -52,7 +84,7 @@ class _Decoder:
         """Answers once the actor is placed and constructed (the pool waits for every actor's answer)."""
         return True
 
-    def run(self, function: str, checkpoint: str, compile: bool, items: dict[str, list], options: dict
+    def run(self, function: str, checkpoint: str, digest: str, compile: bool, items: dict[str, list], options: dict
             ) -> tuple[list, float, float]:
         """The decoded items, the seconds the decoding took here (model loading left out) and the
         part of them the compiled step spent compiling (``decoding_compile_seconds``)."""
@@ -60,22 +92,39 @@ class _Decoder:
 
         module, name = DECODERS[function]
         decode = getattr(importlib.import_module(module), name)
-        model = self._model(checkpoint, compile)
+        model = self._model(checkpoint, compile, digest)
         compiled_before = decoding_compile_seconds(model)
         start = time.perf_counter()
         out = decode(model, **items, **options)
         return out, time.perf_counter() - start, decoding_compile_seconds(model) - compiled_before
 
-    def _model(self, checkpoint: str, compile: bool):
+    def _model(self, checkpoint: str, compile: bool, digest: str | None = None):
+        """The model of ``checkpoint``, loaded once; ``digest``: the SHA-256 the driver read, which the
+        file here must have when it loads."""
         key = (checkpoint, compile)
         if key not in self.models:
             from meld.models.backbone import configure_decoding
-            from meld.training import load_model, weight_sharing_copy
+            from meld.training import CheckpointError, load_model, weight_sharing_copy
 
             other = self.models.get((checkpoint, not compile))
             if other is not None:  # a joint model's TTS (compiled) and STT sides: one set of weights
                 model = weight_sharing_copy(other)
             else:
+                if digest is not None:
+                    import ray
+
+                    where = f"on node {ray.util.get_node_ip_address()}"
+                    try:
+                        here = file_sha256(checkpoint)
+                    except OSError as err:
+                        raise CheckpointError(f"{checkpoint}: not readable {where} ({err.strerror}), where the "
+                                              "evaluation's driver reads it: on several nodes it must lie on storage "
+                                              "every node mounts at the same path") from None
+                    if here != digest:
+                        raise CheckpointError(f"{checkpoint}: another file {where} (SHA-256 {here[:12]}) than the "
+                                              f"driver read ({digest[:12]}): a stale copy on this node, or rewritten "
+                                              "while the evaluation runs; every decoding actor must load the same "
+                                              "weights")
                 model, _ = load_model(checkpoint)
                 model.to(self.device)
             if compile:
@@ -127,6 +176,8 @@ class DecodePool:
                               f"{start_timeout_s:g} s; the cluster has {have} {resource}s, {free:g} free now (other "
                               "jobs hold the rest): lower evaluate.decode_workers or free them")
         self.workers = workers
+        self.dead: set[int] = set()  # actors whose process or node died (their tasks ran again on others)
+        self._digests: dict[str, str] = {}  # checkpoint -> SHA-256 when the pool first used it
         self.tasks_run = [0] * workers  # tasks each actor has run (bench.decode_pool shows them; tests check them)
         self.device_seconds = 0.0  # decoding time summed over the actors, of the last map()
         self.compile_seconds = 0.0  # the part of it the actors' compiled steps spent compiling
@@ -159,32 +210,56 @@ class DecodePool:
             raise ValueError(f"{function}: per-utterance lists of different lengths "
                              f"{ {k: len(v) for k, v in items.items()} }")
         checkpoint = str(Path(checkpoint).resolve())  # an actor's working directory need not be this one
+        # hashed once per pool: an actor loading it later (a new split, a new variant) must load these bytes
+        if checkpoint not in self._digests:
+            self._digests[checkpoint] = file_sha256(checkpoint)
+        digest = self._digests[checkpoint]
         batches = math.ceil(n / batch_size)
         per_task = max(1, math.ceil(batches / (TASKS_PER_WORKER * self.workers)))  # batches per task
         queue = deque(range(0, batches, per_task))  # each task's first batch
         results: dict[int, list] = {}
         self.device_seconds = self.compile_seconds = 0.0
         pending: dict = {}
-        idle = list(range(len(self.actors)))  # actor indices
+        idle = [a for a in range(len(self.actors)) if a not in self.dead]  # actor indices
+        lost: set[int] = set()  # tasks (by first batch) whose actor died once already
         bar = progress(total=n, desc=progress_desc, unit="utt", disable=progress_desc is None)
         try:
             while queue or pending:
+                if not idle and not pending:
+                    raise DecodeFailed(f"{function} of {checkpoint}: every one of the {len(self.actors)} decoding "
+                                       f"actors has died; utterances {queue[0] * batch_size}.. of {n} not decoded")
                 while queue and idle:
                     first = queue.popleft()
                     lo, hi = first * batch_size, min(n, (first + per_task) * batch_size)
                     call = dict(options, batch_size=batch_size, **({"first_batch": first} if function in SEEDED else {}))
                     actor = idle.pop()
-                    ref = self.actors[actor].run.remote(function, checkpoint, compile,
+                    ref = self.actors[actor].run.remote(function, checkpoint, digest, compile,
                                                         {k: v[lo:hi] for k, v in items.items()}, call)
-                    pending[ref] = (first, actor, hi - lo)
+                    pending[ref] = (first, actor, lo, hi)
                 (done,), _ = ray.wait(list(pending), num_returns=1)
-                first, actor, size = pending.pop(done)
-                results[first], seconds, compiling = ray.get(done)  # a failed task raises here, with its traceback
+                first, actor, lo, hi = pending.pop(done)
+                what = f"{function} of {checkpoint}, utterances {lo}..{hi - 1} of {n}, on decoding actor {actor}"
+                try:
+                    results[first], seconds, compiling = ray.get(done)
+                except ray.exceptions.RayActorError as err:
+                    # its process or node died: the task runs again on another actor (its batches are seeded
+                    # by index: the same output); twice lost, the batches themselves are the likely cause
+                    self.dead.add(actor)
+                    if first in lost:
+                        raise DecodeFailed(f"{what}: the second actor to die running these utterances "
+                                           f"({_one_line(err)})") from err
+                    lost.add(first)
+                    queue.appendleft(first)
+                    log.warning("%s: the actor died (%s); %d of %d actors left, the task runs again", what,
+                                _one_line(err), len(self.actors) - len(self.dead), len(self.actors))
+                    continue
+                except ray.exceptions.RayError as err:  # the decoding itself raised: the remote traceback is chained
+                    raise DecodeFailed(f"{what}: {_one_line(err)}") from err
                 self.device_seconds += seconds
                 self.compile_seconds += compiling
                 self.tasks_run[actor] += 1
                 idle.append(actor)
-                bar.update(size)
+                bar.update(hi - lo)
         finally:
             bar.close()
         return [item for first in sorted(results) for item in results[first]]

@@ -205,3 +205,48 @@ def test_decode_workers_is_checked_with_the_device():
     EvaluateConfig.from_dict({"decode_workers": 1, "device": "mps"}, "evaluate")  # one device, no sharding
     with pytest.raises(ConfigError, match="evaluate.score_device"):  # the judges' backends take no mps
         EvaluateConfig.from_dict({"score_device": "mps"}, "evaluate")
+
+
+def test_a_dead_actor_loses_nothing_and_a_failed_task_or_another_checkpoint_is_named(tiny_checkpoint, tmp_path,
+                                                                                   one_thread):
+    """A 16-GPU evaluation runs for hours. An actor whose process or node dies has its task run again by
+    another (batches are seeded by index: the same output); only when none is left does the map stop,
+    saying so. A task that raises stops the map with one line naming the decoder, the utterances and the
+    cause. An actor loading a checkpoint that is not the file the driver hashed (a stale copy on its
+    node, a file rewritten meanwhile) is refused, not left to decode with other weights."""
+    import shutil
+
+    import ray
+    from test_faults import ensure_ray
+
+    from ray_jobs.decode_pool import DecodeFailed, DecodePool
+
+    ensure_ray()
+    path, model = tiny_checkpoint
+    model.eval()
+    texts, prompts = _tts_inputs()
+    items = {"texts": texts, "prompts": prompts, "max_frames": GUARDS}
+    local = tts_continue(model, texts, prompts, max_frames=GUARDS, batch_size=BATCH, **TTS_OPTIONS)
+    copy = tmp_path / "copy.pt"
+    shutil.copyfile(path, copy)
+    with DecodePool(2, "cpu") as pool:
+        # one task: one actor loads the copy, which is then rewritten (the same weights, other bytes)
+        pool.map("tts_continue", str(copy), {k: v[:1] for k, v in items.items()}, TTS_OPTIONS, batch_size=BATCH)
+        same, kwargs = tiny_meld(reduction=REDUCTION, encoder_dropout=0.5)
+        save_checkpoint(copy, system="meld", model=same, model_kwargs=kwargs, extra={"task": "joint", "rewritten": 1})
+        with pytest.raises(DecodeFailed, match=r"^tts_continue of .*copy\.pt, utterances \d+\.\.\d+ of 7, on decoding "
+                                               r"actor \d: CheckpointError: .*copy\.pt: another file on node \S+ "
+                                               r"\(SHA-256 \w{12}\) than the driver read \(\w{12}\)") as failed:
+            pool.map("tts_continue", str(copy), items, TTS_OPTIONS, batch_size=BATCH)
+        assert "\n" not in str(failed.value) and isinstance(failed.value.__cause__, ray.exceptions.RayTaskError)
+        with pytest.raises(DecodeFailed, match=r"^tts_continue of .*, utterances \d\.\.\d of 7, on decoding actor \d: \w+: "):
+            pool.map("tts_continue", str(path), items | {"texts": [[10**6]] * 7}, TTS_OPTIONS, batch_size=BATCH)
+
+        ray.kill(pool.actors[0], no_restart=True)
+        done_before = list(pool.tasks_run)
+        _same_continuations(pool.map("tts_continue", str(path), items, TTS_OPTIONS, batch_size=BATCH), local)
+        assert pool.dead == {0} and pool.tasks_run[0] == done_before[0]
+        assert pool.tasks_run[1] - done_before[1] == 4  # every task, the dead actor's included, on the one left
+        ray.kill(pool.actors[1], no_restart=True)
+        with pytest.raises(DecodeFailed, match=r"every one of the 2 decoding actors has died; utterances 0\.\. of 7"):
+            pool.map("tts_continue", str(path), items, TTS_OPTIONS, batch_size=BATCH)

@@ -150,6 +150,20 @@ def test_each_node_is_probed_for_the_folders_and_files_it_must_see(own_ray, tmp_
                                                       f"--features {tmp_path / 'nowhere'}"]}
 
 
+def test_a_node_whose_probe_does_not_answer_is_named(own_ray, tmp_path):
+    """A node too busy to start the probe's worker in time, or unreachable, cannot say what it sees: the
+    run is refused naming that node and the paths, not with Ray's bare "Get timed out"."""
+    from ray_jobs.cluster import NodeLocalStorage, alive_nodes, unseen_by_nodes
+
+    (tmp_path / "bpe.model").write_bytes(b"12345")
+    nodes = alive_nodes()
+    items = [("--bpe", str(tmp_path / "bpe.model"), None, 5)]
+    with pytest.raises(NodeLocalStorage, match=rf"no answer within 0 s from node {nodes[0][:12]} \(\S+\) .*whether "
+                                               rf"it sees --bpe {tmp_path / 'bpe.model'} cannot be told"):
+        unseen_by_nodes(items, nodes, timeout_s=0)  # no task finishes in no time
+    assert unseen_by_nodes(items, nodes) == {} and unseen_by_nodes(items, []) == {}
+
+
 def test_a_sweep_under_a_jobs_working_dir_copy_is_refused_before_any_trial(own_ray, tmp_path_factory, tmp_path,
                                                                           monkeypatch):
     """The sweep's default --work-dir (ray_results/tune) and --out (reports/tune.json) are relative: under
