@@ -308,3 +308,118 @@ def test_a_stage_reports_input_it_cannot_use_in_one_line_and_bugs_with_their_tra
 
     with pytest.raises(KeyError):
         run_stage("codebook", bug)
+
+
+# --------------------------------------------------------------- the paper's facts in configs/paper.yaml
+PAPER = ROOT / "configs" / "paper.yaml"
+LIBRISPEECH_ALL = {"train-clean-100", "train-clean-360", "train-other-500", "dev-clean", "dev-other", "test-clean",
+                   "test-other"}
+
+
+def _system(params: dict, system: str, section: str) -> dict:
+    """A system's ``model`` or ``train`` section as the training driver merges it (the system's own over the top level)."""
+    from ray_jobs.train import _merge
+
+    return _merge(params[section], (params.get(system) or {}).get(section) or {})
+
+
+def paper_fact_mismatches(params: dict) -> list[str]:
+    """Every hyper-parameter or protocol value that DESIGN.md states for the MELD paper and that a
+    paper-scale params file does not carry, as ``what: got X, DESIGN.md <where> says Y``. Values that
+    DESIGN.md does not give (learning rate, sampling settings, encoder width, ...) are not checked;
+    deliberate deviations (MELLE's flux start, meld_joint's warm-up length: docs/decisions.md) neither."""
+    from meld.corpus.librispeech import SUBSET_SPLITS
+
+    meld_model, meld_train = _system(params, "meld", "model"), _system(params, "meld", "train")
+    train, ev, tune = params["train"], params["evaluate"], params["tune"]
+    melle_args, melle_weights = params["melle"].get("args") or {}, _system(params, "melle", "train")["loss_weights"]
+    subset_of = {split: subset for subset, split in SUBSET_SPLITS.items() if not subset.startswith("train")}
+    facts = [  # (what, value in the file, DESIGN.md's value, where DESIGN.md says it)
+        ("codebook.size", params["codebook"]["size"], 8192, "§3 (line 72)"),
+        ("codebook.reduction_factors", sorted(params["codebook"]["reduction_factors"]), [1, 2], "§3/§5 (lines 73, 114)"),
+        ("bpe.vocab_size", params["bpe"]["vocab_size"], 4096, "§3 (line 74)"),
+        ("meld model.n_layers", meld_model["n_layers"], 12, "§5 (line 106)"),
+        ("meld model.n_heads", meld_model["n_heads"], 16, "§5 (line 106)"),
+        ("meld model.d_model", meld_model["d_model"], 1024, "§5 (line 106)"),
+        ("meld model.d_ff", meld_model["d_ff"], 4096, "§5 (line 106)"),
+        ("meld model.dropout", meld_model["dropout"], 0.2, "§5 (line 106)"),
+        ("meld model.encoder_dropout", meld_model["encoder_dropout"], 0.5, "§5 (line 104)"),
+        ("meld model.postnet_channels", meld_model["postnet_channels"], 512, "§5 (line 109)"),
+        ("meld model.postnet_kernel", meld_model["postnet_kernel"], 5, "§5 (line 109)"),
+        ("meld model.reduction_factor in {1, 2}", meld_model["reduction_factor"] in (1, 2), True, "§5 (line 114)"),
+        ("meld train.loss_weights.slowness", meld_train["loss_weights"].get("slowness"), 0.2, "§5 (line 110)"),
+        ("meld_joint train.loss_weights.slowness",
+         _system(params, "meld_joint", "train")["loss_weights"].get("slowness"), 0.2, "§5 (line 110)"),
+        ("frames per batch (train.num_workers x train.frames_per_batch)",
+         meld_train["num_workers"] * meld_train["frames_per_batch"], 50_000, "§7 (line 130)"),
+        ("train.warmup_steps", train["warmup_steps"], 1_000, "§7 (line 131)"),
+        ("train.hold_steps", train["hold_steps"], 100_000, "§7 (line 131)"),
+        ("train.decay_steps", train["decay_steps"], 100_000, "§7 (line 131)"),
+        ("train.max_steps (the whole schedule)", train["max_steps"],
+         train["warmup_steps"] + train["hold_steps"] + train["decay_steps"], "§7 (line 131)"),
+        ("train.grad_clip", train["grad_clip"], 10.0, "§7 (line 131)"),
+        ("train.bf16", train["bf16"], True, "§7 (line 131)"),
+        ("melle loss_weights.kl", melle_weights.get("kl"), 0.1, "§6 (line 120)"),
+        ("melle args.kl_start_step", melle_args.get("kl_start_step"), 10_000, "§6 (line 120)"),
+        ("melle loss_weights.flux", melle_weights.get("flux"), 0.5, "§6 (line 120)"),
+        ("melle args.stop_pos_weight", melle_args.get("stop_pos_weight"), 100.0, "§6 (line 121)"),
+        ("dmel args.n_bins", (params["dmel"].get("args") or {}).get("n_bins"), 16, "§6 (line 123)"),
+        ("codec_lm args.n_levels", (params["codec_lm"].get("args") or {}).get("n_levels"), 12, "§6 (line 124)"),
+        ("corpus.name", params["corpus"]["name"], "librispeech", "§9 (line 143)"),
+        ("corpus.librispeech_subsets", set(params["corpus"]["librispeech_subsets"]), LIBRISPEECH_ALL,
+         "§9 (lines 143-149: 960 h to train on, dev/test clean/other)"),
+        ("evaluate.splits (as LibriSpeech subsets)", [subset_of.get(s, s) for s in ev["splits"]], ["test-clean"],
+         "§9 (line 145)"),
+        ("evaluate.min_seconds", ev["min_seconds"], 4.0, "§9 (line 145)"),
+        ("evaluate.max_seconds", ev["max_seconds"], 10.0, "§9 (line 145)"),
+        ("evaluate.prompt_seconds", ev["prompt_seconds"], 3.0, "§9 (line 145)"),
+        ("evaluate.generations", ev["generations"], 3, "§9 (line 146)"),
+        ("evaluate.stt_splits", set(ev["stt_splits"]), {"dev", "test", "dev_other", "test_other"}, "§9 (line 149)"),
+        ("evaluate.stt_beam_size", ev["stt_beam_size"], 5, "§9 (line 149)"),
+        ("evaluate.asr_judge", ev["asr_judge"], "whisper", "§9 (line 150)"),
+        ("evaluate.speaker_model", ev["speaker_model"], "wavlm", "§9 (line 150)"),
+        ("tune sweeps the paper's slowness weight", 0.2 in tune["slowness_weights"], True, "§3 (line 77), §5 (line 110)"),
+        ("tune.reduction_factors", sorted(tune["reduction_factors"]), [1, 2], "§3 (line 77), §5 (line 114)"),
+    ]
+    return [f"{what}: got {got!r}, DESIGN.md {where} says {want!r}" for what, got, want, where in facts if got != want]
+
+
+def test_the_paper_config_carries_every_paper_fact_design_md_states():
+    """configs/paper.yaml holds the paper's sizes, schedule, loss weights and evaluation protocol as
+    DESIGN.md states them, for MELD as the training driver merges its section (a ``meld:`` override
+    of the top-level sections counts)."""
+    assert paper_fact_mismatches(read_params(PAPER)) == []
+
+
+PAPER_FACT_BREAKS = [  # one edit each, and the fact it breaks: the check above can fail
+    ({"meld": {"train": {"task": "tts", "loss_weights": {"slowness": 0.5}}}}, "meld train.loss_weights.slowness"),
+    ({"meld": {"model": {"dropout": 0.1}}}, "meld model.dropout"),
+    ({"train": {"frames_per_batch": 2500}}, "frames per batch"),
+    ({"train": {"max_steps": 20_000}}, "train.max_steps"),
+    ({"melle": {"args": {"kl_start_step": 20}}}, "melle args.kl_start_step"),
+    ({"evaluate": {"splits": ["test_other"]}}, "evaluate.splits"),
+    ({"evaluate": {"stt_splits": ["dev", "test"]}}, "evaluate.stt_splits"),
+    ({"codebook": {"size": 256}}, "codebook.size"),
+]
+
+
+@pytest.mark.parametrize(("edit", "fact"), PAPER_FACT_BREAKS, ids=[f for _, f in PAPER_FACT_BREAKS])
+def test_a_paper_config_that_loses_a_paper_fact_is_named(edit, fact):
+    from ray_jobs.train import _merge
+
+    mismatches = paper_fact_mismatches(_merge(read_params(PAPER), edit))
+    assert [m for m in mismatches if m.startswith(fact)], mismatches
+    assert "DESIGN.md §" in mismatches[0]
+
+
+def test_the_benches_paper_model_is_the_one_the_training_driver_builds_from_the_paper_config():
+    """bench/_common.paper_meld_kwargs times "exactly the configuration a paper-scale run trains":
+    the kwargs ray_jobs.train builds for ``meld`` (its section merged over ``model``, its args)."""
+    from bench._common import paper_meld_kwargs
+    from meld.models.builders import system_kwargs
+
+    params = read_params(PAPER)
+    model = ModelConfig.from_dict(_system(params, "meld", "model"), "model")
+    driver = system_kwargs("meld", model, n_text=params["bpe"]["vocab_size"], codebook_size=params["codebook"]["size"],
+                           args=params["meld"].get("args"))
+    assert paper_meld_kwargs() == driver
