@@ -243,13 +243,16 @@ def paper_meld_kwargs(reduction_factor: int | None = None) -> dict:
     import dataclasses
 
     from meld.config import ModelConfig
-    from meld.models.builders import meld_kwargs
+    from meld.models.builders import system_kwargs
+    from ray_jobs.train import _merge
 
     raw = paper_config()
-    cfg = ModelConfig.from_dict(raw["model"], "model")
+    section = raw.get("meld") or {}  # MELD's own overrides and args, merged as the training driver merges them
+    cfg = ModelConfig.from_dict(_merge(raw["model"], section.get("model") or {}), "model")
     if reduction_factor is not None:
         cfg = dataclasses.replace(cfg, reduction_factor=reduction_factor)
-    return meld_kwargs(cfg, n_text=int(raw["bpe"]["vocab_size"]), codebook_size=int(raw["codebook"]["size"]))
+    return system_kwargs("meld", cfg, n_text=int(raw["bpe"]["vocab_size"]), codebook_size=int(raw["codebook"]["size"]),
+                         args=section.get("args"))
 
 
 def paper_frames_per_worker() -> int:
