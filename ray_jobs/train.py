@@ -567,22 +567,17 @@ def run_training(
     Raises:
         NonFiniteLoss: the loss became NaN/inf (the last good checkpoint stays in config["checkpoint_dir"]).
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from meld.training import NonFiniteLoss
 
     marker = Path(config["checkpoint_dir"]) / NONFINITE_MARKER
     marker.unlink(missing_ok=True)  # from an earlier attempt
-    resources = {}
-    if cpus_per_worker is not None:
-        resources["CPU"] = cpus_per_worker
-    if use_gpu and gpus_per_worker is not None:
-        resources["GPU"] = gpus_per_worker
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources or None),
+        scaling_config=scaling_config(num_workers, use_gpu, cpus_per_worker, gpus_per_worker),
         run_config=RunConfig(
             name=config["run_name"],  # stable: a restarted run finds its own checkpoints
             storage_path=storage_path,
@@ -601,6 +596,59 @@ def run_training(
     if marker.is_file():
         raise NonFiniteLoss(json.loads(marker.read_text())["message"])
     return result
+
+
+def scaling_config(num_workers: int, use_gpu: bool, cpus_per_worker: float | None = None,
+                   gpus_per_worker: float | None = None):
+    """The Ray Train ``ScalingConfig`` of a run (default resources per worker: Ray's, 1 CPU, or 1 GPU)."""
+    from ray.train import ScalingConfig
+
+    resources = {}
+    if cpus_per_worker is not None:
+        resources["CPU"] = cpus_per_worker
+    if use_gpu and gpus_per_worker is not None:
+        resources["GPU"] = gpus_per_worker
+    return ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources or None)
+
+
+def check_cluster_holds(train: dict, need: dict[str, float], cluster: dict[str, float], *, can_grow: bool) -> None:
+    """Refuse a run whose workers the cluster can never hold at once (``need``: the ScalingConfig's
+    ``total_resources``; ``cluster``: the resources it has, or with ``can_grow`` the most its autoscaler
+    config allows). Ray Train would wait for them for ever: its worker group times out after 60 s and
+    is started again without end (the controller's retries are unlimited, whatever ``max_failures``
+    says), e.g. ``train.use_gpu: true`` on a machine without a GPU. A cluster that has the resources but
+    not free (another job holds them) is waited for, as Ray does.
+
+    Raises:
+        ConfigError: naming what the workers need and what the cluster has.
+    """
+    from meld.config import ConfigError
+
+    short = {k: v for k, v in need.items() if cluster.get(k, 0.0) + 1e-9 < v}
+    if not short:
+        return
+    per_worker = "one GPU per worker" if train["use_gpu"] else "one CPU per worker"
+    has = {k: cluster.get(k, 0.0) for k in need}
+    raise ConfigError(f"train.num_workers {train['num_workers']} with train.use_gpu {str(train['use_gpu']).lower()} "
+                      f"needs {need} ({per_worker}), but the Ray cluster {'can grow to at most' if can_grow else 'has'} "
+                      f"{has}: lower train.num_workers{', or set train.use_gpu: false' if train['use_gpu'] else ''} "
+                      "(Ray Train would wait for the missing workers for ever)")
+
+
+def _cluster_limit() -> tuple[dict[str, float], bool]:
+    """What the joined cluster can hold: the most its autoscaler config allows (the bound Ray Train
+    itself checks, when there is one), else the resources of its nodes now; and whether it can grow."""
+    import ray
+
+    try:  # Ray's own, as Train's worker group reads it; a check that cannot tell falls back to the nodes
+        from ray._private.state import state
+
+        most = state.get_max_resources_from_cluster_config()
+    except Exception:
+        most = None
+    if most:
+        return {k: float(v) for k, v in most.items()}, True
+    return ray.cluster_resources(), False
 
 
 def _training_run(config: dict):
@@ -637,6 +685,18 @@ def _merge(base: dict, over: dict) -> dict:
     for k, v in over.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def _mapping(value, where: str) -> dict:
+    """A params section that is merged key by key: a mapping, or empty (absent or null)."""
+    from meld.config import ConfigError
+
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"params section '{where}': expected a mapping of keys to values, got "
+                          f"{type(value).__name__} {value!r:.80}")
+    return value
 
 
 def build_config(
@@ -676,15 +736,15 @@ def build_config(
         # with MELD's loss weights, each of its own losses at weight 1 (MELLE's KL at 1, not 0.1)
         raise ConfigError(f"params: no '{system}' section; every system but meld needs one (its task, loss weights "
                           "and args: params.yaml and configs/paper.yaml have one for each)")
-    section = params.get(system) or {}
+    section = _mapping(params.get(system), system)
     if system == "codec_lm":  # its section also names the codec behind the code store
         CodecLMConfig.from_dict(section, system)
     else:
         unknown = sorted(set(section) - {"model", "train", "args"})
         if unknown:
-            raise ValueError(f"params section '{system}': unknown key(s) {unknown}; known: ['args', 'model', 'train']")
-    model_d = _merge(params.get("model", {}), section.get("model") or {})
-    train_d = _merge(params.get("train", {}), section.get("train") or {})
+            raise ConfigError(f"params section '{system}': unknown key(s) {unknown}; known: ['args', 'model', 'train']")
+    model_d = _merge(_mapping(params.get("model"), "model"), _mapping(section.get("model"), f"{system}.model"))
+    train_d = _merge(_mapping(params.get("train"), "train"), _mapping(section.get("train"), f"{system}.train"))
     if overrides:
         model_d = _merge(model_d, overrides.get("model") or {})
         train_d = _merge(train_d, overrides.get("train") or {})
@@ -711,6 +771,7 @@ def build_config(
         raise ConfigError(f"params section '{system}': {system} cannot be built from its args "
                           f"{section.get('args') or {}} and the model section: {err}") from err
     out = Path(out).resolve()
+    _check_out_is_this_systems(out, system)
     train = train_cfg.to_dict()
     train["loss_weights"] = dict(train["loss_weights"])
     if train_cfg.init_from:
@@ -869,11 +930,37 @@ def _code_digest(root: Path | None = None) -> str:
     return files_digest(sorted(code_closure(root / "ray_jobs" / "train.py", root)))
 
 
+def _check_out_is_this_systems(out: Path, system: str) -> None:
+    """Refuse an output folder that holds another system's model.pt or training checkpoints. One folder
+    for two systems (e.g. ``MELD_OUT`` in a runtime env shared by the jobs of several systems, as
+    docs/scaling.md's env holds it for ``--system meld``) had the second system set the first's
+    checkpoints aside, prune or be pruned by them when both ran, and export over its model.pt."""
+    from meld.config import ConfigError
+    from meld.training import CheckpointError, latest_good_checkpoint, load_checkpoint
+
+    found = []
+    if (out / "model.pt").is_file():
+        try:
+            found.append((load_checkpoint(out / "model.pt", mmap=True)["system"], out / "model.pt"))
+        except CheckpointError:  # unreadable: nothing to keep; the export replaces it
+            pass
+    newest = latest_good_checkpoint(out / "checkpoints", mmap=True)
+    if newest is not None:
+        found.append((newest["system"], out / "checkpoints" / f"step-{newest['step']}.pt"))
+    for theirs, path in found:
+        if theirs != system:
+            raise ConfigError(f"--out {out} holds another system's training: {path} is a {theirs} model, and this run "
+                              f"trains {system}, which would export over its model.pt and set its checkpoints aside; "
+                              "give every system a folder of its own (--out, or MELD_OUT per job), or delete that "
+                              "folder's model.pt and checkpoints to reuse it")
+
+
 def _check_init_from(path: str | Path, system: str, model_kwargs: dict, checkpoint_dir: Path) -> Path:
     """``train.init_from``, checked before any worker starts: the file exists, is not one of this
     run's own checkpoints (a new configuration sets those aside before it would load it), holds a
     model of the same class (``meld``, ``meld_stt`` and ``meld_joint`` share one), and every weight
     has the shape this run's model expects."""
+    from meld.config import ConfigError
     from meld.models.builders import build_model, model_class
     from meld.training import load_checkpoint
 
@@ -881,11 +968,11 @@ def _check_init_from(path: str | Path, system: str, model_kwargs: dict, checkpoi
     if not path.is_file():
         raise FileNotFoundError(f"train.init_from: {path} does not exist")
     if path.parent == Path(checkpoint_dir).resolve():
-        raise ValueError(f"train.init_from: {path} is one of this run's own checkpoints, which a new configuration "
-                         f"sets aside before it starts; copy it out first (e.g. cp {path} {path.parent.parent}/init.pt)")
+        raise ConfigError(f"train.init_from: {path} is one of this run's own checkpoints, which a new configuration "
+                          f"sets aside before it starts; copy it out first (e.g. cp {path} {path.parent.parent}/init.pt)")
     state = load_checkpoint(path, mmap=True)  # its shapes are checked, its values not read
     if model_class(state["system"]) is not model_class(system):
-        raise ValueError(f"train.init_from: {path} holds a {state['system']} model; {system} cannot start from it")
+        raise ConfigError(f"train.init_from: {path} holds a {state['system']} model; {system} cannot start from it")
     import torch
 
     with torch.device("meta"):  # shapes only: no memory or initialisation for a paper-size model
@@ -894,8 +981,8 @@ def _check_init_from(path: str | Path, system: str, model_kwargs: dict, checkpoi
     wrong = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
     if wrong:
         detail = ", ".join(f"{k}: {found.get(k, 'missing')} vs {expected.get(k, 'not in this model')}" for k in wrong[:5])
-        raise ValueError(f"train.init_from: {path} does not fit this {system} model ({len(wrong)} weights differ: "
-                         f"{detail}{', ...' if len(wrong) > 5 else ''}); model settings must match the run it came from")
+        raise ConfigError(f"train.init_from: {path} does not fit this {system} model ({len(wrong)} weights differ: "
+                          f"{detail}{', ...' if len(wrong) > 5 else ''}); model settings must match the run it came from")
     return path
 
 
@@ -903,14 +990,15 @@ def _code_data(codes: str | Path | None, model_kwargs: dict) -> dict:
     """The worker-config entries of a Codec-LM run: its code store and the codec that made it.
 
     Raises:
-        ValueError: no code store given, or its codec's levels / codebook size differ from the model's.
+        ConfigError: no code store given, or its codec's levels / codebook size differ from the model's.
         FileNotFoundError: the folder is not the codes stage's output.
     """
     from meld.codes import CODEC_FILE, read_codec_description
+    from meld.config import ConfigError
 
     if codes is None:
-        raise ValueError("codec_lm trains on DAC codes, not mel features: give --codes (the codes stage's output, "
-                         "e.g. data/codes/codec_lm); in the DVC pipeline list it under `codec_systems`, not `systems`")
+        raise ConfigError("codec_lm trains on DAC codes, not mel features: give --codes (the codes stage's output, "
+                          "e.g. data/codes/codec_lm); in the DVC pipeline list it under `codec_systems`, not `systems`")
     codes = Path(codes).resolve()
     if not (codes / CODEC_FILE).is_file() or not (codes / "train" / "index.jsonl").is_file():
         raise FileNotFoundError(f"{codes}: not a code store (no {CODEC_FILE} or train/index.jsonl; did the codes "
@@ -919,8 +1007,8 @@ def _code_data(codes: str | Path | None, model_kwargs: dict) -> dict:
     made = (codec["n_levels"], codec["codebook_size"])
     wanted = (model_kwargs["n_levels"], model_kwargs["codebook_size"])
     if made != wanted:
-        raise ValueError(f"{codes}: codes of {made[0]} levels x {made[1]} codes, but codec_lm.args asks for "
-                         f"{wanted[0]} x {wanted[1]}; rerun the codes stage")
+        raise ConfigError(f"{codes}: codes of {made[0]} levels x {made[1]} codes, but codec_lm.args asks for "
+                          f"{wanted[0]} x {wanted[1]}; rerun the codes stage")
     return {"data_kind": "codes", "codec": codec, "train_store": str(codes / "train"), "eval_store": None}
 
 
@@ -938,13 +1026,19 @@ def export_model(config: dict, out: Path) -> Path:
 
     from meld.models.builders import build_model
     from meld.store import load_stats
-    from meld.training import latest_good_checkpoint, save_checkpoint
+    from meld.training import CheckpointError, latest_good_checkpoint, save_checkpoint
 
     state = latest_good_checkpoint(config["checkpoint_dir"], mmap=True)  # the optimiser's moments are never read
     if state is None:
-        raise RuntimeError(f"training left no checkpoint in {config['checkpoint_dir']}")
-    if state["extra"].get("fingerprint") != config["fingerprint"]:
-        raise RuntimeError(f"the newest checkpoint in {config['checkpoint_dir']} belongs to another configuration")
+        raise CheckpointError(f"training left no checkpoint in {config['checkpoint_dir']}")
+    theirs = state["extra"].get("fingerprint")
+    if theirs != config["fingerprint"]:
+        # this run's own checkpoints are in the folder only until another run writes or sets them aside
+        raise CheckpointError(
+            f"{config['checkpoint_dir']}/step-{state['step']}.pt, the newest checkpoint, is not this run's: a "
+            f"{state['system']} run of configuration {theirs} wrote it, this {config['system']} run is "
+            f"{config['fingerprint']}; another run writes to this folder (give each run its own --out), and "
+            f"this run's weights may be in {config['checkpoint_dir']}/stale/{config['fingerprint']}")
     model = build_model(config["system"], config["model_kwargs"])
     model.load_state_dict(state["model"])
     extra = {
@@ -978,6 +1072,18 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                    help="DAC code store from the codes stage (codec_lm only, e.g. data/codes/codec_lm)")
 
 
+def max_failures(text: str) -> int:
+    """``--max-failures`` / ``MELD_MAX_FAILURES``: an integer, -1 (no limit) or more. Ray reads any value
+    below -1 as 0 (no restart) without a word."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer (restarts; -1: no limit), got {text!r}") from None
+    if n < -1:
+        raise argparse.ArgumentTypeError(f"expected -1 (no limit) or a count of restarts >= 0, got {n}")
+    return n
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     env = os.environ.get
@@ -987,10 +1093,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--project-root", default=env("MELD_PROJECT_ROOT", "."))
     p.add_argument("--ray-storage", default=env("MELD_RAY_STORAGE", "ray_results"),
                    help="Ray's run storage (a shared path or s3://... on a multi-node cluster)")
-    p.add_argument("--max-failures", type=int, default=int(env("MELD_MAX_FAILURES", "2")),
-                   help="worker-group restarts (each from the last checkpoint) before the run fails")
+    p.add_argument("--max-failures", type=max_failures, default=None,
+                   help="worker-group restarts (each from the last checkpoint) before the run fails; -1: no limit "
+                        "(default: MELD_MAX_FAILURES, else 2)")
     args = p.parse_args(argv)
     args.out = args.out or f"models/{args.system}"
+    if args.max_failures is None:  # read here, not as the flag's default: a bad value names the variable
+        from meld.config import ConfigError
+
+        try:
+            args.max_failures = max_failures(env("MELD_MAX_FAILURES", "2"))
+        except argparse.ArgumentTypeError as err:
+            raise ConfigError(f"MELD_MAX_FAILURES: {err}") from err
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from meld import tracking
     from meld.config import read_params
@@ -1009,6 +1123,8 @@ def main(argv: list[str] | None = None) -> int:
     # on several nodes, checkpoints and inputs must be where every node sees them: refused now, not at the
     # first checkpoint a worker on another node saves (Ray checks its storage only then)
     check_shared_storage(**training_storage(config, storage))
+    limit, can_grow = _cluster_limit()
+    check_cluster_holds(tc, scaling_config(tc["num_workers"], tc["use_gpu"]).total_resources, limit, can_grow=can_grow)
     result = run_training(config, num_workers=tc["num_workers"], use_gpu=tc["use_gpu"], storage_path=storage,
                           max_failures=args.max_failures)
     if result.error:

@@ -879,3 +879,173 @@ def test_interrupted_train_stage_resumes(data, tmp_path):
     from meld.training import load_checkpoint
 
     assert load_checkpoint(out / "model.pt")["step"] == params["train"]["max_steps"]
+
+
+# ---------------------------------------------------------------- the driver's side (a later review)
+
+def _stage_argv(data: Path, tmp_path: Path, params: dict, system: str = "meld") -> list[str]:
+    """The train stage's command line on the tiny data, with ``params`` as its params file."""
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    return ["--params", str(tmp_path / "params.yaml"), "--system", system, "--features", str(data / "features"),
+            "--bpe", str(data / "bpe" / "bpe.model"), "--codebook", str(data / "codebook"), "--out",
+            str(tmp_path / "out"), "--project-root", str(tmp_path), "--ray-storage", str(tmp_path / "ray")]
+
+
+@pytest.mark.parametrize(("edit", "said"), [
+    ({"meld": ["model"]}, r"params section 'meld': expected a mapping of keys to values, got list"),
+    ({"meld": 3}, r"params section 'meld': expected a mapping of keys to values, got int"),
+    ({"meld": {"train": "tts"}}, r"params section 'meld.train': expected a mapping .*, got str 'tts'"),
+    ({"model": [1]}, r"params section 'model': expected a mapping .*, got list"),
+    ({"meld": {"trian": {}}}, r"params section 'meld': unknown key\(s\) \['trian'\]"),
+], ids=["section-list", "section-int", "train-str", "model-list", "misspelt-key"])
+def test_a_params_section_of_the_wrong_shape_ends_the_stage_in_one_line(data, tmp_path, capsys, edit, said):
+    """A system section, or its model/train part, that is not a mapping ended the stage in an
+    AttributeError or TypeError naming no section ('list' object has no attribute 'get'); a misspelt
+    key in it was a bare ValueError, so a traceback too. All stop before Ray, in one line."""
+    from meld.config import run_stage
+    from ray_jobs.train import main
+
+    assert run_stage("train", lambda: main(_stage_argv(data, tmp_path, {**TINY_PARAMS, **edit}))) == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("train: ") and re.search(said, line), line
+    assert not (tmp_path / "ray").exists() and not (tmp_path / "out").exists()
+
+
+def test_an_init_from_that_does_not_fit_ends_the_stage_in_one_line(data, tmp_path, capsys):
+    """train.init_from holding a model of other shapes was refused before Ray, but as a ValueError:
+    a traceback under the stage, where the params' other mistakes are one line."""
+    from meld.config import run_stage
+    from meld.models.builders import build_model
+    from meld.training import save_checkpoint
+    from ray_jobs.train import main
+
+    wider = {**TINY_PARAMS, "model": {**TINY_PARAMS["model"], "d_ff": TINY_PARAMS["model"]["d_ff"] * 2}}
+    kwargs = tiny_config(data, tmp_path / "wider", params=wider)["model_kwargs"]
+    init = save_checkpoint(tmp_path / "init.pt", system="meld", model=build_model("meld", kwargs), model_kwargs=kwargs)
+    params = {**TINY_PARAMS, "train": {**TINY_PARAMS["train"], "init_from": str(init)}}
+    assert run_stage("train", lambda: main(_stage_argv(data, tmp_path, params))) == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert re.fullmatch(r"train: train.init_from: .*init.pt does not fit this meld model .*", line), line
+
+
+def test_an_out_folder_of_another_system_is_refused_before_ray_starts(data, tmp_path, capsys):
+    """One MELD_OUT for the jobs of several systems (docs/scaling.md's shared runtime env, with --system
+    changed on the command line) trained a second system into the first's folder: it set the first's
+    checkpoints aside and exported over its model.pt. A folder of the same system is still resumed."""
+    from meld.config import ConfigError, run_stage
+    from meld.models.builders import build_model
+    from meld.training import save_checkpoint
+    from ray_jobs.train import build_config, main
+
+    params = {**TINY_PARAMS, "mel_lm": {"args": {"stop_pos_weight": 1.0, "stop_threshold": 0.5}, "model": {},
+                                        "train": {"task": "tts", "loss_weights": {"mse_pre": 1.0, "mse_post": 1.0,
+                                                                                  "slowness": 0.2, "stop": 1.0}}}}
+
+    def config(system: str, out: Path) -> dict:
+        return build_config(params, system=system, features=data / "features", bpe=data / "bpe" / "bpe.model",
+                            codebook=data / "codebook", out=out, project_root=tmp_path)
+
+    def write(system: str, path: Path, kwargs: dict) -> None:
+        save_checkpoint(path, system=system, model=build_model(system, kwargs), model_kwargs=kwargs, step=4)
+
+    exported = tmp_path / "exported"  # a finished meld run's folder, as the stage leaves it
+    meld = config("meld", exported)
+    write("meld", exported / "model.pt", meld["model_kwargs"])
+    with pytest.raises(ConfigError, match=r"--out .*exported holds another system's training: .*model.pt is a meld "
+                                          r"model, and this run trains mel_lm"):
+        config("mel_lm", exported)
+    assert config("meld", exported)["fingerprint"] == meld["fingerprint"]  # its own system: resumed as before
+
+    interrupted = tmp_path / "interrupted"  # a run that has checkpoints but no model.pt yet
+    write("meld", interrupted / "checkpoints" / "step-4.pt", meld["model_kwargs"])
+    with pytest.raises(ConfigError, match=r"checkpoints/step-4.pt is a meld model, and this run trains mel_lm"):
+        config("mel_lm", interrupted)
+
+    argv = _stage_argv(data, tmp_path, params, system="mel_lm")
+    argv[argv.index("--out") + 1] = str(exported)
+    assert run_stage("train", lambda: main(argv)) == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("train: --out ") and "give every system a folder of its own" in line
+    assert not (tmp_path / "ray").exists()
+    assert torch_load_system(exported / "model.pt") == "meld"  # left as it was
+
+
+def torch_load_system(path: Path) -> str:
+    from meld.training import load_checkpoint
+
+    return load_checkpoint(path, mmap=True)["system"]
+
+
+def test_an_export_from_another_runs_checkpoint_names_both_runs(data, tmp_path, capsys):
+    """A checkpoint folder whose newest checkpoint another run wrote (two jobs sharing one --out) was a
+    RuntimeError traceback saying only 'belongs to another configuration'; it is one line naming the
+    file, both configurations and where this run's own checkpoints went."""
+    from meld.config import run_stage
+    from meld.models.builders import build_model
+    from meld.training import save_checkpoint
+    from ray_jobs.train import export_model
+
+    ours = tiny_config(data, tmp_path / "model")
+    theirs = tiny_config(data, tmp_path / "model", lr=0.0005)
+    assert ours["fingerprint"] != theirs["fingerprint"]
+    save_checkpoint(Path(ours["checkpoint_dir"]) / "step-3.pt", system="meld", model=build_model("meld", ours["model_kwargs"]),
+                    model_kwargs=ours["model_kwargs"], step=3, extra={"fingerprint": theirs["fingerprint"]})
+    assert run_stage("train", lambda: export_model(ours, tmp_path / "model")) == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "step-3.pt, the newest checkpoint, is not this run's" in line
+    assert theirs["fingerprint"] in line and ours["fingerprint"] in line and "its own --out" in line
+    assert not (tmp_path / "model" / "model.pt").exists()
+
+
+def test_max_failures_from_the_environment_is_checked_and_the_flag_wins(data, tmp_path, monkeypatch, capsys):
+    """MELD_MAX_FAILURES that is not an integer broke the command before argparse ran, even with
+    --max-failures given or for --help, as "invalid literal for int()" naming no variable; a value
+    below -1 reached Ray, which reads it as 0 (no restart) without a word."""
+    from meld.config import ConfigError, run_stage
+    from ray_jobs.train import main
+
+    too_long = {**TINY_PARAMS, "train": {**TINY_PARAMS["train"], "frames_per_batch": 10}}  # stops before Ray
+    argv = _stage_argv(data, tmp_path, too_long)
+    monkeypatch.setenv("MELD_MAX_FAILURES", "two")
+    with pytest.raises(ConfigError, match=r"MELD_MAX_FAILURES: expected an integer .* got 'two'"):
+        main(argv)
+    # the flag wins over the variable: the run goes on to the params' own error
+    with pytest.raises(ConfigError, match="frame budget"):
+        main([*argv, "--max-failures", "1"])
+    with pytest.raises(SystemExit):
+        main([*argv, "--max-failures", "-3"])
+    assert "--max-failures: expected -1 (no limit) or a count of restarts >= 0, got -3" in capsys.readouterr().err
+    monkeypatch.setenv("MELD_MAX_FAILURES", "-2")
+    assert run_stage("train", lambda: main(argv)) == 1
+    assert "MELD_MAX_FAILURES: expected -1" in capsys.readouterr().err
+
+
+def test_a_run_the_cluster_cannot_hold_is_refused_not_waited_for(data, tmp_path, capsys):
+    """train.use_gpu on a cluster without GPUs, or more workers than the cluster has CPUs: Ray Train's
+    worker group timed out after 60 s and was started again for ever (its controller's retries have no
+    limit, whatever --max-failures says); seen on this machine, still waiting after 200 s. The stage
+    now stops before Ray Train starts, naming both counts."""
+    import ray
+
+    from meld.config import ConfigError, run_stage
+    from ray_jobs.train import check_cluster_holds, main
+
+    ensure_ray()  # a fixed 2-CPU cluster, no GPU
+    cluster = ray.cluster_resources()
+    assert cluster.get("GPU", 0) == 0, "this test needs a cluster without GPUs"
+    on_gpus = {**TINY_PARAMS, "train": {**TINY_PARAMS["train"], "use_gpu": True}}
+    capsys.readouterr()
+    assert run_stage("train", lambda: main(_stage_argv(data, tmp_path, on_gpus))) == 1
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train: ")]  # Ray's own aside
+    assert re.fullmatch(r"train: train.num_workers 2 with train.use_gpu true needs \{'GPU': 2.0\} \(one GPU per "
+                        r"worker\), but the Ray cluster has \{'GPU': 0.0\}: lower train.num_workers, or set "
+                        r"train.use_gpu: false .*", line), line
+    assert not (tmp_path / "ray").exists() and not (tmp_path / "out" / "checkpoints").exists()
+
+    # the rule itself, on CPUs: as many workers as CPUs fit; one more does not, unless the cluster can grow to it
+    cpus = int(cluster["CPU"])
+    train = {"num_workers": cpus + 1, "use_gpu": False}
+    check_cluster_holds({**train, "num_workers": cpus}, {"CPU": float(cpus)}, cluster, can_grow=False)
+    with pytest.raises(ConfigError, match=rf"needs \{{'CPU': {cpus + 1}.0\}} .* the Ray cluster has \{{'CPU': {cpus}"):
+        check_cluster_holds(train, {"CPU": float(cpus + 1)}, cluster, can_grow=False)
+    check_cluster_holds(train, {"CPU": float(cpus + 1)}, {"CPU": float(cpus + 8)}, can_grow=True)
