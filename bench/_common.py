@@ -263,3 +263,31 @@ def paper_frames_per_worker() -> int:
 def paper_frames_per_batch() -> int:
     """The paper's global batch in frames: ``configs/paper.yaml``'s workers x frames per worker (50k)."""
     return int(paper_config()["train"]["num_workers"]) * paper_frames_per_worker()
+
+
+def config_meld_kwargs(config: str) -> dict:
+    """MELD constructor kwargs of ``config``: ``paper`` (configs/paper.yaml, :func:`paper_meld_kwargs`)
+    or ``tiny`` (params.yaml's model, BPE and codebook sizes)."""
+    if config == "paper":
+        return paper_meld_kwargs()
+    import yaml
+
+    from meld.config import ModelConfig
+    from meld.models.builders import meld_kwargs
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    return meld_kwargs(ModelConfig.from_dict(raw["model"], "model"), n_text=int(raw["bpe"]["vocab_size"]),
+                       codebook_size=int(raw["codebook"]["size"]))
+
+
+def memory_bench_args(doc: str, default_out: str, argv=None):
+    """The arguments of a memory benchmark whose rows each run in a fresh process (:func:`run_cell`):
+    ``--config paper|tiny``, ``--out`` and the hidden ``--cell`` / ``--threads`` of a row's process."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--config", choices=("paper", "tiny"), default="paper")
+    p.add_argument("--out", type=result_stem, default=default_out, help="results file stem under bench/results/")
+    p.add_argument("--cell", help=argparse.SUPPRESS)  # one row, in a fresh process (run_cell)
+    p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    return p.parse_args(argv)

@@ -25,7 +25,6 @@ Options: --config paper|tiny, --out NAME.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import sys
@@ -44,21 +43,13 @@ def make_checkpoint(config: str, folder: Path) -> Path:
     """A joint MELD of ``config`` with random weights and an exported model's extras."""
     import numpy as np
     import torch
-    import yaml
 
-    from bench._common import paper_meld_kwargs
-    from meld.config import ModelConfig
     from meld.features import N_MELS
-    from meld.models.builders import build_model, meld_kwargs
+    from meld.models.builders import build_model
     from meld.text import train_bpe
     from meld.training import save_checkpoint
 
-    if config == "paper":
-        kwargs = paper_meld_kwargs()
-    else:
-        raw = yaml.safe_load((C.ROOT / "params.yaml").read_text())
-        kwargs = meld_kwargs(ModelConfig.from_dict(raw["model"], "model"), n_text=int(raw["bpe"]["vocab_size"]),
-                             codebook_size=int(raw["codebook"]["size"]))
+    kwargs = C.config_meld_kwargs(config)
     bpe = train_bpe(["the quick brown fox jumps over the lazy dog"] * 4, folder / "bpe", vocab_size=30)
     r = int(kwargs["frame_dim"]) // N_MELS
     extra = {"task": "joint", "reduction_factor": r, "norm_mean": torch.zeros(N_MELS), "norm_std": torch.ones(N_MELS),
@@ -123,12 +114,7 @@ def weight_copies(held: list) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", choices=("paper", "tiny"), default="paper")
-    p.add_argument("--out", type=C.result_stem, default="model_loading", help="results file stem under bench/results/")
-    p.add_argument("--cell", help=argparse.SUPPRESS)  # one row, in a fresh process (run_cell)
-    p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    args = C.memory_bench_args(__doc__, "model_loading", argv)
     if args.cell:
         C.emit(cell(json.loads(args.cell)))
         return 0

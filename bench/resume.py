@@ -30,7 +30,6 @@ Options: --config paper|tiny, --out NAME.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import sys
@@ -46,18 +45,9 @@ ROWS = ("read both, keep the state", "map both, drop the state")
 
 def build(config: str):
     """(system, kwargs, model) of ``config``: the paper's MELD, or params.yaml's."""
-    import yaml
+    from meld.models.builders import build_model
 
-    from bench._common import paper_meld_kwargs
-    from meld.config import ModelConfig
-    from meld.models.builders import build_model, meld_kwargs
-
-    if config == "paper":
-        kwargs = paper_meld_kwargs()
-    else:
-        raw = yaml.safe_load((C.ROOT / "params.yaml").read_text())
-        kwargs = meld_kwargs(ModelConfig.from_dict(raw["model"], "model"), n_text=int(raw["bpe"]["vocab_size"]),
-                             codebook_size=int(raw["codebook"]["size"]))
+    kwargs = C.config_meld_kwargs(config)
     return "meld", kwargs, build_model("meld", kwargs)
 
 
@@ -140,12 +130,7 @@ def cell(spec: dict) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", choices=("paper", "tiny"), default="paper")
-    p.add_argument("--out", type=C.result_stem, default="resume", help="results file stem under bench/results/")
-    p.add_argument("--cell", help=argparse.SUPPRESS)  # one row, in a fresh process (run_cell)
-    p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    args = C.memory_bench_args(__doc__, "resume", argv)
     if args.cell:
         C.emit(cell(json.loads(args.cell)))
         return 0
