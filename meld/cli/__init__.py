@@ -38,6 +38,7 @@ from meld.cli.common import (
     PROG,
     CLIError,
     CLIFailure,
+    _first_line,
 )
 from meld.cli.info import cmd_info
 from meld.cli.synthesize import cmd_synthesize
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         if not _out_of_memory(err):
             raise
         # what was written before is kept (a --list writes each batch before the next is generated)
-        print(f"{PROG}: failed: out of memory ({_first_line(err)}); ask for less at once: a smaller "
+        print(f"{PROG}: failed: out of memory ({_allocation_message(err)}); ask for less at once: a smaller "
               "--batch-size, or a shorter --max-seconds (generation sets memory aside for that many frames "
               "per utterance)", file=sys.stderr)
         return EXIT_FAILURE
@@ -195,11 +196,9 @@ def _out_of_memory(err: BaseException) -> bool:
     return "can't allocate memory" in text or "out of memory" in text.lower()
 
 
-def _first_line(err: BaseException) -> str:
-    """The error's first line, without the C++ assertion torch's CPU allocator puts before its message."""
-    lines = [line for line in str(err).splitlines() if line.strip()]
-    line = re.sub(r"^\[enforce fail at [^\]]*\]\s*err == 0\.\s*", "", lines[0]) if lines else type(err).__name__
-    return line[:300]
+def _allocation_message(err: BaseException) -> str:
+    """A refused allocation's first line, without the C++ assertion torch's CPU allocator puts before it."""
+    return re.sub(r"^\[enforce fail at [^\]]*\]\s*err == 0\.\s*", "", _first_line(err))[:300]
 
 
 def _silence_stdout() -> None:
