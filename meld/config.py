@@ -72,6 +72,11 @@ class Section:
     @classmethod
     def from_dict(cls, data: dict | None, section: str | None = None):
         section = section or cls.__name__.removesuffix("Config").lower()
+        if data is not None and not isinstance(data, Mapping):
+            # ``train: 3`` or a list where a section belongs: dict() of it fails with a bare TypeError or
+            # ValueError that names neither the section nor the file
+            raise ConfigError(f"params section '{section}' must be a mapping of keys to values, "
+                              f"not {type(data).__name__} {data!r:.60}")
         data = dict(data or {})
         hints = typing.get_type_hints(cls)
         fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -186,14 +191,15 @@ def read_params(path: str | Path) -> dict:
     return data
 
 
-# what a stage's user can mend (params, corpus, audio, codec weights, checkpoints, missing files), by
+# what a stage's user can mend (params, corpus, audio, codec weights, checkpoints, missing files, paths
+# a cluster's nodes cannot share), by
 # module and class: looked up in sys.modules, so that reporting them imports nothing
 INPUT_ERRORS = (("meld.config", "ConfigError"), ("meld.corpus.librispeech", "LibriSpeechError"),
                 ("meld.corpus.mini", "VoiceUnavailableError"), ("meld.audio", "AudioError"),
                 ("meld.codes", "CodecMismatch"), ("meld.training", "CheckpointError"),
                 ("meld.training", "NonFiniteLoss"), ("meld.store", "StatsError"), ("meld.store", "StoreError"),
                 ("meld.corpus", "ManifestError"), ("meld.tracking", "TrackingStoreUnavailable"),
-                ("builtins", "FileNotFoundError"))
+                ("ray_jobs.cluster", "NodeLocalStorage"), ("builtins", "FileNotFoundError"))
 
 
 def run_stage(name: str, main: Callable[[], int]) -> int:

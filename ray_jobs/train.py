@@ -235,6 +235,13 @@ def _from_every_rank(items: list) -> list:
     return [x for part in gathered for x in part]
 
 
+def node_threads(cpus: int | None, workers_on_node: int) -> int:
+    """Torch threads for each of a run's ``workers_on_node`` workers on a node with ``cpus`` cores: the
+    node's cores shared among them, at least one. Counted on the worker's own node: the driver may run
+    on a small head node while the workers train on large ones."""
+    return max(1, (cpus or 1) // max(1, workers_on_node))
+
+
 def format_metrics(metrics: dict) -> str:
     """A progress line's ``name=value`` pairs, four significant digits each."""
     return " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
@@ -271,7 +278,7 @@ def train_worker(config: dict) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(config["threads_per_worker"])))
+    torch.set_num_threads(config["threads_per_worker"] or node_threads(os.cpu_count(), ctx.get_local_world_size()))
     tc = config["train"]
     system, r = config["system"], config["reduction_factor"]
     device = ray.train.torch.get_device()
@@ -635,7 +642,7 @@ def check_cluster_holds(train: dict, need: dict[str, float], cluster: dict[str, 
                       "(Ray Train would wait for the missing workers for ever)")
 
 
-def _cluster_limit() -> tuple[dict[str, float], bool]:
+def cluster_limit() -> tuple[dict[str, float], bool]:
     """What the joined cluster can hold: the most its autoscaler config allows (the bound Ray Train
     itself checks, when there is one), else the resources of its nodes now; and whether it can grow."""
     import ray
@@ -720,7 +727,8 @@ def build_config(
         codes: the DAC code store written by the codes stage (codec_lm only, which trains on codes
             instead of mel features).
         overrides: ``{"model": {...}, "train": {...}}`` on top of those (a Tune trial's knobs).
-        threads_per_worker: torch threads per worker (default: this machine's cores / workers).
+        threads_per_worker: torch threads per worker (default: each worker's node's cores shared among
+            the run's workers on that node, counted on that node: :func:`node_threads`).
     """
     import numpy as np
     import torch
@@ -802,7 +810,7 @@ def build_config(
         "project_root": str(Path(project_root).resolve()),
         # absolute: a worker on another node, or in another folder, must log to the driver's store
         "mlflow_tracking_uri": tracking.tracking_uri(project_root),
-        "threads_per_worker": threads_per_worker or max(1, (os.cpu_count() or 2) // train_cfg.num_workers),
+        "threads_per_worker": threads_per_worker,  # None: the worker counts its own node's cores
     }
     check_frame_budget(config)
     _warn_past_schedule(train)
@@ -1123,7 +1131,7 @@ def main(argv: list[str] | None = None) -> int:
     # on several nodes, checkpoints and inputs must be where every node sees them: refused now, not at the
     # first checkpoint a worker on another node saves (Ray checks its storage only then)
     check_shared_storage(**training_storage(config, storage))
-    limit, can_grow = _cluster_limit()
+    limit, can_grow = cluster_limit()
     check_cluster_holds(tc, scaling_config(tc["num_workers"], tc["use_gpu"]).total_resources, limit, can_grow=can_grow)
     result = run_training(config, num_workers=tc["num_workers"], use_gpu=tc["use_gpu"], storage_path=storage,
                           max_failures=args.max_failures)

@@ -50,7 +50,7 @@ import time
 from pathlib import Path
 
 from meld.config import ConfigError, TuneConfig, mlflow_experiment
-from ray_jobs.train import add_data_args
+from ray_jobs.train import add_data_args, cluster_limit
 
 log = logging.getLogger("meld.tune")
 
@@ -110,6 +110,26 @@ def concurrency_warning(tc: TuneConfig, cluster: dict[str, float]) -> str | None
             f"{ {k: cluster.get(k, 0.0) for k in need} } hold {fits} trial(s) at once (a trial takes {need}: its "
             "workers' and one CPU for its driver); more drivers than that can leave no CPU for any worker, "
             "and the sweep waits for ever unless the cluster grows. Lower it, or set it to 0 to fit the cluster")
+
+
+def check_a_trial_fits(tc: TuneConfig, cluster: dict[str, float], *, can_grow: bool) -> None:
+    """Refuse a sweep whose one trial the ``cluster`` (its resources, or with ``can_grow`` the most its
+    autoscaler config allows) can never hold: Tune would keep the trial pending for ever, e.g.
+    ``tune.gpus_per_worker: 1`` on a machine without a GPU.
+
+    Raises:
+        ConfigError: naming what a trial takes, from which settings, and what the cluster has.
+    """
+    if trials_that_fit(tc, cluster) >= 1:
+        return
+    need = trial_resources(tc)
+    gpus = f", tune.gpus_per_worker {tc.gpus_per_worker}" if tc.gpus_per_worker else ""
+    raise ConfigError(
+        f"one tune trial takes {need} (tune.num_workers_per_trial {tc.num_workers_per_trial} x "
+        f"tune.cpus_per_worker {tc.cpus_per_worker}{gpus}, and one CPU for its driver), but the Ray cluster "
+        f"{'can grow to at most' if can_grow else 'has'} { {k: cluster.get(k, 0.0) for k in need} }: lower "
+        f"tune.num_workers_per_trial or tune.cpus_per_worker{', or set tune.gpus_per_worker: 0' if gpus else ''} "
+        "(Ray Tune would keep the trial waiting for ever)")
 
 
 class SweepInterrupted(RuntimeError):
@@ -186,6 +206,11 @@ def _resumable_parent(work_dir: Path, fp: str, experiment_dir: Path, mlflow, exp
         state = json.loads(state_file.read_text())
     except ValueError:
         log.warning("%s is not valid JSON: starting the sweep over", state_file)
+        return None
+    if not isinstance(state, dict) or not isinstance(state.get("parent_run_id"), str):
+        # written by hand or by something else: an AttributeError or KeyError here ended the sweep before
+        log.warning("%s is not a sweep's state (a JSON object with its fingerprint and MLflow parent_run_id): "
+                    "starting the sweep over", state_file)
         return None
     if state.get("fingerprint") != fp:
         log.info("the sweep's inputs changed since the sweep in %s: starting it over", work_dir)
@@ -483,6 +508,9 @@ def run_sweep(
     # in (Ray checks its storage only then)
     check_shared_storage(**sweep_storage(work_dir, features=features, bpe=bpe, codebook=codebook, out=out, plot=plot,
                                          tracking_uri=tracking.tracking_uri(project_root)))
+    # refused before the work dir is cleared: a trial no node can hold pends for ever
+    limit, can_grow = cluster_limit()
+    check_a_trial_fits(tc, limit, can_grow=can_grow)
     experiment = mlflow_experiment(params)
     mlflow = tracking.setup(experiment, project_root)
     experiment_dir = work_dir / "ray_tune" / f"tune-{tc.system}"

@@ -109,7 +109,7 @@ def own_ray():
     return ray_temp_root()
 
 
-def test_paths_inside_rays_temp_folder_are_refused(own_ray, tmp_path):
+def test_paths_inside_rays_temp_folder_are_refused(own_ray, tmp_path, capsys):
     """A relative --work-dir / --out under ``ray job submit --working-dir`` resolves into the job's unpacked
     copy of the code: on the head node only, deleted by Ray later. Refused, naming the flag."""
     from ray_jobs.cluster import NodeLocalStorage, check_shared_storage, ray_temp_root
@@ -124,6 +124,11 @@ def test_paths_inside_rays_temp_folder_are_refused(own_ray, tmp_path):
     with pytest.raises(NodeLocalStorage, match=r"the MLflow store \(MLFLOW_TRACKING_URI\) .*_ray_pkg_0: inside"):
         check_shared_storage({"--work-dir": tmp_path}, tracking_uri=f"sqlite:///{job_copy / 'mlflow.db'}")
     check_shared_storage({"--work-dir": tmp_path / "work"}, read={"--bpe": tmp_path}, driver_only={"--out": tmp_path})
+    # a stage (the training driver, the sweep) ends in that one line, not a traceback
+    from meld.config import run_stage
+
+    assert run_stage("train", lambda: check_shared_storage({"--work-dir": job_copy / "ray_results"}) or 0) == 1
+    assert capsys.readouterr().err.startswith(f"train: --work-dir {job_copy / 'ray_results'}: inside a session folder")
     # under the temp folder but in no session of Ray's (a cluster started with --temp-dir on a shared disk)
     check_shared_storage({"--work-dir": temp / "meld-work"})
     assert not (temp / "meld-work").exists()  # one node: nothing is probed, nothing written
@@ -212,3 +217,18 @@ def test_a_training_run_checks_its_checkpoints_store_and_inputs(tmp_path_factory
     assert got["read"]["--codebook"].parent == (data / "codebook").resolve()
     assert all(p.is_file() for p in got["read"].values())
     assert "--ray-storage" not in training_storage(config, "s3://bucket/ray")["written"]
+
+
+def test_each_worker_counts_torch_threads_on_its_own_node(tmp_path_factory, tmp_path):
+    """The driver may run on a small head node while the workers train on large ones: a worker's default
+    thread count is its own node's cores shared among the run's workers there, not the driver's."""
+    from test_faults import TINY_PARAMS, make_tiny_data
+
+    from ray_jobs.train import build_config, node_threads
+
+    data = make_tiny_data(tmp_path_factory)
+    config = build_config(TINY_PARAMS, system="meld", features=data / "features", bpe=data / "bpe" / "bpe.model",
+                          codebook=data / "codebook", out=tmp_path / "out", project_root=tmp_path)
+    assert config["threads_per_worker"] is None  # left to each worker
+    assert [node_threads(64, n) for n in (1, 4, 64, 128)] == [64, 16, 1, 1]  # never 0
+    assert node_threads(None, 2) == 1  # os.cpu_count() may not know

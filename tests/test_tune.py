@@ -487,3 +487,41 @@ def test_a_work_dir_holding_other_files_is_refused_and_kept(tmp_path):
         (sweep / name).write_text("{}")
     check_work_dir(sweep)  # what a sweep writes (and a storage probe's marker a kill left behind)
     check_work_dir(tmp_path / "new")
+
+
+def test_a_trial_no_node_can_hold_is_refused_before_the_work_dir_is_touched(tmp_path_factory, tmp_path, monkeypatch):
+    """tune.gpus_per_worker on a cluster with no GPU: Tune kept the trial pending for ever. Refused in one
+    ConfigError naming the settings and what the cluster has, before an earlier sweep's state is cleared."""
+    from ray_jobs.tune import check_a_trial_fits, run_sweep
+
+    ensure_ray()  # a fixed 2-CPU cluster, no GPU
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    data = make_tiny_data(tmp_path_factory)
+    work = tmp_path / "work"
+    (work / "trials").mkdir(parents=True)
+    (work / "sweep.json").write_text(json.dumps({"fingerprint": "another sweep", "parent_run_id": "r"}))
+    params = {**TINY_PARAMS, "tune": {**TINY_PARAMS["tune"], "gpus_per_worker": 1.0}}
+    with pytest.raises(ConfigError, match=r"one tune trial takes \{'CPU': \d+(\.\d+)?, 'GPU': 1\.0\} .*"
+                                          r"tune.gpus_per_worker 1\.0.* the Ray cluster has \{'CPU': .*'GPU': 0\.0\}: "
+                                          r".*or set tune.gpus_per_worker: 0"):
+        run_sweep(params, features=str(data / "features"), bpe=str(data / "bpe" / "bpe.model"),
+                  codebook=str(data / "codebook"), out=tmp_path / "tune.json", plot=tmp_path / "tune.png",
+                  work_dir=work, project_root=str(tmp_path))
+    assert json.loads((work / "sweep.json").read_text())["fingerprint"] == "another sweep"
+    tc = TuneConfig.from_dict({**TINY_PARAMS["tune"], "num_workers_per_trial": 2, "cpus_per_worker": 2}, "tune")
+    with pytest.raises(ConfigError, match=r"takes \{'CPU': 5\} .* can grow to at most \{'CPU': 4\.0\}: lower "
+                                          r"tune.num_workers_per_trial or tune.cpus_per_worker \(Ray Tune"):
+        check_a_trial_fits(tc, {"CPU": 4.0}, can_grow=True)
+    check_a_trial_fits(tc, {"CPU": 5.0}, can_grow=False)
+
+
+@pytest.mark.parametrize("state", ["[1, 2]", '"sweep"', '{"fingerprint": "f"}', '{"fingerprint": "f", "parent_run_id": 3}'])
+def test_a_sweep_state_that_is_not_a_sweeps_starts_the_sweep_over(tmp_path, caplog, state):
+    """A sweep.json edited by hand, or written by something else, ended the sweep in an AttributeError or
+    KeyError; it is now treated as no state (the sweep starts over), with a warning naming the file."""
+    from ray_jobs.tune import _resumable_parent
+
+    (tmp_path / "sweep.json").write_text(state)
+    with caplog.at_level("WARNING", logger="meld.tune"):
+        assert _resumable_parent(tmp_path, "f", tmp_path / "ray_tune", mlflow=None, experiment_name="e") is None
+    assert f"{tmp_path / 'sweep.json'} is not a sweep's state" in caplog.text
