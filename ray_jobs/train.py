@@ -278,7 +278,9 @@ def train_worker(config: dict) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(config["threads_per_worker"] or node_threads(os.cpu_count(), ctx.get_local_world_size()))
+    # a Tune trial passes tune.cpus_per_worker, a number that may be fractional: whole threads, at least one
+    given = config["threads_per_worker"]
+    torch.set_num_threads(max(1, int(given)) if given else node_threads(os.cpu_count(), ctx.get_local_world_size()))
     tc = config["train"]
     system, r = config["system"], config["reduction_factor"]
     device = ray.train.torch.get_device()
