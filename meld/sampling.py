@@ -11,8 +11,9 @@ import torch
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    # written so that NaN fails too; an infinite temperature would make every logit 0 (a top-k of ties)
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     return logits / temperature
 
 
@@ -26,7 +27,7 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Nucleus filtering: keep the smallest set of tokens whose probability mass reaches p (p >= 1 keeps all)."""
-    if p >= 1.0:
+    if p >= 1.0 and not math.isnan(p):
         return logits
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     kept_sorted = top_p_filter_sorted(sorted_logits, p)
@@ -35,11 +36,12 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
 
 def top_p_filter_sorted(sorted_logits: torch.Tensor, p: float) -> torch.Tensor:
     """:func:`top_p_filter` for rows already sorted best first (no sort, no scatter back)."""
+    if math.isnan(p) or p <= 0:  # NaN fails every comparison: it would switch the filter off unnoticed
+        raise ValueError(f"top_p must be in (0, 1], got {p}")
     if p >= 1.0:
         return sorted_logits
-    if p <= 0:
-        raise ValueError(f"top_p must be in (0, 1], got {p}")
-    probs = sorted_logits.softmax(-1)
+    # the mass in float32: a bfloat16 cumsum (spacing 2^-8 near 1) moves the cut by several tokens
+    probs = sorted_logits.float().softmax(-1)
     mass_before = probs.cumsum(-1) - probs  # mass of strictly better tokens
     return sorted_logits.masked_fill(mass_before >= p, float("-inf"))  # the best token always stays
 
@@ -50,15 +52,17 @@ def repetition_penalty(logits: torch.Tensor, previous_candidates: torch.Tensor |
     Args:
         logits: (B, V).
         previous_candidates: (B, V) bool, the tokens that were top-k candidates at the previous step.
-        penalty: >= 1; 1 disables. Applied as ``logit - log(penalty)``, which scales the
+        penalty: finite, >= 1; 1 disables. Applied as ``logit - log(penalty)``, which scales the
             probability by 1/penalty whatever the logit's sign. The temperature divides the logits
             afterwards (the order CTRL and most samplers use), so at temperature T the factor is
             ``penalty ** (1 / T)``; the shipped configs sample at T = 1.
     """
+    # checked before anything is skipped, so a bad value is refused at a decoding's first step; an
+    # infinite one would give 0 * inf = NaN to every token that was not a candidate
+    if not (math.isfinite(penalty) and penalty >= 1.0):
+        raise ValueError(f"repetition penalty must be a finite number >= 1, got {penalty}")
     if previous_candidates is None or penalty == 1.0:
         return logits
-    if penalty < 1.0:
-        raise ValueError(f"repetition penalty must be >= 1, got {penalty}")
     return logits - previous_candidates.to(logits.dtype) * math.log(penalty)
 
 
