@@ -218,7 +218,8 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu", mmap: bool = Fa
     return state
 
 
-def load_model(path: str | Path, map_location: str = "cpu", *, weights: bool = True) -> tuple[nn.Module, dict]:
+def load_model(path: str | Path, map_location: str = "cpu", *, weights: bool = True,
+               share_file_pages: bool = False) -> tuple[nn.Module, dict]:
     """Rebuild a model from a checkpoint's stored kwargs and load its weights; returns (model, state).
 
     The state is the checkpoint's less its weights (``"model"``, which live in the model alone) and a
@@ -232,14 +233,32 @@ def load_model(path: str | Path, map_location: str = "cpu", *, weights: bool = T
     ``weights=False``: the model's structure and attributes only, its tensors on the ``meta`` device,
     for a process that hands the decoding to others (the evaluation over a
     :class:`ray_jobs.decode_pool.DecodePool`) and reads only the state's metadata and extras.
+
+    ``share_file_pages=True`` (CPU only): the weights are not copied; the model's parameters and
+    buffers are the file's mapped pages themselves (a private, copy-on-write mapping), so processes
+    on one machine loading the same file share one copy of them in the OS page cache (the decode
+    pool's CPU actors). A page written (training, an in-place edit) becomes that process's own copy;
+    the file never changes. The mapping lives as long as the model's tensors (the state holds none
+    of its pages); meanwhile the file must not be rewritten in place, or its new bytes show through
+    (a shortened file: SIGBUS); :func:`save_checkpoint` writes a new file and renames it, which
+    leaves a mapped one intact. A weight stored in another dtype than the model's is converted (a
+    copy of its own, as the default makes); the others keep the file's memory order. Decoding on
+    CPU re-lays each Linear weight stored (out, in)-contiguous, as training checkpoints are, into a
+    private copy (:func:`meld.models.backbone.prepare_for_decoding`; 90 % of the paper model's
+    bytes); a checkpoint saved from a model already so laid out, as the training driver exports
+    ``model.pt``, stays shared while it decodes (``bench.model_loading``).
     """
     from meld.models.builders import build_model
 
+    if share_file_pages and torch.device(map_location).type != "cpu":
+        raise ValueError(f"{path}: share_file_pages makes the file's mapped pages the weights, so it needs "
+                         f"map_location cpu, not {map_location}")
     mapped = load_checkpoint(path, map_location, mmap=True)
     tensors = mapped.pop("model")
     mapped.pop("optimizer", None)  # a training checkpoint's: twice the weights again, never read here
     # the rest (extras, RNG state: kilobytes) copied out of the file, whose mapping then closes with the
-    # last tensor viewing it: no page of the checkpoint is held once this returns
+    # last tensor viewing it: no page of the checkpoint is held once this returns (with share_file_pages,
+    # the model's tensors are the last)
     state = copy.deepcopy(mapped)
     del mapped
     if not weights:
@@ -248,8 +267,54 @@ def load_model(path: str | Path, map_location: str = "cpu", *, weights: bool = T
         return model.eval(), state
     _refuse_non_finite(path, tensors)
     model = build_model(state["system"], state["model_kwargs"])
-    model.load_state_dict(tensors)
+    if share_file_pages:
+        _assign_file_pages(model, tensors)
+        _return_freed_heap()  # the weights built, freed as the file's replaced them
+    else:
+        model.load_state_dict(tensors)
     return model.eval(), state
+
+
+def _assign_file_pages(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Make the mapped checkpoint ``tensors`` the model's own parameters and buffers (no copy); the
+    ones built are dropped. Keeps what the default copy keeps: each parameter's ``requires_grad``
+    (``assign=True`` does), the model's dtypes, and a tensor registered under several names (a tied
+    embedding and output layer) one tensor, so a change through one name is seen through the other.
+
+    Holds no reference to a built tensor once it returns (names, dtypes and ids only), so that they
+    are freed by then."""
+    dtypes = {key: built.dtype for key, built in model.state_dict().items()}
+    for key, dtype in dtypes.items():
+        if key in tensors and tensors[key].dtype != dtype:  # what copy_ into the built tensor would make
+            tensors[key] = tensors[key].to(dtype)
+    registered = [(id(t), name) for name, t in [*model.named_parameters(remove_duplicate=False),
+                                                *model.named_buffers(remove_duplicate=False)]]
+    tied: dict[int, list[str]] = {}
+    for ident, name in registered:
+        tied.setdefault(ident, []).append(name)
+    model.load_state_dict(tensors, assign=True)
+    # assign set each name to its own new tensor: a tie (one tensor, several names) becomes two tensors
+    # viewing the same pages; the first name's is put back under the others
+    for first, *others in (names for names in tied.values() if len(names) > 1):
+        owner, _, attr = first.rpartition(".")
+        tensor = getattr(model.get_submodule(owner), attr)
+        for other in others:
+            owner, _, attr = other.rpartition(".")
+            setattr(model.get_submodule(owner), attr, tensor)
+
+
+def _return_freed_heap() -> None:
+    """Hand the heap's free memory back to the OS (glibc's ``malloc_trim``; elsewhere nothing).
+
+    The weights the model was built with, just replaced by the file's, are freed; but glibc keeps
+    large freed blocks for reuse once its mmap threshold has grown, so in some processes a whole
+    model's worth stayed private memory (bench.model_loading's side-by-side rows)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):  # not glibc
+        pass
 
 
 def _refuse_non_finite(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:

@@ -16,7 +16,9 @@ another actor, with the same output, and the pool goes on with the actors left. 
 stops the map with one line naming the decoder, the utterances and the cause. Every actor checks
 that the checkpoint it loads is the file the driver hashed (SHA-256): a node with a stale or partial
 copy at the same path, or a file rewritten while the pool runs, would otherwise decode with other
-weights than the rest, silently.
+weights than the rest, silently. CPU actors decode on the file's own pages, shared through the page
+cache (``load_model(share_file_pages=True)``): while the pool runs, the file may be replaced (a new
+file renamed over it, as :func:`meld.training.save_checkpoint` writes) but not rewritten in place.
 """
 
 from __future__ import annotations
@@ -125,7 +127,11 @@ class _Decoder:
                                               f"driver read ({digest[:12]}): a stale copy on this node, or rewritten "
                                               "while the evaluation runs; every decoding actor must load the same "
                                               "weights")
-                model, _ = load_model(checkpoint)
+                # a CPU actor's weights are the file's pages, shared with the node's other actors through
+                # the page cache (one copy on the node, not one per actor); an exported model.pt is stored in
+                # the decoding layout, so decoding copies none of them (a training checkpoint's Linear weights
+                # are re-laid into private memory: see load_model); a GPU actor copies them
+                model, _ = load_model(checkpoint, share_file_pages=self.device == "cpu")
                 model.to(self.device)
             if compile:
                 configure_decoding(model, compile=True)

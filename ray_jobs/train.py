@@ -1034,6 +1034,7 @@ def export_model(config: dict, out: Path) -> Path:
     import numpy as np
     import torch
 
+    from meld.models.backbone import prepare_for_decoding
     from meld.models.builders import build_model
     from meld.store import load_stats
     from meld.training import CheckpointError, latest_good_checkpoint, save_checkpoint
@@ -1051,6 +1052,10 @@ def export_model(config: dict, out: Path) -> Path:
             f"this run's weights may be in {config['checkpoint_dir']}/stale/{config['fingerprint']}")
     model = build_model(config["system"], config["model_kwargs"])
     model.load_state_dict(state["model"])
+    # model.pt is read to decode: stored in the decoding layout (each CPU Linear weight (in, out)-contiguous,
+    # values unchanged), a process decoding on the file's own pages (the decode pool's CPU actors,
+    # load_model(share_file_pages=True)) re-lays nothing and shares them with the node's other actors
+    prepare_for_decoding(model)
     extra = {
         "bpe_model": torch.from_numpy(np.frombuffer(Path(config["bpe_model"]).read_bytes(), dtype=np.uint8).copy()),
         "fingerprint": config["fingerprint"],

@@ -662,8 +662,18 @@ def test_a_run_resumed_from_rays_copy_leaves_its_checkpoint_in_the_folder(crashe
     exported = export_model(config, tmp_path)
     assert exported.is_file()
     # what the frame budget left out of training stays with the model (meld info shows it)
-    extra = torch.load(exported, weights_only=True, mmap=True)["extra"]
-    assert extra["skipped_too_long"] == config["skipped_too_long"]
+    saved = torch.load(exported, weights_only=True, mmap=True)
+    assert saved["extra"]["skipped_too_long"] == config["skipped_too_long"]
+    # stored in the decoding layout: a process decoding on the file's pages copies no Linear weight
+    from meld.models.backbone import prepare_for_decoding
+    from meld.training import load_model
+
+    model, _ = load_model(exported, share_file_pages=True)
+    linear = {name: m.weight for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    before = {name: w.data_ptr() for name, w in linear.items()}
+    assert any(not w.is_contiguous() and w.t().is_contiguous() for w in linear.values())
+    prepare_for_decoding(model)
+    assert {name: m.weight.data_ptr() for name, m in model.named_modules() if name in linear} == before
 
 
 @pytest.mark.slow
