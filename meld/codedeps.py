@@ -48,11 +48,13 @@ def module_file(module: str, root: Path = REPO_ROOT) -> Path | None:
 def imported_modules(path: Path, root: Path = REPO_ROOT) -> set[str]:
     """Every module an `import` or `from ... import` anywhere in the file may load (for `from a import b`,
     both a and a.b: b may be a submodule)."""
-    package = list(path.relative_to(root).with_suffix("").parts)
-    if path.name != "__init__.py":
-        package = package[:-1]
+    # the package relative imports start from is the file's folder, for a package's __init__.py too
+    # (its own name, meld.x, is that folder's, not meld.x.__init__)
+    package = list(path.relative_to(root).parent.parts)
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    # bytes, as the interpreter reads source (UTF-8 or the file's coding line, whatever the locale);
+    # the file name, so that a syntax error says which file
+    for node in ast.walk(ast.parse(path.read_bytes(), filename=str(path))):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):

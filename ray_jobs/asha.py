@@ -34,9 +34,11 @@ log = logging.getLogger("meld.tune")
 
 def rung_steps(grace_period: int, max_t: int, reduction_factor: float) -> list[float]:
     """The rungs' steps, lowest first: grace_period, x reduction_factor, ... while <= max_t."""
-    if not (0 < grace_period <= max_t) or reduction_factor <= 1:
+    # an infinite max_t never ends the loop below; a NaN slips past every comparison
+    finite = all(map(math.isfinite, (grace_period, max_t, reduction_factor)))
+    if not finite or not (0 < grace_period <= max_t) or reduction_factor <= 1:
         raise ValueError(
-            f"ASHA needs 0 < grace_period <= max_t and reduction_factor > 1, got grace_period={grace_period}, "
+            f"ASHA needs finite 0 < grace_period <= max_t and reduction_factor > 1, got grace_period={grace_period}, "
             f"max_t={max_t}, reduction_factor={reduction_factor}"
         )
     steps, step = [], grace_period
@@ -91,8 +93,8 @@ class ResumableASHA(FIFOScheduler):
         if self._records is None:
             self._records = {rung: {} for rung in self.rungs}
             rows, cut_off = _read(self.records_file)
-            if cut_off:  # drop the cut-off line now, or the next record would be appended to it
-                self.records_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
+            if cut_off:  # mend the cut-off line now, or the next record would be appended to it
+                _end_at_a_whole_line(self.records_file)
             for row in rows:
                 if row["rung"] in self._records:
                     self._records[row["rung"]][self.trial_key(row["config"])] = row
@@ -124,14 +126,16 @@ class ResumableASHA(FIFOScheduler):
             return TrialScheduler.CONTINUE
         rung, key = reached[-1], self.trial_key(trial.config)
         stop = next((self.records()[r][key] for r in reached if self.records()[r].get(key, {}).get("stopped")), None)
-        if stop is not None and not final:
+        if stop is not None:
             # A stop lost in an interrupt: the trial resumed from a checkpoint older or newer than it (its
             # workers train on while Tune stops it), and reports again at the stop's rung or past it. It is
             # stopped again, as the uninterrupted sweep stopped it, and where the step differs the stop is
             # recorded at this step too: its results end here now, and the sweep's report counts a trial
             # early-stopped only where its results end (else it stayed unfinished on every rerun).
-            if step != stop["step"]:
+            if step != stop["step"] and not final:
                 self._append(stop["rung"], {**stop, "step": step})
+            # Its completion, which Tune sends with the result just stopped, records nothing either: from
+            # past a higher rung it would put a trial stopped below that rung among the rung's results.
             return TrialScheduler.STOP
         if key in self.records()[rung]:
             return TrialScheduler.CONTINUE
@@ -171,6 +175,21 @@ def read_records(records_file: Path) -> list[dict]:
     """The file's rows, oldest first. A last line cut off by a killed driver is skipped with a warning
     (the result it held is judged again when the trial reports it again); any other bad line is an error."""
     return _read(records_file)[0]
+
+
+def _end_at_a_whole_line(records_file: Path) -> None:
+    """End the file with a whole record: a cut-off last line is cut away, a last record that lacks
+    only its newline gets it. The lines before it are never rewritten: a rewrite of the whole file
+    that failed part-way (a second kill, a full disk) lost every record past the point it reached."""
+    with open(records_file, "r+b") as f:
+        data = f.read()
+        end = data.rfind(b"\n") + 1
+        try:
+            json.loads(data[end:])
+        except ValueError:  # what _read skipped
+            f.truncate(end)
+        else:  # what _read kept
+            f.write(b"\n")
 
 
 def _read(records_file: Path) -> tuple[list[dict], bool]:

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -17,6 +22,7 @@ from ray.tune.schedulers import ASHAScheduler  # noqa: E402
 from ray_jobs.asha import ResumableASHA, read_records, rung_steps  # noqa: E402
 
 METRIC = "dev/mse"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def trial(i: int):
@@ -65,7 +71,9 @@ def test_rungs_are_grace_period_times_powers_of_the_reduction_factor():
     assert rung_steps(1, 16, 2) == [1, 2, 4, 8, 16]
     assert rung_steps(8, 20, 2) == [8, 16]
     assert rung_steps(2, 54, 3) == [2, 6, 18, 54]
-    for bad in ((0, 16, 2), (32, 16, 2), (1, 16, 1)):
+    # NaN slipped past every comparison (a NaN factor gave one rung, then a percentile error at the
+    # second trial) and an infinite max_t looped for ever: both refused up front
+    for bad in ((0, 16, 2), (32, 16, 2), (1, 16, 1), (2, 16, math.nan), (2, math.nan, 2), (1, math.inf, 2)):
         with pytest.raises(ValueError, match="grace_period"):
             rung_steps(*bad)
 
@@ -153,6 +161,29 @@ def test_a_trial_resumed_from_past_its_stop_is_stopped_again_where_its_results_e
     assert [(r["rung"], r["step"], r["stopped"]) for r in rows] == [(2, 2, True), (2, 3, True), (2, 4, True)]
 
 
+def test_a_trial_stopped_again_past_a_higher_rung_is_not_recorded_there_when_tune_completes_it(tmp_path):
+    """Tune follows a STOP with on_trial_complete and the same result. For a lost stop re-applied past
+    a higher rung, that completion recorded the stopped trial's objective at the higher rung, as if it
+    had been let through, and a later trial there was compared with it: the resumed sweep no longer
+    decided as the uninterrupted one."""
+    kw = {"max_t": 16, "grace_period": 2, "reduction_factor": 2}
+    scheduler = ours(tmp_path, **kw)
+    good, bad, late = trial(0), trial(1), trial(2)
+    scheduler.on_trial_result(None, good, {"step": 2, METRIC: 1.0})
+    assert scheduler.on_trial_result(None, bad, {"step": 2, METRIC: 5.0}) == "STOP"
+    scheduler.on_trial_complete(None, bad, {"step": 2, METRIC: 5.0})
+    restored = cloudpickle.loads(cloudpickle.dumps(ours(tmp_path, **kw)))
+    resumed_past_rung_4 = {"step": 5, METRIC: 0.1}  # its workers trained on while the stop was lost
+    assert restored.on_trial_result(None, bad, resumed_past_rung_4) == "STOP"
+    restored.on_trial_complete(None, bad, resumed_past_rung_4)
+    assert restored.summary()[1] == {"step": 4, "trials": 0, "cutoff": None, "stopped": []}
+    assert restored.on_trial_result(None, late, {"step": 2, METRIC: 1.0}) == "CONTINUE"
+    assert restored.on_trial_result(None, late, {"step": 4, METRIC: 0.5}) == "CONTINUE"  # first at rung 4
+    rows = [(r["rung"], r["step"], r["stopped"]) for r in read_records(tmp_path / "asha.jsonl")
+            if r["config"] == bad.config]
+    assert rows == [(2, 2, True), (2, 5, True)]
+
+
 def test_a_diverged_trial_is_stopped_and_does_not_move_the_cutoff(tmp_path):
     scheduler = ours(tmp_path, max_t=8, grace_period=2, reduction_factor=2)
     assert scheduler.on_trial_result(None, trial(0), {"step": 2, METRIC: math.nan}) == "STOP"  # first at its rung
@@ -192,6 +223,33 @@ def test_a_record_cut_off_by_a_killed_driver_is_dropped_and_the_file_stays_reada
     records.write_text('{"config": {}}\nnot json\n{"config": {}}\n')
     with pytest.raises(ValueError, match=r"asha.jsonl, line 2: not a JSON record"):
         read_records(records)
+
+
+def test_mending_a_cut_off_record_never_loses_the_whole_ones_before_it(tmp_path):
+    """The mend rewrote the whole file; a rewrite that failed part-way (here the file-size limit, as a
+    full disk or a second kill would) left only the records written before that point."""
+    records = tmp_path / "asha.jsonl"
+    scheduler = ours(tmp_path, max_t=8, grace_period=2, reduction_factor=2)
+    for i in range(40):
+        scheduler.on_trial_result(None, trial(i), {"step": 2, METRIC: float(i % 3)})
+    whole = read_records(records)
+    records.write_text(records.read_text() + '{"config": {"r": 2, "w": 9.9}, "ru')  # killed mid-write
+    script = textwrap.dedent(f"""
+        import resource
+        from ray_jobs.asha import ResumableASHA
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))  # far below the file's size
+        ResumableASHA({str(records)!r}, key_params=("r", "w"), time_attr="step", metric="m", mode="min",
+                      max_t=8, grace_period=2, reduction_factor=2).records()
+    """)
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert read_records(records) == whole and records.read_text().endswith("}\n")
+    # a last record cut off just before its newline is whole: kept, and the next one starts a line of its own
+    records.write_text(records.read_text()[:-1])
+    restored = ours(tmp_path, max_t=8, grace_period=2, reduction_factor=2)
+    restored.on_trial_result(None, trial(40), {"step": 4, METRIC: 1.0})
+    assert read_records(records)[:-1] == whole and read_records(records)[-1]["config"] == trial(40).config
 
 
 def test_a_trial_config_without_the_key_params_is_named(tmp_path):
