@@ -25,6 +25,7 @@ from meld.features import N_MELS, NormStats
 
 FEATURES_FILE = "frames.f32"
 CODES_FILE = "codes.i16"
+CODE_LIMIT = 1 << 15  # int16 on disk: codes 0..32767, so a codebook of at most 32768 codes
 
 
 def write_store(folder: str | Path, items, rejected: list[dict], *, data_file: str = FEATURES_FILE,
@@ -62,8 +63,22 @@ def write_store(folder: str | Path, items, rejected: list[dict], *, data_file: s
 
 
 def write_code_store(folder: str | Path, items, rejected: list[dict]) -> dict:
-    """:func:`write_store` for (T, K) integer DAC codes (int16 on disk: codebooks have at most 32767 codes)."""
-    return write_store(folder, items, rejected, data_file=CODES_FILE, dtype=np.int16)
+    """:func:`write_store` for (T, K) integer DAC codes (int16 on disk: codes 0..32767).
+
+    Raises:
+        ValueError: codes int16 cannot hold (a negative one, or a codebook of more than 32768 codes):
+            the cast to int16 would wrap them into other codes without a word.
+    """
+
+    def checked():
+        for meta, codes in items:
+            codes = np.asarray(codes)
+            if codes.size and (int(codes.min()) < 0 or int(codes.max()) >= CODE_LIMIT):
+                raise ValueError(f"{meta.get('id')}: codes {int(codes.min())}..{int(codes.max())} do not fit the code "
+                                 f"store's int16 (0..{CODE_LIMIT - 1})")
+            yield meta, codes
+
+    return write_store(folder, checked(), rejected, data_file=CODES_FILE, dtype=np.int16)
 
 
 class StoreError(ValueError):
@@ -164,13 +179,62 @@ class CodeStore(_ArrayStore):
 
     Args:
         n_levels: codec levels K the codes were written with (a mismatch is an error, not a misread).
+        codebook_size: codes per level N the reader expects; given, every utterance read is checked to
+            hold codes in [0, N) only (microseconds per utterance) and :meth:`check_codes` can scan them all.
+
+    Codes outside [0, N) (another codec's store under an edited codec.json, a hand-edited or corrupt
+    codes.i16) were an IndexError or a CUDA device assert in a Ray worker, naming nothing, or no error at
+    all: Codec-LM's level embedding is one table of K * (N + 2) rows and its heads have N + 1 classes, so
+    a code of N trained as <EOS>, and a larger one read another level's row before the loss refused it.
     """
 
     data_file, dtype, kind, stage = CODES_FILE, np.int16, "code store", "codes"
 
-    def __init__(self, folder: str | Path, n_levels: int):
+    def __init__(self, folder: str | Path, n_levels: int, codebook_size: int | None = None):
         super().__init__(folder, n_levels)
         self.n_levels = n_levels
+        self.codebook_size = codebook_size
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        codes = super().__getitem__(i)
+        if self.codebook_size is not None:
+            self._check_utterance(i, codes)
+        return codes
+
+    def _bound(self) -> int:
+        """Codes are good iff their bits read as uint16 are below this: a negative int16 reads as 32768 or
+        more, so one unsigned max finds values on both sides of [0, N) (about 13 GB/s on one core)."""
+        return min(self.codebook_size, CODE_LIMIT)
+
+    def _check_utterance(self, i: int, codes: np.ndarray) -> None:
+        bad = codes.view(np.uint16) >= self._bound()
+        if not bad.any():
+            return
+        frame, level = (int(x) for x in np.argwhere(bad)[0])
+        raise StoreError(f"{self.folder / self.data_file}: utterance {self.index[i].get('id')} (entry {i + 1} of index.jsonl) "
+                         f"holds code {int(codes[frame, level])} at level {level}, frame {frame}, outside the codebook's "
+                         f"0..{self.codebook_size - 1} ({self.codebook_size} codes, as codec.json and the model say): "
+                         "a corrupt code store or codes of another codec; rerun the codes stage")
+
+    def check_codes(self) -> None:
+        """Scan every utterance's codes for values outside [0, codebook_size), naming the first one.
+
+        One pass of unsigned maxima over the data file in 32 MB pieces (a LibriSpeech-sized store, 4 GB,
+        in about a third of a second from the page cache); the utterances are walked one by one only when
+        a bad value is found, so bytes no index row reads do not fail the store.
+
+        Raises:
+            StoreError: file, utterance id, level, frame and value of the first code outside the codebook.
+        """
+        if self.codebook_size is None:
+            raise ValueError("check_codes needs the codebook size: open the store with CodeStore(folder, K, N)")
+        flat = self._frames.reshape(-1).view(np.uint16)
+        piece = 1 << 24
+        bound = self._bound()
+        if all(int(flat[s : s + piece].max()) < bound for s in range(0, flat.size, piece)):
+            return
+        for i in range(len(self)):
+            self._check_utterance(i, super().__getitem__(i))
 
 
 class StatsError(ValueError):

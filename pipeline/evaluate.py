@@ -318,7 +318,8 @@ def evaluate_codec_system(model, state: dict, cfg: EvaluateConfig, system: str, 
         if scorer is not None:
             metrics["asr_judge"], metrics["score_device"] = scorer.describe()["asr_judge"], cfg.score_device
         for split in cfg.splits:
-            store = CodeStore(codes_dir / split, desc["n_levels"])
+            # each prompt read is checked against the codebook: a bad code is named, not an IndexError in the model
+            store = CodeStore(codes_dir / split, desc["n_levels"], desc["codebook_size"])
             audio = {r["id"]: r["audio_path"] for r in read_manifest(corpus / split / "manifest.jsonl")}
             chosen = choose_utterances(store, cfg, split)
             if not chosen:  # kept, as the mel systems keep it: the report names the split instead of dropping it

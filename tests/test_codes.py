@@ -20,7 +20,7 @@ from test_faults import TINY_PARAMS, ensure_ray, make_tiny_data
 
 from meld.audio import load_audio
 from meld.codes import CODEC_FILE, codec_from_description, encode_waveform
-from meld.store import CodeStore, CodeTrainingData, FeatureStore, collate_codes, write_code_store
+from meld.store import CodeStore, CodeTrainingData, FeatureStore, StoreError, collate_codes, write_code_store
 
 K, N = 4, 64  # tiny codec: 4 levels of 64 codes (DAC 16 kHz: 12 of 1024)
 
@@ -145,6 +145,57 @@ def test_no_samples_encode_to_no_codes_and_codes_the_codec_cannot_decode_are_nam
         decode_codes(codec, CodeStore(tmp_path / "split", K)[0])
     with pytest.raises(ValueError, match=r"codes -1\.\.\d+ outside"):
         decode_codes(codec, np.where(np.arange(len(codes))[:, None] == 3, -1, codes))
+
+
+def _set_code(store_dir: Path, utterance: int, frame: int, level: int, value: int) -> str:
+    """Overwrite one code of a written store in place (as a hand edit or a bad disk would); returns its id."""
+    store = CodeStore(store_dir, K)
+    row = store.index[utterance]
+    data = np.memmap(store_dir / "codes.i16", dtype=np.int16, mode="r+", shape=(sum(store.lengths), K))
+    data[row["offset"] + frame, level] = value
+    data.flush()
+    del data
+    return row["id"]
+
+
+@pytest.mark.parametrize("value", [-5, N, N + 1, 3 * N])
+def test_codes_outside_the_codebook_are_named_with_their_utterance_level_and_value(tmp_path, value):
+    """Codes outside [0, N) reached Codec-LM as an IndexError or a CUDA device assert naming nothing,
+    or trained without a word (N is <EOS> to the model). A store opened with the codebook size names
+    the file, utterance, level and value on any read, and check_codes finds the first in one scan."""
+    rng = np.random.default_rng(0)
+    items = [({"id": f"u{i}", "speaker": "s", "text": f"words {i}", "duration": n / 50},
+              rng.integers(0, N, (n, K))) for i, n in enumerate((7, 5, 30))]
+    write_code_store(tmp_path / "split", iter(items), [])
+    CodeStore(tmp_path / "split", K, N).check_codes()  # every code in range: no error
+
+    uid = _set_code(tmp_path / "split", 1, 2, 3, value)
+    says = (rf"{tmp_path / 'split' / 'codes.i16'}: utterance {uid} \(entry 2 of index.jsonl\) holds code {value} "
+            rf"at level 3, frame 2, outside the codebook's 0..{N - 1} \({N} codes")
+    store = CodeStore(tmp_path / "split", K, N)
+    with pytest.raises(StoreError, match=says):
+        store.check_codes()
+    np.testing.assert_array_equal(store[0], items[0][1])  # the other utterances still read
+    with pytest.raises(StoreError, match=says):
+        store[1]
+
+    class Words:
+        def encode(self, text):
+            return [len(w) for w in text.split()]
+
+    with pytest.raises(StoreError, match=says):  # the training worker's batches
+        CodeTrainingData(store, Words()).batch([0, 1])
+    assert CodeStore(tmp_path / "split", K)[1][2, 3] == value  # without a codebook size: read as written
+
+
+def test_codes_int16_cannot_hold_are_refused_not_wrapped(tmp_path):
+    """The store's int16 cast wrapped a code of 40000 into -25536 without a word, and wrote a negative
+    one that no codebook holds; the writer now refuses both, naming the utterance (the codes stage's own
+    codec cannot make them: codec_lm.args.codebook_size is at most 32767)."""
+    meta = {"id": "big", "speaker": "s", "text": "t", "duration": 0.1}
+    for wrong in (np.full((5, K), 40_000), np.full((5, K), -1)):
+        with pytest.raises(ValueError, match=r"big: codes -?\d+\.\.-?\d+ do not fit the code store's int16 \(0\.\.32767\)"):
+            write_code_store(tmp_path / "split", iter([(meta, wrong)]), [])
 
 
 # ----------------------------------------------------------------------------- the codes stage
@@ -340,6 +391,73 @@ def test_training_driver_needs_a_code_store_for_codec_lm(trained):
     params["codec_lm"]["args"]["n_levels"] = K + 2
     with pytest.raises(ValueError, match=f"codes of {K} levels.*asks for {K + 2}"):
         build_config(params, codes=trained["codes"], **kwargs)
+
+
+def _train_argv(project, codes: Path, params: Path, out: Path) -> list[str]:
+    return ["--params", str(params), "--system", "codec_lm", "--codes", str(codes),
+            "--bpe", str(project["data"] / "bpe" / "bpe.model"), "--out", str(out / "model"),
+            "--project-root", str(out), "--ray-storage", str(out / "ray"), "--max-failures", "0"]
+
+
+@pytest.mark.parametrize("case", ["code N", "negative code", "codec.json edited"])
+def test_training_refuses_codes_outside_the_codebook_in_one_line_before_ray(project, tmp_path, case, capsys):
+    """A code store with codes outside the model's codebook trained (a code of N is <EOS> to the model)
+    or failed inside a Ray worker, an IndexError / CUDA device assert in a WorkerGroupError traceback
+    after max_failures retries. The train stage's driver now scans the codes before Ray starts and
+    stops with one line naming the file, utterance, level, value and codebook size."""
+    import shutil
+
+    from meld.config import run_stage
+    from ray_jobs.train import main as train_main
+
+    codes = tmp_path / "codes"
+    shutil.copytree(project["codes"], codes)
+    params, size = project["params"], N
+    if case == "codec.json edited":  # another codec's store, its description edited to the model's shape
+        size = N // 2
+        desc = json.loads((codes / CODEC_FILE).read_text())
+        (codes / CODEC_FILE).write_text(json.dumps({**desc, "codebook_size": size}))
+        params = _params(tmp_path, args={"n_levels": K, "codebook_size": size})
+        store = CodeStore(codes / "train", K)
+        i = next(i for i in range(len(store)) if (store[i] >= size).any())
+        frame, level = (int(x) for x in np.argwhere(store[i] >= size)[0])
+        uid, value = store.index[i]["id"], int(store[i][frame, level])
+    else:
+        value, (frame, level) = (N if case == "code N" else -3), (4, K - 1)
+        uid = _set_code(codes / "train", 1, frame, level, value)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+        assert run_stage("train", lambda: train_main(_train_argv(project, codes, params, tmp_path))) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"train: {codes / 'train' / 'codes.i16'}: utterance {uid} "), err
+    assert f"holds code {value} at level {level}, frame {frame}, outside the codebook's 0..{size - 1} ({size} codes" in err[0]
+    assert not (tmp_path / "ray").exists() and not (tmp_path / "model").exists()  # stopped before Ray
+
+
+def test_a_store_changed_after_the_drivers_scan_is_named_by_the_training_worker(project, tmp_path):
+    """The worker checks every utterance it batches (microseconds): codes overwritten after the driver's
+    scan are named there (file, utterance, level, value) instead of an embedding IndexError or a loss
+    target out of bounds, in a real Ray Train run of one worker."""
+    import shutil
+
+    from ray_jobs.train import build_config, run_training
+
+    ensure_ray()
+    codes = tmp_path / "codes"
+    shutil.copytree(project["codes"], codes)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+        config = build_config(yaml.safe_load(project["params"].read_text()), system="codec_lm",
+                              features=project["data"] / "features", bpe=project["data"] / "bpe" / "bpe.model",
+                              codebook=project["data"] / "codebook", out=tmp_path / "model", project_root=tmp_path,
+                              codes=codes, threads_per_worker=1)
+        for i in range(len(CodeStore(codes / "train", K))):  # whichever utterance the first batch reads
+            _set_code(codes / "train", i, 0, K - 1, N + 5)
+        with pytest.raises(Exception, match=rf"{codes / 'train' / 'codes.i16'}: utterance \S+ \(entry \d+ of "
+                                            rf"index.jsonl\) holds code {N + 5} at level {K - 1}, frame 0, outside "
+                                            rf"the codebook's 0..{N - 1} \({N} codes"):
+            run_training(config, num_workers=1, use_gpu=False, storage_path=str(tmp_path / "ray"), max_failures=0)
 
 
 def _evaluate(trained, codes: Path, out: Path) -> dict:
