@@ -202,6 +202,14 @@ INPUT_ERRORS = (("meld.config", "ConfigError"), ("meld.corpus.librispeech", "Lib
                 ("ray_jobs.cluster", "NodeLocalStorage"), ("builtins", "FileNotFoundError"))
 
 
+def is_input_error(err: BaseException) -> bool:
+    """Whether ``err`` is one of :data:`INPUT_ERRORS`: what the user can mend, said in one line."""
+    import sys
+
+    kinds = [getattr(sys.modules.get(module), cls, None) for module, cls in INPUT_ERRORS]
+    return isinstance(err, tuple(k for k in kinds if isinstance(k, type)))
+
+
 def run_stage(name: str, main: Callable[[], int]) -> int:
     """Run a DVC stage script's ``main`` (its ``__main__`` entry; tests call ``main`` itself).
 
@@ -213,8 +221,7 @@ def run_stage(name: str, main: Callable[[], int]) -> int:
     try:
         return main()
     except Exception as err:
-        kinds = [getattr(sys.modules.get(module), cls, None) for module, cls in INPUT_ERRORS]
-        if not isinstance(err, tuple(k for k in kinds if isinstance(k, type))):
+        if not is_input_error(err):
             raise
         print(f"{name}: {err}", file=sys.stderr)
         return 1

@@ -602,12 +602,30 @@ def run_training(
         result = trainer.fit()
     except BaseException as err:
         _mark_mlflow_run_failed(config, err)
+        mendable = workers_input_error(err)
+        if mendable is not None:  # the workers' own one line, not Ray's traceback of every worker
+            raise mendable from err
         raise
     if getattr(result, "error", None) is not None:
         _mark_mlflow_run_failed(config, result.error)
     if marker.is_file():
         raise NonFiniteLoss(json.loads(marker.read_text())["message"])
     return result
+
+
+def workers_input_error(err: BaseException) -> BaseException | None:
+    """The input error (:data:`meld.config.INPUT_ERRORS`: a corrupt store, a missing file) that every
+    failed worker of a Ray Train run raised, lowest rank first, when that is what ended the run; else None.
+
+    Ray Train hands the driver a WorkerGroupError holding each failed worker's exception: raised as it
+    is, a stage ended in a traceback of every worker around the one line that says what to mend."""
+    from meld.config import is_input_error
+
+    failures = getattr(err, "worker_failures", None)
+    if not isinstance(failures, dict) or not failures:
+        return None
+    errors = [failures[rank] for rank in sorted(failures)]
+    return errors[0] if all(isinstance(e, BaseException) and is_input_error(e) for e in errors) else None
 
 
 def scaling_config(num_workers: int, use_gpu: bool, cpus_per_worker: float | None = None,
@@ -1026,7 +1044,7 @@ def _code_data(codes: str | Path | None, model_kwargs: dict) -> dict:
                           f"{wanted[0]} x {wanted[1]}; rerun the codes stage")
     # every code the run will read, checked here, once: in a worker a code outside the codebook was an
     # IndexError or a CUDA device assert naming nothing (a code of N: no error, it trained as <EOS>), and
-    # a worker's error reaches this driver only as a WorkerGroupError traceback after max_failures retries.
+    # a worker's error reaches this driver only after max_failures retries (as one line: workers_input_error).
     # The scan reads the whole codes.i16 (960 h of LibriSpeech, 4 GB: 0.3 s from the page cache, docs/results.md)
     CodeStore(codes / "train", *wanted).check_codes()
     return {"data_kind": "codes", "codec": codec, "train_store": str(codes / "train"), "eval_store": None}

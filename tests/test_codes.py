@@ -454,10 +454,27 @@ def test_a_store_changed_after_the_drivers_scan_is_named_by_the_training_worker(
                               codes=codes, threads_per_worker=1)
         for i in range(len(CodeStore(codes / "train", K))):  # whichever utterance the first batch reads
             _set_code(codes / "train", i, 0, K - 1, N + 5)
-        with pytest.raises(Exception, match=rf"{codes / 'train' / 'codes.i16'}: utterance \S+ \(entry \d+ of "
-                                            rf"index.jsonl\) holds code {N + 5} at level {K - 1}, frame 0, outside "
-                                            rf"the codebook's 0..{N - 1} \({N} codes"):
+        # the worker's own StoreError, which run_stage prints as one line, not Ray's WorkerGroupError around it
+        with pytest.raises(StoreError, match=rf"^{codes / 'train' / 'codes.i16'}: utterance \S+ \(entry \d+ of "
+                                             rf"index.jsonl\) holds code {N + 5} at level {K - 1}, frame 0, outside "
+                                             rf"the codebook's 0..{N - 1} \({N} codes") as raised:
             run_training(config, num_workers=1, use_gpu=False, storage_path=str(tmp_path / "ray"), max_failures=0)
+        assert type(raised.value.__cause__).__name__ == "WorkerGroupError"
+
+
+def test_a_run_ends_in_the_workers_input_error_only_when_every_failed_worker_raised_one():
+    """A worker's bug next to another's input error keeps Ray's error (and its tracebacks): the input
+    error alone would hide it."""
+    from ray.train import WorkerGroupError
+
+    from meld.config import ConfigError
+    from ray_jobs.train import workers_input_error
+
+    store, config = StoreError("codes.i16: bad code"), ConfigError("train.lr: bad")
+    assert workers_input_error(WorkerGroupError("x", {1: config, 0: store})) is store  # lowest rank first
+    assert workers_input_error(WorkerGroupError("x", {0: store, 1: KeyError("bug")})) is None
+    assert workers_input_error(WorkerGroupError("x", {})) is None
+    assert workers_input_error(RuntimeError("not Ray's")) is None
 
 
 def _evaluate(trained, codes: Path, out: Path) -> dict:
