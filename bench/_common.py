@@ -113,6 +113,13 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
+def smaps_rollup(pid: int | str = "self") -> dict[str, int]:
+    """A process's memory totals over its mappings (Rss, Pss, Private_Clean, Private_Dirty, ...), in bytes:
+    where pages shared between processes (PSS) matter, which RSS counts in full in each."""
+    lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]
+    return {f[0].rstrip(":"): int(f[1]) * 1024 for f in (line.split() for line in lines) if len(f) >= 2}
+
+
 def trim_heap() -> None:
     """Hand freed heap memory back to the OS (glibc's ``malloc_trim``), so that RSS read next counts
     live memory only: glibc keeps large freed blocks for reuse once its mmap threshold has grown."""

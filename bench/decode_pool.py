@@ -47,7 +47,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import load_average, machine_info, result_stem, table, write_result  # noqa: E402
+from bench._common import load_average, machine_info, result_stem, smaps_rollup, table, write_result  # noqa: E402
 
 FRAMES = 626  # 10.016 s of mel frames at 62.5 Hz (313 grouped frames at r=2)
 PROMPT_FRAMES = 188  # 3 s
@@ -125,8 +125,6 @@ def file_pss(pid: int, path: Path) -> int:
 
 def actors_memory(pool, layout: str, stage: str, checkpoint: Path) -> dict:
     """``pool``'s actors' memory now, summed over them (one row of the memory table)."""
-    from bench.model_loading import smaps_rollup
-
     pids = actor_pids(pool)
     each = [smaps_rollup(pid) for pid in pids]
     return {"checkpoint": layout, "stage": stage, "actors": len(pids), "pss_mb": sum(m["Pss"] for m in each) / MB,

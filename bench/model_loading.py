@@ -108,12 +108,6 @@ def make_decoding_layout_copy(path: Path) -> Path:
                            model_kwargs=state["model_kwargs"], step=state["step"], extra=state["extra"])
 
 
-def smaps_rollup(pid: int | str = "self") -> dict[str, int]:
-    """A process's memory totals over its mappings (Rss, Pss, Private_Dirty, ...), in bytes."""
-    lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]
-    return {f[0].rstrip(":"): int(f[1]) * 1024 for f in (line.split() for line in lines) if len(f) >= 2}
-
-
 def sharing_cell(spec: dict) -> None:
     """One of the side-by-side processes: loads, then generates, and after each stage prints ``STAGE
     <name>``, waits for a line on stdin (every process has reached it: pages several of them map are
@@ -127,12 +121,12 @@ def sharing_cell(spec: dict) -> None:
     def reached(stage: str) -> None:
         print(f"STAGE {stage}", flush=True)
         sys.stdin.readline()
-        now = smaps_rollup()
+        now = C.smaps_rollup()
         print("MEASURE " + json.dumps({k: now[k] - before[k] for k in ("Rss", "Pss", "Private_Clean", "Private_Dirty")}),
               flush=True)
 
     gc.collect()
-    before = smaps_rollup()
+    before = C.smaps_rollup()
     model, state = load_model(spec["path"], share_file_pages=spec["sharing"] != "copied")
     gc.collect()
     reached("loaded")
