@@ -120,18 +120,6 @@ def smaps_rollup(pid: int | str = "self") -> dict[str, int]:
     return {f[0].rstrip(":"): int(f[1]) * 1024 for f in (line.split() for line in lines) if len(f) >= 2}
 
 
-def trim_heap() -> None:
-    """Hand freed heap memory back to the OS (glibc's ``malloc_trim``), so that RSS read next counts
-    live memory only: glibc keeps large freed blocks for reuse once its mmap threshold has grown."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to hand back
-        pass
-
-
 def reset_peak_rss() -> bool:
     """Restart this process's high-water RSS (``VmHWM``) from its RSS now, so that :func:`peak_rss` then
     reports the peak of what runs after this call alone.
@@ -140,7 +128,9 @@ def reset_peak_rss() -> bool:
     only live memory. Returns False where Linux's ``/proc/self/clear_refs`` is missing: the peak then
     still counts from the process start.
     """
-    trim_heap()
+    from meld.training import return_freed_heap
+
+    return_freed_heap()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # 5: reset the peak RSS (Documentation/filesystems/proc.rst)

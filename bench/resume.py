@@ -78,7 +78,9 @@ def make_checkpoints(config: str, folder: Path) -> list[Path]:
 
 def rss_split() -> dict:
     """This process's RSS now, as anonymous memory and file pages (MB), freed heap handed back first."""
-    C.trim_heap()
+    from meld.training import return_freed_heap
+
+    return_freed_heap()
     fields = {}
     for line in Path("/proc/self/status").read_text().splitlines():
         key, _, value = line.partition(":")

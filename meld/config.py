@@ -66,18 +66,27 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def section_mapping(value, where: str) -> Mapping:
+    """A params section: a mapping, or empty when absent or null.
+
+    ``train: 3`` or a list where a section belongs would otherwise fail in ``dict()`` or a merge with a bare
+    TypeError or ValueError that names neither the section nor the file.
+    """
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"params section '{where}': expected a mapping of keys to values, got "
+                          f"{type(value).__name__} {value!r:.80}")
+    return value
+
+
 class Section:
     """Mixin: ``from_dict`` validates keys and types against the dataclass fields."""
 
     @classmethod
     def from_dict(cls, data: dict | None, section: str | None = None):
         section = section or cls.__name__.removesuffix("Config").lower()
-        if data is not None and not isinstance(data, Mapping):
-            # ``train: 3`` or a list where a section belongs: dict() of it fails with a bare TypeError or
-            # ValueError that names neither the section nor the file
-            raise ConfigError(f"params section '{section}' must be a mapping of keys to values, "
-                              f"not {type(data).__name__} {data!r:.60}")
-        data = dict(data or {})
+        data = dict(section_mapping(data, section))
         hints = typing.get_type_hints(cls)
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - set(fields))

@@ -269,7 +269,7 @@ def load_model(path: str | Path, map_location: str = "cpu", *, weights: bool = T
     model = build_model(state["system"], state["model_kwargs"])
     if share_file_pages:
         _assign_file_pages(model, tensors)
-        _return_freed_heap()  # the weights built, freed as the file's replaced them
+        return_freed_heap()  # the weights built, freed as the file's replaced them
     else:
         model.load_state_dict(tensors)
     return model.eval(), state
@@ -303,12 +303,13 @@ def _assign_file_pages(model: nn.Module, tensors: dict[str, torch.Tensor]) -> No
             setattr(model.get_submodule(owner), attr, tensor)
 
 
-def _return_freed_heap() -> None:
+def return_freed_heap() -> None:
     """Hand the heap's free memory back to the OS (glibc's ``malloc_trim``; elsewhere nothing).
 
     The weights the model was built with, just replaced by the file's, are freed; but glibc keeps
     large freed blocks for reuse once its mmap threshold has grown, so in some processes a whole
-    model's worth stayed private memory (bench.model_loading's side-by-side rows)."""
+    model's worth stayed private memory (bench.model_loading's side-by-side rows). The benches also call
+    it before reading RSS, so that it counts live memory only."""
     import ctypes
 
     try:

@@ -51,6 +51,41 @@ def init_ray(num_cpus: int | None = None) -> None:
                     os.environ[name] = value
 
 
+def cluster_limit() -> tuple[dict[str, float], bool]:
+    """What the joined cluster can hold: the most its autoscaler config allows (the bound Ray Train
+    itself checks, when there is one), else the resources of its nodes now; and whether it can grow."""
+    import ray
+
+    try:  # Ray's own, as Train's worker group reads it; a check that cannot tell falls back to the nodes
+        from ray._private.state import state
+
+        most = state.get_max_resources_from_cluster_config()
+    except Exception:
+        most = None
+    if most:
+        return {k: float(v) for k, v in most.items()}, True
+    return ray.cluster_resources(), False
+
+
+def check_cluster_can_hold(need: dict[str, float], cluster: dict[str, float], *, can_grow: bool, what: str,
+                           why: str, remedy: str, wait: str) -> None:
+    """Refuse work whose resources ``need`` the ``cluster`` (its resources, or with ``can_grow`` the most its
+    autoscaler config allows: :func:`cluster_limit`) can never hold at once: Ray would keep it waiting for
+    ever. A cluster that has them but not free (another job holds them) is waited for, as Ray does.
+
+    Raises:
+        ConfigError: "{what} needs {need} ({why}), but the Ray cluster has {what it has of each}: {remedy}
+        ({wait})".
+    """
+    from meld.config import ConfigError
+
+    if all(cluster.get(k, 0.0) + 1e-9 >= v for k, v in need.items()):
+        return
+    has = {k: cluster.get(k, 0.0) for k in need}
+    raise ConfigError(f"{what} needs {need} ({why}), but the Ray cluster {'can grow to at most' if can_grow else 'has'} "
+                      f"{has}: {remedy} ({wait})")
+
+
 class NodeLocalStorage(ValueError):
     """A path the run writes (or every node reads) is not where the cluster's other processes can reach it."""
 

@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ray_jobs.cluster import check_shared_storage, init_ray
+from ray_jobs.cluster import check_cluster_can_hold, check_shared_storage, cluster_limit, init_ray
 
 # The training loop reports through this logger, not print(): in a Ray Train worker, Ray 2.60's
 # print patch both tees a print to the (wrapped) stdout and logs it to the console handler, so every
@@ -643,42 +643,20 @@ def scaling_config(num_workers: int, use_gpu: bool, cpus_per_worker: float | Non
 
 def check_cluster_holds(train: dict, need: dict[str, float], cluster: dict[str, float], *, can_grow: bool) -> None:
     """Refuse a run whose workers the cluster can never hold at once (``need``: the ScalingConfig's
-    ``total_resources``; ``cluster``: the resources it has, or with ``can_grow`` the most its autoscaler
-    config allows). Ray Train would wait for them for ever: its worker group times out after 60 s and
-    is started again without end (the controller's retries are unlimited, whatever ``max_failures``
-    says), e.g. ``train.use_gpu: true`` on a machine without a GPU. A cluster that has the resources but
-    not free (another job holds them) is waited for, as Ray does.
+    ``total_resources``; ``cluster``: :func:`ray_jobs.cluster.cluster_limit`). Ray Train would wait for them
+    for ever: its worker group times out after 60 s and is started again without end (the controller's
+    retries are unlimited, whatever ``max_failures`` says), e.g. ``train.use_gpu: true`` on a machine
+    without a GPU.
 
     Raises:
         ConfigError: naming what the workers need and what the cluster has.
     """
-    from meld.config import ConfigError
-
-    short = {k: v for k, v in need.items() if cluster.get(k, 0.0) + 1e-9 < v}
-    if not short:
-        return
-    per_worker = "one GPU per worker" if train["use_gpu"] else "one CPU per worker"
-    has = {k: cluster.get(k, 0.0) for k in need}
-    raise ConfigError(f"train.num_workers {train['num_workers']} with train.use_gpu {str(train['use_gpu']).lower()} "
-                      f"needs {need} ({per_worker}), but the Ray cluster {'can grow to at most' if can_grow else 'has'} "
-                      f"{has}: lower train.num_workers{', or set train.use_gpu: false' if train['use_gpu'] else ''} "
-                      "(Ray Train would wait for the missing workers for ever)")
-
-
-def cluster_limit() -> tuple[dict[str, float], bool]:
-    """What the joined cluster can hold: the most its autoscaler config allows (the bound Ray Train
-    itself checks, when there is one), else the resources of its nodes now; and whether it can grow."""
-    import ray
-
-    try:  # Ray's own, as Train's worker group reads it; a check that cannot tell falls back to the nodes
-        from ray._private.state import state
-
-        most = state.get_max_resources_from_cluster_config()
-    except Exception:
-        most = None
-    if most:
-        return {k: float(v) for k, v in most.items()}, True
-    return ray.cluster_resources(), False
+    check_cluster_can_hold(
+        need, cluster, can_grow=can_grow,
+        what=f"train.num_workers {train['num_workers']} with train.use_gpu {str(train['use_gpu']).lower()}",
+        why="one GPU per worker" if train["use_gpu"] else "one CPU per worker",
+        remedy=f"lower train.num_workers{', or set train.use_gpu: false' if train['use_gpu'] else ''}",
+        wait="Ray Train would wait for the missing workers for ever")
 
 
 def _training_run(config: dict):
@@ -717,18 +695,6 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _mapping(value, where: str) -> dict:
-    """A params section that is merged key by key: a mapping, or empty (absent or null)."""
-    from meld.config import ConfigError
-
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ConfigError(f"params section '{where}': expected a mapping of keys to values, got "
-                          f"{type(value).__name__} {value!r:.80}")
-    return value
-
-
 def build_config(
     params: dict,
     *,
@@ -757,7 +723,14 @@ def build_config(
     import torch
 
     from meld import tracking
-    from meld.config import CodecLMConfig, ConfigError, ModelConfig, TrainConfig, mlflow_experiment
+    from meld.config import (
+        CodecLMConfig,
+        ConfigError,
+        ModelConfig,
+        TrainConfig,
+        mlflow_experiment,
+        section_mapping,
+    )
     from meld.models.builders import NEEDS_CODEBOOK, SYSTEM_TASKS, build_model, system_kwargs
     from meld.text import BPETokenizer
     from meld.training import fingerprint
@@ -767,15 +740,17 @@ def build_config(
         # with MELD's loss weights, each of its own losses at weight 1 (MELLE's KL at 1, not 0.1)
         raise ConfigError(f"params: no '{system}' section; every system but meld needs one (its task, loss weights "
                           "and args: params.yaml and configs/paper.yaml have one for each)")
-    section = _mapping(params.get(system), system)
+    section = section_mapping(params.get(system), system)
     if system == "codec_lm":  # its section also names the codec behind the code store
         CodecLMConfig.from_dict(section, system)
     else:
         unknown = sorted(set(section) - {"model", "train", "args"})
         if unknown:
             raise ConfigError(f"params section '{system}': unknown key(s) {unknown}; known: ['args', 'model', 'train']")
-    model_d = _merge(_mapping(params.get("model"), "model"), _mapping(section.get("model"), f"{system}.model"))
-    train_d = _merge(_mapping(params.get("train"), "train"), _mapping(section.get("train"), f"{system}.train"))
+    model_d = _merge(section_mapping(params.get("model"), "model"),
+                     section_mapping(section.get("model"), f"{system}.model"))
+    train_d = _merge(section_mapping(params.get("train"), "train"),
+                     section_mapping(section.get("train"), f"{system}.train"))
     if overrides:
         model_d = _merge(model_d, overrides.get("model") or {})
         train_d = _merge(train_d, overrides.get("train") or {})
@@ -873,7 +848,8 @@ def check_frame_budget(config: dict) -> None:
     """Cut the train split into the batches every worker's FrameBudgetSampler cuts, before Ray starts:
     too many utterances longer than ``train.frames_per_batch``, or fewer batches than workers, failed
     inside every worker, was retried ``max_failures`` times and ended in a 100-line WorkerGroupError.
-    Only the split's index is read. The utterances the budget leaves out (within
+    Only the split's index is read, and a Codec-LM store's codes, scanned for values outside the codebook.
+    The utterances the budget leaves out (within
     ``train.max_skipped_fraction``) are said here and listed in ``config["skipped_too_long"]``
     ({id, frames, reason} rows), which the run logs to MLflow and the exported model.pt keeps. Dev
     utterances the budget leaves unscored are said too and listed in ``config["dev_skipped_too_long"]``
@@ -881,6 +857,7 @@ def check_frame_budget(config: dict) -> None:
 
     Raises:
         ConfigError: the sampler's own message, with the split and its longest utterance.
+        StoreError: the train split's index or data file is unreadable, or a code lies outside the codebook.
     """
     from meld.config import ConfigError
     from meld.store import CodeStore, FeatureStore, FrameBudgetSampler, delayed_lengths, grouped_lengths
@@ -888,7 +865,13 @@ def check_frame_budget(config: dict) -> None:
     tc = config["train"]
     if config.get("data_kind") == "codes":
         n_levels = config["model_kwargs"]["n_levels"]
-        store = CodeStore(config["train_store"], n_levels)
+        store = CodeStore(config["train_store"], n_levels, config["model_kwargs"]["codebook_size"])
+        # every code the run will read, checked here, once: in a worker a code outside the codebook was an
+        # IndexError or a CUDA device assert naming nothing (a code of N: no error, it trained as <EOS>), and
+        # a worker's error reaches this driver only after max_failures retries (as one line:
+        # workers_input_error). The scan reads the whole codes.i16 (960 h of LibriSpeech, 4 GB: 0.3 s from
+        # the page cache, docs/results.md); the index is parsed once, for it and the budget
+        store.check_codes()
         lengths = delayed_lengths(store.lengths, n_levels)
     else:
         store = FeatureStore(config["train_store"])
@@ -1023,11 +1006,9 @@ def _code_data(codes: str | Path | None, model_kwargs: dict) -> dict:
     Raises:
         ConfigError: no code store given, or its codec's levels / codebook size differ from the model's.
         FileNotFoundError: the folder is not the codes stage's output.
-        StoreError: the train split's index or codes.i16 is unreadable, or holds a code outside the codebook.
     """
     from meld.codes import CODEC_FILE, read_codec_description
     from meld.config import ConfigError
-    from meld.store import CodeStore
 
     if codes is None:
         raise ConfigError("codec_lm trains on DAC codes, not mel features: give --codes (the codes stage's output, "
@@ -1042,11 +1023,6 @@ def _code_data(codes: str | Path | None, model_kwargs: dict) -> dict:
     if made != wanted:
         raise ConfigError(f"{codes}: codes of {made[0]} levels x {made[1]} codes, but codec_lm.args asks for "
                           f"{wanted[0]} x {wanted[1]}; rerun the codes stage")
-    # every code the run will read, checked here, once: in a worker a code outside the codebook was an
-    # IndexError or a CUDA device assert naming nothing (a code of N: no error, it trained as <EOS>), and
-    # a worker's error reaches this driver only after max_failures retries (as one line: workers_input_error).
-    # The scan reads the whole codes.i16 (960 h of LibriSpeech, 4 GB: 0.3 s from the page cache, docs/results.md)
-    CodeStore(codes / "train", *wanted).check_codes()
     return {"data_kind": "codes", "codec": codec, "train_store": str(codes / "train"), "eval_store": None}
 
 

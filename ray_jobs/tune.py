@@ -50,7 +50,8 @@ import time
 from pathlib import Path
 
 from meld.config import ConfigError, TuneConfig, mlflow_experiment
-from ray_jobs.train import add_data_args, cluster_limit
+from ray_jobs.cluster import check_cluster_can_hold, cluster_limit
+from ray_jobs.train import add_data_args
 
 log = logging.getLogger("meld.tune")
 
@@ -113,23 +114,21 @@ def concurrency_warning(tc: TuneConfig, cluster: dict[str, float]) -> str | None
 
 
 def check_a_trial_fits(tc: TuneConfig, cluster: dict[str, float], *, can_grow: bool) -> None:
-    """Refuse a sweep whose one trial the ``cluster`` (its resources, or with ``can_grow`` the most its
-    autoscaler config allows) can never hold: Tune would keep the trial pending for ever, e.g.
-    ``tune.gpus_per_worker: 1`` on a machine without a GPU.
+    """Refuse a sweep whose one trial the ``cluster`` (:func:`ray_jobs.cluster.cluster_limit`) can never
+    hold: Tune would keep the trial pending for ever, e.g. ``tune.gpus_per_worker: 1`` on a machine
+    without a GPU.
 
     Raises:
         ConfigError: naming what a trial takes, from which settings, and what the cluster has.
     """
-    if trials_that_fit(tc, cluster) >= 1:
-        return
-    need = trial_resources(tc)
     gpus = f", tune.gpus_per_worker {tc.gpus_per_worker}" if tc.gpus_per_worker else ""
-    raise ConfigError(
-        f"one tune trial takes {need} (tune.num_workers_per_trial {tc.num_workers_per_trial} x "
-        f"tune.cpus_per_worker {tc.cpus_per_worker}{gpus}, and one CPU for its driver), but the Ray cluster "
-        f"{'can grow to at most' if can_grow else 'has'} { {k: cluster.get(k, 0.0) for k in need} }: lower "
-        f"tune.num_workers_per_trial or tune.cpus_per_worker{', or set tune.gpus_per_worker: 0' if gpus else ''} "
-        "(Ray Tune would keep the trial waiting for ever)")
+    check_cluster_can_hold(
+        trial_resources(tc), cluster, can_grow=can_grow, what="one tune trial",
+        why=f"tune.num_workers_per_trial {tc.num_workers_per_trial} x tune.cpus_per_worker {tc.cpus_per_worker}"
+            f"{gpus}, and one CPU for its driver",
+        remedy="lower tune.num_workers_per_trial or tune.cpus_per_worker"
+               f"{', or set tune.gpus_per_worker: 0' if gpus else ''}",
+        wait="Ray Tune would keep the trial waiting for ever")
 
 
 class SweepInterrupted(RuntimeError):

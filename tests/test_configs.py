@@ -88,9 +88,9 @@ def test_wrong_params_are_clear_errors():
     with pytest.raises(ConfigError, match=r"evaluate.stt_ctc_weight must be in \[0, 1\]"):
         EvaluateConfig.from_dict({"stt_ctc_weight": 1.5}, "evaluate")
     # a section written as a value or a list (``train: 3``, ``model: [...]``) is named, not a bare TypeError
-    with pytest.raises(ConfigError, match=r"params section 'train' must be a mapping of keys to values, not int 3"):
+    with pytest.raises(ConfigError, match=r"params section 'train': expected a mapping of keys to values, got int 3"):
         TrainConfig.from_dict(3, "train")
-    with pytest.raises(ConfigError, match=r"params section 'model' must be a mapping .*, not list \['d_model'"):
+    with pytest.raises(ConfigError, match=r"params section 'model': expected a mapping .*, got list \['d_model'"):
         ModelConfig.from_dict(["d_model", 8], "model")
 
 

@@ -501,7 +501,7 @@ def test_a_trial_no_node_can_hold_is_refused_before_the_work_dir_is_touched(tmp_
     (work / "trials").mkdir(parents=True)
     (work / "sweep.json").write_text(json.dumps({"fingerprint": "another sweep", "parent_run_id": "r"}))
     params = {**TINY_PARAMS, "tune": {**TINY_PARAMS["tune"], "gpus_per_worker": 1.0}}
-    with pytest.raises(ConfigError, match=r"one tune trial takes \{'CPU': \d+(\.\d+)?, 'GPU': 1\.0\} .*"
+    with pytest.raises(ConfigError, match=r"one tune trial needs \{'CPU': \d+(\.\d+)?, 'GPU': 1\.0\} .*"
                                           r"tune.gpus_per_worker 1\.0.* the Ray cluster has \{'CPU': .*'GPU': 0\.0\}: "
                                           r".*or set tune.gpus_per_worker: 0"):
         run_sweep(params, features=str(data / "features"), bpe=str(data / "bpe" / "bpe.model"),
@@ -509,7 +509,7 @@ def test_a_trial_no_node_can_hold_is_refused_before_the_work_dir_is_touched(tmp_
                   work_dir=work, project_root=str(tmp_path))
     assert json.loads((work / "sweep.json").read_text())["fingerprint"] == "another sweep"
     tc = TuneConfig.from_dict({**TINY_PARAMS["tune"], "num_workers_per_trial": 2, "cpus_per_worker": 2}, "tune")
-    with pytest.raises(ConfigError, match=r"takes \{'CPU': 5\} .* can grow to at most \{'CPU': 4\.0\}: lower "
+    with pytest.raises(ConfigError, match=r"needs \{'CPU': 5\} .* can grow to at most \{'CPU': 4\.0\}: lower "
                                           r"tune.num_workers_per_trial or tune.cpus_per_worker \(Ray Tune"):
         check_a_trial_fits(tc, {"CPU": 4.0}, can_grow=True)
     check_a_trial_fits(tc, {"CPU": 5.0}, can_grow=False)
