@@ -251,9 +251,10 @@ def continue_codes(
         progress_desc: show a progress bar over the utterances under this label (None: none).
 
     Raises:
-        ValueError: as :func:`meld.generate.check_continuation_inputs` says, prompts of (P, K) codes.
+        ValueError: as :func:`meld.generate.check_continuation_inputs` says, prompts of (P, K) codes; a
+            BPE id outside the model's text vocabulary (:func:`meld.generate.check_text_ids`).
     """
-    from meld.generate import batch_seed, check_continuation_inputs
+    from meld.generate import batch_seed, check_continuation_inputs, check_text_ids
     from meld.models.backbone import check_cache_dtype
     from meld.progress import progress
 
@@ -261,6 +262,7 @@ def continue_codes(
     K = model.n_levels
     max_frames = check_continuation_inputs("continue_codes", texts, prompts, max_frames, batch_size, K,
                                            "integer codes")
+    check_text_ids("continue_codes", model, texts)
     device = next(model.parameters()).device
     out: list[CodeContinuation] = []
     bar = progress(total=len(texts), desc=progress_desc, unit="utt", disable=progress_desc is None)

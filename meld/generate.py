@@ -70,11 +70,14 @@ def tts_continue(
 
     Raises:
         ValueError: texts, prompts and a per-utterance ``max_frames`` differ in length, a text is
-            empty, a prompt is not (P, 80), ``batch_size`` < 1, or an unknown ``kv_cache_dtype``.
+            empty or holds an id outside the model's BPE vocabulary, a prompt is not (P, 80),
+            ``batch_size`` < 1, ``reduction`` is not the model's, or an unknown ``kv_cache_dtype``.
     """
     cache_dtype = check_cache_dtype(kv_cache_dtype)
     max_frames = check_continuation_inputs("tts_continue", texts, prompts, max_frames, batch_size, N_MELS,
                                            "normalised frames")
+    check_reduction("tts_continue", model, reduction)
+    check_text_ids("tts_continue", model, texts)
     device = next(model.parameters()).device
     out: list[Continuation] = []
     bar = progress(total=len(texts), desc=progress_desc, unit="utt", disable=progress_desc is None)
@@ -141,7 +144,21 @@ def stt_beam_search(
 
     Returns:
         BPE ids (0-based) of the best hypothesis per utterance.
+
+    Raises:
+        ValueError: ``batch_size``, ``beam_size`` or ``max_tokens`` < 1, ``max_tokens_per_second`` <= 0,
+            a mel that is not (T, 80), a ``reduction`` that is not the model's, or a bad ``ctc_weight``.
     """
+    for name, value in (("batch_size", batch_size), ("beam_size", beam_size), ("max_tokens", max_tokens)):
+        check_positive_int("stt_beam_search", name, value)
+    if max_tokens_per_second is not None and not 0 < max_tokens_per_second < math.inf:
+        # <= 0 would give every utterance the 10-token floor (or less), whatever its duration
+        raise ValueError(f"stt_beam_search: max_tokens_per_second must be a finite number > 0 or None, "
+                         f"got {max_tokens_per_second!r}")
+    for i, m in enumerate(mels):
+        if np.ndim(m) != 2 or np.shape(m)[1] != N_MELS:
+            raise ValueError(f"stt_beam_search: mel {i} must be (T, {N_MELS}) normalised frames, got shape {np.shape(m)}")
+    check_reduction("stt_beam_search", model, reduction)
     if not 0.0 <= ctc_weight <= 1.0:
         raise ValueError(f"ctc_weight must be in [0, 1], got {ctc_weight}")
     if ctc_weight > 0 and not getattr(model, "stt_ctc", False):
@@ -187,6 +204,10 @@ class CTCPrefixScorer:
     """
 
     def __init__(self, log_probs: torch.Tensor, lengths: torch.Tensor, utterance: torch.Tensor):
+        if log_probs.shape[0] == 0:
+            # a batch whose every utterance has no frame: one padded frame (never read, as in a batch with
+            # longer utterances) gives the full-sequence score a frame to be read at, log 1 for the empty text
+            log_probs = log_probs.new_zeros(1, *log_probs.shape[1:])
         T = log_probs.shape[0]
         frame_valid = torch.arange(T, device=lengths.device)[None, :] < lengths[:, None]  # (B, T)
         # (B, C, T), a class's frames contiguous; kept in the input's dtype (B x C x T is the big tensor),
@@ -352,6 +373,38 @@ def _beam_batch(model, mel, mel_len, K: int, limits: list[int], alpha: float, ct
     return out
 
 
+def check_positive_int(caller: str, name: str, value) -> None:
+    """Refuse anything but a positive integer (numpy's too; not a bool) as ``caller``'s ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{caller}: {name} must be a positive integer, got {value!r}")
+
+
+def check_reduction(caller: str, model, reduction) -> None:
+    """Refuse a reduction factor that does not give ``model``'s own frame size (80 x r), for a model that
+    says it (``frame_dim``): grouped frames of another size fail deep inside the model's first matmul."""
+    check_positive_int(caller, "reduction", reduction)
+    frame_dim = getattr(model, "frame_dim", None)
+    if frame_dim is not None and frame_dim != N_MELS * reduction:
+        raise ValueError(f"{caller}: reduction={reduction} groups frames into {N_MELS * reduction}-dim ones, but this "
+                         f"{getattr(model, 'system', type(model).__name__)} model takes {frame_dim} "
+                         f"(reduction {frame_dim // N_MELS})")
+
+
+def check_text_ids(caller: str, model, texts: list) -> None:
+    """Refuse a BPE id outside ``model``'s text vocabulary (for a model with a union ``vocab``). The
+    union vocabulary has no gap around the BPE ids: one past them is the first latent code, one
+    before them a special token, so such an id would be embedded as one and spoken without a word."""
+    vocab = getattr(model, "vocab", None)
+    if vocab is None:
+        return
+    for i, text in enumerate(texts):
+        ids = np.asarray(text)
+        bad = ids[(ids < 0) | (ids >= vocab.n_text)]
+        if bad.size:
+            raise ValueError(f"{caller}: text {i} holds BPE id {bad[0]}, outside this model's vocabulary "
+                             f"0..{vocab.n_text - 1} (a tokenizer other than the checkpoint's?)")
+
+
 def check_continuation_inputs(caller: str, texts: list, prompts: list, max_frames, batch_size, width: int,
                               kind: str) -> list[int]:
     """What :func:`tts_continue` and :func:`meld.codes.continue_codes` check before their first batch:
@@ -361,8 +414,7 @@ def check_continuation_inputs(caller: str, texts: list, prompts: list, max_frame
     Raises:
         ValueError: naming ``caller`` and the list lengths, the empty text's or the bad prompt's index.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-        raise ValueError(f"{caller}: batch_size must be a positive integer, got {batch_size!r}")
+    check_positive_int(caller, "batch_size", batch_size)
     if isinstance(max_frames, numbers.Integral):  # a numpy integer too
         max_frames = [int(max_frames)] * len(texts)
     lengths = {"texts": len(texts), "prompts": len(prompts), "max_frames": len(max_frames)}

@@ -217,6 +217,23 @@ def test_code_continuation_decodes_over_the_cache_dtype_it_is_given(monkeypatch)
                        kv_cache_dtype="float16")
 
 
+@pytest.mark.parametrize("bad_id", ["n_text", -1])
+def test_code_continuation_refuses_a_bpe_id_outside_the_models_text_vocabulary(bad_id):
+    """Codec-LM's union vocabulary puts its special tokens right around the BPE ids: an id past them
+    (a tokenizer other than the checkpoint's) was embedded as a special token and spoken without a word."""
+    import numpy as np
+
+    from meld.codes import continue_codes
+
+    model, _ = tiny_codec_lm()
+    model.eval()
+    bad = model.vocab.n_text if bad_id == "n_text" else -1
+    prompts = [np.random.default_rng(0).integers(0, N, (3, K))] * 2
+    with pytest.raises(ValueError, match=rf"continue_codes: text 1 holds BPE id {bad}, outside this model's "
+                                         rf"vocabulary 0\.\.{model.vocab.n_text - 1}"):
+        continue_codes(model, [[1, 2], [3, bad]], prompts, max_frames=2, temperature=1.0, top_k=1, top_p=1.0)
+
+
 def test_a_batch_of_different_prompts_stops_each_row_where_it_stops_alone():
     """Code prompts of different lengths (one empty), each row ended by its own heads' <EOS> at its own
     step (greedy): every row gets exactly what it gets decoded alone, its delay-pattern tail included."""

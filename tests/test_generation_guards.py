@@ -212,3 +212,72 @@ def test_a_negative_or_non_finite_prompt_length_is_refused(seconds):
     assert prompt_frames(mel, 0.5) == 31 and prompt_frames(mel, 10.0) == 100
     with pytest.raises(ValueError, match="prompt_seconds must be a finite number >= 0"):
         prompt_frames(mel, seconds)
+
+
+def test_hybrid_ctc_search_of_an_utterance_without_frames_alone_matches_it_in_a_batch():
+    """A zero-frame utterance decoded alone (the batch's frame axis of length 0) made the CTC prefix
+    scorer read frame 0 of an empty tensor: IndexError. In a batch with longer utterances it got
+    the empty transcript (no frames: the CTC probability of anything but the empty text is 0)."""
+    from meld.generate import stt_beam_search
+
+    model, _ = tiny_meld(reduction=REDUCTION, stt_ctc=True)
+    model.eval()
+    mels = [np.zeros((0, 80), np.float32), np.random.default_rng(0).standard_normal((6, 80)).astype(np.float32)]
+    options = dict(reduction=REDUCTION, beam_size=2, max_tokens=5, ctc_weight=0.5)
+    together = stt_beam_search(model, mels, batch_size=2, **options)
+    alone = [stt_beam_search(model, [m], batch_size=1, **options)[0] for m in mels]
+    assert alone == together and together[0] == []
+
+
+@pytest.mark.parametrize("bad, says", [
+    ({"batch_size": -1}, "batch_size must be a positive integer"),
+    ({"batch_size": 0}, "batch_size must be a positive integer"),
+    ({"beam_size": 0}, "beam_size must be a positive integer"),
+    ({"max_tokens": -3}, "max_tokens must be a positive integer"),
+    ({"max_tokens_per_second": 0.0}, "max_tokens_per_second must be a finite number > 0"),
+    ({"mels": [np.zeros((5, 80), np.float32), np.zeros((5, 40), np.float32)]}, r"mel 1 must be \(T, 80\)"),
+    ({"reduction": 1}, r"reduction=1 .* 80-dim .* takes 160"),
+])
+def test_stt_beam_search_refuses_bad_arguments_in_one_line(bad, says):
+    """A negative batch size returned no transcript at all, without a word; the others failed deep
+    inside (range(), an IndexError, a KV cache overflow, numpy broadcasting, a matmul's shapes)."""
+    from meld.generate import stt_beam_search
+
+    model, _ = tiny_meld(reduction=REDUCTION)
+    model.eval()
+    args = {"mels": [np.zeros((5, 80), np.float32)] * 2, "reduction": REDUCTION, "max_tokens": 3} | bad
+    with pytest.raises(ValueError, match=f"stt_beam_search: {says}"):
+        stt_beam_search(model, args.pop("mels"), **args)
+
+
+def test_tts_continue_refuses_a_reduction_its_model_was_not_trained_with():
+    """Frames grouped r at a time must match the model's own frame size; a wrong r was a matmul error."""
+    model, _ = tiny_meld(reduction=REDUCTION)
+    model.eval()
+    texts, prompts = _tts_inputs()
+    with pytest.raises(ValueError, match=r"tts_continue: reduction=3 .* 240-dim .* takes 160"):
+        tts_continue(model, texts, prompts, max_frames=4, **(TTS_OPTIONS | {"reduction": 3}))
+
+
+def test_a_bfloat16_cache_leaves_one_position_table_in_the_steps_dtype():
+    """``new_cache`` computes the position rows its decoding steps will read. With a bf16 cache it
+    computed them in bf16, which no step reads (they add them to activations in the weights' dtype),
+    and kept that table for good beside the one the steps did compute."""
+    model, _ = tiny_meld(reduction=REDUCTION)
+    model.eval()
+    texts, prompts = _tts_inputs()
+    tts_continue(model, texts, prompts, max_frames=4, kv_cache_dtype="bfloat16", **TTS_OPTIONS)
+    assert [dtype for _, dtype in model.backbone._position_tables] == [torch.float32]
+
+
+@pytest.mark.parametrize("bad_id", [20, -1])
+def test_tts_continue_refuses_a_bpe_id_outside_the_models_text_vocabulary(bad_id):
+    """MELD's union vocabulary puts its codes right after the BPE ids and its specials right before:
+    id n_text was embedded as code 0 and id -1 as a special token, and the transcript was spoken
+    anyway (a tokenizer that is not the checkpoint's would go unnoticed)."""
+    model, _ = tiny_meld(reduction=REDUCTION)  # 20 BPE ids
+    model.eval()
+    texts, prompts = _tts_inputs()
+    texts[1] = [4, bad_id, 6]
+    with pytest.raises(ValueError, match=f"tts_continue: text 1 holds BPE id {bad_id}, outside .* 0..19"):
+        tts_continue(model, texts, prompts, max_frames=4, **TTS_OPTIONS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -110,6 +111,19 @@ def test_state_dict_resumes_with_the_same_batches():
     b.load_state_dict(json.loads(json.dumps(state)))  # survives a JSON round trip (checkpoints)
     assert b.state_dict() == state
     assert list(islice(iter(b), per_epoch)) == expected
+
+
+def test_runs_with_neighbouring_seeds_do_not_share_batch_orders_an_epoch_apart():
+    """Seeding each epoch with seed + epoch gave run seed=1 at epoch e the very order of run seed=0 at
+    epoch e + 1: hand-made multi-seed runs were not independent in their data order."""
+    lengths, budget = _lengths(n=200, seed=6), 120
+    runs = {seed: FrameBudgetSampler(lengths, budget, seed=seed) for seed in (0, 1, 2, -1)}
+    assert len(runs[0].batches) >= 20  # orders of this many batches agree by chance with odds of 1 in 20!
+    orders = {(seed, epoch): runs[seed].epoch_batches(epoch) for seed in runs for epoch in range(4)}
+    for (a, ea), (b, eb) in itertools.combinations(orders, 2):
+        assert orders[a, ea] != orders[b, eb], f"seed {a} epoch {ea} and seed {b} epoch {eb} share one order"
+    # the order is still a function of (seed, epoch) alone
+    assert FrameBudgetSampler(lengths, budget, seed=1).epoch_batches(3) == orders[1, 3]
 
 
 def test_utterances_longer_than_the_budget_are_left_out_and_listed_up_to_a_share():
@@ -290,6 +304,11 @@ def test_an_empty_split_is_named_as_empty_not_as_too_small_a_budget():
      r":2: a row needs whole 'offset' and 'frames' counts >= 0"),
     (lambda lines: lines[:-1] + [json.dumps({**json.loads(lines[-1]), "offset": 10_000})],
      r": row 7 \(utt-6\) ends at row 10\d\d\d of a \d+-row frames.f32"),
+    # what every training worker reads of a row (its transcript; its id in messages): a KeyError naming nothing
+    (lambda lines: lines[:3] + [json.dumps({k: v for k, v in json.loads(lines[3]).items() if k != "text"})] + lines[4:],
+     r":4: a row needs an 'id' and a 'text' string"),
+    (lambda lines: lines[:3] + [json.dumps({**json.loads(lines[3]), "id": 17})] + lines[4:],
+     r":4: a row needs an 'id' and a 'text' string"),
 ])
 def test_an_index_that_cannot_be_read_as_written_is_refused_naming_the_file_and_line(tmp_path, edit, says):
     """A hand-edited or half-copied index.jsonl was a JSONDecodeError or KeyError naming no file (in
@@ -316,3 +335,50 @@ def test_a_truncated_data_file_ends_a_stage_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"train: {data}: expected ") and "truncated, or written with another width" in err
     assert "\n" not in err
+
+
+def _retarget(lines: list[str], n: int, offset: int) -> list[str]:
+    """index.jsonl's lines with row ``n`` (0-based) pointed at ``offset``, its frame count kept."""
+    return [json.dumps({**json.loads(line), "offset": offset}) if k == n else line for k, line in enumerate(lines)]
+
+
+@pytest.mark.parametrize("edit, says", [
+    # the second row pointed at the first one's frames: as many rows in all, so the size check passed
+    (lambda lines: _retarget(lines, 1, 0), r": row 2 \(utt-1\) starts at row 0 of frames.f32, inside the rows of utt-0"),
+    # the second row pointed one row further: it reads one row of the third utterance, and one row is read by none
+    (lambda lines: _retarget(lines, 1, json.loads(lines[1])["offset"] + 1),
+     r": row 2 \(utt-1\) starts at row \d+ of frames.f32, leaving rows \d+\.\.\d+ to no utterance"),
+])
+def test_index_rows_that_share_or_skip_rows_of_the_data_are_refused(tmp_path, edit, says):
+    """Rows must tile the data file: a hand-edited or merged index.jsonl whose rows overlapped read one
+    utterance's frames as (part of) another's, paired with the wrong text, without a word."""
+    from meld.store import StoreError
+
+    write_store(tmp_path / "split", iter(_items()), [])
+    index = tmp_path / "split" / "index.jsonl"
+    good = index.read_text().splitlines()
+    index.write_text("\n".join(edit(good)) + "\n")
+    with pytest.raises(StoreError, match=re.escape(str(index)) + says):
+        FeatureStore(tmp_path / "split")
+    # rows in another order still tile the file: each utterance reads its own frames
+    index.write_text("\n".join(reversed(good)) + "\n")
+    store = FeatureStore(tmp_path / "split")
+    by_id = {meta["id"]: mel for meta, mel in _items()}
+    assert len(store) == len(by_id)
+    for i, row in enumerate(store.index):
+        np.testing.assert_array_equal(store[i], by_id[row["id"]])
+
+
+def test_an_index_cut_short_is_refused_naming_the_index(tmp_path):
+    """An index.jsonl cut off (empty, or its last lines lost) next to a whole data file read as an empty
+    split ("no utterances to batch") or as a truncated data file; it is the index that lacks rows."""
+    from meld.store import StoreError
+
+    write_store(tmp_path / "split", iter(_items()), [])
+    index = tmp_path / "split" / "index.jsonl"
+    lines = index.read_text().splitlines()
+    for kept in (lines[:0], lines[:-1]):
+        index.write_text("".join(line + "\n" for line in kept))
+        with pytest.raises(StoreError, match=re.escape(str(tmp_path / "split" / "frames.f32")) +
+                           r": \d+ bytes, more than the \d+ .*index.jsonl's \d+ row\(s\) account for: a cut off index.jsonl"):
+            FeatureStore(tmp_path / "split")

@@ -376,7 +376,9 @@ class Backbone(nn.Module):
         device, dtype = device or p.device, dtype or p.dtype
         if self.fixed_shape_decoding:  # few distinct lengths: each new shape is a recompile
             max_len = -(-max_len // FIXED_SHAPE_LENGTH_STEP) * FIXED_SHAPE_LENGTH_STEP
-        self._position_table(max_len, device, dtype)  # every position this cache can hold, computed now
+        # every position this cache can hold, computed now, in the dtype the steps add it to (the
+        # activations', i.e. the weights'), not the cache's: a bf16 table would never be read
+        self._position_table(max_len, device, p.dtype)
         return KVCache(self.n_layers, batch, self.n_heads, max_len, self.d_model // self.n_heads, device, dtype,
                        fixed_shape=self.fixed_shape_decoding,
                        store=self._cache_store if self.fixed_shape_decoding else None)
