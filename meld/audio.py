@@ -139,7 +139,8 @@ def _wav_data_size(f: io.BufferedReader) -> int | None:
 
 
 def write_audio(path: str | Path, wav: np.ndarray, sample_rate: int = SAMPLE_RATE) -> Path:
-    """Write float audio as 16-bit PCM (clipped to [-1, 1]) in the format of ``path``'s extension.
+    """Write float audio as 16-bit PCM (clipped to [-1, 1]) in the format of ``path``'s extension;
+    a format without 16-bit PCM (.ogg, .mp3) in its own codec.
 
     The file appears whole or not at all: the audio is encoded in memory, written to a temporary
     file beside ``path`` and renamed over it. A write that fails (disk full, a file size limit)
@@ -163,8 +164,10 @@ def write_audio(path: str | Path, wav: np.ndarray, sample_rate: int = SAMPLE_RAT
     audio_format = path.suffix.lstrip(".").upper()
     if audio_format not in sf.available_formats():
         raise ValueError(f"{path}: the extension names no audio format soundfile writes")
+    # a format that holds no 16-bit PCM (OGG, MP3: lossy codecs) gets its own codec
+    subtype = "PCM_16" if sf.check_format(audio_format, "PCM_16") else sf.default_subtype(audio_format)
     encoded = io.BytesIO()
-    sf.write(encoded, np.clip(np.asarray(wav, dtype=np.float32), -1.0, 1.0), sample_rate, subtype="PCM_16",
+    sf.write(encoded, np.clip(np.asarray(wav, dtype=np.float32), -1.0, 1.0), sample_rate, subtype=subtype,
              format=audio_format)
     target = path.resolve()  # a symlink at ``path`` keeps pointing where it did, at the new audio
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -14,11 +14,21 @@ def grouped_vectors(mels: list[np.ndarray], reduction: int) -> np.ndarray:
 
 
 def keep_probability(lengths: list[int], reduction: int, max_vectors: int) -> float:
-    """The share of a split's grouped vectors to keep while reading it, so that about 5 % more than
+    """The share of a split's grouped vectors to keep while reading it, so that more than
     ``max_vectors`` survive (``fit_kmeans`` then draws exactly ``max_vectors`` of them): 1 when the
-    split has no more than that. ``lengths``: each utterance's frame count (the store's index)."""
+    split has no more than that. ``lengths``: each utterance's frame count (the store's index).
+
+    The survivors are a binomial count of mean mu = keep * total and std below sqrt(mu). mu is 5 %
+    over ``max_vectors``, and at least enough that ``max_vectors`` lies 6 std under it: 5 % alone is
+    about one std at 1000 vectors, and a shortfall below ``codebook.size`` stopped the stage as if
+    the corpus were too small. From ~15,000 vectors up the 5 % is the larger margin.
+    """
     total = sum(n // reduction for n in lengths)
-    return 1.0 if total <= max_vectors else min(1.0, 1.05 * max_vectors / total)
+    if total <= max_vectors:
+        return 1.0
+    # mu - 6 sqrt(mu) >= max_vectors  <=>  sqrt(mu) >= (6 + sqrt(36 + 4 max_vectors)) / 2
+    six_std = ((6.0 + np.sqrt(36.0 + 4.0 * max_vectors)) / 2.0) ** 2
+    return min(1.0, max(1.05 * max_vectors, six_std) / total)
 
 
 def thinned_grouped_vectors(mel: np.ndarray, reduction: int, keep: float, rng: np.random.Generator | None) -> np.ndarray:
@@ -82,6 +92,8 @@ def fit_kmeans(
         raise ValueError("codebook vectors hold NaN or inf")
     if len(vectors) < n_codes:
         raise ValueError(f"{len(vectors)} vectors are too few for {n_codes} codes")
+    if max_vectors < n_codes:  # the sub-sample would be too few (faiss's own check names neither number)
+        raise ValueError(f"max_vectors={max_vectors} is below the {n_codes} codes: nothing to fit them on")
     if init not in ("random", "k-means++"):
         raise ValueError(f"codebook init must be 'random' or 'k-means++', got {init!r}")
     if pca_dims < 0:

@@ -16,6 +16,15 @@ _NOT_WORD = re.compile(r"[^a-z0-9' ]+")
 _SPACES = re.compile(r"\s+")
 # typographic apostrophes (Whisper writes "don’t"): the ASCII fold would delete them, joining "don" and "t"
 _APOSTROPHES = frozenset("\u2018\u2019\u201b\u02bc")
+# Latin letters that NFKD leaves whole (they are letters of their own, not a base letter plus an
+# accent): the ASCII fold deleted them, turning "Øre" into "re" and "Æsop" into "sop". Each is
+# spelled as English text writes it, so "Straße" meets a reference's "strasse".
+_SPELLED_OUT = str.maketrans({
+    "ß": "ss", "ẞ": "SS", "æ": "ae", "Æ": "AE", "œ": "oe", "Œ": "OE", "ø": "o", "Ø": "O", "ł": "l", "Ł": "L",
+    "đ": "d", "Đ": "D", "ð": "d", "Ð": "D", "þ": "th", "Þ": "TH", "ħ": "h", "Ħ": "H", "ı": "i", "ŧ": "t", "Ŧ": "T",
+})
+# invisible word breaks of category Cf (format), which the fold would delete, joining the words around them
+_INVISIBLE_BREAKS = frozenset("\u200b")
 
 
 def _fold_punctuation(ch: str) -> str:
@@ -25,18 +34,21 @@ def _fold_punctuation(ch: str) -> str:
     around them ("hello—world" -> "helloworld")."""
     if ch in _APOSTROPHES:
         return "'"
+    if ch in _INVISIBLE_BREAKS:
+        return " "
     return " " if ch != "'" and unicodedata.category(ch)[0] in "PSZ" else ch
 
 
 def normalise_transcript(text: str) -> str:
     """Canonical form of a transcript: 'Hello,  World!' -> 'hello world'.
 
-    Accents are folded to ASCII (NFKD), punctuation of any script breaks words, quotes that wrap
+    Accents are folded to ASCII (NFKD), Latin letters without an accent-free form spelled out
+    ("ß" -> "ss", "ø" -> "o"), punctuation of any script breaks words, quotes that wrap
     words are dropped, and apostrophes inside words are kept ("don't", "don’t").
     """
     if not isinstance(text, str):
         raise TypeError(f"transcript must be a string, got {type(text).__name__}")
-    text = "".join(map(_fold_punctuation, unicodedata.normalize("NFKD", text)))
+    text = "".join(map(_fold_punctuation, unicodedata.normalize("NFKD", text))).translate(_SPELLED_OUT)
     text = text.encode("ascii", "ignore").decode("ascii").lower()
     text = _NOT_WORD.sub(" ", text)
     words = [w.strip("'") for w in text.split()]
@@ -73,7 +85,7 @@ class BPETokenizer:
 
         These are the characters no piece covers (digits or letters the BPE training text never
         held), and letters or digits that normalisation deletes because they have no ASCII form
-        ("ß", "ø", CJK). Punctuation, which normalisation drops on purpose, is not reported.
+        ("ŋ", "ə", CJK). Punctuation, which normalisation drops on purpose, is not reported.
 
         Returns:
             Each such character once, in order of first appearance: as normalised (lower case,

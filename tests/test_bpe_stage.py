@@ -89,3 +89,24 @@ def test_bpe_training_writes_the_same_model_on_every_run(tmp_path):
     first = train_bpe(texts, tmp_path / "bpe", 80).read_bytes()
     (tmp_path / "bpe.model").unlink()
     assert train_bpe(texts, tmp_path / "bpe", 80).read_bytes() == first
+
+
+@pytest.mark.parametrize("written, normalised", [
+    ("Straße", "strasse"), ("STRASSE", "strasse"), ("Æsop's fables", "aesop's fables"), ("œuvre", "oeuvre"),
+    ("Øre", "ore"), ("Łódź", "lodz"), ("Þór", "thor"), ("Đorđe", "dorde"), ("hello\u200bworld", "hello world"),
+])
+def test_latin_letters_without_an_ascii_decomposition_are_spelled_out_not_deleted(written, normalised):
+    """NFKD folds "é" to "e" but leaves "ß", "æ", "ø", "ł" whole, and the ASCII fold then deleted them:
+    "Øre" became "re" (another word), "Æsop" "sop". A zero-width space, a word break nobody sees, joined
+    the words around it."""
+    from meld.text import normalise_transcript
+
+    assert normalise_transcript(written) == normalised
+
+
+def test_a_transliterated_letter_encodes_as_its_spelling_not_as_unknown(tmp_path):
+    words = "the quick brown fox jumps over a lazy dog while seven small birds sing strasse".split()
+    model = train_bpe([" ".join(words[i:] + words[:i]) for i in range(len(words))], tmp_path / "bpe", 60)
+    tok = BPETokenizer(model)
+    assert tok.decode(tok.encode("Straße")) == "strasse"
+    assert tok.unknown_characters("Straße") == []

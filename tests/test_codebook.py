@@ -192,3 +192,26 @@ def test_a_training_split_with_fewer_vectors_than_codes_ends_the_stage_as_a_para
                                           r"for 16 codes: lower codebook.size"):
         codebook.main(["--params", str(params), "--features", str(features), "--out", str(tmp_path / "codebook")])
     assert not (tmp_path / "codebook").exists()
+
+
+@pytest.mark.parametrize("max_vectors", [16, 256, 1000])
+def test_thinning_keeps_at_least_max_vectors_when_the_split_holds_more(max_vectors):
+    """A 5 % margin is ~1 std of the Bernoulli count at max_vectors = 1000 and less below: the stage
+    kept fewer than max_vectors often, and fewer than codebook.size (allowed to equal max_vectors),
+    which it then reported as "too few for codebook.size: give the corpus more audio"."""
+    lengths = [400] * 100  # 40,000 vectors at r = 1, far more than max_vectors
+    keep = keep_probability(lengths, 1, max_vectors)
+    mel = np.zeros((400, 2), np.float32)
+    for seed in range(100):
+        draw = np.random.default_rng(seed)
+        kept = sum(len(thinned_grouped_vectors(mel, 1, keep, draw)) for _ in lengths)
+        assert kept >= max_vectors, f"seed {seed}: {kept} of {max_vectors}"
+    # at scale the margin stays 5 %: what is read per utterance is unchanged there
+    assert keep_probability([400] * 10_000, 1, 200_000) == pytest.approx(1.05 * 200_000 / 4_000_000)
+
+
+def test_fit_kmeans_refuses_a_max_vectors_below_the_code_count_before_faiss_does():
+    """Enough vectors, but a sub-sample cap under K: faiss stopped in a C++ assertion naming neither."""
+    vectors = np.random.default_rng(1).random((500, 4)).astype(np.float32)
+    with pytest.raises(ValueError, match="max_vectors=10 is below the 32 codes"):
+        fit_kmeans(vectors, 32, niter=2, seed=0, max_vectors=10)

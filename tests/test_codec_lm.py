@@ -254,3 +254,16 @@ def test_a_batch_of_different_prompts_stops_each_row_where_it_stops_alone():
                                batch["codes"][i : i + 1, :p], prompt_len[i : i + 1], max_frames=M, top_k=1)
         assert torch.equal(together.frames[i], alone.frames[0]), f"row {i}"
         assert together.codes[i] == alone.codes[0] and alone.hit_max_length[0] == together.hit_max_length[i]
+
+
+def test_lengths_that_do_not_fit_their_tensors_are_refused():
+    """A code prompt length past its tensor, or a negative one, or a text length past the text, is
+    refused before decoding, naming the input and the row (as for the mel systems)."""
+    model, _ = tiny_codec_lm()
+    model.eval()
+    batch = code_batch(B=2, T=4)
+    for name, text_len, prompt_len, row in (("prompt_len", [5, 4], [4, 5], 1), ("prompt_len", [5, 4], [-1, 2], 0),
+                                            ("text_len", [6, 4], [4, 2], 0)):
+        with pytest.raises(ValueError, match=rf"CodecLM.generate: {name}\[{row}\] = -?\d+ is outside \[0, \d+\]"):
+            model.generate(batch["text"], torch.tensor(text_len), batch["codes"], torch.tensor(prompt_len),
+                           max_frames=2)

@@ -169,3 +169,19 @@ def test_a_batch_of_different_prompts_stops_each_row_where_it_stops_alone():
     together, alone = batch_and_each_row_alone(model, batch, prompt_len, max_frames=12, top_k=1)
     for i, one in enumerate(alone):
         assert torch.equal(together.frames[i], one.frames[0]), f"row {i}"
+
+
+def test_lengths_that_do_not_fit_their_tensors_are_refused():
+    """A prompt length past the prompt tensor was an IndexError deep in the backbone's prefill, a negative
+    one silently continued from a text token's hidden state, and a frame length past the STT input read
+    its padding as speech. Each is refused before decoding, naming the input and the row."""
+    import pytest
+
+    model, _ = tiny_dmel()
+    batch = tiny_batch(B=2, T=4, L=5)
+    for name, text_len, prompt_len, row in (("prompt_len", [5, 4], [4, 5], 1), ("prompt_len", [5, 4], [-1, 2], 0),
+                                            ("text_len", [6, 4], [4, 2], 0)):
+        with pytest.raises(ValueError, match=rf"DMel.generate: {name}\[{row}\] = -?\d+ is outside \[0, \d+\]"):
+            model.generate(batch["text"], torch.tensor(text_len), batch["mel"], torch.tensor(prompt_len), max_frames=2)
+    with pytest.raises(ValueError, match=r"DMel.stt_prefix: mel_len\[0\] = 9 is outside \[0, 4\]"):
+        model.stt_prefix(batch["mel"], torch.tensor([9, 2]), max_new=2)

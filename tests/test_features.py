@@ -282,6 +282,19 @@ def test_files_write_audio_writes_load_whole(tmp_path, extension):
     np.testing.assert_allclose(got, wav, atol=1 / 32768)
 
 
+@pytest.mark.parametrize("extension", [".ogg", ".mp3"])
+def test_write_audio_encodes_formats_without_16_bit_pcm_in_their_own_codec(tmp_path, extension):
+    """OGG and MP3 hold no 16-bit PCM: write_audio asked soundfile for it anyway and failed with
+    "Invalid combination of format, subtype and endian", naming neither file nor format."""
+    from meld.audio import load_audio, write_audio
+
+    tone = 0.5 * np.sin(2 * np.pi * 440 * np.arange(SAMPLE_RATE) / SAMPLE_RATE).astype(np.float32)
+    got = load_audio(write_audio(tmp_path / f"x{extension}", tone))
+    assert abs(got.size - tone.size) < 0.1 * tone.size  # a lossy codec may pad the ends
+    rms = float(np.sqrt(np.mean(got[2000:-2000] ** 2)))
+    assert rms == pytest.approx(0.5 / np.sqrt(2), rel=0.1)
+
+
 def test_a_truncated_wav_is_refused_and_a_whole_one_with_other_chunks_is_read(tmp_path):
     """libsndfile reads a WAV cut short as the samples left, without a word; the header says how many
     bytes there should be. Chunks before "data" (LIST, fact) are walked over, padding included."""

@@ -303,3 +303,23 @@ def test_a_batch_of_different_prompts_stops_each_row_where_it_stops_alone(system
     for i, one in enumerate(alone):
         assert one.frames[0].shape == together.frames[i].shape, f"row {i}"
         torch.testing.assert_close(together.frames[i], one.frames[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("system", ["mel_lm", "melle"])
+def test_lengths_that_do_not_fit_their_tensors_are_refused(system):
+    """A prompt length past the prompt tensor was an IndexError deep in the backbone's prefill, and a
+    negative one silently continued from a text token's hidden state; a text length past the text tensor
+    read its padding as text. Each is refused before decoding, naming the input and the row."""
+    from test_melle import tiny_melle
+
+    model, _ = (tiny_mel_lm if system == "mel_lm" else tiny_melle)()
+    batch = tiny_batch(B=2, T=4, L=5)
+    kwargs = dict(max_frames=3, test_time_dropout=False, zero_latent=True)
+    for name, text_len, prompt_len, row in (("prompt_len", [5, 4], [4, 5], 1), ("prompt_len", [5, 4], [-1, 2], 0),
+                                            ("text_len", [6, 4], [4, 2], 0), ("text_len", [5, -2], [4, 2], 1)):
+        with pytest.raises(ValueError, match=rf"generate: {name}\[{row}\] = -?\d+ is outside \[0, \d+\]"):
+            model.generate(batch["text"], torch.tensor(text_len), batch["mel"], torch.tensor(prompt_len), **kwargs)
+    with pytest.raises(ValueError, match=r"generate: prompt_len has 3 entries for a batch of 2"):
+        model.generate(batch["text"], batch["text_len"], batch["mel"], torch.tensor([4, 2, 1]), **kwargs)
+    with pytest.raises(ValueError, match=r"generate: text has 1 rows and prompt 2"):
+        model.generate(batch["text"][:1], batch["text_len"][:1], batch["mel"], torch.tensor([4, 2]), **kwargs)

@@ -525,3 +525,20 @@ def test_each_row_of_a_padded_batch_gets_what_it_gets_alone():
         assert rel_error(tts.mel_post[i, :n], one.mel_post[0]) <= 1e-5
         one = model.forward_stt(alone["mel"], alone["mel_len"], alone["text"], alone["text_len"])
         assert rel_error(stt.logits[i, : n_text + 1], one.logits[0]) <= 1e-5
+
+
+def test_lengths_that_do_not_fit_their_tensors_are_refused():
+    """As for the baselines: a prompt length past the prompt tensor failed deep in the prefill, a negative
+    one continued from a text token's state, a text or frame length past its tensor read padding as
+    input. Each is refused before decoding, naming the input and the row."""
+    model, _ = tiny_meld()
+    model.eval()
+    batch = tiny_batch(B=2, T=4, L=5)
+    for name, text_len, prompt_len, row in (("prompt_len", [5, 4], [4, 5], 1), ("prompt_len", [5, 4], [-1, 2], 0),
+                                            ("text_len", [6, 4], [4, 2], 0)):
+        with pytest.raises(ValueError, match=rf"MELD.generate: {name}\[{row}\] = -?\d+ is outside \[0, \d+\]"):
+            model.generate(batch["text"], torch.tensor(text_len), batch["mel"], torch.tensor(prompt_len), max_frames=2)
+    with pytest.raises(ValueError, match=r"MELD.generate: text has 1 rows and prompt 2"):
+        model.generate(batch["text"][:1], batch["text_len"][:1], batch["mel"], torch.tensor([4, 2]), max_frames=2)
+    with pytest.raises(ValueError, match=r"MELD STT: mel_len\[0\] = 9 is outside \[0, 4\]"):
+        model.stt_prefix(batch["mel"], torch.tensor([9, 2]), max_new=2)

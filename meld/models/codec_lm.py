@@ -37,6 +37,7 @@ from torch import nn
 
 from meld.models.backbone import Backbone, lengths_to_mask, packed_positions, prepare_for_decoding
 from meld.models.builders import backbone_kwargs
+from meld.models.layers import check_continuation_lengths
 from meld.models.leaving_rows import LeavingRows, row_guards
 from meld.models.meld import Generation
 from meld.models.vocab import UnionEmbedding, UnionVocab
@@ -200,7 +201,11 @@ class CodecLM(nn.Module):
         Returns:
             Generation with frames = (T_i, K) int64 undelayed codes after the prompt, and codes =
             the level-0 codes of each utterance.
+
+        Raises:
+            ValueError: a length does not fit its tensor (``layers.check_lengths``).
         """
+        check_continuation_lengths("CodecLM.generate", text, text_len, prompt_codes, prompt_len)
         prepare_for_decoding(self)
         B, P, K = prompt_codes.shape
         max_frames, limits, _ = row_guards(max_frames, B)

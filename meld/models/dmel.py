@@ -36,7 +36,14 @@ from torch import nn
 from meld.features import N_MELS
 from meld.models.backbone import Backbone, KVCache, lengths_to_mask, packed_positions, prepare_for_decoding
 from meld.models.builders import backbone_kwargs, specaug_kwargs
-from meld.models.layers import check_finite_frames, group_frames, spec_augment, ungroup_frames
+from meld.models.layers import (
+    check_continuation_lengths,
+    check_finite_frames,
+    check_lengths,
+    group_frames,
+    spec_augment,
+    ungroup_frames,
+)
 from meld.models.leaving_rows import LeavingRows, row_guards
 from meld.models.meld import Generation, STTOutput, select_rows
 from meld.models.vocab import EOS, PAD, UnionEmbedding, UnionVocab
@@ -264,11 +271,13 @@ class DMel(nn.Module):
             Generation with frames = bin centres (T_i, C) and empty ``codes`` (dMel has no latent codes).
 
         Raises:
-            ValueError: a prompt holds NaN or infinity (in its padding too).
+            ValueError: a prompt holds NaN or infinity (in its padding too), or a length does not fit
+                its tensor (``check_lengths``).
         """
         check_finite_frames(prompt, "DMel.generate: prompt")
-        prepare_for_decoding(self)
+        check_continuation_lengths("DMel.generate", text, text_len, prompt, prompt_len)
         B, P, _ = prompt.shape
+        prepare_for_decoding(self)
         max_frames, limits, own_guards = row_guards(max_frames, B)
         L = text.shape[1]
         device = prompt.device
@@ -329,9 +338,10 @@ class DMel(nn.Module):
         """Encode ``x_1..x_T <STT>`` into a fresh cache; returns (h at <STT>, cache, next positions).
 
         Raises:
-            ValueError: some row holds NaN or infinity (in its padding too).
+            ValueError: some row holds NaN or infinity (in its padding too), or a length outside [0, T].
         """
         check_finite_frames(mel, "DMel.stt_prefix: mel")
+        check_lengths("DMel.stt_prefix", "mel_len", mel_len, mel.shape[0], mel.shape[1])
         prepare_for_decoding(self)
         T = mel.shape[1]
         x, valid = self.token_emb.stt_sequence(self.frame_emb(self.discretise(mel)), lengths_to_mask(mel_len, T))

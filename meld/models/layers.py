@@ -323,3 +323,29 @@ def check_finite_frames(frames: torch.Tensor, what: str) -> None:
     if any(bad):
         rows = [i for i, b in enumerate(bad) if b]
         raise ValueError(f"{what}: row(s) {rows} of the batch hold NaN or infinite values (padding included)")
+
+
+def check_lengths(what: str, name: str, lengths: torch.Tensor, batch: int, size: int) -> None:
+    """Refuse per-row ``lengths`` that do not fit their (batch, size, ...) tensor, naming the first bad row.
+
+    Outside [0, size] a decoding loop fails far from the cause or not at all: a prompt length past the
+    prompt was an IndexError in the backbone's prefill, a negative one continued from a text token's
+    hidden state, and a text length past the text read its padding as text. One host read per call.
+    """
+    if lengths.dim() != 1 or lengths.shape[0] != batch:
+        raise ValueError(f"{what}: {name} has {lengths.shape[0] if lengths.dim() else 0} entries for a batch of {batch}"
+                         f" (shape {tuple(lengths.shape)})")
+    for row, n in enumerate(lengths.tolist()):
+        if not 0 <= n <= size:
+            raise ValueError(f"{what}: {name}[{row}] = {n} is outside [0, {size}] (its tensor's length)")
+
+
+def check_continuation_lengths(what: str, text: torch.Tensor, text_len: torch.Tensor, prompt: torch.Tensor,
+                               prompt_len: torch.Tensor) -> None:
+    """A TTS continuation's inputs agree: as many text rows as prompt rows, and each row's text and
+    prompt lengths within their tensors (:func:`check_lengths`)."""
+    B = prompt.shape[0]
+    if text.shape[0] != B:
+        raise ValueError(f"{what}: text has {text.shape[0]} rows and prompt {B}")
+    check_lengths(what, "text_len", text_len, B, text.shape[1])
+    check_lengths(what, "prompt_len", prompt_len, B, prompt.shape[1])

@@ -24,7 +24,13 @@ from torch import nn
 
 from meld.models.backbone import Backbone, lengths_to_mask, packed_positions, prepare_for_decoding
 from meld.models.builders import backbone_kwargs, mel_frames_kwargs
-from meld.models.layers import MelEncoder, Postnet, check_finite_frames, masked_frame_mean
+from meld.models.layers import (
+    MelEncoder,
+    Postnet,
+    check_continuation_lengths,
+    check_finite_frames,
+    masked_frame_mean,
+)
 from meld.models.leaving_rows import LeavingRows, row_guards
 from meld.models.meld import Generation, slowness_penalty
 from meld.models.vocab import UnionEmbedding, UnionVocab
@@ -202,11 +208,14 @@ class ContinuousFrameLM(nn.Module):
             and ``frames_pre`` (what was fed back).
 
         Raises:
-            ValueError: a prompt holds NaN or infinity (in its padding too).
+            ValueError: a prompt holds NaN or infinity (in its padding too), or a length does not fit
+                its tensor (``check_lengths``).
         """
-        check_finite_frames(prompt, f"{type(self).__name__}.generate: prompt")
-        prepare_for_decoding(self)
+        what = f"{type(self).__name__}.generate"
+        check_finite_frames(prompt, f"{what}: prompt")
+        check_continuation_lengths(what, text, text_len, prompt, prompt_len)
         B, P, _ = prompt.shape
+        prepare_for_decoding(self)
         max_frames, limits, own_guards = row_guards(max_frames, B)
         L = text.shape[1]
         x, valid = self._prefix(text, text_len, prompt, prompt_len, encoder_dropout=test_time_dropout)

@@ -23,7 +23,9 @@ from meld.models.layers import (
     ConvFrontEnd,
     MelEncoder,
     Postnet,
+    check_continuation_lengths,
     check_finite_frames,
+    check_lengths,
     check_voice_perturb,
     group_frames,
     masked_frame_mean,
@@ -381,9 +383,11 @@ class MELD(nn.Module):
             kv_cache_dtype: the KV cache's dtype (None: the weights'; ``backbone.check_cache_dtype``).
 
         Raises:
-            ValueError: a prompt holds NaN or infinity (in its padding too).
+            ValueError: a prompt holds NaN or infinity (in its padding too), or a length does not fit
+                its tensor (``layers.check_lengths``).
         """
         check_finite_frames(prompt, "MELD.generate: prompt")
+        check_continuation_lengths("MELD.generate", text, text_len, prompt, prompt_len)
         prepare_for_decoding(self)
         B = prompt.shape[0]
         max_frames, limits, own_guards = row_guards(max_frames, B)
@@ -462,6 +466,7 @@ class MELD(nn.Module):
 
     def _stt_prefill(self, mel: torch.Tensor, mel_len: torch.Tensor, max_new: int):
         check_finite_frames(mel, "MELD STT: mel")  # else NaN logits, and the beam search ranks garbage
+        check_lengths("MELD STT", "mel_len", mel_len, mel.shape[0], mel.shape[1])
         prepare_for_decoding(self)
         T = mel.shape[1]
         frame_valid = lengths_to_mask(mel_len, T)
