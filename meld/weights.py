@@ -20,7 +20,8 @@ def first_line(err: BaseException) -> str:
 def read_json_object(path: Path) -> dict:
     """A model folder's ``config.json``; a ValueError naming it when it is not a JSON object."""
     try:
-        config = json.loads(Path(path).read_text())
+        # JSON is UTF-8 (RFC 8259): the locale's encoding (ASCII, Latin-1) fails on a non-ASCII path inside
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: not a readable JSON file ({first_line(err)})") from err
     if not isinstance(config, dict):

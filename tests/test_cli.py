@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
@@ -16,6 +17,7 @@ from conftest import tiny_meld
 
 from meld.audio import write_audio
 from meld.cli import main
+from meld.config import EvaluateConfig
 from meld.features import FRAME_RATE, HOP_LENGTH, N_MELS
 from meld.models.builders import build_model, count_parameters
 from meld.models.vocab import EOS
@@ -30,6 +32,7 @@ SENTENCES = [
     "how much wood would a woodchuck chuck",
 ]
 REDUCTION = 2
+_EVAL = EvaluateConfig()
 STEP = 7
 
 
@@ -360,7 +363,7 @@ def test_tokenizer_names_the_characters_it_cannot_encode(tmp_path):
     assert tok.unknown_characters("call me at 5 pm") == ["5"]
     assert tok.unknown_characters("$20 or 25") == ["2", "0", "5"]  # "$" is punctuation; digits are unknown
     assert tok.unknown_characters("don't") == ["'"]  # kept by normalisation, absent from this corpus
-    assert tok.unknown_characters("straße 你") == ["ß", "你"]  # letters normalisation would silently delete
+    assert tok.unknown_characters("straße ŋ 你") == ["ŋ", "你"]  # letters normalisation would silently delete
     assert tok.unknown_characters("café") == []  # accents fold to a known letter
     assert 0 in tok.encode("at 5")  # encode itself still maps them to <unk>: training relies on it
 
@@ -939,3 +942,97 @@ def test_running_out_of_memory_ends_in_one_line_that_says_what_to_lower(checkpoi
     assert err.startswith("meld: failed: out of memory (DefaultCPUAllocator: can't allocate memory") and "\n" not in err
     assert "--batch-size" in err and "--max-seconds" in err
     assert (tmp_path / "out.wav").is_file()  # the first run's output is still there
+
+
+def test_list_lines_end_at_newlines_only(checkpoint, tmp_path, capsys):
+    """A transcript scraped from the web can hold U+2028 (line separator), a form feed or NEL inside a line;
+    str.splitlines cut the line there: the out was written speaking the words before it only, the rest was
+    refused as a line of its own, and every later line number disagreed with an editor's (and sed -n's)."""
+    from meld.cli.synthesize import read_synthesis_list
+    from meld.cli.transcribe import read_audio_list
+
+    listing = tmp_path / "utts.tsv"
+    listing.write_bytes("a.wav\t-\tthe quick\u2028brown\x0cfox\r\nb.wav\t-\tjumps\x85over\u2029it\n"
+                        "c.wav\t-\tthe lazy dog\n".encode())
+    requests, errors = read_synthesis_list(listing)
+    assert errors == []
+    assert [(r.where, r.out, r.text) for r in requests] == [
+        (f"{listing}:1: ", "a.wav", "the quick\u2028brown\x0cfox"),
+        (f"{listing}:2: ", "b.wav", "jumps\x85over\u2029it"),
+        (f"{listing}:3: ", "c.wav", "the lazy dog"),
+    ]
+    paths = tmp_path / "audio.txt"
+    paths.write_bytes("take\x852.wav\r\n\r\nclip\x1c3.flac\n".encode())
+    assert read_audio_list(paths) == [(f"{paths}:1: ", "take\x852.wav"), (f"{paths}:3: ", "clip\x1c3.flac")]
+
+
+def test_samples_clipped_at_full_scale_are_said(checkpoint, prompt_22k, tmp_path, capsys):
+    """Griffin-Lim's phase is not the recording's: a loud prompt (peak 0.99) comes back at about 1.3, and
+    16-bit PCM keeps [-1, 1]. The file was written hard-clipped without a word, which a listening test or a
+    speaker-similarity score would then take for the model's sound."""
+    prompt = tmp_path / "loud.wav"
+    wav = _speechlike(1.5, 16_000)
+    sf.write(str(prompt), 0.99 * wav / np.abs(wav).max(), 16_000, subtype="FLOAT")
+    out = tmp_path / "out.wav"
+    assert _synth(checkpoint, out, "--prompt", str(prompt), "--prompt-seconds", "1") == 0
+    printed = capsys.readouterr().out
+    clipped = re.search(r"clipped (\d+) samples \(([\d.]+)%\) at full scale \(peak ([\d.]+)\)", printed)
+    assert clipped is not None, printed
+    written, _ = sf.read(str(out), dtype="int16")
+    assert int(clipped.group(1)) > 0 and float(clipped.group(3)) > 1
+    assert np.sum(np.abs(written.astype(np.int32)) >= 32767) >= int(clipped.group(1))
+
+    listing = tmp_path / "utts.tsv"  # a list's one-line report says it too
+    listing.write_text(f"{tmp_path / 'a.wav'}\t{prompt}\tthe quick brown fox\n"
+                       f"{tmp_path / 'b.wav'}\t{prompt_22k}\tthe quick brown fox\n")  # peak 0.2: nothing clipped
+    assert main(_list_argv(checkpoint, listing, "--prompt-seconds", "1")) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("wrote ")]
+    assert "full scale" in lines[0] and "full scale" not in lines[1], lines
+
+
+def _export_codec_lm(root: Path) -> Path:
+    """A tiny codec_lm inference checkpoint on a seeded random DAC (2 levels of 16 codes)."""
+    from conftest import TINY
+
+    from meld.codes import build_codec
+
+    bpe_path = train_bpe(SENTENCES, root / "bpe", vocab_size=40)
+    _, desc = build_codec(None, n_levels=2, codebook_size=16, random_width=4, seed=0)
+    kwargs = {k: TINY[k] for k in ("d_model", "n_layers", "n_heads", "d_ff", "dropout")}
+    kwargs.update(n_text=BPETokenizer(bpe_path).vocab_size, n_levels=2, codebook_size=16)
+    torch.manual_seed(0)
+    extra = {"codec": desc, "task": "tts",
+             "bpe_model": torch.from_numpy(np.frombuffer(bpe_path.read_bytes(), dtype=np.uint8).copy())}
+    return save_checkpoint(root / "model.pt", system="codec_lm", model=build_model("codec_lm", kwargs),
+                           model_kwargs=kwargs, step=1, extra=extra)
+
+
+def test_options_a_checkpoint_does_not_use_are_said_to_be_ignored(checkpoint, prompt_22k, tmp_path, capsys, caplog):
+    """A codec_lm checkpoint's audio comes from its DAC decoder, and its sampling has no repetition penalty
+    and no mel encoder: --repetition-penalty 1.5, --vocoder hifigan, ... were dropped without a word, and the
+    user compared "with" and "without" runs that were one and the same. A mel checkpoint drops --codec-weights."""
+    codec_lm = _export_codec_lm(tmp_path / "codec_lm")
+    unused = ["--repetition-penalty", "1.5", "--no-test-time-dropout", "--vocoder", "hifigan", "--griffin-lim-iters", "3"]
+    argv = _synth_argv(codec_lm, tmp_path / "c.wav", "the quick brown fox", "--prompt", str(prompt_22k),
+                       "--max-seconds", "0.2", "--device", "cpu")
+    with caplog.at_level(logging.WARNING):
+        assert main([*argv, *unused]) == 0
+    assert (tmp_path / "c.wav").is_file()
+    warned = [r.getMessage() for r in caplog.records if "not used" in r.getMessage()]
+    assert len(warned) == 1 and all(o in warned[0] for o in unused if o.startswith("--")), caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # the defaults, or none of these options: nothing to say
+        assert main([*argv, "--repetition-penalty", str(_EVAL.repetition_penalty)]) == 0
+    assert "not used" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        assert _synth(checkpoint, tmp_path / "m.wav", "--codec-weights", str(tmp_path / "dac.pth")) == 0
+    assert "--codec-weights" in caplog.text and "not used" in caplog.text and "griffin" not in caplog.text.lower()
+
+
+@pytest.mark.parametrize("prompt", ["", "  "])
+def test_an_empty_prompt_option_is_refused_not_read_as_no_prompt(prompt, checkpoint, tmp_path, capsys):
+    """``--prompt "$PROMPT"`` with the variable unset gave speech from no prompt at all, in whatever voice
+    the model drew, exit 0: a list line's empty field means no prompt, an option given empty is a mistake."""
+    out = tmp_path / "out.wav"
+    assert _synth(checkpoint, out, "--prompt", prompt) == 2
+    assert "--prompt is empty" in capsys.readouterr().err and not out.exists()

@@ -199,3 +199,19 @@ def test_griffin_lim_gives_a_hop_per_frame_down_to_one_frame(frames):
     wav = GriffinLimVocoder(n_iter=4)(_mel(frames))
     assert wav.shape == (frames * HOP_LENGTH,) and wav.dtype == np.float32
     assert np.isfinite(wav).all() and np.abs(wav).max() > 0.0
+
+
+def test_a_config_json_is_read_as_utf8_whatever_the_locale(tmp_path):
+    """JSON is UTF-8 (RFC 8259), and transformers writes ``_name_or_path`` as the folder it saved from: a
+    config naming /home/jürgen/... was "not a readable JSON file" under an ASCII or Latin-1 locale."""
+    import os
+    import sys
+
+    config = tmp_path / "config.json"
+    config.write_bytes('{"_name_or_path": "/home/jürgen/speecht5_hifigan", "model_type": "speecht5_hifigan"}'.encode())
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    code = ("import sys; from pathlib import Path; from meld.weights import read_json_object; "
+            "print(read_json_object(Path(sys.argv[1]))['_name_or_path'].encode('unicode_escape').decode())")
+    done = subprocess.run([sys.executable, "-c", code, str(config)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "/home/j\\xfcrgen/speecht5_hifigan"

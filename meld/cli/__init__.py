@@ -41,7 +41,7 @@ from meld.cli.common import (
     _first_line,
 )
 from meld.cli.info import cmd_info
-from meld.cli.synthesize import cmd_synthesize
+from meld.cli.synthesize import GRIFFIN_LIM_ITERS, cmd_synthesize
 from meld.cli.transcribe import cmd_transcribe
 from meld.config import STT_MAX_TOKENS
 from meld.devices import DEVICE_HELP
@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="SpeechT5 HiFi-GAN folder (config.json + weights); one that won't load is an error. Without it, "
         "hifigan falls back to Griffin-Lim with a warning (params.yaml's evaluate.vocoder_path is not read)",
     )
-    s.add_argument("--griffin-lim-iters", type=int, default=32, help=">= 1 (default %(default)s)")
+    s.add_argument("--griffin-lim-iters", type=int, default=GRIFFIN_LIM_ITERS, help=">= 1 (default %(default)s)")
     s.add_argument(
         "--codec-weights",
         default=None,

@@ -28,14 +28,16 @@ class CLIFailure(Exception):
 
 def read_list_lines(path: str | Path) -> list[tuple[int, str]]:
     """A ``--list`` file's entries as (line number, line): blank lines and ``#`` comments skipped, read
-    as UTF-8 with an optional BOM (a Windows editor's BOM is not part of the first line)."""
+    as UTF-8 with an optional BOM (a Windows editor's BOM is not part of the first line); lines end at
+    LF, CRLF or CR only."""
     path = Path(path)
     if path.is_dir():
         raise CLIError(f"--list {path}: is a folder, not a list file")
     if not path.is_file():
         raise CLIError(f"--list {path}: no such file")
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    try:  # text mode turns CRLF and CR into LF; splitlines would also cut a line at U+2028, NEL, a form feed,
+        # ... that a transcript or a file name may hold, and number the lines unlike an editor or sed
+        lines = path.read_text(encoding="utf-8-sig").split("\n")
     except (OSError, UnicodeDecodeError) as err:
         raise CLIError(f"--list {path}: unreadable ({_first_line(err)})") from err
     return [(n, line) for n, line in enumerate(lines, 1) if line.strip() and not line.lstrip().startswith("#")]

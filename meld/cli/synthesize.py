@@ -281,6 +281,8 @@ def _check_synthesis_mode(args: argparse.Namespace) -> None:
         raise CLIError("give --text and --out (one utterance), or --list FILE (many)")
     if args.list is not None and (args.text is not None or args.out is not None or args.prompt is not None):
         raise CLIError("--list gives each utterance's out, prompt and text: drop --text, --out and --prompt")
+    if args.prompt is not None and not args.prompt.strip():  # `--prompt "$PROMPT"` with the variable unset
+        raise CLIError("--prompt is empty: give an audio file, or leave --prompt out to synthesise without one")
 
 
 def _check_synthesis_options(args: argparse.Namespace) -> None:
@@ -417,6 +419,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     def encode(req: SynthesisRequest) -> None:
         req.text_ids = _encode_text(ckpt.tokenizer, req.text, "--text" if not req.where else "text")
 
+    _warn_unused_options(args, ckpt)
     ready = outcome.keep(requests, encode)
     if _task(ckpt.state) == "stt":
         logging.getLogger(PROG).warning("%s was trained for STT only: its speech will be noise", ckpt.path)
@@ -470,17 +473,58 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
     return outcome.exit_code()
 
 
+# --griffin-lim-iters' default, here so that an option left at it can be told from one given
+GRIFFIN_LIM_ITERS = 32
+
+
+def _warn_unused_options(args: argparse.Namespace, ckpt: LoadedCheckpoint) -> None:
+    """Say which options given on the command line this checkpoint's synthesis does not use: dropped without a
+    word, a run "with" one would be compared with a run "without" that was the very same."""
+    if ckpt.state["system"] == "codec_lm":  # the DAC decoder makes the audio; code sampling has no penalty
+        given = {
+            "--repetition-penalty": args.repetition_penalty != _EVAL_DEFAULTS.repetition_penalty,
+            "--no-test-time-dropout": args.no_test_time_dropout,
+            "--vocoder": args.vocoder != _EVAL_DEFAULTS.vocoder,
+            "--vocoder-path": args.vocoder_path is not None,
+            "--griffin-lim-iters": args.griffin_lim_iters != GRIFFIN_LIM_ITERS,
+        }
+        why = "its DAC decoder makes the audio, and code sampling has no repetition penalty and no mel encoder"
+    else:
+        given = {"--codec-weights": args.codec_weights is not None}
+        why = "only a codec_lm checkpoint decodes codes with a DAC"
+    unused = [option for option, set_ in given.items() if set_]
+    if unused:
+        logging.getLogger(PROG).warning("%s: %s %s not used by this %s checkpoint (%s)", ckpt.path, ", ".join(unused),
+                                        "is" if len(unused) == 1 else "are", ckpt.state["system"], why)
+
+
 def _print_synthesis(out: Path, result: Synthesis, max_seconds: float, *, one_line: bool, replaced: bool) -> None:
     """What was written; an output that replaced a file already there says so (nothing is replaced unsaid)."""
     total = result.wav.shape[0] / result.sample_rate
     stop = f"max-length guard hit ({max_seconds:g} s)" if result.hit_max_length else "<EOS>"
     parts = f"prompt {result.prompt_seconds:.2f} s + generated {result.generated_seconds:.2f} s"
     wrote = f"wrote {out}{' (replacing the file that was there)' if replaced else ''}"
+    clipped = _clipping(result.wav)
     if one_line:
-        write_line(f"{wrote}: {total:.2f} s ({parts}; stopped by {stop})", sys.stdout)
+        write_line(f"{wrote}: {total:.2f} s ({parts}; stopped by {stop}){'; ' + clipped if clipped else ''}",
+                   sys.stdout)
     else:
         print(f"{wrote}: {total:.2f} s at {result.sample_rate} Hz ({parts})")
         print(f"stopped by: {stop}")
+        if clipped:
+            print(clipped)
+
+
+def _clipping(wav: np.ndarray) -> str:
+    """What 16-bit PCM's [-1, 1] cut off (:func:`meld.audio.write_audio` clips), or "" if nothing. Griffin-Lim
+    brings a loud prompt back louder than it was (its phase is not the recording's), and a hard-clipped file
+    would otherwise pass for the model's own sound in a listening test or a similarity score."""
+    peak = float(np.abs(wav).max()) if wav.size else 0.0
+    if peak <= 1.0:
+        return ""
+    n = int(np.count_nonzero(np.abs(wav) > 1.0))
+    return (f"clipped {n} samples ({100 * n / wav.size:.3f}%) at full scale (peak {peak:.3f}): the audio "
+            "is louder than 16-bit PCM holds (a loud prompt comes back louder through Griffin-Lim)")
 
 
 def _vocode_all(vocoder, mels: list[np.ndarray]) -> list[np.ndarray | CLIFailure]:
