@@ -276,6 +276,16 @@ def evaluate_split(model, state, stats: NormStats, tok, store: FeatureStore, aud
     return summary, rows
 
 
+def open_scorer(spec: ScorerSpec, workers: int) -> ScoringPool:
+    """The scoring pool, or one line naming the file when a vocoder's or judge's weights are there but do not
+    load (every system's evaluation builds one: the codec systems' used to end in a ValueError traceback)."""
+    try:
+        return ScoringPool(spec, workers)
+    except ValueError as err:
+        log.debug("scorer construction failed", exc_info=True)
+        raise SystemExit(f"evaluate: the vocoder or a judge does not load: {err}") from None
+
+
 RANDOM_CODEC_NOTE = ("codec weights unavailable: the codes come from a randomly initialised DAC and carry no "
                      "speech, so no quality numbers are reported (set codec_lm.codec_weights to DAC's weights_16khz.pth)")
 
@@ -303,7 +313,8 @@ def evaluate_codec_system(model, state: dict, cfg: EvaluateConfig, system: str, 
     random_codec = bool(desc["random"])
     metrics: dict = {"system": system, "task": "tts", "step": int(state["step"]),
                      "vocoder": f"DAC codec ({'random, seed ' + str(desc['seed']) if random_codec else desc['weights']})",
-                     "asr_judge": None, "codec_weights": "unavailable" if random_codec else desc["weights"],
+                     "asr_judge": None, "speaker_model": None,
+                     "codec_weights": "unavailable" if random_codec else desc["weights"],
                      "splits": {}, "ablations": {}}
     if random_codec:
         metrics["unavailable"] = RANDOM_CODEC_NOTE
@@ -314,9 +325,11 @@ def evaluate_codec_system(model, state: dict, cfg: EvaluateConfig, system: str, 
     all_rows: list[dict] = []
     hop, rate = codec.hop_length, float(desc["frame_rate"])
     judge_exclude = tuple(cfg.judge_exclude_prefixes)
-    with contextlib.nullcontext() if random_codec else ScoringPool(spec, cfg.score_workers) as scorer:
+    with contextlib.nullcontext() if random_codec else open_scorer(spec, cfg.score_workers) as scorer:
         if scorer is not None:
-            metrics["asr_judge"], metrics["score_device"] = scorer.describe()["asr_judge"], cfg.score_device
+            built = scorer.describe()  # what loaded: a missing judge or encoder is None, not its config name
+            metrics["asr_judge"], metrics["speaker_model"] = built["asr_judge"], built["speaker_model"]
+            metrics["score_device"] = cfg.score_device
         for split in cfg.splits:
             # each prompt read is checked against the codebook: a bad code is named, not an IndexError in the model
             store = CodeStore(codes_dir / split, desc["n_levels"], desc["codebook_size"])
@@ -519,6 +532,10 @@ def evaluate_stt(stt, features: Path, cfg: EvaluateConfig, decoding: Decoding = 
             continue
         store = FeatureStore(features / split)
         idx = spread_over_speakers(store.index, range(len(store)), cfg.stt_max_utterances)
+        if not idx:  # a WER of nothing is undefined; kept as {} so the report names the split, as for TTS
+            log.warning("STT: split %s has no utterance in %s", split, features / split)
+            out[split] = {}
+            continue
         hyps = transcribe_mels(stt, [store[i] for i in idx], beam=cfg.stt_beam_size, batch_size=cfg.batch_size,
                                tokens_per_second=cfg.stt_max_tokens_per_second, progress_desc=f"STT {split}",
                                decoding=decoding)
@@ -590,13 +607,14 @@ def main(argv: list[str] | None = None) -> int:
     tracking.check_server(tracking.tracking_uri())  # and a down tracking server refused now too
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(2)
-    if not args.codes:  # every TTS split must be there before hours of generation on the earlier ones
-        missing = [s for s in cfg.splits if not (Path(args.features) / s / "index.jsonl").is_file()
-                   or not (Path(args.corpus) / s / "manifest.jsonl").is_file()]
-        if missing:
-            have = sorted(p.parent.name for p in Path(args.features).glob("*/index.jsonl"))
-            raise SystemExit(f"evaluate.splits: {missing} not in {args.features} / {args.corpus} "
-                             f"(this corpus has {have})")
+    # every TTS split must be there before hours of generation on the earlier ones; Codec-LM's prompts
+    # come from its code store, which the check used to skip (a missing split stopped it when reached)
+    stores = Path(args.codes or args.features)
+    missing = [s for s in cfg.splits if not (stores / s / "index.jsonl").is_file()
+               or not (Path(args.corpus) / s / "manifest.jsonl").is_file()]
+    if missing:
+        have = sorted(p.parent.name for p in stores.glob("*/index.jsonl"))
+        raise SystemExit(f"evaluate.splits: {missing} not in {stores} / {args.corpus} (this corpus has {have})")
     try:  # the judges' device: auto resolved, a missing one refused before any work
         cfg = dataclasses.replace(cfg, score_device=resolve_device(cfg.score_device, "evaluate.score_device"))
     except ValueError as err:
@@ -651,20 +669,17 @@ def evaluate(args: argparse.Namespace, params: dict, cfg: EvaluateConfig, device
                      {"name": f"{args.system} (latent zeroed)", "zero_latent": True, "suffix": ".zero_latent"}]
         variants = variants if cfg.ablations else variants[:1]
     metrics: dict = {"system": args.system, "task": task, "step": int(state["step"]), "vocoder": None,
-                     "asr_judge": None, "splits": {}, "ablations": {}}
+                     "asr_judge": None, "speaker_model": None, "splits": {}, "ablations": {}}
     all_rows = []
     spec = ScorerSpec(cfg.vocoder, cfg.vocoder_path, cfg.asr_judge, cfg.asr_judge_path, cfg.speaker_model,
                       cfg.speaker_model_path, cfg.score_device)
     # the vocoder and judges load first: a path that does not load stops the stage before the STT evaluation
-    try:
-        scoring = ScoringPool(spec, cfg.score_workers) if variants else contextlib.nullcontext()
-    except ValueError as err:  # weights that are there but do not load: the message names the file
-        log.debug("scorer construction failed", exc_info=True)
-        raise SystemExit(f"evaluate: the vocoder or a judge does not load: {err}") from None
+    scoring = open_scorer(spec, cfg.score_workers) if variants else contextlib.nullcontext()
     with scoring as scorer:
         if scorer is not None:
             built = scorer.describe()
             metrics["vocoder"], metrics["asr_judge"] = built["vocoder"], built["asr_judge"]
+            metrics["speaker_model"] = built["speaker_model"]  # which encoder SIM comes from (scales differ)
             metrics["score_device"] = cfg.score_device  # resolved: the workers' devices are this, or its GPUs in turn
         stt = stt_model(stt_side, state, args.model, cfg.stt_ctc_weight) if stt_side is not None else None
         if stt is not None:

@@ -36,6 +36,25 @@ def test_a_split_missing_from_the_corpus_stops_before_any_generation(tmp_path):
     assert not (tmp_path / "eval").exists()  # nothing started
 
 
+def test_a_split_missing_from_the_code_store_stops_a_codec_evaluation_before_any_generation(tmp_path):
+    """Codec-LM reads its prompts from --codes, not --features: the check of the splits was skipped for it,
+    so a split missing there stopped the stage only when reached, after the earlier splits' generation and
+    scoring (a codec evaluation saves nothing before its end)."""
+    (tmp_path / "codes" / "test").mkdir(parents=True)
+    (tmp_path / "codes" / "test" / "index.jsonl").write_text("")
+    for split in ("test", "test_unseen"):
+        (tmp_path / "corpus" / split).mkdir(parents=True)
+        (tmp_path / "corpus" / split / "manifest.jsonl").write_text("")
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"evaluate": {"splits": ["test", "test_unseen"]}}))
+    with pytest.raises(SystemExit, match=rf"^evaluate.splits: \['test_unseen'\] not in {tmp_path / 'codes'} / "
+                                         rf"{tmp_path / 'corpus'} \(this corpus has \['test'\]\)"):
+        evaluate.main(["--params", str(params), "--system", "codec_lm", "--model", str(tmp_path / "no-model.pt"),
+                       "--codes", str(tmp_path / "codes"), "--corpus", str(tmp_path / "corpus"),
+                       "--out", str(tmp_path / "eval"), "--metrics", str(tmp_path / "metrics.json")])
+    assert not (tmp_path / "eval").exists()
+
+
 @NO_CUDA
 def test_a_device_this_machine_lacks_stops_before_the_model_loads(tmp_path):
     with pytest.raises(SystemExit, match="evaluate.device cuda: CUDA is not available on this machine"):
@@ -270,6 +289,23 @@ def test_stt_wer_covers_as_many_speakers_as_its_utterances_allow(n, tmp_path):
     assert out["utterances"] == n and len(out["per_speaker"]) == min(n, len(speakers))
 
 
+def test_an_stt_split_with_no_utterance_is_kept_empty_not_a_crash(tmp_path, caplog):
+    """A feature store with no rows (every utterance of the split rejected) made evaluate_stt call
+    wer_details on nothing: a bare "WER of an empty set of utterances is undefined" traceback, after the
+    other splits' beam search. It is now kept as {}, as an empty TTS split is, and the log names it."""
+    import logging
+
+    _feature_store(tmp_path / "features" / "dev", [("flite-slt", SENTENCES[0], 12)])
+    (tmp_path / "features" / "test").mkdir(parents=True)
+    (tmp_path / "features" / "test" / "index.jsonl").write_text("")
+    stt = evaluate.load_stt_model(_tiny_checkpoint(tmp_path, "stt"))
+    cfg = EvaluateConfig.from_dict({"stt_splits": ["dev", "test"], "stt_beam_size": 1}, "evaluate")
+    with caplog.at_level(logging.WARNING, logger="meld.evaluate"):
+        out = evaluate.evaluate_stt(stt, tmp_path / "features", cfg)
+    assert out["test"] == {} and out["dev"]["utterances"] == 1
+    assert "STT: split test has no utterance" in caplog.text
+
+
 def test_tts_utterances_spread_over_speakers_judged_ones_first(tmp_path):
     """The same spreading for TTS (evaluate.utterances_per_split), the ASR judge's speakers first."""
     speakers = ["espeak-f2", "espeak-m3", "flite-kal", "flite-rms", "flite-slt"]
@@ -318,15 +354,13 @@ def test_the_meld_stt_judge_reads_the_utterances_the_external_judge_reads(tmp_pa
     assert evaluate.score_with_stt_judge(stt, rows[1:2], store, [1], 10.0, ("espeak-",)) == {} and read == []
 
 
-@pytest.mark.parametrize("random_codec", [False, True])
-def test_a_codec_split_without_eligible_utterances_is_kept_empty(random_codec, tmp_path):
-    """As for the mel systems, a split with no utterance within min_seconds..max_seconds stays in the
-    metrics as {}, so that the report names it instead of dropping it."""
+def _codec_setup(tmp_path: Path, random_codec: bool):
+    """A code store of one 0.2 s utterance (codec weights, or a random codec), its corpus manifest, and a
+    state whose codec and BPE model are those: what evaluate_codec_system reads."""
     import json
 
     import numpy as np
     import torch
-    from test_codec_lm import tiny_codec_lm
 
     from meld.codes import CODEC_FILE, build_codec
     from meld.models.codec_lm import DACCodec
@@ -352,11 +386,52 @@ def test_a_codec_split_without_eligible_utterances_is_kept_empty(random_codec, t
     bpe = train_bpe(SENTENCES, tmp_path / "bpe", vocab_size=30)
     state = {"step": 1, "extra": {"codec": desc, "bpe_model": torch.from_numpy(
         np.frombuffer(bpe.read_bytes(), dtype=np.uint8).copy())}}
+    return codes, state
+
+
+@pytest.mark.parametrize("random_codec", [False, True])
+def test_a_codec_split_without_eligible_utterances_is_kept_empty(random_codec, tmp_path):
+    """As for the mel systems, a split with no utterance within min_seconds..max_seconds stays in the
+    metrics as {}, so that the report names it instead of dropping it."""
+    from test_codec_lm import tiny_codec_lm
+
+    codes, state = _codec_setup(tmp_path, random_codec)
     cfg = EvaluateConfig.from_dict({"splits": ["test"], "prompt_seconds": 0.5, "min_seconds": 1.0, "score_workers": 1},
                                    "evaluate")
     metrics, rows = evaluate.evaluate_codec_system(tiny_codec_lm(n_text=30)[0], state, cfg, "codec_lm", codes,
                                                    tmp_path / "corpus", tmp_path / "eval")
     assert metrics["pipeline_check" if random_codec else "splits"] == {"test": {}} and rows == []
+
+
+@pytest.mark.parametrize("speaker_model, built", [("resemblyzer", "resemblyzer"), ("wavlm", None)])
+def test_the_metrics_name_the_speaker_model_that_was_built(speaker_model, built, tmp_path):
+    """The metrics named the vocoder and ASR judge actually built, but not the speaker encoder: SIM of
+    resemblyzer and of WavLM (whose scales differ) read alike, and a WavLM folder missing (SIM disabled, a
+    log line only) left no trace in the file. It now says which encoder SIM comes from, or None."""
+    from test_codec_lm import tiny_codec_lm
+
+    codes, state = _codec_setup(tmp_path, random_codec=False)
+    cfg = EvaluateConfig.from_dict({"splits": ["test"], "prompt_seconds": 0.5, "min_seconds": 1.0, "speaker_model": speaker_model,
+                                    "score_workers": 1}, "evaluate")
+    metrics, _ = evaluate.evaluate_codec_system(tiny_codec_lm(n_text=30)[0], state, cfg, "codec_lm", codes,
+                                                tmp_path / "corpus", tmp_path / "eval")
+    assert "speaker_model" in metrics and metrics["speaker_model"] == built
+
+
+def test_a_judge_that_does_not_load_stops_a_codec_evaluation_in_one_line(tmp_path):
+    """The mel systems turn a vocoder's or judge's broken weights into one SystemExit line naming the file;
+    Codec-LM's evaluation builds the same scorer and let the ValueError out as a traceback."""
+    from test_codec_lm import tiny_codec_lm
+
+    codes, state = _codec_setup(tmp_path, random_codec=False)
+    (tmp_path / "whisper").mkdir()
+    (tmp_path / "whisper" / "config.json").write_text("{cut short")
+    cfg = EvaluateConfig.from_dict({"splits": ["test"], "asr_judge": "whisper", "asr_judge_path": str(tmp_path / "whisper"),
+                                    "score_workers": 1}, "evaluate")
+    with pytest.raises(SystemExit, match=f"^evaluate: the vocoder or a judge does not load: "
+                                         f"{tmp_path / 'whisper' / 'config.json'}: not a readable JSON file"):
+        evaluate.evaluate_codec_system(tiny_codec_lm(n_text=30)[0], state, cfg, "codec_lm", codes,
+                                       tmp_path / "corpus", tmp_path / "eval")
 
 
 def test_the_sim_floor_compares_each_prompt_with_another_person_spread_over_the_split():

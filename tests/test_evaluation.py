@@ -73,6 +73,24 @@ def test_pocketsphinx_on_silence_and_empty(sphinx):
         sphinx.transcribe(np.full(100, np.nan, dtype=np.float32), SAMPLE_RATE)
 
 
+def test_a_pocketsphinx_transcript_does_not_depend_on_what_the_judge_read_before(flite):
+    """PocketSphinx's front end carries its noise estimate and cepstral mean from one utterance to the
+    next, so a judge's transcript depended on what its worker process happened to read before: the WER
+    moved with evaluate.score_workers, with how the pool handed out items, and with the splits and
+    variants scored earlier. Measured: flite slt's "she wrote a long letter to her mother" read as
+    "she rode along letter to her mother" after 2 s of noise. Each utterance now starts afresh."""
+    rng = np.random.default_rng(0)
+    before = [(rng.normal(0.0, 0.3, 2 * SAMPLE_RATE).astype(np.float32), SAMPLE_RATE)]
+    before += [sf.read(str(flite(voice, key)), dtype="float32") for voice, key in (("rms", "a"), ("kal", "b"))]
+    for voice, key in (("slt", "b"), ("rms", "b")):
+        wav, sr = sf.read(str(flite(voice, key)), dtype="float32")
+        fresh = PocketSphinxJudge().transcribe(wav, sr)
+        for k, (other, other_sr) in enumerate(before):
+            judge = PocketSphinxJudge()
+            judge.transcribe(other, other_sr)
+            assert judge.transcribe(wav, sr) == fresh, (voice, key, k)
+
+
 def test_build_asr_judge_missing_backends_are_messages(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="meld.evaluation.asr"):
         assert build_asr_judge("whisper") is None

@@ -145,6 +145,9 @@ class PocketSphinxJudge(ASRJudge):
         if wav.size == 0:
             return ""
         pcm = (np.clip(wav, -1.0, 1.0) * 32767.0).astype(np.int16)  # the decoder takes 16-bit PCM
+        # the front end carries its noise estimate and cepstral mean over from the last utterance, so a
+        # transcript would depend on what this process read before (worker count, order): reset, ~0.2 ms
+        self._decoder.reinit_feat()
         self._decoder.start_utt()
         self._decoder.process_raw(pcm.tobytes(), no_search=False, full_utt=True)
         self._decoder.end_utt()
