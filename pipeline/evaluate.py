@@ -270,7 +270,8 @@ def evaluate_split(model, state, stats: NormStats, tok, store: FeatureStore, aud
     summary = summarise(rows, compute_s, gen_audio_s, compile_s)
     if stt_judge is not None:
         summary.update(score_with_stt_judge(stt_judge, rows, store, chosen, cfg.stt_max_tokens_per_second,
-                                            judge_exclude, decoding))
+                                            judge_exclude, decoding, beam=cfg.stt_beam_size,
+                                            batch_size=cfg.batch_size))
     for r in rows:
         r.pop("_mel", None)
     return summary, rows
@@ -501,8 +502,12 @@ def transcribe_mels(stt: STTModel, mels: list[np.ndarray], beam: int, batch_size
 
 
 def score_with_stt_judge(stt, rows: list[dict], store: FeatureStore, chosen: list[int], tokens_per_second: float,
-                         judge_exclude: tuple[str, ...] = (), decoding: Decoding = IN_PROCESS) -> dict:
+                         judge_exclude: tuple[str, ...] = (), decoding: Decoding = IN_PROCESS, *, beam: int = 5,
+                         batch_size: int = 8) -> dict:
     """WER of the generated mel frames (and of the ground truth) read by MELD's own STT model.
+
+    ``beam`` and ``batch_size``: the stage passes ``evaluate.stt_beam_size`` and ``evaluate.batch_size``,
+    as for the STT evaluation (a fixed beam of 5 ignored the setting, and the metrics did not say it).
 
     Only speakers outside ``judge_exclude`` (evaluate.judge_exclude_prefixes) are read: the same rows
     as the external judge's WER, so the report's two WER columns compare the judges on the same
@@ -512,10 +517,11 @@ def score_with_stt_judge(stt, rows: list[dict], store: FeatureStore, chosen: lis
     chosen = [i for i in chosen if not store.index[i]["speaker"].startswith(judge_exclude)]
     if not rows:
         return {}
-    hyps = transcribe_mels(stt, [r["_mel"] for r in rows], beam=5, batch_size=8, tokens_per_second=tokens_per_second,
-                           progress_desc="STT judge: generations", decoding=decoding)
-    gt_hyps = transcribe_mels(stt, [store[i] for i in chosen], beam=5, batch_size=8, tokens_per_second=tokens_per_second,
-                              progress_desc="STT judge: ground truth", decoding=decoding)
+    hyps = transcribe_mels(stt, [r["_mel"] for r in rows], beam=beam, batch_size=batch_size,
+                           tokens_per_second=tokens_per_second, progress_desc="STT judge: generations", decoding=decoding)
+    gt_hyps = transcribe_mels(stt, [store[i] for i in chosen], beam=beam, batch_size=batch_size,
+                              tokens_per_second=tokens_per_second, progress_desc="STT judge: ground truth",
+                              decoding=decoding)
     w = wer_details([r["text"] for r in rows], hyps)
     g = wer_details([store.index[i]["text"] for i in chosen], gt_hyps)
     for r, h in zip(rows, hyps):
@@ -690,6 +696,7 @@ def evaluate(args: argparse.Namespace, params: dict, cfg: EvaluateConfig, device
         if stt_judge is not None:
             metrics["stt_judge_model"] = cfg.stt_judge_model
             metrics["stt_judge_ctc_weight"] = stt_judge.ctc_weight
+            metrics["stt_judge_beam_size"] = cfg.stt_beam_size  # how it decodes, as the STT evaluation does
         references: dict[str, dict[int, dict]] = {split: {} for split in cfg.splits}  # shared by the variants
         for variant in variants:
             for split in cfg.splits:

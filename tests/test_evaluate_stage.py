@@ -341,14 +341,23 @@ def test_the_meld_stt_judge_reads_the_utterances_the_external_judge_reads(tmp_pa
     read = []
     transcribe = evaluate.transcribe_mels
 
+    beams = []
+
     def recording(stt, mels, **kwargs):
         read.append(sorted(m.shape[0] for m in mels))
+        beams.append((kwargs["beam"], kwargs["batch_size"]))
         return transcribe(stt, mels, **kwargs)
 
     monkeypatch.setattr(evaluate, "transcribe_mels", recording)
     scores = evaluate.score_with_stt_judge(stt, rows, store, [0, 1, 2], 10.0, ("espeak-",))
     assert set(scores) == {"wer_meld_stt_judge", "wer_ground_truth_meld_stt_judge"}
     assert read == [[10, 14], [10, 14]]  # generations, then ground truth: the flite speakers only
+    assert beams == [(5, 8), (5, 8)]
+    # the stage's evaluate.stt_beam_size and batch_size reach the judge (a fixed beam of 5 ignored them)
+    read.clear()
+    beams.clear()
+    evaluate.score_with_stt_judge(stt, rows, store, [0, 1, 2], 10.0, ("espeak-",), beam=2, batch_size=1)
+    assert beams == [(2, 1), (2, 1)]
     assert ["stt_judge_hyp" in r for r in rows] == [True, False, True]
     read.clear()
     assert evaluate.score_with_stt_judge(stt, rows[1:2], store, [1], 10.0, ("espeak-",)) == {} and read == []

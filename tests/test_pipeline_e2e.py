@@ -143,6 +143,7 @@ def test_whole_dag_runs_and_reruns_only_what_changed(tmp_path):
     assert split["generations"] == 1 and math.isfinite(split["duration_ratio"]) and split["duration_ratio"] >= 0
     assert "wer" in split and 0.0 <= split["wer_ground_truth_vocoded"] <= 1.5
     assert metrics["stt_judge_model"] == "models/meld_joint/model.pt"
+    assert metrics["stt_judge_beam_size"] == DEBUG_PARAMS["evaluate"]["stt_beam_size"]
     assert 0.0 <= split["wer_meld_stt_judge"] and 0.0 <= split["wer_ground_truth_meld_stt_judge"]
     stt = metrics["stt"]  # ... and its STT, with how it was decoded
     assert stt["test"]["ref_words"] > 0 and set(stt) == {"test"}
