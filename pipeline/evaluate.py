@@ -736,32 +736,65 @@ def _write_atomically(path: Path, text: str) -> None:
 def write_results(args, params: dict, metrics: dict, all_rows: list[dict], out: Path) -> int:
     """generations.jsonl, the metrics file, and the metrics, samples and plots in the training run's
     MLflow run, with the evaluation's settings as ``eval.*`` tags (tags, not params: a rerun with
-    other settings updates them, where MLflow refuses to change a logged param)."""
+    other settings updates them, where MLflow refuses to change a logged param).
+
+    The training run is written to through a client, not reopened with ``start_run``: reopened, an
+    error while logging (a refused key, a full artifact store) ended the finished training run FAILED,
+    and every evaluation moved its end time. Without a run-id file the evaluation gets a run of its own.
+    """
+    from mlflow.tracking import MlflowClient
+
     save_progress(args, metrics, all_rows, out, complete=True)
     mlflow = tracking.setup(mlflow_experiment(params))
+    client = MlflowClient(mlflow.get_tracking_uri())
     run_id = Path(args.run_id_file).read_text().strip() if args.run_id_file and Path(args.run_id_file).is_file() else None
-    with mlflow.start_run(run_id=run_id, run_name=None if run_id else f"evaluate-{args.system}"):
-        mlflow.set_tags({**tracking.flatten({"eval": params.get("evaluate", {})}),
-                         **tracking.run_tags(params, prefix="eval.")})
-        step = int(metrics.get("step", 0))  # the evaluated checkpoint's: beside the dev metrics of that step
-        for split, s in metrics["splits"].items():
-            mlflow.log_metrics({f"eval/{split}/{k}": float(v) for k, v in s.items() if isinstance(v, (int, float))},
-                               step=step)
-        for name, splits in metrics.get("ablations", {}).items():  # "meld (latent zeroed)" -> "meld latent zeroed"
-            slug = re.sub(r"[^\w./ -]", "", name).strip()
-            for split, s in splits.items():
-                mlflow.log_metrics({f"eval/ablation/{slug}/{split}/{k}": float(v) for k, v in s.items()
-                                    if isinstance(v, (int, float))}, step=step)
-        for split, s in metrics.get("stt", {}).items():
-            mlflow.log_metrics({f"eval/stt/{split}/{k}": float(v) for k, v in s.items() if isinstance(v, (int, float))},
-                               step=step)
-            mlflow.log_metrics({f"eval/stt/{split}/wer_by_speaker/{spk}": float(w)
-                                for spk, w in s.get("per_speaker", {}).items()}, step=step)
-        mlflow.log_artifacts(str(out / "samples"), "eval/samples") if (out / "samples").is_dir() else None
-        mlflow.log_artifacts(str(out / "plots"), "eval/plots") if (out / "plots").is_dir() else None
-        mlflow.log_artifact(args.metrics, "eval")
+    if run_id is not None:
+        _log_evaluation(client, run_id, args, params, metrics, out)
+        return 0
+    experiment = client.get_experiment_by_name(mlflow_experiment(params))
+    run_id = client.create_run(experiment.experiment_id, run_name=f"evaluate-{args.system}").info.run_id
+    try:
+        _log_evaluation(client, run_id, args, params, metrics, out)
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    client.set_terminated(run_id, status="FINISHED")
     return 0
 
+
+def _metric_key_part(name: str) -> str:
+    """A name as part of an MLflow metric key, which takes letters, digits, ``_ - . / `` and spaces only:
+    "meld (latent zeroed)" -> "meld latent zeroed"; a speaker id holding "(" or "+" was refused."""
+    return re.sub(r"[^\w./ -]", "", name).strip()
+
+
+def _log_evaluation(client, run_id: str, args, params: dict, metrics: dict, out: Path) -> None:
+    from mlflow.entities import Metric, RunTag
+
+    tags = {**tracking.flatten({"eval": params.get("evaluate", {})}), **tracking.run_tags(params, prefix="eval.")}
+    step = int(metrics.get("step", 0))  # the evaluated checkpoint's: beside the dev metrics of that step
+    values: dict[str, float] = {}
+
+    def add(prefix: str, s: dict) -> None:
+        values.update({f"{prefix}/{k}": float(v) for k, v in s.items() if isinstance(v, (int, float))})
+
+    for split, s in metrics["splits"].items():
+        add(f"eval/{split}", s)
+    for name, splits in metrics.get("ablations", {}).items():
+        for split, s in splits.items():
+            add(f"eval/ablation/{_metric_key_part(name)}/{split}", s)
+    for split, s in metrics.get("stt", {}).items():
+        add(f"eval/stt/{split}", s)
+        add(f"eval/stt/{split}/wer_by_speaker", {_metric_key_part(spk): w for spk, w in s.get("per_speaker", {}).items()})
+    now = int(time.time() * 1000)
+    batch = [Metric(k, v, now, step) for k, v in values.items()]
+    tag_list = [RunTag(k, v) for k, v in tags.items()]
+    for i in range(0, max(len(batch), len(tag_list)), 100):  # within MLflow's per-request limits
+        client.log_batch(run_id, metrics=batch[i : i + 100], tags=tag_list[i : i + 100])
+    for folder in ("samples", "plots"):
+        if (out / folder).is_dir():
+            client.log_artifacts(run_id, str(out / folder), f"eval/{folder}")
+    client.log_artifact(run_id, args.metrics, "eval")
 
 if __name__ == "__main__":
     sys.exit(run_stage("evaluate", main))

@@ -460,3 +460,50 @@ def test_the_sim_floor_compares_each_prompt_with_another_person_spread_over_the_
     assert evaluate.other_person_utterances([1, 2], ["flite-kal", "flite-kal16"]) == {1: None, 2: None}
     # LibriSpeech readers are people by id
     assert evaluate.other_person_utterances([1, 2], ["1089", "121"]) == {1: 2, 2: 1}
+
+
+def test_logging_the_evaluation_leaves_the_finished_training_run_finished(tmp_path, monkeypatch):
+    """The stage reopened the training run with ``start_run(run_id=...)``: an error while logging (here
+    a speaker id MLflow refuses in a metric key) ended that finished run FAILED, and every evaluation
+    moved its end time. It now writes through a client; speaker ids are cleaned like ablation names."""
+    import argparse
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from meld import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    params = {"mlflow": {"experiment": "eval-logging"}, "evaluate": {"seed": 3}}
+    mlflow = tracking.setup(evaluate.mlflow_experiment(params))
+    with mlflow.start_run(run_name="train-meld") as run:  # the training run, finished normally
+        mlflow.log_metric("train/loss", 1.0, step=1)
+    client = MlflowClient(mlflow.get_tracking_uri())
+    before = client.get_run(run.info.run_id).info
+    (tmp_path / "run_id").write_text(run.info.run_id)
+    out = tmp_path / "out"
+    (out / "samples" / "test").mkdir(parents=True)
+    (out / "samples" / "test" / "a.wav").write_bytes(b"RIFF")
+    metrics_file = tmp_path / "metrics.json"
+    args = argparse.Namespace(run_id_file=str(tmp_path / "run_id"), metrics=str(metrics_file), system="meld")
+    metrics = {"step": 10, "splits": {"test": {"wer": 0.25, "generations": 2}},
+               "ablations": {"meld (latent zeroed)": {"test": {"wer": 0.5}}},
+               "stt": {"dev": {"wer": 0.5, "per_speaker": {"spk(a)+1": 0.75}}}}
+    assert evaluate.write_results(args, params, metrics, [], out) == 0
+    after = client.get_run(run.info.run_id)
+    assert after.info.status == "FINISHED" and after.info.end_time == before.end_time
+    assert after.data.metrics["eval/stt/dev/wer_by_speaker/spka1"] == 0.75
+    assert after.data.metrics["eval/ablation/meld latent zeroed/test/wer"] == 0.5
+    history = client.get_metric_history(run.info.run_id, "eval/test/wer")
+    assert [(m.step, m.value) for m in history] == [(10, 0.25)]
+    assert after.data.tags["eval.seed"] == "3"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
+    assert artifacts >= {"eval/samples", "eval/metrics.json"}
+    assert json.loads(metrics_file.read_text())["complete"] is True
+
+    # without a run-id file the evaluation gets a run of its own, ended FINISHED
+    args.run_id_file = None
+    evaluate.write_results(args, params, metrics, [], out)
+    (own,) = mlflow.search_runs(experiment_names=["eval-logging"], filter_string="tags.mlflow.runName = 'evaluate-meld'",
+                                output_format="list")
+    assert own.info.status == "FINISHED" and own.data.metrics["eval/test/wer"] == 0.25
