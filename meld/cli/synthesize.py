@@ -519,10 +519,11 @@ def _clipping(wav: np.ndarray) -> str:
     """What 16-bit PCM's [-1, 1] cut off (:func:`meld.audio.write_audio` clips), or "" if nothing. Griffin-Lim
     brings a loud prompt back louder than it was (its phase is not the recording's), and a hard-clipped file
     would otherwise pass for the model's own sound in a listening test or a similarity score."""
-    peak = float(np.abs(wav).max()) if wav.size else 0.0
+    magnitude = np.abs(wav)
+    peak = float(magnitude.max()) if wav.size else 0.0
     if peak <= 1.0:
         return ""
-    n = int(np.count_nonzero(np.abs(wav) > 1.0))
+    n = int(np.count_nonzero(magnitude > 1.0))
     return (f"clipped {n} samples ({100 * n / wav.size:.3f}%) at full scale (peak {peak:.3f}): the audio "
             "is louder than 16-bit PCM holds (a loud prompt comes back louder through Griffin-Lim)")
 
