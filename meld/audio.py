@@ -138,6 +138,30 @@ def _wav_data_size(f: io.BufferedReader) -> int | None:
     return None
 
 
+LOSSY_FORMATS = ("OGG", "MP3")  # hold no PCM: written in their own codecs (Vorbis, MPEG layer III)
+
+
+def _write_subtype(audio_format: str) -> str | None:
+    """How :func:`write_audio` encodes ``audio_format`` (soundfile's name, e.g. "WAV"): 16-bit PCM, a lossy
+    format's own codec, or None for a format it does not write (RAW has no header to say its rate; XI,
+    WVE hold only codecs no tool reads speech from)."""
+    import soundfile as sf
+
+    if audio_format not in sf.available_formats():
+        return None
+    if sf.check_format(audio_format, "PCM_16") and sf.default_subtype(audio_format) is not None:
+        return "PCM_16"
+    return sf.default_subtype(audio_format) if audio_format in LOSSY_FORMATS else None
+
+
+def audio_extensions() -> list[str]:
+    """The file extensions :func:`write_audio` writes (``.wav``, ``.flac``, ..., ``.ogg``, ``.mp3``), one rule
+    for it and for the CLI's check of an output name before any model work."""
+    import soundfile as sf
+
+    return sorted(f".{name.lower()}" for name in sf.available_formats() if _write_subtype(name) is not None)
+
+
 def write_audio(path: str | Path, wav: np.ndarray, sample_rate: int = SAMPLE_RATE) -> Path:
     """Write float audio as 16-bit PCM (clipped to [-1, 1]) in the format of ``path``'s extension;
     a format without 16-bit PCM (.ogg, .mp3) in its own codec.
@@ -156,16 +180,15 @@ def write_audio(path: str | Path, wav: np.ndarray, sample_rate: int = SAMPLE_RAT
 
     Raises:
         OSError: the file system refused the write (its errno and reason).
-        ValueError: ``path`` has no extension naming an audio format.
+        ValueError: ``path``'s extension names no format of :func:`audio_extensions`.
     """
     import soundfile as sf
 
     path = Path(path)
     audio_format = path.suffix.lstrip(".").upper()
-    if audio_format not in sf.available_formats():
-        raise ValueError(f"{path}: the extension names no audio format soundfile writes")
-    # a format that holds no 16-bit PCM (OGG, MP3: lossy codecs) gets its own codec
-    subtype = "PCM_16" if sf.check_format(audio_format, "PCM_16") else sf.default_subtype(audio_format)
+    subtype = _write_subtype(audio_format)
+    if subtype is None:
+        raise ValueError(f"{path}: the extension names no audio format written here ({', '.join(audio_extensions())})")
     encoded = io.BytesIO()
     sf.write(encoded, np.clip(np.asarray(wav, dtype=np.float32), -1.0, 1.0), sample_rate, subtype=subtype,
              format=audio_format)

@@ -377,7 +377,7 @@ def test_synthesize_refuses_text_outside_the_vocabulary(text, unknown, checkpoin
     assert len(err.strip().splitlines()) == 1 and not out.exists()
 
 
-@pytest.mark.parametrize("name", ["no_extension", "notes.txt", "song.mp3", "a_folder", "a_file.wav/o.wav", "ro/o.wav"])
+@pytest.mark.parametrize("name", ["no_extension", "notes.txt", "song.m4a", "a_folder", "a_file.wav/o.wav", "ro/o.wav"])
 def test_synthesize_checks_out_before_loading_the_model(name, tmp_path, monkeypatch, capsys):
     (tmp_path / "a_folder").mkdir()
     (tmp_path / "a_file.wav").write_bytes(b"")
@@ -400,6 +400,15 @@ def test_synthesize_out_accepts_flac_and_a_new_folder(checkpoint, tmp_path, caps
     assert "replacing" not in capsys.readouterr().out
     assert _synth(checkpoint, out, "--seed", "1") == 0  # a file already there is replaced, and said to be
     assert f"wrote {out} (replacing the file that was there):" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extension, audio_format", [(".ogg", "OGG"), (".mp3", "MP3")])
+def test_synthesize_writes_the_lossy_formats_write_audio_writes(checkpoint, tmp_path, capsys, extension, audio_format):
+    """write_audio encodes .ogg and .mp3 in their own codecs; --out refused them as "not an audio format"."""
+    out = tmp_path / f"o{extension}"
+    assert _synth(checkpoint, out) == 0
+    assert sf.info(str(out)).format == audio_format and sf.info(str(out)).frames > 0
+    assert f"wrote {out}" in capsys.readouterr().out
 
 
 def test_an_out_that_is_a_prompt_is_refused_and_the_prompt_kept(checkpoint, prompt_22k, tmp_path, capsys):
@@ -766,7 +775,7 @@ def test_synthesize_list_reports_bad_lines_and_writes_the_rest(checkpoint, promp
         5: f"{tmp_path / 'absent_prompt.wav'}\t{tmp_path / 'absent.wav'}\t{text}",
         6: f"{tmp_path / 'digits.wav'}\t-\tsaves 42",
         7: f"{good[0]}\t-\t{text}",  # the same output as line 1
-        8: f"{tmp_path / 'song.mp3'}\t-\t{text}",
+        8: f"{tmp_path / 'song.m4a'}\t-\t{text}",
         9: f"{good[2]}\t{prompt_22k}\t{text}",
         10: f"{tmp_path / ('x' * 300)}.wav\t-\t{text}",  # a name too long for the file system
         11: f"{tmp_path}/nul\0.wav\t-\t{text}",
@@ -779,11 +788,11 @@ def test_synthesize_list_reports_bad_lines_and_writes_the_rest(checkpoint, promp
     assert sorted(int(e.split(f"{listing}:")[1].split(":")[0]) for e in errors) == [2, 3, 5, 6, 7, 8, 10, 11], errors
     by_line = {int(e.split(f"{listing}:")[1].split(":")[0]): e for e in errors}
     assert "3 tab-separated fields" in by_line[2] and "empty" in by_line[3] and "absent.wav" in by_line[5]
-    assert "text: characters" in by_line[6] and "'4', '2'" in by_line[6] and "line 1" in by_line[7] and ".mp3" in by_line[8]
+    assert "text: characters" in by_line[6] and "'4', '2'" in by_line[6] and "line 1" in by_line[7] and ".m4a" in by_line[8]
     assert "not a usable path" in by_line[10] and "not a usable path" in by_line[11]
     assert all(sf.info(str(p)).frames > 0 for p in good)
     assert not any((tmp_path / n).exists() for n in ("two_fields.wav", "empty.wav", "absent_prompt.wav",
-                                                     "digits.wav", "song.mp3"))
+                                                     "digits.wav", "song.m4a"))
     assert "wrote 3 of 11 utterances (8 refused, 0 failed)" in captured.out
 
 
@@ -816,7 +825,7 @@ def test_synthesize_list_writes_each_batch_before_generating_the_next(checkpoint
         (("--batch-size", "0"), "o.wav\t-\thi\n", "--batch-size must be >= 1"),
         ((), "", "no utterances"),
         ((), "o.wav\thi\n", "no utterance left"),
-        ((), "o.mp3\t-\thi\n", "no utterance left"),
+        ((), "o.m4a\t-\thi\n", "no utterance left"),
     ],
 )
 def test_synthesize_list_errors_before_any_model_work(extra, contents, message, tmp_path, capsys):

@@ -295,6 +295,22 @@ def test_write_audio_encodes_formats_without_16_bit_pcm_in_their_own_codec(tmp_p
     assert rms == pytest.approx(0.5 / np.sqrt(2), rel=0.1)
 
 
+def test_write_audio_writes_what_audio_extensions_lists_and_refuses_the_rest(tmp_path):
+    """One rule for write_audio and the CLI's check of --out: every listed extension writes a file that
+    reads back; others (no format, RAW without a header to say its rate) are refused naming the file."""
+    from meld.audio import audio_extensions, load_audio, write_audio
+
+    extensions = audio_extensions()
+    assert {".wav", ".flac", ".ogg", ".mp3"} <= set(extensions) and ".raw" not in extensions
+    tone = 0.5 * np.sin(2 * np.pi * 440 * np.arange(SAMPLE_RATE // 4) / SAMPLE_RATE).astype(np.float32)
+    for extension in (".wav", ".flac", ".ogg", ".mp3"):
+        assert load_audio(write_audio(tmp_path / f"x{extension}", tone)).size > 0
+    for extension in (".raw", ".m4a", ""):
+        with pytest.raises(ValueError, match=f"x{extension}: the extension names no audio format written here"):
+            write_audio(tmp_path / f"x{extension}", tone)
+        assert not (tmp_path / f"x{extension}").exists()
+
+
 def test_a_truncated_wav_is_refused_and_a_whole_one_with_other_chunks_is_read(tmp_path):
     """libsndfile reads a WAV cut short as the samples left, without a word; the header says how many
     bytes there should be. Chunks before "data" (LIST, fact) are walked over, padding included."""

@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--text", default=None, help="full transcript: the prompt's words, then the new words")
     s.add_argument("--prompt", default=None, help="audio file whose start is the acoustic prompt (any rate); "
                    "without it the model speaks the text from nothing, in whatever voice it draws")
-    s.add_argument("--out", default=None, help="output audio, 16 kHz 16-bit PCM: .wav, .flac, ... (by extension); "
+    s.add_argument("--out", default=None, help="output audio at 16 kHz, by extension: .wav, .flac, ... (16-bit PCM), .ogg, .mp3 (lossy); "
                    "a missing folder is made, a file already there is replaced (and said to be), a prompt file is refused")
     s.add_argument(
         "--list",

@@ -34,13 +34,6 @@ from meld.cli.common import (
 from meld.config import SAMPLING_FLOOR
 
 
-def _pcm16_extensions() -> list[str]:
-    """Extensions soundfile writes as 16-bit PCM (what :func:`meld.audio.write_audio` writes)."""
-    import soundfile as sf
-
-    return sorted(f".{name.lower()}" for name in sf.available_formats() if sf.check_format(name, "PCM_16"))
-
-
 def _check_out(out: str, label: str = "--out") -> Path:
     """``--out``, checked before any model work: an audio file that can be written where it points.
 
@@ -58,11 +51,14 @@ def _check_out(out: str, label: str = "--out") -> Path:
 def _check_out_path(path: Path, where: str) -> Path:
     if path.is_dir():
         raise CLIError(f"{where}: is a folder; give a file name such as {path / 'out.wav'}")
-    extensions = _pcm16_extensions()
+    from meld.audio import LOSSY_FORMATS, audio_extensions
+
+    extensions = audio_extensions()  # what write_audio writes, .ogg and .mp3 included
     if path.suffix.lower() not in extensions:
         what = "has no file extension" if not path.suffix else f"{path.suffix} is not an audio format written here"
-        others = ", ".join(e for e in extensions if e not in (".wav", ".flac"))
-        raise CLIError(f"{where}: {what}; use .wav or .flac (written as 16-bit PCM; also {others})")
+        lossy = tuple(f".{f.lower()}" for f in LOSSY_FORMATS)
+        others = ", ".join(e for e in extensions if e not in (".wav", ".flac", *lossy))
+        raise CLIError(f"{where}: {what}; use .wav or .flac (16-bit PCM), {' or '.join(lossy)} (lossy), or {others}")
     folder = path.parent
     while not folder.exists():  # Path("x/file.wav/y").exists() is False too: the loop stops at the file
         folder = folder.parent
