@@ -331,6 +331,9 @@ class FrameBudgetSampler:
 
     def __init__(self, lengths: list[int], frames_per_batch: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  max_skipped_fraction: float = 0.01):
+        if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
+            # a rank past the world would take an empty or another worker's share of every epoch, silently
+            raise ValueError(f"rank {rank!r} of world_size {world_size!r}: need whole numbers, 0 <= rank < world_size")
         if not lengths:  # else "only 0 batches ...: lower train.frames_per_batch", advice that cannot help
             raise ValueError("no utterances to batch: the split is empty (the features stage's summary.json says how many "
                              "the features stage kept and rejected)")
@@ -395,7 +398,14 @@ class FrameBudgetSampler:
         return {"epoch": self.state.epoch, "position": self.state.position}
 
     def load_state_dict(self, d: dict) -> None:
-        self.state = SamplerState(int(d["epoch"]), int(d["position"]))
+        """Resume at a saved (epoch, position). A position past this shard's epoch (a state saved with more
+        batches per worker: another budget or world size) would skip the rest of the epoch unseen; a
+        negative one would repeat batches. Both are refused, naming the numbers."""
+        epoch, position = int(d["epoch"]), int(d["position"])
+        if epoch < 0 or not 0 <= position <= self.per_rank:
+            raise ValueError(f"sampler state epoch {epoch}, position {position} does not fit this shard's "
+                             f"{self.per_rank} batches per epoch (saved with another frame budget or world size?)")
+        self.state = SamplerState(epoch, position)
 
 
 def pad_texts(texts: list[list[int]]) -> dict[str, torch.Tensor]:

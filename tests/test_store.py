@@ -113,6 +113,23 @@ def test_state_dict_resumes_with_the_same_batches():
     assert list(islice(iter(b), per_epoch)) == expected
 
 
+def test_a_shard_or_saved_position_outside_the_epoch_is_refused():
+    """rank >= world_size took an empty share (perm[rank::world] past the end) and a saved position past
+    the shard's epoch skipped the rest of it: both silently, as a shorter run. An end-of-epoch position
+    (what a checkpoint at an epoch's last batch holds) is fine and moves on to the next epoch."""
+    lengths, budget = _lengths(n=60, seed=2), 200
+    for rank, world in ((2, 2), (-1, 2), (0, 0)):
+        with pytest.raises(ValueError, match=f"rank {rank} of world_size {world}: need whole numbers"):
+            FrameBudgetSampler(lengths, budget, rank=rank, world_size=world)
+    sampler = FrameBudgetSampler(lengths, budget, rank=1, world_size=2, seed=4)
+    for epoch, position in ((0, sampler.per_rank + 1), (0, -1), (-1, 0)):
+        with pytest.raises(ValueError, match=f"epoch {epoch}, position {position} does not fit this shard's "
+                                             f"{sampler.per_rank} batches per epoch"):
+            sampler.load_state_dict({"epoch": epoch, "position": position})
+    sampler.load_state_dict({"epoch": 0, "position": sampler.per_rank})
+    assert next(iter(sampler)) == sampler.epoch_batches(1)[0] and sampler.state_dict() == {"epoch": 1, "position": 1}
+
+
 def test_runs_with_neighbouring_seeds_do_not_share_batch_orders_an_epoch_apart():
     """Seeding each epoch with seed + epoch gave run seed=1 at epoch e the very order of run seed=0 at
     epoch e + 1: hand-made multi-seed runs were not independent in their data order."""
