@@ -11,14 +11,24 @@ The output is the same as decoding the whole list in one process: a batch holds 
 utterances whichever actor runs it, and TTS batch k is seeded ``batch_seed(seed, k)`` by its index
 in the whole list (``first_batch``), not by what the actor ran before.
 
-So an actor that dies (its process killed, its node lost) loses nothing: its task is run again by
-another actor, with the same output, and the pool goes on with the actors left. A task that raises
-stops the map with one line naming the decoder, the utterances and the cause. Every actor checks
-that the checkpoint it loads is the file the driver hashed (SHA-256): a node with a stale or partial
-copy at the same path, or a file rewritten while the pool runs, would otherwise decode with other
-weights than the rest, silently. CPU actors decode on the file's own pages, shared through the page
-cache (``load_model(share_file_pages=True)``): while the pool runs, the file may be replaced (a new
-file renamed over it, as :func:`meld.training.save_checkpoint` writes) but not rewritten in place.
+So an actor that dies (its process killed, its node lost) loses nothing, and the pool goes on with the
+actors left (:attr:`DecodePool.dead` names the dead; when none is left, the map stops saying so). A
+task whose actor dies while running it is run again by another actor, with the same output; a second
+death running the same utterances stops the map, the batches themselves being the likely cause. An
+actor that died while idle (between maps or tasks) must not count as such a death: every actor is
+pinged before it is handed a task (``ready()``, one round trip of about a millisecond, all those about
+to get work at once), and one that is dead joins the dead with a warning and no task counted against
+it. One that does not answer within ``ping_timeout_s`` (its node lost and not yet declared dead by Ray,
+or unreachable) is killed (``ray.kill``) and counted dead the same way: a late answer cannot be told
+from none, and a killed actor cannot come back half-way through a task. (An actor still running a task
+of a map that stopped is not pinged, as its answer would wait behind that task: it is handed work once
+the task comes back.) A task that raises stops the map with one line naming the decoder, the utterances
+and the cause. Every actor checks that the checkpoint it loads is the file the driver hashed (SHA-256):
+a node with a stale or partial copy at the same path, or a file rewritten while the pool runs, would
+otherwise decode with other weights than the rest, silently. CPU actors decode on the file's own pages,
+shared through the page cache (``load_model(share_file_pages=True)``): while the pool runs, the file
+may be replaced (a new file renamed over it, as :func:`meld.training.save_checkpoint` writes) but not
+rewritten in place.
 """
 
 from __future__ import annotations
@@ -42,6 +52,9 @@ DECODERS = {
 SEEDED = {"tts_continue", "continue_codes"}  # take first_batch: their batches are seeded by index
 TASKS_PER_WORKER = 4  # tasks a list is cut into per actor: enough to even out uneven batches
 START_TIMEOUT_S = 300.0  # how long every actor may take to be placed and started before the pool gives up
+# how long an idle actor may take to answer the ping before a task: an idle actor answers in about a
+# millisecond, so one silent this long is on a node lost (Ray's health checks declare it dead after 15-50 s) or cut off
+PING_TIMEOUT_S = 30.0
 
 
 class PoolRefused(ValueError):
@@ -148,9 +161,12 @@ class DecodePool:
     at once, and one whose actors are not all placed within ``start_timeout_s`` (other jobs hold the
     devices): Ray would otherwise keep a task for an actor that never starts and wait forever. Use
     as a context manager; leaving it kills the actors, and shuts down a local Ray it started.
+    ``ping_timeout_s``: how long an idle actor may take to answer the ping sent before it is handed a
+    task; one silent longer is killed and counted dead (the module's docstring says why).
     """
 
-    def __init__(self, workers: int, device: str, start_timeout_s: float = START_TIMEOUT_S):
+    def __init__(self, workers: int, device: str, start_timeout_s: float = START_TIMEOUT_S,
+                 ping_timeout_s: float = PING_TIMEOUT_S):
         import ray
 
         from ray_jobs.cluster import init_ray
@@ -182,7 +198,11 @@ class DecodePool:
                               f"{start_timeout_s:g} s; the cluster has {have} {resource}s, {free:g} free now (other "
                               "jobs hold the rest): lower evaluate.decode_workers or free them")
         self.workers = workers
+        self.ping_timeout_s = ping_timeout_s
         self.dead: set[int] = set()  # actors whose process or node died (their tasks ran again on others)
+        # actor -> its task of a map that stopped (a task raised) before it came back: the actor is busy
+        # until it does, and a ping would wait behind it
+        self._unfinished: dict[int, object] = {}
         self._digests: dict[str, str] = {}  # checkpoint -> SHA-256 when the pool first used it
         self.tasks_run = [0] * workers  # tasks each actor has run (bench.decode_pool shows them; tests check them)
         self.device_seconds = 0.0  # decoding time summed over the actors, of the last map()
@@ -225,12 +245,17 @@ class DecodePool:
         queue = deque(range(0, batches, per_task))  # each task's first batch
         results: dict[int, list] = {}
         self.device_seconds = self.compile_seconds = 0.0
-        pending: dict = {}
-        idle = [a for a in range(len(self.actors)) if a not in self.dead]  # actor indices
+        # an earlier map's unfinished tasks (first batch None): their actors are free again when they
+        # come back (not pinged before: the ping would wait behind the task, and time out)
+        pending: dict = {ref: (None, actor, 0, 0) for actor, ref in self._unfinished.items()}
+        idle = [a for a in range(len(self.actors)) if a not in self.dead and a not in self._unfinished]
         lost: set[int] = set()  # tasks (by first batch) whose actor died once already
         bar = progress(total=n, desc=progress_desc, unit="utt", disable=progress_desc is None)
         try:
-            while queue or pending:
+            # until this map's tasks are done (an earlier map's still running stay in _unfinished)
+            while queue or any(first is not None for first, *_ in pending.values()):
+                if queue and idle:  # those about to get work: the last of idle, as popped below
+                    self._drop_dead_idle(idle, min(len(queue), len(idle)))
                 if not idle and not pending:
                     raise DecodeFailed(f"{function} of {checkpoint}: every one of the {len(self.actors)} decoding "
                                        f"actors has died; utterances {queue[0] * batch_size}.. of {n} not decoded")
@@ -244,6 +269,16 @@ class DecodePool:
                     pending[ref] = (first, actor, lo, hi)
                 (done,), _ = ray.wait(list(pending), num_returns=1)
                 first, actor, lo, hi = pending.pop(done)
+                if first is None:  # an earlier map's task: whatever it says was reported or is not wanted
+                    try:
+                        ray.get(done)
+                    except ray.exceptions.RayActorError as err:
+                        self._drop(actor, f"died finishing a task of an earlier map that stopped ({_one_line(err)})")
+                        continue
+                    except ray.exceptions.RayError:
+                        pass
+                    idle.append(actor)
+                    continue
                 what = f"{function} of {checkpoint}, utterances {lo}..{hi - 1} of {n}, on decoding actor {actor}"
                 try:
                     results[first], seconds, compiling = ray.get(done)
@@ -268,7 +303,43 @@ class DecodePool:
                 bar.update(hi - lo)
         finally:
             bar.close()
+            self._unfinished = {actor: ref for ref, (_, actor, _, _) in pending.items()}
         return [item for first in sorted(results) for item in results[first]]
+
+    def _drop_dead_idle(self, idle: list[int], wanted: int) -> None:
+        """Pings the last ``wanted`` actors of ``idle`` (the next to be handed tasks), all at once, and
+        removes those dead or silent for :attr:`ping_timeout_s` (:meth:`_drop`); then the next ones, until
+        ``wanted`` have answered or none is left. The others keep their order."""
+        import ray
+
+        alive: set[int] = set()
+        while ask := [a for a in idle[-wanted:] if a not in alive]:
+            refs = {self.actors[a].ready.remote(): a for a in ask}
+            answered, _ = ray.wait(list(refs), num_returns=len(refs), timeout=self.ping_timeout_s)
+            answered = set(answered)
+            for ref, actor in refs.items():
+                if ref not in answered:
+                    self._drop(actor, f"did not answer within {self.ping_timeout_s:g} s while idle (its node lost "
+                                      "or unreachable): killed")
+                    idle.remove(actor)
+                    continue
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayActorError as err:
+                    self._drop(actor, f"died while idle ({_one_line(err)})")
+                    idle.remove(actor)
+                    continue
+                alive.add(actor)
+
+    def _drop(self, actor: int, why: str) -> None:
+        """Counts an actor found dead while it ran no task of this map as dead (no task lost); kills it,
+        so that one merely cut off cannot come back."""
+        import ray
+
+        ray.kill(self.actors[actor], no_restart=True)
+        self.dead.add(actor)
+        log.warning("decoding actor %d %s; no task lost, %d of %d actors left", actor, why,
+                    len(self.actors) - len(self.dead), len(self.actors))
 
     def close(self) -> None:
         import ray

@@ -250,3 +250,165 @@ def test_a_dead_actor_loses_nothing_and_a_failed_task_or_another_checkpoint_is_n
         ray.kill(pool.actors[1], no_restart=True)
         with pytest.raises(DecodeFailed, match=r"every one of the 2 decoding actors has died; utterances 0\.\. of 7"):
             pool.map("tts_continue", str(path), items, TTS_OPTIONS, batch_size=BATCH)
+
+
+# Run in a Ray of its own (the session's cluster has 2 CPUs, and each actor takes one): a pool of 3
+# whose actors 1 and 2 (the first handed work) die while idle; then, its last actor stopped (SIGSTOP,
+# as a node cut off), a map that finds no live actor. Prints one JSON line.
+IDLE_DEATHS = r"""
+import json, logging, os, pickle, signal, sys, time
+
+import ray
+
+from ray_jobs.decode_pool import DecodePool
+
+work = sys.argv[1]
+with open(os.path.join(work, "items.pkl"), "rb") as f:
+    path, items, options, batch = pickle.load(f)
+warnings = []
+
+
+class Collect(logging.Handler):
+    def emit(self, record):
+        warnings.append(record.getMessage())
+
+
+logging.getLogger("meld.decode_pool").addHandler(Collect())
+# not ray_jobs.cluster.init_ray: it starts the dashboard too, seconds more on 2 cores, for nothing here
+ray.init(address="local", num_cpus=3, include_dashboard=False, _node_ip_address="127.0.0.1",
+         configure_logging=False)
+out, pid = {}, None
+try:
+    with DecodePool(3, "cpu") as pool:
+        live = pool.actors[0]
+        start = time.perf_counter()  # what the pool's ping before each task costs: a round trip
+        for _ in range(50):
+            ray.get(live.ready.remote())
+        out["ping_ms"] = (time.perf_counter() - start) / 50 * 1000
+        for actor in (pool.actors[1], pool.actors[2]):
+            ray.kill(actor, no_restart=True)
+            deadline = time.monotonic() + 60  # the kill takes effect a moment later: wait until it has
+            while time.monotonic() < deadline:
+                try:
+                    ray.get(actor.ready.remote(), timeout=10)
+                except ray.exceptions.RayActorError:
+                    break
+                time.sleep(0.05)
+        one = {k: v[:1] for k, v in items.items()}
+        outputs = {}
+        try:
+            outputs["one"] = pool.map("tts_continue", path, one, options, batch_size=batch)
+            out["after_one"] = {"dead": sorted(pool.dead), "tasks_run": list(pool.tasks_run)}
+            outputs["all"] = pool.map("tts_continue", path, items, options, batch_size=batch)
+            out["after_all"] = {"dead": sorted(pool.dead), "tasks_run": list(pool.tasks_run)}
+            pid = ray.get(live.__ray_call__.remote(lambda self: os.getpid()))
+            os.kill(pid, signal.SIGSTOP)
+            pool.ping_timeout_s = 1.0
+            start = time.perf_counter()
+            try:
+                pool.map("tts_continue", path, one, options, batch_size=batch)
+            except Exception as err:
+                out["stopped_error"] = f"{type(err).__name__}: {err}"
+            out["stopped_seconds"] = time.perf_counter() - start
+            out["after_stopped"] = {"dead": sorted(pool.dead)}
+        except Exception as err:
+            out["error"] = f"{type(err).__name__}: {err}"
+        with open(os.path.join(work, "outputs.pkl"), "wb") as f:
+            pickle.dump(outputs, f)
+finally:
+    if pid is not None:
+        try:
+            os.kill(pid, signal.SIGCONT)  # ray.kill asked it to exit: let it
+        except ProcessLookupError:
+            pass
+    ray.shutdown()
+out["warnings"] = warnings
+print(json.dumps(out))
+"""
+
+
+def test_actors_that_died_while_idle_cost_no_task_a_retry(tiny_checkpoint, tmp_path, one_thread):
+    """Two of three actors die between maps (a node with two actors lost overnight). The pool must
+    find them dead before handing them work, not hand the task to one, count its death against the
+    task, hand it to the other and stop with "the second actor to die running these utterances"
+    while a live actor waits. An actor that does not answer at all (its node cut off) is killed and
+    counted dead the same way; with none left the map says so."""
+    import json
+    import os
+    import pickle
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path, model = tiny_checkpoint
+    model.eval()
+    texts, prompts = _tts_inputs()
+    items = {"texts": texts, "prompts": prompts, "max_frames": GUARDS}
+    with open(tmp_path / "items.pkl", "wb") as f:
+        pickle.dump((str(path), items, TTS_OPTIONS, BATCH), f)
+    local_one = tts_continue(model, texts[:1], prompts[:1], max_frames=GUARDS[:1], batch_size=BATCH, **TTS_OPTIONS)
+    local_all = tts_continue(model, texts, prompts, max_frames=GUARDS, batch_size=BATCH, **TTS_OPTIONS)
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # not the session's cluster
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
+    run = subprocess.run([sys.executable, "-c", IDLE_DEATHS, str(tmp_path)], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=300)
+    lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
+    assert run.returncode == 0 and lines, run.stderr[-3000:]
+    out = json.loads(lines[-1])
+    assert "error" not in out, out["error"]
+    with open(tmp_path / "outputs.pkl", "rb") as f:
+        outputs = pickle.load(f)
+    _same_continuations(outputs["one"], local_one)
+    _same_continuations(outputs["all"], local_all)
+    # the one task and then all four ran on actor 0, none lost on the dead actors
+    assert out["after_one"] == {"dead": [1, 2], "tasks_run": [1, 0, 0]}
+    assert out["after_all"] == {"dead": [1, 2], "tasks_run": [5, 0, 0]}
+    idle = [w for w in out["warnings"] if "died while idle" in w]
+    assert sorted(w.split()[2] for w in idle) == ["1", "2"], out["warnings"]
+    assert all("no task lost, " in w for w in idle)
+    assert not any("runs again" in w for w in out["warnings"]), out["warnings"]
+    # the stopped actor: killed after the 1 s ping timeout, and the map stops saying none is left
+    assert out["after_stopped"] == {"dead": [0, 1, 2]}
+    assert out["stopped_error"].startswith("DecodeFailed: tts_continue of ")
+    assert "every one of the 3 decoding actors has died; utterances 0.. of 1 not decoded" in out["stopped_error"]
+    assert any(w.startswith("decoding actor 0 did not answer within 1 s while idle") for w in out["warnings"])
+    assert 1.0 <= out["stopped_seconds"] < 30, out["stopped_seconds"]
+    print(f"ping {out['ping_ms']:.2f} ms")
+
+
+def test_an_actor_still_running_a_stopped_maps_task_is_not_taken_for_dead(tmp_path, one_thread):
+    """A map stops when a task raises, while another actor is still decoding its task. The next map
+    must not ping that actor (the answer waits behind the task, so the ping would time out and kill a
+    live actor): it is handed work once that task comes back."""
+    import ray
+    import torch
+    from test_faults import ensure_ray
+
+    from meld.models.vocab import EOS
+    from ray_jobs.decode_pool import DecodeFailed, DecodePool
+
+    ensure_ray()
+    model, kwargs = tiny_meld(reduction=REDUCTION, encoder_dropout=0.5)
+    with torch.no_grad():
+        model.head.bias[EOS] = -1e4  # <EOS> never sampled: a task decodes all its max_frames
+    path = str(save_checkpoint(tmp_path / "model.pt", system="meld", model=model, model_kwargs=kwargs,
+                               extra={"task": "joint"}))
+    model.eval()
+    texts, prompts = _tts_inputs()
+    items = {"texts": texts, "prompts": prompts, "max_frames": GUARDS}
+    local = tts_continue(model, texts, prompts, max_frames=GUARDS, batch_size=BATCH, **TTS_OPTIONS)
+    # two tasks: actor 1, handed work first, gets batch 0, out of the vocabulary (it raises at once);
+    # actor 0 decodes batch 1, 2000 frames (~1 s on one core), after the map has stopped
+    stopping = {"texts": [[10**6]] * 2 + texts[2:4], "prompts": prompts[:4], "max_frames": [8, 8, 2000, 2000]}
+    with DecodePool(2, "cpu") as pool:
+        with pytest.raises(DecodeFailed, match=r"utterances 0\.\.1 of 4, on decoding actor 1: ValueError"):
+            pool.map("tts_continue", path, stopping, TTS_OPTIONS, batch_size=BATCH)
+        pool.ping_timeout_s = 0.2  # far below the task actor 0 is still running
+        two = {k: v[:4] for k, v in items.items()}  # two tasks: both actors would be pinged
+        _same_continuations(pool.map("tts_continue", path, two, TTS_OPTIONS, batch_size=BATCH), local[:4])
+        assert pool.dead == set()
+        ray.get(pool.actors[0].ready.remote())  # answers once actor 0's task is done
+        before = pool.tasks_run[0]
+        _same_continuations(pool.map("tts_continue", path, items, TTS_OPTIONS, batch_size=BATCH), local)
+        assert pool.dead == set() and pool.tasks_run[0] > before  # free again, and handed work
