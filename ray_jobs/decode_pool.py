@@ -284,7 +284,10 @@ class DecodePool:
                     results[first], seconds, compiling = ray.get(done)
                 except ray.exceptions.RayActorError as err:
                     # its process or node died: the task runs again on another actor (its batches are seeded
-                    # by index: the same output); twice lost, the batches themselves are the likely cause
+                    # by index: the same output); twice lost, the batches themselves are the likely cause.
+                    # Killed too: one only unreachable for a while (ActorUnavailableError) would otherwise
+                    # go on holding its GPU or core, and could come back half-way through another task
+                    ray.kill(self.actors[actor], no_restart=True)
                     self.dead.add(actor)
                     if first in lost:
                         raise DecodeFailed(f"{what}: the second actor to die running these utterances "
