@@ -9,7 +9,7 @@ import re
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
@@ -81,9 +81,10 @@ def absolute_uri(uri: str) -> str:
     return path.as_uri()
 
 
-def check_server(uri: str, timeout_s: float = SERVER_PROBE_TIMEOUT_S) -> None:
+def check_server(uri: str, timeout_s: float = SERVER_PROBE_TIMEOUT_S, named_by: str = "MLFLOW_TRACKING_URI") -> None:
     """Raise :class:`TrackingStoreUnavailable` when ``uri`` is an HTTP(S) tracking server that does not answer
-    within ``timeout_s``. Any HTTP answer counts (a proxy's 401 too): only a server that is not there is refused."""
+    within ``timeout_s``. Any HTTP answer counts (a proxy's 401 too): only a server that is not there is refused.
+    ``named_by``: where ``uri`` comes from, for the message."""
     if not uri.startswith(("http://", "https://")):
         return
     import requests
@@ -94,13 +95,16 @@ def check_server(uri: str, timeout_s: float = SERVER_PROBE_TIMEOUT_S) -> None:
         return
     except requests.RequestException as err:
         raise TrackingStoreUnavailable(
-            f"MLflow tracking server {uri} (MLFLOW_TRACKING_URI) does not answer: {type(err).__name__}. Start it "
+            f"MLflow tracking server {uri} ({named_by}) does not answer: {type(err).__name__}. Start it "
             "(docs/scaling.md), point MLFLOW_TRACKING_URI at one that runs, or unset it to log to the project's "
             f"SQLite store ({DEFAULT_DB})") from None
 
 
-def setup(experiment: str, project_root: str | Path | None = None):
+def setup(experiment: str, project_root: str | Path | None = None, *, uri: str | None = None):
     """Point MLflow at the tracking store and make sure the experiment exists; returns the mlflow module.
+
+    Args:
+        uri: the store, if not :func:`tracking_uri`'s (evaluate: the training run's, :func:`run_store`).
 
     Raises:
         TrackingStoreUnavailable: a server that does not answer (in seconds, not after MLflow's minutes of
@@ -111,7 +115,7 @@ def setup(experiment: str, project_root: str | Path | None = None):
     import mlflow
 
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    uri = tracking_uri(project_root)
+    uri = absolute_uri(uri) if uri else tracking_uri(project_root)
     check_server(uri)
     mlflow.set_tracking_uri(uri)
     try:
@@ -136,6 +140,80 @@ def setup(experiment: str, project_root: str | Path | None = None):
             pass
     mlflow.set_experiment(experiment)
     return mlflow
+
+
+TRACKING_URI_FILE = "mlflow_tracking_uri"
+
+
+class RunStore(NamedTuple):
+    """The store a training run is looked for in (:func:`run_store`)."""
+
+    uri: str
+    run_id: str | None  # None: no run-id file, or an empty one
+    named_by: str  # where ``uri`` comes from, for messages
+    recorded_uri: str | None  # the store the training recorded, if any (maybe not ``uri``)
+
+
+def record_run(id_file: str | Path, run_id: str, uri: str) -> None:
+    """Write ``run_id`` to ``id_file`` and the tracking store it lives in to :data:`TRACKING_URI_FILE` beside it
+    (one run per checkpoint folder), each whole (temp file + rename). The store first: a reader that sees the new
+    id sees its store. ``uri`` is recorded absolute and without a password (the folder is a DVC output, pushed)."""
+    id_file = Path(id_file)
+    id_file.parent.mkdir(parents=True, exist_ok=True)
+    _write_whole(id_file.with_name(TRACKING_URI_FILE), _without_password(absolute_uri(uri)))
+    _write_whole(id_file, run_id)
+
+
+def recorded_run(id_file: str | Path | None) -> tuple[str | None, str] | None:
+    """(the tracking URI the training recorded beside ``id_file``, its run id), or None without a run id. The URI
+    is None for a checkpoint folder written before training recorded it."""
+    if not id_file or not Path(id_file).is_file():
+        return None
+    run_id = Path(id_file).read_text().strip()
+    if not run_id:
+        return None
+    uri_file = Path(id_file).with_name(TRACKING_URI_FILE)
+    uri = uri_file.read_text().strip() if uri_file.is_file() else ""
+    return (uri or None), run_id
+
+
+def run_store(id_file: str | Path | None) -> RunStore:
+    """Where the run named by ``id_file`` (a training's ``<checkpoint_dir>/mlflow_run_id``) is, by one rule:
+
+    1. ``MLFLOW_TRACKING_URI``, if set: the user's explicit choice wins (a store moved to a server, a copy);
+    2. else the store the training recorded beside the id file (:func:`record_run`), wherever this process runs:
+       the training logged to the SQLite store of its ``--project-root``, which need not be this directory;
+    3. else (a folder from before the store was recorded, or no id file) :func:`tracking_uri`: this
+       directory's store, as before.
+
+    Nothing is opened: a stage checks the run's presence itself, before its work (pipeline/evaluate.py).
+    """
+    recorded = recorded_run(id_file)
+    recorded_uri, run_id = recorded if recorded else (None, None)
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return RunStore(tracking_uri(), run_id, "MLFLOW_TRACKING_URI", recorded_uri)
+    if recorded_uri:
+        return RunStore(recorded_uri, run_id, f"recorded by the training in {Path(id_file).with_name(TRACKING_URI_FILE)}",
+                        recorded_uri)
+    return RunStore(tracking_uri(), run_id, "the working directory's store: the training recorded none", None)
+
+
+def _without_password(uri: str) -> str:
+    """``uri`` with the password of a ``user:password@host`` taken out (MLflow reads it from
+    ``MLFLOW_TRACKING_PASSWORD`` as well)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}@{host}"))
+
+
+def _write_whole(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def run_tags(params: Mapping[str, Any], project_root: str | Path | None = None, *, prefix: str = "meld.",

@@ -602,7 +602,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--features", default="data/features")
     p.add_argument("--corpus", default="data/corpus")
     p.add_argument("--codes", default=None, help="DAC code store of the codes stage (codec_lm only)")
-    p.add_argument("--run-id-file", default=None, help="file holding the MLflow run id of the training run")
+    p.add_argument("--run-id-file", default=None, help="file holding the MLflow run id of the training run (looked "
+                   "for in MLFLOW_TRACKING_URI if set, else in the store the training recorded beside the file)")
     p.add_argument("--out", required=True)
     p.add_argument("--metrics", required=True)
     args = p.parse_args(argv)
@@ -610,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
     params = read_params(args.params)
     cfg = EvaluateConfig.from_dict(params.get("evaluate", {}), "evaluate")
     mlflow_experiment(params)  # the mlflow section checked now, not after hours of decoding
-    tracking.check_server(tracking.tracking_uri())  # and a down tracking server refused now too
+    check_training_run(args.run_id_file)  # and the store write_results logs to, and the run in it
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(2)
     # every TTS split must be there before hours of generation on the earlier ones; Codec-LM's prompts
@@ -733,6 +734,52 @@ def _write_atomically(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def check_training_run(run_id_file: str | None) -> tracking.RunStore:
+    """The store :func:`write_results` logs to (:func:`meld.tracking.run_store`: ``MLFLOW_TRACKING_URI`` if set,
+    else the one the training recorded beside the run-id file, else this directory's), checked before any model
+    loads: a server that does not answer, and a training run that is not in the store, stop the stage in one
+    line. (The run was looked for only at the end, in this directory's store: evaluate run from another
+    directory than the training's project root decoded for hours, then failed with "Run '…' not found".)
+    Without a run id the evaluation gets a run of its own at the end: nothing to look for.
+    """
+    if run_id_file is not None and (not Path(run_id_file).is_file() or not Path(run_id_file).read_text().strip()):
+        # named but missing or empty (a typo, a training that never opened its run): the metrics would go to a
+        # run of their own, leaving the training run without them, and nothing said so
+        raise SystemExit(f"evaluate: --run-id-file {run_id_file}: "
+                         f"{'empty' if Path(run_id_file).is_file() else 'no such file'}; the train stage writes it "
+                         "(<checkpoint_dir>/mlflow_run_id); leave the option out to log to a run of the evaluation's own")
+    store = tracking.run_store(run_id_file)
+    tracking.check_server(store.uri, named_by=store.named_by)
+    if store.run_id is None:
+        return store
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+    from mlflow.tracking import MlflowClient
+
+    where = f"MLflow run {store.run_id} (named by {run_id_file}) is not in the tracking store {store.uri} ({store.named_by})"
+    if store.recorded_uri and store.recorded_uri != store.uri:
+        todo = (f"the training recorded {store.recorded_uri}: unset MLFLOW_TRACKING_URI, or set it to the store "
+                "that holds the run")
+    elif store.recorded_uri:
+        todo = ("the run was deleted for good, or the store moved (another machine, a copied project): set "
+                "MLFLOW_TRACKING_URI to the store that holds the run")
+    else:
+        todo = "set MLFLOW_TRACKING_URI to the training's store, or run from the training's project root"
+    path = tracking.local_store_path(store.uri)
+    if path is not None and not path.exists():  # opened, an SQLite store would be created empty, wherever it is
+        raise SystemExit(f"evaluate: {where}: there is no such store; {todo}")
+    try:
+        run = MlflowClient(store.uri).get_run(store.run_id)
+    except MlflowException as err:
+        if err.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            raise
+        raise SystemExit(f"evaluate: {where}; {todo}") from None
+    if run.info.lifecycle_stage == "deleted":  # MLflow refuses to log to it
+        raise SystemExit(f"evaluate: MLflow run {store.run_id} (named by {run_id_file}) is deleted in {store.uri}: "
+                         f"restore it (mlflow runs restore --run-id {store.run_id}) or give another --run-id-file")
+    return store
+
+
 def write_results(args, params: dict, metrics: dict, all_rows: list[dict], out: Path) -> int:
     """generations.jsonl, the metrics file, and the metrics, samples and plots in the training run's
     MLflow run, with the evaluation's settings as ``eval.*`` tags (tags, not params: a rerun with
@@ -741,13 +788,16 @@ def write_results(args, params: dict, metrics: dict, all_rows: list[dict], out: 
     The training run is written to through a client, not reopened with ``start_run``: reopened, an
     error while logging (a refused key, a full artifact store) ended the finished training run FAILED,
     and every evaluation moved its end time. Without a run-id file the evaluation gets a run of its own.
+
+    The store is the one :func:`check_training_run` checked at the start (the same rule, the same files).
     """
     from mlflow.tracking import MlflowClient
 
     save_progress(args, metrics, all_rows, out, complete=True)
-    mlflow = tracking.setup(mlflow_experiment(params))
+    store = tracking.run_store(args.run_id_file)
+    mlflow = tracking.setup(mlflow_experiment(params), uri=store.uri)
     client = MlflowClient(mlflow.get_tracking_uri())
-    run_id = Path(args.run_id_file).read_text().strip() if args.run_id_file and Path(args.run_id_file).is_file() else None
+    run_id = store.run_id
     if run_id is not None:
         _log_evaluation(client, run_id, args, params, metrics, out)
         return 0

@@ -510,8 +510,8 @@ def _open_mlflow_run(config: dict, ckpt_dir: Path, *, resumed_at: int | None, sa
     if config.get("parent_run_id"):
         tags["mlflow.parentRunId"] = config["parent_run_id"]
     run = mlflow.start_run(run_id=run_id, run_name=config["run_name"], tags=tags or None)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    id_file.write_text(run.info.run_id)
+    # the store beside the id: evaluate, run from another directory, finds the run in it (tracking.run_store)
+    tracking.record_run(id_file, run.info.run_id, mlflow.get_tracking_uri())
     if named and run_id is None:
         _end_replaced_run(mlflow, named, run.info.run_id)
     if run_id is not None and "failure" in run.data.tags:

@@ -3,6 +3,7 @@ Ray cluster's room for its decoding pool, and the vocoder's and judges' weights.
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -16,18 +17,18 @@ from pipeline import evaluate
 NO_CUDA = pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine without CUDA")
 
 
-def _run_stage(tmp_path, evaluate_params: dict) -> None:
+def _run_stage(tmp_path, evaluate_params: dict, *extra: str) -> None:
     """The stage on an empty corpus that has a test split only, with no model file at all: an error
-    about anything else shows that it is checked before the model loads."""
-    (tmp_path / "features" / "test").mkdir(parents=True)
+    about anything else shows that it is checked before the model loads. ``extra``: more arguments."""
+    (tmp_path / "features" / "test").mkdir(parents=True, exist_ok=True)
     (tmp_path / "features" / "test" / "index.jsonl").write_text("")
-    (tmp_path / "corpus" / "test").mkdir(parents=True)
+    (tmp_path / "corpus" / "test").mkdir(parents=True, exist_ok=True)
     (tmp_path / "corpus" / "test" / "manifest.jsonl").write_text("")
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"evaluate": evaluate_params}))
     evaluate.main(["--params", str(params), "--system", "meld", "--model", str(tmp_path / "no-model.pt"),
                    "--features", str(tmp_path / "features"), "--corpus", str(tmp_path / "corpus"),
-                   "--out", str(tmp_path / "eval"), "--metrics", str(tmp_path / "metrics.json")])
+                   "--out", str(tmp_path / "eval"), "--metrics", str(tmp_path / "metrics.json"), *extra])
 
 
 def test_a_split_missing_from_the_corpus_stops_before_any_generation(tmp_path):
@@ -507,3 +508,132 @@ def test_logging_the_evaluation_leaves_the_finished_training_run_finished(tmp_pa
     (own,) = mlflow.search_runs(experiment_names=["eval-logging"], filter_string="tags.mlflow.runName = 'evaluate-meld'",
                                 output_format="list")
     assert own.info.status == "FINISHED" and own.data.metrics["eval/test/wer"] == 0.25
+
+
+@pytest.fixture
+def no_tracking_uri(monkeypatch):
+    """MLFLOW_TRACKING_URI unset, and as it was after the test (set first, so that monkeypatch records the
+    value before: ``mlflow.set_tracking_uri`` sets the variable in this process, and a test's setup would leak)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "-")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    return monkeypatch
+
+
+def _train_run(project: Path, ckpts: Path, monkeypatch) -> str:
+    """A training run as rank 0 of ray_jobs/train.py opens it, for the project ``project`` (its ``--project-root``),
+    its id written to ``ckpts``/mlflow_run_id; ended FINISHED. Returns its id. In a process of its own: the
+    MLFLOW_TRACKING_URI that MLflow's ``set_tracking_uri`` sets in this one is taken out again."""
+    from meld.store import FrameBudgetSampler
+    from ray_jobs.train import _open_mlflow_run
+
+    config = {"experiment": "eval-elsewhere", "project_root": str(project), "run_name": "train-meld",
+              "system": "meld", "train": {"max_steps": 4}, "model_kwargs": {}, "reduction_factor": 1}
+    mlflow = _open_mlflow_run(config, ckpts, resumed_at=None, sampler=FrameBudgetSampler([3, 4], 8))
+    run_id = mlflow.active_run().info.run_id
+    mlflow.end_run()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return run_id
+
+
+def test_an_evaluation_run_from_another_directory_logs_to_the_training_runs_store(tmp_path, no_tracking_uri):
+    """With MLFLOW_TRACKING_URI unset, training logs to the SQLite store of its --project-root; evaluate looked
+    for the run in its own working directory's store, and after hours of decoding failed with MLflow's
+    "Run '…' not found". The training now records its store beside the run id, and evaluate logs there."""
+    import argparse
+
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch = no_tracking_uri
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    project.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # neither the training nor the evaluation runs in the project root
+    ckpts = project / "models" / "meld" / "checkpoints"
+    run_id = _train_run(project, ckpts, monkeypatch)
+    assert (project / "mlflow.db").is_file()
+
+    params = {"mlflow": {"experiment": "eval-elsewhere"}, "evaluate": {"seed": 3}}
+    out = tmp_path / "out"
+    out.mkdir()
+    args = argparse.Namespace(run_id_file=str(ckpts / "mlflow_run_id"), metrics=str(tmp_path / "metrics.json"),
+                              system="meld")
+    metrics = {"step": 4, "splits": {"test": {"wer": 0.25}}}
+    assert evaluate.write_results(args, params, metrics, [], out) == 0
+    run = MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_run(run_id)
+    assert run.data.metrics["eval/test/wer"] == 0.25 and run.data.tags["eval.seed"] == "3"
+    assert not (elsewhere / "mlflow.db").exists()  # no stray store in the working directory
+    # the check at the start looks where write_results logs
+    checked = evaluate.check_training_run(args.run_id_file)
+    assert checked.uri == f"sqlite:///{project / 'mlflow.db'}" and checked.named_by.startswith("recorded by")
+
+
+def test_a_training_run_missing_from_the_store_stops_the_evaluation_before_the_model_loads(tmp_path, no_tracking_uri):
+    """The run named by --run-id-file is looked for at the start, in the store write_results would log to;
+    missing, the stage stops in one line naming the run, the file, the store and what to do (it failed
+    at the very end, after the decoding). No model file exists: an error about it would show the check
+    came later."""
+    monkeypatch = no_tracking_uri
+    project, elsewhere, other = tmp_path / "project", tmp_path / "elsewhere", tmp_path / "other"
+    for folder in (project, elsewhere, other):
+        folder.mkdir()
+    monkeypatch.chdir(elsewhere)
+    ckpts = project / "models" / "meld" / "checkpoints"
+    run_id = _train_run(project, ckpts, monkeypatch)
+    id_file = ckpts / "mlflow_run_id"
+    recorded = f"sqlite:///{project / 'mlflow.db'}"
+
+    # an explicit MLFLOW_TRACKING_URI wins over the recorded store: there the run is not, and the message
+    # names the recorded store the training logged to
+    _train_run(other, other / "checkpoints", monkeypatch)  # a real store that holds other runs
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{other / 'mlflow.db'}")
+    with pytest.raises(SystemExit, match=(
+            rf"^evaluate: MLflow run {run_id} \(named by {re.escape(str(id_file))}\) is not in the tracking store "
+            rf"{re.escape(f'sqlite:///{other}/mlflow.db')} \(MLFLOW_TRACKING_URI\); the training recorded "
+            rf"{re.escape(recorded)}: unset MLFLOW_TRACKING_URI, or set it to the store that holds the run$")):
+        _run_stage(tmp_path, {"splits": ["test"]}, "--run-id-file", str(id_file))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+
+    # a checkpoint folder from before the store was recorded, evaluated outside the project root: this
+    # directory has no store, and none is created there by looking
+    (ckpts / "mlflow_tracking_uri").unlink()
+    with pytest.raises(SystemExit, match=(
+            rf"^evaluate: MLflow run {run_id} \(named by .*mlflow_run_id\) is not in the tracking store "
+            rf"{re.escape(f'sqlite:///{elsewhere}/mlflow.db')} \(the working directory's store: the training "
+            r"recorded none\): there is no such store; set MLFLOW_TRACKING_URI to the training's store, or run "
+            r"from the training's project root$")):
+        _run_stage(tmp_path, {"splits": ["test"]}, "--run-id-file", str(id_file))
+    assert not (elsewhere / "mlflow.db").exists()
+    # ... and from the project root it is found (the rule as before: that directory's store)
+    monkeypatch.chdir(project)
+    assert evaluate.check_training_run(str(id_file)).uri == recorded
+
+    # the recorded store, which does not hold the run (a run id of another store copied in)
+    stranger = _train_run(other, other / "checkpoints", monkeypatch)
+    id_file.write_text(stranger)
+    tracking_file = ckpts / "mlflow_tracking_uri"
+    tracking_file.write_text(recorded)
+    monkeypatch.chdir(other)  # whose own store holds it: the recorded store is the one looked in
+    with pytest.raises(SystemExit, match=(
+            rf"^evaluate: MLflow run {stranger} .* is not in the tracking store {re.escape(recorded)} \(recorded by "
+            rf"the training in {re.escape(str(tracking_file))}\); the run was deleted for good, or the store moved")):
+        _run_stage(tmp_path, {"splits": ["test"]}, "--run-id-file", str(id_file))
+    assert not (tmp_path / "eval").exists()  # nothing started
+
+    # named but missing or empty: the metrics would have gone to a run of their own, silently
+    for content in (None, " \n"):
+        named = tmp_path / "typo" / "mlflow_run_id"
+        if content is not None:
+            named.parent.mkdir(exist_ok=True)
+            named.write_text(content)
+        with pytest.raises(SystemExit, match=rf"^evaluate: --run-id-file {re.escape(str(named))}: "
+                                             rf"{'no such file' if content is None else 'empty'}; the train stage writes it"):
+            _run_stage(tmp_path, {"splits": ["test"]}, "--run-id-file", str(named))
+
+    # found, but deleted: MLflow would refuse the evaluation's metrics at the end
+    from mlflow.tracking import MlflowClient
+
+    id_file.write_text(run_id)
+    MlflowClient(recorded).delete_run(run_id)
+    with pytest.raises(SystemExit, match=rf"^evaluate: MLflow run {run_id} .* is deleted in {re.escape(recorded)}: "
+                                         rf"restore it \(mlflow runs restore --run-id {run_id}\)"):
+        evaluate.check_training_run(str(id_file))

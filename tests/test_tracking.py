@@ -164,3 +164,77 @@ def test_run_tags_let_runs_of_one_repro_be_found_together(tmp_path, monkeypatch)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     assert "meld.git_commit" not in tracking.run_tags(params, elsewhere)
+
+
+@pytest.fixture
+def no_tracking_uri(monkeypatch):
+    """MLFLOW_TRACKING_URI unset, and as it was after the test (set first, so that monkeypatch records the
+    value before: ``mlflow.set_tracking_uri`` sets the variable in this process, and a test's setup would leak)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "-")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    return monkeypatch
+
+
+def test_a_training_run_records_the_store_it_logs_to_beside_its_id(tmp_path, no_tracking_uri):
+    """Rank 0 of a training logs to the SQLite store of its --project-root, wherever it runs; the id file alone
+    did not say which store, and evaluate (run elsewhere) looked in its own directory's. The store is written
+    beside the id, absolute, each time the id is: on a new run and on a resumed one."""
+    from mlflow.tracking import MlflowClient
+
+    from meld.store import FrameBudgetSampler
+    from ray_jobs.train import _open_mlflow_run
+
+    monkeypatch = no_tracking_uri
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    project.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config = {"experiment": "e", "project_root": str(project), "run_name": "train-meld", "system": "meld",
+              "train": {"max_steps": 4}, "model_kwargs": {}, "reduction_factor": 1}
+    ckpts, sampler = project / "models" / "meld" / "checkpoints", FrameBudgetSampler([3, 4], 8)
+    mlflow = _open_mlflow_run(config, ckpts, resumed_at=None, sampler=sampler)
+    run_id = mlflow.active_run().info.run_id
+    mlflow.end_run()
+    store = f"sqlite:///{project / 'mlflow.db'}"
+    assert (ckpts / "mlflow_run_id").read_text() == run_id  # as before: tune.py and dvc.yaml read this file
+    assert (ckpts / tracking.TRACKING_URI_FILE).read_text() == store
+    assert tracking.recorded_run(ckpts / "mlflow_run_id") == (store, run_id)
+    assert MlflowClient(store).get_run(run_id).info.status == "FINISHED"
+    assert not (elsewhere / "mlflow.db").exists()
+
+    # resumed, by a worker whose store is given by the driver (config["mlflow_tracking_uri"]): recorded again
+    (ckpts / tracking.TRACKING_URI_FILE).unlink()  # as a checkpoint folder from before this was recorded
+    assert tracking.recorded_run(ckpts / "mlflow_run_id") == (None, run_id)
+    mlflow = _open_mlflow_run({**config, "mlflow_tracking_uri": store}, ckpts, resumed_at=2, sampler=sampler)
+    assert mlflow.active_run().info.run_id == run_id
+    mlflow.end_run()
+    assert tracking.recorded_run(ckpts / "mlflow_run_id") == (store, run_id)
+
+
+def test_a_runs_store_is_the_explicit_uri_else_the_recorded_one_else_this_directorys(tmp_path, no_tracking_uri):
+    monkeypatch = no_tracking_uri
+    monkeypatch.chdir(tmp_path)
+    id_file = tmp_path / "ckpts" / "mlflow_run_id"
+    here = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert tracking.recorded_run(id_file) is None and tracking.run_store(id_file).run_id is None
+    assert tracking.run_store(None).uri == here  # no run-id file: this directory's, as before
+    id_file.parent.mkdir()
+    id_file.write_text("")
+    assert tracking.recorded_run(id_file) is None  # an empty id names no run
+
+    # a folder from before the store was recorded: this directory's store
+    id_file.write_text("abc\n")
+    assert tracking.run_store(id_file)[:2] == (here, "abc")
+    # recorded: that store, from any directory; a relative one made absolute when recorded
+    project = tmp_path / "project"
+    tracking.record_run(id_file, "abc", "sqlite:///project/mlflow.db")
+    recorded = f"sqlite:///{project / 'mlflow.db'}"
+    assert tracking.run_store(id_file)[:2] == (recorded, "abc")
+    assert tracking.run_store(id_file).named_by == f"recorded by the training in {id_file.parent / 'mlflow_tracking_uri'}"
+    # an explicit MLFLOW_TRACKING_URI wins (a store moved to a server), the recorded one kept for messages
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
+    assert tracking.run_store(id_file) == ("http://tracking.example:5000", "abc", "MLFLOW_TRACKING_URI", recorded)
+    # a server's password is not written into the checkpoint folder (a DVC output, pushed to a remote)
+    tracking.record_run(id_file, "abc", "https://alice:s3cret@tracking.example/mlflow")
+    assert tracking.recorded_run(id_file) == ("https://alice@tracking.example/mlflow", "abc")
+    assert sorted(p.name for p in id_file.parent.iterdir()) == ["mlflow_run_id", "mlflow_tracking_uri"]  # no temp file
