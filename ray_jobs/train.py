@@ -354,6 +354,8 @@ def train_worker(config: dict) -> None:
 
     mlflow = _open_mlflow_run(config, ckpt_dir, resumed_at=step if resumed else None,
                               sampler=sampler) if rank == 0 else None
+    # steps the interrupted attempt logged already, which this one would log again (the same values)
+    logged = logged_until(mlflow, mlflow.active_run().info.run_id) if rank == 0 and resumed else 0
 
     def dev_report(step: int, log_to_mlflow: bool = True) -> dict:
         """Rank 0's dev metrics (MELD only), logged to MLflow unless told not to; {} elsewhere."""
@@ -381,7 +383,7 @@ def train_worker(config: dict) -> None:
     def checkpoint(step: int, metrics: dict) -> None:
         path = None
         if rank == 0:
-            metrics = {**metrics, **dev_report(step)}
+            metrics = {**metrics, **dev_report(step, log_to_mlflow=step > logged)}
             path = save_checkpoint(ckpt_dir / f"step-{step}.pt", system=system, model=model,
                                    model_kwargs=config["model_kwargs"], optimizer=optimizer, scheduler=scheduler,
                                    step=step, sampler_state=sampler.state_dict(),
@@ -441,7 +443,8 @@ def train_worker(config: dict) -> None:
             step += 1
             if rank == 0 and logs_at(step, tc["max_steps"], tc["log_every"]):
                 speed = pace.update(step)
-                mlflow.log_metrics({**metrics, **speed}, step=step)
+                if step > logged:
+                    mlflow.log_metrics({**metrics, **speed}, step=step)
                 log.info(f"[{system}] step {step}/{tc['max_steps']} {format_metrics(metrics)} {pace.describe(step)}")
             if step % tc["checkpoint_every"] == 0 or step == tc["max_steps"]:
                 checkpoint(step, metrics)
@@ -507,6 +510,16 @@ def _open_mlflow_run(config: dict, ckpt_dir: Path, *, resumed_at: int | None, sa
     named = id_file.read_text().strip() if id_file.is_file() else None
     run_id = named if resumed_at is not None else None
     tags = dict(config.get("mlflow_tags") or {})
+    if run_id is not None and not _run_is_live(mlflow, run_id):
+        # the checkpoint's run is not in this store (MLFLOW_TRACKING_URI changed between attempts) or was
+        # deleted: start_run failed inside the worker with "Run not found", on every one of Ray's retries.
+        # Training goes on from the checkpoint into a new run, which names the one it continues
+        recorded = tracking.recorded_run(id_file)
+        where = recorded[0] if recorded and recorded[0] else "a store it did not record"
+        log.warning(f"MLflow run {run_id} of checkpoint folder {ckpt_dir} is not in {mlflow.get_tracking_uri()} "
+                    f"(it was logged to {where}, or deleted): the resumed training logs to a new run")
+        tags["meld.continues_run"] = f"{run_id} ({where})"
+        run_id = None
     if config.get("parent_run_id"):
         tags["mlflow.parentRunId"] = config["parent_run_id"]
     run = mlflow.start_run(run_id=run_id, run_name=config["run_name"], tags=tags or None)
@@ -537,6 +550,29 @@ def _open_mlflow_run(config: dict, ckpt_dir: Path, *, resumed_at: int | None, sa
     if resumed_at is not None:
         mlflow.log_metric("train/resume_step", resumed_at, step=resumed_at)
     return mlflow
+
+
+def _run_is_live(mlflow, run_id: str) -> bool:
+    """Whether ``run_id`` is in the current tracking store and not deleted (MLflow refuses to reopen a deleted run)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow.tracking.MlflowClient().get_run(run_id).info.lifecycle_stage != "deleted"
+    except MlflowException:
+        return False
+
+
+def logged_until(mlflow, run_id: str) -> int:
+    """The last step at which a run has training or dev metrics (``loss/*``, ``dev/*``), 0 if none.
+
+    A run resumed from the checkpoint at step s retrains steps s+1.. that the interrupted attempt may
+    have logged already; logged again, MLflow keeps both values at one step, and every loss curve of a
+    run that survived a node loss zig-zags back over its last stretch. The resumed run is bit-identical
+    to the uninterrupted one (tests/test_faults.py), so the values already there are the ones it would log.
+    """
+    client = mlflow.tracking.MlflowClient()
+    keys = [k for k in client.get_run(run_id).data.metrics if k.startswith(("loss/", "dev/"))]
+    return max((m.step for k in keys for m in client.get_metric_history(run_id, k)), default=0)
 
 
 def _end_replaced_run(mlflow, old_id: str, new_id: str) -> None:

@@ -641,6 +641,48 @@ def test_a_resumed_run_drops_its_failure_tag(tmp_path, tracking):
     assert client.get_run(first).info.status == "KILLED" and client.get_run(first).data.tags["replaced_by"] == second
 
 
+def test_a_resumed_run_logs_no_step_twice_and_one_whose_store_changed_goes_on_in_a_new_run(tmp_path, tracking,
+                                                                                          monkeypatch):
+    """Resumed from the step-2 checkpoint of an attempt that had logged steps 1-3, training logs from step 4
+    on (step 3 again gave MLflow two values at one step). A checkpoint folder whose run is not in the store
+    (MLFLOW_TRACKING_URI changed between attempts, or the run deleted) failed in the worker with "Run not
+    found" on every retry; it now goes on in a new run that names the one it continues."""
+    from mlflow.tracking import MlflowClient
+
+    from meld.store import FrameBudgetSampler
+    from ray_jobs.train import _open_mlflow_run, logged_until
+
+    config = {"experiment": "faults", "project_root": str(tmp_path), "run_name": "train-meld", "system": "meld",
+              "train": TINY_PARAMS["train"], "model_kwargs": {}, "reduction_factor": 1}
+    ckpts, sampler = tmp_path / "checkpoints", FrameBudgetSampler([3, 4], 8)
+    mlflow = _open_mlflow_run(config, ckpts, resumed_at=None, sampler=sampler)
+    first = mlflow.active_run().info.run_id
+    assert logged_until(mlflow, first) == 0  # data/* metrics are not training steps
+    for step in (1, 2, 3):
+        mlflow.log_metrics({"loss/total": 1.0 / step, "train/s_per_step": 0.1}, step=step)
+    mlflow.log_metrics({"dev/mse_pre": 0.5}, step=2)
+    mlflow.end_run("FAILED")
+    mlflow = _open_mlflow_run(config, ckpts, resumed_at=2, sampler=sampler)
+    assert mlflow.active_run().info.run_id == first and logged_until(mlflow, first) == 3
+    mlflow.end_run()
+
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    for change in ("store", "deleted"):
+        if change == "store":
+            monkeypatch.setenv("MLFLOW_TRACKING_URI", other)
+        else:
+            MlflowClient(other).delete_run((ckpts / "mlflow_run_id").read_text().strip())
+        continued = (ckpts / "mlflow_run_id").read_text().strip()
+        recorded = (ckpts / "mlflow_tracking_uri").read_text().strip()
+        mlflow = _open_mlflow_run(config, ckpts, resumed_at=2, sampler=sampler)
+        run = mlflow.active_run()
+        mlflow.end_run()
+        run = MlflowClient(other).get_run(run.info.run_id)
+        assert run.info.run_id != continued and run.data.tags["meld.continues_run"] == f"{continued} ({recorded})"
+        assert run.data.params["system"] == "meld" and logged_until(mlflow, run.info.run_id) == 0
+        assert (ckpts / "mlflow_run_id").read_text().strip() == run.info.run_id
+
+
 @pytest.mark.slow
 def test_a_run_resumed_from_rays_copy_leaves_its_checkpoint_in_the_folder(crashed_run, tmp_path):
     """A finished run's checkpoint folder is gone (deleted, or another node's) but Ray's persisted copy
