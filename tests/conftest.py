@@ -88,3 +88,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def no_tracking_uri(monkeypatch):
+    """MLFLOW_TRACKING_URI unset, and as it was after the test (set first, so that monkeypatch records the
+    value before: ``mlflow.set_tracking_uri`` sets the variable in this process, and a test's setup would leak)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "-")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    return monkeypatch

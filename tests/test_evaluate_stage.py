@@ -510,15 +510,6 @@ def test_logging_the_evaluation_leaves_the_finished_training_run_finished(tmp_pa
     assert own.info.status == "FINISHED" and own.data.metrics["eval/test/wer"] == 0.25
 
 
-@pytest.fixture
-def no_tracking_uri(monkeypatch):
-    """MLFLOW_TRACKING_URI unset, and as it was after the test (set first, so that monkeypatch records the
-    value before: ``mlflow.set_tracking_uri`` sets the variable in this process, and a test's setup would leak)."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "-")
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    return monkeypatch
-
-
 def _train_run(project: Path, ckpts: Path, monkeypatch) -> str:
     """A training run as rank 0 of ray_jobs/train.py opens it, for the project ``project`` (its ``--project-root``),
     its id written to ``ckpts``/mlflow_run_id; ended FINISHED. Returns its id. In a process of its own: the

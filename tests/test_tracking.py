@@ -166,15 +166,6 @@ def test_run_tags_let_runs_of_one_repro_be_found_together(tmp_path, monkeypatch)
     assert "meld.git_commit" not in tracking.run_tags(params, elsewhere)
 
 
-@pytest.fixture
-def no_tracking_uri(monkeypatch):
-    """MLFLOW_TRACKING_URI unset, and as it was after the test (set first, so that monkeypatch records the
-    value before: ``mlflow.set_tracking_uri`` sets the variable in this process, and a test's setup would leak)."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "-")
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    return monkeypatch
-
-
 def test_a_training_run_records_the_store_it_logs_to_beside_its_id(tmp_path, no_tracking_uri):
     """Rank 0 of a training logs to the SQLite store of its --project-root, wherever it runs; the id file alone
     did not say which store, and evaluate (run elsewhere) looked in its own directory's. The store is written
