@@ -52,6 +52,9 @@ NONFINITE_MARKER = "NONFINITE.json"  # written by rank 0 when the loss became Na
 TEST_HOOK_KEYS = {"crash_after_step", "crash_rank", "crash_marker", "nan_at_step", "nan_rank", "error_at_step"}
 
 
+STAGING_PREFIX = ".ray-staging-"  # a checkpoint handed to ray.train.report, linked in a folder of its own
+
+
 def _prune(folder: Path, keep: int) -> None:
     """Keep the newest ``keep`` training checkpoints; remove the partial ``step-<N>.pt.tmp<pid>`` a writer
     killed mid-write left (rank 0 alone writes here, and its own write has ended: any such file is dead)."""
@@ -62,6 +65,9 @@ def _prune(folder: Path, keep: int) -> None:
     for p in Path(folder).glob("step-*.pt.tmp*"):
         if re.fullmatch(r"step-\d+\.pt\.tmp\d+", p.name):
             p.unlink(missing_ok=True)
+    # a report's staging folder a kill left (a hard link: it would keep a pruned checkpoint's bytes alive)
+    for p in Path(folder).glob(f"{STAGING_PREFIX}*"):
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def set_aside_checkpoints(ckpt_dir: Path, their_fingerprint: str | None) -> Path:
@@ -355,7 +361,8 @@ def train_worker(config: dict) -> None:
     mlflow = _open_mlflow_run(config, ckpt_dir, resumed_at=step if resumed else None,
                               sampler=sampler) if rank == 0 else None
     # steps the interrupted attempt logged already, which this one would log again (the same values)
-    logged = logged_until(mlflow, mlflow.active_run().info.run_id) if rank == 0 and resumed else 0
+    run_id = mlflow.active_run().info.run_id if rank == 0 and resumed else None
+    logged = {p: logged_until(mlflow, run_id, p) if run_id else 0 for p in ("loss/", "dev/")}
 
     def dev_report(step: int, log_to_mlflow: bool = True) -> dict:
         """Rank 0's dev metrics (MELD only), logged to MLflow unless told not to; {} elsewhere."""
@@ -370,20 +377,27 @@ def train_worker(config: dict) -> None:
     def report(step: int, metrics: dict, path: Path | None) -> None:
         """Every rank reports; rank 0 attaches the checkpoint file ``path`` (staged in a folder of its own)."""
         ray_ckpt, tmp = None, None
-        if rank == 0 and path is not None:
-            tmp = Path(tempfile.mkdtemp(prefix="meld-ckpt-"))
-            os.link(path, tmp / path.name) if path.stat().st_dev == tmp.stat().st_dev else shutil.copy(path, tmp)
-            ray_ckpt = ray.train.Checkpoint.from_directory(str(tmp))
         try:
+            if rank == 0 and path is not None:
+                # staged beside the checkpoint, as a hard link: no copy. In /tmp it was a whole copy wherever
+                # the folder is on another file system (always on a cluster, whose checkpoints lie on shared
+                # storage): gigabytes per checkpoint in a /tmp that may be RAM, and one too small failed the
+                # worker at every checkpoint, each retry leaving its partial copy behind
+                tmp = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=path.parent))
+                try:
+                    os.link(path, tmp / path.name)
+                except OSError:  # a file system without hard links
+                    shutil.copy(path, tmp)
+                ray_ckpt = ray.train.Checkpoint.from_directory(str(tmp))
             ray.train.report({"step": step, **metrics}, checkpoint=ray_ckpt)
         finally:
-            if tmp is not None:  # report() has copied it into the run's storage: the staging folder must not pile up in /tmp
+            if tmp is not None:  # report() has copied it into the run's storage
                 shutil.rmtree(tmp, ignore_errors=True)
 
     def checkpoint(step: int, metrics: dict) -> None:
         path = None
         if rank == 0:
-            metrics = {**metrics, **dev_report(step, log_to_mlflow=step > logged)}
+            metrics = {**metrics, **dev_report(step, log_to_mlflow=step > logged["dev/"])}
             path = save_checkpoint(ckpt_dir / f"step-{step}.pt", system=system, model=model,
                                    model_kwargs=config["model_kwargs"], optimizer=optimizer, scheduler=scheduler,
                                    step=step, sampler_state=sampler.state_dict(),
@@ -443,7 +457,7 @@ def train_worker(config: dict) -> None:
             step += 1
             if rank == 0 and logs_at(step, tc["max_steps"], tc["log_every"]):
                 speed = pace.update(step)
-                if step > logged:
+                if step > logged["loss/"]:
                     mlflow.log_metrics({**metrics, **speed}, step=step)
                 log.info(f"[{system}] step {step}/{tc['max_steps']} {format_metrics(metrics)} {pace.describe(step)}")
             if step % tc["checkpoint_every"] == 0 or step == tc["max_steps"]:
@@ -562,16 +576,18 @@ def _run_is_live(mlflow, run_id: str) -> bool:
         return False
 
 
-def logged_until(mlflow, run_id: str) -> int:
-    """The last step at which a run has training or dev metrics (``loss/*``, ``dev/*``), 0 if none.
+def logged_until(mlflow, run_id: str, prefix: str) -> int:
+    """The last step at which a run has metrics whose keys start with ``prefix`` (``loss/``, ``dev/``), 0 if none.
 
     A run resumed from the checkpoint at step s retrains steps s+1.. that the interrupted attempt may
     have logged already; logged again, MLflow keeps both values at one step, and every loss curve of a
     run that survived a node loss zig-zags back over its last stretch. The resumed run is bit-identical
     to the uninterrupted one (tests/test_faults.py), so the values already there are the ones it would log.
+    Asked per prefix: the losses of a checkpoint step are logged before its (slow) dev pass, and an attempt
+    killed inside that pass has the step's losses but not its dev point, which the next one must log.
     """
     client = mlflow.tracking.MlflowClient()
-    keys = [k for k in client.get_run(run_id).data.metrics if k.startswith(("loss/", "dev/"))]
+    keys = [k for k in client.get_run(run_id).data.metrics if k.startswith(prefix)]
     return max((m.step for k in keys for m in client.get_metric_history(run_id, k)), default=0)
 
 
@@ -584,11 +600,16 @@ def _end_replaced_run(mlflow, old_id: str, new_id: str) -> None:
     client = mlflow.tracking.MlflowClient()
     try:
         old = client.get_run(old_id)
-    except MlflowException:  # deleted, or in another tracking store: nothing of ours to end
+    except MlflowException:  # in another tracking store: nothing of ours to end
         return
-    if old.info.status == "RUNNING":
-        client.set_tag(old_id, "replaced_by", new_id)
-        client.set_terminated(old_id, status="KILLED")
+    # a run the user deleted (a killed run cleaned up in the UI) takes no writes: MLflow refuses them, and
+    # the refusal here cost the attempt one of Ray's retries (which then reopened the new run as resumed)
+    if old.info.status == "RUNNING" and old.info.lifecycle_stage != "deleted":
+        try:
+            client.set_tag(old_id, "replaced_by", new_id)
+            client.set_terminated(old_id, status="KILLED")
+        except MlflowException as err:  # bookkeeping of another run: never worth this run's attempt
+            log.warning(f"could not end the replaced MLflow run {old_id} as KILLED: {err}")
 
 
 def run_training(
@@ -1020,6 +1041,12 @@ def _check_init_from(path: str | Path, system: str, model_kwargs: dict, checkpoi
     if path.parent == Path(checkpoint_dir).resolve():
         raise ConfigError(f"train.init_from: {path} is one of this run's own checkpoints, which a new configuration "
                           f"sets aside before it starts; copy it out first (e.g. cp {path} {path.parent.parent}/init.pt)")
+    export = Path(checkpoint_dir).resolve().parent / "model.pt"
+    if path == export:
+        # the run's export replaces it: the next run of the same command (a changed file, so a new fingerprint)
+        # would set the finished run aside and fine-tune the fine-tuned model again, each rerun one more time
+        raise ConfigError(f"train.init_from: {path} is the model this run exports (--out), which the run overwrites; "
+                          f"copy it out first (e.g. cp {path} {export.parent}/init.pt) and start from the copy")
     state = load_checkpoint(path, mmap=True)  # its shapes are checked, its values not read
     if model_class(state["system"]) is not model_class(system):
         raise ConfigError(f"train.init_from: {path} holds a {state['system']} model; {system} cannot start from it")
@@ -1082,6 +1109,9 @@ def export_model(config: dict, out: Path) -> Path:
     state = latest_good_checkpoint(config["checkpoint_dir"], mmap=True)  # the optimiser's moments are never read
     if state is None:
         raise CheckpointError(f"training left no checkpoint in {config['checkpoint_dir']}")
+    for p in Path(out).glob("model.pt.tmp*"):  # an export killed mid-write left it: a model's size, never read
+        if re.fullmatch(r"model\.pt\.tmp\d+", p.name):
+            p.unlink(missing_ok=True)
     theirs = state["extra"].get("fingerprint")
     if theirs != config["fingerprint"]:
         # this run's own checkpoints are in the folder only until another run writes or sets them aside

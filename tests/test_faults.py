@@ -211,6 +211,9 @@ def test_killed_worker_resumes_from_checkpoint(crashed_run):
     assert crashed_run["result"].metrics["step"] == config["train"]["max_steps"] == 4
     ckpt_dir = Path(config["checkpoint_dir"])
     assert latest_good_checkpoint(ckpt_dir)["step"] == 4
+    # each report's checkpoint was staged beside it (a hard link, not a copy into /tmp) and the staging
+    # folders are gone, the crashed attempt's included (pruned at the next checkpoint)
+    assert not list(ckpt_dir.glob(".ray-staging-*")), sorted(p.name for p in ckpt_dir.iterdir())
     run_id = (ckpt_dir / "mlflow_run_id").read_text().strip()
     # the restarted worker group resumed the same MLflow run from the step-2 checkpoint ...
     assert metric_history(uri, run_id, "train/resume_step") == [(2, 2.0)]
@@ -308,6 +311,11 @@ def test_init_from_refuses_a_missing_or_misfitting_model(crashed_run, tmp_path):
     # one of the run's own checkpoints: the new configuration would set it aside before loading it
     with pytest.raises(ValueError, match="train.init_from: .*step-4.pt is one of this run's own checkpoints.*cp "):
         tiny_config(crashed_run["data"], source.parent.parent, init_from=str(source))
+    # the model the run exports: overwritten at its end, every rerun fine-tuned the fine-tuned model again
+    (tmp_path / "c").mkdir()
+    shutil.copyfile(source, tmp_path / "c" / "model.pt")
+    with pytest.raises(ValueError, match="train.init_from: .*c/model.pt is the model this run exports .*copy it out "):
+        tiny_config(crashed_run["data"], tmp_path / "c", init_from=str(tmp_path / "c" / "model.pt"))
     wider = {**TINY_PARAMS, "model": {**TINY_PARAMS["model"], "d_ff": TINY_PARAMS["model"]["d_ff"] * 2}}
     with pytest.raises(ValueError, match=r"does not fit this meld model \(\d+ weights differ: backbone\..*fc"):
         tiny_config(crashed_run["data"], tmp_path / "b", params=wider, init_from=str(source))
@@ -640,6 +648,15 @@ def test_a_resumed_run_drops_its_failure_tag(tmp_path, tracking):
     assert second != first
     assert client.get_run(first).info.status == "KILLED" and client.get_run(first).data.tags["replaced_by"] == second
 
+    # killed hard (left RUNNING), then deleted in the UI: MLflow refuses writes to it, and ending it crashed
+    # the next attempt (one of Ray's retries spent, and the retry took the new run for a resumed one)
+    client.update_run(second, status="RUNNING")
+    client.delete_run(second)
+    mlflow = _open_mlflow_run(config, ckpts, resumed_at=None, sampler=sampler)
+    third = mlflow.active_run().info.run_id
+    mlflow.end_run()
+    assert third != second and client.get_run(third).data.params["system"] == "meld"
+
 
 def test_a_resumed_run_logs_no_step_twice_and_one_whose_store_changed_goes_on_in_a_new_run(tmp_path, tracking,
                                                                                           monkeypatch):
@@ -657,13 +674,16 @@ def test_a_resumed_run_logs_no_step_twice_and_one_whose_store_changed_goes_on_in
     ckpts, sampler = tmp_path / "checkpoints", FrameBudgetSampler([3, 4], 8)
     mlflow = _open_mlflow_run(config, ckpts, resumed_at=None, sampler=sampler)
     first = mlflow.active_run().info.run_id
-    assert logged_until(mlflow, first) == 0  # data/* metrics are not training steps
+    assert logged_until(mlflow, first, "loss/") == 0  # data/* metrics are not training steps
     for step in (1, 2, 3):
         mlflow.log_metrics({"loss/total": 1.0 / step, "train/s_per_step": 0.1}, step=step)
     mlflow.log_metrics({"dev/mse_pre": 0.5}, step=2)
     mlflow.end_run("FAILED")
     mlflow = _open_mlflow_run(config, ckpts, resumed_at=2, sampler=sampler)
-    assert mlflow.active_run().info.run_id == first and logged_until(mlflow, first) == 3
+    # the losses up to step 3, the dev point up to step 2 (a kill inside step 4's dev pass leaves step 4's
+    # losses without its dev point, which the next attempt must still log)
+    assert mlflow.active_run().info.run_id == first
+    assert logged_until(mlflow, first, "loss/") == 3 and logged_until(mlflow, first, "dev/") == 2
     mlflow.end_run()
 
     other = f"sqlite:///{tmp_path / 'other.db'}"
@@ -679,7 +699,7 @@ def test_a_resumed_run_logs_no_step_twice_and_one_whose_store_changed_goes_on_in
         mlflow.end_run()
         run = MlflowClient(other).get_run(run.info.run_id)
         assert run.info.run_id != continued and run.data.tags["meld.continues_run"] == f"{continued} ({recorded})"
-        assert run.data.params["system"] == "meld" and logged_until(mlflow, run.info.run_id) == 0
+        assert run.data.params["system"] == "meld" and logged_until(mlflow, run.info.run_id, "loss/") == 0
         assert (ckpts / "mlflow_run_id").read_text().strip() == run.info.run_id
 
 
