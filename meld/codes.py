@@ -214,6 +214,24 @@ def prompt_codes(codec: DACCodec, wav: np.ndarray, prompt_seconds: float) -> np.
     return codes[: prompt_code_frames(len(codes), prompt_seconds, codec.frame_rate)]
 
 
+def check_prompt_codes(caller: str, prompts: list[np.ndarray], codebook_size: int) -> None:
+    """Refuse a prompt code outside [0, ``codebook_size``), naming the prompt (its index in ``prompts``),
+    the frame, the level and the value.
+
+    Codec-LM embeds level k's token t as row k * (N + 2) + t of one table, so code N was read as that
+    level's <EOS>, N + 1 as its <EMPTY> and larger ones as another level's codes, all without a word
+    (codes of another codec, say), and a negative one failed inside ``embedding_bag`` naming no prompt.
+    One min and one max per (P, K) host array; the first bad code is looked for only in a bad prompt.
+    """
+    for i, p in enumerate(prompts):
+        p = np.asarray(p)
+        if p.size == 0 or (p.min() >= 0 and p.max() < codebook_size):  # written so that a NaN fails it
+            continue
+        frame, level = (int(x) for x in np.argwhere(~((p >= 0) & (p < codebook_size)))[0])
+        raise ValueError(f"{caller}: prompt {i} holds code {p[frame, level].item()} at frame {frame}, level {level}, "
+                         f"outside this model's codebook 0..{codebook_size - 1} (codes of another codec?)")
+
+
 @dataclass
 class CodeContinuation:
     codes: np.ndarray  # (T, K) int64 codes generated after the prompt
@@ -244,7 +262,8 @@ def continue_codes(
         model: a :class:`meld.models.codec_lm.CodecLM`.
         texts: BPE ids of each full transcript.
         max_frames: guard in code frames (per utterance or one for all): each utterance stops at its
-            own, whichever utterances share its batch.
+            own, whichever utterances share its batch, and returns at most that many frames (a guard of
+            0: (0, K) codes with ``hit_max_length`` True, as :func:`meld.generate.tts_continue` does).
         batch_size: utterances generated together (finished ones leave the batch).
         seed, first_batch: batch k is seeded ``batch_seed(seed, first_batch + k)``, as in ``tts_continue``.
         kv_cache_dtype: ``float32`` or ``bfloat16`` (:func:`meld.models.backbone.check_cache_dtype`).
@@ -252,7 +271,8 @@ def continue_codes(
 
     Raises:
         ValueError: as :func:`meld.generate.check_continuation_inputs` says, prompts of (P, K) codes; a
-            BPE id outside the model's text vocabulary (:func:`meld.generate.check_text_ids`).
+            BPE id outside the model's text vocabulary (:func:`meld.generate.check_text_ids`); a prompt
+            code outside the model's codebook (:func:`check_prompt_codes`).
     """
     from meld.generate import batch_seed, check_continuation_inputs, check_text_ids
     from meld.models.backbone import check_cache_dtype
@@ -263,6 +283,7 @@ def continue_codes(
     max_frames = check_continuation_inputs("continue_codes", texts, prompts, max_frames, batch_size, K,
                                            "integer codes")
     check_text_ids("continue_codes", model, texts)
+    check_prompt_codes("continue_codes", prompts, model.codebook_size)
     device = next(model.parameters()).device
     out: list[CodeContinuation] = []
     bar = progress(total=len(texts), desc=progress_desc, unit="utt", disable=progress_desc is None)
@@ -282,7 +303,7 @@ def continue_codes(
         gen = model.generate(
             text.to(device), torch.tensor([len(t) for t in chunk_texts], device=device), prompt.to(device),
             torch.tensor([p.shape[0] for p in chunk_prompts], device=device),
-            max_frames=[max(1, math.ceil(m)) for m in max_frames[s : s + batch_size]], temperature=temperature,
+            max_frames=[math.ceil(m) for m in max_frames[s : s + batch_size]], temperature=temperature,
             top_k=top_k, top_p=top_p, generator=g, kv_cache_dtype=cache_dtype,
         )
         out += [CodeContinuation(codes.cpu().numpy(), hit) for codes, hit in zip(gen.frames, gen.hit_max_length)]

@@ -70,14 +70,17 @@ def tts_continue(
 
     Raises:
         ValueError: texts, prompts and a per-utterance ``max_frames`` differ in length, a text is
-            empty or holds an id outside the model's BPE vocabulary, a prompt is not (P, 80),
-            ``batch_size`` < 1, ``reduction`` is not the model's, or an unknown ``kv_cache_dtype``.
+            empty or holds an id outside the model's BPE vocabulary, a prompt is not (P, 80) or holds
+            NaN or infinity in a frame the model reads, ``batch_size`` < 1, ``reduction`` is not the
+            model's, or an unknown ``kv_cache_dtype``. Each names the utterance by its index in the lists.
     """
     cache_dtype = check_cache_dtype(kv_cache_dtype)
     max_frames = check_continuation_inputs("tts_continue", texts, prompts, max_frames, batch_size, N_MELS,
                                            "normalised frames")
     check_reduction("tts_continue", model, reduction)
     check_text_ids("tts_continue", model, texts)
+    # the frames the model reads: whole groups of r (the models' own check names a row of one batch only)
+    check_finite_host_frames("tts_continue", "prompt", [p[: (p.shape[0] // reduction) * reduction] for p in prompts])
     device = next(model.parameters()).device
     out: list[Continuation] = []
     bar = progress(total=len(texts), desc=progress_desc, unit="utt", disable=progress_desc is None)
@@ -403,6 +406,19 @@ def check_text_ids(caller: str, model, texts: list) -> None:
         if bad.size:
             raise ValueError(f"{caller}: text {i} holds BPE id {bad[0]}, outside this model's vocabulary "
                              f"0..{vocab.n_text - 1} (a tokenizer other than the checkpoint's?)")
+
+
+def check_finite_host_frames(caller: str, name: str, frames: list) -> None:
+    """Refuse (T, 80) host frames holding NaN or infinity, naming the item by its index in ``frames``
+    (not its row in a batch, as the models' own ``layers.check_finite_frames`` must), the frame, the
+    channel and the value. One ``isfinite`` pass per host array, before the first batch."""
+    for i, f in enumerate(frames):
+        f = np.asarray(f)
+        finite = np.isfinite(f)
+        if not finite.all():
+            t, c = (int(x) for x in np.argwhere(~finite)[0])
+            raise ValueError(f"{caller}: {name} {i} holds {f[t, c].item()} at frame {t}, channel {c}: "
+                             "normalised frames must be finite")
 
 
 def check_continuation_inputs(caller: str, texts: list, prompts: list, max_frames, batch_size, width: int,

@@ -267,3 +267,26 @@ def test_lengths_that_do_not_fit_their_tensors_are_refused():
         with pytest.raises(ValueError, match=rf"CodecLM.generate: {name}\[{row}\] = -?\d+ is outside \[0, \d+\]"):
             model.generate(batch["text"], torch.tensor(text_len), batch["codes"], torch.tensor(prompt_len),
                            max_frames=2)
+
+
+@pytest.mark.parametrize("value", [N, N + 1, N + 2, 3 * (N + 2) + 1, -1])
+def test_code_continuation_refuses_a_prompt_code_outside_the_codebook_naming_it(value):
+    """Level k's token t is row k * (N + 2) + t of one embedding table: a prompt code N was read as
+    <EOS>, N + 1 as <EMPTY>, larger ones as another level's codes (codes of another codec, say), all
+    without a word, and -1 failed in embedding_bag naming no prompt. The bad prompt is the first of
+    the second batch, so the message must give its index in the list, not its row in the batch."""
+    import numpy as np
+
+    from meld.codes import continue_codes
+
+    model, _ = tiny_codec_lm()
+    model.eval()
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, N, (n, K)) for n in (3, 0, 4)]
+    prompts[0][0] = [0, N - 1, 0, N - 1]  # the codebook's own ends are codes
+    options = dict(max_frames=2, temperature=1.0, top_k=1, top_p=1.0, batch_size=2)
+    assert len(continue_codes(model, [[1, 2], [3], [4, 5]], prompts, **options)) == 3
+    prompts[2][1, 0] = value  # level 0: N + 2 and up are read as codes of levels 1..3, not out of the table
+    with pytest.raises(ValueError, match=rf"continue_codes: prompt 2 holds code {value} at frame 1, level 0, "
+                                         rf"outside this model's codebook 0\.\.{N - 1}"):
+        continue_codes(model, [[1, 2], [3], [4, 5]], prompts, **options)

@@ -100,6 +100,33 @@ def test_each_codec_continuation_stops_at_its_own_guard_whatever_its_batch():
     assert [c.hit_max_length for c in runs[3]] == [True, True, True]
 
 
+def test_a_codec_guard_of_zero_gives_no_frame_and_says_it_hit_it_as_tts_continue_does():
+    """``continue_codes`` raised every guard to at least 1 (left from before ``generate`` took a guard
+    of 0), so a guard of 0 gave one frame past it; a guard is exact, alone, with others or for all."""
+    from test_codec_lm import K, N, tiny_codec_lm
+
+    from meld.codes import continue_codes
+
+    model, _ = tiny_codec_lm()
+    with torch.no_grad():  # no head ever says <EOS>: only the guards end an utterance
+        model.head.bias.view(K, N + 1)[:, N] = -1e4
+    model.eval()
+    rng = np.random.default_rng(0)
+    texts = [[1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    prompts = [rng.integers(0, N, (n, K)) for n in (3, 5, 0)]
+    options = dict(temperature=1.0, top_k=1, top_p=1.0)
+    for guards, batch_size in (([0, 2, 0], 3), ([0, 2, 0], 1), (0, 3)):
+        out = continue_codes(model, texts, prompts, max_frames=guards, batch_size=batch_size, **options)
+        expected = guards if isinstance(guards, list) else [guards] * 3
+        assert [c.codes.shape for c in out] == [(g, K) for g in expected], (guards, batch_size)
+        assert [c.hit_max_length for c in out] == [True] * 3
+    mel_model = _never_stopping("mel_lm")
+    mel_texts, mel_prompts = _tts_inputs()
+    same = tts_continue(mel_model, mel_texts, mel_prompts, reduction=REDUCTION, max_frames=0, temperature=1.0,
+                        top_k=1, top_p=1.0, repetition_penalty=1.0, test_time_dropout=False)
+    assert [(c.frames.shape[0], c.hit_max_length) for c in same] == [(0, True)] * 3
+
+
 TTS_OPTIONS = dict(reduction=REDUCTION, temperature=1.0, top_k=4, top_p=0.9, repetition_penalty=1.2, seed=1)
 
 
@@ -281,3 +308,23 @@ def test_tts_continue_refuses_a_bpe_id_outside_the_models_text_vocabulary(bad_id
     texts[1] = [4, bad_id, 6]
     with pytest.raises(ValueError, match=f"tts_continue: text 1 holds BPE id {bad_id}, outside .* 0..19"):
         tts_continue(model, texts, prompts, max_frames=4, **TTS_OPTIONS)
+
+
+@pytest.mark.parametrize("system", ["meld", "mel_lm", "melle", "dmel"])
+def test_tts_continue_names_a_non_finite_prompt_by_its_index_in_the_list(system):
+    """The models' own check named a NaN prompt by its row in one batch: with batch_size=4, prompt 9
+    of 10 was "row(s) [1] of the batch", and prompt 1 was clean. A NaN in a frame past the prompt's
+    last whole group of r is dropped before the model, so it is no reason to refuse."""
+    model = _never_stopping(system)
+    rng = np.random.default_rng(0)
+    prompts = [rng.standard_normal((4, 80)).astype(np.float32) for _ in range(10)]
+    prompts[3] = np.concatenate([prompts[3], np.full((1, 80), np.nan, np.float32)])  # 5 frames: the 5th is dropped
+    options = dict(reduction=REDUCTION, max_frames=2, temperature=1.0, top_k=1, top_p=1.0, repetition_penalty=1.0,
+                   test_time_dropout=False, zero_latent=system == "melle", batch_size=4)
+    assert len(tts_continue(model, [[1, 2]] * 10, prompts, **options)) == 10
+    for value, shown in ((np.nan, "nan"), (-np.inf, "-inf")):
+        bad = [p.copy() for p in prompts]
+        bad[9][2, 7] = value
+        with pytest.raises(ValueError, match=f"tts_continue: prompt 9 holds {shown} at frame 2, channel 7"):
+            tts_continue(model, [[1, 2]] * 10, bad, **options)
+
