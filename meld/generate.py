@@ -162,6 +162,8 @@ def stt_beam_search(
         if np.ndim(m) != 2 or np.shape(m)[1] != N_MELS:
             raise ValueError(f"stt_beam_search: mel {i} must be (T, {N_MELS}) normalised frames, got shape {np.shape(m)}")
     check_reduction("stt_beam_search", model, reduction)
+    # named by its index in the list: the model's own check can only name a row of the batch
+    check_finite_host_frames("stt_beam_search", "mel", mels)
     if not 0.0 <= ctc_weight <= 1.0:
         raise ValueError(f"ctc_weight must be in [0, 1], got {ctc_weight}")
     if ctc_weight > 0 and not getattr(model, "stt_ctc", False):
