@@ -17,6 +17,9 @@ Ray's would let it train on; and a trial reporting again at a rung it has a reco
 a checkpoint older than its stop) gets the recorded answer again, and one that ASHA stopped is stopped
 again wherever it reports next (the stop was lost in an interrupt after the trial had checkpointed past
 it), the stop then recorded at that step too.
+
+Given the Tune experiment's folder, the records file keeps its place relative to it: a sweep restored
+from a moved experiment (Tune moves its trials along) reads and writes the records in the new place.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -54,12 +58,23 @@ class ResumableASHA(FIFOScheduler):
     A trial is known by the values of ``key_params`` in its config (the sweep's knobs), not by Tune's
     trial id, so the file reads on its own and a record stays attached to its trial across restores.
     Each line: ``{"config": {...}, "rung": step, "step": reported step, "objective": value, "stopped": bool}``.
+
+    ``experiment_dir``: the Tune experiment's folder (``storage_path / name``). Tune pickles the scheduler,
+    absolute paths and all, when the sweep starts; restored from a folder that has moved since, the
+    scheduler learns the new one from the trials Tune hands it and moves ``records_file`` along with it
+    (without it the restored scheduler read no records and appended to the old path: FileNotFoundError,
+    the sweep ending in a TuneError on every rerun, or records written into a copy the report never reads).
     """
 
     def __init__(self, records_file: str | Path, *, key_params: tuple[str, ...], time_attr: str, max_t: int,
-                 grace_period: int, reduction_factor: float, metric: str | None = None, mode: str | None = None):
+                 grace_period: int, reduction_factor: float, metric: str | None = None, mode: str | None = None,
+                 experiment_dir: str | Path | None = None):
         super().__init__()
         self.records_file = Path(records_file)
+        self.experiment_dir = Path(experiment_dir).resolve() if experiment_dir is not None else None
+        # the records' place relative to the experiment folder, kept when the folder moves
+        self._records_from_experiment = (os.path.relpath(self.records_file.resolve(), self.experiment_dir)
+                                         if self.experiment_dir is not None else None)
         self.key_params = tuple(key_params)
         self.time_attr = time_attr
         self.max_t = max_t
@@ -82,6 +97,23 @@ class ResumableASHA(FIFOScheduler):
         self._metric = metric or self._metric
         self._mode = mode or self._mode
         return True
+
+    def follow_the_experiment(self, trial) -> None:
+        """Where ``trial``'s experiment folder (its Tune storage, which a restore from a moved folder
+        points at the new one) is not the one this scheduler was made for, move the records file with it."""
+        now = getattr(getattr(trial, "storage", None), "experiment_fs_path", None)
+        if self.experiment_dir is None or now is None or Path(now).resolve() == self.experiment_dir:
+            return
+        moved_to = Path(os.path.normpath(Path(now).resolve() / self._records_from_experiment))
+        log.warning("the sweep's Tune experiment moved from %s to %s: ASHA's rung records are read from and "
+                    "written to %s, not %s", self.experiment_dir, Path(now).resolve(), moved_to, self.records_file)
+        self.records_file, self.experiment_dir = moved_to, Path(now).resolve()
+        self._records = None  # read again, from the records' new place
+
+    def on_trial_add(self, tune_controller, trial):
+        # Tune adds every trial of a restored sweep, finished ones too, before any trial reports
+        self.follow_the_experiment(trial)
+        super().on_trial_add(tune_controller, trial)
 
     def trial_key(self, config: dict) -> str:
         missing = [k for k in self.key_params if k not in config]
@@ -118,6 +150,7 @@ class ResumableASHA(FIFOScheduler):
     def _judge(self, trial, result: dict, final: bool) -> str:
         if self._metric is None or self._mode is None:
             raise ValueError("ASHA needs a metric and a mode: pass them here or to tune.TuneConfig")
+        self.follow_the_experiment(trial)
         if self.time_attr not in result or self._metric not in result:
             return TrialScheduler.CONTINUE
         step = result[self.time_attr]

@@ -32,9 +32,11 @@ MLflow: one parent run ``tune-<system>``; every trial's training run is its chil
 An interrupted sweep (Ctrl-C, ``ray job stop``, a lost driver) writes no report and resumes when the
 same command runs again with the same inputs (:func:`sweep_fingerprint`): finished trials are kept,
 unfinished ones continue from their own training checkpoints, under the same MLflow parent run.
-Other inputs, or ``--restart``, start it over. ASHA's rung records are kept in the work directory
-(:mod:`ray_jobs.asha`), so the trials that resume are compared with every result reported before the
-interruption too, as in an uninterrupted sweep.
+Other inputs, or ``--restart``, start it over (a warning names what changed); how trials run
+(:data:`RUN_ONLY_KEYS`) is not an input, nor is where the work directory lies: a moved one resumes
+too. ASHA's rung records are kept in the work directory (:mod:`ray_jobs.asha`), so the trials that
+resume are compared with every result reported before the interruption too, as in an uninterrupted
+sweep. A trial whose loss turns non-finite errs alone (:func:`report_callback`).
 """
 
 from __future__ import annotations
@@ -135,14 +137,31 @@ class SweepInterrupted(RuntimeError):
     """The sweep stopped before every trial ended; its state is kept for the next run to resume."""
 
 
+# tune keys that say how the trials run, not what they train: a change resumes the sweep, not restarts it.
+# The trials' own settings follow them in every trial's training fingerprint (a switch between CPU and GPU
+# is train.use_gpu there). max_failures and the resources reach each trial through trial_driver's setup,
+# which a restored sweep is given anew; max_concurrent_trials is pickled in Tune's state, so a resumed sweep
+# keeps the limit it started with (run_sweep says so).
+RUN_ONLY_KEYS = ("max_concurrent_trials", "max_failures", "cpus_per_worker", "gpus_per_worker")
+
+
 def sweep_fingerprint(params: dict, tc: TuneConfig, *, features: str, bpe: str, codebook: str, work_dir: Path,
                       project_root: str) -> str:
-    """What makes two runs the same sweep: the tune section, every trial's training fingerprint (its
-    model, training settings, input bytes and training code), the dev split that scores it, this
-    file and the scheduler's (ray_jobs/asha.py: its records must be read as they were written) and the
-    MLflow experiment. Building each trial's config here also finds a missing codebook
-    or dev split, or a system with no TTS objective, before Ray starts."""
+    """What makes two runs the same sweep (:func:`sweep_inputs`), hashed."""
     from meld.training import fingerprint
+
+    return fingerprint(sweep_inputs(params, tc, features=features, bpe=bpe, codebook=codebook, work_dir=work_dir,
+                                    project_root=project_root))
+
+
+def sweep_inputs(params: dict, tc: TuneConfig, *, features: str, bpe: str, codebook: str, work_dir: Path,
+                 project_root: str) -> dict:
+    """What makes two runs the same sweep: the tune section but for :data:`RUN_ONLY_KEYS`, every trial's
+    training fingerprint (its model, training settings, input bytes and training code), the dev split
+    that scores it, this file and the scheduler's (ray_jobs/asha.py: its records must be read as they
+    were written) and the MLflow experiment; as JSON values, kept in sweep.json to say what changed.
+    Building each trial's config here also finds a missing codebook or dev split, or a system with no
+    TTS objective, before Ray starts."""
     from ray_jobs.train import build_config, files_digest
 
     dev = Path(features) / "dev" / "index.jsonl"
@@ -164,13 +183,35 @@ def sweep_fingerprint(params: dict, tc: TuneConfig, *, features: str, bpe: str, 
                 raise ValueError(f"tune.system {tc.system} trains STT only (train.task: stt): the sweep's "
                                  f"objective {tc.metric} is a TTS error it never reports; sweep a TTS or joint system")
             trials[name] = config["fingerprint"]
-    return fingerprint({
-        "tune": tc.to_dict(),
+    return json.loads(json.dumps({  # tuples as lists: compared with what sweep.json gives back
+        "tune": {k: v for k, v in tc.to_dict().items() if k not in RUN_ONLY_KEYS},
         "trials": trials,
         "dev": files_digest([dev]),
         "sweep_code": files_digest([Path(__file__), Path(__file__).with_name("asha.py")]),
         "experiment": mlflow_experiment(params),
-    })
+    }))
+
+
+def changed_inputs(before: dict | None, now: dict) -> str:
+    """What differs between two :func:`sweep_inputs`, in words (``before``: from sweep.json)."""
+    if not isinstance(before, dict):
+        return "sweep.json does not record which"
+    said = []
+    old_tune, new_tune = before.get("tune") or {}, now["tune"]
+    said += [f"tune.{k} {old_tune.get(k)!r} -> {new_tune.get(k)!r}" for k in sorted(set(old_tune) | set(new_tune))
+             if old_tune.get(k) != new_tune.get(k)]
+    old_trials = before.get("trials") or {}
+    retrained = [n for n in now["trials"] if n in old_trials and old_trials[n] != now["trials"][n]]
+    if retrained:
+        shown = ", ".join(retrained[:4]) + (f" and {len(retrained) - 4} more" if len(retrained) > 4 else "")
+        said.append(f"the model/train settings, input data or training code of trial(s) {shown}")
+    if before.get("dev") != now["dev"]:
+        said.append("the dev split's index")
+    if before.get("sweep_code") != now["sweep_code"]:
+        said.append("the sweep's code (ray_jobs/tune.py, ray_jobs/asha.py)")
+    if before.get("experiment") != now["experiment"]:
+        said.append(f"the MLflow experiment {before.get('experiment')!r} -> {now['experiment']!r}")
+    return "; ".join(said) or "none of its recorded inputs, but the fingerprint's make-up"
 
 
 def check_work_dir(work_dir: Path) -> None:
@@ -193,9 +234,11 @@ def check_work_dir(work_dir: Path) -> None:
         )
 
 
-def _resumable_parent(work_dir: Path, fp: str, experiment_dir: Path, mlflow, experiment_name: str) -> str | None:
+def _resumable_parent(work_dir: Path, fp: str, experiment_dir: Path, mlflow, experiment_name: str,
+                      inputs: dict | None = None) -> str | None:
     """The MLflow parent run of an interrupted sweep with this fingerprint, when Ray Tune can restore
-    it; else None (and the reason is logged)."""
+    it; else None (and the reason is logged; ``inputs``, this run's :func:`sweep_inputs`, say what
+    changed when the fingerprint did)."""
     from ray import tune
 
     state_file = work_dir / "sweep.json"
@@ -212,7 +255,11 @@ def _resumable_parent(work_dir: Path, fp: str, experiment_dir: Path, mlflow, exp
                     "starting the sweep over", state_file)
         return None
     if state.get("fingerprint") != fp:
-        log.info("the sweep's inputs changed since the sweep in %s: starting it over", work_dir)
+        # a warning, naming what changed: starting over deletes every finished trial (an INFO line was all
+        # a lowered max_concurrent_trials got, when it was still part of the fingerprint)
+        changed = changed_inputs(state.get("inputs"), inputs) if inputs is not None else "not compared"
+        log.warning("the sweep in %s was started with other inputs (changed: %s): starting it over, which "
+                    "deletes its trials and retrains them", work_dir, changed)
         return None
     if not tune.Tuner.can_restore(str(experiment_dir)):
         log.info("%s holds no sweep state Ray Tune can restore: starting the sweep over", experiment_dir)
@@ -262,10 +309,29 @@ def close_attempt(state_file: Path, ended: float) -> list[dict]:
     return attempts
 
 
-def trial_driver(trial: dict, setup: dict) -> None:
-    """One Tune trial: this trial's training config -> the TorchTrainer driver, reports forwarded to Tune."""
+NONFINITE_KEY = "nonfinite_step"  # ray_jobs/train.py's report when a run's loss turns NaN/inf
+
+
+def report_callback(metric: str):
+    """Ray Train's reports forwarded to Tune (``TuneReportCallback``), but for the one a run makes when its
+    loss turns non-finite (``{"step", NONFINITE_KEY}``, no objective). Tune's strict metric check raised
+    on that result inside its controller, so one diverging trial ended the whole sweep in a TuneError,
+    on every rerun. The run ends right after that report and :func:`ray_jobs.train.run_training` raises
+    NonFiniteLoss, so the trial errs with the reason. Only that report is held back: a result missing
+    the objective for any other reason (a metric the runs never report) still stops the sweep at once."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    class ObjectiveReports(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics and NONFINITE_KEY in metrics[0] and metric not in metrics[0]:
+                return
+            super().after_report(run_context, metrics, checkpoint)
+
+    return ObjectiveReports()
+
+
+def trial_driver(trial: dict, setup: dict) -> None:
+    """One Tune trial: this trial's training config -> the TorchTrainer driver, reports forwarded to Tune."""
     from ray_jobs.train import build_config, run_training
 
     tc = TuneConfig.from_dict(setup["tune"], "tune")
@@ -295,21 +361,28 @@ def trial_driver(trial: dict, setup: dict) -> None:
         max_failures=tc.max_failures,
         cpus_per_worker=tc.cpus_per_worker,
         gpus_per_worker=tc.gpus_per_worker or None,
-        callbacks=[TuneReportCallback()],
+        callbacks=[report_callback(tc.metric)],
     )
 
 
 ASHA_RECORDS = "asha.jsonl"  # in the work directory: ASHA's rung records (ray_jobs/asha.py)
 
 
+def experiment_path(tc: TuneConfig, work_dir: Path) -> Path:
+    """Ray Tune's experiment folder of the sweep (``RunConfig(storage_path, name)``)."""
+    return work_dir / "ray_tune" / f"tune-{tc.system}"
+
+
 def asha(tc: TuneConfig, work_dir: Path, **metric_mode):
-    """The sweep's ASHA, its rung records in the work directory (a new one reads those already there).
+    """The sweep's ASHA, its rung records in the work directory (a new one reads those already there;
+    restored from a moved work directory, it follows it: :class:`ray_jobs.asha.ResumableASHA`).
     Tune passes it the metric and mode of its TuneConfig; a copy read for the report is given them."""
     from ray_jobs.asha import ResumableASHA
 
     return ResumableASHA(work_dir / ASHA_RECORDS, key_params=("reduction_factor", "slowness_weight"),
                          time_attr="step", max_t=tc.max_steps, grace_period=tc.grace_period,
-                         reduction_factor=tc.asha_reduction, **metric_mode)
+                         reduction_factor=tc.asha_reduction, experiment_dir=experiment_path(tc, work_dir),
+                         **metric_mode)
 
 
 def _asha_stops(records_file: Path) -> dict[tuple[int, float], set[int]]:
@@ -487,6 +560,7 @@ def run_sweep(
     from ray.tune.schedulers import FIFOScheduler
 
     from meld import tracking
+    from meld.training import fingerprint
     from ray_jobs.cluster import check_shared_storage, init_ray
 
     tc = TuneConfig.from_dict(params.get("tune"), "tune")
@@ -494,8 +568,9 @@ def run_sweep(
         log.warning("tune.system %s is not among the trained systems", tc.system)
     work_dir = work_dir.resolve()
     check_work_dir(work_dir)
-    fp = sweep_fingerprint(params, tc, features=features, bpe=bpe, codebook=codebook, work_dir=work_dir,
-                           project_root=project_root)
+    inputs = sweep_inputs(params, tc, features=features, bpe=bpe, codebook=codebook, work_dir=work_dir,
+                          project_root=project_root)
+    fp = fingerprint(inputs)
     # locally, room for the trials that run at once (one with max_concurrent_trials 0: as many as fit)
     init_ray(
         num_cpus=None
@@ -512,9 +587,14 @@ def run_sweep(
     check_a_trial_fits(tc, limit, can_grow=can_grow)
     experiment = mlflow_experiment(params)
     mlflow = tracking.setup(experiment, project_root)
-    experiment_dir = work_dir / "ray_tune" / f"tune-{tc.system}"
-    parent_id = None if restart else _resumable_parent(work_dir, fp, experiment_dir, mlflow, experiment)
+    experiment_dir = experiment_path(tc, work_dir)
+    parent_id = None if restart else _resumable_parent(work_dir, fp, experiment_dir, mlflow, experiment, inputs)
     if parent_id is None and work_dir.exists():  # scratch: trial checkpoints and Ray state of another sweep
+        trials_dir = work_dir / "trials"
+        gone = sorted(p.name for p in trials_dir.iterdir()) if trials_dir.is_dir() else []
+        if gone:
+            log.warning("deleting the earlier sweep's %d trial folder(s) in %s (%s) and its Ray state",
+                        len(gone), trials_dir, ", ".join(gone))
         shutil.rmtree(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     cluster = ray.cluster_resources()
@@ -528,13 +608,16 @@ def run_sweep(
         log.warning(warning)
     t0 = time.time()
     state_file = work_dir / "sweep.json"
+    run_settings = {**{k: getattr(tc, k) for k in RUN_ONLY_KEYS}, "trials_at_once": concurrent}
+    if parent_id is not None:
+        _say_run_settings_changed(json.loads(state_file.read_text()).get("run") or {}, run_settings)
     tags = {"meld.stage": "tune", "meld.system": tc.system,
             **tracking.run_tags(params, project_root, source="ray_jobs/tune.py")}
     with mlflow.start_run(run_id=parent_id, run_name=None if parent_id else f"tune-{tc.system}",
                           tags=tags) as parent:
         if parent_id is None:
             mlflow.log_params(tracking.flatten({"tune": tc.to_dict()}))
-            state = {"fingerprint": fp, "parent_run_id": parent.info.run_id}
+            state = {"fingerprint": fp, "parent_run_id": parent.info.run_id, "inputs": inputs, "run": run_settings}
             state_file.write_text(json.dumps(state, indent=2) + "\n")
         else:
             log.info("resuming the interrupted sweep in %s (MLflow run %s)", experiment_dir, parent_id)
@@ -557,6 +640,7 @@ def run_sweep(
         trainable = tune.with_parameters(trial_driver, setup=setup)
         if parent_id is not None:
             # errored trials too: a trial killed with its driver (OOM, lost node) errs, and resumes from its checkpoint
+            # (a work directory moved since: Tune moves its trials along, and ASHA its records with them)
             tuner = tune.Tuner.restore(str(experiment_dir), trainable, resume_errored=True)
         else:
             tuner = tune.Tuner(
@@ -647,6 +731,22 @@ def run_sweep(
         mlflow.log_artifact(str(out))
         mlflow.log_artifact(str(plot))
     return report
+
+
+def _say_run_settings_changed(started: dict, now: dict) -> None:
+    """Log which of the sweep's :data:`RUN_ONLY_KEYS` differ from those it started with (``started``,
+    from sweep.json): the resumed sweep keeps its trials, and uses the new values where it can."""
+    for key in RUN_ONLY_KEYS:
+        if key != "max_concurrent_trials" and key in started and started[key] != now[key]:
+            log.info("tune.%s %r -> %r since the sweep started: the trials that start or resume now use %r",
+                     key, started[key], now[key], now[key])
+    if "trials_at_once" in started and started["trials_at_once"] != now["trials_at_once"]:
+        # Tuner.restore brings back the TuneConfig the sweep started with (its searcher, which applies the
+        # limit to the trials it has yet to start, is built from it); Tune takes no new one on restore
+        log.warning("the resumed sweep starts its remaining trials %d at a time, as when it started: Ray Tune keeps "
+                    "the limit a sweep began with (tune.max_concurrent_trials %d here would be %d). --restart "
+                    "applies it, and retrains every trial", started["trials_at_once"], now["max_concurrent_trials"],
+                    now["trials_at_once"])
 
 
 def _close_children(mlflow, trials: list[dict]) -> None:

@@ -277,3 +277,50 @@ def test_the_summary_lists_each_rungs_trials_cutoff_and_stops(tmp_path):
         {"step": 4, "trials": 1, "cutoff": 0.5, "stopped": []},
         {"step": 8, "trials": 0, "cutoff": None, "stopped": []},
     ]
+
+
+def test_a_sweep_restored_from_a_moved_work_dir_keeps_its_records_with_it(tmp_path):
+    """Tune pickles the scheduler, its records file's absolute path with it, when the sweep starts. Restored
+    from a work directory moved since (a renamed project folder, storage mounted elsewhere), it read no
+    records and appended to the old path: FileNotFoundError, and the sweep ended in a TuneError on every
+    rerun. The records now follow the experiment folder (real Tuner and Tuner.restore, the sweep's own
+    scheduler from ray_jobs/tune.py; plain trainables instead of training runs)."""
+    from ray import tune
+    from test_faults import ensure_ray
+
+    from meld.config import TuneConfig
+    from ray_jobs.tune import ASHA_RECORDS, asha
+
+    ensure_ray()
+    tc = TuneConfig.from_dict({"slowness_weights": [0.0, 0.5], "reduction_factors": [1], "max_steps": 16,
+                               "grace_period": 8, "asha_reduction": 2}, "tune")
+    metric, interrupted = tc.metric, tmp_path / "interrupted"
+
+    def trainable(config):  # 0.0 is the better trial; 0.5 errs before rung 8 once (a trial killed with its driver)
+        worse = config["slowness_weight"] > 0
+        if worse and not interrupted.exists():
+            tune.report({"step": 4, metric: 9.0})
+            interrupted.write_text("x")
+            raise RuntimeError("interrupted")
+        for step in (4, 8, 12, 16):
+            tune.report({"step": step, metric: (5.0 if worse else 1.0) + 1.0 / step})
+
+    old, new = tmp_path / "old" / "work", tmp_path / "new" / "work"
+    name = "tune-meld"  # run_sweep's Tune experiment: <work dir>/ray_tune/tune-<system>
+    first = tune.Tuner(
+        trainable,
+        param_space={"slowness_weight": tune.grid_search([0.0, 0.5]), "reduction_factor": 1},
+        tune_config=tune.TuneConfig(metric=metric, mode="min", scheduler=asha(tc, old), max_concurrent_trials=1),
+        run_config=tune.RunConfig(name=name, storage_path=str(old / "ray_tune"), verbose=0),
+    ).fit()
+    assert sorted(r.error is None for r in first) == [False, True]  # the interrupted sweep, as run_sweep resumes it
+    assert {(r["config"]["slowness_weight"], r["rung"]) for r in read_records(old / ASHA_RECORDS)} == {(0.0, 8),
+                                                                                                      (0.0, 16)}
+    new.parent.mkdir()
+    old.rename(new)
+    resumed = tune.Tuner.restore(str(new / "ray_tune" / name), trainable, resume_errored=True).fit()
+    assert [r.error for r in resumed] == [None, None]
+    rows = {(r["config"]["slowness_weight"], r["rung"]): r["stopped"] for r in read_records(new / ASHA_RECORDS)}
+    # the resumed trial was compared with the record written before the move, and stopped at rung 8
+    assert rows == {(0.0, 8): False, (0.0, 16): False, (0.5, 8): True}
+    assert not old.exists()  # nothing written to the old place

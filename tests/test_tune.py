@@ -525,3 +525,120 @@ def test_a_sweep_state_that_is_not_a_sweeps_starts_the_sweep_over(tmp_path, capl
     with caplog.at_level("WARNING", logger="meld.tune"):
         assert _resumable_parent(tmp_path, "f", tmp_path / "ray_tune", mlflow=None, experiment_name="e") is None
     assert f"{tmp_path / 'sweep.json'} is not a sweep's state" in caplog.text
+
+
+@pytest.mark.slow
+def test_a_diverging_trial_errs_alone_and_a_moved_sweep_resumes_with_new_run_settings(
+        tmp_path_factory, tmp_path, monkeypatch, caplog):
+    """A trial whose loss turns non-finite reports {"step", "nonfinite_step"} and no objective (ray_jobs/train.py);
+    Tune's strict metric check raised on it in its controller, and the whole sweep ended in a TuneError, on every
+    rerun. Now that trial errs with the reason, the other finishes and is the best. Run again from a moved work
+    directory with other run-only settings (tune.max_failures, tune.max_concurrent_trials), the sweep resumes:
+    the finished trial is kept, not retrained (they were in the fingerprint, and a change deleted it). A real
+    sweep (run_sweep, Ray Tune, ASHA, Ray Train, MLflow)."""
+    from ray_jobs.tune import run_sweep, trial_name
+
+    data = make_tiny_data(tmp_path_factory)
+    ensure_ray()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    # a slowness weight of 1e300 makes the first step's loss inf; r=2 alone keeps the sweep to two trials
+    tune = {**TINY_PARAMS["tune"], "slowness_weights": [0.2, 1e300], "reduction_factors": [2], "max_steps": 2,
+            "eval_every": 1, "grace_period": 1, "max_concurrent_trials": 1, "max_failures": 0}
+    good, diverged = trial_name("meld", 2, 0.2), trial_name("meld", 2, 1e300)
+
+    def sweep(work: Path, **run_only) -> dict:
+        params = {**TINY_PARAMS, "tune": {**tune, **run_only}}
+        return run_sweep(params, features=str(data / "features"), bpe=str(data / "bpe" / "bpe.model"),
+                         codebook=str(data / "codebook"), out=tmp_path / "tune.json", plot=tmp_path / "tune.png",
+                         work_dir=work, project_root=str(tmp_path))
+
+    def check(report: dict) -> None:
+        rows = {t["trial"]: t for t in report["trials"]}
+        assert (rows[good]["status"], rows[good]["steps"]) == ("completed", 2)
+        assert rows[diverged]["status"] == "error" and rows[diverged]["objective"] is None
+        assert "NonFiniteLoss" in rows[diverged]["error"] and "non-finite" in rows[diverged]["error"]
+        assert report["best"]["trial"] == good
+        assert json.loads((tmp_path / "tune.json").read_text())["trials"] == report["trials"]
+
+    work = tmp_path / "old" / "work"
+    check(sweep(work))
+    kept = _checkpoint_files(work / "trials" / good)
+    assert kept
+    moved = tmp_path / "new" / "work"
+    moved.parent.mkdir()
+    work.rename(moved)
+    # max_concurrent_trials 0 runs as many trials as fit, one on the 2-CPU test cluster: had the change started
+    # the sweep over, a limit above that would leave no CPU for any trial's worker, and the test would hang
+    with caplog.at_level("INFO", logger="meld.tune"):
+        check(sweep(moved, max_failures=1, max_concurrent_trials=0))
+    assert "resuming the interrupted sweep" in caplog.text and "deleting" not in caplog.text
+    assert _checkpoint_files(moved / "trials" / good) == kept  # the finished trial was not trained again
+    assert "tune.max_failures 0 -> 1 since the sweep started" in caplog.text
+
+
+def test_run_only_tune_keys_keep_the_sweep_and_a_change_that_restarts_it_is_named(tmp_path_factory, tmp_path,
+                                                                                  caplog):
+    """tune.max_concurrent_trials, max_failures, cpus_per_worker and gpus_per_worker say how trials run, not
+    what they train; in the fingerprint, a change of one deleted every finished trial after an INFO line.
+    They are left out; a change that does start the sweep over is a warning naming what changed."""
+    from ray_jobs.tune import _resumable_parent, sweep_fingerprint
+
+    data = make_tiny_data(tmp_path_factory)
+
+    def fp(**tune) -> str:
+        params = {**TINY_PARAMS, "tune": {**TINY_PARAMS["tune"], **tune}}
+        return sweep_fingerprint(params, TuneConfig.from_dict(params["tune"], "tune"), features=str(data / "features"),
+                                 bpe=str(data / "bpe" / "bpe.model"), codebook=str(data / "codebook"),
+                                 work_dir=tmp_path, project_root=str(tmp_path))
+
+    base = fp()
+    for key, value in [("max_concurrent_trials", 3), ("max_failures", 5), ("cpus_per_worker", 2),
+                       ("gpus_per_worker", 0.5)]:
+        assert TINY_PARAMS["tune"].get(key) != value
+        if key == "gpus_per_worker":  # CPU -> GPU trains otherwise: train.use_gpu in every trial's fingerprint
+            assert fp(gpus_per_worker=0.5) != base and fp(gpus_per_worker=0.5) == fp(gpus_per_worker=1.0)
+        else:
+            assert fp(**{key: value}) == base, key
+    assert fp(max_steps=3) != base
+
+    from ray_jobs.tune import sweep_inputs
+
+    def inputs(**tune) -> dict:
+        params = {**TINY_PARAMS, "tune": {**TINY_PARAMS["tune"], **tune}}
+        return sweep_inputs(params, TuneConfig.from_dict(params["tune"], "tune"), features=str(data / "features"),
+                            bpe=str(data / "bpe" / "bpe.model"), codebook=str(data / "codebook"),
+                            work_dir=tmp_path, project_root=str(tmp_path))
+
+    (tmp_path / "sweep.json").write_text(json.dumps({"fingerprint": base, "parent_run_id": "r", "inputs": inputs()}))
+    with caplog.at_level("INFO", logger="meld.tune"):
+        assert _resumable_parent(tmp_path, fp(max_steps=3), tmp_path / "ray_tune", mlflow=None, experiment_name="e",
+                                 inputs=inputs(max_steps=3)) is None
+    (record,) = [r for r in caplog.records if "started with other inputs" in r.getMessage()]
+    assert record.levelname == "WARNING"
+    changed = record.getMessage().split("(changed: ")[1]
+    # the section's key, and the trials whose training settings it changes (max_steps is train.max_steps)
+    assert changed.startswith("tune.max_steps 2 -> 3; the model/train settings, input data or training code of "
+                              "trial(s) tune-meld-r1-sw0.2, tune-meld-r2-sw0.2"), changed
+
+
+def test_a_resumed_sweep_says_that_it_keeps_the_concurrency_it_started_with(caplog):
+    """Tuner.restore brings back the TuneConfig pickled at the sweep's start: a new tune.max_concurrent_trials
+    (or a cluster that now holds another number of trials) does not apply to a resumed sweep. It is said,
+    with the remedy; the run-only settings that do apply are named at INFO."""
+    from ray_jobs.tune import _say_run_settings_changed
+
+    started = {"max_concurrent_trials": 4, "max_failures": 1, "cpus_per_worker": 1, "gpus_per_worker": 0.0,
+               "trials_at_once": 4}
+    with caplog.at_level("INFO", logger="meld.tune"):
+        _say_run_settings_changed(started, {**started, "max_concurrent_trials": 2, "trials_at_once": 2,
+                                            "cpus_per_worker": 2})
+    said = {r.getMessage(): r.levelname for r in caplog.records}
+    assert said == {
+        "tune.cpus_per_worker 1 -> 2 since the sweep started: the trials that start or resume now use 2": "INFO",
+        "the resumed sweep starts its remaining trials 4 at a time, as when it started: Ray Tune keeps the limit a "
+        "sweep began with (tune.max_concurrent_trials 2 here would be 2). --restart applies it, and retrains "
+        "every trial":
+            "WARNING"}
+    caplog.clear()
+    _say_run_settings_changed(started, dict(started))
+    assert caplog.records == []
