@@ -23,11 +23,75 @@ class AudioError(ValueError):
 
 
 class AudioTooLong(AudioError):
-    """An audio file's header gives a duration beyond the caller's limit; it was not decoded."""
+    """An audio file longer than the caller's limit: by its header, and then not decoded, or, where the
+    header does not give the length, by the part decoded before the limit was passed (``seconds`` is that
+    part's length, a lower bound)."""
 
-    def __init__(self, path: Path, seconds: float, max_seconds: float):
-        super().__init__(f"{path}: too long ({seconds:.1f} s > {max_seconds:g} s), not decoded")
+    def __init__(self, path: Path, seconds: float, max_seconds: float, *, header: bool = True):
+        how = "not decoded" if header else "its header does not give its length; decoding stopped there"
+        more = "" if header else "at least "
+        super().__init__(f"{path}: too long ({more}{seconds:.1f} s > {max_seconds:g} s), {how}")
         self.seconds = seconds
+
+
+# libsndfile's frame count for a file whose header does not give its length (FLAC's STREAMINFO allows
+# 0 = "unknown", which a streaming encoder writing to a pipe leaves there): 2**63 - 1. FLAC's own field
+# holds 36 bits, so no file states 2**62 frames or more.
+UNKNOWN_LENGTH_FRAMES = 1 << 62
+_BLOCK_FRAMES = 1 << 16
+
+
+def length_unknown(frames: int) -> bool:
+    """Whether libsndfile's ``frames`` of a file means that its header does not give the length."""
+    return frames >= UNKNOWN_LENGTH_FRAMES
+
+
+def _open_sequential(path: str | Path):
+    """``path`` opened for reading front to back with soundfile, which after every read seeks to where
+    the read ended: on a FLAC without its length libFLAC cannot seek to the very end (libsndfile
+    excuses that only at the length the header gives), so the read that reaches it would fail. A
+    reader that says it cannot seek is spared that seek; the decoder reads on from where it is."""
+    import soundfile as sf
+
+    class _Sequential(sf.SoundFile):
+        def seekable(self) -> bool:
+            return False
+
+    return _Sequential(str(path))
+
+
+def _read_to_end(path: str | Path, dtype: str, max_frames: int | None) -> np.ndarray:
+    """All of a file's frames, ``(frames, channels)``, read in blocks until the decoder has no more (one
+    read would allocate the 2**63 - 1 frames libsndfile reports for a header without the length); stops
+    once more than ``max_frames`` are read and returns those."""
+    blocks, read = [], 0
+    with _open_sequential(path) as f:
+        while len(block := f.read(_BLOCK_FRAMES, dtype=dtype, always_2d=True)):
+            blocks.append(block)
+            read += len(block)
+            if max_frames is not None and read > max_frames:
+                break
+        channels = f.channels
+    return np.concatenate(blocks) if blocks else np.zeros((0, channels), dtype)
+
+
+def count_frames(path: str | Path) -> int:
+    """The number of frames in an audio file: from its header or, where the header does not give it,
+    by decoding the whole file (in blocks, nothing kept).
+
+    Raises:
+        soundfile's errors for an unreadable file, as ``soundfile.info`` does.
+    """
+    import soundfile as sf
+
+    with sf.SoundFile(str(path)) as f:
+        if not length_unknown(f.frames):
+            return f.frames
+    frames = 0
+    with _open_sequential(path) as f:
+        while n := len(f.read(_BLOCK_FRAMES, dtype="int16", always_2d=True)):
+            frames += n
+    return frames
 
 
 def resample(wav: np.ndarray, orig_sr: int, target_sr: int = SAMPLE_RATE) -> np.ndarray:
@@ -49,13 +113,15 @@ def load_audio(path: str | Path, target_sr: int = SAMPLE_RATE, max_seconds: floa
         target_sr: output sample rate; other rates are resampled.
         max_seconds: refuse, before decoding, a file whose header says it is clearly longer (a
             10-minute recording in a corpus of sentences costs hundreds of MB to decode). The
-            exact limit is the caller's to apply to the decoded audio.
+            exact limit is the caller's to apply to the decoded audio. A file whose header does not
+            give its length (a FLAC streamed to a pipe) is decoded in blocks and refused once more
+            than ``max_seconds`` + 1 s of it has been read.
 
     Returns:
         (samples,) float32 array.
 
     Raises:
-        AudioTooLong: longer than ``max_seconds`` by more than 1 s, by the header.
+        AudioTooLong: longer than ``max_seconds`` by more than 1 s, by the header (or by the part read).
         AudioError: missing, unreadable, truncated, empty, or non-finite audio (message names the file).
     """
     import soundfile as sf  # here, not at the top: the models import this module's constants, and a training
@@ -71,14 +137,22 @@ def load_audio(path: str | Path, target_sr: int = SAMPLE_RATE, max_seconds: floa
     try:
         with sf.SoundFile(str(path)) as f:
             sr = f.samplerate
-            if max_seconds is not None and f.frames / sr > max_seconds + 1.0:
+            known = not length_unknown(f.frames)
+            if known and max_seconds is not None and f.frames / sr > max_seconds + 1.0:
                 raise AudioTooLong(path, f.frames / sr, max_seconds)
             integer_pcm = f.subtype.startswith("PCM_")
-            if f.subtype == "PCM_16":  # 16-bit PCM (our corpus, LibriSpeech FLAC): read as int16 and scale,
-                # the same samples as libsndfile's float conversion (x / 32768) at a quarter of the decode time
-                wav = f.read(dtype="int16", always_2d=True).astype(np.float32) * np.float32(1.0 / 32768.0)
-            else:
-                wav = f.read(dtype="float32", always_2d=True)
+            # 16-bit PCM (our corpus, LibriSpeech FLAC): read as int16 and scale, the same samples as
+            # libsndfile's float conversion (x / 32768) at a quarter of the decode time
+            dtype = "int16" if f.subtype == "PCM_16" else "float32"
+            if known:
+                wav = f.read(dtype=dtype, always_2d=True)
+            else:  # a header without the length: what is there, up to the same limit
+                limit = None if max_seconds is None else int((max_seconds + 1.0) * sr)  # frames
+                wav = _read_to_end(path, dtype, limit)
+                if limit is not None and len(wav) > limit:
+                    raise AudioTooLong(path, len(wav) / sr, max_seconds, header=False)
+            if dtype == "int16":
+                wav = wav.astype(np.float32) * np.float32(1.0 / 32768.0)
     except AudioTooLong:
         raise
     except Exception as err:  # libsndfile raises several types for corrupt data

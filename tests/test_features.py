@@ -342,6 +342,43 @@ def test_a_wav_whose_header_does_not_know_its_length_is_read(tmp_path):
     np.testing.assert_allclose(load_audio(streamed), wav, atol=1 / 32768)
 
 
+def test_a_flac_whose_header_does_not_give_its_length_is_read(tmp_path):
+    """A FLAC streamed to a pipe leaves STREAMINFO's sample count at 0, "unknown", and libsndfile reports
+    2**63 - 1 frames: load_audio refused a 0.5 s clip as too long with a limit and failed with "array is too
+    big" without one. Such a file is read to its end now, and one truly too long stops being decoded soon
+    after the limit, not at its end."""
+    from meld import audio
+    from meld.audio import AudioTooLong, load_audio
+    from meld.corpus import load_utterance
+
+    def streamed(name: str, samples: np.ndarray) -> str:
+        path = tmp_path / name
+        sf.write(str(path), samples, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
+        raw = bytearray(path.read_bytes())
+        # "fLaC", a 4-byte block header, then STREAMINFO: its 36-bit sample count ends at byte 26
+        raw[18:26] = (int.from_bytes(raw[18:26], "big") & ~((1 << 36) - 1)).to_bytes(8, "big")
+        path.write_bytes(bytes(raw))
+        assert sf.info(str(path)).frames >= 1 << 62  # the premise: libsndfile's "unknown"
+        return str(path)
+
+    clip = (0.3 * np.sin(np.arange(8000) * 0.05) * 32767).astype(np.int16)  # 0.5 s
+    short = streamed("short.flac", clip)
+    for limit in (None, 20.0):
+        np.testing.assert_array_equal(load_audio(short, max_seconds=limit), clip.astype(np.float32) / 32768)
+    assert audio.count_frames(short) == clip.size  # what the corpus stage's manifest takes
+    row = {"id": "u1", "speaker": "s", "text": "a streamed one", "audio_path": short}
+    meta, wav, reason = load_utterance(row, min_seconds=0.3, max_seconds=20.0)
+    assert reason is None and meta["duration"] == 0.5
+
+    long = streamed("long.flac", np.zeros(SAMPLE_RATE * 60, np.int16))  # 60 s
+    with pytest.raises(AudioTooLong, match="long.flac: too long \\(at least [0-9.]+ s > 5 s\\), its header does not") as err:
+        load_audio(long, max_seconds=5.0)
+    assert 6.0 < err.value.seconds < 6.0 + 5.0  # stopped within a block of the limit, not at the 60 s end
+    meta, wav, reason = load_utterance({**row, "audio_path": long}, min_seconds=0.3, max_seconds=5.0)
+    assert wav is None and reason.startswith("too long: ")
+    assert audio.count_frames(long) == SAMPLE_RATE * 60
+
+
 @pytest.mark.parametrize("tool", ["flite", "espeak-ng"])
 def test_the_mini_corpus_voices_files_load_whole(tool, tmp_path):
     """The mini corpus reads what these voices write (meld/corpus/mini.py) before write_audio rewrites it."""

@@ -1,6 +1,8 @@
 """Corpus sources. Each writes ``<out>/<split>/manifest.jsonl`` rows ``{id, speaker, text, audio, duration}``.
 
-``audio`` is relative to the manifest's folder, so a corpus folder can be moved or shared.
+``audio`` is relative to the manifest's folder, so that a corpus folder can be moved or shared together with
+its audio; or absolute where the source was given an absolute place (a LibriSpeech root on shared storage),
+so that the corpus folder can be copied or pulled into a checkout anywhere while the audio stays put.
 """
 
 from __future__ import annotations

@@ -10,26 +10,31 @@ Usage (from a pipeline script; paths and flags come from its command line)::
 Each archive is fetched with a resumable HTTP download (``<name>.tar.gz.part`` grows until it is
 complete), checked against the MD5 sum openslr publishes, and extracted so that no member can land
 outside the target folder. A subset that is already extracted under ``root`` is used as it is, without
-touching the network. Manifests point at the FLAC files where they lie (paths relative to the manifest).
+touching the network (with a warning when it holds fewer utterances than the official subset). Manifests
+point at the FLAC files where they lie: by an absolute path when ``root`` was given absolute (shared storage,
+so that the corpus folder can be copied or pulled into a checkout anywhere), else relative to the manifest.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import http.client
 import json
+import logging
 import os
 import re
 import shutil
 import tarfile
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import soundfile as sf
 from tqdm import tqdm
 
+from meld.audio import count_frames, length_unknown
 from meld.corpus import write_manifest
 from meld.progress import progress as progress_bar
 from meld.text import normalise_transcript
@@ -59,8 +64,22 @@ SUBSET_SPLITS = {
     "test-other": "test_other",
 }
 
+# Utterances per official subset (each FLAC has one transcript line): a subset found already extracted
+# with fewer is an extraction that stopped part-way, or one pruned on purpose.
+LIBRISPEECH_UTTERANCES = {
+    "train-clean-100": 28539,
+    "train-clean-360": 104014,
+    "train-other-500": 148688,
+    "dev-clean": 2703,
+    "dev-other": 2864,
+    "test-clean": 2620,
+    "test-other": 2939,
+}
+
 _UTTERANCE_ID = re.compile(r"^(\d+)-(\d+)-(\d+)$")
 _MD5_HEX = re.compile(r"^[0-9a-f]{32}$")
+
+logger = logging.getLogger(__name__)
 
 
 class LibriSpeechError(RuntimeError):
@@ -331,6 +350,9 @@ def safe_extract(tar_path: str | Path, dest: str | Path, *, progress: bool = Fal
     links to anything but a file extracted inside ``dest`` before them, and device files, FIFOs or
     other special members. Links are materialised as copies of that file, so the extraction creates
     no link that a later member could redirect; set-uid bits and group/other write bits are dropped.
+    A link to its own location is skipped: the file is already there (GNU tar stores a file named
+    twice on its command line as a hard link to itself). A member that clashes with an earlier one (a
+    folder over a file, a file over a folder, a file named ``.``) is refused with the same error.
 
     The archive is read in one streaming pass (LibriSpeech archives reach 30 GB), so members before
     a rejected one are already extracted: extract into a fresh folder and delete it on failure, as
@@ -343,6 +365,9 @@ def safe_extract(tar_path: str | Path, dest: str | Path, *, progress: bool = Fal
 
     Returns:
         Number of members extracted.
+
+    Raises:
+        UnsafeArchiveError: a member as above, named.
     """
     tar_path = Path(tar_path)
     dest = Path(dest)
@@ -363,67 +388,84 @@ def safe_extract(tar_path: str | Path, dest: str | Path, *, progress: bool = Fal
     ):
         for member in tar:
             location = _checked_location(dest_real, member.name)
-            if member.isdir():
-                if os.path.islink(location):
-                    os.unlink(location)
-                os.makedirs(location, exist_ok=True)
-            elif member.isfile():
-                os.makedirs(os.path.dirname(location), exist_ok=True)
-                _remove_existing(location)
-                source = tar.extractfile(member)
-                assert source is not None  # regular members always have data
-                with source, open(location, "wb") as out:
-                    shutil.copyfileobj(source, out, 1 << 20)
-                os.chmod(location, (member.mode & 0o755) | 0o600)
-                os.utime(location, (member.mtime, member.mtime))
-            elif member.issym():
-                # Copied, never created: a link's target was judged when it was made, and a later member
-                # (a link to ".", a folder replacing a link) could change what a chain of links resolves
-                # to without being checked again. A copy of a file already extracted cannot change.
-                link = member.linkname
-                if not link or os.path.isabs(link) or re.match(r"^[A-Za-z]:", link):
-                    raise UnsafeArchiveError(
-                        f"archive member {member.name!r} is a link to an absolute path {link!r}"
-                    )
-                target = os.path.realpath(os.path.join(os.path.dirname(location), link))
-                if not _within(target, dest_real) or not os.path.isfile(target):
-                    raise UnsafeArchiveError(
-                        f"archive member {member.name!r} is a link to {link!r}, which is not a file extracted "
-                        "inside the target folder before it"
-                    )
-                os.makedirs(os.path.dirname(location), exist_ok=True)
-                if os.path.isdir(location) and not os.path.islink(location):
-                    raise UnsafeArchiveError(f"archive member {member.name!r} is a link replacing a folder")
-                _remove_existing(location)
-                shutil.copyfile(target, location)
-            elif member.islnk():
-                # Hard link names are relative to the archive root and refer to a member already extracted.
-                try:
-                    source_location = _checked_location(dest_real, member.linkname)
-                except UnsafeArchiveError as err:
-                    raise UnsafeArchiveError(f"archive member {member.name!r} is a hard link: {err}") from err
-                source_real = os.path.realpath(source_location)
-                if not _within(source_real, dest_real) or not os.path.isfile(source_real):
-                    raise UnsafeArchiveError(
-                        f"archive member {member.name!r} is a hard link to {member.linkname!r}, "
-                        "which is not a file extracted inside the target folder"
-                    )
-                os.makedirs(os.path.dirname(location), exist_ok=True)
-                _remove_existing(location)
-                shutil.copyfile(source_real, location)
-            else:
-                kind = (
-                    "device file"
-                    if (member.ischr() or member.isblk())
-                    else "FIFO"
-                    if member.isfifo()
-                    else "special member"
-                )
+            try:
+                _extract_member(tar, member, location, dest_real)
+            except (IsADirectoryError, NotADirectoryError, FileExistsError) as err:
+                # a folder over a file, a file over a folder or the target folder itself (a file named
+                # "."): refused and named like any member that cannot be placed, not a bare OSError
                 raise UnsafeArchiveError(
-                    f"archive member {member.name!r} is a {kind}; refusing to extract it"
-                )
+                    f"archive member {member.name!r} clashes with an earlier member or the target folder: "
+                    f"{err.strerror} ({err.filename})"
+                ) from err
             count += 1
     return count
+
+
+def _extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, location: str, dest_real: str) -> None:
+    """Write one member of :func:`safe_extract`'s archive at ``location`` (checked by the caller)."""
+    if member.isdir():
+        if os.path.islink(location):
+            os.unlink(location)
+        os.makedirs(location, exist_ok=True)
+    elif member.isfile():
+        os.makedirs(os.path.dirname(location), exist_ok=True)
+        _remove_existing(location)
+        source = tar.extractfile(member)
+        assert source is not None  # regular members always have data
+        with source, open(location, "wb") as out:
+            shutil.copyfileobj(source, out, 1 << 20)
+        os.chmod(location, (member.mode & 0o755) | 0o600)
+        os.utime(location, (member.mtime, member.mtime))
+    elif member.issym():
+        # Copied, never created: a link's target was judged when it was made, and a later member
+        # (a link to ".", a folder replacing a link) could change what a chain of links resolves
+        # to without being checked again. A copy of a file already extracted cannot change.
+        link = member.linkname
+        if not link or os.path.isabs(link) or re.match(r"^[A-Za-z]:", link):
+            raise UnsafeArchiveError(
+                f"archive member {member.name!r} is a link to an absolute path {link!r}"
+            )
+        target = os.path.realpath(os.path.join(os.path.dirname(location), link))
+        if not _within(target, dest_real) or not os.path.isfile(target):
+            raise UnsafeArchiveError(
+                f"archive member {member.name!r} is a link to {link!r}, which is not a file extracted "
+                "inside the target folder before it"
+            )
+        if target == location:  # a link to itself (as GNU tar may write): the file is already there
+            return
+        os.makedirs(os.path.dirname(location), exist_ok=True)
+        if os.path.isdir(location) and not os.path.islink(location):
+            raise UnsafeArchiveError(f"archive member {member.name!r} is a link replacing a folder")
+        _remove_existing(location)
+        shutil.copyfile(target, location)
+    elif member.islnk():
+        # Hard link names are relative to the archive root and refer to a member already extracted.
+        try:
+            source_location = _checked_location(dest_real, member.linkname)
+        except UnsafeArchiveError as err:
+            raise UnsafeArchiveError(f"archive member {member.name!r} is a hard link: {err}") from err
+        source_real = os.path.realpath(source_location)
+        if not _within(source_real, dest_real) or not os.path.isfile(source_real):
+            raise UnsafeArchiveError(
+                f"archive member {member.name!r} is a hard link to {member.linkname!r}, "
+                "which is not a file extracted inside the target folder"
+            )
+        if source_real == location:  # GNU tar's record of a file named twice (`tar cf t.tar d d/a`)
+            return
+        os.makedirs(os.path.dirname(location), exist_ok=True)
+        _remove_existing(location)
+        shutil.copyfile(source_real, location)
+    else:
+        kind = (
+            "device file"
+            if (member.ischr() or member.isblk())
+            else "FIFO"
+            if member.isfifo()
+            else "special member"
+        )
+        raise UnsafeArchiveError(
+            f"archive member {member.name!r} is a {kind}; refusing to extract it"
+        )
 
 
 # --------------------------------------------------------------------------- reading the corpus
@@ -461,20 +503,26 @@ def read_librispeech_folder(
     Args:
         root: corpus root (see above).
         subset: e.g. ``"dev-clean"``.
-        manifest_dir: rows' ``audio`` is made relative to this folder; absolute when None.
+        manifest_dir: rows' ``audio`` is made relative to this folder, unless ``root`` is absolute (then,
+            as without a ``manifest_dir``, the path is absolute: a relative one would climb from wherever
+            the manifest was written, and break when the corpus folder is copied or pulled elsewhere).
         rejected: when a list is given, utterances with missing or unreadable audio, empty text, a
             malformed id, or a FLAC file that no transcript line names are appended to it as
-            ``{id, audio, reason}`` and skipped; when None they raise :class:`LibriSpeechError`.
+            ``{id, audio, reason}`` and skipped; when None they raise :class:`LibriSpeechError`. Each
+            lost utterance is listed once (see :func:`rejected_utterances` for the count): a line whose id
+            names no FLAC file of its chapter and a FLAC file no line names (a mistyped id) are one entry
+            naming both; a second line for an id is listed too, though it loses no utterance of its own.
 
     Yields:
-        ``{id, speaker, text, audio, duration}`` rows (duration in seconds, from the FLAC header).
+        ``{id, speaker, text, audio, duration}`` rows (duration in seconds, from the FLAC header, or by
+        decoding the file where the header does not give its length).
 
     Raises:
         FileNotFoundError: the subset folder does not exist.
         LibriSpeechError: the folder holds no transcripts, or a bad utterance when ``rejected`` is None.
     """
     subset_dir = find_subset_dir(root, subset)
-    base = os.path.abspath(manifest_dir) if manifest_dir is not None else None
+    base = os.path.abspath(manifest_dir) if manifest_dir is not None and not Path(root).is_absolute() else None
 
     def reject(utt_id: str, audio: Path, reason: str) -> None:
         if rejected is None:
@@ -490,69 +538,114 @@ def read_librispeech_folder(
                     reject(flac.stem, flac, f"no transcript file {trans.name}")
                 continue
             n_transcripts += 1
-            listed: set[str] = set()
-            for raw in trans.read_bytes().splitlines():
+            fate: dict[str, str | None] = {}  # id -> why its first line was rejected; None: the line is kept
+            stray: dict[str, list] = {}  # id -> [audio, why] of lines whose id names no FLAC file here
+            for lineno, raw in enumerate(trans.read_bytes().splitlines(), 1):
+                if lineno == 1:  # a UTF-8 BOM (Windows editors) would be part of the first id, unseen
+                    raw = raw.removeprefix(codecs.BOM_UTF8)
                 try:  # line by line: one bad byte costs its utterance, not the stage
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError:
-                    utt_id = raw.strip().split(b" ", 1)[0].decode("ascii", "replace")
-                    listed.add(utt_id)
-                    reject(utt_id, chapter_dir / f"{utt_id}.flac", f"transcript line in {trans.name} is not UTF-8 text")
-                    continue
-                if not line.strip():
-                    continue
-                utt_id, _, text = line.strip().partition(" ")
-                text = text.strip()
+                    utt_id, text, reason = raw.split(None, 1)[0].decode("ascii", "replace"), "", (
+                        f"transcript line in {trans.name} is not UTF-8 text")
+                else:
+                    words = line.split(None, 1)  # any white space after the id: a tab, a no-break space
+                    if not words:
+                        continue
+                    utt_id, text = words[0], words[1].strip() if len(words) > 1 else ""
+                    reason = None
                 audio = chapter_dir / f"{utt_id}.flac"
-                if utt_id in listed:
-                    reject(utt_id, audio, f"listed twice in {trans.name} (its first line is kept)")
+                if utt_id in stray:  # a line already waiting below; a second one loses nothing more
+                    stray[utt_id][1] += f"; listed again on line {lineno}"
                     continue
-                listed.add(utt_id)
-                match = _UTTERANCE_ID.match(utt_id)
-                if not match or match.group(1) != speaker_dir.name or match.group(2) != chapter_dir.name:
-                    reject(
-                        utt_id,
-                        audio,
-                        f"utterance id does not match its folder {speaker_dir.name}/{chapter_dir.name}",
-                    )
+                if utt_id in fate:  # the first line decided; this one is listed, its utterance not counted again
+                    first = ("its first line is kept" if fate[utt_id] is None
+                             else f"its first line was rejected: {fate[utt_id]}")
+                    reject(utt_id, audio, f"listed twice in {trans.name} ({first})")
                     continue
-                if not text:
-                    reject(utt_id, audio, "empty transcript")
-                    continue
-                if not normalise_transcript(text):  # punctuation or symbols alone: no word to train on
-                    reject(utt_id, audio, f"transcript has no words ({text[:40]!r})")
-                    continue
-                if not audio.is_file():
-                    reject(utt_id, audio, "audio file missing")
-                    continue
-                try:
-                    info = sf.info(str(audio))
-                except Exception as err:  # libsndfile raises several types for corrupt data
-                    reject(utt_id, audio, f"unreadable audio ({err})")
-                    continue
-                if info.frames <= 0:
-                    reject(utt_id, audio, "audio holds no samples")
-                    continue
-                path = os.path.abspath(audio)
-                yield {
-                    "id": utt_id,
-                    "speaker": speaker_dir.name,
-                    "text": text,
-                    "audio": os.path.relpath(path, base) if base is not None else path,
-                    "duration": round(info.frames / info.samplerate, 4),
-                }
+                if reason is None:
+                    match = _UTTERANCE_ID.match(utt_id)
+                    if not match or match.group(1) != speaker_dir.name or match.group(2) != chapter_dir.name:
+                        reason = f"utterance id does not match its folder {speaker_dir.name}/{chapter_dir.name}"
+                    elif not text:
+                        reason = "empty transcript"
+                    elif not normalise_transcript(text):  # punctuation or symbols alone: no word to train on
+                        reason = f"transcript has no words ({text[:40]!r})"
+                    elif not audio.is_file():
+                        reason = "audio file missing"
+                if reason is None:
+                    try:
+                        info = sf.info(str(audio))
+                        # a FLAC streamed to a pipe leaves its length out: decoded to measure it
+                        frames = count_frames(audio) if length_unknown(info.frames) else info.frames
+                    except Exception as err:  # libsndfile raises several types for corrupt data
+                        reason = f"unreadable audio ({err})"
+                    else:
+                        reason = "audio holds no samples" if frames <= 0 else None
+                fate[utt_id] = reason
+                if reason is None:
+                    path = os.path.abspath(audio)
+                    yield {
+                        "id": utt_id,
+                        "speaker": speaker_dir.name,
+                        "text": text,
+                        "audio": os.path.relpath(path, base) if base is not None else path,
+                        "duration": round(frames / info.samplerate, 4),
+                    }
+                elif audio.is_file():
+                    reject(utt_id, audio, reason)
+                else:  # listed with the FLAC files no line names, below: one of each may be one utterance
+                    stray[utt_id] = [audio, reason]
             # A clip its transcript does not name has no text to train on; listing it keeps a truncated
             # or mismatched transcript from shrinking the corpus unnoticed.
-            for flac in sorted(chapter_dir.glob("*.flac")):
-                if flac.stem not in listed:
-                    reject(flac.stem, flac, f"no line in transcript {trans.name}")
+            orphans = [flac for flac in sorted(chapter_dir.glob("*.flac")) if flac.stem not in fate]
+            _reject_unmatched(orphans, [(i, a, r) for i, (a, r) in stray.items()], trans.name, reject)
     if n_transcripts == 0:
         raise LibriSpeechError(
             f"{subset_dir} holds no <speaker>/<chapter>/<speaker>-<chapter>.trans.txt files: not a LibriSpeech subset folder"
         )
 
 
+def _reject_unmatched(orphans: list[Path], stray: list[tuple[str, Path, str]], trans_name: str,
+                      reject: Callable[[str, Path, str], None]) -> None:
+    """List a chapter's FLAC files that no line names and its lines that name no FLAC file, as one
+    entry per lost utterance: a line with a mistyped id and the FLAC file it meant are one utterance,
+    not two (which would count twice against the rejection limit). So the longer of the two lists gets
+    an entry each, and each of its entries names the shorter list's items."""
+    if len(orphans) >= len(stray):
+        note = "; ".join(f"{utt_id!r}: {reason}" for utt_id, _, reason in stray)
+        for flac in orphans:
+            reject(flac.stem, flac, f"no line in transcript {trans_name}"
+                   + (f" (a mistyped id? lines there name no FLAC file here: {note})" if note else ""))
+    else:
+        note = ", ".join(flac.name for flac in orphans)
+        for utt_id, audio, reason in stray:
+            reject(utt_id, audio, reason + (f" (a mistyped id? no line names {note})" if note else ""))
+
+
+def rejected_utterances(rejected: list[dict], kept_ids: set[str]) -> int:
+    """How many utterances a list :func:`read_librispeech_folder` filled stands for: its distinct ids
+    less those kept in the manifest (a second transcript line for an id is listed, not lost)."""
+    return len({r["id"] for r in rejected} - kept_ids)
+
+
 # --------------------------------------------------------------------------- preparation
+
+
+def _warn_if_incomplete(subset: str, folder: Path, kept: int, lost: int) -> None:
+    """Warn when a subset found already extracted holds fewer utterances than the official one: a hand
+    extraction (``tar xzf``) that died part-way drops whole chapters, and nothing else would say so. Not
+    an error: a subset may be pruned on purpose. One this module extracted came whole from a checked
+    archive."""
+    expected = LIBRISPEECH_UTTERANCES[subset]
+    if kept + lost < expected:
+        logger.warning(
+            "LibriSpeech %s at %s holds %d utterances (%d in the manifest, %d rejected), the official subset has "
+            "%d: an extraction that stopped part-way? The missing ones are in no manifest and no rejected.jsonl. "
+            "Unless it was pruned on purpose, delete %s and rerun to extract it again from the checked archive "
+            "(%s.tar.gz under the corpus root, downloaded again where librispeech_download is on)",
+            subset, folder, kept + lost, kept, lost, expected, folder, subset,
+        )
 
 
 def _install_subset(archive: Path, root: Path, subset: str, progress: bool) -> Path:
@@ -597,11 +690,13 @@ def prepare_librispeech(
     """Make LibriSpeech subsets available under ``root`` and write their manifests.
 
     For each subset: an extracted folder under ``root`` (``LibriSpeech/<subset>`` or ``<subset>``)
-    is used as it is; otherwise ``<root>/<subset>.tar.gz`` is verified and extracted if present, or,
+    is used as it is (a WARNING is logged when it holds fewer utterances than the official subset: an
+    extraction that stopped part-way loses whole chapters); otherwise ``<root>/<subset>.tar.gz`` is verified and extracted if present, or,
     with ``download``, fetched from ``base_url`` first. Then ``<out_dir>/<split>/manifest.jsonl`` is
     written per split (train-* -> ``train``, concatenated; dev-clean -> ``dev``; test-clean -> ``test``;
     dev-other -> ``dev_other``; test-other -> ``test_other``), with the FLAC files left where they
-    are, and ``<out_dir>/<split>/rejected.jsonl`` lists skipped utterances with the reason.
+    are (``audio`` absolute when ``root`` is, else relative to the manifest), and
+    ``<out_dir>/<split>/rejected.jsonl`` lists skipped utterances with the reason.
 
     Args:
         root: folder holding (or receiving) the archives and the extracted corpus.
@@ -610,8 +705,8 @@ def prepare_librispeech(
         download: fetch missing archives from ``base_url``.
         base_url: mirror of openslr resource 12 (``<base_url>/<subset>.tar.gz``).
         keep_archives: keep the .tar.gz after extraction (else it is deleted).
-        max_rejected_fraction: fail when a split rejects more than this fraction of its utterances
-            (``rejected.jsonl`` is written first, so it lists them all).
+        max_rejected_fraction: fail when a split rejects more than this fraction of its utterances,
+            each counted once (``rejected.jsonl`` is written first, so it lists them all).
         chunk_size: download read size in bytes.
         progress: show tqdm progress bars.
         opener: urllib opener for the downloads.
@@ -638,9 +733,10 @@ def prepare_librispeech(
     # Canonical order, so that the concatenated training manifest does not depend on the list order.
     wanted = [s for s in LIBRISPEECH_MD5 if s in set(subsets)]
 
+    found: dict[str, Path] = {}  # subsets already extracted (by hand, or by an earlier run)
     for subset in wanted:
         try:
-            find_subset_dir(root, subset)
+            found[subset] = find_subset_dir(root, subset)
             continue
         except FileNotFoundError:
             pass
@@ -672,12 +768,16 @@ def prepare_librispeech(
         rows: list[dict] = []
         seen: set[str] = set()
         for subset in (s for s in wanted if SUBSET_SPLITS[s] == split):
+            rows_before, rejected_before = len(rows), len(rejected)
             utterances = read_librispeech_folder(root, subset, manifest_dir=split_dir, rejected=rejected)
             for row in progress_bar(utterances, desc=f"{subset} -> {split}", unit="utt", disable=not progress):
                 if row["id"] in seen:
                     raise LibriSpeechError(f"utterance id {row['id']} occurs twice in split {split!r}")
                 seen.add(row["id"])
                 rows.append(row)
+            if subset in found:
+                kept = len(rows) - rows_before
+                _warn_if_incomplete(subset, found[subset], kept, rejected_utterances(rejected[rejected_before:], seen))
         # The listing is written before the checks below, so that a split they stop still shows every
         # rejected utterance and why, not only the few an error message can name.
         listing = split_dir / "rejected.jsonl"
@@ -685,16 +785,17 @@ def prepare_librispeech(
         with open(listing, "w", encoding="utf-8") as f:
             for item in rejected:
                 f.write(json.dumps(item, ensure_ascii=False) + "\n")
-        total = len(rows) + len(rejected)
+        lost = rejected_utterances(rejected, seen)  # an utterance counts once, however many lines list it
+        total = len(rows) + lost
         if not rows:
             raise LibriSpeechError(
-                f"split {split!r} has no usable utterances ({len(rejected)} rejected, listed in {listing})"
+                f"split {split!r} has no usable utterances ({lost} rejected, listed in {listing})"
             )
-        if len(rejected) > max_rejected_fraction * total:
+        if lost > max_rejected_fraction * total:
             examples = "; ".join(f"{r['id']}: {r['reason']}" for r in rejected[:5])
             raise LibriSpeechError(
-                f"split {split!r}: {len(rejected)} of {total} utterances rejected "
-                f"({len(rejected) / total:.1%}), more than max_rejected_fraction={max_rejected_fraction:.1%}; first: {examples}; "
+                f"split {split!r}: {lost} of {total} utterances rejected "
+                f"({lost / total:.1%}), more than max_rejected_fraction={max_rejected_fraction:.1%}; first: {examples}; "
                 f"all {len(rejected)} listed in {listing}"
             )
         counts[split] = write_manifest(rows, split_dir / "manifest.jsonl")
