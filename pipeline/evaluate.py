@@ -742,13 +742,13 @@ def check_training_run(run_id_file: str | None) -> tracking.RunStore:
     directory than the training's project root decoded for hours, then failed with "Run '…' not found".)
     Without a run id the evaluation gets a run of its own at the end: nothing to look for.
     """
-    if run_id_file is not None and (not Path(run_id_file).is_file() or not Path(run_id_file).read_text().strip()):
+    store = tracking.run_store(run_id_file)  # reads the file: run_id None when it is missing or empty
+    if run_id_file is not None and store.run_id is None:
         # named but missing or empty (a typo, a training that never opened its run): the metrics would go to a
         # run of their own, leaving the training run without them, and nothing said so
         raise SystemExit(f"evaluate: --run-id-file {run_id_file}: "
                          f"{'empty' if Path(run_id_file).is_file() else 'no such file'}; the train stage writes it "
                          "(<checkpoint_dir>/mlflow_run_id); leave the option out to log to a run of the evaluation's own")
-    store = tracking.run_store(run_id_file)
     tracking.check_server(store.uri, named_by=store.named_by)
     if store.run_id is None:
         return store
